@@ -1,0 +1,199 @@
+"""Checkpoint tensors: the names a spec expects, and a lazy reader for (sharded) safetensors.
+
+Never pickle, never remote code: the reader parses safetensors headers itself, checks that every file holds
+the bytes its header promises, and loads one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .config import Gemma4Spec
+
+TEXT_PREFIXES = ("model.language_model.", "model.")
+# Towers of the multimodal checkpoints: not part of the text decoder, ignored.
+OTHER_TOWERS = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
+
+ST_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+def expected_shapes(spec: Gemma4Spec) -> dict[str, tuple[int, ...]]:
+    """Our tensor names (no prefix) -> shape, read off the model built on the meta device."""
+    from .model import Gemma4TextModel
+
+    with torch.device("meta"):
+        model = Gemma4TextModel(spec)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def leftover_shapes(spec: Gemma4Spec) -> dict[str, tuple[int, ...]]:
+    """Unused K/V tensors that released checkpoints still carry for KV-shared consumer layers."""
+    out: dict[str, tuple[int, ...]] = {}
+    H = spec.hidden_size
+    for p in spec.layers:
+        if p.owns_cache:
+            continue
+        base = f"layers.{p.index}.self_attn."
+        out[base + "k_proj.weight"] = (p.num_kv_heads * p.head_dim, H)
+        if p.has_v_proj:
+            out[base + "v_proj.weight"] = (p.num_kv_heads * p.head_dim, H)
+        out[base + "k_norm.weight"] = (p.head_dim,)
+    return out
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes live: file, absolute byte offset, length, dtype and shape."""
+
+    key: str  # name as stored in the checkpoint
+    file: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path.name}: truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100 * 2**20:
+                raise CheckpointError(f"{path.name}: truncated or corrupt safetensors header")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise CheckpointError(f"{path.name}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path.name}: corrupt safetensors header") from None
+    base = 8 + n
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = ST_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path.name}: tensor '{key}' has unsupported dtype {info.get('dtype')!r}")
+        a, b = info["data_offsets"]
+        if base + b > size:
+            raise CheckpointError(
+                f"{path.name}: truncated: tensor '{key}' ends at byte {base + b} but the file has {size}"
+            )
+        entries[key] = TensorEntry(key, path, base + a, b - a, dtype, tuple(info["shape"]))
+    return entries
+
+
+class CheckpointReader:
+    """Index of every tensor in a checkpoint directory (single file or sharded with an index)."""
+
+    def __init__(self, checkpoint_dir: str | Path):
+        self.dir = Path(checkpoint_dir)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"checkpoint directory {self.dir} does not exist")
+        self.entries: dict[str, TensorEntry] = {}
+        for shard in self._shards():
+            self.entries.update(read_safetensors_header(shard))
+
+    def _shards(self) -> list[Path]:
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{index.name}: not a valid safetensors index") from None
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (self.dir / s).is_file()]
+            if missing:
+                raise CheckpointError(f"shard file {missing[0]} listed in {index.name} is missing")
+            return [self.dir / s for s in shards]
+        single = self.dir / "model.safetensors"
+        if single.is_file():
+            return [single]
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {self.dir}")
+
+    def load(self, entry: TensorEntry) -> torch.Tensor:
+        """Read one tensor with plain reads (no mmap: mapped pages would count against RSS)."""
+        with open(entry.file, "rb") as f:
+            f.seek(entry.offset)
+            data = bytearray(f.read(entry.nbytes))
+        if len(data) != entry.nbytes:
+            raise CheckpointError(f"{entry.file.name}: truncated while reading tensor '{entry.key}'")
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        return torch.frombuffer(data, dtype=entry.dtype).reshape(entry.shape)
+
+
+def resolve_text_weights(reader: CheckpointReader, spec: Gemma4Spec) -> dict[str, TensorEntry]:
+    """Map our names to checkpoint entries; error on missing, unexpected or mis-shaped tensors."""
+    expected = expected_shapes(spec)
+    leftovers = leftover_shapes(spec)
+    found: dict[str, TensorEntry] = {}
+    for key, entry in reader.entries.items():
+        if key.startswith(OTHER_TOWERS):
+            continue
+        prefix = next((p for p in TEXT_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            raise CheckpointError(f"unexpected tensor '{key}' in {entry.file.name} (not a Gemma 4 text weight)")
+        name = key[len(prefix) :]
+        if name in leftovers and name not in expected:
+            continue  # released checkpoints keep K/V weights of KV-shared layers; they are never used
+        if name not in expected:
+            raise CheckpointError(f"unexpected tensor '{key}' in {entry.file.name}: the config has no such weight")
+        if entry.shape != expected[name]:
+            raise CheckpointError(
+                f"tensor '{key}' in {entry.file.name} has shape {list(entry.shape)}, "
+                f"config expects {list(expected[name])}"
+            )
+        if name in found:
+            raise CheckpointError(f"tensor '{name}' appears twice ('{found[name].key}' and '{key}')")
+        found[name] = entry
+    missing = [n for n in expected if n not in found]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"missing tensor '{TEXT_PREFIXES[0]}{missing[0]}'{more} in {reader.dir}")
+    return found
+
+
+def iter_text_weights(
+    checkpoint_dir: str | Path, spec: Gemma4Spec, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (our name, tensor) one at a time, converted to `dtype` if given."""
+    reader = CheckpointReader(checkpoint_dir)
+    for name, entry in resolve_text_weights(reader, spec).items():
+        t = reader.load(entry)
+        yield name, t if dtype is None else t.to(dtype)
+
+
+def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, spec: Gemma4Spec | None = None):
+    """Build `Gemma4TextModel` on the meta device and fill it tensor by tensor."""
+    from .model import Gemma4TextModel, rope_inv_freq
+
+    spec = spec or Gemma4Spec.from_pretrained(checkpoint_dir)
+    with torch.device("meta"):
+        model = Gemma4TextModel(spec)
+    for name, tensor in iter_text_weights(checkpoint_dir, spec, dtype):
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attr in module._buffers:
+            module._buffers[attr] = tensor
+        else:
+            module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+    for kind in ("sliding", "global"):  # non-persistent buffers are not in the checkpoint
+        plan = next((p for p in spec.layers if p.kind == kind), None)
+        if plan is not None:
+            model._buffers[f"inv_freq_{kind}"] = rope_inv_freq(plan)
+    return model.eval()
