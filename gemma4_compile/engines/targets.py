@@ -1,0 +1,72 @@
+"""GPU targets: one table from SM and GPU names to compute capability and limits.
+
+Shared-memory figures are the per-block opt-in maxima from the CUDA programming guide's
+compute-capability tables; kernels and engine builds check their variants against them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import Gemma4CompileError
+
+
+@dataclass(frozen=True)
+class GpuTarget:
+    name: str  # canonical SM name, e.g. "sm90"
+    major: int
+    minor: int
+    max_shared_bytes: int  # per block, opt-in
+    gpus: tuple[str, ...]  # product names that resolve to this SM
+
+    @property
+    def sm(self) -> int:
+        return self.major * 10 + self.minor
+
+    @property
+    def cc(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+
+TARGETS: dict[str, GpuTarget] = {
+    t.name: t
+    for t in (
+        GpuTarget("sm75", 7, 5, 64 * 1024, ("t4", "rtx2080", "rtx2080ti", "quadro-rtx-6000")),
+        GpuTarget("sm80", 8, 0, 163 * 1024, ("a100", "a30", "a800")),
+        GpuTarget("sm86", 8, 6, 99 * 1024, ("a10", "a10g", "a40", "a6000", "rtx3090", "rtx3080", "rtx-a6000")),
+        GpuTarget("sm89", 8, 9, 99 * 1024, ("l4", "l40", "l40s", "rtx4090", "rtx4080", "rtx-6000-ada")),
+        GpuTarget("sm90", 9, 0, 227 * 1024, ("h100", "h200", "h800", "gh200")),
+        GpuTarget("sm100", 10, 0, 227 * 1024, ("b200", "b100", "gb200")),
+        GpuTarget("sm120", 12, 0, 99 * 1024, ("rtx5090", "rtx5080", "rtx-pro-6000")),
+        GpuTarget("sm121", 12, 1, 99 * 1024, ("dgx-spark", "gb10")),
+    )
+}
+
+GPU_NAMES: dict[str, str] = {gpu: t.name for t in TARGETS.values() for gpu in t.gpus}
+
+
+def resolve_target(name: str) -> GpuTarget:
+    """'sm90', 'h200', 'H200' or 'native' (the GPU on this machine) -> GpuTarget."""
+    key = name.strip().lower()
+    if key == "native":
+        return native_target()
+    key = GPU_NAMES.get(key, key)
+    if key not in TARGETS:
+        known = ", ".join([*TARGETS, *GPU_NAMES, "native"])
+        raise Gemma4CompileError(f"unknown GPU target {name!r}; known targets: {known}")
+    return TARGETS[key]
+
+
+def native_target() -> GpuTarget:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            for t in TARGETS.values():
+                if (t.major, t.minor) == (major, minor):
+                    return t
+            raise Gemma4CompileError(f"the local GPU (compute capability {major}.{minor}) is not a known target")
+    except ImportError:
+        pass
+    raise Gemma4CompileError("target 'native' needs a CUDA GPU on this machine, and none was found")
