@@ -27,6 +27,14 @@ class GpuTarget:
     def cc(self) -> str:
         return f"{self.major}.{self.minor}"
 
+    @property
+    def supports_bf16(self) -> bool:
+        return self.major >= 8  # bf16 tensor cores arrived with Ampere
+
+    def describe(self) -> str:
+        """'sm90 (h100, h200, ...)' for messages."""
+        return f"{self.name} ({', '.join(self.gpus)})" if self.gpus else self.name
+
 
 TARGETS: dict[str, GpuTarget] = {
     t.name: t
@@ -45,28 +53,43 @@ TARGETS: dict[str, GpuTarget] = {
 GPU_NAMES: dict[str, str] = {gpu: t.name for t in TARGETS.values() for gpu in t.gpus}
 
 
+def target_for_sm(sm: int) -> GpuTarget | None:
+    """89 -> the sm89 target; None if the table has no such SM."""
+    return next((t for t in TARGETS.values() if t.sm == sm), None)
+
+
 def resolve_target(name: str) -> GpuTarget:
     """'sm90', 'h200', 'H200' or 'native' (the GPU on this machine) -> GpuTarget."""
     key = name.strip().lower()
     if key == "native":
         return native_target()
-    key = GPU_NAMES.get(key, key)
+    key = GPU_NAMES.get(key, key.replace("sm_", "sm"))
     if key not in TARGETS:
         known = ", ".join([*TARGETS, *GPU_NAMES, "native"])
         raise Gemma4CompileError(f"unknown GPU target {name!r}; known targets: {known}")
     return TARGETS[key]
 
 
-def native_target() -> GpuTarget:
+def local_device_sm() -> int | None:
+    """Compute capability of this machine's first CUDA GPU as an int (90 for 9.0), or None without one.
+
+    Asks torch, never TensorRT: a TensorRT runtime created without a usable GPU can segfault.
+    """
     try:
         import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            for t in TARGETS.values():
-                if (t.major, t.minor) == (major, minor):
-                    return t
-            raise Gemma4CompileError(f"the local GPU (compute capability {major}.{minor}) is not a known target")
     except ImportError:
-        pass
-    raise Gemma4CompileError("target 'native' needs a CUDA GPU on this machine, and none was found")
+        return None
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def native_target() -> GpuTarget:
+    sm = local_device_sm()
+    if sm is None:
+        raise Gemma4CompileError("target 'native' needs a CUDA GPU on this machine, and none was found")
+    target = target_for_sm(sm)
+    if target is None:
+        raise Gemma4CompileError(f"the local GPU (compute capability {sm // 10}.{sm % 10}) is not a known target")
+    return target

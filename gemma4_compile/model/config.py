@@ -112,6 +112,15 @@ class Gemma4Spec:
         d["layer_overrides"] = [list(o) for o in self.layer_overrides]
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Gemma4Spec:
+        """Inverse of `to_dict` (used by manifests)."""
+        d = dict(d)
+        d["layer_types"] = tuple(d["layer_types"])
+        d["eos_token_id"] = tuple(d["eos_token_id"])
+        d["layer_overrides"] = tuple(tuple(o) for o in d.get("layer_overrides", ()))
+        return cls(**d)
+
     # ----- Hugging Face config.json -----------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, config: dict[str, Any]) -> Gemma4Spec:

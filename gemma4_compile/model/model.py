@@ -55,7 +55,8 @@ def rope_tables(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tupl
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
+    half = x.shape[-1] // 2  # slices, not chunk(): chunk exports as ONNX sequence ops TensorRT cannot import
+    x1, x2 = x[..., :half], x[..., half:]
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
@@ -172,26 +173,29 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = nn.Linear(P, H, bias=False)
             self.post_per_layer_input_norm = RMSNorm(H, eps)
 
-    def feed_forward(self, h: Tensor) -> Tensor:
+    def feed_forward(self, h: Tensor) -> tuple[Tensor, Tensor | None]:
+        """-> FFN branch output and (MoE layers) the router logits [B*S, E]."""
         f = self.mlp(self.pre_feedforward_layernorm(h))
+        logits = None
         if self.plan.moe:
             flat = h.flatten(0, 1)  # [B*S, H]: router and experts read the residual, not the pre-FFN norm
             logits = self.router(flat)
             e = self.experts(self.pre_feedforward_layernorm_2(flat), logits, self.router.per_expert_scale)
             f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(e.view_as(h))
-        return self.post_feedforward_layernorm(f)
+        return self.post_feedforward_layernorm(f), logits
 
     def forward(
         self, h: Tensor, ple: Tensor | None, cos: Tensor, sin: Tensor, past_len: Tensor, seq_len: Tensor,
         cache: tuple[Tensor, Tensor] | None, shared: KVState | None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, KVState]:  # fmt: skip
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, KVState, Tensor | None]:  # fmt: skip
         a, present, kv = self.self_attn(self.input_layernorm(h), cos, sin, past_len, seq_len, cache, shared)
         h = h + self.post_attention_layernorm(a)
-        h = h + self.feed_forward(h)
+        f, router_logits = self.feed_forward(h)
+        h = h + f
         if ple is not None:
             g = F.gelu(self.per_layer_input_gate(h), approximate="tanh") * ple
             h = h + self.post_per_layer_input_norm(self.per_layer_projection(g))
-        return (h * self.layer_scalar).to(h.dtype), present, kv
+        return (h * self.layer_scalar).to(h.dtype), present, kv, router_logits
 
 
 class Gemma4TextModel(nn.Module):
@@ -209,10 +213,18 @@ class Gemma4TextModel(nn.Module):
             self.per_layer_projection_norm = RMSNorm(P, spec.rms_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(spec, plan) for plan in spec.layers)
         self.norm = RMSNorm(H, spec.rms_norm_eps)
-        for kind in ("sliding", "global"):
-            plan = next((p for p in spec.layers if p.kind == kind), None)
-            if plan is not None:
-                self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(plan), persistent=False)
+        self.reset_rope_buffers()
+
+    def rope_buffers(self) -> dict[str, Tensor]:
+        """fp32 inverse frequencies per layer kind (not in the checkpoint; computed from the spec)."""
+        plans = {p.kind: p for p in reversed(self.spec.layers)}
+        return {f"inv_freq_{kind}": rope_inv_freq(plan) for kind, plan in plans.items()}
+
+    def reset_rope_buffers(self) -> None:
+        """(Re)create the RoPE buffers in fp32 on the model's device: they must not follow `.to(bf16)`."""
+        device = self.norm.weight.device
+        for name, value in self.rope_buffers().items():
+            self.register_buffer(name, value.to(device), persistent=False)
 
     # ----- embedding stage (kept outside the decoder graph: the big tables never enter it) -------
     def embed(self, input_ids: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -236,9 +248,10 @@ class Gemma4TextModel(nn.Module):
     # ----- decoder ------------------------------------------------------------------------------
     def forward(
         self, inputs_embeds: Tensor, per_layer_tokens: Tensor | None, past_len: Tensor, seq_len: Tensor,
-        caches: Cache, output_hidden_states: bool = False,
+        caches: Cache, debug: bool = False,
     ) -> tuple[Tensor, Cache, list[Tensor]]:  # fmt: skip
-        """-> logits [B, S, V] (fp32, soft-capped), updated caches, and (optionally) the residual after each layer."""
+        """-> logits [B, S, V] (fp32, soft-capped), updated caches, and with `debug` the per-layer tensors
+        (see `debug_output_names`): the residual after each layer, followed by MoE layers' router logits."""
         h = inputs_embeds
         ple = self.per_layer_inputs(h, per_layer_tokens) if self.spec.has_ple else None
         positions = past_len[:, None] + torch.arange(h.shape[1], device=h.device)  # [B, S]
@@ -250,20 +263,23 @@ class Gemma4TextModel(nn.Module):
         presents: Cache = []
         shared: dict[int, KVState] = {}
         hidden: list[Tensor] = []
+        routers: list[Tensor] = []
         for layer in self.layers:
             plan = layer.plan
             cos, sin = rope[plan.kind]
             cache = caches[plan.cache_index] if plan.owns_cache else None
             layer_ple = ple[:, :, plan.index] if ple is not None else None
-            h, present, kv = layer(
+            h, present, kv, router_logits = layer(
                 h, layer_ple, cos, sin, past_len, seq_len, cache, shared.get(plan.kv_producer, None)
             )
             if present is not None:
                 presents.append(present)
                 shared[plan.index] = kv
-            if output_hidden_states:
+            if debug:
                 hidden.append(h)
-        return self.logits(self.norm(h)), presents, hidden
+                if router_logits is not None:
+                    routers.append(router_logits.unflatten(0, h.shape[:2]))
+        return self.logits(self.norm(h)), presents, hidden + routers
 
     def logits(self, h: Tensor) -> Tensor:
         """Tied head and final soft-cap, in fp32."""
@@ -283,6 +299,12 @@ class Gemma4TextModel(nn.Module):
             )
             for p in self.spec.cache_layers
         ]
+
+
+def debug_output_names(spec: Gemma4Spec) -> list[str]:
+    """Names of the extra tensors `Gemma4TextModel.forward(debug=True)` returns, in order."""
+    names = [f"hidden_states.{p.index}" for p in spec.layers]
+    return names + [f"router_logits.{p.index}" for p in spec.layers if p.moe]
 
 
 def cache_slots(plan: LayerPlan, max_len: int) -> int:

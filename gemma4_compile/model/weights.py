@@ -180,7 +180,7 @@ def iter_text_weights(
 
 def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, spec: Gemma4Spec | None = None):
     """Build `Gemma4TextModel` on the meta device and fill it tensor by tensor."""
-    from .model import Gemma4TextModel, rope_inv_freq
+    from .model import Gemma4TextModel
 
     spec = spec or Gemma4Spec.from_pretrained(checkpoint_dir)
     with torch.device("meta"):
@@ -192,8 +192,5 @@ def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, s
             module._buffers[attr] = tensor
         else:
             module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
-    for kind in ("sliding", "global"):  # non-persistent buffers are not in the checkpoint
-        plan = next((p for p in spec.layers if p.kind == kind), None)
-        if plan is not None:
-            model._buffers[f"inv_freq_{kind}"] = rope_inv_freq(plan)
+    model.reset_rope_buffers()  # meta -> real fp32 values; they are not in the checkpoint
     return model.eval()

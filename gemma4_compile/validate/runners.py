@@ -93,9 +93,20 @@ class BaseRunner:
     def generate(self, input_ids: np.ndarray, steps: int, lengths: np.ndarray | None = None) -> np.ndarray:
         return self.generate_with_logits(input_ids, steps, lengths)[0]
 
+    def debug_outputs(self, input_ids: np.ndarray, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Per-layer tensors by name: `hidden_states.I` [B, S, H] (residual after layer I) and, on MoE layers,
+        `router_logits.I` [B, S, E]. Backends without them raise BackendUnavailable."""
+        raise BackendUnavailable(f"{self.name}: per-layer debug outputs are not available")
+
     def hidden_states(self, input_ids: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
         """Residual stream after each decoder layer, [L, B, S, H] float32 (for localizing divergence)."""
-        raise BackendUnavailable(f"{self.name}: per-layer hidden states are not available")
+        out = self.debug_outputs(input_ids, lengths)
+        return np.stack([out[f"hidden_states.{i}"] for i in range(self.spec.num_hidden_layers)])
+
+    def router_logits(self, input_ids: np.ndarray, lengths: np.ndarray | None = None) -> dict[int, np.ndarray]:
+        """MoE router logits per layer index, [B, S, E] float32 (for routing agreement)."""
+        out = self.debug_outputs(input_ids, lengths)
+        return {int(k.split(".")[1]): v for k, v in out.items() if k.startswith("router_logits.")}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -123,13 +134,13 @@ class TorchRunner(BaseRunner):
         return DecodeState(np.zeros(batch, np.int64), max_len, self.model.new_cache(batch, max_len, self.dtype))
 
     @torch.inference_mode()
-    def _forward(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray, hidden: bool = False):
+    def _forward(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray, debug: bool = False):
         if int((state.past_len + input_ids.shape[1]).max()) > state.max_len:
             raise Gemma4CompileError(f"{self.name}: sequence exceeds the cache length {state.max_len}")
         ids = torch.from_numpy(np.ascontiguousarray(input_ids))
         embeds, tok = self.model.embed(ids)
         logits, state.caches, hs = self.model(
-            embeds, tok, torch.from_numpy(state.past_len), torch.from_numpy(seq_len), state.caches, hidden
+            embeds, tok, torch.from_numpy(state.past_len), torch.from_numpy(seq_len), state.caches, debug
         )
         state.past_len = state.past_len + seq_len
         return logits, hs
@@ -137,11 +148,13 @@ class TorchRunner(BaseRunner):
     def step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
         return self._forward(state, input_ids, seq_len)[0].numpy()
 
-    def hidden_states(self, input_ids: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+    def debug_outputs(self, input_ids: np.ndarray, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        from ..model.model import debug_output_names
+
         input_ids = np.asarray(input_ids, dtype=np.int64)
         state = self.start(*input_ids.shape)
-        _, hs = self._forward(state, input_ids, _lengths(input_ids, lengths), hidden=True)
-        return torch.stack(hs).float().numpy()
+        _, extra = self._forward(state, input_ids, _lengths(input_ids, lengths), debug=True)
+        return {n: t.float().numpy() for n, t in zip(debug_output_names(self.spec), extra)}
 
 
 class HFRunner(BaseRunner):

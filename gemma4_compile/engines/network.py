@@ -1,0 +1,144 @@
+"""Stage 1: decoder.onnx -> TensorRT network (`NetworkFromOnnx`, eager twin `network_from_onnx`).
+
+The parser reads the graph from memory and its external weights from disk next to decoder.onnx
+(`parser.parse(bytes, path)`), so only the small graph proto is edited and held in Python.
+
+One edit is needed for the inline path. The parser dispatches by op_type before it looks at the domain
+(tensorrt-notes.md §2.1), so `gemma4::Attention` would go to TensorRT's built-in ONNX `Attention` importer
+("TensorRT only supports Attention nodes with one output") instead of its function body. A custom-domain node
+that has a model-local function, no registered plugin, and an op_type the parser has a built-in importer for
+is renamed (node and a copy of its function) to `<domain>_<op_type>`, which only the function can serve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ..errors import BuildError
+from .export_info import ExportInfo
+from .trt import TrtFlavour
+from .trt_logger import make_logger
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class OnnxNode:
+    name: str
+    op_type: str  # as exported
+    domain: str
+    outputs: tuple[str, ...]
+    has_function: bool
+    parsed_as: str  # op_type the parser saw (differs when renamed)
+
+
+@dataclass(frozen=True)
+class ParserIssue:
+    node: str
+    op_type: str
+    code: str
+    message: str
+    function_stack: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "op_type": self.op_type, "code": self.code, "message": self.message,
+                "function_stack": list(self.function_stack)}  # fmt: skip
+
+    def one_line(self) -> str:
+        where = f"{self.node!r} ({self.op_type})" if self.node else f"({self.op_type or 'graph'})"
+        return f"{where}: {self.code}: {' '.join(self.message.split())}"
+
+
+@dataclass(frozen=True)
+class ParsedNetwork:
+    """A parsed network and the TensorRT objects that must outlive the build (kept together)."""
+
+    flavour: TrtFlavour
+    logger: Any
+    builder: Any
+    network: Any
+    parser: Any
+    nodes: tuple[OnnxNode, ...]  # the custom-domain nodes of the graph
+    issues: tuple[ParserIssue, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.issues
+
+
+def _has_creator(creators: set[tuple[str, str, str]], node: onnx.NodeProto) -> bool:
+    """Would the parser find a plugin for this node? (name, plugin_version or "1", namespace or the domain)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    text = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in attrs.items()}
+    version = text.get("plugin_version", "1")
+    namespaces = (text.get("plugin_namespace", ""), node.domain)  # the parser retries with the domain
+    return any((node.op_type, version, ns) in creators for ns in namespaces)
+
+
+def prepare_decoder(path: Path, flavour: TrtFlavour, parser: Any) -> tuple[bytes, tuple[OnnxNode, ...]]:
+    """Load decoder.onnx without its weights, rename shadowed custom ops, -> (model bytes, custom nodes)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises several types for a corrupt file
+        raise BuildError(f"cannot read {path}: {e}") from None
+    functions = {(f.domain, f.name): f for f in model.functions}
+    # all_creators, not get_creator: a failed get_creator logs an API-usage error into the build log
+    creators = {(c.name, c.plugin_version, c.plugin_namespace) for c in flavour.module.get_plugin_registry().all_creators}
+    renames: dict[tuple[str, str], str] = {}
+    nodes = []
+    for node in model.graph.node:
+        if node.domain in STANDARD_DOMAINS:
+            continue
+        key = (node.domain, node.op_type)
+        exported = node.op_type
+        if key in functions and parser.supports_operator(node.op_type) and not _has_creator(creators, node):
+            renames.setdefault(key, f"{node.domain}_{node.op_type}")
+            node.op_type = renames[key]
+        nodes.append(OnnxNode(node.name, exported, node.domain, tuple(node.output), key in functions, node.op_type))
+    for (domain, name), new_name in renames.items():
+        clone = onnx.FunctionProto()
+        clone.CopyFrom(functions[(domain, name)])
+        clone.name = new_name
+        model.functions.append(clone)
+    return model.SerializeToString(), tuple(nodes)
+
+
+def _issues(parser: Any, nodes: tuple[OnnxNode, ...]) -> tuple[ParserIssue, ...]:
+    exported = {n.name: n.op_type for n in nodes}
+    out = []
+    for i in range(parser.num_errors):
+        e = parser.get_error(i)
+        name = e.node_name() or ""
+        stack = tuple(e.local_function_stack())
+        code = getattr(e.code(), "name", str(e.code()))
+        out.append(ParserIssue(name, exported.get(name, e.node_operator()), code, e.desc(), stack))
+    return tuple(out)
+
+
+def network_from_onnx(export: ExportInfo, flavour: TrtFlavour) -> ParsedNetwork:
+    """Parse the export's decoder into a strongly typed network; parser errors are returned, not raised."""
+    trt = flavour.module
+    logger = make_logger(flavour)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # precision comes from the graph
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    data, nodes = prepare_decoder(export.decoder.file, flavour, parser)
+    parser.parse(data, str(export.decoder.file))  # the path locates the external weights
+    return ParsedNetwork(flavour, logger, builder, network, parser, nodes, _issues(parser, nodes))
+
+
+class NetworkFromOnnx:
+    """Lazy `network_from_onnx`: construct now, parse when called."""
+
+    def __init__(self, export: ExportInfo, flavour: TrtFlavour):
+        self.export, self.flavour = export, flavour
+
+    def __call__(self) -> ParsedNetwork:
+        return network_from_onnx(self.export, self.flavour)

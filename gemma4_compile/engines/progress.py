@@ -1,0 +1,83 @@
+"""Build progress on the terminal: TensorRT's own IProgressMonitor phases as rich bars, a spinner otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from .trt import TrtFlavour
+
+MAX_DEPTH = 2  # deeper phases (per-layer reformat timing, ...) are too chatty to draw
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@contextlib.contextmanager
+def spinner(message: str, enabled: bool) -> Iterator[None]:
+    """A spinner while a phase with no progress callback runs (parsing, writing)."""
+    if not enabled:
+        yield
+        return
+    with _console().status(message):
+        yield
+
+
+def make_monitor(flavour: TrtFlavour, progress: Any, label: str):
+    """An IProgressMonitor of the flavour that mirrors TensorRT's phases into a rich `Progress`."""
+    trt = flavour.module
+
+    class RichMonitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self._lock = threading.Lock()  # TensorRT may call from several threads
+            self._tasks: dict[str, Any] = {}
+            self._depth: dict[str, int] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            with self._lock:
+                depth = self._depth.get(parent_phase, -1) + 1 if parent_phase else 0
+                self._depth[phase_name] = depth
+                if depth < MAX_DEPTH:
+                    indent = "  " * depth
+                    self._tasks[phase_name] = progress.add_task(f"{label} {indent}{phase_name}", total=num_steps)
+
+        def step_complete(self, phase_name, step):
+            with self._lock:
+                if phase_name in self._tasks:
+                    progress.update(self._tasks[phase_name], completed=step + 1)
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name):
+            with self._lock:
+                task = self._tasks.pop(phase_name, None)
+                if task is not None:
+                    progress.remove_task(task)
+
+    return RichMonitor()
+
+
+@contextlib.contextmanager
+def build_progress(flavour: TrtFlavour, label: str, enabled: bool) -> Iterator[Any]:
+    """-> an IProgressMonitor drawing into a transient rich display, or None when disabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=_console(), transient=True) as progress:
+        yield make_monitor(flavour, progress, label)

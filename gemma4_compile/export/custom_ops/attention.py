@@ -1,0 +1,139 @@
+"""`gemma4::Attention`: schema, exporter translation and the standard-op reference body.
+
+Semantics: `gemma4_compile.model.ops.attention` (ring-buffer cache, window W keys including self, GQA).
+The body is plain opset-20 ONNX, so onnxruntime runs it and TensorRT can inline it when no plugin is loaded.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx.defs import OpSchema
+
+from .common import DOMAIN, PLUGIN_ATTRS, plugin_attributes, register_schema
+
+OP_TYPE = "Attention"
+
+SCHEMA = OpSchema(
+    OP_TYPE,
+    DOMAIN,
+    1,
+    doc="Gemma 4 attention for one layer with its ring-buffer KV-cache update (see model/ops.py).",
+    inputs=[
+        OpSchema.FormalParameter(name, kind)
+        for name, kind in (("q", "T"), ("k", "T"), ("v", "T"), ("past_k", "T"), ("past_v", "T"),
+                           ("past_len", "I"), ("seq_len", "I"))
+    ],  # fmt: skip
+    outputs=[OpSchema.FormalParameter(name, "T") for name in ("out", "present_k", "present_v")],
+    type_constraints=[
+        ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
+        ("I", ["tensor(int64)"], "lengths"),
+    ],
+    attributes=[
+        OpSchema.Attribute("window", OpSchema.AttrType.INT, "sliding window W (keys incl. self); 0 = global"),
+        OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "score multiplier (1.0 for Gemma 4)"),
+        *PLUGIN_ATTRS,
+    ],
+)
+
+BODY = """
+<domain: "gemma4", opset_import: ["" : 20]>
+Attention <window, scale> (q, k, v, past_k, past_v, past_len, seq_len) => (out, present_k, present_v)
+{
+  zero = Constant <value_int: int = 0> ()
+  one = Constant <value_int: int = 1> ()
+  one1 = Constant <value_ints: ints = [1]> ()
+  minus1 = Constant <value_ints: ints = [-1]> ()
+  ax0 = Constant <value_ints: ints = [0]> ()
+  ax1 = Constant <value_ints: ints = [1]> ()
+  ax2 = Constant <value_ints: ints = [2]> ()
+  ax12 = Constant <value_ints: ints = [1, 2]> ()
+  win = Constant <value_int: int = @window> ()
+  scl = Constant <value_float: float = @scale> ()
+  neg = Constant <value_float: float = -3.4028234663852886e38> ()
+  B1 = Shape <start = 0, end = 1> (q)
+  S1 = Shape <start = 2, end = 3> (q)
+  D1 = Shape <start = 3, end = 4> (q)
+  Hkv1 = Shape <start = 1, end = 2> (k)
+  C1 = Shape <start = 2, end = 3> (past_k)
+  S = Squeeze (S1)
+  C = Squeeze (C1)
+  s_idx = Range (zero, S, one)
+  s_row = Unsqueeze (s_idx, ax0)
+  pl_col = Unsqueeze (past_len, ax1)
+  q_pos = Add (pl_col, s_row)
+  j = Range (zero, C, one)
+  j_row = Unsqueeze (j, ax0)
+  last = Sub (pl_col, one)
+  back = Sub (last, j_row)
+  back_mod = Mod (back, C)
+  slot_pos = Sub (last, back_mod)
+  slot_ok = GreaterOrEqual (slot_pos, zero)
+  sl_col = Unsqueeze (seq_len, ax1)
+  new_ok = Less (s_row, sl_col)
+  k_pos = Concat <axis = 1> (slot_pos, q_pos)
+  k_ok = Concat <axis = 1> (slot_ok, new_ok)
+  kp3 = Unsqueeze (k_pos, ax1)
+  qp3 = Unsqueeze (q_pos, ax2)
+  ko3 = Unsqueeze (k_ok, ax1)
+  causal = LessOrEqual (kp3, qp3)
+  lo = Sub (qp3, win)
+  in_win = Greater (kp3, lo)
+  is_global = Equal (win, zero)
+  win_ok = Or (in_win, is_global)
+  vis0 = And (ko3, causal)
+  visible = And (vis0, win_ok)
+  keys = Concat <axis = 2> (past_k, k)
+  values = Concat <axis = 2> (past_v, v)
+  g_shape = Concat <axis = 0> (B1, Hkv1, minus1, S1, D1)
+  qg = Reshape (q, g_shape)
+  k5 = Unsqueeze (keys, ax2)
+  kt = Transpose <perm = [0, 1, 2, 4, 3]> (k5)
+  raw = MatMul (qg, kt)
+  sc = CastLike (scl, raw)
+  scaled = Mul (raw, sc)
+  s32 = Cast <to = 1> (scaled)
+  vis5 = Unsqueeze (visible, ax12)
+  masked = Where (vis5, s32, neg)
+  p32 = Softmax <axis = -1> (masked)
+  p = CastLike (p32, q)
+  v5 = Unsqueeze (values, ax2)
+  o5 = MatMul (p, v5)
+  qshape = Shape (q)
+  out = Reshape (o5, qshape)
+  total = Add (past_len, seq_len)
+  tcol = Unsqueeze (total, ax1)
+  tlast = Sub (tcol, one)
+  tback = Sub (tlast, j_row)
+  tmod = Mod (tback, C)
+  new_pos = Sub (tlast, tmod)
+  take = GreaterOrEqual (new_pos, pl_col)
+  rel = Sub (new_pos, pl_col)
+  Sm1 = Sub (S, one)
+  src = Clip (rel, zero, Sm1)
+  idx_shape = Concat <axis = 0> (B1, one1, C1, one1)
+  src4 = Reshape (src, idx_shape)
+  pshape = Shape (past_k)
+  src_b = Expand (src4, pshape)
+  gk = GatherElements <axis = 2> (k, src_b)
+  gv = GatherElements <axis = 2> (v, src_b)
+  take4 = Reshape (take, idx_shape)
+  present_k = Where (take4, gk, past_k)
+  present_v = Where (take4, gv, past_v)
+}
+"""
+
+
+def function() -> onnx.FunctionProto:
+    return onnx.parser.parse_function(BODY)
+
+
+def translation():
+    """onnxscript translation for torch.ops.gemma4.attention: one custom node, three outputs."""
+    opset = register_schema(SCHEMA)
+
+    def attention_to_onnx(q, k, v, past_k, past_v, past_len, seq_len, window: int, scale: float):
+        return opset.Attention(
+            q, k, v, past_k, past_v, past_len, seq_len, window=window, scale=scale, **plugin_attributes()
+        )
+
+    return attention_to_onnx

@@ -1,0 +1,39 @@
+"""The two traced graphs as thin modules over `Gemma4TextModel` with flat tensor I/O in io_spec order.
+
+Both take `*flat` so one tracing routine serves both (dynamic shapes are given for the varargs tuple).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..model.model import Gemma4TextModel
+
+
+class EmbedGraph(nn.Module):
+    """input_ids -> inputs_embeds (+ per_layer_tokens): the big tables stay out of the decoder."""
+
+    def __init__(self, model: Gemma4TextModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *flat: Tensor) -> tuple[Tensor, ...]:
+        embeds, tok = self.model.embed(flat[0])
+        return (embeds,) if tok is None else (embeds, tok)
+
+
+class DecoderGraph(nn.Module):
+    """(inputs_embeds, [per_layer_tokens], past_len, seq_len, past k/v ...) -> (logits, present k/v ..., [debug])."""
+
+    def __init__(self, model: Gemma4TextModel, debug: bool = False):
+        super().__init__()
+        self.model = model
+        self.debug = debug
+
+    def forward(self, *flat: Tensor) -> tuple[Tensor, ...]:
+        has_ple = self.model.spec.has_ple
+        inputs_embeds, per_layer_tokens = flat[0], flat[1] if has_ple else None
+        past_len, seq_len, *cache_flat = flat[2:] if has_ple else flat[1:]
+        caches = [(cache_flat[i], cache_flat[i + 1]) for i in range(0, len(cache_flat), 2)]
+        logits, presents, extra = self.model(inputs_embeds, per_layer_tokens, past_len, seq_len, caches, self.debug)
+        return (logits, *[t for kv in presents for t in kv], *extra)

@@ -1,0 +1,85 @@
+"""Names, dtypes and symbolic shapes of the two graphs, derived once from the spec.
+
+The same description produces the trace inputs, the dynamic shapes for torch.export, the manifest entries,
+the onnxruntime feeds and (in engines/) the TensorRT optimization profiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.export import Dim
+
+from ..model.config import Gemma4Spec, LayerPlan
+from ..model.model import debug_output_names
+
+BATCH, SEQUENCE, SLIDING_SLOTS, CACHE_LEN = "batch", "sequence", "sliding_cache_len", "cache_len"
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "float32" | "float16" | "bfloat16" | "int64"
+    shape: tuple[int | str, ...]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def cache_names(plan: LayerPlan) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(past key, past value), (present key, present value) for a cache-owning layer."""
+    n = plan.index
+    return (f"past_key_values.{n}.key", f"past_key_values.{n}.value"), (f"present.{n}.key", f"present.{n}.value")
+
+
+def cache_shape(plan: LayerPlan) -> tuple[int | str, ...]:
+    return (BATCH, plan.num_kv_heads, SLIDING_SLOTS if plan.is_sliding else CACHE_LEN, plan.head_dim)
+
+
+def embed_io(spec: Gemma4Spec, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    act = ONNX_DTYPE_NAMES[dtype]
+    outputs = [TensorSpec("inputs_embeds", act, (BATCH, SEQUENCE, spec.hidden_size))]
+    if spec.has_ple:
+        outputs.append(
+            TensorSpec("per_layer_tokens", act, (BATCH, SEQUENCE, spec.num_hidden_layers, spec.hidden_size_per_layer_input))
+        )
+    return [TensorSpec("input_ids", "int64", (BATCH, SEQUENCE))], outputs
+
+
+def decoder_io(spec: Gemma4Spec, dtype: str, debug: bool = False) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    act = ONNX_DTYPE_NAMES[dtype]
+    _, embed_outputs = embed_io(spec, dtype)
+    inputs = [*embed_outputs, TensorSpec("past_len", "int64", (BATCH,)), TensorSpec("seq_len", "int64", (BATCH,))]
+    outputs = [TensorSpec("logits", "float32", (BATCH, SEQUENCE, spec.vocab_size))]
+    for plan in spec.cache_layers:
+        past, present = cache_names(plan)
+        inputs += [TensorSpec(n, act, cache_shape(plan)) for n in past]
+        outputs += [TensorSpec(n, act, cache_shape(plan)) for n in present]
+    if debug:
+        for name in debug_output_names(spec):
+            width = spec.num_experts if name.startswith("router") else spec.hidden_size
+            outputs.append(TensorSpec(name, act, (BATCH, SEQUENCE, width)))
+    return inputs, outputs
+
+
+# ----- tracing -----------------------------------------------------------------------------------
+
+# Example sizes: all distinct and > 1, so torch.export neither specializes nor unifies the dims.
+_EXAMPLE = {BATCH: 2, SEQUENCE: 3, SLIDING_SLOTS: 5, CACHE_LEN: 7}
+
+
+def example_tensor(t: TensorSpec, device: str = "meta") -> torch.Tensor:
+    shape = [_EXAMPLE[d] if isinstance(d, str) else d for d in t.shape]
+    dtype = {"int64": torch.int64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    return torch.zeros(shape, dtype=dtype[t.dtype], device=device)
+
+
+def dynamic_shapes(specs: list[TensorSpec]) -> list[dict[int, Dim]]:
+    dims = {name: Dim(name) for name in _EXAMPLE}
+    return [{i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in specs]

@@ -1,0 +1,512 @@
+"""Does a backend compute what PyTorch computes? Same token sequences through both, token-level verdict.
+
+Per case: prefill the prompt, then decode `steps` tokens greedily with the reference and teacher-force the
+reference's tokens into the backend, so every compared position (prompt and decode, before and past the
+sliding window) sees identical inputs. Greedy-match length follows from the forced run: a free-running
+backend emits the reference's token at step i exactly when its forced argmax at step i agrees and all
+earlier steps did, so a second, free-running pass would add cost but no information.
+A failed case is localized to the first decoder layer whose hidden states diverge.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailable, Gemma4CompileError, ValidationFailed
+from ..model.config import Gemma4Spec
+from . import metrics as M
+from .cases import DEFAULT_STEPS, Case, default_cases, load_prompts
+from .runners import BaseRunner
+
+log = logging.getLogger("gemma4_compile.validate")
+
+CHUNK = 256  # positions per metric chunk: keeps float64 temporaries small for a 262k vocabulary
+
+
+# ----- tolerances -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass criteria for one precision; the backend is compared with a reference run at the same precision."""
+
+    precision: str
+    max_abs: float | None  # max |Δlogit|; None: reported, not gated
+    kl_mean: float  # mean KL(reference ‖ backend) over a case's positions, nats
+    top1: float  # minimum top-1 agreement; near-ties count as agreement
+    tie_abs: float  # near-tie margin = tie_abs + tie_rel * |reference top logit|
+    tie_rel: float
+    greedy_exact: bool  # greedy decode must match, or part only on a near-tie
+    routing: float | None  # minimum MoE top-k routing agreement; None: reported, not gated
+    layer_rel: float  # max|Δh| / max|h| above which a layer counts as divergent (localization)
+
+    def tie_margin(self, ref: np.ndarray) -> np.ndarray:
+        return self.tie_abs + self.tie_rel * np.abs(np.asarray(ref, dtype=np.float64).max(-1))
+
+
+# Why these numbers (measured on the four tiny presets, 4W+5-token prompts, tests/validate/test_tolerances.py):
+# * fp32: our model vs transformers differs by <= 6e-6 in logits and 1e-6 relative in hidden states; a real
+#   backend reorders reductions over hidden sizes up to 5376 and 60 layers, so 1e-3 leaves ~100x headroom,
+#   yet each bug we plant (a weight x1.05, W off by one, a dropped layer_scalar) moves logits by >= 2.5e-2.
+#   With |Δ| <= 1e-3 the argmax can only flip where the top two logits are within 2e-3: that is the tie margin.
+# * bf16/fp16: an atol is the wrong tool (peers.md §5G). The worst legitimate gap is one side rounding every
+#   op to 8 (bf16) or 11 (fp16) bits while the other keeps fp32 accumulators; bf16-vs-fp32 on the tiny
+#   presets gives top-1 >= 97 % (near-tie aware), mean KL <= 6e-3 (MoE, where rounding flips near-tied
+#   experts; 6e-4 dense). Planted bugs give top-1 <= 72 % and mean KL >= 9e-2. Thresholds sit between, about
+#   10x from each side. Tiny random models are nearly flat (entropy 5.6 of 6.2 nats, median top-1 gap 0.3),
+#   so these are loose for trained checkpoints; pass a tighter Tolerance there. Small structural bugs are
+#   the fp32 export's job. The near-tie margin is 2 ulps of the top logit (2^-6 bf16, 2^-9 fp16).
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance("fp32", max_abs=1e-3, kl_mean=1e-5, top1=1.0, tie_abs=2e-3, tie_rel=0.0,
+                      greedy_exact=True, routing=0.99, layer_rel=1e-4),
+    "bf16": Tolerance("bf16", max_abs=None, kl_mean=2e-2, top1=0.95, tie_abs=0.0, tie_rel=2**-6,
+                      greedy_exact=False, routing=None, layer_rel=5e-2),
+    "fp16": Tolerance("fp16", max_abs=None, kl_mean=1e-2, top1=0.95, tie_abs=0.0, tie_rel=2**-9,
+                      greedy_exact=False, routing=None, layer_rel=2e-2),
+}  # fmt: skip
+
+
+def tolerance_for(precision: str) -> Tolerance:
+    if precision not in TOLERANCES:
+        raise Gemma4CompileError(f"no tolerances for precision {precision!r}; choose one of {', '.join(TOLERANCES)}")
+    return TOLERANCES[precision]
+
+
+# ----- results ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Localization:
+    """Where a failing case first diverges, from per-layer hidden states on its prompt."""
+
+    available: bool
+    note: str
+    first_layer: int | None = None
+    first_kind: str | None = None
+    layer_errors: list[float] = field(default_factory=list)  # relative error per layer
+    growth: list[float] = field(default_factory=list)  # err[i] / err[i-1]
+
+    def describe(self) -> str:
+        if not self.available:
+            return f"layer localization unavailable ({self.note})"
+        if self.first_layer is None:
+            return f"no layer diverges on the prompt ({self.note}): the error arises in the decode / cache path"
+        i = self.first_layer
+        return f"first divergent layer {i} ({self.first_kind}), relative error {self.layer_errors[i]:.2g} ({self.note})"
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    name: str
+    batch: int
+    lengths: list[int]
+    steps: int
+    positions: int  # compared (real) positions over all rows
+    max_abs: float
+    max_abs_in_window: float  # positions < W
+    max_abs_past_window: float  # positions >= W: where sliding-window bugs live
+    worst_position: int
+    mean_abs: float
+    cosine_min: float
+    top1: float
+    top5: float
+    kl_mean: float
+    kl_max: float
+    nonfinite: int  # backend positions with NaN/inf logits
+    greedy_match: list[int]  # per row, leading decode tokens equal to the reference's
+    greedy_near_tie: list[bool]  # per row: the first mismatch was a near-tie in the reference
+    routing: float | None
+    error_by_position: list[float]  # max |Δlogit| per absolute position (max over rows)
+    failures: list[str]
+    localization: Localization | None = None
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def message(self) -> str:
+        msg = f"{self.name} (batch {self.batch}, lengths {self.lengths}): " + "; ".join(self.failures)
+        return msg + (f"; {self.localization.describe()}" if self.localization else "")
+
+
+@dataclass(frozen=True)
+class AccuracyReport:
+    backend: str
+    reference: str
+    precision: str
+    sliding_window: int
+    steps: int
+    tolerance: Tolerance
+    cases: list[CaseResult]
+    layer_kinds: list[str]
+    overflow: M.OverflowScan | None
+    warnings: list[str] = field(default_factory=list)
+    export_dir: str | None = None
+    polygraphy: dict[str, Any] | None = None  # files and the command that reproduces the decoder comparison
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.cases)
+
+    def failure_message(self) -> str:
+        failed = [c for c in self.cases if not c.passed]
+        if not failed:
+            return ""
+        head = f"{self.backend} disagrees with {self.reference} ({self.precision}) in {len(failed)}/{len(self.cases)} cases"
+        return head + ": " + " | ".join(c.message() for c in failed)
+
+    def summary(self) -> str:
+        if self.passed:
+            worst = max((c.max_abs for c in self.cases), default=0.0)
+            return (f"{self.backend} matches {self.reference} ({self.precision}) on {len(self.cases)} cases "
+                    f"(max |Δlogit| {worst:.2g})")  # fmt: skip
+        return self.failure_message()
+
+    def raise_if_failed(self) -> None:
+        if not self.passed:
+            raise ValidationFailed(self.failure_message())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = _jsonable(asdict(self))
+        d["passed"] = self.passed
+        return d
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+
+
+def _jsonable(x: Any) -> Any:
+    """Strict JSON: numpy scalars to Python, non-finite floats to strings."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if np.isfinite(x) else str(float(x))
+    if isinstance(x, (np.integer, np.bool_)):
+        return x.item()
+    return x
+
+
+# ----- running a case ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Run:
+    rows: list[np.ndarray]  # per row: logits [n_b + steps - 1, V] at positions 0..n_b + steps - 2
+    choices: np.ndarray  # [B, steps] argmax at each decode step
+
+
+def run_case(runner: BaseRunner, case: Case, steps: int, feed: np.ndarray | None = None) -> _Run:
+    """Prefill, then `steps` greedy decode steps; with `feed` [B, steps], feed those tokens instead (forcing)."""
+    B = case.batch
+    state = runner.start(B, case.input_ids.shape[1] + steps)
+    prefill = runner.step(state, case.input_ids, case.lengths)
+    last = prefill[np.arange(B), case.lengths - 1]
+    ones = np.ones(B, dtype=np.int64)
+    choices, decoded = [], []
+    for i in range(steps):
+        choices.append(last.argmax(-1).astype(np.int64))
+        if i + 1 < steps:
+            nxt = choices[-1] if feed is None else feed[:, i]
+            last = runner.step(state, nxt[:, None].astype(np.int64), ones)[:, 0]
+            decoded.append(last)
+    rows = [np.concatenate([prefill[b, :n], *(d[b : b + 1] for d in decoded)]) for b, n in enumerate(case.lengths)]
+    return _Run(rows, np.stack(choices, 1) if choices else np.zeros((B, 0), np.int64))
+
+
+def _position_metrics(ref: np.ndarray, out: np.ndarray, tol: Tolerance) -> dict[str, np.ndarray]:
+    """Per-position metrics of one row, computed in chunks."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("abs", "mean", "cos", "top1", "top5", "kl", "bad")}
+    for s in range(0, len(ref), CHUNK):
+        r, o = ref[s : s + CHUNK], out[s : s + CHUNK]
+        d = np.abs(r.astype(np.float64) - o)
+        parts["abs"].append(d.max(-1))
+        parts["mean"].append(d.mean(-1))
+        parts["cos"].append(M.cosine_similarity(r, o))
+        parts["top1"].append(M.top1_match(r, o, tol.tie_margin(r)))
+        parts["top5"].append(M.topk_overlap_per_position(r, o, 5))
+        parts["kl"].append(M.kl_divergence(r, o))
+        parts["bad"].append(~np.isfinite(o).all(-1))
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+
+
+def _greedy(ref: _Run, out: _Run, case: Case, tol: Tolerance) -> tuple[list[int], list[bool]]:
+    matches, ties = [], []
+    for b, n in enumerate(case.lengths):
+        m = M.greedy_match_length(ref.choices[b].tolist(), out.choices[b].tolist())
+        near = False
+        if m < ref.choices.shape[1]:
+            at = ref.rows[b][n - 1 + m]  # reference logits where the two first part (same context up to there)
+            near = bool(M.logit_margin(at[None], out.choices[b, m : m + 1])[0] <= tol.tie_margin(at[None])[0])
+        matches.append(m)
+        ties.append(near)
+    return matches, ties
+
+
+# ----- routing and hidden states ----------------------------------------------------------------
+
+
+def router_logits(runner: BaseRunner, case: Case) -> np.ndarray:
+    """[L_moe, N, E] router logits at the prompt's real tokens, from the runner or torch hooks on `router.proj`."""
+    try:
+        per_layer = runner.router_logits(case.input_ids, case.lengths)
+        return np.stack([_valid(per_layer[k][None], case)[0] for k in sorted(per_layer)])
+    except BackendUnavailable:
+        return _hooked_router_logits(runner, case)
+
+
+def _hooked_router_logits(runner: BaseRunner, case: Case) -> np.ndarray:
+    import torch
+
+    model = getattr(runner, "model", None)
+    mods = [(n, m) for n, m in model.named_modules() if n.endswith("router.proj")] if model is not None else []
+    if not isinstance(model, torch.nn.Module) or not mods:
+        raise BackendUnavailable(f"{runner.name}: router logits are not available")
+    seen: dict[str, list[np.ndarray]] = {n: [] for n, _ in mods}
+
+    def hook(name: str):
+        return lambda mod, args, out: seen[name].append(out.detach().float().reshape(-1, out.shape[-1]).numpy())
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods]
+    try:  # one row at a time, so padding never reaches the router
+        for b, n in enumerate(case.lengths):
+            runner.logits(case.input_ids[b : b + 1, :n])
+    finally:
+        for h in handles:
+            h.remove()
+    return np.stack([np.concatenate(seen[n]) for n, _ in mods])
+
+
+def _valid(x: np.ndarray, case: Case) -> np.ndarray:
+    """[L, B, S, ...] -> [L, N, ...] keeping each row's real tokens."""
+    return np.concatenate([x[:, b, :n] for b, n in enumerate(case.lengths)], axis=1)
+
+
+def localize(
+    backend: BaseRunner, ref_hidden: np.ndarray, case: Case, spec: Gemma4Spec, tol: Tolerance
+) -> Localization:
+    """Compare per-layer hidden states [L, B, S, H] on the prompt; name the first layer past `tol.layer_rel`."""
+    try:
+        out_hidden = backend.hidden_states(case.input_ids, case.lengths)
+    except BackendUnavailable as e:
+        return Localization(False, str(e))
+    errs = M.layer_relative_errors(_valid(ref_hidden, case), _valid(out_hidden, case))
+    first = M.first_divergent_layer(errs, tol.layer_rel)
+    kind = spec.layers[first].kind if first is not None else None
+    return Localization(
+        True, f"threshold {tol.layer_rel:g}", first, kind, [float(e) for e in errs], M.error_growth(errs)
+    )
+
+
+# ----- comparison -------------------------------------------------------------------------------
+
+
+def _case_failures(r: CaseResult, tol: Tolerance, W: int) -> list[str]:
+    fails = []
+    if r.nonfinite:
+        fails.append(f"{r.nonfinite} positions with non-finite backend logits")
+    if tol.max_abs is not None and not r.max_abs <= tol.max_abs:
+        where = "past the window" if r.worst_position >= W else "inside the window"
+        fails.append(
+            f"max |Δlogit| {r.max_abs:.3g} > {tol.max_abs:g} (worst at position {r.worst_position}, {where} W={W}; "
+            f"{r.max_abs_in_window:.2g} before position W, {r.max_abs_past_window:.2g} from W on)"
+        )
+    if not r.top1 >= tol.top1:
+        fails.append(f"top-1 agreement {r.top1:.2%} < {tol.top1:.0%}")
+    if not r.kl_mean <= tol.kl_mean:
+        fails.append(f"mean KL {r.kl_mean:.3g} > {tol.kl_mean:g}")
+    if tol.greedy_exact:
+        for b, (m, near) in enumerate(zip(r.greedy_match, r.greedy_near_tie)):
+            if m < r.steps and not near:
+                fails.append(f"greedy decode of row {b} parts from the reference at step {m} of {r.steps}")
+    if tol.routing is not None and r.routing is not None and not r.routing >= tol.routing:
+        fails.append(f"MoE routing agreement {r.routing:.2%} < {tol.routing:.0%}")
+    return fails
+
+
+def compare_case(
+    backend: BaseRunner, reference: BaseRunner, case: Case, spec: Gemma4Spec, tol: Tolerance, steps: int
+) -> tuple[CaseResult, np.ndarray]:
+    """One case, all metrics; also returns the reference's hidden states [L, B, S, H] (overflow scan, localization)."""
+    W = spec.sliding_window
+    ref = run_case(reference, case, steps)
+    out = run_case(backend, case, steps, feed=ref.choices)
+    per_row = [_position_metrics(r, o, tol) for r, o in zip(ref.rows, out.rows)]
+    cat = {k: np.concatenate([p[k] for p in per_row]) for k in per_row[0]}
+    by_pos = np.zeros(max(len(p["abs"]) for p in per_row))
+    for p in per_row:
+        by_pos[: len(p["abs"])] = np.fmax(by_pos[: len(p["abs"])], p["abs"])
+    abs_err = np.where(np.isfinite(by_pos), by_pos, np.inf)
+    greedy, ties = _greedy(ref, out, case, tol)
+    routing = None
+    if spec.enable_moe_block:
+        try:
+            routing = M.routing_agreement(
+                router_logits(reference, case).reshape(-1, spec.num_experts),
+                router_logits(backend, case).reshape(-1, spec.num_experts),
+                spec.top_k_experts,
+            )
+        except BackendUnavailable as e:
+            log.info("%s: no routing agreement (%s)", backend.name, e)
+    result = CaseResult(
+        name=case.name, batch=case.batch, lengths=case.lengths.tolist(), steps=steps, positions=len(cat["abs"]),
+        max_abs=_max(abs_err), max_abs_in_window=_max(abs_err[:W]), max_abs_past_window=_max(abs_err[W:]),
+        worst_position=int(np.argmax(abs_err)), mean_abs=float(np.mean(cat["mean"])),
+        cosine_min=float(np.min(cat["cos"])), top1=float(np.mean(cat["top1"])), top5=float(np.mean(cat["top5"])),
+        kl_mean=float(np.mean(cat["kl"])), kl_max=_max(cat["kl"]), nonfinite=int(cat["bad"].sum()),
+        greedy_match=greedy, greedy_near_tie=ties, routing=routing,
+        error_by_position=[float(x) for x in abs_err], failures=[],
+    )  # fmt: skip
+    ref_hidden = reference.hidden_states(case.input_ids, case.lengths)
+    return replace(result, failures=_case_failures(result, tol, W)), ref_hidden
+
+
+def _max(x: np.ndarray) -> float:
+    return float(np.max(x)) if np.size(x) else 0.0
+
+
+def _overflow(maxima: np.ndarray, spec: Gemma4Spec, headroom: float) -> M.OverflowScan:
+    names = [f"layer {p.index} ({p.kind})" for p in spec.layers]
+    return M.overflow_scan(dict(zip(names, (float(m) for m in maxima))), headroom)
+
+
+def compare_runners(
+    backend: BaseRunner,
+    reference: BaseRunner,
+    cases: list[Case],
+    spec: Gemma4Spec | None = None,
+    precision: str = "fp32",
+    steps: int = DEFAULT_STEPS,
+    tolerance: Tolerance | None = None,
+    localize_failures: bool = True,
+    headroom: float = 4.0,
+) -> AccuracyReport:
+    """Run every case through both runners and judge the backend against `tolerance` (default: the table's)."""
+    spec = spec or reference.spec
+    tol = tolerance or tolerance_for(precision)
+    results, maxima = [], np.zeros(spec.num_hidden_layers)
+    for case in cases:
+        log.info("%s: case %s", backend.name, case.describe())
+        result, ref_hidden = compare_case(backend, reference, case, spec, tol, steps)
+        maxima = np.fmax(maxima, M.layer_abs_maxima(_valid(ref_hidden, case)))
+        if not result.passed and localize_failures:
+            result = replace(result, localization=localize(backend, ref_hidden, case, spec, tol))
+        log.info("%s: %s %s", backend.name, case.name, "ok" if result.passed else result.message())
+        results.append(result)
+    scan = _overflow(maxima, spec, headroom)
+    warnings = []
+    if not scan.ok:
+        warnings.append(
+            f"fp16 overflow risk: {', '.join(scan.at_risk)} exceed 65504/{headroom:g} = {scan.limit:.0f} "
+            f"(worst {scan.worst}: {scan.worst_value:.4g}); keep these in bf16/fp32"
+        )
+    return AccuracyReport(
+        backend=backend.name, reference=reference.name, precision=precision, sliding_window=spec.sliding_window,
+        steps=steps, tolerance=tol, cases=results, layer_kinds=[p.kind for p in spec.layers], overflow=scan,
+        warnings=warnings,
+    )  # fmt: skip
+
+
+# ----- the one call the CLI makes ---------------------------------------------------------------
+
+BACKENDS = ("ort", "trt", "torch", "hf")
+REFERENCES = ("torch", "hf")
+
+
+def _read_export(export_dir: Path) -> dict[str, Any]:
+    path = export_dir / "export.json"
+    if not path.is_file():
+        raise Gemma4CompileError(f"{export_dir} is not an export directory (no export.json); run 'gemma4-compile export' first")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise Gemma4CompileError(f"{path}: unreadable ({e})") from None
+
+
+def make_runner(name: str, export_dir: Path, checkpoint: Path | None, dtype: str) -> BaseRunner:
+    """A runner by name: export backends read `export_dir`, torch/hf load `checkpoint` in `dtype`."""
+    if name in ("torch", "hf"):
+        if checkpoint is None:
+            raise Gemma4CompileError(
+                f"the {name} runner needs the source checkpoint: pass checkpoint=... (export.json names none)"
+            )
+        from .runners import HFRunner, TorchRunner
+
+        return TorchRunner(checkpoint, dtype) if name == "torch" else HFRunner(checkpoint, dtype)
+    if name == "ort":
+        try:
+            from .ort_runner import OrtRunner
+        except ImportError as e:
+            raise BackendUnavailable(f"ort: backend not available ({e})") from None
+        return OrtRunner(export_dir)
+    if name == "trt":
+        try:
+            from .trt_runner import TrtRunner
+        except ImportError as e:
+            raise BackendUnavailable(f"trt: backend not available ({e})") from None
+        return TrtRunner(export_dir)
+    raise Gemma4CompileError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def validate(
+    export_dir: str | Path,
+    backend: str = "ort",
+    reference: str = "torch",
+    prompts: str | Path | None = None,
+    steps: int | None = None,
+    out_dir: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    tolerance: Tolerance | None = None,
+    seed: int = 0,
+    write: bool = True,
+) -> AccuracyReport:
+    """Validate an export: backend vs reference on the default cases (or `prompts`), reports to out_dir/reports.
+
+    The reference runs at the export's precision. `checkpoint` defaults to export.json's "checkpoint" entry.
+    Returns the report; call `report.raise_if_failed()` for a ValidationFailed (exit code 2).
+    """
+    export_dir = Path(export_dir)
+    if reference not in REFERENCES:
+        raise Gemma4CompileError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
+    manifest = _read_export(export_dir)
+    precision = manifest.get("dtype", "fp32")
+    ckpt = Path(checkpoint) if checkpoint else (Path(manifest["checkpoint"]) if manifest.get("checkpoint") else None)
+    steps = DEFAULT_STEPS if steps is None else steps
+    if steps < 1:
+        raise Gemma4CompileError(f"steps must be at least 1, got {steps}")
+    ref = make_runner(reference, export_dir, ckpt, precision)
+    be = make_runner(backend, export_dir, ckpt, precision)
+    spec = ref.spec
+    max_len = int(manifest.get("max_seq_len", spec.max_position_embeddings)) - steps
+    cases = load_prompts(prompts, spec, max_len) if prompts else default_cases(spec, seed, max_len)
+    report = compare_runners(be, ref, cases, spec, precision, steps, tolerance)
+    report = replace(report, export_dir=str(export_dir))
+    out = Path(out_dir) if out_dir else export_dir
+    if write:
+        report = _attach_polygraphy(report, ref, export_dir, out, cases)
+        from .report import write_reports
+
+        write_reports(out, accuracy=report)
+    return report
+
+
+def _attach_polygraphy(
+    report: AccuracyReport, reference: BaseRunner, export_dir: Path, out: Path, cases: list[Case]
+) -> AccuracyReport:
+    """Save the decoder's reference I/O for `polygraphy run` when the export has a decoder graph."""
+    from .polygraphy_io import save_decoder_reference
+
+    if not (export_dir / "decoder.onnx").is_file() or not hasattr(reference, "model"):
+        return report
+    try:
+        files = save_decoder_reference(reference, export_dir, out / "reports", cases[-1], report.precision)
+    except BackendUnavailable as e:
+        return replace(report, warnings=[*report.warnings, f"polygraphy files not written ({e})"])
+    return replace(report, polygraphy=files.to_dict())
