@@ -77,8 +77,7 @@ def register(flavour: TrtFlavour, requested: bool, export_dir: Path) -> PluginSt
     except Exception as e:  # a failed registration means "build inline", recorded in the manifest
         error = f"register_plugins failed: {type(e).__name__}: {e}"
         return PluginStatus(True, error=error, kernels_sha256=kernels_sha, kernels_file=kernels_file)
+    fingerprint = getattr(module, "plugin_fingerprint", None)  # the plugin package's own, when it has one
     plugins = _plugins_dir()
-    return PluginStatus(
-        True, names, None, _tree_sha256(plugins) if plugins else None, kernels_sha, kernels_file,
-        plugin_creators(flavour),
-    )  # fmt: skip
+    sha = fingerprint() if fingerprint else (_tree_sha256(plugins) if plugins else None)
+    return PluginStatus(True, names, None, sha, kernels_sha, kernels_file, plugin_creators(flavour))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import BuildError
+from ..errors import BuildError, Gemma4CompileError
 from .export_info import ExportInfo
 
 PROFILE_NAMES = ("prefill", "decode")
@@ -101,4 +101,4 @@ def profile_index(profiles: tuple[ShapeProfile, ...], seq: int) -> int:
         return names.index("decode")
     if "prefill" in names:
         return names.index("prefill")
-    raise BuildError(f"the engine has only a decode profile, which cannot run {seq} tokens at once")
+    raise Gemma4CompileError(f"the engine has only a decode profile, which cannot run {seq} tokens at once")

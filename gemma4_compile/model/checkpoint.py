@@ -2,7 +2,7 @@
 
 Values are deterministic for a seed and independent of write order: every chunk of every tensor draws from
 its own generator seeded by (seed, tensor name, chunk). Scales that default to 1.0 in transformers (norm
-weights, `layer_scalar`, router `scale` and `per_expert_scale`) are drawn from U(0.5, 1.5), so tests see them.
+weights, `layer_scalar`, router `scale` and `per_expert_scale`) are drawn from 1 ± U(0.1, 0.5), so tests see them.
 Large tensors are generated in row chunks, so peak memory stays far below the model size.
 """
 
@@ -63,8 +63,9 @@ def random_chunks(
             n = min(rows_per_chunk, rows - start)
             g = _generator(seed, name, c)
             sub = (n, *shape[1:]) if shape else ()
-            if _is_unit_scale(name):
-                t = torch.rand(sub, generator=g) + 0.5
+            if _is_unit_scale(name):  # 1 ± U(0.1, 0.5): never close to 1, so a dropped scale is visible
+                sign = torch.randint(0, 2, sub, generator=g) * 2 - 1
+                t = 1 + sign * (0.1 + 0.4 * torch.rand(sub, generator=g))
             else:
                 fan_in = shape[-1] if len(shape) >= 2 else 1
                 t = torch.randn(sub, generator=g) * fan_in**-0.5

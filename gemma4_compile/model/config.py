@@ -141,10 +141,12 @@ class Gemma4Spec:
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path) -> Gemma4Spec:
+        from ..errors import CheckpointError
+
+        if not Path(checkpoint_dir).is_dir():
+            raise CheckpointError(f"checkpoint directory {checkpoint_dir} does not exist")
         path = Path(checkpoint_dir) / "config.json"
         if not path.is_file():
-            from ..errors import CheckpointError
-
             raise CheckpointError(f"no config.json in {checkpoint_dir}")
         try:
             config = json.loads(path.read_text())

@@ -1,30 +1,30 @@
 """Full-TensorRT quickly deployable plugins (`tensorrt.plugin`) for `gemma4::Attention` and `gemma4::MoE`.
 
 Per op: `@trtp.register` (output shapes and dtypes), `@trtp.autotune` (type combinations) and
-`@trtp.aot_impl` (Triton kernel compiled to PTX and embedded in the engine, so C++ runtimes and trtexec
+`@trtp.aot_impl` (a Triton kernel compiled to PTX and embedded in the engine, so C++ runtimes and trtexec
 run it without Python). The decorated functions exist only inside `register_qdp(trt)`, so this module
-imports without TensorRT; the pure parts (attribute schema, autotune type strings, dims, launch
-arithmetic) are plain functions tested on CPU.
+imports without TensorRT; the pure parts (autotune type strings, dims, kernel config, launch arithmetic)
+are plain functions tested on CPU.
 
 Attributes are 1-D int32/float32 numpy arrays because the ONNX parser passes INT as INT32 and FLOAT as
 FLOAT32, while QDP would declare a Python `int`/`float` as INT64/FLOAT64 and never match. AOT plugins do
-not serialize their attributes, so window, scale and top_k are compiled into the kernel (constexpr) or
-passed as int32 launch scalars.
+not serialize their attributes, so scale is compiled into the kernel (constexpr) and window is an int32
+launch scalar.
+
+An AOT plugin launches exactly one kernel. Attention uses aot.py's `attn_fwd` with FUSE_RING (attention
+and the ring presents in one launch, prefill and decode alike; the split decode path needs three launches
+and stays with the Python plugin). Kernels come from `aot.compile_variants` (cached by content under
+AOT_CACHE) and launch by `aot.KERNELS[name].launch`, whose arithmetic runs on TensorRT shape expressions:
+every tensor dim is passed as a ShapeExpr (ShapeExpr * int works, int * ShapeExpr does not), only the
+GQA group and the window as ints.
 
 No `from __future__ import annotations` here: QDP inspects the annotations as classes.
-
-Contract with `gemma4_compile/plugins/aot.py` (the kernel engineer's; written against this expectation):
-    compile_attention(*, dtype, head_dim, window, scale) -> AotKernel
-    compile_moe(*, dtype, hidden, inter, experts, top_k) -> AotKernel
-    AotKernel: .name (PTX entry), .ptx (str), .num_warps, .shared_mem,
-               .grid(dims) -> (x, y, z) and .scalar_args(dims) -> [int32 scalars between the input and
-               output pointers], where dims maps the ops.py letters (B, Hq, Hkv, S, C, D / T, H, E, I)
-               to ints or `trtp.ShapeExpr`s (so the same arithmetic runs symbolically).
-dtype is "fp32" | "fp16" | "bf16".
 """
 
 import importlib
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -37,7 +37,10 @@ from .registration import ATTENTION, MOE, NAMESPACE, SPECS, PluginError, PluginS
 
 QDP_UNAVAILABLE = "needs full TensorRT (tensorrt.plugin), not installable from PyPI"
 ACTIVATION_TYPES = ("FP32", "FP16", "BF16")  # AutoTuneCombination names; '|' ties them across positions
-TRITON_DTYPES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}  # trt.DataType name -> Triton/aot.py name
+TRITON_DTYPES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}  # trt.DataType name -> aot.py dtype
+ATTENTION_KERNEL = "attn_fwd"
+MOE_KERNEL = "moe"  # not in aot.KERNELS yet: kernels/moe.py is still to come
+AOT_CACHE = Path(tempfile.gettempdir()) / "gemma4_compile_aot"
 
 
 # ----- pure parts (CPU-tested) ------------------------------------------------------------------
@@ -57,18 +60,8 @@ def attr_scalar(values: np.ndarray, name: str) -> int | float:
     return flat[0].item()
 
 
-def attention_dims(q: Sequence[Any], k: Sequence[Any], past_k: Sequence[Any]) -> dict[str, Any]:
-    """Letters of ops.py from q [B,Hq,S,D], k [B,Hkv,S,D], past_k [B,Hkv,C,D] (ints or ShapeExprs)."""
-    return {"B": q[0], "Hq": q[1], "S": q[2], "D": q[3], "Hkv": k[1], "C": past_k[2]}
-
-
-def moe_dims(x: Sequence[Any], router_logits: Sequence[Any], down: Sequence[Any]) -> dict[str, Any]:
-    """Letters of ops.py from x [T,H], router_logits [T,E], down [E,H,I]."""
-    return {"T": x[0], "H": x[1], "E": router_logits[1], "I": down[2]}
-
-
 def static(dim: Any, what: str) -> int:
-    """A dimension the kernel is compiled for (head dim, hidden, ...): an int or a constant ShapeExpr."""
+    """A dimension a kernel is compiled for (head dim, head counts, ...): an int or a constant ShapeExpr."""
     if isinstance(dim, (int, np.integer)):
         return int(dim)
     if not dim.is_fake and dim.is_constant:
@@ -76,10 +69,75 @@ def static(dim: Any, what: str) -> int:
     raise PluginError(f"{what} must be static to compile the AOT kernel; it is dynamic in this network")
 
 
+def attention_dims(q: Sequence[Any], k: Sequence[Any], past_k: Sequence[Any], window: int) -> dict[str, Any]:
+    """aot.py's `attn_fwd` dims from q [B,Hq,S,D], k [B,Hkv,S,D], past_k [B,Hkv,C,D] (ints or ShapeExprs)."""
+    group = static(q[1], "query heads Hq") // static(k[1], "KV heads Hkv")
+    return {
+        "B": q[0],
+        "Hq": q[1],
+        "Hkv": k[1],
+        "G": group,
+        "S": q[2],
+        "C": past_k[2],
+        "D": q[3],
+        "window": window,
+    }
+
+
+def moe_dims(
+    x: Sequence[Any], router_logits: Sequence[Any], down: Sequence[Any], top_k: int
+) -> dict[str, Any]:
+    """The ops.py letters from x [T,H], router_logits [T,E], down [E,H,I], plus top_k."""
+    return {"T": x[0], "H": x[1], "E": router_logits[1], "I": down[2], "top_k": top_k}
+
+
 def triton_dtype(type_name: str) -> str:
     if type_name not in TRITON_DTYPES:
         raise PluginError(f"no gemma4 kernel for dtype {type_name}; supported: {sorted(TRITON_DTYPES)}")
     return TRITON_DTYPES[type_name]
+
+
+def attention_config(
+    head_dim: int, group: int, dtype: str, scale: float, max_shared_bytes: int
+) -> tuple[dict[str, Any], int, int]:
+    """(constexprs, num_warps, num_stages) of the fused attention launch for one layer on one target.
+
+    Same choice as kernels.attention's wrapper on a GPU: the first block config that holds a whole GQA
+    group and fits the target's shared memory.
+    """
+    import torch
+
+    from .kernels import attention as kernels
+
+    confs = [c for c in kernels.fwd_configs(head_dim) if c.kwargs["BLOCK_M"] >= group]
+    conf = next((c for c in confs if kernels.keep_fwd(c, head_dim, max_shared_bytes)), confs[-1])
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    constexprs = {
+        "HEAD_DIM": head_dim, **conf.kwargs, "SCALE": scale, "FUSE_RING": True,
+        "BLOCK_R": kernels.ring_block(head_dim), "INPUT_PRECISION": kernels.input_precision(torch_dtype),
+    }  # fmt: skip
+    return constexprs, conf.num_warps, conf.num_stages
+
+
+def launch_values(kernel: str, dims: Mapping[str, Any], constexprs: Mapping[str, Any]) -> tuple[tuple, list]:
+    """(grid, int32 scalars) of an aot.py kernel; symbolic when `dims` hold ShapeExprs."""
+    from . import aot
+
+    if kernel not in aot.KERNELS:
+        raise PluginError(f"aot.py has no '{kernel}' kernel; known: {sorted(aot.KERNELS)}")
+    launch = aot.KERNELS[kernel].launch
+    return launch.grid(dims, constexprs), launch.scalars(dims, constexprs)
+
+
+def compile_kernel(
+    kernel: str, target: str, dtype: str, constexprs: Mapping[str, Any], num_warps: int, num_stages: int
+) -> tuple[Any, str]:
+    """(aot.KernelEntry, PTX text) for one variant, compiled once into AOT_CACHE."""
+    from . import aot
+
+    variant = aot.Variant.make(kernel, target, dtype, constexprs, num_warps, num_stages)
+    (entry,) = aot.compile_variants(AOT_CACHE, [variant], jobs=1)
+    return entry, (AOT_CACHE / entry.ptx).read_text()
 
 
 # ----- registration (needs tensorrt.plugin) -----------------------------------------------------
@@ -98,27 +156,37 @@ def is_registered(trtp: ModuleType, spec: PluginSpec) -> bool:
     return namespace is not None and hasattr(namespace, spec.op_type)
 
 
-def register_qdp(trt: ModuleType) -> list[str]:
-    """Define the `gemma4` QDPs in `trt.plugin` (idempotent: QDP forbids defining a name twice)."""
+def register_qdp(trt: ModuleType, target: str = "native") -> list[str]:
+    """Define the `gemma4` QDPs in `trt.plugin` (idempotent: QDP forbids defining a name twice).
+
+    `target` (an engines.targets name; "native" = this machine's GPU) is what the AOT kernels are
+    compiled for, resolved when TensorRT asks for them during the build.
+    """
     trtp = qdp_module(trt)
-    definers: dict[str, Callable[[ModuleType], None]] = {"Attention": _define_attention, "MoE": _define_moe}
+    definers: dict[str, Callable[[ModuleType, str], None]] = {
+        "Attention": _define_attention,
+        "MoE": _define_moe,
+    }
     for spec in SPECS:
         if not is_registered(trtp, spec):
-            definers[spec.op_type](trtp)
+            definers[spec.op_type](trtp, target)
     return [spec.plugin_id for spec in SPECS]
 
 
-def kernel_launch(trtp: ModuleType, kernel: Any, dims: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
-    """aot.py's compiled kernel -> the (name, PTX, KernelLaunchParams, SymIntExprs) `aot_impl` returns."""
+def _aot_result(
+    trtp: ModuleType, kernel: str, target: str, dtype: str, dims, constexprs, warps, stages
+) -> tuple:
+    """Compile and describe one launch: the (name, PTX, KernelLaunchParams, SymIntExprs) aot_impl returns."""
+    entry, ptx = compile_kernel(kernel, target, dtype, constexprs, warps, stages)
+    grid, scalars = launch_values(kernel, dims, constexprs)
     params = trtp.KernelLaunchParams()
-    params.grid_x, params.grid_y, params.grid_z = kernel.grid(dims)
-    params.block_x = kernel.num_warps * 32
-    params.shared_mem = kernel.shared_mem
-    scalars = trtp.SymIntExprs.from_tuple([trtp.SymInt32(a) for a in kernel.scalar_args(dims)])
-    return kernel.name, kernel.ptx, params, scalars
+    params.grid_x, params.grid_y, params.grid_z = grid
+    params.block_x = entry.threads
+    params.shared_mem = entry.shared_bytes
+    return entry.entry, ptx, params, trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in scalars])
 
 
-def _define_attention(trtp: ModuleType) -> None:
+def _define_attention(trtp: ModuleType, target: str) -> None:
     TensorDesc = trtp.TensorDesc  # a class: the annotations below must be real classes
 
     @trtp.register(ATTENTION.plugin_id)
@@ -142,19 +210,21 @@ def _define_attention(trtp: ModuleType) -> None:
         window: npt.NDArray[np.int32], scale: npt.NDArray[np.float32],
         outputs: tuple[TensorDesc, TensorDesc, TensorDesc], tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:  # fmt: skip
-        from . import aot
+        from ..engines.targets import resolve_target
 
-        dims = attention_dims(q.shape_expr, k.shape_expr, past_k.shape_expr)
-        kernel = aot.compile_attention(
-            dtype=triton_dtype(q.dtype.name),
-            head_dim=static(dims["D"], "head dim D"),
-            window=int(attr_scalar(window, "window")),
-            scale=float(attr_scalar(scale, "scale")),
+        gpu = resolve_target(target)
+        dtype = triton_dtype(q.dtype.name)
+        dims = attention_dims(
+            q.shape_expr, k.shape_expr, past_k.shape_expr, int(attr_scalar(window, "window"))
         )
-        return kernel_launch(trtp, kernel, dims)
+        head_dim = static(dims["D"], "head dim D")
+        constexprs, warps, stages = attention_config(
+            head_dim, dims["G"], dtype, float(attr_scalar(scale, "scale")), gpu.max_shared_bytes
+        )
+        return _aot_result(trtp, ATTENTION_KERNEL, gpu.name, dtype, dims, constexprs, warps, stages)
 
 
-def _define_moe(trtp: ModuleType) -> None:
+def _define_moe(trtp: ModuleType, target: str) -> None:
     TensorDesc = trtp.TensorDesc
 
     @trtp.register(MOE.plugin_id)
@@ -175,14 +245,13 @@ def _define_moe(trtp: ModuleType) -> None:
         x: TensorDesc, router_logits: TensorDesc, per_expert_scale: TensorDesc, gate_up: TensorDesc,
         down: TensorDesc, top_k: npt.NDArray[np.int32], outputs: tuple[TensorDesc], tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:  # fmt: skip
-        from . import aot
+        from ..engines.targets import resolve_target
+        from .kernels import moe as kernels  # expected: aot_config(dims, dtype, max_shared_bytes)
 
-        dims = moe_dims(x.shape_expr, router_logits.shape_expr, down.shape_expr)
-        kernel = aot.compile_moe(
-            dtype=triton_dtype(x.dtype.name),
-            hidden=static(dims["H"], "hidden size H"),
-            inter=static(dims["I"], "expert width I"),
-            experts=static(dims["E"], "expert count E"),
-            top_k=int(attr_scalar(top_k, "top_k")),
+        gpu = resolve_target(target)
+        dtype = triton_dtype(x.dtype.name)
+        dims = moe_dims(
+            x.shape_expr, router_logits.shape_expr, down.shape_expr, int(attr_scalar(top_k, "top_k"))
         )
-        return kernel_launch(trtp, kernel, dims)
+        constexprs, warps, stages = kernels.aot_config(dims, dtype, gpu.max_shared_bytes)
+        return _aot_result(trtp, MOE_KERNEL, gpu.name, dtype, dims, constexprs, warps, stages)

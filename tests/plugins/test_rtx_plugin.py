@@ -116,6 +116,9 @@ def _parse(model_path: str, register: bool, build: bool) -> dict:
         "parsed": parsed,
         "errors": [parser.get_error(i).desc() for i in range(parser.num_errors)],
         "layer_types": sorted({network.get_layer(i).type.name for i in range(network.num_layers)}),
+        "outputs": {
+            t.name: [list(t.shape), t.dtype.name] for t in map(network.get_output, range(network.num_outputs))
+        },
         "plugins": {},
     }
     for i in range(network.num_layers):
@@ -224,6 +227,12 @@ def test_registered_plugins_take_both_nodes_with_int32_and_float32_fields(tmp_pa
     result = child_result(run_child(tmp_path, gemma4_model(), "parse", "1", "0"))
     assert result["parsed"], result["errors"]
     assert result["layer_types"] == ["CONSTANT", "PLUGIN_V3"]  # constants: the MoE weights
+    assert result["outputs"] == {  # out like q, presents like the pasts, y like x (-1: dynamic)
+        "out": [[-1, HQ, -1, D], "FLOAT"],
+        "present_k": [[-1, HKV, C, D], "FLOAT"],
+        "present_v": [[-1, HKV, C, D], "FLOAT"],
+        "y": [[-1, H], "FLOAT"],
+    }
     assert result["plugins"] == {
         "attn0": {"class": "Gemma4Plugin", "values": {"window": WINDOW, "scale": SCALE},
                   "received": {"window": "INT32", "scale": "FLOAT32"}},
@@ -237,6 +246,9 @@ def test_cpu_build_with_python_plugins_serializes_their_fields(tmp_path, dtype):
     assert result["parsed"], result["errors"]
     assert result["plan_bytes"] > 0
     assert result["plan_has"] == ["gemma4", "window", "scale", "top_k"]
+    assert {dtype for _, dtype in result["outputs"].values()} == {
+        "FLOAT" if dtype == TensorProto.FLOAT else "HALF"
+    }
 
 
 def test_wrongly_typed_attribute_is_refused_by_the_creator(tmp_path):

@@ -1,0 +1,267 @@
+"""`gemma4-compile`: parse, call one stage, print. Errors become one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import Gemma4CompileError
+from .model.presets import DEFAULT_PRESET, PRESETS
+
+console = Console(stderr=True)
+out = Console()
+
+TARGET_HELP = "GPU target: sm75..sm121, a GPU name (h100, l4, rtx4090, ...) or 'native'. Repeatable."
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="gemma4-compile")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """Compile Gemma 4 checkpoints to ONNX and TensorRT engines, with proof they compute what PyTorch computes.
+
+    \b
+    Pipeline:  export -> build (TensorRT, per GPU target) -> validate -> bench
+               `compile` runs all of it; `init-random` makes test checkpoints.
+    """
+
+
+# ----- checkpoints --------------------------------------------------------------------------------
+
+
+@cli.command("init-random")
+@click.option("--preset", default=DEFAULT_PRESET, show_default=True, type=click.Choice(list(PRESETS)))
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp32"]))
+@click.option("--max-shard-size", default="2GiB", show_default=True, help="Shard above this size (e.g. 500MB, 2GiB).")
+@click.option("--text-only", is_flag=True, help="Write a gemma4_text config with 'model.' names instead of the released layout.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def init_random(preset: str, output: Path, seed: int, dtype: str, max_shard_size: str, text_only: bool, force: bool) -> None:
+    """Write a random-weight checkpoint in the released Hugging Face layout (deterministic for a seed)."""
+    import torch
+
+    from .model.checkpoint import write_random_checkpoint
+
+    info = write_random_checkpoint(
+        PRESETS[preset], output, seed=seed, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
+        max_shard_bytes=_parse_size(max_shard_size), multimodal=not text_only, force=force,
+    )  # fmt: skip
+    out.print(f"wrote {info.path}: {preset}, {info.num_tensors} tensors, {info.total_bytes / 2**20:.1f} MiB in {len(info.files)} file(s)")
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    try:
+        value = int(float(num) * units[t[len(num) :]])
+    except (ValueError, KeyError):
+        raise Gemma4CompileError(f"cannot read size {text!r} (examples: 500MB, 2GiB)") from None
+    if value <= 0:
+        raise Gemma4CompileError(f"size must be positive, got {text!r}")
+    return value
+
+
+@cli.command()
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+@click.option("--preset", type=click.Choice(list(PRESETS)), help="Inspect a preset instead of a directory.")
+def inspect(path: Path | None, preset: str | None) -> None:
+    """Show the spec and per-layer plan of a checkpoint, an export (export.json) or a preset."""
+    from .export.manifest import MANIFEST, ExportManifest
+    from .model.config import Gemma4Spec
+
+    if preset:
+        spec = PRESETS[preset]
+    elif path is None:
+        raise Gemma4CompileError("give a checkpoint or export directory, or --preset")
+    elif (path / MANIFEST).is_file():
+        manifest = ExportManifest.load(path)
+        _print_export(manifest)
+        spec = manifest.spec
+    else:
+        spec = Gemma4Spec.from_pretrained(path)
+    _print_spec(spec)
+
+
+def _print_spec(spec) -> None:
+    table = Table(title=f"{spec.num_hidden_layers} layers, hidden {spec.hidden_size}, vocab {spec.vocab_size}, "
+                        f"window {spec.sliding_window}, PLE {spec.hidden_size_per_layer_input}, "
+                        f"MoE {spec.num_experts or 0}/{spec.top_k_experts or 0}")  # fmt: skip
+    for col in ("layer", "kind", "head_dim", "kv_heads", "v_proj", "kv_from", "cache", "mlp", "moe"):
+        table.add_column(col, justify="right")
+    for p in spec.layers:
+        table.add_row(
+            str(p.index), p.kind, str(p.head_dim), str(p.num_kv_heads), "yes" if p.has_v_proj else "K=V",
+            "-" if p.kv_producer is None else str(p.kv_producer), "-" if p.cache_index is None else str(p.cache_index),
+            str(p.mlp_width), "yes" if p.moe else "-",
+        )  # fmt: skip
+    out.print(table)
+
+
+def _print_export(manifest) -> None:
+    table = Table(title=f"export {manifest.path} ({manifest.dtype}, opset {manifest.opset}, max_seq_len {manifest.max_seq_len})")
+    for col in ("graph", "tensor", "dtype", "shape"):
+        table.add_column(col)
+    for gname, g in manifest.graphs.items():
+        for kind, tensors in (("in", g.inputs), ("out", g.outputs)):
+            for t in tensors:
+                table.add_row(f"{gname} {kind}", t.name, t.dtype, str(list(t.shape)))
+    out.print(table)
+
+
+# ----- stages ---------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Export directory.")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
+@click.option("--max-seq-len", type=int, help="Longest sequence the caches must hold [default: the config's].")
+@click.option("--debug-outputs", is_flag=True, help="Add per-layer hidden states / router logits as outputs.")
+@click.option("--lowering", type=click.Choice(["gqa"]), help="Lower gemma4::Attention to com.microsoft.GroupQueryAttention (onnxruntime speed).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def export(checkpoint: Path, output: Path, dtype: str, max_seq_len: int | None, debug_outputs: bool,
+           lowering: str | None, force: bool) -> None:  # fmt: skip
+    """Export a checkpoint to ONNX: embed.onnx, decoder.onnx (gemma4 custom nodes), weights.data, export.json."""
+    from .export import export_checkpoint
+
+    with console.status("exporting") as status:
+        result = export_checkpoint(
+            checkpoint, output, dtype=dtype, max_seq_len=max_seq_len, force=force, debug=debug_outputs,
+            lowering=lowering, progress=lambda stage: status.update(f"export: {stage}"),
+        )  # fmt: skip
+    m = result.manifest
+    out.print(f"exported {m.spec.num_hidden_layers} layers ({m.dtype}) to {result.path}: "
+              f"{len(m.custom_nodes)} gemma4 nodes, {len(m.caches)} caches")  # fmt: skip
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--target", "targets", multiple=True, required=True, help=TARGET_HELP)
+@click.option("--plugins", is_flag=True, help="Register the gemma4 TensorRT plugins (else function bodies are inlined).")
+@click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5), help="Builder optimization level.")
+@click.option("--max-batch", default=8, show_default=True, type=int)
+@click.option("--max-seq", type=int, help="Largest prefill / cache length in the profiles [default: the export's].")
+@click.option("--force", is_flag=True, help="Replace existing engines.")
+def build(export_dir: Path, targets: tuple[str, ...], plugins: bool, opt_level: int, max_batch: int,
+          max_seq: int | None, force: bool) -> None:  # fmt: skip
+    """Build a TensorRT engine per GPU target from an export (TensorRT or TensorRT-RTX)."""
+    from .engines import build_engines
+
+    for art in build_engines(export_dir, list(targets), plugins=plugins, opt_level=opt_level, max_batch=max_batch,
+                             max_seq=max_seq, force=force):  # fmt: skip
+        out.print(f"built {art.target}: {art.engine_path}")
+
+
+@cli.command()
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Kernel directory.")
+@click.option("--target", "targets", multiple=True, default=("sm80", "sm86", "sm89", "sm90", "sm100", "sm120"),
+              show_default=True, help=TARGET_HELP)  # fmt: skip
+def kernels(output: Path, targets: tuple[str, ...]) -> None:
+    """Compile every Triton kernel variant to PTX/cubin per target and write the resource table (kernels.json)."""
+    from .plugins.aot import compile_kernels, kernel_table_markdown
+
+    with console.status("compiling kernels"):
+        artifacts = compile_kernels(output, list(targets))
+    out.print(kernel_table_markdown(artifacts))
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
+@click.option("--reference", default="torch", show_default=True, type=click.Choice(["torch", "hf"]))
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Reference checkpoint [default: the export's source].")
+@click.option("--prompts", type=click.Path(path_type=Path), help="JSON file of token-id prompts.")
+@click.option("--steps", type=int, help="Greedy decode steps per case.")
+@click.option("--target", help="Engine target for --backend trt.")
+def validate(export_dir: Path, backend: str, reference: str, checkpoint: Path | None, prompts: Path | None,
+             steps: int | None, target: str | None) -> None:  # fmt: skip
+    """Compare a backend with the PyTorch reference; write reports; exit non-zero if any case fails."""
+    from .validate import validate as run_validate
+
+    report = run_validate(export_dir, backend=backend, reference=reference, checkpoint=checkpoint,
+                          prompts=prompts, steps=steps, target=target)  # fmt: skip
+    out.print(report.summary())
+    if not report.passed:
+        raise _failed(report)
+
+
+def _failed(report):
+    from .errors import ValidationFailed
+
+    return ValidationFailed(report.failure_message())
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--backend", "backends", multiple=True, default=("ort",), show_default=True,
+              type=click.Choice(["ort", "trt"]))  # fmt: skip
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Checkpoint for the PyTorch baselines [default: the export's source].")
+@click.option("--target", help="Engine target for --backend trt.")
+def bench(export_dir: Path, backends: tuple[str, ...], checkpoint: Path | None, target: str | None) -> None:
+    """Latency: prefill by length, decode p50/p90/p99 by context, tokens/s, TTFT, memory; vs PyTorch eager."""
+    from .validate import bench as run_bench
+
+    report = run_bench(export_dir, backends=list(backends), checkpoint=checkpoint, target=target)
+    out.print(report.summary())
+
+
+@cli.command("compile")
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--target", "targets", multiple=True, help=TARGET_HELP + " Engines are built where a TensorRT can build them.")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
+@click.option("--preset", default=DEFAULT_PRESET, show_default=True, type=click.Choice(list(PRESETS)),
+              help="Built-in random-weight model used when no CHECKPOINT is given.")  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def compile_(checkpoint: Path | None, output: Path, targets: tuple[str, ...], dtype: str, preset: str, force: bool) -> None:
+    """export -> build -> validate -> bench -> summary (the built-in tiny model when no CHECKPOINT is given)."""
+    from .pipeline import run_pipeline
+
+    result = run_pipeline(checkpoint, output, targets=list(targets), dtype=dtype, preset=preset, force=force)
+    out.print(result.summary_path.read_text())
+    if not result.passed:
+        raise Gemma4CompileError(f"validation failed; see {result.summary_path}")
+
+
+# ----- entry point ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        cli.main(args=argv, prog_name="gemma4-compile", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        console.print(f"error: {e.format_message()}", markup=False, highlight=False, soft_wrap=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        console.print("error: aborted", markup=False)
+        return 130
+    except Gemma4CompileError as e:
+        if debug:
+            raise
+        console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        console.print("error: interrupted", markup=False)
+        return 130
+    except Exception as e:  # an internal bug: still one line, the traceback only on request
+        if debug:
+            raise
+        console.print(f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+                      markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

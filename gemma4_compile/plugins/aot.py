@@ -1,0 +1,435 @@
+"""Ahead-of-time compilation of the plugin kernels to PTX and cubin for every GPU target, on a machine with no GPU.
+
+An artifact is a pure function of (kernel, dtype, SM, constexprs, num_warps, num_stages, Triton version, PTX
+version): `triton.compile(ASTSource(...), target=GPUTarget("cuda", sm, 32))` lowers the kernel to PTX and runs the
+`ptxas` that Triton bundles (`triton/backends/nvidia/bin/ptxas` below sm90, `ptxas-blackwell` from sm90 up) to a
+cubin. Files are named by the sha256 of that key, so a second `compile_kernels` into the same directory compiles
+nothing.
+
+What the compiler tells us on a CPU-only machine: `metadata.shared` (dynamic shared memory to pass at launch),
+`metadata.num_warps` and the entry name. `metadata` has no register or spill counts (the driver fills those
+in at load time), so we read them from ptxas's own `-v` report (Triton runs ptxas with -v and prints the
+report when `knobs.nvidia.dump_ptxas_log` is set): registers, spill stores/loads and stack frame per thread.
+
+Launch contract for a TensorRT QDP `aot_impl` (one kernel per plugin; see `LaunchSpec`): the PTX entry takes
+the kernel's non-constexpr arguments in order (input pointers, int32 scalars, output pointers) followed by two
+pointers Triton appends itself (global and profile scratch; 0 bytes for these kernels, pass null), block =
+(32 * num_warps, 1, 1), dynamic shared memory = `shared_bytes`, grid and scalars from `LaunchSpec`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..engines.targets import GpuTarget, resolve_target
+from ..errors import BuildError
+
+DTYPES = ("bf16", "fp16", "fp32")
+ALL_TARGETS = ("sm80", "sm86", "sm89", "sm90", "sm100", "sm120")
+
+# ----- what can be compiled -------------------------------------------------------------------------
+
+
+def cdiv(a: Any, b: Any) -> Any:
+    """Ceiling division using only + and //, so it also works on TensorRT symbolic shape expressions."""
+    return (a + b - 1) // b
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How to launch one compiled kernel from shapes alone.
+
+    grid(dims, constexprs) and scalars(dims, constexprs) use only + * // on the dims, so `dims` may hold ints
+    or TensorRT `SymInt32` expressions. `dims` keys are listed per kernel in `KERNELS[name].dims`; tensors are
+    assumed contiguous (their strides follow from the dims).
+    """
+
+    grid: Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[Any, Any, Any]]
+    scalars: Callable[[Mapping[str, Any], Mapping[str, Any]], list[Any]]
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    module: str  # imported lazily, in a process where TRITON_INTERPRET is off
+    fn: str
+    pointers: Mapping[str, str]  # pointer arg -> element type; "{dtype}" is the variant's dtype
+    dims: tuple[str, ...]
+    launch: LaunchSpec
+    dtype_free: bool = False  # integer-only kernels: compiled once per target, dtype "i32"
+
+
+def _bhld(B: Any, H: Any, L: Any, D: Any) -> list[Any]:
+    """Strides (batch, head, row) of a contiguous [B, H, L, D] tensor."""
+    return [H * L * D, L * D, D]
+
+
+def _attn_fwd_launch() -> LaunchSpec:
+    def grid(d: Mapping[str, Any], c: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+        positions = c["BLOCK_M"] // d["G"]
+        ring = cdiv(d["C"], c["BLOCK_R"]) if c["FUSE_RING"] else 0
+        return cdiv(d["S"], positions) + ring, d["B"] * d["Hkv"], 1
+
+    def scalars(d: Mapping[str, Any], c: Mapping[str, Any]) -> list[Any]:
+        B, Hq, Hkv, S, C, D = (d[k] for k in ("B", "Hq", "Hkv", "S", "C", "D"))
+        new, past, q = _bhld(B, Hkv, S, D), _bhld(B, Hkv, C, D), _bhld(B, Hq, S, D)
+        return [*q, *new, *new, *past, *past, *q, *past, *past, S, C, Hkv, d["G"], d["window"]]
+
+    return LaunchSpec(grid, scalars)
+
+
+def _decode_split_launch() -> LaunchSpec:
+    def grid(d: Mapping[str, Any], c: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+        return d["splits"], d["B"] * d["Hkv"], 1
+
+    def scalars(d: Mapping[str, Any], c: Mapping[str, Any]) -> list[Any]:
+        B, Hq, Hkv, C, D = (d[k] for k in ("B", "Hq", "Hkv", "C", "D"))
+        q, new, past = _bhld(B, Hq, 1, D), _bhld(B, Hkv, 1, D), _bhld(B, Hkv, C, D)
+        return [*q[:2], *new[:2], *new[:2], *past, *past, C, Hkv, d["G"], d["window"], d["splits"]]
+
+    return LaunchSpec(grid, scalars)
+
+
+def _decode_combine_launch() -> LaunchSpec:
+    return LaunchSpec(
+        lambda d, c: (d["B"] * d["Hq"], 1, 1),
+        lambda d, c: [*_bhld(d["B"], d["Hq"], 1, d["D"])[:2], d["Hq"], d["splits"]],
+    )
+
+
+def _ring_launch() -> LaunchSpec:
+    def grid(d: Mapping[str, Any], c: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+        rows = d["C"] if c["COPY_PAST"] else d["S"]
+        return cdiv(rows, c["BLOCK_R"]), d["B"] * d["Hkv"], 1
+
+    def scalars(d: Mapping[str, Any], c: Mapping[str, Any]) -> list[Any]:
+        B, Hkv, S, C, D = (d[k] for k in ("B", "Hkv", "S", "C", "D"))
+        return [*_bhld(B, Hkv, S, D), *_bhld(B, Hkv, C, D), *_bhld(B, Hkv, C, D), S, C, Hkv]
+
+    return LaunchSpec(grid, scalars)
+
+
+_ATTN = "gemma4_compile.plugins.kernels.attention"
+_MOE = "gemma4_compile.plugins.kernels.moe"
+_ATTN_PTRS = {p: "{dtype}" for p in ("Q_ptr", "K_ptr", "V_ptr", "PK_ptr", "PV_ptr", "O_ptr", "PKO_ptr", "PVO_ptr")}
+_LENS = {"PastLen_ptr": "i64", "SeqLen_ptr": "i64"}
+
+KERNELS: dict[str, KernelSpec] = {}
+
+
+def _register(spec: KernelSpec) -> None:
+    KERNELS[spec.name] = spec
+
+
+_register(KernelSpec("attn_fwd", _ATTN, "_attn_fwd_kernel", {**_ATTN_PTRS, **_LENS},
+                     ("B", "Hq", "Hkv", "G", "S", "C", "D", "window"), _attn_fwd_launch()))  # fmt: skip
+_register(KernelSpec("attn_decode_split", _ATTN, "_attn_decode_split_kernel",
+                     {**{p: "{dtype}" for p in ("Q_ptr", "K_ptr", "V_ptr", "PK_ptr", "PV_ptr")}, **_LENS,
+                      "MidO_ptr": "fp32", "MidML_ptr": "fp32"},
+                     ("B", "Hq", "Hkv", "G", "C", "D", "window", "splits"), _decode_split_launch()))  # fmt: skip
+_register(KernelSpec("attn_decode_combine", _ATTN, "_attn_decode_combine_kernel",
+                     {"MidO_ptr": "fp32", "MidML_ptr": "fp32", "O_ptr": "{dtype}"},
+                     ("B", "Hq", "D", "splits"), _decode_combine_launch()))  # fmt: skip
+_register(KernelSpec("ring_update", _ATTN, "_ring_update_kernel",
+                     {"New_ptr": "{dtype}", "Past_ptr": "{dtype}", "Out_ptr": "{dtype}", **_LENS},
+                     ("B", "Hkv", "S", "C", "D"), _ring_launch()))  # fmt: skip
+
+
+# ----- variants ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compilation: a kernel, a target, a dtype and every constexpr, plus warps and pipeline stages."""
+
+    kernel: str
+    target: str
+    dtype: str
+    constexprs: tuple[tuple[str, Any], ...]
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @staticmethod
+    def make(kernel: str, target: str, dtype: str, constexprs: Mapping[str, Any], num_warps: int = 4,
+             num_stages: int = 2) -> Variant:  # fmt: skip
+        if kernel not in KERNELS:
+            raise BuildError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
+        if dtype not in DTYPES and not (KERNELS[kernel].dtype_free and dtype == "i32"):
+            raise BuildError(f"kernel {kernel}: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        return Variant(kernel, resolve_target(target).name, dtype, tuple(sorted(constexprs.items())),
+                       num_warps, num_stages)  # fmt: skip
+
+    def label(self) -> str:
+        c = " ".join(f"{k}={v}" for k, v in self.constexprs)
+        return f"{self.kernel} [{self.dtype} {c} warps={self.num_warps} stages={self.num_stages}]"
+
+
+@dataclass
+class KernelEntry:
+    """A compiled variant and its resource use (per thread: registers, spills, stack; per block: shared)."""
+
+    kernel: str
+    target: str
+    dtype: str
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+    entry: str  # PTX/cubin entry point name
+    ptx: str  # paths relative to out_dir
+    cubin: str
+    sha256: str  # of the PTX text
+    cubin_sha256: str
+    registers: int
+    shared_bytes: int  # dynamic shared memory to pass at launch
+    spill_stores: int
+    spill_loads: int
+    stack_bytes: int
+    threads: int
+    ptx_version: str
+    params: list[str]  # PTX entry parameters in order (kernel args, then Triton's scratch pointers)
+    key: str
+
+    @property
+    def spills(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+
+@dataclass
+class KernelArtifacts:
+    out_dir: Path
+    entries: list[KernelEntry] = field(default_factory=list)
+
+    @property
+    def table_path(self) -> Path:
+        return self.out_dir / "kernels.json"
+
+    def find(self, kernel: str, target: str, dtype: str, **constexprs: Any) -> list[KernelEntry]:
+        """Entries of a kernel for a target and dtype whose constexprs include the given ones (tactics)."""
+        t = resolve_target(target).name
+        return [
+            e for e in self.entries
+            if e.kernel == kernel and e.target == t and e.dtype == dtype
+            and all(e.constexprs.get(k) == v for k, v in constexprs.items())
+        ]  # fmt: skip
+
+
+def default_variants(target: GpuTarget, dtype: str, head_dims: Sequence[int] = (256, 512)) -> list[Variant]:
+    """Every variant the plugins launch on one target: attention per head_dim, ring, decode and MoE."""
+    from .kernels.configs import attention_variants, moe_variants
+
+    out = [Variant.make(k, target.name, d, c, w, s) for k, d, c, w, s in attention_variants(target, dtype, head_dims)]
+    return out + [Variant.make(k, target.name, d, c, w, s) for k, d, c, w, s in moe_variants(target, dtype)]
+
+
+# ----- compilation -----------------------------------------------------------------------------------
+
+_PTXAS_RE = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "stack_bytes": re.compile(r"(\d+) bytes stack frame"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+}
+
+
+def parse_ptxas_log(log: str) -> dict[str, int]:
+    """Registers, stack frame and spill bytes from a `ptxas -v` report (0 when a line is absent)."""
+    out = {}
+    for name, rx in _PTXAS_RE.items():
+        m = rx.findall(log)
+        out[name] = max(int(x) for x in m) if m else 0
+    return out
+
+
+def _signature(fn: Any, spec: KernelSpec, dtype: str, constexprs: Mapping[str, Any]) -> dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in spec.pointers:
+            sig[name] = "*" + spec.pointers[name].format(dtype=dtype)
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _divisibility(fn: Any, spec: KernelSpec) -> dict[tuple[int, ...], list[list[Any]]]:
+    """Pointers are 16-byte aligned (TensorRT and PyTorch allocations); strides are multiples of 16 elements
+    (every head_dim and hidden size we compile for is), which lets Triton vectorize row loads."""
+    return {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if name in spec.pointers or "stride" in name
+    }
+
+
+def variant_key(v: Variant, ptx_version: int | None) -> str:
+    """sha256 over everything the artifact depends on, kernel source included."""
+    import importlib
+
+    import triton
+
+    spec = KERNELS[v.kernel]
+    fn = getattr(importlib.import_module(spec.module), spec.fn)
+    blob = json.dumps(
+        [v.kernel, fn.cache_key, v.dtype, v.target, list(v.constexprs), v.num_warps, v.num_stages,
+         triton.__version__, ptx_version],
+        default=str,
+    )  # fmt: skip
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _compile_one(v: Variant, out_dir: str, ptx_version: int | None) -> dict[str, Any]:
+    """Compile one variant (or reuse its files) and return its KernelEntry as a dict. Runs in a worker."""
+    import importlib
+
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    spec = KERNELS[v.kernel]
+    target = resolve_target(v.target)
+    key = variant_key(v, ptx_version)
+    stem = Path(out_dir) / v.target / f"{v.kernel}-{v.dtype}-{key[:16]}"
+    if stem.with_suffix(".json").exists() and stem.with_suffix(".ptx").exists() and stem.with_suffix(".cubin").exists():
+        return json.loads(stem.with_suffix(".json").read_text())
+    fn = getattr(importlib.import_module(spec.module), spec.fn)
+    constexprs = dict(v.constexprs)
+    src = ASTSource(fn, _signature(fn, spec, v.dtype, constexprs), constexprs=constexprs,
+                    attrs=_divisibility(fn, spec))  # fmt: skip
+    options: dict[str, Any] = {"num_warps": v.num_warps, "num_stages": v.num_stages}
+    if ptx_version is not None:
+        options["ptx_version"] = ptx_version
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True  # a Triton cache hit skips ptxas and so its -v report
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", target.sm, 32), options=options)
+    except Exception as e:  # a Triton or ptxas failure: name the variant, keep the first line of the cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BuildError(f"{v.label()} on {v.target}: compilation failed: {first}") from None
+    ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
+    res = parse_ptxas_log(log.getvalue())
+    header = re.search(r"\.version (\S+)", ptx)
+    entry = re.search(r"\.visible\s+\.entry\s+(\w+)\s*\(([^)]*)\)", ptx)
+    n_params = len(re.findall(r"\.param\s", entry.group(2))) if entry else 0
+    args = [a for a in fn.arg_names if a not in constexprs]
+    params = args + [f"triton_scratch_{i}" for i in range(n_params - len(args))]
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(stem.with_suffix(".ptx"), ptx.encode())
+    _atomic_write(stem.with_suffix(".cubin"), cubin)
+    rec = KernelEntry(
+        kernel=v.kernel, target=v.target, dtype=v.dtype, constexprs=constexprs, num_warps=v.num_warps,
+        num_stages=v.num_stages, entry=compiled.metadata.name, ptx=str(stem.with_suffix(".ptx").relative_to(out_dir)),
+        cubin=str(stem.with_suffix(".cubin").relative_to(out_dir)), sha256=hashlib.sha256(ptx.encode()).hexdigest(),
+        cubin_sha256=hashlib.sha256(cubin).hexdigest(), registers=res["registers"],
+        shared_bytes=int(compiled.metadata.shared), spill_stores=res["spill_stores"], spill_loads=res["spill_loads"],
+        stack_bytes=res["stack_bytes"], threads=32 * v.num_warps, ptx_version=header.group(1) if header else "?",
+        params=params, key=key,
+    )  # fmt: skip
+    record = asdict(rec)
+    _atomic_write(stem.with_suffix(".json"), json.dumps(record, indent=1, default=str).encode())
+    return record
+
+
+def _check_shared(rec: KernelEntry, v: Variant) -> None:
+    limit = resolve_target(v.target).max_shared_bytes
+    if rec.shared_bytes > limit:
+        raise BuildError(
+            f"{v.label()} needs {rec.shared_bytes} bytes of shared memory on {v.target}, "
+            f"which allows {limit} per block; pick a smaller block config"
+        )
+
+
+def _worker_init() -> None:
+    # The kernels must be real JIT functions here, not the CPU interpreter's stand-ins.
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def compile_variants(out_dir: str | os.PathLike[str], variants: Iterable[Variant], *, jobs: int | None = None,
+                     ptx_version: int | None = None) -> list[KernelEntry]:  # fmt: skip
+    """Compile variants in worker processes (spawned, interpreter off); check shared memory against the target."""
+    import multiprocessing
+
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    todo = list(dict.fromkeys(variants))
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo) or 1))
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
+        records = list(pool.map(_compile_one, todo, [str(out)] * len(todo), [ptx_version] * len(todo)))
+    entries = [KernelEntry(**r) for r in records]
+    for rec, v in zip(entries, todo):
+        _check_shared(rec, v)
+    return entries
+
+
+def compile_kernels(
+    out_dir: str | os.PathLike[str], targets: list[str], dtypes: Sequence[str] = ("bf16", "fp16"), *,
+    head_dims: Sequence[int] = (256, 512), jobs: int | None = None, ptx_version: int | None = None,
+) -> KernelArtifacts:  # fmt: skip
+    """Compile every kernel variant for each target and dtype; write the resource table `out_dir/kernels.json`."""
+    resolved = [resolve_target(t) for t in targets]
+    for d in dtypes:
+        if d not in DTYPES:
+            raise BuildError(f"unknown kernel dtype {d!r}; choose from {', '.join(DTYPES)}")
+    variants = [v for t in resolved for d in dtypes for v in default_variants(t, d, head_dims)]
+    entries = compile_variants(out_dir, variants, jobs=jobs, ptx_version=ptx_version)
+    arts = KernelArtifacts(Path(out_dir).resolve(), entries)
+    write_table(arts)
+    return arts
+
+
+def write_table(arts: KernelArtifacts) -> Path:
+    """Write kernels.json atomically (temp file, then rename), so readers never see half a table."""
+    import triton
+
+    doc = {"triton": triton.__version__, "kernels": [asdict(e) for e in arts.entries]}
+    _atomic_write(arts.table_path, json.dumps(doc, indent=1, default=str).encode())
+    return arts.table_path
+
+
+def load_table(out_dir: str | os.PathLike[str]) -> KernelArtifacts:
+    path = Path(out_dir) / "kernels.json"
+    doc = json.loads(path.read_text())
+    return KernelArtifacts(Path(out_dir).resolve(), [KernelEntry(**e) for e in doc["kernels"]])
+
+
+def kernel_table_markdown(artifacts: KernelArtifacts) -> str:
+    """One row per compiled variant: registers, shared memory and spills, for the CLI to print."""
+    rows = [
+        "| kernel | target | dtype | config | warps | regs | shared (B) | spill st/ld (B) | stack (B) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in sorted(artifacts.entries, key=lambda e: (e.kernel, e.target, e.dtype, sorted(e.constexprs.items()))):
+        conf = " ".join(f"{k}={v}" for k, v in sorted(e.constexprs.items()) if k.isupper())
+        rows.append(
+            f"| {e.kernel} | {e.target} | {e.dtype} | {conf} | {e.num_warps} | {e.registers} | "
+            f"{e.shared_bytes} | {e.spill_stores}/{e.spill_loads} | {e.stack_bytes} |"
+        )
+    return "\n".join(rows)

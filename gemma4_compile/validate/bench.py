@@ -1,0 +1,283 @@
+"""Latency of a backend next to our torch eager model and transformers eager, measured in one run.
+
+Prefill latency by prompt length (= time to first token), decode-step latency p50/p90/p99 by context length
+(below, at and past the sliding window), tokens/s at batch 1 and 8, and memory. Timing goes through
+`BaseRunner.start/step`, so every backend is timed on exactly the same calls. Benchmarks write rows; they
+never assert (budgets belong in validation).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailable, Gemma4CompileError
+from ..model.config import Gemma4Spec
+from .cases import FIRST_ID
+from .runners import BaseRunner
+
+RunnerFactory = Callable[[], BaseRunner]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to time. Context lengths default to (W/2, W, 2W, 4W): decode past W exercises the sliding ring."""
+
+    context_lengths: tuple[int, ...] | None = None
+    batch_sizes: tuple[int, ...] = (1, 8)
+    decode_steps: int = 16  # timed decode steps per (batch, context)
+    prefill_repeats: int = 3  # timed prefills per (batch, context)
+    warmup: int = 1
+    seed: int = 0
+
+    def contexts(self, spec: Gemma4Spec, max_len: int) -> tuple[int, ...]:
+        W = spec.sliding_window
+        lengths = self.context_lengths or (max(1, W // 2), W, 2 * W, 4 * W)
+        return tuple(sorted({min(c, max_len - self.decode_steps - 1) for c in lengths if c >= 1}))
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    backend: str
+    phase: str  # "prefill" (latency of the prompt = time to first token) or "decode" (one token per row)
+    batch: int
+    context: int  # prompt length (prefill) or tokens already cached (decode)
+    samples: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    tokens_per_s: float  # prefill: batch * context / mean; decode: batch / mean
+    vs_torch: float | None = None  # p50 / torch eager p50 on the same row (< 1: faster than torch)
+
+
+@dataclass(frozen=True)
+class BackendSummary:
+    backend: str
+    load_s: float | None
+    rss_before_mb: float  # process RSS before this backend was built
+    peak_rss_mb: float  # max process RSS sampled while it loaded and ran
+    device_peak_mb: float | None  # accelerator memory, if the runner reports `peak_memory_bytes()`
+    error: str | None = None  # why it did not run (unavailable backend); then it has no rows
+
+
+@dataclass(frozen=True)
+class LatencyReport:
+    sliding_window: int
+    precision: str
+    config: BenchConfig
+    rows: list[LatencyRow]
+    backends: list[BackendSummary]
+    environment: dict[str, Any] = field(default_factory=dict)
+    export_dir: str | None = None
+
+    def row(self, backend: str, phase: str, batch: int, context: int) -> LatencyRow | None:
+        return next(
+            (r for r in self.rows if (r.backend, r.phase, r.batch, r.context) == (backend, phase, batch, context)),
+            None,
+        )
+
+    def ttft_ms(self, backend: str) -> dict[int, float]:
+        """Time to first token at batch 1 by prompt length (the prefill's p50)."""
+        return {r.context: r.p50_ms for r in self.rows if r.backend == backend and r.phase == "prefill" and r.batch == 1}
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not np.isfinite(x):
+        return str(x)
+    return x
+
+
+# ----- measurement ------------------------------------------------------------------------------
+
+
+def _rss_mb() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:  # psutil is a dependency, but keep benchmarks running without it
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def quantiles_ms(samples_s: list[float]) -> tuple[float, float, float, float]:
+    """p50, p90, p99 and mean of latencies given in seconds, in milliseconds."""
+    a = np.asarray(samples_s, dtype=np.float64) * 1e3
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return float(p50), float(p90), float(p99), float(a.mean())
+
+
+def _row(backend: str, phase: str, batch: int, context: int, samples: list[float]) -> LatencyRow:
+    p50, p90, p99, mean = quantiles_ms(samples)
+    tokens = batch * (context if phase == "prefill" else 1)
+    return LatencyRow(backend, phase, batch, context, len(samples), p50, p90, p99, mean, tokens / (mean / 1e3))
+
+
+class _Meter:
+    """Times steps and samples RSS after each one."""
+
+    def __init__(self) -> None:
+        self.peak = _rss_mb()
+
+    def step(self, runner: BaseRunner, state: Any, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        logits = runner.step(state, ids, lengths)
+        dt = time.perf_counter() - t0
+        self.peak = max(self.peak, _rss_mb())
+        return logits, dt
+
+
+def time_runner(
+    runner: BaseRunner, spec: Gemma4Spec, config: BenchConfig, contexts: tuple[int, ...], meter: _Meter
+) -> list[LatencyRow]:
+    """Prefill and decode-step latencies of one runner at every (batch, context)."""
+    rng = np.random.default_rng(config.seed)
+    rows = []
+    for batch in config.batch_sizes:
+        for ctx in contexts:
+            ids = rng.integers(FIRST_ID, spec.vocab_size, (batch, ctx), dtype=np.int64)
+            full = np.full(batch, ctx, dtype=np.int64)
+            ones = np.ones(batch, dtype=np.int64)
+            prefill: list[float] = []
+            for rep in range(config.warmup + config.prefill_repeats):
+                state = runner.start(batch, ctx + config.decode_steps + config.warmup + 1)
+                logits, dt = meter.step(runner, state, ids, full)
+                if rep >= config.warmup:
+                    prefill.append(dt)
+            decode: list[float] = []
+            token = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+            for i in range(config.warmup + config.decode_steps):  # continues the last prefill's state
+                logits, dt = meter.step(runner, state, token, ones)
+                token = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+                if i >= config.warmup:
+                    decode.append(dt)
+            rows.append(_row(runner.name, "prefill", batch, ctx, prefill))
+            # decode steps run at contexts ctx + warmup .. ctx + warmup + steps - 1; labelled by where they start
+            rows.append(_row(runner.name, "decode", batch, ctx, decode))
+    return rows
+
+
+def _with_ratios(rows: list[LatencyRow]) -> list[LatencyRow]:
+    base = {(r.phase, r.batch, r.context): r.p50_ms for r in rows if r.backend == "torch"}
+    out = []
+    for r in rows:
+        ref = base.get((r.phase, r.batch, r.context))
+        out.append(LatencyRow(**{**asdict(r), "vs_torch": r.p50_ms / ref if ref else None}))
+    return out
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def bench_runners(
+    runners: Mapping[str, BaseRunner | RunnerFactory],
+    spec: Gemma4Spec,
+    config: BenchConfig | None = None,
+    precision: str = "fp32",
+    max_len: int | None = None,
+) -> LatencyReport:
+    """Time each runner in turn, built just before its turn (a factory) so memory is attributed to it.
+
+    A factory that raises BackendUnavailable leaves a summary with the reason and no rows.
+    """
+    config = config or BenchConfig()
+    contexts = config.contexts(spec, max_len or spec.max_position_embeddings)
+    rows: list[LatencyRow] = []
+    summaries: list[BackendSummary] = []
+    for name, item in runners.items():
+        gc.collect()
+        meter = _Meter()
+        before, t0 = meter.peak, time.perf_counter()
+        try:
+            runner = item() if callable(item) and not isinstance(item, BaseRunner) else item
+        except BackendUnavailable as e:
+            summaries.append(BackendSummary(name, None, before, before, None, error=str(e)))
+            continue
+        load_s = time.perf_counter() - t0 if runner is not item else None
+        meter.peak = max(meter.peak, _rss_mb())
+        rows += [LatencyRow(**{**asdict(r), "backend": name}) for r in time_runner(runner, spec, config, contexts, meter)]
+        device = getattr(runner, "peak_memory_bytes", None)
+        device_mb = device() / 2**20 if callable(device) else None
+        summaries.append(BackendSummary(name, load_s, before, meter.peak, device_mb))
+        del runner
+    return LatencyReport(
+        spec.sliding_window, precision, config, _with_ratios(rows), summaries, environment()
+    )
+
+
+def bench(
+    export_dir: str | Path,
+    backends: tuple[str, ...] | list[str] = ("ort",),
+    compare: tuple[str, ...] | list[str] = ("torch", "hf"),
+    checkpoint: str | Path | None = None,
+    config: BenchConfig | None = None,
+    out_dir: str | Path | None = None,
+    write: bool = True,
+) -> LatencyReport:
+    """Benchmark an export's backends next to torch eager and transformers eager; reports to out_dir/reports.
+
+    `compare` runners need the source checkpoint (`checkpoint`, or export.json's "checkpoint"); one that cannot
+    be built is listed with its reason instead of failing the run. Requested `backends` must be available.
+    """
+    from .validate import _read_export, make_runner
+
+    export_dir = Path(export_dir)
+    manifest = _read_export(export_dir)
+    precision = manifest.get("dtype", "fp32")
+    ckpt = Path(checkpoint) if checkpoint else (Path(manifest["checkpoint"]) if manifest.get("checkpoint") else None)
+    spec = Gemma4Spec.from_dict(manifest["spec"]) if "spec" in manifest else None
+    if spec is None:
+        raise Gemma4CompileError(f"{export_dir}/export.json has no spec")
+    factories: dict[str, RunnerFactory] = {}
+    for name in compare:
+        factories[name] = lambda name=name: _optional(make_runner, name, export_dir, ckpt, precision)
+    for name in backends:
+        make_runner_checked = make_runner  # requested backends: let their errors reach the user
+        factories[name] = lambda name=name: make_runner_checked(name, export_dir, ckpt, precision)
+    report = bench_runners(factories, spec, config, precision, int(manifest.get("max_seq_len", 0)) or None)
+    report = LatencyReport(**{**report.__dict__, "export_dir": str(export_dir)})
+    failed = [s for s in report.backends if s.error and s.backend in backends]
+    if failed:
+        raise BackendUnavailable(failed[0].error or failed[0].backend)
+    if write:
+        from .report import write_reports
+
+        write_reports(Path(out_dir) if out_dir else export_dir, latency=report)
+    return report
+
+
+def _optional(make: Callable[..., BaseRunner], name: str, *args: Any) -> BaseRunner:
+    """Comparison runners are optional: any user error building one becomes BackendUnavailable."""
+    try:
+        return make(name, *args)
+    except Gemma4CompileError as e:
+        raise BackendUnavailable(f"{name}: {e}") from None

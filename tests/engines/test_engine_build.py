@@ -1,0 +1,86 @@
+"""Real TensorRT-RTX builds (ahead of time, on the CPU) from synthetic exports: engines, manifests, capability."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from engines_support import needs_rtx
+
+from gemma4_compile.engines import build_engines, check_engine, load_trt, open_engine, read_manifest
+from gemma4_compile.engines.export_info import sha256_file
+
+pytestmark = [needs_rtx, pytest.mark.rtx]
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_builds_sm89_and_sm120_inline(fresh_export, dtype):
+    out = fresh_export(dtype)
+    artifacts = build_engines(out, ["sm89", "rtx5090"], max_batch=2, max_seq=32, progress=False)
+    assert [a.target for a in artifacts] == ["sm89", "sm120"]
+    rtx = load_trt("tensorrt_rtx")
+    export = json.loads((out / "export.json").read_text())
+    for art in artifacts:
+        assert art.dir == out / "engines" / art.target and not art.reused
+        assert sorted(p.name for p in art.dir.iterdir()) == ["build.log", "capability.json", "decoder.engine",
+                                                             "manifest.json"]  # fmt: skip
+        m = read_manifest(art.dir)
+        assert m == art.manifest
+        assert (m.flavour, m.trt_version, m.precision) == ("tensorrt_rtx", rtx.version, dtype)
+        assert m.sm == int(art.target.removeprefix("sm"))
+        assert m.export_sha256 == sha256_file(out / "export.json")
+        assert m.decoder_sha256 == export["graphs"]["decoder"]["sha256"]
+        assert m.files["decoder.engine"] == {"sha256": sha256_file(art.engine), "bytes": art.engine.stat().st_size}
+        assert m.files["decoder.engine"]["bytes"] > 100_000
+        assert [p.name for p in m.profiles] == ["prefill", "decode"]
+        assert m.profiles[0].shape("inputs_embeds").max == (2, 32, 32)
+        assert m.opt_level == 3 and m.hardware_compat == "n/a"
+        assert m.timing_cache["used"] is False and "no-ops" in m.timing_cache["reason"]
+        assert m.build_seconds > 0 and m.memory["peak_rss_bytes"] >= m.memory["start_rss_bytes"] > 0
+        assert m.plugins == {"requested": False, "registered": [], "error": None, "plugins_sha256": None,
+                             "kernels_sha256": None, "kernels_file": None}  # fmt: skip
+        # strongly typed: the engine's I/O dtypes are the graph's
+        io = {t["name"]: t["dtype"] for t in m.io}
+        want = {"fp16": "HALF", "bf16": "BF16"}[dtype]
+        assert io["inputs_embeds"] == io["present.1.key"] == want and io["logits"] == "FLOAT"
+        assert io["past_len"] == "INT64"
+        check_engine(m, rtx, m.sm)
+        assert open_engine(art.dir, rtx, m.sm).path == art.engine
+
+
+def test_capability_reports_every_custom_node_inlined(fresh_export):
+    out = fresh_export("fp16")
+    (art,) = build_engines(out, ["sm89"], max_batch=1, max_seq=16, progress=False)
+    report = json.loads(art.capability_path.read_text())
+    export = json.loads((out / "export.json").read_text())
+    assert report["ok"] and report["rejected"] == [] and report["counts"] == {"inlined": 3}
+    assert [n["name"] for n in report["nodes"]] == [n["name"] for n in export["custom_nodes"]]
+    for node in report["nodes"]:
+        assert node["path"] == "inlined" and node["op_type"] == "Attention"
+        assert node["trt_layer_type"] not in ("PLUGIN_V3", "PLUGIN_V2")
+        assert "parsed as 'gemma4_Attention'" in node["note"]  # dodges TensorRT's built-in Attention importer
+    assert art.manifest.capability == {"inlined": 3}
+
+
+def test_up_to_date_engines_are_reused_and_force_rebuilds(fresh_export):
+    out = fresh_export("fp16")
+    (first,) = build_engines(out, ["sm89"], max_batch=1, max_seq=16, progress=False)
+    (again,) = build_engines(out, ["l40s"], max_batch=1, max_seq=16, progress=False)
+    assert again.reused and again.manifest == first.manifest
+    (other,) = build_engines(out, ["sm89"], max_batch=1, max_seq=16, opt_level=1, progress=False)
+    assert not other.reused and other.manifest.opt_level == 1  # different options: rebuilt
+    (forced,) = build_engines(out, ["sm89"], max_batch=1, max_seq=16, opt_level=1, force=True, progress=True)
+    assert not forced.reused and forced.manifest.created_at >= other.manifest.created_at
+    leftovers = [p.name for p in (out / "engines").iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # staging directories never survive
+
+
+def test_a_damaged_engine_is_rebuilt_not_reused(fresh_export):
+    out = fresh_export("fp16")
+    (art,) = build_engines(out, ["sm89"], max_batch=1, max_seq=16, progress=False, profiles=("decode",))
+    assert [p.name for p in art.manifest.profiles] == ["decode"]
+    with open(art.engine, "r+b") as f:
+        f.write(b"\0" * 16)
+    (again,) = build_engines(out, ["sm89"], max_batch=1, max_seq=16, progress=False, profiles=("decode",))
+    assert not again.reused
+    assert sha256_file(again.engine) == again.manifest.files["decoder.engine"]["sha256"]
