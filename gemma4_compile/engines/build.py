@@ -82,13 +82,17 @@ def _up_to_date(final: Path, key: str) -> EngineManifest | None:
         manifest = read_manifest(final)
         if manifest.tools.get("build_key") != key:
             return None
+        if manifest.plugins.get("requested") and manifest.plugins.get("error"):
+            return None  # plugins were asked for but failed last time: try again
         verify_files(final, manifest)
     except BuildError:
         return None
     return manifest
 
 
-def _fail(staging: Path, final: Path, report: CapabilityReport, parsed: ParsedNetwork, message: str) -> BuildError:
+def _fail(
+    staging: Path, final: Path, report: CapabilityReport, parsed: ParsedNetwork, message: str
+) -> BuildError:
     """Publish the failure report to <sm>.failed/ and return the one-line error that points at it."""
     _json(staging / CAPABILITY_NAME, report.to_dict())
     (staging / LOG_NAME).write_text(parsed.logger.text())
@@ -101,7 +105,9 @@ def _io(parsed: ParsedNetwork) -> tuple[dict, ...]:
     net = parsed.network
     tensors = [("input", net.get_input(i)) for i in range(net.num_inputs)]
     tensors += [("output", net.get_output(i)) for i in range(net.num_outputs)]
-    return tuple({"name": t.name, "mode": mode, "dtype": t.dtype.name, "shape": list(t.shape)} for mode, t in tensors)
+    return tuple(
+        {"name": t.name, "mode": mode, "dtype": t.dtype.name, "shape": list(t.shape)} for mode, t in tensors
+    )
 
 
 def _parse(export: ExportInfo, target: GpuTarget, flavour: TrtFlavour, options: BuildOptions,

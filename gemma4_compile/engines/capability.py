@@ -6,7 +6,7 @@ is a plugin layer when the plugin was used, and an ordinary layer of the inlined
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .export_info import ExportInfo
 from .network import OnnxNode, ParsedNetwork, ParserIssue
@@ -22,7 +22,8 @@ class NodePath:
     op_type: str
     layer: int | None
     kind: str | None
-    path: str  # plugin | inlined | rejected | not_reached (parsing stopped earlier) | absent (not in the graph)
+    # plugin | inlined | rejected | not_reached (the parser stopped earlier) | absent (not in the graph)
+    path: str
     trt_layer: str | None = None  # the layer producing the node's first output
     trt_layer_type: str | None = None
     note: str | None = None
@@ -38,6 +39,7 @@ class CapabilityReport:
     plugins: PluginStatus
     nodes: tuple[NodePath, ...]
     rejected: tuple[ParserIssue, ...]
+    graph_edits: dict = field(default_factory=dict)  # network.GraphEdits.to_dict()
 
     @property
     def ok(self) -> bool:
@@ -51,8 +53,8 @@ class CapabilityReport:
 
     def to_dict(self) -> dict:
         return {"target": self.target, "tensorrt": self.tensorrt, "ok": self.ok, "counts": self.counts(),
-                "plugins": self.plugins.to_dict(), "nodes": [n.to_dict() for n in self.nodes],
-                "rejected": [i.to_dict() for i in self.rejected]}  # fmt: skip
+                "plugins": self.plugins.to_dict(), "graph_edits": self.graph_edits,
+                "nodes": [n.to_dict() for n in self.nodes], "rejected": [i.to_dict() for i in self.rejected]}  # fmt: skip
 
 
 def _producers(network) -> dict[str, tuple[str, str]]:
@@ -97,4 +99,6 @@ def capability_report(target: str, export: ExportInfo, parsed: ParsedNetwork, pl
         if name not in listed:
             note = "; ".join(filter(None, [note, "custom node missing from export.json custom_nodes"]))
         nodes.append(NodePath(name, op_type, layer, kind, path, trt_layer, trt_type, note))
-    return CapabilityReport(target, parsed.flavour.title, plugins, tuple(nodes), parsed.issues)
+    return CapabilityReport(
+        target, parsed.flavour.title, plugins, tuple(nodes), parsed.issues, parsed.edits.to_dict()
+    )

@@ -35,7 +35,9 @@ class BuildOptions:
         if not 0 <= self.opt_level <= 5:
             raise BuildError(f"opt_level must be in 0..5, got {self.opt_level}")
         if self.hardware_compat not in HW_COMPAT:
-            raise BuildError(f"hardware_compat must be one of {', '.join(HW_COMPAT)}, got {self.hardware_compat!r}")
+            raise BuildError(
+                f"hardware_compat must be one of {', '.join(HW_COMPAT)}, got {self.hardware_compat!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,9 @@ def _check_inputs(parsed: ParsedNetwork, profiles: tuple[ShapeProfile, ...]) -> 
         for s in profile.inputs:
             fixed = inputs[s.name]
             if len(fixed) != len(s.max):
-                raise BuildError(f"decoder input {s.name!r}: rank {len(fixed)} in the graph, {len(s.max)} in export.json")
+                raise BuildError(
+                    f"decoder input {s.name!r}: rank {len(fixed)} in the graph, {len(s.max)} in export.json"
+                )
             for axis, dim in enumerate(fixed):
                 if dim >= 0 and not s.min[axis] == s.opt[axis] == s.max[axis] == dim:
                     raise BuildError(f"decoder input {s.name!r} axis {axis} is fixed to {dim} in the graph, but the "
@@ -132,7 +136,13 @@ class ConfigFromNetwork:
 
     def __init__(self, network, target: GpuTarget, options: BuildOptions, profiles: tuple[ShapeProfile, ...],
                  **kwargs: Any):  # fmt: skip
-        self.network, self.target, self.options, self.profiles, self.kwargs = network, target, options, profiles, kwargs
+        self.network, self.target, self.options, self.profiles, self.kwargs = (
+            network,
+            target,
+            options,
+            profiles,
+            kwargs,
+        )
 
     def __call__(self) -> tuple[ParsedNetwork, BuildConfig]:
         parsed = self.network() if callable(self.network) else self.network

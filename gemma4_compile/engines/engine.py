@@ -90,7 +90,12 @@ class EngineFromNetwork:
     """Lazy `engine_from_network` over a config loader (`ConfigFromNetwork`)."""
 
     def __init__(self, config_loader, path: Path, target_name: str, monitor: Any = None):
-        self.config_loader, self.path, self.target_name, self.monitor = config_loader, path, target_name, monitor
+        self.config_loader, self.path, self.target_name, self.monitor = (
+            config_loader,
+            path,
+            target_name,
+            monitor,
+        )
 
     def __call__(self) -> PlanFile:
         parsed, build = self.config_loader()

@@ -47,7 +47,9 @@ def open_engine(directory: str | Path, trt_flavour: TrtFlavour | None, device_sm
 def deserialize(engine: EngineFile, trt_flavour: TrtFlavour, device_sm: int | None, logger: Any) -> Any:
     """ICudaEngine from a checked EngineFile. Refuses without a GPU: a driverless TensorRT runtime can segfault."""
     if device_sm is None:
-        raise BackendUnavailable("trt: no CUDA GPU; refusing to create a TensorRT runtime (it can crash without one)")
+        raise BackendUnavailable(
+            "trt: no CUDA GPU; refusing to create a TensorRT runtime (it can crash without one)"
+        )
     check_engine(engine.manifest, trt_flavour, device_sm)
     runtime = trt_flavour.module.Runtime(logger)
     cuda_engine = runtime.deserialize_cuda_engine(engine.path.read_bytes())

@@ -17,7 +17,12 @@ from .targets import TARGETS, GpuTarget
 from .trt import TITLES, TrtFlavour
 
 MANIFEST_FORMAT = "gemma4-compile/engine"
-MANIFEST_NAME, ENGINE_NAME, CAPABILITY_NAME, LOG_NAME = "manifest.json", "decoder.engine", "capability.json", "build.log"
+MANIFEST_NAME, ENGINE_NAME, CAPABILITY_NAME, LOG_NAME = (
+    "manifest.json",
+    "decoder.engine",
+    "capability.json",
+    "build.log",
+)
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,9 @@ class EngineManifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineManifest:
         if d.get("format") != MANIFEST_FORMAT or d.get("version") != 1:
-            raise BuildError(f"not an engine manifest: format {d.get('format')!r} version {d.get('version')!r}")
+            raise BuildError(
+                f"not an engine manifest: format {d.get('format')!r} version {d.get('version')!r}"
+            )
         fields = {k: v for k, v in d.items() if k not in ("format", "version")}
         fields["profiles"] = tuple(ShapeProfile.from_dict(p) for p in d["profiles"])
         fields["io"] = tuple(d.get("io", ()))
@@ -86,7 +93,9 @@ def _sm_of(device: int | str | GpuTarget | None) -> int | None:
     return TARGETS[key].sm if key in TARGETS else int(key.removeprefix("sm"))
 
 
-def check_engine(manifest: EngineManifest, trt_flavour: TrtFlavour | None, device_sm: int | str | GpuTarget | None):
+def check_engine(
+    manifest: EngineManifest, trt_flavour: TrtFlavour | None, device_sm: int | str | GpuTarget | None
+):
     """Refuse an engine built for another TensorRT or GPU: BackendUnavailable "expected X, found Y"."""
     expected = f"{manifest.trt_title} on sm{manifest.sm}"
     found_trt = trt_flavour.title if trt_flavour is not None else "no TensorRT"
@@ -95,4 +104,6 @@ def check_engine(manifest: EngineManifest, trt_flavour: TrtFlavour | None, devic
     same_trt = trt_flavour is not None and (trt_flavour.name, trt_flavour.version) == (
         manifest.flavour, manifest.trt_version)  # fmt: skip
     if not same_trt or sm != manifest.sm:
-        raise BackendUnavailable(f"engine {manifest.target}: expected {expected}, found {found_trt} on {found_gpu}")
+        raise BackendUnavailable(
+            f"engine {manifest.target}: expected {expected}, found {found_trt} on {found_gpu}"
+        )

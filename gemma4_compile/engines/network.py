@@ -3,7 +3,8 @@
 The parser reads the graph from memory and its external weights from disk next to decoder.onnx
 (`parser.parse(bytes, path)`), so only the small graph proto is edited and held in Python.
 
-One edit is needed for the inline path. The parser dispatches by op_type before it looks at the domain
+Two edits, neither touching weights or math. Small all-constant subgraphs are folded (engines/fold.py), since
+the parser insists on constant axes it cannot always fold itself. And, for the inline path: The parser dispatches by op_type before it looks at the domain
 (tensorrt-notes.md §2.1), so `gemma4::Attention` would go to TensorRT's built-in ONNX `Attention` importer
 ("TensorRT only supports Attention nodes with one output") instead of its function body. A custom-domain node
 that has a model-local function, no registered plugin, and an op_type the parser has a built-in importer for
@@ -20,6 +21,7 @@ import onnx
 
 from ..errors import BuildError
 from .export_info import ExportInfo
+from .fold import fold_constant_subgraphs
 from .trt import TrtFlavour
 from .trt_logger import make_logger
 
@@ -64,6 +66,7 @@ class ParsedNetwork:
     parser: Any
     nodes: tuple[OnnxNode, ...]  # the custom-domain nodes of the graph
     issues: tuple[ParserIssue, ...]
+    edits: GraphEdits
 
     @property
     def ok(self) -> bool:
@@ -79,15 +82,24 @@ def _has_creator(creators: set[tuple[str, str, str]], node: onnx.NodeProto) -> b
     return any((node.op_type, version, ns) in creators for ns in namespaces)
 
 
-def prepare_decoder(path: Path, flavour: TrtFlavour, parser: Any) -> tuple[bytes, tuple[OnnxNode, ...]]:
-    """Load decoder.onnx without its weights, rename shadowed custom ops, -> (model bytes, custom nodes)."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf raises several types for a corrupt file
-        raise BuildError(f"cannot read {path}: {e}") from None
+@dataclass(frozen=True)
+class GraphEdits:
+    """What was changed in the graph proto before parsing (never the weights or the math)."""
+
+    renamed: dict[str, str]  # exported op_type -> the name the parser saw (see the module docstring)
+    folded_constants: int  # all-constant nodes replaced by Constants (engines/fold.py)
+
+    def to_dict(self) -> dict:
+        return {"renamed": dict(self.renamed), "folded_constants": self.folded_constants}
+
+
+def _rename_shadowed(
+    model: onnx.ModelProto, flavour: TrtFlavour, parser: Any
+) -> tuple[tuple[OnnxNode, ...], dict]:
     functions = {(f.domain, f.name): f for f in model.functions}
     # all_creators, not get_creator: a failed get_creator logs an API-usage error into the build log
-    creators = {(c.name, c.plugin_version, c.plugin_namespace) for c in flavour.module.get_plugin_registry().all_creators}
+    registry = flavour.module.get_plugin_registry()
+    creators = {(c.name, c.plugin_version, c.plugin_namespace) for c in registry.all_creators}
     renames: dict[tuple[str, str], str] = {}
     nodes = []
     for node in model.graph.node:
@@ -98,13 +110,31 @@ def prepare_decoder(path: Path, flavour: TrtFlavour, parser: Any) -> tuple[bytes
         if key in functions and parser.supports_operator(node.op_type) and not _has_creator(creators, node):
             renames.setdefault(key, f"{node.domain}_{node.op_type}")
             node.op_type = renames[key]
-        nodes.append(OnnxNode(node.name, exported, node.domain, tuple(node.output), key in functions, node.op_type))
+        nodes.append(
+            OnnxNode(node.name, exported, node.domain, tuple(node.output), key in functions, node.op_type)
+        )
     for (domain, name), new_name in renames.items():
         clone = onnx.FunctionProto()
         clone.CopyFrom(functions[(domain, name)])
         clone.name = new_name
         model.functions.append(clone)
-    return model.SerializeToString(), tuple(nodes)
+    return tuple(nodes), {f"{d}::{n}": new for (d, n), new in renames.items()}
+
+
+def prepare_decoder(
+    path: Path, flavour: TrtFlavour, parser: Any
+) -> tuple[bytes, tuple[OnnxNode, ...], GraphEdits]:
+    """Load decoder.onnx without its weights, fold constant subgraphs, rename shadowed custom ops.
+
+    -> (model bytes for `parser.parse`, the custom-domain nodes, what was edited).
+    """
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises several types for a corrupt file
+        raise BuildError(f"cannot read {path}: {e}") from None
+    folded = fold_constant_subgraphs(model)
+    nodes, renamed = _rename_shadowed(model, flavour, parser)
+    return model.SerializeToString(), nodes, GraphEdits(renamed, folded)
 
 
 def _issues(parser: Any, nodes: tuple[OnnxNode, ...]) -> tuple[ParserIssue, ...]:
@@ -129,9 +159,9 @@ def network_from_onnx(export: ExportInfo, flavour: TrtFlavour) -> ParsedNetwork:
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    data, nodes = prepare_decoder(export.decoder.file, flavour, parser)
+    data, nodes, edits = prepare_decoder(export.decoder.file, flavour, parser)
     parser.parse(data, str(export.decoder.file))  # the path locates the external weights
-    return ParsedNetwork(flavour, logger, builder, network, parser, nodes, _issues(parser, nodes))
+    return ParsedNetwork(flavour, logger, builder, network, parser, nodes, _issues(parser, nodes), edits)
 
 
 class NetworkFromOnnx:

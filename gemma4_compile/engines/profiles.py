@@ -44,7 +44,9 @@ class ShapeProfile:
 
     @classmethod
     def from_dict(cls, d: dict) -> ShapeProfile:
-        shapes = (InputShape(n, tuple(r["min"]), tuple(r["opt"]), tuple(r["max"])) for n, r in d["inputs"].items())
+        shapes = (
+            InputShape(n, tuple(r["min"]), tuple(r["opt"]), tuple(r["max"])) for n, r in d["inputs"].items()
+        )
         return cls(d["name"], tuple(shapes))
 
     def shape(self, name: str) -> InputShape:
@@ -54,7 +56,9 @@ class ShapeProfile:
 def resolve_max_seq(export: ExportInfo, limits: ProfileLimits) -> int:
     max_seq = export.max_seq_len if limits.max_seq is None else limits.max_seq
     if max_seq < 1 or (export.max_seq_len and max_seq > export.max_seq_len):
-        raise BuildError(f"max_seq must be in 1..{export.max_seq_len} (the export's max_seq_len), got {max_seq}")
+        raise BuildError(
+            f"max_seq must be in 1..{export.max_seq_len} (the export's max_seq_len), got {max_seq}"
+        )
     return max_seq
 
 

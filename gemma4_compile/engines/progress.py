@@ -45,7 +45,9 @@ def make_monitor(flavour: TrtFlavour, progress: Any, label: str):
                 self._depth[phase_name] = depth
                 if depth < MAX_DEPTH:
                     indent = "  " * depth
-                    self._tasks[phase_name] = progress.add_task(f"{label} {indent}{phase_name}", total=num_steps)
+                    self._tasks[phase_name] = progress.add_task(
+                        f"{label} {indent}{phase_name}", total=num_steps
+                    )
 
         def step_complete(self, phase_name, step):
             with self._lock:

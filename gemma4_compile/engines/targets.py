@@ -41,7 +41,9 @@ TARGETS: dict[str, GpuTarget] = {
     for t in (
         GpuTarget("sm75", 7, 5, 64 * 1024, ("t4", "rtx2080", "rtx2080ti", "quadro-rtx-6000")),
         GpuTarget("sm80", 8, 0, 163 * 1024, ("a100", "a30", "a800")),
-        GpuTarget("sm86", 8, 6, 99 * 1024, ("a10", "a10g", "a40", "a6000", "rtx3090", "rtx3080", "rtx-a6000")),
+        GpuTarget(
+            "sm86", 8, 6, 99 * 1024, ("a10", "a10g", "a40", "a6000", "rtx3090", "rtx3080", "rtx-a6000")
+        ),
         GpuTarget("sm89", 8, 9, 99 * 1024, ("l4", "l40", "l40s", "rtx4090", "rtx4080", "rtx-6000-ada")),
         GpuTarget("sm90", 9, 0, 227 * 1024, ("h100", "h200", "h800", "gh200")),
         GpuTarget("sm100", 10, 0, 227 * 1024, ("b200", "b100", "gb200")),
@@ -91,5 +93,7 @@ def native_target() -> GpuTarget:
         raise Gemma4CompileError("target 'native' needs a CUDA GPU on this machine, and none was found")
     target = target_for_sm(sm)
     if target is None:
-        raise Gemma4CompileError(f"the local GPU (compute capability {sm // 10}.{sm % 10}) is not a known target")
+        raise Gemma4CompileError(
+            f"the local GPU (compute capability {sm // 10}.{sm % 10}) is not a known target"
+        )
     return target

@@ -83,7 +83,9 @@ def load_trt(name: str | None = None) -> TrtFlavour:
     if name is None:
         flavours = installed_flavours()
         if not flavours:
-            raise BuildError(f"no TensorRT is installed; install {INSTALL_HINTS[RTX]} or {INSTALL_HINTS[FULL]}")
+            raise BuildError(
+                f"no TensorRT is installed; install {INSTALL_HINTS[RTX]} or {INSTALL_HINTS[FULL]}"
+            )
         return flavours[0]
     if name not in TITLES:
         raise BuildError(f"unknown TensorRT flavour {name!r}; choose {FULL!r} or {RTX!r}")

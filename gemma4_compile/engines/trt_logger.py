@@ -42,7 +42,9 @@ def make_logger(flavour: TrtFlavour, min_severity: str = "INFO"):
                 return
             with self._lock:
                 self.records.append(LogRecord(name, msg))
-            if not any(q in msg for q in _QUIET):  # DEBUG only: failures become BuildErrors, all is in build.log
+            if not any(
+                q in msg for q in _QUIET
+            ):  # DEBUG only: failures become BuildErrors, all is in build.log
                 log.debug("%s %s: %s", flavour.title, name, msg)
 
         def errors(self) -> list[str]:

@@ -34,6 +34,7 @@ from .io_spec import (
     example_tensor,
 )  # fmt: skip
 from .manifest import CacheInfo, ExportManifest, GraphInfo
+from .passes import clean_up
 from .weights import DATA_FILE, attach_weights, sha256_file, write_weight_file
 
 OPSET = 20
@@ -175,7 +176,7 @@ def _trace(module: torch.nn.Module, inputs: list[TensorSpec], outputs: list[Tens
     except Exception as e:  # the exporter's own failures are long; keep the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"torch.onnx.export failed: {first}") from e
-    return program.model
+    return clean_up(program.model)
 
 
 def _save(model: ir.Model, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], check: bool) -> GraphInfo:
@@ -219,7 +220,7 @@ def _custom_nodes(decoder_path: Path, spec: Gemma4Spec) -> list[dict]:
     """Every gemma4 node with its layer (nodes appear in layer order, one Attention per layer)."""
     proto = onnx.load(str(decoder_path), load_external_data=False)
     nodes = [n for n in proto.graph.node if n.domain == custom_ops.DOMAIN]
-    layers = {"Attention": list(spec.layers), "MoE": [p for p in spec.layers if p.moe]}
+    layers = {"SlidingWindowAttention": list(spec.layers), "MoE": [p for p in spec.layers if p.moe]}
     out = []
     for node in nodes:
         plan = layers[node.op_type].pop(0)

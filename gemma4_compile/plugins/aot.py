@@ -68,6 +68,7 @@ class KernelSpec:
     dims: tuple[str, ...]
     launch: LaunchSpec
     dtype_free: bool = False  # integer-only kernels: compiled once per target, dtype "i32"
+    aligned: tuple[str, ...] | None = None  # int args that are multiples of 16 (None: every *stride* arg)
 
 
 def _bhld(B: Any, H: Any, L: Any, D: Any) -> list[Any]:
@@ -144,6 +145,60 @@ _register(KernelSpec("attn_decode_combine", _ATTN, "_attn_decode_combine_kernel"
 _register(KernelSpec("ring_update", _ATTN, "_ring_update_kernel",
                      {"New_ptr": "{dtype}", "Past_ptr": "{dtype}", "Out_ptr": "{dtype}", **_LENS},
                      ("B", "Hkv", "S", "C", "D"), _ring_launch()))  # fmt: skip
+
+
+def _moe_launches() -> dict[str, LaunchSpec]:
+    """Dims: T tokens, H hidden, E experts, I expert width, K top_k; BLOCK_P = pairs per sort program."""
+
+    def tk(d: Mapping[str, Any]) -> Any:
+        return d["T"] * d["K"]
+
+    def blocks(d: Mapping[str, Any], c: Mapping[str, Any] | None = None) -> Any:
+        from .kernels.moe import BLOCK_P
+
+        return cdiv(tk(d), BLOCK_P)
+
+    return {
+        "moe_route": LaunchSpec(lambda d, c: (cdiv(d["T"], c["BLOCK_T"]), 1, 1),
+                                lambda d, c: [d["E"], d["T"], d["E"]]),
+        "moe_count": LaunchSpec(lambda d, c: (blocks(d, c), 1, 1), lambda d, c: [tk(d)]),
+        "moe_offsets": LaunchSpec(lambda d, c: (1, 1, 1), lambda d, c: [blocks(d), d["E"]]),
+        "moe_scatter": LaunchSpec(lambda d, c: (blocks(d, c), 1, 1), lambda d, c: [tk(d)]),
+        "moe_gate_up": LaunchSpec(
+            lambda d, c: (cdiv(tk(d), c["BLOCK_M"]) + d["E"], cdiv(d["I"], c["BLOCK_N"]), 1),
+            lambda d, c: [d["H"], 2 * d["I"] * d["H"], d["H"], d["I"], d["H"], d["I"], d["E"]],
+        ),
+        "moe_down": LaunchSpec(
+            lambda d, c: (cdiv(tk(d), c["BLOCK_M"]) + d["E"], cdiv(d["H"], c["BLOCK_N"]), 1),
+            lambda d, c: [d["I"], d["H"] * d["I"], d["I"], d["H"], d["H"], d["I"], d["E"]],
+        ),
+        "moe_combine": LaunchSpec(lambda d, c: (d["T"], cdiv(d["H"], c["BLOCK_H"]), 1),
+                                  lambda d, c: [d["H"], d["H"], d["H"]]),
+    }  # fmt: skip
+
+
+_I32 = "i32"
+_MOE_L = _moe_launches()
+_MOE_DIMS = ("T", "H", "E", "I", "K")
+for _name, _fn, _ptrs, _free, _aligned in (
+    ("moe_route", "_moe_route_kernel",
+     {"Logits_ptr": "{dtype}", "Scale_ptr": "{dtype}", "Weights_ptr": "fp32", "Ids_ptr": _I32}, False, ()),
+    ("moe_count", "_moe_count_kernel", {"Ids_ptr": _I32, "BlockCounts_ptr": _I32}, True, ()),
+    ("moe_offsets", "_moe_offsets_kernel",
+     {p: _I32 for p in ("BlockCounts_ptr", "BlockOffsets_ptr", "ExpertOffsets_ptr", "TileOffsets_ptr")}, True, ()),
+    ("moe_scatter", "_moe_scatter_kernel",
+     {p: _I32 for p in ("Ids_ptr", "BlockOffsets_ptr", "ExpertOffsets_ptr", "SortedPairs_ptr", "PairRows_ptr")},
+     True, ()),
+    ("moe_gate_up", "_moe_gate_up_kernel",
+     {"X_ptr": "{dtype}", "GateUp_ptr": "{dtype}", "H_ptr": "{dtype}",
+      **{p: _I32 for p in ("SortedPairs_ptr", "ExpertOffsets_ptr", "TileOffsets_ptr")}}, False, None),
+    ("moe_down", "_moe_down_kernel",
+     {"H_ptr": "{dtype}", "Down_ptr": "{dtype}", "Out_ptr": "{dtype}", "Weights_ptr": "fp32",
+      **{p: _I32 for p in ("SortedPairs_ptr", "ExpertOffsets_ptr", "TileOffsets_ptr")}}, False, None),
+    ("moe_combine", "_moe_combine_kernel",
+     {"Out_ptr": "{dtype}", "PairRows_ptr": _I32, "Y_ptr": "{dtype}"}, False, None),
+):  # fmt: skip
+    _register(KernelSpec(_name, _MOE, _fn, _ptrs, _MOE_DIMS, _MOE_L[_name], _free, _aligned))
 
 
 # ----- variants ----------------------------------------------------------------------------------------
@@ -265,11 +320,13 @@ def _signature(fn: Any, spec: KernelSpec, dtype: str, constexprs: Mapping[str, A
 
 def _divisibility(fn: Any, spec: KernelSpec) -> dict[tuple[int, ...], list[list[Any]]]:
     """Pointers are 16-byte aligned (TensorRT and PyTorch allocations); strides are multiples of 16 elements
-    (every head_dim and hidden size we compile for is), which lets Triton vectorize row loads."""
+    (every head_dim, hidden and expert width of Gemma 4 is), which lets Triton vectorize row loads.
+    `launch_check` enforces the stride half of this at build time."""
+    aligned = spec.aligned if spec.aligned is not None else [a for a in fn.arg_names if "stride" in a]
     return {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(fn.arg_names)
-        if name in spec.pointers or "stride" in name
+        if name in spec.pointers or name in aligned
     }
 
 

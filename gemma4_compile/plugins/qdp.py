@@ -1,4 +1,4 @@
-"""Full-TensorRT quickly deployable plugins (`tensorrt.plugin`) for `gemma4::Attention` and `gemma4::MoE`.
+"""Full-TensorRT quickly deployable plugins (`tensorrt.plugin`) for `gemma4::SlidingWindowAttention` and `gemma4::MoE`.
 
 Per op: `@trtp.register` (output shapes and dtypes), `@trtp.autotune` (type combinations) and
 `@trtp.aot_impl` (a Triton kernel compiled to PTX and embedded in the engine, so C++ runtimes and trtexec
@@ -16,7 +16,12 @@ and the ring presents in one launch, prefill and decode alike; the split decode 
 and stays with the Python plugin). Kernels come from `aot.compile_variants` (cached by content under
 AOT_CACHE) and launch by `aot.KERNELS[name].launch`, whose arithmetic runs on TensorRT shape expressions:
 every tensor dim is passed as a ShapeExpr (ShapeExpr * int works, int * ShapeExpr does not), only the
-GQA group and the window as ints.
+GQA group and the window as ints. MoE expects aot.py to gain a `moe` kernel and kernels/moe.py an
+`aot_config(dims, dtype, max_shared_bytes) -> (constexprs, num_warps, num_stages)`; until then its
+aot_impl fails with a PluginError naming the missing piece.
+
+Unverified without a GPU and full TensorRT: Triton appends two scratch-pointer parameters to every PTX
+entry, which TensorRT's AOT launch (input pointers, int32 scalars, output pointers) does not list.
 
 No `from __future__ import annotations` here: QDP inspects the annotations as classes.
 """
@@ -119,13 +124,18 @@ def attention_config(
     return constexprs, conf.num_warps, conf.num_stages
 
 
-def launch_values(kernel: str, dims: Mapping[str, Any], constexprs: Mapping[str, Any]) -> tuple[tuple, list]:
-    """(grid, int32 scalars) of an aot.py kernel; symbolic when `dims` hold ShapeExprs."""
+def aot_kernel(kernel: str) -> Any:
+    """aot.py's KernelSpec for `kernel`, or a PluginError listing the kernels it has."""
     from . import aot
 
     if kernel not in aot.KERNELS:
         raise PluginError(f"aot.py has no '{kernel}' kernel; known: {sorted(aot.KERNELS)}")
-    launch = aot.KERNELS[kernel].launch
+    return aot.KERNELS[kernel]
+
+
+def launch_values(kernel: str, dims: Mapping[str, Any], constexprs: Mapping[str, Any]) -> tuple[tuple, list]:
+    """(grid, int32 scalars) of an aot.py kernel; symbolic when `dims` hold ShapeExprs."""
+    launch = aot_kernel(kernel).launch
     return launch.grid(dims, constexprs), launch.scalars(dims, constexprs)
 
 
@@ -164,7 +174,7 @@ def register_qdp(trt: ModuleType, target: str = "native") -> list[str]:
     """
     trtp = qdp_module(trt)
     definers: dict[str, Callable[[ModuleType, str], None]] = {
-        "Attention": _define_attention,
+        "SlidingWindowAttention": _define_attention,
         "MoE": _define_moe,
     }
     for spec in SPECS:
@@ -246,6 +256,8 @@ def _define_moe(trtp: ModuleType, target: str) -> None:
         down: TensorDesc, top_k: npt.NDArray[np.int32], outputs: tuple[TensorDesc], tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:  # fmt: skip
         from ..engines.targets import resolve_target
+
+        aot_kernel(MOE_KERNEL)  # names the gap while aot.py has no MoE kernel
         from .kernels import moe as kernels  # expected: aot_config(dims, dtype, max_shared_bytes)
 
         gpu = resolve_target(target)

@@ -68,7 +68,7 @@ class PluginSpec:
 
 
 ATTENTION = PluginSpec(
-    op_type="Attention",
+    op_type="SlidingWindowAttention",
     inputs=("q", "k", "v", "past_k", "past_v", "past_len", "seq_len"),
     outputs=("out", "present_k", "present_v"),
     fields=(FieldSpec("window", "int32"), FieldSpec("scale", "float32")),

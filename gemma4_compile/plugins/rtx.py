@@ -1,4 +1,4 @@
-"""TensorRT-RTX plugins for `gemma4::Attention` and `gemma4::MoE`: Python IPluginV3 + IPluginCreatorV3One.
+"""TensorRT-RTX plugins for `gemma4::SlidingWindowAttention` and `gemma4::MoE`: Python IPluginV3 + IPluginCreatorV3One.
 
 TensorRT-RTX imports only V3 plugins made by an `IPluginCreatorV3One`, and its Python network API has no
 `add_plugin*`, so a plugin enters an RTX network only through the ONNX parser (node attribute
@@ -146,7 +146,7 @@ def describe(values: dict[str, int | float]) -> str:
 
 def kernel_impl(op_type: str) -> Callable[..., Any]:
     """The Triton wrapper for an op, imported on first use (it needs a GPU to run)."""
-    if op_type == "Attention":
+    if op_type == "SlidingWindowAttention":
         from .kernels.attention import attention
 
         return attention
@@ -194,7 +194,7 @@ def device_tensor(ptr: int, shape: Sequence[int], type_name: str) -> Any:
     return tensor.view(torch.bfloat16) if type_name == "BF16" else tensor
 
 
-def launch(
+def _launch(
     spec: PluginSpec, values: dict[str, int | float], input_desc, output_desc, inputs, outputs, stream
 ) -> None:
     import torch
@@ -283,7 +283,7 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             )
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
-            launch(self.spec, self.values, input_desc, output_desc, inputs, outputs, stream)
+            _launch(self.spec, self.values, input_desc, output_desc, inputs, outputs, stream)
 
     class Gemma4PluginCreator(trt.IPluginCreatorV3One):
         def __init__(self, spec: PluginSpec):

@@ -1,0 +1,34 @@
+"""Validate stage: does a backend compute what PyTorch computes, and how fast.
+
+    report = validate(OUT, backend="ort")          # AccuracyReport; writes OUT/reports/accuracy.*
+    report.raise_if_failed()                       # ValidationFailed (exit code 2) with the first failing case
+    latency = bench(OUT, backends=["ort"])         # LatencyReport next to torch and transformers eager
+
+`OrtRunner` and `TrtRunner` are imported on first use, so this package imports without onnxruntime/TensorRT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .bench import BenchConfig, LatencyReport, bench, bench_runners
+from .cases import Case, default_cases, load_prompts
+from .report import write_reports
+from .runners import BaseRunner, HFRunner, TorchRunner
+from .validate import TOLERANCES, AccuracyReport, Tolerance, compare_runners, validate
+
+__all__ = [
+    "TOLERANCES", "AccuracyReport", "BaseRunner", "BenchConfig", "Case", "HFRunner", "LatencyReport", "OrtRunner",
+    "Tolerance", "TorchRunner", "TrtRunner", "bench", "bench_runners", "compare_runners", "default_cases",
+    "load_prompts", "validate", "write_reports",
+]  # fmt: skip
+
+_LAZY = {"OrtRunner": ".ort_runner", "TrtRunner": ".trt_runner"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,7 +35,7 @@ class BenchConfig:
 
     context_lengths: tuple[int, ...] | None = None
     batch_sizes: tuple[int, ...] = (1, 8)
-    decode_steps: int = 16  # timed decode steps per (batch, context)
+    decode_steps: int = 10  # timed decode steps per (batch, context)
     prefill_repeats: int = 3  # timed prefills per (batch, context)
     warmup: int = 1
     seed: int = 0
@@ -83,13 +83,38 @@ class LatencyReport:
 
     def row(self, backend: str, phase: str, batch: int, context: int) -> LatencyRow | None:
         return next(
-            (r for r in self.rows if (r.backend, r.phase, r.batch, r.context) == (backend, phase, batch, context)),
+            (
+                r
+                for r in self.rows
+                if (r.backend, r.phase, r.batch, r.context) == (backend, phase, batch, context)
+            ),
             None,
         )
 
     def ttft_ms(self, backend: str) -> dict[int, float]:
         """Time to first token at batch 1 by prompt length (the prefill's p50)."""
-        return {r.context: r.p50_ms for r in self.rows if r.backend == backend and r.phase == "prefill" and r.batch == 1}
+        return {
+            r.context: r.p50_ms
+            for r in self.rows
+            if r.backend == backend and r.phase == "prefill" and r.batch == 1
+        }
+
+    def summary(self) -> str:
+        """One line per backend: TTFT at the longest prompt and decode p50 / tokens/s at batch 1."""
+        parts = []
+        for s in self.backends:
+            if s.error:
+                parts.append(f"{s.backend}: not run ({s.error})")
+                continue
+            pre = [r for r in self.rows if r.backend == s.backend and r.phase == "prefill" and r.batch == 1]
+            dec = [r for r in self.rows if r.backend == s.backend and r.phase == "decode" and r.batch == 1]
+            if pre and dec:
+                p, d = max(pre, key=lambda r: r.context), max(dec, key=lambda r: r.context)
+                parts.append(
+                    f"{s.backend}: TTFT {p.p50_ms:.2f} ms ({p.context} tokens), decode p50 {d.p50_ms:.2f} ms "
+                    f"at context {d.context} ({d.tokens_per_s:.0f} tok/s)"
+                )
+        return "\n".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -130,7 +155,9 @@ def quantiles_ms(samples_s: list[float]) -> tuple[float, float, float, float]:
 def _row(backend: str, phase: str, batch: int, context: int, samples: list[float]) -> LatencyRow:
     p50, p90, p99, mean = quantiles_ms(samples)
     tokens = batch * (context if phase == "prefill" else 1)
-    return LatencyRow(backend, phase, batch, context, len(samples), p50, p90, p99, mean, tokens / (mean / 1e3))
+    return LatencyRow(
+        backend, phase, batch, context, len(samples), p50, p90, p99, mean, tokens / (mean / 1e3)
+    )
 
 
 class _Meter:
@@ -139,7 +166,9 @@ class _Meter:
     def __init__(self) -> None:
         self.peak = _rss_mb()
 
-    def step(self, runner: BaseRunner, state: Any, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, float]:
+    def step(
+        self, runner: BaseRunner, state: Any, ids: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         logits = runner.step(state, ids, lengths)
         dt = time.perf_counter() - t0
@@ -224,14 +253,15 @@ def bench_runners(
             continue
         load_s = time.perf_counter() - t0 if runner is not item else None
         meter.peak = max(meter.peak, _rss_mb())
-        rows += [LatencyRow(**{**asdict(r), "backend": name}) for r in time_runner(runner, spec, config, contexts, meter)]
+        rows += [
+            LatencyRow(**{**asdict(r), "backend": name})
+            for r in time_runner(runner, spec, config, contexts, meter)
+        ]
         device = getattr(runner, "peak_memory_bytes", None)
         device_mb = device() / 2**20 if callable(device) else None
         summaries.append(BackendSummary(name, load_s, before, meter.peak, device_mb))
         del runner
-    return LatencyReport(
-        spec.sliding_window, precision, config, _with_ratios(rows), summaries, environment()
-    )
+    return LatencyReport(spec.sliding_window, precision, config, _with_ratios(rows), summaries, environment())
 
 
 def bench(
@@ -241,6 +271,7 @@ def bench(
     checkpoint: str | Path | None = None,
     config: BenchConfig | None = None,
     out_dir: str | Path | None = None,
+    target: str | None = None,
     write: bool = True,
 ) -> LatencyReport:
     """Benchmark an export's backends next to torch eager and transformers eager; reports to out_dir/reports.
@@ -253,16 +284,19 @@ def bench(
     export_dir = Path(export_dir)
     manifest = _read_export(export_dir)
     precision = manifest.get("dtype", "fp32")
-    ckpt = Path(checkpoint) if checkpoint else (Path(manifest["checkpoint"]) if manifest.get("checkpoint") else None)
+    ckpt = (
+        Path(checkpoint)
+        if checkpoint
+        else (Path(manifest["checkpoint"]) if manifest.get("checkpoint") else None)
+    )
     spec = Gemma4Spec.from_dict(manifest["spec"]) if "spec" in manifest else None
     if spec is None:
         raise Gemma4CompileError(f"{export_dir}/export.json has no spec")
     factories: dict[str, RunnerFactory] = {}
     for name in compare:
         factories[name] = lambda name=name: _optional(make_runner, name, export_dir, ckpt, precision)
-    for name in backends:
-        make_runner_checked = make_runner  # requested backends: let their errors reach the user
-        factories[name] = lambda name=name: make_runner_checked(name, export_dir, ckpt, precision)
+    for name in backends:  # requested backends: their errors reach the user
+        factories[name] = lambda name=name: make_runner(name, export_dir, ckpt, precision, target)
     report = bench_runners(factories, spec, config, precision, int(manifest.get("max_seq_len", 0)) or None)
     report = LatencyReport(**{**report.__dict__, "export_dir": str(export_dir)})
     failed = [s for s in report.backends if s.error and s.backend in backends]

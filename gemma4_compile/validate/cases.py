@@ -69,7 +69,9 @@ def default_cases(spec: Gemma4Spec, seed: int = 0, max_len: int | None = None) -
         ("ragged", [2 * W + 1, max(2, W - 1)]),
     ]
     limit = max_len or spec.max_position_embeddings
-    return [case_from_rows(name, [prompt(min(n, limit)) for n in lens], spec.pad_token_id) for name, lens in plan]
+    return [
+        case_from_rows(name, [prompt(min(n, limit)) for n in lens], spec.pad_token_id) for name, lens in plan
+    ]
 
 
 def _load_json(path: Path) -> object:
@@ -81,13 +83,16 @@ def _load_json(path: Path) -> object:
         raise Gemma4CompileError(f"prompts file {path}: not valid JSON ({e})") from None
 
 
+def _is_ids(x: object) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
 def _rows(item: object) -> list[list[int]] | None:
     """A case element as rows of ints, or None if it has neither accepted shape."""
-    if isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
-        return [item]
-    if isinstance(item, list) and item and all(isinstance(r, list) and r for r in item):
-        if all(isinstance(t, int) and not isinstance(t, bool) for r in item for t in r):
-            return item
+    if _is_ids(item):
+        return [item]  # type: ignore[list-item]
+    if isinstance(item, list) and item and all(_is_ids(r) for r in item):
+        return item
     return None
 
 
@@ -109,8 +114,12 @@ def load_prompts(path: str | Path, spec: Gemma4Spec, max_len: int | None = None)
         for row in rows:
             bad = next((t for t in row if not 0 <= t < spec.vocab_size), None)
             if bad is not None:
-                raise Gemma4CompileError(f"{where}: case {i}: token {bad} is outside the vocabulary [0, {spec.vocab_size})")
+                raise Gemma4CompileError(
+                    f"{where}: case {i}: token {bad} is outside the vocabulary [0, {spec.vocab_size})"
+                )
             if len(row) > limit:
-                raise Gemma4CompileError(f"{where}: case {i}: {len(row)} tokens exceed the maximum length {limit}")
+                raise Gemma4CompileError(
+                    f"{where}: case {i}: {len(row)} tokens exceed the maximum length {limit}"
+                )
         cases.append(case_from_rows(f"prompt{i}", rows, spec.pad_token_id))
     return cases

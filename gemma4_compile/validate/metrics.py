@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -186,4 +187,4 @@ def first_divergent_layer(layer_errors: Sequence[float], threshold: float) -> in
 def error_growth(layer_errors: Sequence[float], floor: float = 1e-12) -> list[float]:
     """Per-layer ratio err[i] / err[i-1] (1.0 for layer 0, which has no predecessor): where error is born."""
     errs = [max(float(e), floor) for e in layer_errors]
-    return [1.0] * bool(errs) + [b / a for a, b in zip(errs, errs[1:])]
+    return [1.0] * bool(errs) + [b / a for a, b in pairwise(errs)]

@@ -1,4 +1,4 @@
-"""TensorRT engine runner: the embed graph on onnxruntime (CPU, a gather), the decoder engine on the GPU.
+"""TensorRT engine runner: the embed graph on the CPU (a gather), the decoder engine on the GPU.
 
     runner = TrtRunner("OUT", "sm89")       # OUT/engines/sm89, checked against this GPU and TensorRT
     runner.generate(ids, steps=8)
@@ -28,14 +28,17 @@ from ..errors import BackendUnavailable, Gemma4CompileError
 from ..model.config import Gemma4Spec
 from .runners import BaseRunner, DecodeState
 
-_ORT_BYTES = {1: 4, 10: 2, 16: 2, 7: 8}  # onnx elem type -> bytes: float, float16, bfloat16, int64
 
-
-def _torch_dtypes() -> dict[str, Any]:
+def _torch_dtype(name: str | int) -> Any:
+    """Export dtype ('bf16'), TensorRT DataType name ('BF16') or ONNX element type (16) -> torch dtype."""
     import torch
 
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float32": torch.float32,
-            "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}  # fmt: skip
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "FLOAT": torch.float32,
+             "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64, "INT32": torch.int32,
+             1: torch.float32, 10: torch.float16, 16: torch.bfloat16, 7: torch.int64}  # fmt: skip
+    if name not in table:
+        raise Gemma4CompileError(f"trt: no torch dtype for {name!r}")
+    return table[name]
 
 
 def _spec(export: ExportInfo) -> Gemma4Spec | None:
@@ -50,6 +53,59 @@ def _spec(export: ExportInfo) -> Gemma4Spec | None:
         return None
 
 
+class EmbedGraph:
+    """embed.onnx on the CPU: onnxruntime, or onnx's reference evaluator where onnxruntime has no kernel
+    (its CPU provider has no bf16 Mul). Outputs are CPU torch tensors, bf16 included (numpy cannot hold it)."""
+
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.reference = None
+        except (
+            Exception
+        ):  # onnxruntime raises NotImplemented/Fail subclasses of RuntimeError for missing kernels
+            from onnx.reference import ReferenceEvaluator
+
+            self.session, self.reference = None, ReferenceEvaluator(str(path))
+        self.backend = "onnxruntime" if self.session is not None else "onnx.reference"
+
+    def run(self, input_ids: np.ndarray) -> dict[str, Any]:
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if self.reference is not None:
+            names = self.reference.output_names
+            return {
+                n: _numpy_to_torch(a)
+                for n, a in zip(names, self.reference.run(None, {"input_ids": input_ids}))
+            }
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        names = [o.name for o in self.session.get_outputs()]
+        for name in names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return {name: _ortvalue_to_torch(value) for name, value in zip(names, binding.get_outputs())}
+
+
+def _numpy_to_torch(array: np.ndarray) -> Any:
+    import torch
+
+    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _ortvalue_to_torch(value: Any) -> Any:
+    """Copy a CPU OrtValue of any dtype into a torch tensor (OrtValue.numpy() cannot return bf16)."""
+    import torch
+
+    shape, dtype = value.shape(), _torch_dtype(value.element_type())
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = bytearray((ctypes.c_uint8 * nbytes).from_address(value.data_ptr()))  # a copy: ORT owns the buffer
+    return torch.frombuffer(raw, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+
+
 class TrtRunner(BaseRunner):
     """Runs OUT/engines/<target>/decoder.engine; raises BackendUnavailable (with the reason) where it cannot."""
 
@@ -59,8 +115,9 @@ class TrtRunner(BaseRunner):
         super().__init__()
         device_sm = local_device_sm()
         if device_sm is None:
-            raise BackendUnavailable("trt: needs a CUDA GPU (torch.cuda.is_available() is False on this machine)")
-        import onnxruntime as ort
+            raise BackendUnavailable(
+                "trt: needs a CUDA GPU (torch.cuda.is_available() is False on this machine)"
+            )
         import torch
 
         self.export = read_export(export_dir)
@@ -77,9 +134,9 @@ class TrtRunner(BaseRunner):
         self.profiles = self.manifest.profiles
         self.stream = torch.cuda.Stream()
         self.contexts = [self._context(i) for i in range(len(self.profiles))]
-        self.embed = ort.InferenceSession(str(self.export.embed.file), providers=["CPUExecutionProvider"])
+        self.embed = EmbedGraph(self.export.embed.file)
         self.spec = _spec(self.export)
-        self.dtype = _torch_dtypes()[self.export.dtype]
+        self.dtype = _torch_dtype(self.export.dtype)
         self.inputs = [t.name for t in self.export.decoder.inputs]
         self.outputs = [t.name for t in self.export.decoder.outputs]
 
@@ -101,9 +158,13 @@ class TrtRunner(BaseRunner):
         import torch
 
         if batch > self._max("past_len", 0):
-            raise Gemma4CompileError(f"{self.name}: batch {batch} exceeds the engine's max_batch {self._max('past_len', 0)}")
+            raise Gemma4CompileError(
+                f"{self.name}: batch {batch} exceeds the engine's max_batch {self._max('past_len', 0)}"
+            )
         if max_len > self._global_slots_max():
-            raise Gemma4CompileError(f"{self.name}: max_len {max_len} exceeds the engine's cache_len {self._global_slots_max()}")
+            raise Gemma4CompileError(
+                f"{self.name}: max_len {max_len} exceeds the engine's cache_len {self._global_slots_max()}"
+            )
         window = self.export.sliding_window
         caches, spare = {}, {}
         for c in self.export.caches:
@@ -120,7 +181,7 @@ class TrtRunner(BaseRunner):
         S = input_ids.shape[1]
         if int((state.past_len + S).max()) > state.max_len:
             raise Gemma4CompileError(f"{self.name}: sequence exceeds the cache length {state.max_len}")
-        feeds = self._embed(np.ascontiguousarray(input_ids, dtype=np.int64))
+        feeds = self._embed(input_ids)
         feeds["past_len"] = torch.from_numpy(state.past_len).cuda()
         feeds["seq_len"] = torch.from_numpy(np.asarray(seq_len, dtype=np.int64)).cuda()
         feeds.update(state.caches)
@@ -132,44 +193,37 @@ class TrtRunner(BaseRunner):
 
     # ----- internals ----------------------------------------------------------------------------
     def _embed(self, input_ids: np.ndarray) -> dict[str, Any]:
-        """Run embed.onnx on the CPU, hand its outputs to the GPU (bf16 too, which numpy cannot hold)."""
-        import torch
-
-        binding = self.embed.io_binding()
-        binding.bind_cpu_input("input_ids", input_ids)
-        names = [o.name for o in self.embed.get_outputs()]
-        for name in names:
-            binding.bind_output(name, "cpu")
-        self.embed.run_with_iobinding(binding)
-        out = {}
-        for name, value in zip(names, binding.get_outputs()):
-            if name not in self.inputs:
-                continue
-            shape, nbytes = value.shape(), _ORT_BYTES[value.element_type()]
-            raw = bytearray((ctypes.c_uint8 * (int(np.prod(shape)) * nbytes)).from_address(value.data_ptr()))
-            out[name] = torch.frombuffer(raw, dtype=self.dtype).reshape(shape).cuda()
-        return out
+        return {k: v.cuda() for k, v in self.embed.run(input_ids).items() if k in self.inputs}
 
     def _run(self, context, feeds: dict[str, Any], spare: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         for name in self.inputs:
+            if name not in feeds:
+                raise Gemma4CompileError(f"{self.name}: no value for decoder input {name!r}")
             tensor = feeds[name].contiguous()
             feeds[name] = tensor
-            context.set_input_shape(name, tuple(tensor.shape))
+            if not context.set_input_shape(name, tuple(tensor.shape)):
+                profile = self.profiles[context.active_optimization_profile].shape(name)
+                raise Gemma4CompileError(
+                    f"{self.name}: input {name!r} shape {tuple(tensor.shape)} is outside the engine's profile "
+                    f"{profile.min}..{profile.max}"
+                )
             context.set_tensor_address(name, tensor.data_ptr())
         outputs = {}
         for name in self.outputs:
             shape = tuple(context.get_tensor_shape(name))
             buffer = spare.get(name)
             if buffer is None or tuple(buffer.shape) != shape:
-                dtype = torch.float32 if name == "logits" else self.dtype
+                dtype = _torch_dtype(self.engine.get_tensor_dtype(name).name)
                 buffer = torch.empty(shape, dtype=dtype, device="cuda")
             outputs[name] = buffer
             context.set_tensor_address(name, buffer.data_ptr())
         torch.cuda.current_stream().synchronize()  # inputs were copied on the default stream
         if not context.execute_async_v3(self.stream.cuda_stream):
-            raise Gemma4CompileError(f"{self.name}: TensorRT execution failed: {'; '.join(self.logger.errors())}")
+            raise Gemma4CompileError(
+                f"{self.name}: TensorRT execution failed: {'; '.join(self.logger.errors())}"
+            )
         self.stream.synchronize()
         return outputs
 

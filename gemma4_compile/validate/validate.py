@@ -38,8 +38,8 @@ class Tolerance:
 
     precision: str
     max_abs: float | None  # max |Δlogit|; None: reported, not gated
-    kl_mean: float  # mean KL(reference ‖ backend) over a case's positions, nats
-    top1: float  # minimum top-1 agreement; near-ties count as agreement
+    kl_mean: float  # mean KL(reference ‖ backend), nats, in each region (positions < W, >= W) of a case
+    top1: float  # minimum top-1 agreement over a case; near-ties count as agreement
     tie_abs: float  # near-tie margin = tie_abs + tie_rel * |reference top logit|
     tie_rel: float
     greedy_exact: bool  # greedy decode must match, or part only on a near-tie
@@ -50,31 +50,37 @@ class Tolerance:
         return self.tie_abs + self.tie_rel * np.abs(np.asarray(ref, dtype=np.float64).max(-1))
 
 
-# Why these numbers (measured on the four tiny presets, 4W+5-token prompts, tests/validate/test_tolerances.py):
-# * fp32: our model vs transformers differs by <= 6e-6 in logits and 1e-6 relative in hidden states; a real
-#   backend reorders reductions over hidden sizes up to 5376 and 60 layers, so 1e-3 leaves ~100x headroom,
-#   yet each bug we plant (a weight x1.05, W off by one, a dropped layer_scalar) moves logits by >= 2.5e-2.
-#   With |Δ| <= 1e-3 the argmax can only flip where the top two logits are within 2e-3: that is the tie margin.
-# * bf16/fp16: an atol is the wrong tool (peers.md §5G). The worst legitimate gap is one side rounding every
-#   op to 8 (bf16) or 11 (fp16) bits while the other keeps fp32 accumulators; bf16-vs-fp32 on the tiny
-#   presets gives top-1 >= 97 % (near-tie aware), mean KL <= 6e-3 (MoE, where rounding flips near-tied
-#   experts; 6e-4 dense). Planted bugs give top-1 <= 72 % and mean KL >= 9e-2. Thresholds sit between, about
-#   10x from each side. Tiny random models are nearly flat (entropy 5.6 of 6.2 nats, median top-1 gap 0.3),
-#   so these are loose for trained checkpoints; pass a tighter Tolerance there. Small structural bugs are
-#   the fp32 export's job. The near-tie margin is 2 ulps of the top logit (2^-6 bf16, 2^-9 fp16).
+# Why these numbers (four tiny presets, seed 0, default cases; reproduced by tests/validate/test_compare.py):
+# * fp32: our model vs transformers (and vs the ORT export) differs by <= 2e-5 in logits and ~1e-6 relative
+#   in hidden states. A real backend reorders reductions over hidden sizes up to 5376 and 60 layers, so 1e-3
+#   leaves ~50x headroom, yet each planted bug (a weight x1.05, W off by one, a dropped layer_scalar) moves
+#   some logit by >= 8e-3. With |Δ| <= 1e-3 the argmax can only flip where the top two logits are within
+#   2e-3: that is the near-tie margin, and top-1 / greedy decode must otherwise match exactly.
+# * bf16/fp16: an atol is the wrong tool (peers.md §5G); KL is the gate, top-1 a coarse second. Same-precision
+#   implementations (transformers vs ours) agree to KL ~1e-5 and top-1 100 %. The widest legitimate gap is a
+#   backend that keeps fp32 where the reference rounds every op: on the dense presets KL <= 7e-3 (bf16) /
+#   1.1e-4 (fp16) per region and top-1 >= 87 % (bf16) / 95 % (fp16). Planted bugs reach KL >= 0.12 in some
+#   region of some case and top-1 <= 62 %. KL is gated per region (positions < W and >= W), so a window bug
+#   is not diluted by the positions it cannot touch; top-1 over the whole case (8 positions inside the window
+#   are too few for a fraction). Tiny random models are nearly flat (entropy ~5.6 of 6.2 nats), so trained
+#   checkpoints deserve a tighter Tolerance. Known gap: on MoE presets the fp32-vs-half gap reaches KL 0.08,
+#   because rounding flips near-tied experts of a random router; the report shows routing agreement.
+#   The near-tie margin is 2 ulps of the top logit (2^-6 bf16, 2^-9 fp16).
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance("fp32", max_abs=1e-3, kl_mean=1e-5, top1=1.0, tie_abs=2e-3, tie_rel=0.0,
                       greedy_exact=True, routing=0.99, layer_rel=1e-4),
-    "bf16": Tolerance("bf16", max_abs=None, kl_mean=2e-2, top1=0.95, tie_abs=0.0, tie_rel=2**-6,
+    "bf16": Tolerance("bf16", max_abs=None, kl_mean=2e-2, top1=0.80, tie_abs=0.0, tie_rel=2**-6,
                       greedy_exact=False, routing=None, layer_rel=5e-2),
-    "fp16": Tolerance("fp16", max_abs=None, kl_mean=1e-2, top1=0.95, tie_abs=0.0, tie_rel=2**-9,
+    "fp16": Tolerance("fp16", max_abs=None, kl_mean=1e-2, top1=0.90, tie_abs=0.0, tie_rel=2**-9,
                       greedy_exact=False, routing=None, layer_rel=2e-2),
 }  # fmt: skip
 
 
 def tolerance_for(precision: str) -> Tolerance:
     if precision not in TOLERANCES:
-        raise Gemma4CompileError(f"no tolerances for precision {precision!r}; choose one of {', '.join(TOLERANCES)}")
+        raise Gemma4CompileError(
+            f"no tolerances for precision {precision!r}; choose one of {', '.join(TOLERANCES)}"
+        )
     return TOLERANCES[precision]
 
 
@@ -96,7 +102,9 @@ class Localization:
         if not self.available:
             return f"layer localization unavailable ({self.note})"
         if self.first_layer is None:
-            return f"no layer diverges on the prompt ({self.note}): the error arises in the decode / cache path"
+            return (
+                f"no layer diverges on the prompt ({self.note}): the error arises in the decode / cache path"
+            )
         i = self.first_layer
         return f"first divergent layer {i} ({self.first_kind}), relative error {self.layer_errors[i]:.2g} ({self.note})"
 
@@ -118,6 +126,10 @@ class CaseResult:
     top5: float
     kl_mean: float
     kl_max: float
+    # [positions < W, positions >= W] (None: the case has no position there); KL is gated per region, so a
+    # window bug is not diluted by the positions it cannot affect
+    top1_regions: list[float | None]
+    kl_regions: list[float | None]
     nonfinite: int  # backend positions with NaN/inf logits
     greedy_match: list[int]  # per row, leading decode tokens equal to the reference's
     greedy_near_tie: list[bool]  # per row: the first mismatch was a near-tie in the reference
@@ -132,6 +144,8 @@ class CaseResult:
 
     def message(self) -> str:
         msg = f"{self.name} (batch {self.batch}, lengths {self.lengths}): " + "; ".join(self.failures)
+        if self.routing is not None and self.routing < 1.0 and not any("routing" in f for f in self.failures):
+            msg += f"; MoE routing agreement {self.routing:.1%} (flipped experts amplify small differences)"
         return msg + (f"; {self.localization.describe()}" if self.localization else "")
 
 
@@ -155,11 +169,13 @@ class AccuracyReport:
         return all(c.passed for c in self.cases)
 
     def failure_message(self) -> str:
+        """One line: how many cases fail, and the first one in full."""
         failed = [c for c in self.cases if not c.passed]
         if not failed:
             return ""
         head = f"{self.backend} disagrees with {self.reference} ({self.precision}) in {len(failed)}/{len(self.cases)} cases"
-        return head + ": " + " | ".join(c.message() for c in failed)
+        more = f" (and {len(failed) - 1} more; see reports/accuracy.md)" if len(failed) > 1 else ""
+        return f"{head}: {failed[0].message()}{more}"
 
     def summary(self) -> str:
         if self.passed:
@@ -217,7 +233,9 @@ def run_case(runner: BaseRunner, case: Case, steps: int, feed: np.ndarray | None
             nxt = choices[-1] if feed is None else feed[:, i]
             last = runner.step(state, nxt[:, None].astype(np.int64), ones)[:, 0]
             decoded.append(last)
-    rows = [np.concatenate([prefill[b, :n], *(d[b : b + 1] for d in decoded)]) for b, n in enumerate(case.lengths)]
+    rows = [
+        np.concatenate([prefill[b, :n], *(d[b : b + 1] for d in decoded)]) for b, n in enumerate(case.lengths)
+    ]
     return _Run(rows, np.stack(choices, 1) if choices else np.zeros((B, 0), np.int64))
 
 
@@ -243,7 +261,9 @@ def _greedy(ref: _Run, out: _Run, case: Case, tol: Tolerance) -> tuple[list[int]
         m = M.greedy_match_length(ref.choices[b].tolist(), out.choices[b].tolist())
         near = False
         if m < ref.choices.shape[1]:
-            at = ref.rows[b][n - 1 + m]  # reference logits where the two first part (same context up to there)
+            at = ref.rows[b][
+                n - 1 + m
+            ]  # reference logits where the two first part (same context up to there)
             near = bool(M.logit_margin(at[None], out.choices[b, m : m + 1])[0] <= tol.tie_margin(at[None])[0])
         matches.append(m)
         ties.append(near)
@@ -266,13 +286,17 @@ def _hooked_router_logits(runner: BaseRunner, case: Case) -> np.ndarray:
     import torch
 
     model = getattr(runner, "model", None)
-    mods = [(n, m) for n, m in model.named_modules() if n.endswith("router.proj")] if model is not None else []
+    mods = (
+        [(n, m) for n, m in model.named_modules() if n.endswith("router.proj")] if model is not None else []
+    )
     if not isinstance(model, torch.nn.Module) or not mods:
         raise BackendUnavailable(f"{runner.name}: router logits are not available")
     seen: dict[str, list[np.ndarray]] = {n: [] for n, _ in mods}
 
     def hook(name: str):
-        return lambda mod, args, out: seen[name].append(out.detach().float().reshape(-1, out.shape[-1]).numpy())
+        return lambda mod, args, out: seen[name].append(
+            out.detach().float().reshape(-1, out.shape[-1]).numpy()
+        )
 
     handles = [m.register_forward_hook(hook(n)) for n, m in mods]
     try:  # one row at a time, so padding never reaches the router
@@ -308,6 +332,13 @@ def localize(
 # ----- comparison -------------------------------------------------------------------------------
 
 
+REGIONS = ("inside the window", "past the window")
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}"
+
+
 def _case_failures(r: CaseResult, tol: Tolerance, W: int) -> list[str]:
     fails = []
     if r.nonfinite:
@@ -319,9 +350,11 @@ def _case_failures(r: CaseResult, tol: Tolerance, W: int) -> list[str]:
             f"{r.max_abs_in_window:.2g} before position W, {r.max_abs_past_window:.2g} from W on)"
         )
     if not r.top1 >= tol.top1:
-        fails.append(f"top-1 agreement {r.top1:.2%} < {tol.top1:.0%}")
-    if not r.kl_mean <= tol.kl_mean:
-        fails.append(f"mean KL {r.kl_mean:.3g} > {tol.kl_mean:g}")
+        regions = ", ".join(f"{_pct(t)} {w}" for w, t in zip(REGIONS, r.top1_regions) if t is not None)
+        fails.append(f"top-1 agreement {r.top1:.2%} < {tol.top1:.0%} ({regions})")
+    for where, kl in zip(REGIONS, r.kl_regions):
+        if kl is not None and not kl <= tol.kl_mean:
+            fails.append(f"mean KL {kl:.3g} > {tol.kl_mean:g} {where}")
     if tol.greedy_exact:
         for b, (m, near) in enumerate(zip(r.greedy_match, r.greedy_near_tie)):
             if m < r.steps and not near:
@@ -340,6 +373,8 @@ def compare_case(
     out = run_case(backend, case, steps, feed=ref.choices)
     per_row = [_position_metrics(r, o, tol) for r, o in zip(ref.rows, out.rows)]
     cat = {k: np.concatenate([p[k] for p in per_row]) for k in per_row[0]}
+    inside = np.concatenate([np.arange(len(p["abs"])) for p in per_row]) < W
+    regions = (inside, ~inside)
     by_pos = np.zeros(max(len(p["abs"]) for p in per_row))
     for p in per_row:
         by_pos[: len(p["abs"])] = np.fmax(by_pos[: len(p["abs"])], p["abs"])
@@ -360,7 +395,9 @@ def compare_case(
         max_abs=_max(abs_err), max_abs_in_window=_max(abs_err[:W]), max_abs_past_window=_max(abs_err[W:]),
         worst_position=int(np.argmax(abs_err)), mean_abs=float(np.mean(cat["mean"])),
         cosine_min=float(np.min(cat["cos"])), top1=float(np.mean(cat["top1"])), top5=float(np.mean(cat["top5"])),
-        kl_mean=float(np.mean(cat["kl"])), kl_max=_max(cat["kl"]), nonfinite=int(cat["bad"].sum()),
+        kl_mean=float(np.mean(cat["kl"])), kl_max=_max(cat["kl"]),
+        top1_regions=[_mean(cat["top1"][m]) for m in regions], kl_regions=[_mean(cat["kl"][m]) for m in regions],
+        nonfinite=int(cat["bad"].sum()),
         greedy_match=greedy, greedy_near_tie=ties, routing=routing,
         error_by_position=[float(x) for x in abs_err], failures=[],
     )  # fmt: skip
@@ -370,6 +407,10 @@ def compare_case(
 
 def _max(x: np.ndarray) -> float:
     return float(np.max(x)) if np.size(x) else 0.0
+
+
+def _mean(x: np.ndarray) -> float | None:
+    return float(np.mean(x)) if np.size(x) else None
 
 
 def _overflow(maxima: np.ndarray, spec: Gemma4Spec, headroom: float) -> M.OverflowScan:
@@ -423,15 +464,19 @@ REFERENCES = ("torch", "hf")
 def _read_export(export_dir: Path) -> dict[str, Any]:
     path = export_dir / "export.json"
     if not path.is_file():
-        raise Gemma4CompileError(f"{export_dir} is not an export directory (no export.json); run 'gemma4-compile export' first")
+        raise Gemma4CompileError(
+            f"{export_dir} is not an export directory (no export.json); run 'gemma4-compile export' first"
+        )
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise Gemma4CompileError(f"{path}: unreadable ({e})") from None
 
 
-def make_runner(name: str, export_dir: Path, checkpoint: Path | None, dtype: str) -> BaseRunner:
-    """A runner by name: export backends read `export_dir`, torch/hf load `checkpoint` in `dtype`."""
+def make_runner(
+    name: str, export_dir: Path, checkpoint: Path | None, dtype: str, target: str | None = None
+) -> BaseRunner:
+    """A runner by name: export backends read `export_dir` (trt: built for `target`), torch/hf load `checkpoint`."""
     if name in ("torch", "hf"):
         if checkpoint is None:
             raise Gemma4CompileError(
@@ -451,7 +496,7 @@ def make_runner(name: str, export_dir: Path, checkpoint: Path | None, dtype: str
             from .trt_runner import TrtRunner
         except ImportError as e:
             raise BackendUnavailable(f"trt: backend not available ({e})") from None
-        return TrtRunner(export_dir)
+        return TrtRunner(export_dir, target or "native")
     raise Gemma4CompileError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -464,6 +509,7 @@ def validate(
     out_dir: str | Path | None = None,
     checkpoint: str | Path | None = None,
     tolerance: Tolerance | None = None,
+    target: str | None = None,
     seed: int = 0,
     write: bool = True,
 ) -> AccuracyReport:
@@ -477,12 +523,16 @@ def validate(
         raise Gemma4CompileError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
     manifest = _read_export(export_dir)
     precision = manifest.get("dtype", "fp32")
-    ckpt = Path(checkpoint) if checkpoint else (Path(manifest["checkpoint"]) if manifest.get("checkpoint") else None)
+    ckpt = (
+        Path(checkpoint)
+        if checkpoint
+        else (Path(manifest["checkpoint"]) if manifest.get("checkpoint") else None)
+    )
     steps = DEFAULT_STEPS if steps is None else steps
     if steps < 1:
         raise Gemma4CompileError(f"steps must be at least 1, got {steps}")
     ref = make_runner(reference, export_dir, ckpt, precision)
-    be = make_runner(backend, export_dir, ckpt, precision)
+    be = make_runner(backend, export_dir, ckpt, precision, target)
     spec = ref.spec
     max_len = int(manifest.get("max_seq_len", spec.max_position_embeddings)) - steps
     cases = load_prompts(prompts, spec, max_len) if prompts else default_cases(spec, seed, max_len)
@@ -506,7 +556,8 @@ def _attach_polygraphy(
     if not (export_dir / "decoder.onnx").is_file() or not hasattr(reference, "model"):
         return report
     try:
-        files = save_decoder_reference(reference, export_dir, out / "reports", cases[-1], report.precision)
+        longest = max(cases, key=lambda c: c.max_len)  # its prefill wraps the sliding rings
+        files = save_decoder_reference(reference, export_dir, out / "reports", longest, report.precision)
     except BackendUnavailable as e:
         return replace(report, warnings=[*report.warnings, f"polygraphy files not written ({e})"])
     return replace(report, polygraphy=files.to_dict())

@@ -147,7 +147,6 @@ class _Weights:
         std = shape[0] ** -0.5 if std is None else std
         data = (self.rng.standard_normal(shape) * std).astype(np.float32)
         if self.dtype == "bf16":
-            t = numpy_helper.from_array(data, name)
             bits = (data.view(np.uint32) >> 16).astype(np.uint16)  # truncate fp32 -> bf16
             t = helper.make_tensor(name, TensorProto.BFLOAT16, shape, bits.tobytes(), raw=True)
         else:
@@ -195,7 +194,7 @@ def build_decoder(dtype: str, *, window: int = 4, hidden: int = 32, vocab: int =
     for i, (kind, win, hkv, cache_index, producer) in enumerate(layers):
         p = f"layers.{i}"
 
-        def heads(src: str, n: int, name: str, p=p) -> str:
+        def heads(src: str, n: int, name: str, p=p, nodes=nodes) -> str:
             nodes.extend([
                 helper.make_node("MatMul", [src, w.add(f"{p}.{name}_proj", (hidden, n * D))], [f"{p}.{name}_flat"]),
                 helper.make_node("Reshape", [f"{p}.{name}_flat", "shape_bshd"], [f"{p}.{name}_bshd"]),
@@ -225,16 +224,22 @@ def build_decoder(dtype: str, *, window: int = 4, hidden: int = 32, vocab: int =
             window=win, scale=D**-0.5, plugin_namespace=DOMAIN, plugin_version="1",
         ))  # fmt: skip
         attrs = {"window": win, "scale": D**-0.5, "plugin_namespace": DOMAIN, "plugin_version": "1"}
-        custom.append({"name": node_name, "op_type": "Attention", "layer": i, "kind": kind, "attributes": attrs})
+        custom.append(
+            {"name": node_name, "op_type": "Attention", "layer": i, "kind": kind, "attributes": attrs}
+        )
         nodes += [
             helper.make_node("Transpose", [f"{p}.attn"], [f"{p}.attn_bshd"], perm=[0, 2, 1, 3]),
             helper.make_node("Reshape", [f"{p}.attn_bshd", "shape_bsh"], [f"{p}.attn_flat"]),
-            helper.make_node("MatMul", [f"{p}.attn_flat", w.add(f"{p}.o_proj", (Hq * D, hidden))], [f"{p}.o"]),
+            helper.make_node(
+                "MatMul", [f"{p}.attn_flat", w.add(f"{p}.o_proj", (Hq * D, hidden))], [f"{p}.o"]
+            ),
             helper.make_node("Add", [x, f"{p}.o"], [f"{p}.out"]),
         ]
         x = f"{p}.out"
     if unsupported:
-        nodes.append(helper.make_node("Mystery", [x], ["mystery_out"], name="/model/mystery/Mystery", domain=DOMAIN))
+        nodes.append(
+            helper.make_node("Mystery", [x], ["mystery_out"], name="/model/mystery/Mystery", domain=DOMAIN)
+        )
         custom.append({"name": "/model/mystery/Mystery", "op_type": "Mystery", "layer": None, "kind": None,
                        "attributes": {}})  # fmt: skip
         x = "mystery_out"
@@ -259,8 +264,12 @@ def build_embed(dtype: str, *, hidden: int, vocab: int, num_layers: int, ple_dim
     w = _Weights(dtype, seed)
     nodes = [
         _c("ple_shape", [0, 0, num_layers, ple_dim]),
-        helper.make_node("Gather", [w.add("embed_tokens", (vocab, hidden), 1.0), "input_ids"], ["inputs_embeds"]),
-        helper.make_node("Gather", [w.add("embed_ple", (vocab, num_layers * ple_dim), 1.0), "input_ids"], ["ple"]),
+        helper.make_node(
+            "Gather", [w.add("embed_tokens", (vocab, hidden), 1.0), "input_ids"], ["inputs_embeds"]
+        ),
+        helper.make_node(
+            "Gather", [w.add("embed_ple", (vocab, num_layers * ple_dim), 1.0), "input_ids"], ["ple"]
+        ),
         helper.make_node("Reshape", ["ple", "ple_shape"], ["per_layer_tokens"]),
     ]
     graph = helper.make_graph(

@@ -30,7 +30,10 @@ def test_builds_sm89_and_sm120_inline(fresh_export, dtype):
         assert m.sm == int(art.target.removeprefix("sm"))
         assert m.export_sha256 == sha256_file(out / "export.json")
         assert m.decoder_sha256 == export["graphs"]["decoder"]["sha256"]
-        assert m.files["decoder.engine"] == {"sha256": sha256_file(art.engine), "bytes": art.engine.stat().st_size}
+        assert m.files["decoder.engine"] == {
+            "sha256": sha256_file(art.engine),
+            "bytes": art.engine.stat().st_size,
+        }
         assert m.files["decoder.engine"]["bytes"] > 100_000
         assert [p.name for p in m.profiles] == ["prefill", "decode"]
         assert m.profiles[0].shape("inputs_embeds").max == (2, 32, 32)

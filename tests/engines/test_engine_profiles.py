@@ -62,8 +62,10 @@ def test_profile_roundtrip_and_choice(synthetic_exports):
 
 
 def test_export_json_problems_are_build_errors(tmp_path):
-    with pytest.raises(BuildError, match="no export.json"):
+    with pytest.raises(BuildError, match=r"no export\.json"):
         read_export(tmp_path)
     (tmp_path / "export.json").write_text(json.dumps({"format": "other", "version": 3}))
-    with pytest.raises(BuildError, match="expected format 'gemma4-compile/export' version 1, found 'other' version 3"):
+    with pytest.raises(
+        BuildError, match="expected format 'gemma4-compile/export' version 1, found 'other' version 3"
+    ):
         read_export(tmp_path)

@@ -21,7 +21,9 @@ pytestmark = [needs_rtx, pytest.mark.rtx]
 
 def test_unbuildable_target_fails_before_any_build(fresh_export):
     out = fresh_export("fp16")
-    with pytest.raises(BuildError, match=r"^cannot build sm90 \(h100, h200, h800, gh200\): TensorRT-RTX") as info:
+    with pytest.raises(
+        BuildError, match=r"^cannot build sm90 \(h100, h200, h800, gh200\): TensorRT-RTX"
+    ) as info:
         build_engines(out, ["sm89", "h200"], flavour="tensorrt_rtx", progress=False)
     assert "\n" not in str(info.value)
     assert not (out / "engines").exists()  # sm89 was not built either
@@ -34,7 +36,9 @@ def test_bf16_on_turing_is_refused_by_the_compiler(fresh_export):
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith("sm75: TensorRT-RTX 1.7")
-    assert "Cannot compile for target(s) sm75, because the model contains HW-specific datatypes: b16" in message
+    assert (
+        "Cannot compile for target(s) sm75, because the model contains HW-specific datatypes: b16" in message
+    )
     assert "cudaError" not in message  # the no-GPU noise next to the real cause is filtered out
     failed = out / "engines" / "sm75.failed"
     assert str(failed / "capability.json") in message

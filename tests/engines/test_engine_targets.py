@@ -22,7 +22,9 @@ def test_resolve_by_sm_and_gpu_name(name, sm):
 
 
 def test_unknown_target_lists_the_known_ones():
-    with pytest.raises(Gemma4CompileError, match=r"unknown GPU target 'h300'; known targets: sm75, .*h200.*native"):
+    with pytest.raises(
+        Gemma4CompileError, match=r"unknown GPU target 'h300'; known targets: sm75, .*h200.*native"
+    ):
         resolve_target("h300")
 
 

@@ -52,7 +52,7 @@ def test_attention_body_matches_reference(B, Hq, Hkv, S, C, D, W, past_len, seq_
     pl, sl = torch.tensor(past_len), torch.tensor(seq_len)
     ref = ops.attention_reference(q, k, v, past_k, past_v, pl, sl, W, 1.0)
     feeds = {n: t.numpy() for n, t in zip(("q", "k", "v", "pk", "pv", "pl", "sl"), (q, k, v, past_k, past_v, pl, sl))}
-    got = _run_single_node("Attention", attention.function(), feeds, ["q", "pk", "pv"], window=W, scale=1.0)
+    got = _run_single_node("SlidingWindowAttention", attention.function(), feeds, ["q", "pk", "pv"], window=W, scale=1.0)
     valid = (torch.arange(S)[None, :] < sl[:, None]).numpy()  # padded query rows are don't-care
     np.testing.assert_allclose(
         np.transpose(got[0], (0, 2, 1, 3))[valid], ref[0].permute(0, 2, 1, 3).numpy()[valid], rtol=1e-5, atol=1e-5
@@ -81,5 +81,5 @@ def test_wrong_window_is_detected():
     pl, sl = torch.tensor([0]), torch.tensor([12])
     ref = ops.attention_reference(q, k, v, past, past, pl, sl, 4, 1.0)[0].numpy()
     feeds = {n: t.numpy() for n, t in zip(("q", "k", "v", "pk", "pv", "pl", "sl"), (q, k, v, past, past, pl, sl))}
-    got = _run_single_node("Attention", attention.function(), feeds, ["q", "pk", "pv"], window=5, scale=1.0)[0]
+    got = _run_single_node("SlidingWindowAttention", attention.function(), feeds, ["q", "pk", "pv"], window=5, scale=1.0)[0]
     assert np.abs(got - ref).max() > 1e-2

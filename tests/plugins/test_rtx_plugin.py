@@ -99,6 +99,24 @@ def gemma4_model(
     return model
 
 
+def custom_node_model(decoder_path: Path) -> onnx.ModelProto:
+    """The gemma4 nodes of a real export, with their function bodies; every other tensor becomes an input."""
+    model = onnx.load(decoder_path, load_external_data=False)
+    nodes = [n for n in model.graph.node if n.domain == "gemma4"]
+    typed = {v.name: v for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    typed.update(
+        {i.name: helper.make_tensor_value_info(i.name, i.data_type, i.dims) for i in model.graph.initializer}
+    )
+    produced = {o for n in nodes for o in n.output}
+    inputs = dict.fromkeys(i for n in nodes for i in n.input if i not in produced)
+    outputs = dict.fromkeys(o for n in nodes for o in n.output)
+    graph = helper.make_graph(nodes, "gemma4_nodes", [typed[i] for i in inputs], [typed[o] for o in outputs])
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import), functions=list(model.functions))
+    sub.ir_version = model.ir_version
+    onnx.checker.check_model(sub, full_check=True)
+    return sub
+
+
 # ----- subprocess side --------------------------------------------------------------------------
 
 
@@ -249,6 +267,25 @@ def test_cpu_build_with_python_plugins_serializes_their_fields(tmp_path, dtype):
     assert {dtype for _, dtype in result["outputs"].values()} == {
         "FLOAT" if dtype == TensorProto.FLOAT else "HALF"
     }
+
+
+@pytest.mark.slow
+def test_real_export_custom_nodes_become_plugins_and_build(tmp_path, make_export):
+    """The exporter's own gemma4 nodes (tiny 26B-A4B: sliding and global attention, MoE) take the plugin
+    path with the attributes export.json lists, and the CPU build succeeds."""
+    export = make_export("tiny-26b-a4b")
+    manifest = json.loads((export / "export.json").read_text())
+    model = custom_node_model(export / manifest["graphs"]["decoder"]["file"])
+    result = child_result(run_child(tmp_path, model, "parse", "1", "1"))
+    assert result["parsed"], result["errors"]
+    assert result["layer_types"] == ["PLUGIN_V3"]
+    expected = {
+        n["name"]: {k: v for k, v in n["attributes"].items() if not k.startswith("plugin_")}
+        for n in manifest["custom_nodes"]
+    }
+    assert {name: p["values"] for name, p in result["plugins"].items()} == expected
+    assert {n["op_type"] for n in manifest["custom_nodes"]} == {"Attention", "MoE"}
+    assert result["plan_bytes"] > 0
 
 
 def test_wrongly_typed_attribute_is_refused_by_the_creator(tmp_path):

@@ -1,4 +1,4 @@
-"""`gemma4::Attention`: schema, exporter translation and the standard-op reference body.
+"""`gemma4::SlidingWindowAttention`: schema, exporter translation and the standard-op reference body.
 
 Semantics: `gemma4_compile.model.ops.attention` (ring-buffer cache, window W keys including self, GQA).
 The body is plain opset-20 ONNX, so onnxruntime runs it and TensorRT can inline it when no plugin is loaded.
@@ -11,7 +11,7 @@ from onnx.defs import OpSchema
 
 from .common import DOMAIN, PLUGIN_ATTRS, plugin_attributes, register_schema
 
-OP_TYPE = "Attention"
+OP_TYPE = "SlidingWindowAttention"
 
 SCHEMA = OpSchema(
     OP_TYPE,
@@ -37,7 +37,7 @@ SCHEMA = OpSchema(
 
 BODY = """
 <domain: "gemma4", opset_import: ["" : 20]>
-Attention <window, scale> (q, k, v, past_k, past_v, past_len, seq_len) => (out, present_k, present_v)
+SlidingWindowAttention <window, scale> (q, k, v, past_k, past_v, past_len, seq_len) => (out, present_k, present_v)
 {
   zero = Constant <value_int: int = 0> ()
   one = Constant <value_int: int = 1> ()
@@ -132,7 +132,7 @@ def translation():
     opset = register_schema(SCHEMA)
 
     def attention_to_onnx(q, k, v, past_k, past_v, past_len, seq_len, window: int, scale: float):
-        return opset.Attention(
+        return opset.SlidingWindowAttention(
             q, k, v, past_k, past_v, past_len, seq_len, window=window, scale=scale, **plugin_attributes()
         )
 

@@ -71,31 +71,24 @@ def _ring_slot(pos, slots):
 
 
 @triton.jit
-def _load_keys(
-    New_ptr, new_stride_s, Past_ptr, past_stride_s, pos, in_range, past_len, slots, HEAD_DIM: tl.constexpr
-):
-    """[BLOCK_N, D] rows for key positions `pos`: ring slot pos mod C when pos < past_len, else new token."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    cached = pos < past_len
-    row = tl.where(cached, _ring_slot(pos, slots), pos - past_len).to(tl.int64)
-    # one load per tile: the row pointer picks the ring or the new tokens (two masked loads double smem)
-    base = tl.where(cached, Past_ptr + row * past_stride_s, New_ptr + row * new_stride_s)
-    return tl.load(base[:, None] + offs_d[None, :], mask=in_range[:, None], other=0.0)
-
-
-@triton.jit
-def _attend(
-    acc, m_i, l_i, q, q_pos, row_empty,
-    K_ptr, k_stride_s, V_ptr, v_stride_s, PK_ptr, pk_stride_s, PV_ptr, pv_stride_s,
+def _attend_span(
+    acc, m_i, l_i, q, q_pos, row_empty, K_ptr, k_stride_s, V_ptr, v_stride_s,
     past_len, lo, hi, slots, window, p_start, p_end, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    IS_RING: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Online softmax over key positions [p_start, p_end) for one block of query rows (see module docstring)."""
+    """Online softmax over key positions [p_start, p_end), all stored in one place: ring slot p mod C
+    (IS_RING) or new token p - past_len. One storage per loop keeps each load one base + offsets, which
+    Triton's software pipeliner needs (a pointer picked per row with tl.where is never prefetched)."""
+    offs_d = tl.arange(0, HEAD_DIM)
     for p0 in range(p_start, p_end, BLOCK_N):
         pos = p0 + tl.arange(0, BLOCK_N)
         in_range = pos < p_end
-        k = _load_keys(K_ptr, k_stride_s, PK_ptr, pk_stride_s, pos, in_range, past_len, slots, HEAD_DIM)
-        v = _load_keys(V_ptr, v_stride_s, PV_ptr, pv_stride_s, pos, in_range, past_len, slots, HEAD_DIM)
+        if IS_RING:
+            row = _ring_slot(pos, slots).to(tl.int64)
+        else:
+            row = (pos - past_len).to(tl.int64)
+        k = tl.load(K_ptr + row[:, None] * k_stride_s + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(V_ptr + row[:, None] * v_stride_s + offs_d[None, :], mask=in_range[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         key_ok = in_range & (pos >= lo) & (pos <= hi)
         visible = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])
@@ -110,6 +103,27 @@ def _attend(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
         m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend(
+    acc, m_i, l_i, q, q_pos, row_empty,
+    K_ptr, k_stride_s, V_ptr, v_stride_s, PK_ptr, pk_stride_s, PV_ptr, pv_stride_s,
+    past_len, lo, hi, slots, window, p_start, p_end, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Key positions [p_start, p_end): the cached ones (< past_len) from the ring, then the new tokens."""
+    acc, m_i, l_i = _attend_span(
+        acc, m_i, l_i, q, q_pos, row_empty, PK_ptr, pk_stride_s, PV_ptr, pv_stride_s,
+        past_len, lo, hi, slots, window, p_start, tl.minimum(p_end, past_len), qk_scale,
+        True, HEAD_DIM, BLOCK_N, INPUT_PRECISION,
+    )  # fmt: skip
+    acc, m_i, l_i = _attend_span(
+        acc, m_i, l_i, q, q_pos, row_empty, K_ptr, k_stride_s, V_ptr, v_stride_s,
+        past_len, lo, hi, slots, window, tl.maximum(p_start, past_len), p_end, qk_scale,
+        False, HEAD_DIM, BLOCK_N, INPUT_PRECISION,
+    )  # fmt: skip
     return acc, m_i, l_i
 
 

@@ -1,0 +1,306 @@
+"""Reports: OUT/reports/{accuracy,latency}.{json,md}, PNG plots and summary.md, from the report dataclasses.
+
+Every file is written to a temporary name and renamed, so a reader never sees half a report. summary.md is
+rebuilt from whichever of accuracy.json / latency.json the folder holds, so `validate` and `bench` can run
+separately and the summary still covers both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .bench import LatencyReport
+    from .validate import AccuracyReport
+
+REPORTS = "reports"
+ERROR_PLOT, LATENCY_PLOT = "accuracy_error_by_position.png", "latency_decode.png"
+
+
+# ----- files ------------------------------------------------------------------------------------
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: the rename is atomic
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return _atomic(path, lambda p: p.write_text(text))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> Path:
+    return _write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_reports(
+    out_dir: str | Path, accuracy: AccuracyReport | None = None, latency: LatencyReport | None = None
+) -> list[Path]:
+    """Write the given reports (and a fresh summary.md) into out_dir/reports; returns the files written."""
+    folder = Path(out_dir) / REPORTS
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if accuracy is not None:
+        written.append(_write_json(folder / "accuracy.json", accuracy.to_dict()))
+        written.append(_atomic(folder / ERROR_PLOT, lambda p: plot_error_by_position(accuracy, p)))
+        written.append(_write_text(folder / "accuracy.md", accuracy_markdown(accuracy)))
+    if latency is not None:
+        written.append(_write_json(folder / "latency.json", latency.to_dict()))
+        written.append(_atomic(folder / LATENCY_PLOT, lambda p: plot_decode_latency(latency, p)))
+        written.append(_write_text(folder / "latency.md", latency_markdown(latency)))
+    summary = summary_markdown(_read_json(folder / "accuracy.json"), _read_json(folder / "latency.json"))
+    written.append(_write_text(folder / "summary.md", summary))
+    return written
+
+
+# ----- markdown ---------------------------------------------------------------------------------
+
+
+def _g(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, str):
+        return x
+    return f"{x:.{digits}g}"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f} %"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+
+
+def tolerance_rows(t: Any) -> list[list[str]]:
+    return [
+        ["max abs logit diff", "≤ " + _g(t.max_abs) if t.max_abs is not None else "reported only"],
+        ["mean KL(reference ‖ backend)", f"≤ {_g(t.kl_mean)} nats"],
+        ["top-1 agreement (near-ties count)", f"≥ {_pct(t.top1)}"],
+        ["near-tie margin", f"{_g(t.tie_abs)} + {_g(t.tie_rel)} × |top logit|"],
+        ["greedy decode", "must match (or part on a near-tie)" if t.greedy_exact else "reported only"],
+        ["MoE routing agreement", "≥ " + _pct(t.routing) if t.routing is not None else "reported only"],
+        ["divergent layer", f"relative hidden-state error > {_g(t.layer_rel)}"],
+    ]
+
+
+def accuracy_markdown(r: AccuracyReport) -> str:
+    verdict = "PASSED" if r.passed else "FAILED"
+    lines = [
+        f"# Accuracy: {r.backend} vs {r.reference} ({r.precision}) — {verdict}",
+        "",
+        f"Export: `{r.export_dir}`. Sliding window W = {r.sliding_window}; {r.steps} greedy decode steps per case, "
+        "the reference's tokens teacher-forced into the backend.",
+        "",
+        f"## Tolerances ({r.tolerance.precision})",
+        "",
+        *_table(["metric", "limit"], tolerance_rows(r.tolerance)),
+        "",
+        "## Cases",
+        "",
+    ]
+    header = ["case", "batch", "lengths", "max abs Δ", "< W", "≥ W", "mean abs Δ", "cos min", "top-1", "top-5",
+              "KL mean", "KL max", "greedy match", "routing", "verdict"]  # fmt: skip
+    rows = [
+        [c.name, str(c.batch), str(c.lengths), _g(c.max_abs), _g(c.max_abs_in_window), _g(c.max_abs_past_window),
+         _g(c.mean_abs), f"{c.cosine_min:.6f}", _pct(c.top1), _pct(c.top5), _g(c.kl_mean), _g(c.kl_max),
+         " / ".join(f"{m}/{c.steps}" for m in c.greedy_match), _pct(c.routing), "ok" if c.passed else "**FAIL**"]
+        for c in r.cases
+    ]  # fmt: skip
+    lines += [*_table(header, rows), "", f"![logit error by position]({ERROR_PLOT})", ""]
+    failed = [c for c in r.cases if not c.passed]
+    if failed:
+        lines += ["## Failures", "", *(f"- {c.message()}" for c in failed), ""]
+        lines += _localization_md(failed, r.layer_kinds)
+    lines += _overflow_md(r)
+    if r.warnings:
+        lines += ["## Warnings", "", *(f"- {w}" for w in r.warnings), ""]
+    if r.polygraphy:
+        p = r.polygraphy
+        lines += ["## Reproduce with Polygraphy", "",
+                  f"The decoder's reference I/O ({p['iterations']} iterations: a prefill past the window, one decode step):",
+                  "", "```sh", p["command"], "```", ""]  # fmt: skip
+        if p.get("note"):
+            lines += [p["note"], ""]
+    return "\n".join(lines)
+
+
+def _localization_md(failed: list[Any], kinds: list[str]) -> list[str]:
+    lines = []
+    for c in failed:
+        loc = c.localization
+        if loc is None or not loc.available or not loc.layer_errors:
+            continue
+        lines += [f"### Per-layer error, case {c.name}", ""]
+        rows = [
+            [str(i), kinds[i], _g(e), _g(g), "← first divergent" if i == loc.first_layer else ""]
+            for i, (e, g) in enumerate(zip(loc.layer_errors, loc.growth))
+        ]
+        lines += [*_table(["layer", "kind", "rel. error", "growth", ""], rows), ""]
+    return lines
+
+
+def _overflow_md(r: AccuracyReport) -> list[str]:
+    s = r.overflow
+    if s is None:
+        return []
+    head = "no layer is at risk" if s.ok else f"**at risk: {', '.join(s.at_risk)}**"
+    rows = [[k, _g(v, 4), "at risk" if k in s.at_risk else ""] for k, v in s.maxima.items()]
+    return [
+        "## fp16 overflow scan (reference residual stream)",
+        "",
+        f"Limit 65504 / {_g(s.headroom)} = {s.limit:.0f}; largest {s.worst} = {_g(s.worst_value, 4)}; {head}.",
+        "",
+        *_table(["activation", "max abs", ""], rows),
+        "",
+    ]
+
+
+def latency_markdown(r: LatencyReport) -> str:
+    env = ", ".join(f"{k} {v}" for k, v in r.environment.items())
+    lines = [
+        f"# Latency ({r.precision}), sliding window W = {r.sliding_window}",
+        "",
+        f"Export: `{r.export_dir}`. {r.config.decode_steps} timed decode steps and {r.config.prefill_repeats} prefills "
+        f"per row after {r.config.warmup} warm-up; all backends in one process, one after another. {env}.",
+        "",
+        "## Backends",
+        "",
+    ]
+    rows = [
+        [s.backend, _g(s.load_s), f"{s.rss_before_mb:.0f}", f"{s.peak_rss_mb:.0f}",
+         _g(s.device_peak_mb), s.error or ""]
+        for s in r.backends
+    ]  # fmt: skip
+    lines += _table(["backend", "load s", "RSS before MB", "peak RSS MB", "device peak MB", "note"], rows)
+    lines += ["", "## Rows", ""]
+    rows = [
+        [x.backend, x.phase, str(x.batch), str(x.context), f"{x.p50_ms:.3f}", f"{x.p90_ms:.3f}", f"{x.p99_ms:.3f}",
+         f"{x.tokens_per_s:.1f}", _g(x.vs_torch)]
+        for x in r.rows
+    ]  # fmt: skip
+    lines += _table(
+        ["backend", "phase", "batch", "context", "p50 ms", "p90 ms", "p99 ms", "tokens/s", "× torch"], rows
+    )
+    lines += ["", "Prefill p50 at batch 1 is the time to first token; decode rows are labelled by the context",
+              "at which their steps start. `× torch` is p50 over torch eager's p50 on the same row.", "",
+              f"![decode latency by context length]({LATENCY_PLOT})", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def summary_markdown(accuracy: dict[str, Any] | None, latency: dict[str, Any] | None) -> str:
+    """One page from the JSON reports (either may be missing)."""
+    lines = ["# gemma4-compile summary", ""]
+    if accuracy:
+        verdict = "PASSED" if accuracy.get("passed") else "FAILED"
+        cases = accuracy.get("cases", [])
+        worst = max((c["max_abs"] for c in cases if isinstance(c["max_abs"], (int, float))), default=0.0)
+        top1 = min((c["top1"] for c in cases), default=1.0)
+        lines += [f"## Accuracy — {verdict}", "",
+                  f"{accuracy['backend']} vs {accuracy['reference']} ({accuracy['precision']}), {len(cases)} cases: "
+                  f"max |Δlogit| {_g(worst)}, lowest top-1 agreement {_pct(top1)}. Details: accuracy.md.", ""]  # fmt: skip
+        lines += [f"- {c['name']}: " + "; ".join(c["failures"]) for c in cases if c["failures"]]
+        lines += [f"- warning: {w}" for w in accuracy.get("warnings", [])]
+        lines += [""]
+    if latency:
+        lines += ["## Latency", "", *_latency_summary_rows(latency), "", "Details: latency.md.", ""]
+    if not accuracy and not latency:
+        lines += ["No reports yet: run `gemma4-compile validate` and `gemma4-compile bench`.", ""]
+    return "\n".join(lines)
+
+
+def _latency_summary_rows(latency: dict[str, Any]) -> list[str]:
+    rows = []
+    for s in latency.get("backends", []):
+        name = s["backend"]
+        if s.get("error"):
+            rows.append([name, "–", "–", "–", "–", s["error"]])
+            continue
+        mine = [r for r in latency["rows"] if r["backend"] == name]
+        ttft = [r for r in mine if r["phase"] == "prefill" and r["batch"] == 1]
+        dec1 = [r for r in mine if r["phase"] == "decode" and r["batch"] == 1]
+        dec8 = [r for r in mine if r["phase"] == "decode" and r["batch"] == max(x["batch"] for x in mine)]
+        rows.append([
+            name,
+            _g(max(ttft, key=lambda r: r["context"])["p50_ms"]) if ttft else "–",
+            _g(max(dec1, key=lambda r: r["context"])["p50_ms"]) if dec1 else "–",
+            f"{max(r['tokens_per_s'] for r in dec1):.0f}" if dec1 else "–",
+            f"{max(r['tokens_per_s'] for r in dec8):.0f} (batch {dec8[0]['batch']})" if dec8 else "–",
+            f"peak RSS {s['peak_rss_mb']:.0f} MB",
+        ])  # fmt: skip
+    return _table(["backend", "TTFT ms (longest prompt)", "decode p50 ms (longest ctx)", "tok/s b1", "tok/s",
+                   "memory"], rows)  # fmt: skip
+
+
+# ----- plots ------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # headless; a user's interactive backend is left alone if already set
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_error_by_position(r: AccuracyReport, path: Path) -> None:
+    """max |Δlogit| per position for every case, log scale, the window boundary W marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    floor = 1e-9  # log axis: exact agreement plotted at the floor
+    for c in r.cases:
+        y = [max(float(v), floor) if isinstance(v, (int, float)) else 1e9 for v in c.error_by_position]
+        ax.plot(range(len(y)), y, marker=".", label=c.name)
+    ax.axvline(r.sliding_window, color="k", linestyle="--", label=f"W = {r.sliding_window}")
+    if r.tolerance.max_abs is not None:
+        ax.axhline(r.tolerance.max_abs, color="r", linestyle=":", label=f"tolerance {r.tolerance.max_abs:g}")
+    ax.set(yscale="log", xlabel="position (prompt, then decode)", ylabel="max |Δ logit|",
+           title=f"{r.backend} vs {r.reference} ({r.precision})")  # fmt: skip
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+def plot_decode_latency(r: LatencyReport, path: Path) -> None:
+    """Decode-step p50 by context length, one line per (backend, batch), the window boundary W marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    series: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for x in r.rows:
+        if x.phase == "decode":
+            series.setdefault((x.backend, x.batch), []).append((x.context, x.p50_ms))
+    for (backend, batch), pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{backend}, batch {batch}")
+    ax.axvline(r.sliding_window, color="k", linestyle="--", label=f"W = {r.sliding_window}")
+    ax.set(
+        xlabel="context length (tokens cached)",
+        ylabel="decode step p50 (ms)",
+        title=f"Decode latency ({r.precision})",
+    )
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
