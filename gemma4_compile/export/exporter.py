@@ -30,7 +30,14 @@ from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
 from . import custom_ops
 from .graphs import DecoderGraph, EmbedGraph
 from .io_spec import (
-    CACHE_LEN, SLIDING_SLOTS, TORCH_DTYPES, TensorSpec, cache_names, decoder_io, dynamic_shapes, embed_io,
+    CACHE_LEN,
+    SLIDING_SLOTS,
+    TORCH_DTYPES,
+    TensorSpec,
+    cache_names,
+    decoder_io,
+    dynamic_shapes,
+    embed_io,
     example_tensor,
 )  # fmt: skip
 from .manifest import CacheInfo, ExportManifest, GraphInfo
@@ -57,7 +64,6 @@ def export_checkpoint(
     max_seq_len: int | None = None,
     force: bool = False,
     debug: bool = False,
-    lowering: str | None = None,
     progress: Progress | None = None,
 ) -> ExportedModel:
     """Export a Hugging Face Gemma 4 checkpoint (config.json + safetensors) to ONNX."""
@@ -67,7 +73,7 @@ def export_checkpoint(
     entries = resolve_text_weights(CheckpointReader(checkpoint_dir), spec)
     return export_spec(
         spec, out_dir, dtype=dtype, entries=entries, max_seq_len=max_seq_len, force=force, debug=debug,
-        lowering=lowering, progress=progress,
+        progress=progress, checkpoint=Path(checkpoint_dir).resolve(),
     )  # fmt: skip
 
 
@@ -80,8 +86,8 @@ def export_spec(
     max_seq_len: int | None = None,
     force: bool = False,
     debug: bool = False,
-    lowering: str | None = None,
     progress: Progress | None = None,
+    checkpoint: Path | None = None,
 ) -> ExportedModel:
     """Export a spec; without `entries` only the graphs are written (weights laid out but not copied)."""
     out = Path(out_dir)
@@ -90,15 +96,13 @@ def export_spec(
     max_seq_len = max_seq_len or spec.max_position_embeddings
     if max_seq_len < 1:
         raise ExportError(f"--max-seq-len must be positive, got {max_seq_len}")
-    if lowering not in (None, "gqa"):
-        raise ExportError(f"unknown lowering {lowering!r}; the only lowering is 'gqa'")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
     except OSError as e:
         raise ExportError(f"cannot create {out}: {e.strerror or e}") from None
     try:
-        manifest = _export_into(tmp, spec, entries, dtype, max_seq_len, debug, lowering, progress or (lambda s: None))
+        manifest = _export_into(tmp, spec, entries, dtype, max_seq_len, debug, progress or (lambda s: None), checkpoint)
         tmp.chmod(0o755)  # mkdtemp makes it private
         if out.exists():
             shutil.rmtree(out)
@@ -115,7 +119,7 @@ def export_spec(
 
 def _export_into(
     tmp: Path, spec: Gemma4Spec, entries: dict[str, TensorEntry] | None, dtype: str, max_seq_len: int,
-    debug: bool, lowering: str | None, progress: Progress,
+    debug: bool, progress: Progress, checkpoint: Path | None,
 ) -> ExportManifest:  # fmt: skip
     torch_dtype = TORCH_DTYPES[dtype]
     with torch.device("meta"):
@@ -127,10 +131,6 @@ def _export_into(
     embed = _trace(EmbedGraph(model), embed_in, embed_out)
     progress("trace decoder graph")
     decoder = _trace(DecoderGraph(model, debug), dec_in, dec_out)
-    if lowering == "gqa":
-        from .lowering import lower_attention_to_gqa
-
-        lower_attention_to_gqa(decoder, spec)
     progress("write weights" if entries is not None else "lay out weights (graph only)")
     names = {n: n.removeprefix("model.") for g in (embed, decoder) for n in g.graph.initializers}
     computed = {k: v for k, v in model.rope_buffers().items()}
@@ -151,7 +151,7 @@ def _export_into(
     manifest = ExportManifest(
         path=tmp, dtype=dtype, opset=OPSET, max_seq_len=max_seq_len, spec=spec, graphs=graphs,
         caches=_cache_infos(spec), custom_nodes=_custom_nodes(tmp / "decoder.onnx", spec), files=files,
-        tools=_tool_versions(), debug=debug, weights=entries is not None, lowering=lowering,
+        tools=_tool_versions(), debug=debug, weights=entries is not None, checkpoint=str(checkpoint) if checkpoint else None,
         dims={"batch": "dynamic", "sequence": "dynamic", SLIDING_SLOTS: spec.sliding_window,
               CACHE_LEN: f"dynamic, >= past_len + sequence, <= {max_seq_len}"},
     )  # fmt: skip
@@ -211,7 +211,7 @@ def _cache_infos(spec: Gemma4Spec) -> list[CacheInfo]:
                 index=plan.cache_index, layer=plan.index, kind=plan.kind, window=plan.window,
                 slots=SLIDING_SLOTS if plan.is_sliding else CACHE_LEN, num_kv_heads=plan.num_kv_heads,
                 head_dim=plan.head_dim, consumers=consumers, past=list(past), present=list(present),
-            )  # fmt: skip
+            )
         )
     return infos
 

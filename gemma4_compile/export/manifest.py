@@ -57,7 +57,7 @@ class ExportManifest:
     tools: dict[str, str]
     debug: bool = False
     weights: bool = True
-    lowering: str | None = None
+    checkpoint: str | None = None  # absolute path of the source checkpoint (provenance; reference runners)
     dims: dict[str, Any] = field(default_factory=dict)
 
     def graph_path(self, name: str) -> Path:
@@ -100,7 +100,8 @@ class ExportManifest:
                 spec=Gemma4Spec.from_dict(d["spec"]), graphs=graphs,
                 caches=[CacheInfo(**c) for c in d["caches"]], custom_nodes=d["custom_nodes"], files=d["files"],
                 tools=d["tools"], debug=d.get("debug", False), weights=d.get("weights", True),
-                lowering=d.get("lowering"), dims=d.get("dims", {}),
+                checkpoint=d.get("checkpoint"),
+                dims=d.get("dims", {}),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as e:
             raise ExportError(f"{file}: malformed manifest ({e})") from None

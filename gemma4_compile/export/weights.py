@@ -7,6 +7,7 @@ referenced by the embed graph (gather) and the decoder (LM head).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,24 +62,21 @@ def write_weight_file(
     placed: dict[str, Placed] = {}
     itemsize = torch.empty((), dtype=dtype).element_size()
     offset = 0
-    dst = open(out_dir / DATA_FILE, "wb") if write_data else None
     try:
-        for name in sorted(entries):
-            entry = entries[name]
-            pad = -offset % ALIGN
-            if dst is not None and pad:
-                dst.write(b"\0" * pad)
-            offset += pad
-            length = int(np.prod(entry.shape, dtype=np.int64)) * itemsize
-            if dst is not None and _write_converted(entry, dst, dtype) != length:
-                raise ExportError(f"tensor '{entry.key}' did not convert to {length} bytes")
-            placed[name] = Placed(offset, length)
-            offset += length
+        with open(out_dir / DATA_FILE, "wb") if write_data else contextlib.nullcontext() as dst:
+            for name in sorted(entries):
+                entry = entries[name]
+                pad = -offset % ALIGN
+                if dst is not None and pad:
+                    dst.write(b"\0" * pad)
+                offset += pad
+                length = int(np.prod(entry.shape, dtype=np.int64)) * itemsize
+                if dst is not None and _write_converted(entry, dst, dtype) != length:
+                    raise ExportError(f"tensor '{entry.key}' did not convert to {length} bytes")
+                placed[name] = Placed(offset, length)
+                offset += length
     except OSError as e:
         raise ExportError(f"cannot write {DATA_FILE}: {e.strerror or e}") from None
-    finally:
-        if dst is not None:
-            dst.close()
     return placed
 
 

@@ -270,7 +270,7 @@ class Gemma4TextModel(nn.Module):
             cache = caches[plan.cache_index] if plan.owns_cache else None
             layer_ple = ple[:, :, plan.index] if ple is not None else None
             h, present, kv, router_logits = layer(
-                h, layer_ple, cos, sin, past_len, seq_len, cache, shared.get(plan.kv_producer, None)
+                h, layer_ple, cos, sin, past_len, seq_len, cache, shared.get(plan.kv_producer)
             )
             if present is not None:
                 presents.append(present)

@@ -191,14 +191,60 @@ for _name, _fn, _ptrs, _free, _aligned in (
      True, ()),
     ("moe_gate_up", "_moe_gate_up_kernel",
      {"X_ptr": "{dtype}", "GateUp_ptr": "{dtype}", "H_ptr": "{dtype}",
-      **{p: _I32 for p in ("SortedPairs_ptr", "ExpertOffsets_ptr", "TileOffsets_ptr")}}, False, None),
+      **{p: _I32 for p in ("SortedPairs_ptr", "ExpertOffsets_ptr", "TileOffsets_ptr")}}, False,
+     ("x_stride_t", "gu_stride_e", "gu_stride_n", "h_stride", "hidden", "inter")),
     ("moe_down", "_moe_down_kernel",
      {"H_ptr": "{dtype}", "Down_ptr": "{dtype}", "Out_ptr": "{dtype}", "Weights_ptr": "fp32",
-      **{p: _I32 for p in ("SortedPairs_ptr", "ExpertOffsets_ptr", "TileOffsets_ptr")}}, False, None),
+      **{p: _I32 for p in ("SortedPairs_ptr", "ExpertOffsets_ptr", "TileOffsets_ptr")}}, False,
+     ("h_stride", "dn_stride_e", "dn_stride_n", "out_stride", "hidden", "inter")),
     ("moe_combine", "_moe_combine_kernel",
-     {"Out_ptr": "{dtype}", "PairRows_ptr": _I32, "Y_ptr": "{dtype}"}, False, None),
+     {"Out_ptr": "{dtype}", "PairRows_ptr": _I32, "Y_ptr": "{dtype}"}, False, ("out_stride", "y_stride", "hidden")),
 ):  # fmt: skip
     _register(KernelSpec(_name, _MOE, _fn, _ptrs, _MOE_DIMS, _MOE_L[_name], _free, _aligned))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything a launcher needs besides the tensors: grid, block, dynamic shared memory, int32 scalars."""
+
+    grid: tuple[Any, Any, Any]
+    block: tuple[int, int, int]
+    shared_bytes: int
+    scalars: list[Any]  # in kernel order, between the input and the output pointers
+
+
+def kernel_io(kernel: str) -> tuple[list[str], list[str], list[str]]:
+    """(input pointers, int32 scalars, output pointers) of a kernel, in launch order."""
+    import importlib
+
+    spec = KERNELS[kernel]
+    fn = getattr(importlib.import_module(spec.module), spec.fn)
+    args = [a for a in fn.arg_names if not a.isupper()]  # constexprs are UPPER_CASE by convention
+    ptrs = [i for i, a in enumerate(args) if a in spec.pointers]
+    first_scalar = next((i for i, a in enumerate(args) if a not in spec.pointers), len(args))
+    inputs = [args[i] for i in ptrs if i < first_scalar]
+    outputs = [args[i] for i in ptrs if i > first_scalar]
+    return inputs, [a for a in args if a not in spec.pointers], outputs
+
+
+def launch_params(entry: KernelEntry, dims: Mapping[str, Any]) -> Launch:
+    """Grid, block, shared memory and scalars of a compiled entry for concrete or symbolic dims.
+
+    Example (fused attention of a 26B-A4B sliding layer, 4096-token prefill into a 1024-slot ring):
+    `launch_params(e, dict(B=1, Hq=16, Hkv=8, G=2, S=4096, C=1024, D=256, window=1024))`.
+    """
+    spec = KERNELS[entry.kernel]
+    missing = [d for d in spec.dims if d not in dims]
+    if missing:
+        raise BuildError(f"kernel {entry.kernel}: launch needs dims {', '.join(missing)}")
+    scalars = spec.launch.scalars(dims, entry.constexprs)
+    _, names, _ = kernel_io(entry.kernel)
+    aligned = spec.aligned if spec.aligned is not None else [n for n in names if "stride" in n]
+    for name, value in zip(names, scalars):
+        if name in aligned and isinstance(value, int) and value % 16:
+            raise BuildError(f"kernel {entry.kernel}: {name} = {value} is not a multiple of 16, "
+                             "which the compiled variant assumes")  # fmt: skip
+    return Launch(spec.launch.grid(dims, entry.constexprs), (entry.threads, 1, 1), entry.shared_bytes, scalars)
 
 
 # ----- variants ----------------------------------------------------------------------------------------

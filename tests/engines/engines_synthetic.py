@@ -1,8 +1,9 @@
 """A small synthetic export (export-format.md) built with onnx.helper, for engine tests.
 
 It has the real I/O contract (inputs_embeds, per_layer_tokens, past_len, seq_len, BNSH ring caches,
-logits, presents) and real `gemma4::Attention` nodes backed by a model-local function whose body is the
-reference math of `gemma4_compile.model.ops.attention_reference` (ring caches, sliding window, GQA).
+logits, presents) and real `gemma4::SlidingWindowAttention` nodes backed by a model-local function whose body is
+the reference math of `gemma4_compile.model.ops.attention_reference` (ring caches, sliding window, GQA).
+`attention_op="Attention"` gives the older op name, which TensorRT's built-in ONNX Attention importer shadows.
 Layers: 0 sliding (owns cache 0), 1 global (owns cache 1), 2 global KV-shared consumer of layer 1.
 `unsupported=True` adds a custom node with no function body (nothing can import it without a plugin).
 """
@@ -59,8 +60,8 @@ def _ring_update(p: str, past: str, new: str, out: str) -> list[onnx.NodeProto]:
     ]
 
 
-def attention_function() -> onnx.FunctionProto:
-    """gemma4::Attention(q, k, v, past_k, past_v, past_len, seq_len) {window, scale} -> out, present_k, present_v."""
+def attention_function(op_type: str = "SlidingWindowAttention") -> onnx.FunctionProto:
+    """gemma4::<op_type>(q, k, v, past_k, past_v, past_len, seq_len) {window, scale} -> out, present_k, present_v."""
     win_attr = helper.make_attribute_ref("value_int", onnx.AttributeProto.INT)
     win_attr.name, win_attr.ref_attr_name = "value_int", "window"
     scale_attr = helper.make_attribute_ref("value_float", onnx.AttributeProto.FLOAT)
@@ -131,7 +132,7 @@ def attention_function() -> onnx.FunctionProto:
         *_ring_update("rv", "past_v", "v", "present_v"),
     ]  # fmt: skip
     return helper.make_function(
-        DOMAIN, "Attention",
+        DOMAIN, op_type,
         ["q", "k", "v", "past_k", "past_v", "past_len", "seq_len"], ["out", "present_k", "present_v"],
         nodes, [helper.make_opsetid("", OPSET)], attributes=["window", "scale"],
     )  # fmt: skip
@@ -168,7 +169,7 @@ def _io_entry(vi: onnx.ValueInfoProto) -> dict:
 
 
 def build_decoder(dtype: str, *, window: int = 4, hidden: int = 32, vocab: int = 64, unsupported: bool = False,
-                  seed: int = 0) -> tuple[onnx.ModelProto, dict]:  # fmt: skip
+                  seed: int = 0, attention_op: str = "SlidingWindowAttention") -> tuple[onnx.ModelProto, dict]:  # fmt: skip
     """-> (decoder model, export.json fragments: caches, custom_nodes)."""
     el = ONNX_DTYPES[dtype]
     Hq, D, L, P = 4, 8, 3, 4
@@ -218,14 +219,14 @@ def build_decoder(dtype: str, *, window: int = 4, hidden: int = 32, vocab: int =
             k, v, *past = kv[producer]
             caches[-1]["consumers"].append(i)
             outs = [f"{p}.attn", f"{p}.unused_k", f"{p}.unused_v"]
-        node_name = f"/model/{p}/attn/Attention"
+        node_name = f"/model/{p}/attn/{attention_op}"
         nodes.append(helper.make_node(
-            "Attention", [q, k, v, *past, "past_len", "seq_len"], outs, name=node_name, domain=DOMAIN,
+            attention_op, [q, k, v, *past, "past_len", "seq_len"], outs, name=node_name, domain=DOMAIN,
             window=win, scale=D**-0.5, plugin_namespace=DOMAIN, plugin_version="1",
         ))  # fmt: skip
         attrs = {"window": win, "scale": D**-0.5, "plugin_namespace": DOMAIN, "plugin_version": "1"}
         custom.append(
-            {"name": node_name, "op_type": "Attention", "layer": i, "kind": kind, "attributes": attrs}
+            {"name": node_name, "op_type": attention_op, "layer": i, "kind": kind, "attributes": attrs}
         )
         nodes += [
             helper.make_node("Transpose", [f"{p}.attn"], [f"{p}.attn_bshd"], perm=[0, 2, 1, 3]),
@@ -253,7 +254,7 @@ def build_decoder(dtype: str, *, window: int = 4, hidden: int = 32, vocab: int =
     graph = helper.make_graph(nodes, "decoder", inputs, outputs, w.inits)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-        functions=[attention_function()], ir_version=10,
+        functions=[attention_function(attention_op)], ir_version=10,
     )  # fmt: skip
     return model, {"caches": caches, "custom_nodes": custom, "window": window, "hidden": hidden, "vocab": vocab,
                    "num_layers": L, "ple_dim": P}  # fmt: skip
@@ -285,11 +286,11 @@ def _sha256(path: Path) -> str:
 
 
 def write_synthetic_export(out: Path, dtype: str = "fp16", *, max_seq_len: int = 64, unsupported: bool = False,
-                           window: int = 4) -> Path:  # fmt: skip
+                           window: int = 4, attention_op: str = "SlidingWindowAttention") -> Path:  # fmt: skip
     """Write OUT/{export.json, embed.onnx, decoder.onnx, *.onnx.data} as the exporter would."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    decoder, info = build_decoder(dtype, unsupported=unsupported, window=window)
+    decoder, info = build_decoder(dtype, unsupported=unsupported, window=window, attention_op=attention_op)
     embed = build_embed(dtype, hidden=info["hidden"], vocab=info["vocab"], num_layers=info["num_layers"],
                         ple_dim=info["ple_dim"])  # fmt: skip
     graphs = {}

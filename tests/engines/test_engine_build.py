@@ -6,6 +6,7 @@ import json
 
 import pytest
 from engines_support import needs_rtx
+from engines_synthetic import write_synthetic_export
 
 from gemma4_compile.engines import build_engines, check_engine, load_trt, open_engine, read_manifest
 from gemma4_compile.engines.export_info import sha256_file
@@ -59,10 +60,21 @@ def test_capability_reports_every_custom_node_inlined(fresh_export):
     assert report["ok"] and report["rejected"] == [] and report["counts"] == {"inlined": 3}
     assert [n["name"] for n in report["nodes"]] == [n["name"] for n in export["custom_nodes"]]
     for node in report["nodes"]:
-        assert node["path"] == "inlined" and node["op_type"] == "Attention"
-        assert node["trt_layer_type"] not in ("PLUGIN_V3", "PLUGIN_V2")
-        assert "parsed as 'gemma4_Attention'" in node["note"]  # dodges TensorRT's built-in Attention importer
+        assert node["path"] == "inlined" and node["op_type"] == "SlidingWindowAttention"
+        assert node["trt_layer_type"] not in ("PLUGIN_V3", "PLUGIN_V2") and "note" not in node
+    assert report["graph_edits"] == {"renamed": {}, "folded_constants": 0}
     assert art.manifest.capability == {"inlined": 3}
+
+
+def test_an_op_named_like_a_builtin_is_renamed_to_reach_its_function(tmp_path):
+    """gemma4::Attention would go to TensorRT's own ONNX Attention importer (which takes one output only)."""
+    out = write_synthetic_export(tmp_path / "old-name", "fp16", max_seq_len=16, attention_op="Attention")
+    (art,) = build_engines(out, ["sm120"], max_batch=1, progress=False)
+    report = json.loads(art.capability_path.read_text())
+    assert report["graph_edits"]["renamed"] == {"gemma4::Attention": "gemma4_Attention"}
+    for node in report["nodes"]:
+        assert node["path"] == "inlined" and node["op_type"] == "Attention"
+        assert "parsed as 'gemma4_Attention'" in node["note"]
 
 
 def test_up_to_date_engines_are_reused_and_force_rebuilds(fresh_export):

@@ -85,7 +85,7 @@ def test_requested_plugins_that_cannot_register_are_recorded(fresh_export):
     if plugins["error"]:
         assert plugins["registered"] == [] and counts == {"inlined": 3}
     else:
-        assert "gemma4::Attention" in plugins["registered"] and counts == {"plugin": 3}
+        assert "gemma4::SlidingWindowAttention" in plugins["registered"] and counts == {"plugin": 3}
 
 
 PLUGIN_BUILD = textwrap.dedent(
@@ -114,7 +114,7 @@ def test_registered_plugins_replace_the_inlined_bodies(fresh_export, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["plugins"]["error"] is None
-    assert "gemma4::Attention" in result["plugins"]["registered"]
+    assert "gemma4::SlidingWindowAttention" in result["plugins"]["registered"]
     assert result["plugins"]["plugins_sha256"]
     nodes = result["report"]["nodes"]
     assert [n["path"] for n in nodes] == ["plugin"] * 3

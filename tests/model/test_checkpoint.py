@@ -39,7 +39,7 @@ def test_transformers_loads_it_with_no_missing_keys_and_runs(make_checkpoint, ti
 def test_text_only_layout_loads_as_causal_lm(tmp_path):
     write_random_checkpoint(PRESETS["tiny-e4b"], tmp_path / "ck", dtype=torch.float32, multimodal=False)
     assert json.loads((tmp_path / "ck/config.json").read_text())["model_type"] == "gemma4_text"
-    model, info = Gemma4ForCausalLM.from_pretrained(tmp_path / "ck", output_loading_info=True)
+    _, info = Gemma4ForCausalLM.from_pretrained(tmp_path / "ck", output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"]
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "ck"), Gemma4ForCausalLM)
     load_model(tmp_path / "ck")  # our loader takes the 'model.' prefix too
@@ -55,7 +55,7 @@ def test_deterministic_for_a_seed_and_scales_away_from_one(tmp_path, make_checkp
     scales = [k for k in a if k.endswith(("norm.weight", "layer_scalar", "router.scale", "per_expert_scale"))]
     assert any(k.endswith("layer_scalar") for k in scales) and any(k.endswith("per_expert_scale") for k in scales)
     for k in scales:
-        assert 0.5 <= a[k].min() and a[k].max() <= 1.5 and (a[k] - 1).abs().min() >= 0.1, k
+        assert a[k].min() >= 0.5 and a[k].max() <= 1.5 and (a[k] - 1).abs().min() >= 0.1, k
 
 
 def test_sharded_checkpoint_has_an_index_and_loads(tmp_path):

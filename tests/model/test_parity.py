@@ -78,7 +78,7 @@ def test_batch_of_two_with_different_lengths(runners, tiny_preset):
 @pytest.mark.parametrize("delta", [-1, 1])
 def test_wrong_window_fails_the_parity_check(runners, make_checkpoint, delta):
     """The check above is not vacuous: the same weights with window W±1 are caught."""
-    ours, hf = runners("tiny-e2b")
+    _, hf = runners("tiny-e2b")
     spec = PRESETS["tiny-e2b"]
     bad = load_model(make_checkpoint("tiny-e2b"), spec=dataclasses.replace(spec, sliding_window=spec.sliding_window + delta))
     ids = prompt(spec, 3 * spec.sliding_window + 5)

@@ -17,10 +17,14 @@ from gemma4_compile.validate.validate import TOLERANCES, run_case
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-@pytest.mark.parametrize(("preset", "precision"), [("tiny-e2b", "fp32"), ("tiny-26b-a4b", "fp32"), ("tiny-31b", "bf16")])
+@pytest.mark.parametrize(
+    ("preset", "precision"), [("tiny-e2b", "fp32"), ("tiny-26b-a4b", "fp32"), ("tiny-31b", "bf16")]
+)
 def test_transformers_matches_our_model(make_checkpoint, torch_runner, preset, precision):
     ref = torch_runner(preset, precision)
-    report = compare_runners(HFRunner(make_checkpoint(preset), precision), ref, default_cases(ref.spec), precision=precision)
+    report = compare_runners(
+        HFRunner(make_checkpoint(preset), precision), ref, default_cases(ref.spec), precision=precision
+    )
     assert report.passed, report.failure_message()
     report.raise_if_failed()
     for c in report.cases:
@@ -57,8 +61,12 @@ def test_scaled_weight_fails_and_is_localized(make_checkpoint, torch_runner):
     assert all(not c.passed for c in report.cases)
     long = next(c for c in report.cases if c.name == "long")
     assert long.localization.first_layer == 3 and long.localization.first_kind == "sliding"
-    assert long.localization.layer_errors[2] < TOLERANCES["fp32"].layer_rel < long.localization.layer_errors[3]
-    with pytest.raises(ValidationFailed, match=r"max \|Δlogit\| .* > 0.001 .*first divergent layer 3 \(sliding\)"):
+    assert (
+        long.localization.layer_errors[2] < TOLERANCES["fp32"].layer_rel < long.localization.layer_errors[3]
+    )
+    with pytest.raises(
+        ValidationFailed, match=r"max \|Δlogit\| .* > 0.001 .*first divergent layer 3 \(sliding\)"
+    ):
         report.raise_if_failed()
 
 

@@ -23,7 +23,9 @@ def test_abs_diffs_and_cosine():
     out = np.array([[1.0, 2.5], [3.0, 3.0]])
     assert M.max_abs_diff(ref, out) == 1.0
     assert M.mean_abs_diff(ref, out) == pytest.approx(0.375)
-    cos = M.cosine_similarity(np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]), np.array([[0.0, 2.0], [2.0, 2.0], [0.0, 0.0]]))
+    cos = M.cosine_similarity(
+        np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]), np.array([[0.0, 2.0], [2.0, 2.0], [0.0, 0.0]])
+    )
     np.testing.assert_allclose(cos, [0.0, 1.0, 1.0])
 
 

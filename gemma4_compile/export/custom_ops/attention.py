@@ -19,10 +19,9 @@ SCHEMA = OpSchema(
     1,
     doc="Gemma 4 attention for one layer with its ring-buffer KV-cache update (see model/ops.py).",
     inputs=[
-        OpSchema.FormalParameter(name, kind)
-        for name, kind in (("q", "T"), ("k", "T"), ("v", "T"), ("past_k", "T"), ("past_v", "T"),
-                           ("past_len", "I"), ("seq_len", "I"))
-    ],  # fmt: skip
+        *(OpSchema.FormalParameter(name, "T") for name in ("q", "k", "v", "past_k", "past_v")),
+        *(OpSchema.FormalParameter(name, "I") for name in ("past_len", "seq_len")),
+    ],
     outputs=[OpSchema.FormalParameter(name, "T") for name in ("out", "present_k", "present_v")],
     type_constraints=[
         ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),

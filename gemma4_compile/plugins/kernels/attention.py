@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...engines.targets import GpuTarget, native_target
 from ...errors import Gemma4CompileError
 
 LOG2E = 1.4426950408889634
@@ -158,31 +159,32 @@ def _ring_rows(
 
 
 # ----- prefill / single-launch attention ---------------------------------------------------------------
-# Candidate tiles, best first, per head_dim; `keep` prunes those whose estimated shared memory cannot fit.
-# The AOT compiler checks the real figure per target (plugins/aot.py); the estimate only avoids hopeless ones.
+# Tiles (BLOCK_M packed query rows x BLOCK_N keys, warps, stages), picked from ptxas reports for every target
+# (`plugins/aot.py`, bf16): the first config with no spills whose shared memory fits the target. Measured:
+#   D=256 64x32 w8 s2: 0 spills; shared 69632 (sm80/86/89/120), 98304 (sm90), 98848 (sm100)
+#   D=256 64x64 w8 s2: 0 spills on sm100 (164896 B); 44-84 B spills on sm80/86/90/120
+#   D=512 32x32 w8 s2: 0 spills; 100352 B everywhere (fits the 99 KiB of sm86/89/120)
+#   D=512 64x32 w8 s2: 44-1340 B spills; 4-warp configs spill 80-320 B (the fp32 accumulator is 32xD)
 
 
-def fwd_configs(head_dim: int) -> list[triton.Config]:
-    """Tile candidates for `_attn_fwd_kernel` (BLOCK_M query rows x BLOCK_N keys), best first."""
+def fwd_configs(head_dim: int, target: str | None = None) -> list[triton.Config]:
+    """Tile candidates for `_attn_fwd_kernel` on a target ("sm90"; None: any), best first."""
     if head_dim >= 512:
-        shapes = [(64, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)]
+        shapes = [(32, 32, 8, 2), (16, 32, 4, 2)]
     elif head_dim >= 256:
-        shapes = [(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)]
+        shapes = [(64, 32, 8, 2), (32, 32, 4, 2)]
+        if target == "sm100":
+            shapes.insert(0, (64, 64, 8, 2))
     else:
-        shapes = [(64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)]
+        shapes = [(64, 64, 4, 2), (32, 32, 4, 2)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes
     ]
 
 
-def fwd_shared_estimate(conf: triton.Config, head_dim: int, itemsize: int = 2) -> int:
-    """Bytes of shared memory a config needs, roughly: Q tile plus num_stages buffered K and V tiles."""
-    bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
-    return itemsize * head_dim * (bm + 2 * bn * max(conf.num_stages, 1))
-
-
-def keep_fwd(conf: triton.Config, head_dim: int, max_shared_bytes: int) -> bool:
-    return fwd_shared_estimate(conf, head_dim) <= max_shared_bytes
+def keep_fwd(conf: triton.Config, group: int) -> bool:
+    """A block must hold at least one position of every query head of its KV head (and 16 rows for tl.dot)."""
+    return conf.kwargs["BLOCK_M"] >= max(16, group)
 
 
 @triton.jit
@@ -260,9 +262,17 @@ def _attn_fwd_kernel(
 # ----- decode: split-K over the visible range, then a log-sum-exp merge ---------------------------------
 
 
-def decode_configs(head_dim: int) -> list[triton.Config]:
-    """Tile candidates for `_attn_decode_split_kernel` (BLOCK_G packed heads x BLOCK_N keys), best first."""
-    shapes = [(64, 4, 2), (32, 4, 2), (16, 4, 1)] if head_dim >= 512 else [(64, 4, 3), (64, 4, 2), (32, 4, 1)]
+# Tiles for the split kernel (16 packed heads x BLOCK_N keys); decode is bandwidth-bound, so the deepest
+# pipeline that fits: D=256 64 keys w8 s3 (141312 B) / w4 s2 (75776 B); D=512 32 keys w4 s3 (148480 B) / s2.
+
+
+def decode_configs(head_dim: int, max_shared_bytes: int = 99 * 1024) -> list[triton.Config]:
+    """Tile candidates for `_attn_decode_split_kernel`, best first, for a target's shared memory per block."""
+    big = max_shared_bytes >= 160 * 1024
+    if head_dim >= 512:
+        shapes = [(32, 4, 3)] if big else [(32, 4, 2), (16, 4, 2)]
+    else:
+        shapes = [(64, 8, 3)] if big else [(64, 4, 2), (32, 4, 2)]
     return [triton.Config({"BLOCK_G": 16, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bn, w, st in shapes]
 
 
@@ -334,7 +344,7 @@ def _attn_decode_combine_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
     m = float("-inf")
-    l = 0.0
+    total = 0.0
     for i in range(num_splits):
         mid = bh * num_splits + i
         m_s = tl.load(MidML_ptr + mid * 2)
@@ -344,9 +354,9 @@ def _attn_decode_combine_kernel(
         alpha = tl.exp2(m - m_safe)
         beta = tl.exp2(m_s - m_safe)
         acc = acc * alpha + tl.load(MidO_ptr + mid * HEAD_DIM + offs_d) * beta
-        l = l * alpha + l_s * beta
+        total = total * alpha + l_s * beta
         m = m_new
-    out = acc / tl.where(l == 0.0, 1.0, l)
+    out = acc / tl.where(total == 0.0, 1.0, total)
     tl.store(O_ptr + b * o_stride_b + h * o_stride_h + offs_d, out.to(O_ptr.dtype.element_ty))
 
 
@@ -425,20 +435,30 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _local_target() -> GpuTarget | None:
+    try:
+        return native_target()
+    except Gemma4CompileError:
+        return None
+
+
 def _fwd_config(head_dim: int, group: int) -> triton.Config:
-    """First candidate whose BLOCK_M holds a whole GQA group and that fits this GPU (interpreter: smallest)."""
-    confs = [c for c in fwd_configs(head_dim) if c.kwargs["BLOCK_M"] >= group]
+    """The target's first kept tile; under the interpreter the smallest (CPU time grows with tile count less
+    than with tile size)."""
     if _interpreting() or not torch.cuda.is_available():
-        return min(confs, key=lambda c: (c.kwargs["BLOCK_M"] < max(16, group), c.kwargs["BLOCK_M"]))
-    smem = torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
-    return next((c for c in confs if keep_fwd(c, head_dim, smem)), confs[-1])
+        return triton.Config({"BLOCK_M": max(16, triton.next_power_of_2(group)), "BLOCK_N": 16}, num_warps=4)
+    target = _local_target()
+    confs = [c for c in fwd_configs(head_dim, target.name if target else None) if keep_fwd(c, group)]
+    if not confs:
+        raise Gemma4CompileError(f"attention kernel: no tile holds a GQA group of {group}")
+    return confs[0]
 
 
 def _decode_config(head_dim: int) -> triton.Config:
-    confs = decode_configs(head_dim)
     if _interpreting() or not torch.cuda.is_available():
         return triton.Config({"BLOCK_G": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
-    return confs[0]
+    target = _local_target()
+    return decode_configs(head_dim, target.max_shared_bytes if target else 99 * 1024)[0]
 
 
 def _num_sms(device: torch.device) -> int:

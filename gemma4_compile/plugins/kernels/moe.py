@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...engines.targets import native_target
 from ...errors import Gemma4CompileError
 
 BLOCK_P = 128  # routed pairs per sort program
@@ -155,21 +156,28 @@ def _tile_rows(pid_m, ExpertOffsets_ptr, TileOffsets_ptr, num_experts, BLOCK_M: 
     return e, rows, rows < tl.load(ExpertOffsets_ptr + e + 1)
 
 
-# Tile candidates (BLOCK_M routed rows x BLOCK_N outputs x BLOCK_K reduction), chosen by rows per expert:
-# decode-like batches have ~1 row per expert, prefill hundreds. `keep` drops tiles wider than the problem.
+# Tiles (BLOCK_M routed rows x BLOCK_N outputs x BLOCK_K reduction, warps, stages), one for both GEMMs (the
+# work list is cut in BLOCK_M row tiles). Decode-like batches route ~1 row to each expert: 16-row tiles, deep
+# pipeline, bandwidth-bound on the weights. Prefill routes hundreds: 64-row tiles. ptxas reports (bf16): no
+# spills for any of these on sm80..sm120; shared memory per stage is (BM + 2 BN) BK 2 B for gate_up.
 
 
-def gemm_configs(rows_per_expert: float) -> list[triton.Config]:
-    shapes = [(16, 64, 128, 4, 4), (16, 128, 64, 4, 4)] if rows_per_expert <= 16 else [
-        (64, 128, 64, 8, 3), (64, 64, 64, 4, 3), (128, 64, 64, 8, 3)]  # fmt: skip
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]  # fmt: skip
+def gemm_configs(rows_per_expert: float, max_shared_bytes: int = 99 * 1024) -> list[triton.Config]:
+    """Tile candidates for `_moe_gate_up_kernel` / `_moe_down_kernel`, best first, for a target's shared memory."""
+    if rows_per_expert <= 16:
+        shapes = [(16, 64, 64, 4, 4)]
+    elif max_shared_bytes >= 160 * 1024:
+        shapes = [(64, 128, 64, 8, 3), (64, 64, 64, 4, 3)]
+    else:
+        shapes = [(64, 64, 64, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+            for m, n, k, w, st in shapes]  # fmt: skip
 
 
-def keep_gemm(conf: triton.Config, n: int, k: int) -> bool:
-    return conf.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(n)) and conf.kwargs["BLOCK_K"] <= max(
-        16, triton.next_power_of_2(k)
-    )
+def keep_gemm(conf: triton.Config, out_features: int, reduction: int) -> bool:
+    """Drop tiles wider than the problem (the tiny test models have H = 64)."""
+    n, k = conf.kwargs["BLOCK_N"], conf.kwargs["BLOCK_K"]
+    return n <= max(16, triton.next_power_of_2(out_features)) and k <= max(16, triton.next_power_of_2(reduction))
 
 
 @triton.jit
@@ -309,11 +317,15 @@ def sort_by_expert(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
     return sorted_pairs, pair_rows, expert_offsets, tile_offsets
 
 
-def _gemm_config(rows_per_expert: float, n: int, k: int) -> triton.Config:
+def _gemm_config(rows_per_expert: float, hidden: int, inter: int) -> triton.Config:
     if _interpreting() or not torch.cuda.is_available():
         return triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
-    confs = gemm_configs(rows_per_expert)
-    return next((c for c in confs if keep_gemm(c, n, k)), confs[-1])
+    try:
+        smem = native_target().max_shared_bytes
+    except Gemma4CompileError:
+        smem = 99 * 1024
+    confs = gemm_configs(rows_per_expert, smem)
+    return next((c for c in confs if keep_gemm(c, min(hidden, inter), min(hidden, inter))), confs[-1])
 
 
 def _check(x: Tensor, router_logits: Tensor, per_expert_scale: Tensor, gate_up: Tensor, down: Tensor) -> None:
@@ -339,29 +351,30 @@ def moe(
     """`gemma4::moe` (same signature and results as `ops.moe_reference`) on Triton kernels."""
     _check(x, router_logits, per_expert_scale, gate_up, down)
     T, H = x.shape
-    E, I = gate_up.shape[0], down.shape[2]
+    E, inter = gate_up.shape[0], down.shape[2]
     y = torch.empty_like(x)
     if T == 0:
         return y
     x, gate_up, down = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, gate_up, down))
     weights, ids = route(router_logits, per_expert_scale, top_k)
     n = T * top_k
-    conf = config or _gemm_config(n / min(E, n), max(I, H), H)
+    conf = config or _gemm_config(n / min(E, n), H, inter)
     bm, bn, bk = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], conf.kwargs["BLOCK_K"]
     sorted_pairs, pair_rows, expert_offsets, tile_offsets = sort_by_expert(ids, E, bm)
     prec = input_precision(x.dtype)
     block_e = triton.next_power_of_2(E)
     launch = {"num_warps": conf.num_warps, "num_stages": conf.num_stages}
-    h = torch.empty(n, I, device=x.device, dtype=x.dtype)
-    _moe_gate_up_kernel[(triton.cdiv(n, bm) + E, triton.cdiv(I, bn))](
+    tiles = triton.cdiv(n, bm) + min(E, n)  # bound on sum_e cdiv(rows_e, BM): one partial tile per hit expert
+    h = torch.empty(n, inter, device=x.device, dtype=x.dtype)
+    _moe_gate_up_kernel[(tiles, triton.cdiv(inter, bn))](
         x, gate_up, sorted_pairs, expert_offsets, tile_offsets,
-        x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), H, I, E, h,
+        x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), H, inter, E, h,
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=block_e, INPUT_PRECISION=prec, **launch,
     )  # fmt: skip
     rows = torch.empty(n, H, device=x.device, dtype=x.dtype)
-    _moe_down_kernel[(triton.cdiv(n, bm) + E, triton.cdiv(H, bn))](
+    _moe_down_kernel[(tiles, triton.cdiv(H, bn))](
         h, down, sorted_pairs, weights, expert_offsets, tile_offsets,
-        h.stride(0), down.stride(0), down.stride(1), rows.stride(0), H, I, E, rows,
+        h.stride(0), down.stride(0), down.stride(1), rows.stride(0), H, inter, E, rows,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=block_e, INPUT_PRECISION=prec, **launch,
     )  # fmt: skip
     block_h = min(1024, triton.next_power_of_2(H))

@@ -1,0 +1,101 @@
+"""Reports are written atomically from the dataclasses and are well-formed; benchmarks produce rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gemma4_compile.errors import BackendUnavailable
+from gemma4_compile.validate import (
+    BenchConfig,
+    HFRunner,
+    bench_runners,
+    compare_runners,
+    default_cases,
+    write_reports,
+)
+from gemma4_compile.validate.report import summary_markdown
+
+SMALL = BenchConfig(context_lengths=(4, 12), batch_sizes=(1, 2), decode_steps=3, prefill_repeats=2)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def reports(make_checkpoint, torch_runner):
+    ref = torch_runner("tiny-31b")
+    ckpt = make_checkpoint("tiny-31b")
+    accuracy = compare_runners(HFRunner(ckpt), ref, default_cases(ref.spec)[:2], steps=4)
+
+    def unavailable():
+        raise BackendUnavailable("trt: no GPU here")
+
+    latency = bench_runners({"torch": ref, "hf": lambda: HFRunner(ckpt), "trt": unavailable}, ref.spec, SMALL)
+    return accuracy, latency
+
+
+def test_bench_rows(reports):
+    _, latency = reports
+    ok = [s for s in latency.backends if not s.error]
+    assert [s.backend for s in ok] == ["torch", "hf"]
+    assert next(s for s in latency.backends if s.backend == "trt").error == "trt: no GPU here"
+    assert ok[0].load_s is None and ok[1].load_s > 0  # a prebuilt runner has no load time
+    assert len(latency.rows) == 2 * 2 * 2 * 2  # backends x phases x batches x contexts
+    for r in latency.rows:
+        assert 0 < r.p50_ms <= r.p90_ms <= r.p99_ms and r.tokens_per_s > 0
+        assert r.samples == (SMALL.decode_steps if r.phase == "decode" else SMALL.prefill_repeats)
+        assert r.vs_torch == pytest.approx(1.0) if r.backend == "torch" else r.vs_torch > 0
+    assert set(latency.ttft_ms("hf")) == {4, 12}
+    assert latency.row("hf", "decode", 2, 12).batch == 2
+    assert "torch: TTFT" in latency.summary() and "trt: not run" in latency.summary()
+
+
+def test_write_reports(tmp_path, reports):
+    accuracy, latency = reports
+    written = write_reports(tmp_path, accuracy=accuracy, latency=latency)
+    folder = tmp_path / "reports"
+    names = {p.name for p in written}
+    assert names == {"accuracy.json", "accuracy.md", "accuracy_error_by_position.png", "latency.json",
+                     "latency.md", "latency_decode.png", "summary.md"}  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names)  # no temporary files left behind
+    acc = json.loads((folder / "accuracy.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    assert acc["passed"] is True and acc["tolerance"]["precision"] == "fp32"
+    assert len(acc["cases"]) == 2 and acc["cases"][0]["error_by_position"]
+    lat = json.loads((folder / "latency.json").read_text(), parse_constant=pytest.fail)
+    assert {r["backend"] for r in lat["rows"]} == {"torch", "hf"}
+    for png in ("accuracy_error_by_position.png", "latency_decode.png"):
+        assert (folder / png).read_bytes().startswith(PNG)
+    md = (folder / "accuracy.md").read_text()
+    assert (
+        "# Accuracy: hf vs torch (fp32) — PASSED" in md and "| short |" in md and "fp16 overflow scan" in md
+    )
+    assert "| torch | decode | 2 | 12 |" in (folder / "latency.md").read_text()
+    summary = (folder / "summary.md").read_text()
+    assert "## Accuracy — PASSED" in summary and "## Latency" in summary and "| hf |" in summary
+
+
+def test_summary_keeps_the_other_report(tmp_path, reports):
+    accuracy, latency = reports
+    write_reports(tmp_path, latency=latency)
+    assert "## Accuracy" not in (tmp_path / "reports" / "summary.md").read_text()
+    write_reports(tmp_path, accuracy=accuracy)  # a later validate run keeps bench's numbers in the summary
+    summary = (tmp_path / "reports" / "summary.md").read_text()
+    assert "## Accuracy — PASSED" in summary and "## Latency" in summary
+    assert "No reports yet" in summary_markdown(None, None)
+
+
+def test_failed_report_markdown_names_the_layer(tmp_path, make_checkpoint, torch_runner):
+    from gemma4_compile.model.weights import load_model
+    from gemma4_compile.validate import TorchRunner
+
+    ckpt = make_checkpoint("tiny-31b")
+    model = load_model(ckpt)
+    model.layers[2].mlp.gate_proj.weight.data *= 1.05
+    ref = torch_runner("tiny-31b")
+    report = compare_runners(TorchRunner(ckpt, model=model), ref, default_cases(ref.spec)[2:3], steps=4)
+    write_reports(tmp_path, accuracy=report)
+    md = (tmp_path / "reports" / "accuracy.md").read_text()
+    assert "FAILED" in md and "## Failures" in md and "### Per-layer error, case long" in md
+    assert "| 2 | sliding |" in md and "← first divergent" in md
+    acc = json.loads((tmp_path / "reports" / "accuracy.json").read_text())
+    assert acc["passed"] is False and acc["cases"][0]["localization"]["first_layer"] == 2

@@ -1,0 +1,59 @@
+"""validate() and bench() on a real export: the one-call API the CLI uses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gemma4_compile.errors import Gemma4CompileError
+from gemma4_compile.validate import BenchConfig, bench, validate
+
+
+def test_validate_ort_export_writes_reports(tmp_path, make_export, make_checkpoint):
+    export = make_export("tiny-31b")
+    report = validate(
+        export, backend="ort", checkpoint=make_checkpoint("tiny-31b"), steps=6, out_dir=tmp_path
+    )
+    assert report.passed, report.failure_message()
+    assert report.backend == "ort" and report.precision == "fp32" and report.export_dir == str(export)
+    assert max(c.max_abs for c in report.cases) < 1e-3
+    folder = tmp_path / "reports"
+    for name in (
+        "accuracy.json",
+        "accuracy.md",
+        "summary.md",
+        "polygraphy_inputs.json",
+        "polygraphy_ref.json",
+    ):
+        assert (folder / name).is_file(), name
+    assert "polygraphy run" in (folder / "accuracy.md").read_text()
+    assert json.loads((folder / "accuracy.json").read_text())["polygraphy"]["iterations"] == 2
+
+
+def test_validate_with_a_prompt_file(tmp_path, make_export, make_checkpoint):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(
+        json.dumps([[2, 17, 33, 99, 100, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]])
+    )
+    report = validate(make_export("tiny-31b"), checkpoint=make_checkpoint("tiny-31b"), prompts=prompts, steps=3,
+                      write=False)  # fmt: skip
+    assert [c.name for c in report.cases] == ["prompt0"] and report.passed
+
+
+def test_validate_user_errors(tmp_path, make_export):
+    with pytest.raises(Gemma4CompileError, match="not an export directory"):
+        validate(tmp_path)
+    with pytest.raises(Gemma4CompileError, match="needs the source checkpoint"):
+        validate(make_export("tiny-31b"), write=False)
+    with pytest.raises(Gemma4CompileError, match="unknown reference 'jax'"):
+        validate(make_export("tiny-31b"), reference="jax")
+
+
+def test_bench_export(tmp_path, make_export, make_checkpoint):
+    config = BenchConfig(context_lengths=(8, 32), batch_sizes=(1,), decode_steps=3, prefill_repeats=1)
+    report = bench(make_export("tiny-31b"), backends=["ort"], checkpoint=make_checkpoint("tiny-31b"),
+                   config=config, out_dir=tmp_path)  # fmt: skip
+    assert {r.backend for r in report.rows} == {"torch", "hf", "ort"}
+    assert all(r.vs_torch is not None for r in report.rows)
+    assert (tmp_path / "reports" / "latency.md").is_file() and (tmp_path / "reports" / "summary.md").is_file()
