@@ -50,9 +50,10 @@ def cdiv(a: Any, b: Any) -> Any:
 class LaunchSpec:
     """How to launch one compiled kernel from shapes alone.
 
-    grid(dims, constexprs) and scalars(dims, constexprs) use only + * // on the dims, so `dims` may hold ints
-    or TensorRT `SymInt32` expressions. `dims` keys are listed per kernel in `KERNELS[name].dims`; tensors are
-    assumed contiguous (their strides follow from the dims).
+    grid(dims, constexprs) and scalars(dims, constexprs) use only + * // on the dims, with a dim always on the
+    left of an int (TensorRT's ShapeExpr * int works, int * ShapeExpr does not), so `dims` may hold ints or
+    TensorRT shape expressions. `dims` keys are listed per kernel in `KERNELS[name].dims`; tensors are assumed
+    contiguous (their strides follow from the dims).
     """
 
     grid: Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[Any, Any, Any]]
@@ -96,8 +97,9 @@ def _decode_split_launch() -> LaunchSpec:
 
     def scalars(d: Mapping[str, Any], c: Mapping[str, Any]) -> list[Any]:
         B, Hq, Hkv, C, D = (d[k] for k in ("B", "Hq", "Hkv", "C", "D"))
-        q, new, past = _bhld(B, Hq, 1, D), _bhld(B, Hkv, 1, D), _bhld(B, Hkv, C, D)
-        return [*q[:2], *new[:2], *new[:2], *past, *past, C, Hkv, d["G"], d["window"], d["splits"]]
+        past = _bhld(B, Hkv, C, D)
+        q, new = [Hq * D, D], [Hkv * D, D]  # batch and head strides of the one-token q and k/v
+        return [*q, *new, *new, *past, *past, C, Hkv, d["G"], d["window"], d["splits"]]
 
     return LaunchSpec(grid, scalars)
 
@@ -105,7 +107,7 @@ def _decode_split_launch() -> LaunchSpec:
 def _decode_combine_launch() -> LaunchSpec:
     return LaunchSpec(
         lambda d, c: (d["B"] * d["Hq"], 1, 1),
-        lambda d, c: [*_bhld(d["B"], d["Hq"], 1, d["D"])[:2], d["Hq"], d["splits"]],
+        lambda d, c: [d["Hq"] * d["D"], d["D"], d["Hq"], d["splits"]],
     )
 
 
@@ -166,7 +168,7 @@ def _moe_launches() -> dict[str, LaunchSpec]:
         "moe_scatter": LaunchSpec(lambda d, c: (blocks(d, c), 1, 1), lambda d, c: [tk(d)]),
         "moe_gate_up": LaunchSpec(
             lambda d, c: (cdiv(tk(d), c["BLOCK_M"]) + d["E"], cdiv(d["I"], c["BLOCK_N"]), 1),
-            lambda d, c: [d["H"], 2 * d["I"] * d["H"], d["H"], d["I"], d["H"], d["I"], d["E"]],
+            lambda d, c: [d["H"], d["I"] * 2 * d["H"], d["H"], d["I"], d["H"], d["I"], d["E"]],
         ),
         "moe_down": LaunchSpec(
             lambda d, c: (cdiv(tk(d), c["BLOCK_M"]) + d["E"], cdiv(d["H"], c["BLOCK_N"]), 1),
@@ -227,6 +229,15 @@ def kernel_io(kernel: str) -> tuple[list[str], list[str], list[str]]:
     return inputs, [a for a in args if a not in spec.pointers], outputs
 
 
+def plan_launch(kernel: str, dims: Mapping[str, Any], constexprs: Mapping[str, Any]) -> tuple[tuple, list[Any]]:
+    """(grid, int32 scalars) of a kernel for dims (ints or shape expressions) and its constexprs."""
+    spec = KERNELS[kernel]
+    missing = [d for d in spec.dims if d not in dims]
+    if missing:
+        raise BuildError(f"kernel {kernel}: launch needs dims {', '.join(missing)}")
+    return spec.launch.grid(dims, constexprs), spec.launch.scalars(dims, constexprs)
+
+
 def launch_params(entry: KernelEntry, dims: Mapping[str, Any]) -> Launch:
     """Grid, block, shared memory and scalars of a compiled entry for concrete or symbolic dims.
 
@@ -234,17 +245,14 @@ def launch_params(entry: KernelEntry, dims: Mapping[str, Any]) -> Launch:
     `launch_params(e, dict(B=1, Hq=16, Hkv=8, G=2, S=4096, C=1024, D=256, window=1024))`.
     """
     spec = KERNELS[entry.kernel]
-    missing = [d for d in spec.dims if d not in dims]
-    if missing:
-        raise BuildError(f"kernel {entry.kernel}: launch needs dims {', '.join(missing)}")
-    scalars = spec.launch.scalars(dims, entry.constexprs)
+    grid, scalars = plan_launch(entry.kernel, dims, entry.constexprs)
     _, names, _ = kernel_io(entry.kernel)
     aligned = spec.aligned if spec.aligned is not None else [n for n in names if "stride" in n]
     for name, value in zip(names, scalars):
         if name in aligned and isinstance(value, int) and value % 16:
             raise BuildError(f"kernel {entry.kernel}: {name} = {value} is not a multiple of 16, "
                              "which the compiled variant assumes")  # fmt: skip
-    return Launch(spec.launch.grid(dims, entry.constexprs), (entry.threads, 1, 1), entry.shared_bytes, scalars)
+    return Launch(grid, (entry.threads, 1, 1), entry.shared_bytes, scalars)
 
 
 # ----- variants ----------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 import triton
@@ -182,9 +183,38 @@ def fwd_configs(head_dim: int, target: str | None = None) -> list[triton.Config]
     ]
 
 
-def keep_fwd(conf: triton.Config, group: int) -> bool:
-    """A block must hold at least one position of every query head of its KV head (and 16 rows for tl.dot)."""
-    return conf.kwargs["BLOCK_M"] >= max(16, group)
+# Largest dynamic shared memory ptxas/Triton gave a tile over sm80..sm120 (bf16/fp16); others are estimated.
+_FWD_SHARED = {(256, 64, 64, 8, 2): 164896, (256, 64, 32, 8, 2): 98848, (512, 32, 32, 8, 2): 100352}
+
+
+def fwd_shared_bytes(conf: triton.Config, head_dim: int) -> int:
+    """Shared memory of a tile: measured when known, else Q tile + num_stages x (K + V) tiles at 2 bytes."""
+    key = (head_dim, conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], conf.num_warps, conf.num_stages)
+    if key in _FWD_SHARED:
+        return _FWD_SHARED[key]
+    return 2 * head_dim * (conf.kwargs["BLOCK_M"] + 2 * conf.kwargs["BLOCK_N"] * max(conf.num_stages, 1))
+
+
+def keep_fwd(conf: triton.Config, head_dim: int, max_shared_bytes: int, group: int = 1) -> bool:
+    """Prune tiles that cannot hold one position of each of the `group` query heads of a KV head (nor the 16
+    rows tl.dot needs), or whose shared memory exceeds the target's."""
+    return conf.kwargs["BLOCK_M"] >= max(16, group) and fwd_shared_bytes(conf, head_dim) <= max_shared_bytes
+
+
+def aot_config(
+    head_dim: int, group: int, dtype: str, scale: float, target: GpuTarget
+) -> tuple[dict[str, Any], int, int]:
+    """(constexprs, num_warps, num_stages) of the fused single-launch attention (`attn_fwd` in plugins/aot.py)
+    for one layer on one target: what a TensorRT AOT plugin compiles. dtype is "bf16", "fp16" or "fp32"."""
+    confs = [c for c in fwd_configs(head_dim, target.name) if keep_fwd(c, head_dim, target.max_shared_bytes, group)]
+    if not confs:
+        raise Gemma4CompileError(f"attention kernel: no tile for head_dim {head_dim}, GQA group {group} on {target.name}")
+    conf = confs[0]
+    constexprs = {
+        **conf.kwargs, "HEAD_DIM": head_dim, "SCALE": float(scale), "FUSE_RING": True,
+        "BLOCK_R": ring_block(head_dim), "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+    }  # fmt: skip
+    return constexprs, conf.num_warps, conf.num_stages
 
 
 @triton.jit
@@ -448,7 +478,8 @@ def _fwd_config(head_dim: int, group: int) -> triton.Config:
     if _interpreting() or not torch.cuda.is_available():
         return triton.Config({"BLOCK_M": max(16, triton.next_power_of_2(group)), "BLOCK_N": 16}, num_warps=4)
     target = _local_target()
-    confs = [c for c in fwd_configs(head_dim, target.name if target else None) if keep_fwd(c, group)]
+    smem = target.max_shared_bytes if target else 99 * 1024
+    confs = [c for c in fwd_configs(head_dim, target.name if target else None) if keep_fwd(c, head_dim, smem, group)]
     if not confs:
         raise Gemma4CompileError(f"attention kernel: no tile holds a GQA group of {group}")
     return confs[0]

@@ -30,6 +30,7 @@ int32 scalars, outputs (TensorRT QDP `aot_impl` order); each kernel is one launc
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import triton
@@ -315,6 +316,31 @@ def sort_by_expert(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
         flat, block_offsets, expert_offsets, n, sorted_pairs, pair_rows, BLOCK_P=BLOCK_P, BLOCK_E=block_e
     )
     return sorted_pairs, pair_rows, expert_offsets, tile_offsets
+
+
+MOE_STAGES = ("moe_route", "moe_count", "moe_offsets", "moe_scatter", "moe_gate_up", "moe_down", "moe_combine")
+
+
+def aot_configs(
+    experts: int, top_k: int, dtype: str, max_shared_bytes: int, rows_per_expert: float
+) -> dict[str, tuple[dict[str, Any], int, int]]:
+    """(constexprs, num_warps, num_stages) of each of the seven launches (plugins/aot.py kernel names, in
+    launch order) that make one MoE call, for a dtype ("bf16", "fp16", "fp32") and a target's shared memory.
+    rows_per_expert ~ T*K / min(E, T*K) picks the GEMM tile (decode ~1, prefill hundreds); the sort kernels
+    are dtype-free (compile them with dtype "i32")."""
+    block_e = triton.next_power_of_2(experts)
+    conf = gemm_configs(rows_per_expert, max_shared_bytes)[0]
+    tile = {**conf.kwargs, "BLOCK_E": block_e, "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    gemm = (conf.num_warps, conf.num_stages)
+    return {
+        "moe_route": ({"TOP_K": top_k, "K_PAD": triton.next_power_of_2(top_k), "BLOCK_T": 16, "BLOCK_E": block_e}, 4, 1),
+        "moe_count": ({"BLOCK_P": BLOCK_P, "BLOCK_E": block_e}, 4, 1),
+        "moe_offsets": ({"BLOCK_M": conf.kwargs["BLOCK_M"], "BLOCK_B": 16, "BLOCK_E": block_e}, 4, 1),
+        "moe_scatter": ({"BLOCK_P": BLOCK_P, "BLOCK_E": block_e}, 4, 1),
+        "moe_gate_up": ({**tile, "TOP_K": top_k}, *gemm),
+        "moe_down": (tile, *gemm),
+        "moe_combine": ({"TOP_K": top_k, "BLOCK_H": 1024}, 4, 1),
+    }  # fmt: skip
 
 
 def _gemm_config(rows_per_expert: float, hidden: int, inter: int) -> triton.Config:
