@@ -51,7 +51,7 @@ log = logging.getLogger("gemma4_compile.engines")
 class EngineArtifact:
     target: str
     dir: Path
-    engine: Path
+    engine_path: Path
     manifest_path: Path
     capability_path: Path
     manifest: EngineManifest

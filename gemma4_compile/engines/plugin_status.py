@@ -42,9 +42,9 @@ def _tree_sha256(root: Path) -> str:
 
 
 def find_kernels_json(export_dir: Path) -> Path | None:
-    """kernels.json next to the export, or shipped in the plugins package; the first found wins."""
+    """kernels.json next to the export (OUT/, OUT/kernels/, OUT/plugins/) or in the plugins package; first wins."""
     plugins = _plugins_dir()
-    candidates = [export_dir / "kernels.json", export_dir / "plugins" / "kernels.json"]
+    candidates = [export_dir / d / "kernels.json" for d in (".", "kernels", "plugins")]
     if plugins is not None:
         candidates.append(plugins / "kernels.json")
     return next((p for p in candidates if p.is_file()), None)

@@ -25,9 +25,10 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -464,11 +465,6 @@ def _check_shared(rec: KernelEntry, v: Variant) -> None:
         )
 
 
-def _worker_init() -> None:
-    # The kernels must be real JIT functions here, not the CPU interpreter's stand-ins.
-    os.environ.pop("TRITON_INTERPRET", None)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -484,20 +480,58 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def compile_variants(out_dir: str | os.PathLike[str], variants: Iterable[Variant], *, jobs: int | None = None,
                      ptx_version: int | None = None) -> list[KernelEntry]:  # fmt: skip
-    """Compile variants in worker processes (spawned, interpreter off); check shared memory against the target."""
-    import multiprocessing
+    """Compile variants (or reuse their files) and check each one's shared memory against its target.
 
+    The work runs in `jobs` child processes (`python -m gemma4_compile.plugins.aot`): there the kernels are
+    imported fresh with TRITON_INTERPRET unset, so they are real JIT functions even when this process uses
+    the CPU interpreter, and no caller needs multiprocessing's `if __name__ == "__main__"` guard.
+    """
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     todo = list(dict.fromkeys(variants))
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo) or 1))
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
-        records = list(pool.map(_compile_one, todo, [str(out)] * len(todo), [ptx_version] * len(todo)))
-    entries = [KernelEntry(**r) for r in records]
+    if not todo:
+        return []
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
+    records: list[dict[str, Any] | None] = [None] * len(todo)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory(prefix="gemma4-aot-") as tmp:
+        workers = []
+        for j in range(jobs):
+            idx = list(range(j, len(todo), jobs))
+            request = {"out_dir": str(out), "ptx_version": ptx_version, "result": f"{tmp}/{j}.json",
+                       "variants": [asdict(todo[i]) for i in idx]}  # fmt: skip
+            proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)  # fmt: skip
+            proc.stdin.write(json.dumps(request, default=str))  # type: ignore[union-attr]
+            proc.stdin.close()  # type: ignore[union-attr]
+            workers.append((proc, idx, request["result"]))
+        for proc, idx, result in workers:
+            err = proc.stderr.read()  # type: ignore[union-attr]
+            if proc.wait() != 0 or not Path(result).exists():
+                last = err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}"
+                raise BuildError(f"kernel compiler process failed: {last}")
+            for i, rec in zip(idx, json.loads(Path(result).read_text())):
+                if "error" in rec:
+                    raise BuildError(rec["error"])
+                records[i] = rec
+    entries = [KernelEntry(**r) for r in records if r is not None]
     for rec, v in zip(entries, todo):
         _check_shared(rec, v)
     return entries
+
+
+def _worker_main() -> None:
+    """Child side of `compile_variants`: variants on stdin, one record (or error line) each to a JSON file."""
+    request = json.loads(sys.stdin.read())
+    out = []
+    for v in request["variants"]:
+        variant = Variant(v["kernel"], v["target"], v["dtype"], tuple(tuple(c) for c in v["constexprs"]),
+                          v["num_warps"], v["num_stages"])  # fmt: skip
+        try:
+            out.append(_compile_one(variant, request["out_dir"], request["ptx_version"]))
+        except BuildError as e:
+            out.append({"error": str(e)})
+    _atomic_write(Path(request["result"]), json.dumps(out, default=str).encode())
 
 
 def compile_kernels(
@@ -544,3 +578,7 @@ def kernel_table_markdown(artifacts: KernelArtifacts) -> str:
             f"{e.shared_bytes} | {e.spill_stores}/{e.spill_loads} | {e.stack_bytes} |"
         )
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    _worker_main()

@@ -158,8 +158,9 @@ def overflow_scan(maxima: dict[str, float], headroom: float = 4.0) -> OverflowSc
 
 
 def layer_abs_maxima(hidden: np.ndarray) -> np.ndarray:
-    """[L, N, H] -> [L] max |activation| per layer."""
+    """[L, N, H] -> [L] max |activation| per layer; NaN counts as infinite (it is an overflow's symptom)."""
     h = np.abs(_f64(hidden))
+    h = np.where(np.isnan(h), np.inf, h)
     return h.reshape(h.shape[0], -1).max(-1) if h.size else np.zeros(h.shape[0])
 
 

@@ -32,8 +32,8 @@ def test_builds_sm89_and_sm120_inline(fresh_export, dtype):
         assert m.export_sha256 == sha256_file(out / "export.json")
         assert m.decoder_sha256 == export["graphs"]["decoder"]["sha256"]
         assert m.files["decoder.engine"] == {
-            "sha256": sha256_file(art.engine),
-            "bytes": art.engine.stat().st_size,
+            "sha256": sha256_file(art.engine_path),
+            "bytes": art.engine_path.stat().st_size,
         }
         assert m.files["decoder.engine"]["bytes"] > 100_000
         assert [p.name for p in m.profiles] == ["prefill", "decode"]
@@ -49,7 +49,7 @@ def test_builds_sm89_and_sm120_inline(fresh_export, dtype):
         assert io["inputs_embeds"] == io["present.1.key"] == want and io["logits"] == "FLOAT"
         assert io["past_len"] == "INT64"
         check_engine(m, rtx, m.sm)
-        assert open_engine(art.dir, rtx, m.sm).path == art.engine
+        assert open_engine(art.dir, rtx, m.sm).path == art.engine_path
 
 
 def test_capability_reports_every_custom_node_inlined(fresh_export):
@@ -94,8 +94,8 @@ def test_a_damaged_engine_is_rebuilt_not_reused(fresh_export):
     out = fresh_export("fp16")
     (art,) = build_engines(out, ["sm89"], max_batch=1, max_seq=16, progress=False, profiles=("decode",))
     assert [p.name for p in art.manifest.profiles] == ["decode"]
-    with open(art.engine, "r+b") as f:
+    with open(art.engine_path, "r+b") as f:
         f.write(b"\0" * 16)
     (again,) = build_engines(out, ["sm89"], max_batch=1, max_seq=16, progress=False, profiles=("decode",))
     assert not again.reused
-    assert sha256_file(again.engine) == again.manifest.files["decoder.engine"]["sha256"]
+    assert sha256_file(again.engine_path) == again.manifest.files["decoder.engine"]["sha256"]

@@ -65,11 +65,11 @@ def test_a_node_rtx_cannot_import_is_named(tmp_path):
 def test_a_failed_rebuild_keeps_the_good_engine(tmp_path):
     out = write_synthetic_export(tmp_path / "export", "fp16", max_seq_len=16)
     (good,) = build_engines(out, ["sm80"], max_batch=1, progress=False)
-    before = good.engine.read_bytes()
+    before = good.engine_path.read_bytes()
     write_synthetic_export(out, "fp16", max_seq_len=16, unsupported=True)  # a new export that cannot build
     with pytest.raises(BuildError, match="rejected '/model/mystery/Mystery'"):
         build_engines(out, ["sm80"], max_batch=1, progress=False)
-    assert good.engine.read_bytes() == before and good.manifest_path.is_file()
+    assert good.engine_path.read_bytes() == before and good.manifest_path.is_file()
     assert (out / "engines" / "sm80.failed" / "capability.json").is_file()
     write_synthetic_export(out, "fp16", max_seq_len=16)  # fixed again: a good build clears the failure report
     build_engines(out, ["sm80"], max_batch=1, progress=False)

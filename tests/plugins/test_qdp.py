@@ -223,7 +223,7 @@ def test_full_tensorrt_parser_takes_the_qdps(tmp_path):
     vi = helper.make_tensor_value_info
     graph = helper.make_graph(
         [
-            helper.make_node("Attention", ["q", "k", "v", "pk", "pv", "pl", "sl"], ["o", "npk", "npv"],
+            helper.make_node("SlidingWindowAttention", ["q", "k", "v", "pk", "pv", "pl", "sl"], ["o", "npk", "npv"],
                              name="attn0", domain="gemma4", window=4, scale=1.0, **attrs),
             helper.make_node("MoE", ["x", "r", "s", "gu", "d"], ["y"], name="moe0", domain="gemma4", top_k=2, **attrs),
         ],

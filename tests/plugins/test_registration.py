@@ -61,7 +61,7 @@ def test_specs_match_the_exporters_onnx_schema(spec):
 
 def test_spec_for_names_the_known_ops():
     assert spec_for("MoE") is MOE
-    with pytest.raises(PluginError, match=r"no gemma4 plugin named 'Softcap'; known: \['Attention', 'MoE'\]"):
+    with pytest.raises(PluginError, match=r"no gemma4 plugin named 'Softcap'; known: \['SlidingWindowAttention', 'MoE'\]"):
         spec_for("Softcap")
 
 
@@ -222,8 +222,8 @@ def test_importing_the_plugin_modules_registers_nothing(tmp_path):
 @pytest.mark.rtx
 def test_register_plugins_is_explicit_and_idempotent_on_rtx(tmp_path):
     result = run_child(tmp_path, "twice")
-    assert result["first"] == result["second"] == ["gemma4::Attention", "gemma4::MoE"]
-    assert result["creators"] == [["Attention", "Gemma4PluginCreator"], ["MoE", "Gemma4PluginCreator"]]
+    assert result["first"] == result["second"] == ["gemma4::SlidingWindowAttention", "gemma4::MoE"]
+    assert result["creators"] == [["MoE", "Gemma4PluginCreator"], ["SlidingWindowAttention", "Gemma4PluginCreator"]]
 
 
 @rtx_only

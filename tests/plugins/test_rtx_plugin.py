@@ -39,19 +39,19 @@ ATTENTION_BUILTIN_ERROR = (
 
 
 def gemma4_model(
-    ops_: tuple[str, ...] = ("Attention", "MoE"),
+    ops_: tuple[str, ...] = ("SlidingWindowAttention", "MoE"),
     dtype: int = TensorProto.FLOAT,
-    attention_op: str = "Attention",
+    attention_op: str = "SlidingWindowAttention",
     window: onnx.AttributeProto | None = None,
     check: bool = True,
 ) -> onnx.ModelProto:
-    """One gemma4::Attention and/or one gemma4::MoE node, as export-format.md describes them."""
+    """One gemma4::SlidingWindowAttention and/or one gemma4::MoE node, as export-format.md describes them."""
     from gemma4_compile.export.custom_ops import functions
 
     plugin = {"plugin_namespace": "gemma4", "plugin_version": "1"}
     act = lambda name, shape: helper.make_tensor_value_info(name, dtype, shape)  # noqa: E731
     nodes, inputs, outputs, inits = [], [], [], []
-    if "Attention" in ops_:
+    if "SlidingWindowAttention" in ops_:
         node = helper.make_node(
             attention_op, ["q", "k", "v", "past_k", "past_v", "past_len", "seq_len"],
             ["out", "present_k", "present_v"], name="attn0", domain="gemma4", scale=SCALE, **plugin,
@@ -86,7 +86,7 @@ def gemma4_model(
             inits.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np_dtype), name))
     bodies = functions(set(ops_))
     for fn in bodies:
-        if fn.name == "Attention":
+        if fn.name == "SlidingWindowAttention":
             fn.name = attention_op
     model = helper.make_model(
         helper.make_graph(nodes, "gemma4_plugins", inputs, outputs, inits),
@@ -223,17 +223,18 @@ def test_moe_without_plugins_inlines_its_function_and_builds_on_cpu(tmp_path):
     assert result["plan_bytes"] > 0
 
 
-def test_attention_without_plugins_is_claimed_by_builtin_onnx_attention_importer(tmp_path):
-    """Dispatch is by op_type, whatever the domain: TensorRT's own ONNX `Attention` importer (opset 23)
-    beats the local function and rejects the three outputs. Without a plugin, `gemma4::Attention` cannot
-    parse at all; a non-builtin op_type (next test) inlines fine."""
-    result = child_result(run_child(tmp_path, gemma4_model(("Attention",)), "parse", "0", "0"))
+def test_an_op_named_attention_would_be_claimed_by_builtin_onnx_attention_importer(tmp_path):
+    """Why the op is called SlidingWindowAttention: dispatch is by op_type, whatever the domain, so
+    TensorRT's own ONNX `Attention` importer (opset 23) would beat the local function and reject the three
+    outputs; the exported op_type (next test) inlines fine."""
+    model = gemma4_model(("SlidingWindowAttention",), attention_op="Attention")
+    result = child_result(run_child(tmp_path, model, "parse", "0", "0"))
     assert not result["parsed"]
     assert result["errors"] == [ATTENTION_BUILTIN_ERROR]
 
 
-def test_attention_function_inlines_and_builds_under_a_non_builtin_op_type(tmp_path):
-    model = gemma4_model(("Attention",), attention_op="RingAttention")
+def test_attention_function_inlines_and_builds_under_the_exported_op_type(tmp_path):
+    model = gemma4_model(("SlidingWindowAttention",))
     result = child_result(run_child(tmp_path, model, "parse", "0", "1"))
     assert result["parsed"], result["errors"]
     assert "PLUGIN_V3" not in result["layer_types"]
@@ -284,12 +285,12 @@ def test_real_export_custom_nodes_become_plugins_and_build(tmp_path, make_export
         for n in manifest["custom_nodes"]
     }
     assert {name: p["values"] for name, p in result["plugins"].items()} == expected
-    assert {n["op_type"] for n in manifest["custom_nodes"]} == {"Attention", "MoE"}
+    assert {n["op_type"] for n in manifest["custom_nodes"]} == {"SlidingWindowAttention", "MoE"}
     assert result["plan_bytes"] > 0
 
 
 def test_wrongly_typed_attribute_is_refused_by_the_creator(tmp_path):
-    model = gemma4_model(("Attention",), window=helper.make_attribute("window", 4.0), check=False)
+    model = gemma4_model(("SlidingWindowAttention",), window=helper.make_attribute("window", 4.0), check=False)
     proc = run_child(tmp_path, model, "parse", "1", "0")
     result = child_result(proc)
     assert not result["parsed"]

@@ -93,3 +93,11 @@ def test_first_divergent_layer_and_growth():
     assert M.first_divergent_layer(errs, 2.0) is None
     growth = M.error_growth(errs)
     assert growth[0] == 1.0 and growth[3] == pytest.approx(2.0) and growth[2] > 1e6
+
+
+def test_nan_activations_count_as_overflow():
+    hidden = np.ones((2, 3, 4))
+    hidden[0, 1, 2] = np.nan
+    maxima = M.layer_abs_maxima(hidden)
+    assert maxima[0] == np.inf and maxima[1] == 1.0
+    assert M.overflow_scan({"layer 0": maxima[0]}).at_risk == ("layer 0",)

@@ -99,3 +99,12 @@ def test_failed_report_markdown_names_the_layer(tmp_path, make_checkpoint, torch
     assert "| 2 | sliding |" in md and "← first divergent" in md
     acc = json.loads((tmp_path / "reports" / "accuracy.json").read_text())
     assert acc["passed"] is False and acc["cases"][0]["localization"]["first_layer"] == 2
+
+
+def test_bench_contexts_straddle_the_window_and_fit_the_cache():
+    from gemma4_compile.model.presets import PRESETS
+
+    spec = PRESETS["tiny-e2b"]  # W = 8
+    assert BenchConfig().contexts(spec, 4096) == (4, 8, 16, 32)
+    config = BenchConfig(decode_steps=8, warmup=1)
+    assert config.contexts(spec, 40) == (4, 8, 16, 30)  # 30 + 8 steps + 1 warm-up + 1 <= 40
