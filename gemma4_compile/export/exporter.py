@@ -10,9 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +21,7 @@ import torch
 
 from .. import __version__
 from ..errors import ExportError, Gemma4CompileError
+from ..fsutil import atomic_directory
 from ..model.config import Gemma4Spec
 from ..model.model import Gemma4TextModel
 from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
@@ -96,23 +94,8 @@ def export_spec(
     max_seq_len = max_seq_len or spec.max_position_embeddings
     if max_seq_len < 1:
         raise ExportError(f"--max-seq-len must be positive, got {max_seq_len}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
-    except OSError as e:
-        raise ExportError(f"cannot create {out}: {e.strerror or e}") from None
-    try:
-        manifest = _export_into(tmp, spec, entries, dtype, max_seq_len, debug, progress or (lambda s: None), checkpoint)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"cannot write export to {out}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_directory(out, ExportError) as tmp:
+        _export_into(tmp, spec, entries, dtype, max_seq_len, debug, progress or (lambda s: None), checkpoint)
     manifest = ExportManifest.load(out)
     return ExportedModel(out, manifest)
 

@@ -9,10 +9,7 @@ Large tensors are generated in row chunks, so peak memory stays far below the mo
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
-import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..fsutil import atomic_directory
 from .config import Gemma4Spec
 from .weights import ST_NAMES, TEXT_PREFIXES, expected_shapes, leftover_shapes
 
@@ -131,9 +129,7 @@ def write_random_checkpoint(
     names = sorted(shapes)
     sizes = [(n, itemsize * _numel(shapes[n])) for n in names]
     shards = _plan_shards(sizes, max_shard_bytes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out, CheckpointError) as tmp:
         files = []
         weight_map: dict[str, str] = {}
         total = 0
@@ -152,15 +148,6 @@ def write_random_checkpoint(
         if multimodal:
             config["text_config"]["dtype"] = dtype_name
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint to {out}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return CheckpointInfo(out, spec, dtype, tuple(files), total, len(names))
 
 

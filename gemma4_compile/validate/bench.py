@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import BackendUnavailable, Gemma4CompileError
 from ..model.config import Gemma4Spec
 from .cases import FIRST_ID
+from .report import jsonable, write_reports
 from .runners import BaseRunner
 
 RunnerFactory = Callable[[], BaseRunner]
@@ -68,7 +69,7 @@ class BackendSummary:
     load_s: float | None
     rss_before_mb: float  # process RSS before this backend was built
     peak_rss_mb: float  # max process RSS sampled while it loaded and ran
-    device_peak_mb: float | None  # accelerator memory, if the runner reports `peak_memory_bytes()`
+    device_peak_mb: float | None  # runner's `peak_memory_bytes()`, else CUDA memory in use (whole device)
     error: str | None = None  # why it did not run (unavailable backend); then it has no rows
 
 
@@ -118,20 +119,10 @@ class LatencyReport:
         return "\n".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not np.isfinite(x):
-        return str(x)
-    return x
 
 
 # ----- measurement ------------------------------------------------------------------------------
@@ -161,19 +152,39 @@ def _row(backend: str, phase: str, batch: int, context: int, samples: list[float
     )
 
 
+def _device_used_mb() -> float | None:
+    """Memory in use on the current CUDA device (all processes), or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        free, total = torch.cuda.mem_get_info()
+    except RuntimeError:
+        return None
+    return (total - free) / 2**20
+
+
 class _Meter:
-    """Times steps and samples RSS after each one."""
+    """Times steps; samples process RSS and device memory after each one (outside the timed region)."""
 
     def __init__(self) -> None:
         self.peak = _rss_mb()
+        self.device_peak = _device_used_mb()
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, _rss_mb())
+        device = _device_used_mb()
+        if device is not None:
+            self.device_peak = max(self.device_peak or 0.0, device)
 
     def step(
         self, runner: BaseRunner, state: Any, ids: np.ndarray, lengths: np.ndarray
     ) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
-        logits = runner.step(state, ids, lengths)
+        logits = runner.step(state, ids, lengths)  # returns host logits, so the device work is done
         dt = time.perf_counter() - t0
-        self.peak = max(self.peak, _rss_mb())
+        self.sample()
         return logits, dt
 
 
@@ -253,13 +264,13 @@ def bench_runners(
             summaries.append(BackendSummary(name, None, before, before, None, error=str(e)))
             continue
         load_s = time.perf_counter() - t0 if runner is not item else None
-        meter.peak = max(meter.peak, _rss_mb())
+        meter.sample()
         rows += [
             LatencyRow(**{**asdict(r), "backend": name})
             for r in time_runner(runner, spec, config, contexts, meter)
         ]
-        device = getattr(runner, "peak_memory_bytes", None)
-        device_mb = device() / 2**20 if callable(device) else None
+        own = getattr(runner, "peak_memory_bytes", None)  # a runner that knows its own device memory wins
+        device_mb = own() / 2**20 if callable(own) else meter.device_peak
         summaries.append(BackendSummary(name, load_s, before, meter.peak, device_mb))
         del runner
     return LatencyReport(spec.sliding_window, precision, config, _with_ratios(rows), summaries, environment())
@@ -280,19 +291,15 @@ def bench(
     `compare` runners need the source checkpoint (`checkpoint`, or export.json's "checkpoint"); one that cannot
     be built is listed with its reason instead of failing the run. Requested `backends` must be available.
     """
-    from .validate import _read_export, make_runner
+    from .validate import make_runner, read_export, source_checkpoint
 
     export_dir = Path(export_dir)
-    manifest = _read_export(export_dir)
+    manifest = read_export(export_dir)
     precision = manifest.get("dtype", "fp32")
-    ckpt = (
-        Path(checkpoint)
-        if checkpoint
-        else (Path(manifest["checkpoint"]) if manifest.get("checkpoint") else None)
-    )
-    spec = Gemma4Spec.from_dict(manifest["spec"]) if "spec" in manifest else None
-    if spec is None:
+    ckpt = source_checkpoint(manifest, checkpoint)
+    if "spec" not in manifest:
         raise Gemma4CompileError(f"{export_dir}/export.json has no spec")
+    spec = Gemma4Spec.from_dict(manifest["spec"])
     factories: dict[str, RunnerFactory] = {}
     for name in compare:
         factories[name] = lambda name=name: _optional(make_runner, name, export_dir, ckpt, precision)
@@ -304,8 +311,6 @@ def bench(
     if failed:
         raise BackendUnavailable(failed[0].error or failed[0].backend)
     if write:
-        from .report import write_reports
-
         write_reports(Path(out_dir) if out_dir else export_dir, latency=report)
     return report
 

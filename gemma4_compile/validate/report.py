@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from .bench import LatencyReport
     from .validate import AccuracyReport
@@ -22,6 +24,19 @@ ERROR_PLOT, LATENCY_PLOT = "accuracy_error_by_position.png", "latency_decode.png
 
 
 # ----- files ------------------------------------------------------------------------------------
+
+
+def jsonable(x: Any) -> Any:
+    """Strict JSON from asdict() output: numpy scalars to Python, non-finite floats to strings ("inf", "nan")."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if np.isfinite(x) else str(float(x))
+    if isinstance(x, (np.integer, np.bool_)):
+        return x.item()
+    return x
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:

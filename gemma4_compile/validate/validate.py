@@ -22,6 +22,7 @@ from ..errors import BackendUnavailable, Gemma4CompileError, ValidationFailed
 from ..model.config import Gemma4Spec
 from . import metrics as M
 from .cases import DEFAULT_STEPS, Case, default_cases, load_prompts
+from .report import jsonable, write_reports
 from .runners import BaseRunner
 
 log = logging.getLogger("gemma4_compile.validate")
@@ -189,25 +190,12 @@ class AccuracyReport:
             raise ValidationFailed(self.failure_message())
 
     def to_dict(self) -> dict[str, Any]:
-        d = _jsonable(asdict(self))
+        d = jsonable(asdict(self))
         d["passed"] = self.passed
         return d
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-
-
-def _jsonable(x: Any) -> Any:
-    """Strict JSON: numpy scalars to Python, non-finite floats to strings."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if np.isfinite(x) else str(float(x))
-    if isinstance(x, (np.integer, np.bool_)):
-        return x.item()
-    return x
 
 
 # ----- running a case ---------------------------------------------------------------------------
@@ -468,7 +456,8 @@ BACKENDS = ("ort", "trt", "torch", "hf")
 REFERENCES = ("torch", "hf")
 
 
-def _read_export(export_dir: Path) -> dict[str, Any]:
+def read_export(export_dir: Path) -> dict[str, Any]:
+    """export.json as a dict (raw: later stages only need dtype, spec, max_seq_len and checkpoint)."""
     path = export_dir / "export.json"
     if not path.is_file():
         raise Gemma4CompileError(
@@ -478,6 +467,13 @@ def _read_export(export_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise Gemma4CompileError(f"{path}: unreadable ({e})") from None
+
+
+def source_checkpoint(manifest: dict[str, Any], checkpoint: str | Path | None) -> Path | None:
+    """The checkpoint the reference loads: the one given, else the export's recorded source."""
+    if checkpoint:
+        return Path(checkpoint)
+    return Path(manifest["checkpoint"]) if manifest.get("checkpoint") else None
 
 
 def make_runner(
@@ -528,13 +524,9 @@ def validate(
     export_dir = Path(export_dir)
     if reference not in REFERENCES:
         raise Gemma4CompileError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
-    manifest = _read_export(export_dir)
+    manifest = read_export(export_dir)
     precision = manifest.get("dtype", "fp32")
-    ckpt = (
-        Path(checkpoint)
-        if checkpoint
-        else (Path(manifest["checkpoint"]) if manifest.get("checkpoint") else None)
-    )
+    ckpt = source_checkpoint(manifest, checkpoint)
     steps = DEFAULT_STEPS if steps is None else steps
     if steps < 1:
         raise Gemma4CompileError(f"steps must be at least 1, got {steps}")
@@ -548,8 +540,6 @@ def validate(
     out = Path(out_dir) if out_dir else export_dir
     if write:
         report = _attach_polygraphy(report, ref, export_dir, out, cases)
-        from .report import write_reports
-
         write_reports(out, accuracy=report)
     return report
 

@@ -17,9 +17,9 @@ import torch
 
 pytest.importorskip("triton", reason="the plugin kernels are Triton kernels")
 
-from gemma4_compile.errors import Gemma4CompileError  # noqa: E402
-from gemma4_compile.model import ops  # noqa: E402
-from gemma4_compile.plugins.kernels import attention as K  # noqa: E402
+from gemma4_compile.errors import Gemma4CompileError
+from gemma4_compile.model import ops
+from gemma4_compile.plugins.kernels import attention as K
 
 pytestmark = pytest.mark.kernel
 DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" and torch.cuda.is_available() else "cpu"
@@ -176,5 +176,7 @@ def test_kernel_aot_config_fits_every_target():
             for group in (1, 2, 8):
                 constexprs, warps, stages = K.aot_config(head_dim, group, "bf16", 1.0, target)
                 assert constexprs["BLOCK_M"] >= group and constexprs["FUSE_RING"]
-                conf = next(c for c in K.fwd_configs(head_dim, target.name) if c.kwargs["BLOCK_M"] == constexprs["BLOCK_M"])
+                tile = {k: constexprs[k] for k in ("BLOCK_M", "BLOCK_N")}
+                conf = next(c for c in K.fwd_configs(head_dim, target.name) if c.kwargs == tile)
+                assert (conf.num_warps, conf.num_stages) == (warps, stages)
                 assert K.fwd_shared_bytes(conf, head_dim) <= target.max_shared_bytes

@@ -16,9 +16,9 @@ import torch
 
 pytest.importorskip("triton", reason="the plugin kernels are Triton kernels")
 
-from gemma4_compile.errors import Gemma4CompileError  # noqa: E402
-from gemma4_compile.model import ops  # noqa: E402
-from gemma4_compile.plugins.kernels import moe as M  # noqa: E402
+from gemma4_compile.errors import Gemma4CompileError
+from gemma4_compile.model import ops
+from gemma4_compile.plugins.kernels import moe as M
 
 pytestmark = pytest.mark.kernel
 DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" and torch.cuda.is_available() else "cpu"

@@ -44,10 +44,18 @@ def test_validate_with_a_prompt_file(tmp_path, make_export, make_checkpoint):
 def test_validate_user_errors(tmp_path, make_export):
     with pytest.raises(Gemma4CompileError, match="not an export directory"):
         validate(tmp_path)
-    with pytest.raises(Gemma4CompileError, match="needs the source checkpoint"):
-        validate(make_export("tiny-31b"), write=False)
     with pytest.raises(Gemma4CompileError, match="unknown reference 'jax'"):
         validate(make_export("tiny-31b"), reference="jax")
+    (tmp_path / "export.json").write_text(json.dumps({"dtype": "fp32"}))  # an export that names no checkpoint
+    with pytest.raises(Gemma4CompileError, match="needs the source checkpoint"):
+        validate(tmp_path, write=False)
+
+
+def test_validate_finds_the_recorded_checkpoint(make_export):
+    export = make_export("tiny-31b")
+    assert json.loads((export / "export.json").read_text()).get("checkpoint")
+    report = validate(export, steps=2, write=False)
+    assert report.passed, report.failure_message()
 
 
 def test_bench_export(tmp_path, make_export, make_checkpoint):

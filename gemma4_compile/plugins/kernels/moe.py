@@ -343,6 +343,27 @@ def aot_configs(
     }  # fmt: skip
 
 
+def workspace(
+    tokens: int, hidden: int, experts: int, inter: int, top_k: int, dtype: torch.dtype
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every buffer the seven launches pass between them, by kernel argument name: (shape, dtype).
+
+    Weights/Ids come out of routing; BlockCounts/BlockOffsets/ExpertOffsets/TileOffsets/SortedPairs/PairRows
+    out of the sort; H (the GLU activations) and Out (weighted expert rows, sorted order) out of the GEMMs;
+    Y is the result. Sizes grow with T*K, never with E beyond the E+1 offsets."""
+    n = tokens * top_k
+    block_e = triton.next_power_of_2(experts)
+    i32 = torch.int32
+    return {
+        "Weights_ptr": ((tokens, top_k), torch.float32), "Ids_ptr": ((tokens, top_k), i32),
+        "BlockCounts_ptr": ((triton.cdiv(n, BLOCK_P), block_e), i32),
+        "BlockOffsets_ptr": ((triton.cdiv(n, BLOCK_P), block_e), i32),
+        "ExpertOffsets_ptr": ((experts + 1,), i32), "TileOffsets_ptr": ((experts + 1,), i32),
+        "SortedPairs_ptr": ((n,), i32), "PairRows_ptr": ((n,), i32),
+        "H_ptr": ((n, inter), dtype), "Out_ptr": ((n, hidden), dtype), "Y_ptr": ((tokens, hidden), dtype),
+    }  # fmt: skip
+
+
 def _gemm_config(rows_per_expert: float, hidden: int, inter: int) -> triton.Config:
     if _interpreting() or not torch.cuda.is_available():
         return triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
@@ -391,13 +412,14 @@ def moe(
     block_e = triton.next_power_of_2(E)
     launch = {"num_warps": conf.num_warps, "num_stages": conf.num_stages}
     tiles = triton.cdiv(n, bm) + min(E, n)  # bound on sum_e cdiv(rows_e, BM): one partial tile per hit expert
-    h = torch.empty(n, inter, device=x.device, dtype=x.dtype)
+    ws = workspace(T, H, E, inter, top_k, x.dtype)
+    h = torch.empty(ws["H_ptr"][0], device=x.device, dtype=x.dtype)
     _moe_gate_up_kernel[(tiles, triton.cdiv(inter, bn))](
         x, gate_up, sorted_pairs, expert_offsets, tile_offsets,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), H, inter, E, h,
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=block_e, INPUT_PRECISION=prec, **launch,
     )  # fmt: skip
-    rows = torch.empty(n, H, device=x.device, dtype=x.dtype)
+    rows = torch.empty(ws["Out_ptr"][0], device=x.device, dtype=x.dtype)
     _moe_down_kernel[(tiles, triton.cdiv(H, bn))](
         h, down, sorted_pairs, weights, expert_offsets, tile_offsets,
         h.stride(0), down.stride(0), down.stride(1), rows.stride(0), H, inter, E, rows,
