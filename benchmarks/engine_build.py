@@ -29,8 +29,9 @@ GIB = 1 << 30
 BUILD = """
 import json, sys
 from gemma4_compile.engines import build_engines
-export, target, max_batch, max_seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-(art,) = build_engines(export, [target], max_batch=max_batch, max_seq=max_seq, force=True, progress=False)
+export, target, max_batch, max_seq, profiles = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+(art,) = build_engines(export, [target], max_batch=max_batch, max_seq=max_seq, force=True, progress=False,
+                       profiles=tuple(profiles.split(",")))
 print(json.dumps(art.manifest.to_dict()))
 """
 
@@ -52,7 +53,8 @@ class Row:
 # ----- steps ------------------------------------------------------------------------------------
 
 
-def _export(preset: str, dtype: str, work: Path, max_seq: int) -> tuple[Path, float]:
+def _export(preset: str, dtype: str, work: Path, max_seq: int) -> tuple[Path, float | None]:
+    """-> (export dir, seconds); an existing export of the same dtype and max_seq_len is reused (seconds None)."""
     import torch
 
     from gemma4_compile.export import export_checkpoint
@@ -63,6 +65,10 @@ def _export(preset: str, dtype: str, work: Path, max_seq: int) -> tuple[Path, fl
     if not (ckpt / "config.json").is_file():
         write_random_checkpoint(PRESETS[preset], ckpt, seed=0, dtype=torch.bfloat16)
     out = work / f"export-{preset}-{dtype}"
+    if (out / "export.json").is_file():
+        meta = json.loads((out / "export.json").read_text())
+        if (meta.get("dtype"), meta.get("max_seq_len")) == (dtype, max_seq):
+            return out, None
     t0 = time.perf_counter()
     export_checkpoint(ckpt, out, dtype=dtype, max_seq_len=max_seq, force=True)
     return out, time.perf_counter() - t0
@@ -96,9 +102,19 @@ def _watch(proc: subprocess.Popen, cap_bytes: int, seen: dict) -> None:
         return
 
 
-def _build(export_dir: Path, target: str, max_batch: int, max_seq: int, cap_bytes: int, timeout: float):
+def _build(export_dir: Path, target: str, args) -> tuple[dict | None, str]:
     """-> (manifest dict or None, status)."""
-    cmd = [sys.executable, "-c", BUILD, str(export_dir), target, str(max_batch), str(max_seq)]
+    cmd = [
+        sys.executable,
+        "-c",
+        BUILD,
+        str(export_dir),
+        target,
+        str(args.max_batch),
+        str(args.max_seq),
+        args.profiles,
+    ]
+    cap_bytes, timeout = args.cap_bytes, args.timeout
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: dict[str, int] = {}
     watchdog = threading.Thread(target=_watch, args=(proc, cap_bytes, seen), daemon=True)
@@ -124,6 +140,10 @@ def _build(export_dir: Path, target: str, max_batch: int, max_seq: int, cap_byte
     return json.loads(out.strip().splitlines()[-1]), "ok"
 
 
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
+
+
 def measure(preset: str, dtype: str, targets: list[str], work: Path, args) -> list[Row]:
     try:
         export_dir, export_s = _export(preset, dtype, work, args.max_seq)
@@ -143,7 +163,7 @@ def measure(preset: str, dtype: str, targets: list[str], work: Path, args) -> li
             )
             continue
         mem = manifest["memory"]
-        rows.append(Row(preset, dtype, target, weights, round(export_s, 1), manifest["build_seconds"],
+        rows.append(Row(preset, dtype, target, weights, _round(export_s), manifest["build_seconds"],
                         mem["peak_rss_bytes"], mem["peak_rss_bytes"] - mem["start_rss_bytes"],
                         manifest["files"]["decoder.engine"]["bytes"], "ok"))  # fmt: skip
     if not args.keep:
@@ -214,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--max-batch", type=int, default=1)
     parser.add_argument("--max-seq", type=int, default=256)
+    parser.add_argument("--profiles", default="prefill,decode", help="optimization profiles per engine")
     parser.add_argument("--full", default="", help="full-size presets to try as well, e.g. e2b")
     parser.add_argument(
         "--cap-gib", type=float, default=None, help="RSS cap per build (default: 85%% of free RAM)"
@@ -241,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     print_table(rows)
     print(json.dumps({"benchmark": "engine_build", "environment": _environment(), "max_batch": args.max_batch,
-                      "max_seq": args.max_seq, "rows": [asdict(r) for r in rows]}))  # fmt: skip
+                      "max_seq": args.max_seq, "profiles": args.profiles, "cap_bytes": args.cap_bytes,
+                      "rows": [asdict(r) for r in rows]}))  # fmt: skip
     return 0
 
 

@@ -186,7 +186,7 @@ def validate(export_dir: Path, backend: str, reference: str, checkpoint: Path | 
 
     report = run_validate(export_dir, backend=backend, reference=reference, checkpoint=checkpoint,
                           prompts=prompts, steps=steps, target=target)  # fmt: skip
-    out.print(report.summary())
+    click.echo(report.summary())
     if not report.passed:
         raise _failed(report)
 
@@ -208,7 +208,7 @@ def bench(export_dir: Path, backends: tuple[str, ...], checkpoint: Path | None, 
     from .validate import bench as run_bench
 
     report = run_bench(export_dir, backends=list(backends), checkpoint=checkpoint, target=target)
-    out.print(report.summary())
+    click.echo(report.summary())
 
 
 @cli.command("compile")
@@ -224,7 +224,7 @@ def compile_(checkpoint: Path | None, output: Path, targets: tuple[str, ...], dt
     from .pipeline import run_pipeline
 
     result = run_pipeline(checkpoint, output, targets=list(targets), dtype=dtype, preset=preset, force=force)
-    out.print(result.summary_path.read_text())
+    click.echo(result.summary_path.read_text())
     if not result.passed:
         raise Gemma4CompileError(f"validation failed; see {result.summary_path}")
 

@@ -31,13 +31,29 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..engines.targets import GpuTarget, resolve_target
 from ..errors import BuildError
 
 DTYPES = ("bf16", "fp16", "fp32")
 ALL_TARGETS = ("sm80", "sm86", "sm89", "sm90", "sm100", "sm120")
+
+# PTX is JIT-compiled by the driver that loads it, and a driver rejects a PTX ISA newer than its CUDA version.
+# Triton's default is the newest ISA its bundled ptxas knows (8.8 below sm90, 9.4 from sm90 with Triton 3.9,
+# i.e. CUDA 13.4 drivers). "oldest" asks for the oldest ISA each architecture accepts: 8.0 (CUDA 12.0) up to
+# sm90a, 8.6 (CUDA 12.7) for sm100a, 8.7 (CUDA 12.8) for sm120a; every default variant compiles with it.
+OLDEST_PTX = {8: 80, 9: 80, 10: 86, 12: 87}
+PtxVersion = int | Literal["oldest", "newest"]
+
+
+def resolve_ptx_version(ptx_version: PtxVersion, target: GpuTarget) -> int | None:
+    """An explicit ISA (e.g. 90 for PTX 9.0), the oldest the target accepts, or None for Triton's newest."""
+    if ptx_version == "newest":
+        return None
+    if ptx_version == "oldest":
+        return OLDEST_PTX.get(target.major, 80)
+    return int(ptx_version)
 
 # ----- what can be compiled -------------------------------------------------------------------------
 
@@ -479,7 +495,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def compile_variants(out_dir: str | os.PathLike[str], variants: Iterable[Variant], *, jobs: int | None = None,
-                     ptx_version: int | None = None) -> list[KernelEntry]:  # fmt: skip
+                     ptx_version: PtxVersion = "oldest") -> list[KernelEntry]:  # fmt: skip
     """Compile variants (or reuse their files) and check each one's shared memory against its target.
 
     The work runs in `jobs` child processes (`python -m gemma4_compile.plugins.aot`): there the kernels are
@@ -498,8 +514,9 @@ def compile_variants(out_dir: str | os.PathLike[str], variants: Iterable[Variant
         workers = []
         for j in range(jobs):
             idx = list(range(j, len(todo), jobs))
-            request = {"out_dir": str(out), "ptx_version": ptx_version, "result": f"{tmp}/{j}.json",
-                       "variants": [asdict(todo[i]) for i in idx]}  # fmt: skip
+            request = {"out_dir": str(out), "result": f"{tmp}/{j}.json",
+                       "variants": [asdict(todo[i]) for i in idx],
+                       "ptx_versions": [resolve_ptx_version(ptx_version, resolve_target(todo[i].target)) for i in idx]}  # fmt: skip
             proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)  # fmt: skip
             proc.stdin.write(json.dumps(request, default=str))  # type: ignore[union-attr]
@@ -524,11 +541,11 @@ def _worker_main() -> None:
     """Child side of `compile_variants`: variants on stdin, one record (or error line) each to a JSON file."""
     request = json.loads(sys.stdin.read())
     out = []
-    for v in request["variants"]:
+    for v, ptx_version in zip(request["variants"], request["ptx_versions"]):
         variant = Variant(v["kernel"], v["target"], v["dtype"], tuple(tuple(c) for c in v["constexprs"]),
                           v["num_warps"], v["num_stages"])  # fmt: skip
         try:
-            out.append(_compile_one(variant, request["out_dir"], request["ptx_version"]))
+            out.append(_compile_one(variant, request["out_dir"], ptx_version))
         except BuildError as e:
             out.append({"error": str(e)})
     _atomic_write(Path(request["result"]), json.dumps(out, default=str).encode())
@@ -536,7 +553,7 @@ def _worker_main() -> None:
 
 def compile_kernels(
     out_dir: str | os.PathLike[str], targets: list[str], dtypes: Sequence[str] = ("bf16", "fp16"), *,
-    head_dims: Sequence[int] = (256, 512), jobs: int | None = None, ptx_version: int | None = None,
+    head_dims: Sequence[int] = (256, 512), jobs: int | None = None, ptx_version: PtxVersion = "oldest",
 ) -> KernelArtifacts:  # fmt: skip
     """Compile every kernel variant for each target and dtype; write the resource table `out_dir/kernels.json`."""
     resolved = [resolve_target(t) for t in targets]

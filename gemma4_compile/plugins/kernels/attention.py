@@ -55,7 +55,7 @@ from torch import Tensor
 from ...engines.targets import GpuTarget, native_target
 from ...errors import Gemma4CompileError
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = 2^(x log2 e)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256, 512)
 
 
@@ -272,7 +272,7 @@ def _attn_fwd_kernel(
         acc, m_i, l_i = _attend(
             acc, m_i, l_i, q, q_pos, row_empty,
             k_base, k_stride_s, v_base, v_stride_s, pk_base, pk_stride_s, pv_base, pv_stride_s,
-            past_len, lo, hi, slots, window, p_start, p_end, SCALE * 1.4426950408889634,
+            past_len, lo, hi, slots, window, p_start, p_end, SCALE * LOG2E,
             HEAD_DIM, BLOCK_N, INPUT_PRECISION,
         )  # fmt: skip
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -354,7 +354,7 @@ def _attn_decode_split_kernel(
         K_ptr + b64 * k_stride_b + kvh64 * k_stride_h, 0, V_ptr + b64 * v_stride_b + kvh64 * v_stride_h, 0,
         PK_ptr + b64 * pk_stride_b + kvh64 * pk_stride_h, pk_stride_s,
         PV_ptr + b64 * pv_stride_b + kvh64 * pv_stride_h, pv_stride_s,
-        past_len, lo, hi, slots, window, start, end, SCALE * 1.4426950408889634,
+        past_len, lo, hi, slots, window, start, end, SCALE * LOG2E,
         HEAD_DIM, BLOCK_N, INPUT_PRECISION,
     )  # fmt: skip
     mid = ((b64 * num_kv_heads * group + head.to(tl.int64)) * num_splits + split)

@@ -41,7 +41,7 @@ from ...engines.targets import native_target
 from ...errors import Gemma4CompileError
 
 BLOCK_P = 128  # routed pairs per sort program
-GELU_K = 1.5957691216057308  # 2 * sqrt(2 / pi)
+GELU_K = tl.constexpr(1.5957691216057308)  # 2 sqrt(2 / pi): gelu_tanh(u) = u * sigmoid(GELU_K (u + 0.044715 u^3))
 
 
 def _interpreting() -> bool:
@@ -211,7 +211,7 @@ def _moe_gate_up_kernel(
             wu = tl.load(w_ptr + inter * gu_stride_n + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc_g = tl.dot(a, tl.trans(wg), acc_g, input_precision=INPUT_PRECISION)
             acc_u = tl.dot(a, tl.trans(wu), acc_u, input_precision=INPUT_PRECISION)
-        u = 1.5957691216057308 * (acc_g + 0.044715 * acc_g * acc_g * acc_g)
+        u = GELU_K * (acc_g + 0.044715 * acc_g * acc_g * acc_g)
         h = acc_g * tl.sigmoid(u) * acc_u
         tl.store(H_ptr + rows[:, None].to(tl.int64) * h_stride + n[None, :], h.to(H_ptr.dtype.element_ty),
                  mask=r_ok[:, None] & n_ok[None, :])  # fmt: skip
