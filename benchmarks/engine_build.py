@@ -154,9 +154,7 @@ def measure(preset: str, dtype: str, targets: list[str], work: Path, args) -> li
     weights = decoder_weight_bytes(export_dir)
     rows = []
     for target in targets:
-        manifest, status = _build(
-            export_dir, target, args.max_batch, args.max_seq, args.cap_bytes, args.timeout
-        )
+        manifest, status = _build(export_dir, target, args)
         if manifest is None:
             rows.append(
                 Row(preset, dtype, target, weights, round(export_s, 1), None, None, None, None, status)

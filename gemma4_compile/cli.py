@@ -147,19 +147,25 @@ def export(checkpoint: Path, output: Path, dtype: str, max_seq_len: int | None, 
 @click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5), help="Builder optimization level.")
 @click.option("--max-batch", default=8, show_default=True, type=int)
 @click.option("--max-seq", type=int, help="Largest prefill / cache length in the profiles [default: the export's].")
-@click.option("--force", is_flag=True, help="Replace existing engines.")
+@click.option("--profile", "profiles", multiple=True, type=click.Choice(["prefill", "decode"]),
+              default=("prefill", "decode"), show_default=True,
+              help="Optimization profiles to build (decode-only engines need far less build memory).")
+@click.option("--flavour", type=click.Choice(["tensorrt", "tensorrt_rtx"]),
+              help="Force a TensorRT flavour [default: full TensorRT on its own GPU, else TensorRT-RTX ahead of time].")
+@click.option("--force", is_flag=True, help="Rebuild even when an up-to-date engine exists.")
 def build(export_dir: Path, targets: tuple[str, ...], plugins: bool, opt_level: int, max_batch: int,
-          max_seq: int | None, force: bool) -> None:  # fmt: skip
+          max_seq: int | None, profiles: tuple[str, ...], flavour: str | None, force: bool) -> None:  # fmt: skip
     """Build a TensorRT engine per GPU target from an export (TensorRT or TensorRT-RTX)."""
     from .engines import build_engines
 
     for art in build_engines(export_dir, list(targets), plugins=plugins, opt_level=opt_level, max_batch=max_batch,
-                             max_seq=max_seq, force=force):  # fmt: skip
-        out.print(f"built {art.target}: {art.engine_path}")
+                             max_seq=max_seq, profiles=profiles, flavour=flavour, force=force):  # fmt: skip
+        out.print(f"{'reused' if art.reused else 'built'} {art.target}: {art.engine_path}")
 
 
 @cli.command()
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Kernel directory.")
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+              help="Kernel directory; use OUT/kernels so `build` fingerprints the kernels into engine manifests.")
 @click.option("--target", "targets", multiple=True, default=("sm80", "sm86", "sm89", "sm90", "sm100", "sm120"),
               show_default=True, help=TARGET_HELP)  # fmt: skip
 def kernels(output: Path, targets: tuple[str, ...]) -> None:

@@ -111,7 +111,10 @@ def _timing_cache(parsed: ParsedNetwork, config: Any, path: Path | None) -> Timi
         return TimingCache(None)
     data = path.read_bytes() if path.is_file() else b""
     cache = config.create_timing_cache(data)
-    config.set_timing_cache(cache, False)  # False: a cache from another device/version is an error
+    # ignore_mismatch=False: TensorRT refuses a cache timed on another device; then start a fresh one
+    if not config.set_timing_cache(cache, False) and data:
+        data = b""
+        config.set_timing_cache(config.create_timing_cache(data), False)
     return TimingCache(path, len(data))
 
 

@@ -95,7 +95,7 @@ def _sm_of(device: int | str | GpuTarget | None) -> int | None:
 
 def check_engine(
     manifest: EngineManifest, trt_flavour: TrtFlavour | None, device_sm: int | str | GpuTarget | None
-):
+) -> None:
     """Refuse an engine built for another TensorRT or GPU: BackendUnavailable "expected X, found Y"."""
     expected = f"{manifest.trt_title} on sm{manifest.sm}"
     found_trt = trt_flavour.title if trt_flavour is not None else "no TensorRT"

@@ -21,10 +21,11 @@ def _console():
 @contextlib.contextmanager
 def spinner(message: str, enabled: bool) -> Iterator[None]:
     """A spinner while a phase with no progress callback runs (parsing, writing)."""
-    if not enabled:
+    console = _console()
+    if not enabled or not console.is_terminal:  # logs and CI get no spinner frames
         yield
         return
-    with _console().status(message):
+    with console.status(message):
         yield
 
 
@@ -38,11 +39,13 @@ def make_monitor(flavour: TrtFlavour, progress: Any, label: str):
             self._lock = threading.Lock()  # TensorRT may call from several threads
             self._tasks: dict[str, Any] = {}
             self._depth: dict[str, int] = {}
+            self.phases: list[str] = []  # every phase TensorRT started, in order
 
         def phase_start(self, phase_name, parent_phase, num_steps):
             with self._lock:
                 depth = self._depth.get(parent_phase, -1) + 1 if parent_phase else 0
                 self._depth[phase_name] = depth
+                self.phases.append(phase_name)
                 if depth < MAX_DEPTH:
                     indent = "  " * depth
                     self._tasks[phase_name] = progress.add_task(
@@ -66,8 +69,9 @@ def make_monitor(flavour: TrtFlavour, progress: Any, label: str):
 
 @contextlib.contextmanager
 def build_progress(flavour: TrtFlavour, label: str, enabled: bool) -> Iterator[Any]:
-    """-> an IProgressMonitor drawing into a transient rich display, or None when disabled."""
-    if not enabled:
+    """-> an IProgressMonitor drawing into a transient rich display, or None when disabled or not a terminal."""
+    console = _console()
+    if not enabled or not console.is_terminal:
         yield None
         return
     from rich.progress import (
@@ -81,5 +85,5 @@ def build_progress(flavour: TrtFlavour, label: str, enabled: bool) -> Iterator[A
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())  # fmt: skip
-    with Progress(*columns, console=_console(), transient=True) as progress:
+    with Progress(*columns, console=console, transient=True) as progress:
         yield make_monitor(flavour, progress, label)

@@ -99,3 +99,37 @@ def test_a_damaged_engine_is_rebuilt_not_reused(fresh_export):
     (again,) = build_engines(out, ["sm89"], max_batch=1, max_seq=16, progress=False, profiles=("decode",))
     assert not again.reused
     assert sha256_file(again.engine_path) == again.manifest.files["decoder.engine"]["sha256"]
+
+
+def test_progress_monitor_mirrors_tensorrt_phases(synthetic_exports, tmp_path):
+    """TensorRT-RTX's IProgressMonitor drives the rich display (forced onto a fake terminal here)."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from gemma4_compile.engines import (
+        BuildOptions,
+        ProfileLimits,
+        derive_profiles,
+        read_export,
+        resolve_target,
+    )
+    from gemma4_compile.engines.config import config_from_network
+    from gemma4_compile.engines.engine import engine_from_network
+    from gemma4_compile.engines.network import network_from_onnx
+    from gemma4_compile.engines.progress import make_monitor
+
+    export, rtx = read_export(synthetic_exports["fp16"]), load_trt("tensorrt_rtx")
+    options = BuildOptions(limits=ProfileLimits(max_batch=1, max_seq=8), progress=True)
+    parsed = network_from_onnx(export, rtx)
+    build = config_from_network(
+        parsed, resolve_target("sm86"), options, derive_profiles(export, options.limits)
+    )
+    screen = io.StringIO()
+    with Progress(console=Console(file=screen, force_terminal=True, width=120)) as progress:
+        monitor = make_monitor(rtx, progress, "sm86:")
+        plan = engine_from_network(parsed, build, tmp_path / "decoder.engine", "sm86", monitor)
+    assert plan.bytes > 0 and plan.sha256 == sha256_file(tmp_path / "decoder.engine")
+    assert monitor.phases[0] == "Building engine" and "Computing profile costs" in monitor.phases
+    assert "sm86: Building engine" in screen.getvalue()

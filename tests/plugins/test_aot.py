@@ -194,7 +194,7 @@ def test_kernel_aot_moe_launch_contract_reproduces_the_reference():
     torch.testing.assert_close(tensors["Y_ptr"], want, atol=2e-5, rtol=2e-5)
 
 
-def test_parse_ptxas_log():
+def test_kernel_aot_parse_ptxas_log():
     log = (
         "ptxas info    : Compiling entry function '_k' for 'sm_90a'\n"
         "    184 bytes stack frame, 176 bytes spill stores, 168 bytes spill loads\n"
@@ -204,7 +204,7 @@ def test_parse_ptxas_log():
     assert aot.parse_ptxas_log("") == {"registers": 0, "stack_bytes": 0, "spill_stores": 0, "spill_loads": 0}
 
 
-def test_atomic_write_leaves_the_old_table_on_failure(tmp_path, monkeypatch):
+def test_kernel_aot_atomic_write_leaves_the_old_table_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "kernels.json"
     path.write_text("old")
 
