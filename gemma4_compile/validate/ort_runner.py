@@ -68,7 +68,7 @@ class OrtRunner(BaseRunner):
 
     def debug_outputs(self, input_ids: np.ndarray, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
         if not self.manifest.debug:
-            raise BackendUnavailable("ort: per-layer outputs need a debug export (gemma4-compile export --debug)")
+            raise BackendUnavailable("ort: per-layer outputs need an export with --debug-outputs")
         from .runners import _lengths
 
         input_ids = np.asarray(input_ids, dtype=np.int64)
