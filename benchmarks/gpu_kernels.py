@@ -36,7 +36,9 @@ ATOL = RTOL = 3e-2  # bf16 output vs the fp32 reference (the kernel rounds p and
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU interpreter (no GPU needed)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="tiny shapes on the CPU interpreter (no GPU needed)"
+    )
     p.add_argument("--only", choices=("attention", "moe"), help="run one family")
     return p.parse_args(argv)
 
@@ -150,7 +152,9 @@ def sdpa_baseline(inp: dict[str, Any]) -> Callable[[], torch.Tensor]:
                                                       enable_gqa=True)  # fmt: skip
     except (TypeError, RuntimeError):  # older torch or a backend without GQA: expand the KV heads
         keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-        return lambda: F.scaled_dot_product_attention(inp["q"], keys, values, attn_mask=mask, scale=inp["scale"])
+        return lambda: F.scaled_dot_product_attention(
+            inp["q"], keys, values, attn_mask=mask, scale=inp["scale"]
+        )
 
 
 def attention_row(c: AttnCase, device: str, dtype: torch.dtype) -> Row:
@@ -158,15 +162,20 @@ def attention_row(c: AttnCase, device: str, dtype: torch.dtype) -> Row:
     from gemma4_compile.plugins.kernels import attention as A
 
     inp = attention_inputs(c, device, dtype)
-    row = Row(c.name, f"Hq{c.heads} Hkv{c.kv_heads} D{c.head_dim} W{c.window or '-'} C{c.slots} S{c.new} past{c.past}")
+    row = Row(
+        c.name,
+        f"Hq{c.heads} Hkv{c.kv_heads} D{c.head_dim} W{c.window or '-'} C{c.slots} S{c.new} past{c.past}",
+    )
     out, pk, pv = A.attention(**inp)
     with torch.no_grad():
         ref = ops.attention_reference(**{k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
                                          for k, v in inp.items()})  # fmt: skip
     err = (out.float() - ref[0]).abs()
     row.max_err = float(err.max())
-    row.ok = bool((err <= ATOL + RTOL * ref[0].abs()).all()) and torch.equal(pk.float(), ref[1]) and torch.equal(
-        pv.float(), ref[2]
+    row.ok = (
+        bool((err <= ATOL + RTOL * ref[0].abs()).all())
+        and torch.equal(pk.float(), ref[1])
+        and torch.equal(pv.float(), ref[2])
     )
     del ref, err
     visible, _ = ops.attention_mask(inp["past_len"], inp["seq_len"], c.slots, c.new, c.window)
@@ -177,7 +186,9 @@ def attention_row(c: AttnCase, device: str, dtype: torch.dtype) -> Row:
     row.bytes = item * c.head_dim * (2 * c.heads * c.new + 2 * c.kv_heads * keys_read)  # q, out, k and v
     if c.new == 1:
         row.ms = bench(lambda: A.attention_decode(**inp))  # the attention itself; the cache write is below
-        row.extra["full_op_ms"] = bench(lambda: A.attention(**inp))  # + copying the whole ring (functional op)
+        row.extra["full_op_ms"] = bench(
+            lambda: A.attention(**inp)
+        )  # + copying the whole ring (functional op)
         row.extra["fused_single_launch_ms"] = bench(lambda: A.attention(**inp, num_splits=0))
         ring = inp["past_k"].clone()
         row.extra["ring_write_in_place_ms"] = bench(
@@ -276,7 +287,9 @@ def table(rows: list[Row]) -> str:
 
 def main() -> int:
     if not ARGS.dry_run and not torch.cuda.is_available():
-        print("gpu_kernels: no CUDA GPU here; nothing to benchmark (use --dry-run to exercise the script on CPU)")
+        print(
+            "gpu_kernels: no CUDA GPU here; nothing to benchmark (use --dry-run to exercise the script on CPU)"
+        )
         print(json.dumps({"benchmark": "gpu_kernels", "skipped": "no CUDA GPU"}))
         return 0
     device = "cpu" if ARGS.dry_run else "cuda"
@@ -299,7 +312,9 @@ def main() -> int:
         try:
             rows.append(job())
         except Exception as e:  # keep going: one broken case must not hide the others
-            rows.append(Row(name, "-", ok=False, note=f"ERROR {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+            rows.append(
+                Row(name, "-", ok=False, note=f"ERROR {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            )
         print(f"  {name}: {time.perf_counter() - start:.1f}s", flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Triton kernels run on the CPU interpreter in tests (set before anything imports triton; a GPU machine
+# can run them compiled with TRITON_INTERPRET=0).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -37,6 +37,7 @@ from ..engines.targets import GpuTarget, resolve_target
 from ..errors import BuildError
 
 DTYPES = ("bf16", "fp16", "fp32")
+RECORD_VERSION = 2  # part of every cache key: bump when KernelEntry's fields change
 ALL_TARGETS = ("sm80", "sm86", "sm89", "sm90", "sm100", "sm120")
 
 # PTX is JIT-compiled by the driver that loads it, and a driver rejects a PTX ISA newer than its CUDA version.
@@ -54,6 +55,7 @@ def resolve_ptx_version(ptx_version: PtxVersion, target: GpuTarget) -> int | Non
     if ptx_version == "oldest":
         return OLDEST_PTX.get(target.major, 80)
     return int(ptx_version)
+
 
 # ----- what can be compiled -------------------------------------------------------------------------
 
@@ -142,7 +144,9 @@ def _ring_launch() -> LaunchSpec:
 
 _ATTN = "gemma4_compile.plugins.kernels.attention"
 _MOE = "gemma4_compile.plugins.kernels.moe"
-_ATTN_PTRS = {p: "{dtype}" for p in ("Q_ptr", "K_ptr", "V_ptr", "PK_ptr", "PV_ptr", "O_ptr", "PKO_ptr", "PVO_ptr")}
+_ATTN_PTRS = {
+    p: "{dtype}" for p in ("Q_ptr", "K_ptr", "V_ptr", "PK_ptr", "PV_ptr", "O_ptr", "PKO_ptr", "PVO_ptr")
+}
 _LENS = {"PastLen_ptr": "i64", "SeqLen_ptr": "i64"}
 
 KERNELS: dict[str, KernelSpec] = {}
@@ -246,7 +250,9 @@ def kernel_io(kernel: str) -> tuple[list[str], list[str], list[str]]:
     return inputs, [a for a in args if a not in spec.pointers], outputs
 
 
-def plan_launch(kernel: str, dims: Mapping[str, Any], constexprs: Mapping[str, Any]) -> tuple[tuple, list[Any]]:
+def plan_launch(
+    kernel: str, dims: Mapping[str, Any], constexprs: Mapping[str, Any]
+) -> tuple[tuple, list[Any]]:
     """(grid, int32 scalars) of a kernel for dims (ints or shape expressions) and its constexprs."""
     spec = KERNELS[kernel]
     missing = [d for d in spec.dims if d not in dims]
@@ -325,6 +331,9 @@ class KernelEntry:
     ptx_version: str
     params: list[str]  # PTX entry parameters in order (kernel args, then Triton's scratch pointers)
     key: str
+    scratch_bytes: int = (
+        0  # global + profile scratch Triton wants behind its two extra pointers (0: pass null)
+    )
 
     @property
     def spills(self) -> int:
@@ -354,7 +363,10 @@ def default_variants(target: GpuTarget, dtype: str, head_dims: Sequence[int] = (
     """Every variant the plugins launch on one target: attention per head_dim, ring, decode and MoE."""
     from .kernels.configs import attention_variants, moe_variants
 
-    out = [Variant.make(k, target.name, d, c, w, s) for k, d, c, w, s in attention_variants(target, dtype, head_dims)]
+    out = [
+        Variant.make(k, target.name, d, c, w, s)
+        for k, d, c, w, s in attention_variants(target, dtype, head_dims)
+    ]
     return out + [Variant.make(k, target.name, d, c, w, s) for k, d, c, w, s in moe_variants(target, dtype)]
 
 
@@ -410,8 +422,8 @@ def variant_key(v: Variant, ptx_version: int | None) -> str:
     spec = KERNELS[v.kernel]
     fn = getattr(importlib.import_module(spec.module), spec.fn)
     blob = json.dumps(
-        [v.kernel, fn.cache_key, v.dtype, v.target, list(v.constexprs), v.num_warps, v.num_stages,
-         triton.__version__, ptx_version],
+        [RECORD_VERSION, v.kernel, fn.cache_key, v.dtype, v.target, list(v.constexprs), v.num_warps,
+         v.num_stages, triton.__version__, ptx_version],
         default=str,
     )  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -430,7 +442,11 @@ def _compile_one(v: Variant, out_dir: str, ptx_version: int | None) -> dict[str,
     target = resolve_target(v.target)
     key = variant_key(v, ptx_version)
     stem = Path(out_dir) / v.target / f"{v.kernel}-{v.dtype}-{key[:16]}"
-    if stem.with_suffix(".json").exists() and stem.with_suffix(".ptx").exists() and stem.with_suffix(".cubin").exists():
+    if (
+        stem.with_suffix(".json").exists()
+        and stem.with_suffix(".ptx").exists()
+        and stem.with_suffix(".cubin").exists()
+    ):
         return json.loads(stem.with_suffix(".json").read_text())
     fn = getattr(importlib.import_module(spec.module), spec.fn)
     constexprs = dict(v.constexprs)
@@ -445,9 +461,8 @@ def _compile_one(v: Variant, out_dir: str, ptx_version: int | None) -> dict[str,
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=GPUTarget("cuda", target.sm, 32), options=options)
-    except Exception as e:  # a Triton or ptxas failure: name the variant, keep the first line of the cause
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BuildError(f"{v.label()} on {v.target}: compilation failed: {first}") from None
+    except Exception as e:  # a Triton or ptxas failure: name the variant and the innermost cause, on one line
+        raise BuildError(f"{v.label()} on {v.target}: compilation failed: {_root_message(e)}") from None
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     res = parse_ptxas_log(log.getvalue())
     header = re.search(r"\.version (\S+)", ptx)
@@ -465,11 +480,27 @@ def _compile_one(v: Variant, out_dir: str, ptx_version: int | None) -> dict[str,
         cubin_sha256=hashlib.sha256(cubin).hexdigest(), registers=res["registers"],
         shared_bytes=int(compiled.metadata.shared), spill_stores=res["spill_stores"], spill_loads=res["spill_loads"],
         stack_bytes=res["stack_bytes"], threads=32 * v.num_warps, ptx_version=header.group(1) if header else "?",
-        params=params, key=key,
+        params=params, key=key, scratch_bytes=_scratch_bytes(compiled.metadata),
     )  # fmt: skip
     record = asdict(rec)
     _atomic_write(stem.with_suffix(".json"), json.dumps(record, indent=1, default=str).encode())
     return record
+
+
+def _scratch_bytes(metadata: Any) -> int:
+    return sum(int(getattr(metadata, f, 0) or 0) for f in ("global_scratch_size", "profile_scratch_size"))
+
+
+def _root_message(e: BaseException) -> str:
+    """The innermost cause of a compile error: Triton wraps each frame of a failing jit call in its own
+    CompilationError, whose `error_message` carries the actual reason; ptxas errors keep it in the text."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    message = getattr(e, "error_message", None)
+    if message:
+        return str(message).strip().splitlines()[0]
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else type(e).__name__)
 
 
 def _check_shared(rec: KernelEntry, v: Variant) -> None:
@@ -512,34 +543,43 @@ def compile_variants(out_dir: str | os.PathLike[str], variants: Iterable[Variant
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory(prefix="gemma4-aot-") as tmp:
         workers = []
-        for j in range(jobs):
-            idx = list(range(j, len(todo), jobs))
-            request = {"out_dir": str(out), "result": f"{tmp}/{j}.json",
-                       "variants": [asdict(todo[i]) for i in idx],
-                       "ptx_versions": [resolve_ptx_version(ptx_version, resolve_target(todo[i].target)) for i in idx]}  # fmt: skip
-            proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)  # fmt: skip
-            proc.stdin.write(json.dumps(request, default=str))  # type: ignore[union-attr]
-            proc.stdin.close()  # type: ignore[union-attr]
-            workers.append((proc, idx, request["result"]))
-        for proc, idx, result in workers:
-            err = proc.stderr.read()  # type: ignore[union-attr]
-            if proc.wait() != 0 or not Path(result).exists():
-                last = err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}"
-                raise BuildError(f"kernel compiler process failed: {last}")
-            for i, rec in zip(idx, json.loads(Path(result).read_text())):
-                if "error" in rec:
-                    raise BuildError(rec["error"])
-                records[i] = rec
+        try:
+            for j in range(jobs):
+                idx = list(range(j, len(todo), jobs))
+                request = {
+                    "out_dir": str(out), "result": f"{tmp}/{j}.out.json",
+                    "variants": [asdict(todo[i]) for i in idx],
+                    "ptx_versions": [resolve_ptx_version(ptx_version, resolve_target(todo[i].target)) for i in idx],
+                }  # fmt: skip
+                Path(f"{tmp}/{j}.in.json").write_text(json.dumps(request, default=str))
+                with open(f"{tmp}/{j}.err", "w") as err:  # a file, not a pipe: a chatty child never blocks
+                    proc = subprocess.Popen([sys.executable, "-m", __name__, f"{tmp}/{j}.in.json"], env=env,
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+                workers.append((proc, idx, Path(request["result"]), Path(f"{tmp}/{j}.err")))
+            for proc, idx, result, err_path in workers:
+                if proc.wait() != 0 or not result.exists():
+                    lines = err_path.read_text().strip().splitlines()
+                    raise BuildError(
+                        f"kernel compiler process failed: {lines[-1] if lines else proc.returncode}"
+                    )
+                for i, rec in zip(idx, json.loads(result.read_text())):
+                    if "error" in rec:
+                        raise BuildError(rec["error"])
+                    records[i] = rec
+        finally:
+            for proc, *_ in workers:  # on an error, stop the other workers before their folder goes away
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     entries = [KernelEntry(**r) for r in records if r is not None]
     for rec, v in zip(entries, todo):
         _check_shared(rec, v)
     return entries
 
 
-def _worker_main() -> None:
-    """Child side of `compile_variants`: variants on stdin, one record (or error line) each to a JSON file."""
-    request = json.loads(sys.stdin.read())
+def _worker_main(request_path: str) -> None:
+    """Child side of `compile_variants`: a request file in, one record (or error line) per variant out."""
+    request = json.loads(Path(request_path).read_text())
     out = []
     for v, ptx_version in zip(request["variants"], request["ptx_versions"]):
         variant = Variant(v["kernel"], v["target"], v["dtype"], tuple(tuple(c) for c in v["constexprs"]),
@@ -588,7 +628,9 @@ def kernel_table_markdown(artifacts: KernelArtifacts) -> str:
         "| kernel | target | dtype | config | warps | regs | shared (B) | spill st/ld (B) | stack (B) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for e in sorted(artifacts.entries, key=lambda e: (e.kernel, e.target, e.dtype, sorted(e.constexprs.items()))):
+    for e in sorted(
+        artifacts.entries, key=lambda e: (e.kernel, e.target, e.dtype, sorted(e.constexprs.items()))
+    ):
         conf = " ".join(f"{k}={v}" for k, v in sorted(e.constexprs.items()) if k.isupper())
         rows.append(
             f"| {e.kernel} | {e.target} | {e.dtype} | {conf} | {e.num_warps} | {e.registers} | "
@@ -598,4 +640,4 @@ def kernel_table_markdown(artifacts: KernelArtifacts) -> str:
 
 
 if __name__ == "__main__":
-    _worker_main()
+    _worker_main(sys.argv[1])

@@ -65,7 +65,9 @@ def interpreter_late_flag(monkeypatch):
     for name in ("attention", "moe"):
         module = sys.modules.get(f"gemma4_compile.plugins.kernels.{name}")
         if module is not None and any(isinstance(v, jit.JITFunction) for v in vars(module).values()):
-            pytest.fail(f"kernels.{name} was imported before TRITON_INTERPRET=1 was set; set it in tests/conftest.py")
+            pytest.fail(
+                f"kernels.{name} was imported before TRITON_INTERPRET=1 was set; set it in tests/conftest.py"
+            )
     if not isinstance(tl.cdiv, jit.JITFunction):
         return  # triton.language was imported with the flag on: nothing to repair
     interpreted: dict = {}

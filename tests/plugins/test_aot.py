@@ -51,6 +51,7 @@ def test_kernel_aot_compiles_every_kernel_for_a_target(sm90):
         assert e.shared_bytes <= resolve_target("sm90").max_shared_bytes
         inputs, scalars, outputs = aot.kernel_io(e.kernel)
         assert e.params == [*inputs, *scalars, *outputs, "triton_scratch_0", "triton_scratch_1"]
+        assert e.scratch_bytes == 0  # so a launcher may pass null for Triton's two scratch pointers
     assert not list(arts.out_dir.rglob("*.tmp")), "a temp file survived an atomic write"
     md = aot.kernel_table_markdown(arts)
     assert md.count("\n") == len(arts.entries) + 1 and "| attn_fwd | sm90 | bf16 |" in md
@@ -98,6 +99,16 @@ def test_kernel_aot_oversized_block_config_is_a_one_line_build_error(tmp_path):
     assert int(msg.split(" needs ")[1].split()[0]) > 101376
 
 
+def test_kernel_aot_compile_error_names_the_variant_and_the_cause(tmp_path):
+    v = aot.Variant.make("ring_update", "sm90", "bf16", {"HEAD_DIM": 48, "BLOCK_R": 16, "COPY_PAST": True})
+    with pytest.raises(BuildError) as err:
+        aot.compile_variants(tmp_path, [v], jobs=1)
+    assert str(err.value) == (
+        "ring_update [bf16 BLOCK_R=16 COPY_PAST=True HEAD_DIM=48 warps=4 stages=2] on sm90: "
+        "compilation failed: arange's range must be a power of 2"
+    )
+
+
 def test_kernel_aot_launch_checks_the_alignment_it_compiled_for(sm90):
     arts, _ = sm90
     (entry,) = [e for e in arts.entries if e.kernel == "moe_gate_up" and e.constexprs["BLOCK_M"] == 64]
@@ -140,7 +151,9 @@ def test_kernel_aot_launch_arithmetic_runs_on_shape_expressions(target):
     tgt = resolve_target(target)
     sym = {k: Sym(k) for k in ("B", "Hq", "Hkv", "S", "C", "D", "T", "H", "E", "I", "splits")}
     ints = {"G": 2, "window": 1024, "K": 8}  # attributes of the layer, not tensor dims
-    for kernel, _, constexprs, _, _ in attention_variants(tgt, "bf16", (256, 512)) + moe_variants(tgt, "bf16"):
+    for kernel, _, constexprs, _, _ in attention_variants(tgt, "bf16", (256, 512)) + moe_variants(
+        tgt, "bf16"
+    ):
         grid, scalars = aot.plan_launch(kernel, {**sym, **ints}, constexprs)
         assert len(grid) == 3 and len(scalars) == len(aot.kernel_io(kernel)[1]), kernel
 
@@ -169,7 +182,7 @@ def test_kernel_aot_attention_launch_contract_reproduces_the_reference():
     dims = dict(B=B, Hq=Hq, Hkv=Hkv, G=Hq // Hkv, S=S, C=C, D=D, window=W)
     _run("attn_fwd", constexprs, dims, tensors)
     want = ops.attention_reference(q, k, v, pk, pv, past_len, seq_len, W, 1.0)
-    torch.testing.assert_close(out, want[0], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, want[0], atol=5e-6, rtol=5e-6)
     assert torch.equal(pko, want[1]) and torch.equal(pvo, want[2])
 
 
@@ -191,7 +204,7 @@ def test_kernel_aot_moe_launch_contract_reproduces_the_reference():
     for kernel in M.MOE_STAGES:
         _run(kernel, configs[kernel][0], dims, tensors)
     want = ops.moe_reference(x, logits, scale, gate_up, down, top_k)
-    torch.testing.assert_close(tensors["Y_ptr"], want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(tensors["Y_ptr"], want, atol=5e-6, rtol=5e-6)
 
 
 def test_kernel_aot_parse_ptxas_log():
@@ -200,7 +213,12 @@ def test_kernel_aot_parse_ptxas_log():
         "    184 bytes stack frame, 176 bytes spill stores, 168 bytes spill loads\n"
         "ptxas info    : Used 255 registers, used 1 barriers, 184 bytes cumulative stack size\n"
     )
-    assert aot.parse_ptxas_log(log) == {"registers": 255, "stack_bytes": 184, "spill_stores": 176, "spill_loads": 168}
+    assert aot.parse_ptxas_log(log) == {
+        "registers": 255,
+        "stack_bytes": 184,
+        "spill_stores": 176,
+        "spill_loads": 168,
+    }
     assert aot.parse_ptxas_log("") == {"registers": 0, "stack_bytes": 0, "spill_stores": 0, "spill_loads": 0}
 
 

@@ -25,11 +25,12 @@ pytestmark = pytest.mark.kernel
 DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" and torch.cuda.is_available() else "cpu"
 
 # (dtype, atol, rtol) against the fp32 reference. 16-bit: the kernel rounds p to the input dtype for the PV
-# product and the output once; the worst case seen is ~4x below these bounds.
+# product and the output once. Worst error seen over all cases, as a fraction of these bounds: fp32 0.08,
+# bf16 0.39, fp16 0.16 (CPU interpreter).
 TOLERANCES = [
-    (torch.float32, 2e-5, 2e-5),
-    (torch.bfloat16, 3e-2, 3e-2),
-    (torch.float16, 4e-3, 4e-3),
+    (torch.float32, 5e-6, 5e-6),
+    (torch.bfloat16, 1.5e-2, 1.5e-2),
+    (torch.float16, 2e-3, 2e-3),
 ]
 
 # name: (B, Hq, Hkv, S, C, D, window, past_len per row, seq_len per row)
@@ -98,7 +99,7 @@ def test_kernel_attention_decode_split_and_fused_match_reference(name, dtype, at
 def test_kernel_attention_decode_any_split_count(splits):
     """More splits than key tiles leaves some splits empty; the combine must ignore them."""
     inputs = make_inputs((2, 8, 2, 1, 40, 16, 0, [39, 17], [1, 1]), torch.float32)
-    check(inputs, K.attention(**inputs, num_splits=splits), 2e-5, 2e-5)
+    check(inputs, K.attention(**inputs, num_splits=splits), 5e-6, 5e-6)
 
 
 def test_kernel_attention_never_reads_keys_nobody_sees():
@@ -116,7 +117,7 @@ def test_kernel_attention_never_reads_keys_nobody_sees():
     assert stale.sum() == C - W + 1
     out, _, _ = K.attention(**inputs)
     ref, _, _ = reference(clean)
-    torch.testing.assert_close(out[:, :, :seq], ref[:, :, :seq], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out[:, :, :seq], ref[:, :, :seq], atol=5e-6, rtol=5e-6)
     # decode on a global cache with mostly empty slots
     inputs = make_inputs((1, 8, 1, 1, 64, 32, 0, [10], [1]), torch.float32)
     clean = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in inputs.items()}
@@ -124,7 +125,7 @@ def test_kernel_attention_never_reads_keys_nobody_sees():
         inputs[name][:, :, 10:] = float("nan")
     for kwargs in ({}, {"num_splits": 0}):
         out, _, _ = K.attention(**inputs, **kwargs)
-        torch.testing.assert_close(out, reference(clean)[0], atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(out, reference(clean)[0], atol=5e-6, rtol=5e-6)
 
 
 def test_kernel_attention_accepts_strided_views():
@@ -132,7 +133,21 @@ def test_kernel_attention_accepts_strided_views():
     inputs = make_inputs((2, 4, 2, 11, 8, 16, 8, [3, 0], [11, 6]), torch.float32)
     q = inputs["q"].transpose(1, 2).contiguous().transpose(1, 2)
     assert not q.is_contiguous()
-    check({**inputs, "q": q}, K.attention(**{**inputs, "q": q}), 2e-5, 2e-5)
+    check({**inputs, "q": q}, K.attention(**{**inputs, "q": q}), 5e-6, 5e-6)
+
+
+def test_kernel_attention_fwd_without_ring_then_in_place_ring():
+    """The two-launch form for an aliased cache: attention reads the old ring (FUSE_RING off), then the
+    in-place ring write; together they equal the functional op."""
+    inputs = make_inputs((2, 4, 2, 6, 8, 16, 8, [13, 2], [6, 4]), torch.float32)
+    out_ref, pk_ref, pv_ref = reference(inputs)
+    out, no_k, no_v = K.attention_fwd(**inputs, fuse_ring=False)
+    assert no_k is None and no_v is None
+    torch.testing.assert_close(out, out_ref, atol=5e-6, rtol=5e-6)
+    ring_k, ring_v = inputs["past_k"].clone(), inputs["past_v"].clone()
+    K.ring_update(ring_k, inputs["k"], inputs["past_len"], inputs["seq_len"], out=ring_k)
+    K.ring_update(ring_v, inputs["v"], inputs["past_len"], inputs["seq_len"], out=ring_v)
+    assert torch.equal(ring_k, pk_ref) and torch.equal(ring_v, pv_ref)
 
 
 @pytest.mark.parametrize(

@@ -24,10 +24,11 @@ pytestmark = pytest.mark.kernel
 DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" and torch.cuda.is_available() else "cpu"
 
 # (dtype, atol, rtol) against the fp32 reference: 16-bit runs round x, h and each weighted expert row once.
+# Worst error seen over all cases, as a fraction of these bounds: fp32 0.08, bf16 0.47, fp16 0.17.
 TOLERANCES = [
-    (torch.float32, 2e-5, 2e-5),
-    (torch.bfloat16, 4e-2, 4e-2),
-    (torch.float16, 6e-3, 6e-3),
+    (torch.float32, 5e-6, 5e-6),
+    (torch.bfloat16, 2e-2, 2e-2),
+    (torch.float16, 3e-3, 3e-3),
 ]
 
 # name: (T tokens, H hidden, E experts, I expert width, K top-k)
@@ -113,7 +114,7 @@ def test_kernel_moe_never_reads_experts_nobody_picked():
     want = reference(inputs)
     for name in ("gate_up", "down"):
         inputs[name][idle.to(DEVICE)] = float("nan")
-    torch.testing.assert_close(M.moe(**inputs), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(M.moe(**inputs), want, atol=5e-6, rtol=5e-6)
 
 
 def test_kernel_moe_rejects_inconsistent_shapes():
@@ -122,4 +123,7 @@ def test_kernel_moe_rejects_inconsistent_shapes():
         M.moe(**{**inputs, "down": inputs["down"][:, :, :16]})
     with pytest.raises(Gemma4CompileError, match="top_k 9"):
         M.route(inputs["router_logits"], inputs["per_expert_scale"], 9)
-    assert M.moe(**{**inputs, "x": inputs["x"][:0], "router_logits": inputs["router_logits"][:0]}).shape == (0, 64)
+    assert M.moe(**{**inputs, "x": inputs["x"][:0], "router_logits": inputs["router_logits"][:0]}).shape == (
+        0,
+        64,
+    )

@@ -75,18 +75,19 @@ def test_attention_launch_matches_the_kernel_signature_and_the_torch_wrapper(hea
     import triton
 
     from gemma4_compile.engines.targets import resolve_target
+    from gemma4_compile.plugins import aot
     from gemma4_compile.plugins.kernels import attention as kernels
 
-    spec, fn = _attn_fwd()
+    _, fn = _attn_fwd()
     constexprs, warps, stages = qdp.attention_config(
         head_dim, group, dtype, 0.5, resolve_target("sm90").max_shared_bytes
     )
-    assert set(constexprs) == {fn.arg_names[i] for i in fn.constexprs}
+    assert set(constexprs) == {a for a in fn.arg_names if a.isupper()}  # constexprs are UPPER_CASE
     assert constexprs["BLOCK_M"] >= group and constexprs["FUSE_RING"] and constexprs["SCALE"] == 0.5
     B, Hkv, S, C = 3, 2, 37, 64
     dims = qdp.attention_dims((B, Hkv * group, S, head_dim), (B, Hkv, S, head_dim), (B, Hkv, C, head_dim), 16)
     grid, scalars = qdp.launch_values(qdp.ATTENTION_KERNEL, dims, constexprs)
-    params = [n for i, n in enumerate(fn.arg_names) if i not in fn.constexprs and n not in spec.pointers]
+    params = aot.kernel_io(qdp.ATTENTION_KERNEL)[1]
     assert len(scalars) == len(params) and scalars[-5:] == [S, C, Hkv, group, 16]
     positions = constexprs["BLOCK_M"] // group
     ring = -(-C // constexprs["BLOCK_R"])

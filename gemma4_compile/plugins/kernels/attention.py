@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch
 import triton
@@ -153,8 +153,12 @@ def _ring_rows(
     pos = last - _ring_slot(last - j, slots)
     take_new = pos >= past_len
     src = pos - past_len
-    old = tl.load(Past_ptr + j[:, None].to(tl.int64) * past_stride_s + offs_d[None, :], mask=(ok & ~take_new)[:, None])
-    new = tl.load(New_ptr + src[:, None].to(tl.int64) * new_stride_s + offs_d[None, :], mask=(ok & take_new)[:, None])
+    old = tl.load(
+        Past_ptr + j[:, None].to(tl.int64) * past_stride_s + offs_d[None, :], mask=(ok & ~take_new)[:, None]
+    )
+    new = tl.load(
+        New_ptr + src[:, None].to(tl.int64) * new_stride_s + offs_d[None, :], mask=(ok & take_new)[:, None]
+    )
     val = tl.where(take_new[:, None], new, old)
     tl.store(Out_ptr + j[:, None].to(tl.int64) * out_stride_s + offs_d[None, :], val, mask=ok[:, None])
 
@@ -206,9 +210,13 @@ def aot_config(
 ) -> tuple[dict[str, Any], int, int]:
     """(constexprs, num_warps, num_stages) of the fused single-launch attention (`attn_fwd` in plugins/aot.py)
     for one layer on one target: what a TensorRT AOT plugin compiles. dtype is "bf16", "fp16" or "fp32"."""
-    confs = [c for c in fwd_configs(head_dim, target.name) if keep_fwd(c, head_dim, target.max_shared_bytes, group)]
+    confs = [
+        c for c in fwd_configs(head_dim, target.name) if keep_fwd(c, head_dim, target.max_shared_bytes, group)
+    ]
     if not confs:
-        raise Gemma4CompileError(f"attention kernel: no tile for head_dim {head_dim}, GQA group {group} on {target.name}")
+        raise Gemma4CompileError(
+            f"attention kernel: no tile for head_dim {head_dim}, GQA group {group} on {target.name}"
+        )
     conf = confs[0]
     constexprs = {
         **conf.kwargs, "HEAD_DIM": head_dim, "SCALE": float(scale), "FUSE_RING": True,
@@ -277,7 +285,9 @@ def _attn_fwd_kernel(
         )  # fmt: skip
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_rows = b64 * o_stride_b + head.to(tl.int64) * o_stride_h + s.to(tl.int64) * o_stride_s
-        tl.store(O_ptr + o_rows[:, None] + offs_d[None, :], out.to(O_ptr.dtype.element_ty), mask=row_valid[:, None])
+        tl.store(
+            O_ptr + o_rows[:, None] + offs_d[None, :], out.to(O_ptr.dtype.element_ty), mask=row_valid[:, None]
+        )
     else:
         if FUSE_RING:
             j0 = (pid - n_q_blocks) * BLOCK_R
@@ -357,7 +367,7 @@ def _attn_decode_split_kernel(
         past_len, lo, hi, slots, window, start, end, SCALE * LOG2E,
         HEAD_DIM, BLOCK_N, INPUT_PRECISION,
     )  # fmt: skip
-    mid = ((b64 * num_kv_heads * group + head.to(tl.int64)) * num_splits + split)
+    mid = (b64 * num_kv_heads * group + head.to(tl.int64)) * num_splits + split
     tl.store(MidO_ptr + mid[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_valid[:, None])
     tl.store(MidML_ptr + mid * 2, m_i, mask=row_valid)
     tl.store(MidML_ptr + mid * 2 + 1, l_i, mask=row_valid)
@@ -454,7 +464,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor) -> N
     for name, t, shape in (("k", k, (B, Hkv, S, D)), ("v", v, (B, Hkv, S, D)),
                            ("past_k", past_k, (B, Hkv, C, D)), ("past_v", past_v, (B, Hkv, C, D))):  # fmt: skip
         if tuple(t.shape) != shape or t.dtype != q.dtype:
-            raise Gemma4CompileError(f"attention kernel: {name} is {tuple(t.shape)} {t.dtype}, want {shape} {q.dtype}")
+            raise Gemma4CompileError(
+                f"attention kernel: {name} is {tuple(t.shape)} {t.dtype}, want {shape} {q.dtype}"
+            )
 
 
 def _last_dim_contiguous(*ts: Tensor) -> list[Tensor]:
@@ -479,7 +491,11 @@ def _fwd_config(head_dim: int, group: int) -> triton.Config:
         return triton.Config({"BLOCK_M": max(16, triton.next_power_of_2(group)), "BLOCK_N": 16}, num_warps=4)
     target = _local_target()
     smem = target.max_shared_bytes if target else 99 * 1024
-    confs = [c for c in fwd_configs(head_dim, target.name if target else None) if keep_fwd(c, head_dim, smem, group)]
+    confs = [
+        c
+        for c in fwd_configs(head_dim, target.name if target else None)
+        if keep_fwd(c, head_dim, smem, group)
+    ]
     if not confs:
         raise Gemma4CompileError(f"attention kernel: no tile holds a GQA group of {group}")
     return confs[0]
@@ -593,8 +609,9 @@ def attention(
     q, k, v, past_k, past_v = _last_dim_contiguous(q, k, v, past_k, past_v)
     past_len, seq_len = past_len.contiguous(), seq_len.contiguous()
     if q.shape[2] == 1 and num_splits != 0:
-        out = attention_decode(q, k, v, past_k, past_v, past_len, seq_len, window, scale, num_splits=num_splits)
+        out = attention_decode(
+            q, k, v, past_k, past_v, past_len, seq_len, window, scale, num_splits=num_splits
+        )
         return out, ring_update(past_k, k, past_len, seq_len), ring_update(past_v, v, past_len, seq_len)
     out, present_k, present_v = attention_fwd(q, k, v, past_k, past_v, past_len, seq_len, window, scale)
-    assert present_k is not None and present_v is not None
-    return out, present_k, present_v
+    return out, cast(Tensor, present_k), cast(Tensor, present_v)  # fuse_ring=True always returns them

@@ -32,7 +32,9 @@ def attention_variants(
                     dec.num_warps, dec.num_stages))  # fmt: skip
         out.append(("attn_decode_combine", dtype, {"HEAD_DIM": d}, 4, 1))
         for copy in (True, False):
-            out.append(("ring_update", dtype, {"HEAD_DIM": d, "BLOCK_R": ring_block(d), "COPY_PAST": copy}, 4, 1))
+            out.append(
+                ("ring_update", dtype, {"HEAD_DIM": d, "BLOCK_R": ring_block(d), "COPY_PAST": copy}, 4, 1)
+            )
     return out
 
 

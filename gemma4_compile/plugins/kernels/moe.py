@@ -41,7 +41,9 @@ from ...engines.targets import native_target
 from ...errors import Gemma4CompileError
 
 BLOCK_P = 128  # routed pairs per sort program
-GELU_K = tl.constexpr(1.5957691216057308)  # 2 sqrt(2 / pi): gelu_tanh(u) = u * sigmoid(GELU_K (u + 0.044715 u^3))
+GELU_K = tl.constexpr(
+    1.5957691216057308
+)  # 2 sqrt(2 / pi): gelu_tanh(u) = u * sigmoid(GELU_K (u + 0.044715 u^3))
 
 
 def _interpreting() -> bool:
@@ -147,7 +149,9 @@ def _moe_scatter_kernel(
 
 
 @triton.jit
-def _tile_rows(pid_m, ExpertOffsets_ptr, TileOffsets_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+def _tile_rows(
+    pid_m, ExpertOffsets_ptr, TileOffsets_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr
+):
     """Row tile pid_m of the work list -> (expert e, sorted rows of the tile, their mask)."""
     e_all = tl.arange(0, BLOCK_E)
     starts = tl.load(TileOffsets_ptr + e_all, mask=e_all < num_experts, other=2147483647)
@@ -178,7 +182,9 @@ def gemm_configs(rows_per_expert: float, max_shared_bytes: int = 99 * 1024) -> l
 def keep_gemm(conf: triton.Config, out_features: int, reduction: int) -> bool:
     """Drop tiles wider than the problem (the tiny test models have H = 64)."""
     n, k = conf.kwargs["BLOCK_N"], conf.kwargs["BLOCK_K"]
-    return n <= max(16, triton.next_power_of_2(out_features)) and k <= max(16, triton.next_power_of_2(reduction))
+    return n <= max(16, triton.next_power_of_2(out_features)) and k <= max(
+        16, triton.next_power_of_2(reduction)
+    )
 
 
 @triton.jit
@@ -208,7 +214,9 @@ def _moe_gate_up_kernel(
             k_ok = kk < hidden
             a = tl.load(a_ptr + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             wg = tl.load(w_ptr + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            wu = tl.load(w_ptr + inter * gu_stride_n + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            wu = tl.load(
+                w_ptr + inter * gu_stride_n + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0
+            )
             acc_g = tl.dot(a, tl.trans(wg), acc_g, input_precision=INPUT_PRECISION)
             acc_u = tl.dot(a, tl.trans(wu), acc_u, input_precision=INPUT_PRECISION)
         u = GELU_K * (acc_g + 0.044715 * acc_g * acc_g * acc_g)
@@ -318,7 +326,15 @@ def sort_by_expert(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
     return sorted_pairs, pair_rows, expert_offsets, tile_offsets
 
 
-MOE_STAGES = ("moe_route", "moe_count", "moe_offsets", "moe_scatter", "moe_gate_up", "moe_down", "moe_combine")
+MOE_STAGES = (
+    "moe_route",
+    "moe_count",
+    "moe_offsets",
+    "moe_scatter",
+    "moe_gate_up",
+    "moe_down",
+    "moe_combine",
+)
 
 
 def aot_configs(
@@ -386,7 +402,9 @@ def _check(x: Tensor, router_logits: Tensor, per_expert_scale: Tensor, gate_up: 
     if tuple(down.shape) != (E, H, two_i // 2):
         raise Gemma4CompileError(f"moe kernel: down is {tuple(down.shape)}, want {(E, H, two_i // 2)}")
     if gate_up.dtype != x.dtype or down.dtype != x.dtype:
-        raise Gemma4CompileError(f"moe kernel: weights are {gate_up.dtype}/{down.dtype}, activations {x.dtype}")
+        raise Gemma4CompileError(
+            f"moe kernel: weights are {gate_up.dtype}/{down.dtype}, activations {x.dtype}"
+        )
     if E > 1024:
         raise Gemma4CompileError(f"moe kernel: {E} experts; at most 1024 are supported")
 
