@@ -2,7 +2,7 @@
 
     python benchmarks/ort_decode.py [--prompt 128] [--steps 64]
 
-Also times our PyTorch reference. Prints a table with ratios (transformers / backend) and a JSON line.
+Also times the gqa-lowered export and our PyTorch reference. Prints a table with ratios (transformers / backend) and a JSON line.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt, out = Path(tmp) / "ckpt", Path(tmp) / "export"
+        ckpt, out, gqa = Path(tmp) / "ckpt", Path(tmp) / "export", Path(tmp) / "export-gqa"
         write_random_checkpoint(MID_E2B, ckpt, dtype=torch.float32)
         export_checkpoint(ckpt, out, max_seq_len=args.prompt + args.steps + 16)
-        runners = {"ort": OrtRunner(out, threads=args.threads), "ours (torch)": TorchRunner(ckpt),
-                   "transformers eager": HFRunner(ckpt)}  # fmt: skip
+        export_checkpoint(ckpt, gqa, max_seq_len=args.prompt + args.steps + 16, lowering="gqa")
+        runners = {"ort": OrtRunner(out, threads=args.threads), "ort (--lowering gqa)": OrtRunner(gqa, threads=args.threads),
+                   "ours (torch)": TorchRunner(ckpt), "transformers eager": HFRunner(ckpt)}  # fmt: skip
         ids = np.random.default_rng(0).integers(3, MID_E2B.vocab_size, (1, args.prompt))
         times, tokens = {}, {}
         for name, r in runners.items():

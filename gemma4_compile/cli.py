@@ -124,16 +124,18 @@ def _print_export(manifest) -> None:
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
 @click.option("--max-seq-len", type=int, help="Longest sequence the caches must hold [default: the config's].")
 @click.option("--debug-outputs", is_flag=True, help="Add per-layer hidden states / router logits as outputs.")
+@click.option("--lowering", type=click.Choice(["gqa"]),
+              help="onnxruntime-only variant: attention through com.microsoft.GroupQueryAttention (faster on ORT).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def export(checkpoint: Path, output: Path, dtype: str, max_seq_len: int | None, debug_outputs: bool,
-           force: bool) -> None:  # fmt: skip
+           lowering: str | None, force: bool) -> None:  # fmt: skip
     """Export a checkpoint to ONNX: embed.onnx, decoder.onnx (gemma4 custom nodes), weights.data, export.json."""
     from .export import export_checkpoint
 
     with console.status("exporting") as status:
         result = export_checkpoint(
             checkpoint, output, dtype=dtype, max_seq_len=max_seq_len, force=force, debug=debug_outputs,
-            progress=lambda stage: status.update(f"export: {stage}"),
+            lowering=lowering, progress=lambda stage: status.update(f"export: {stage}"),
         )  # fmt: skip
     m = result.manifest
     out.print(f"exported {m.spec.num_hidden_layers} layers ({m.dtype}) to {result.path}: "

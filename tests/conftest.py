@@ -34,16 +34,18 @@ def make_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def make_export(tmp_path_factory, make_checkpoint):
-    """make_export(preset, dtype="fp32", debug=False) -> export directory (cached)."""
+    """make_export(preset, dtype="fp32", debug=False, lowering=None) -> export directory (cached)."""
     from gemma4_compile.export import export_checkpoint
 
     cache: dict[tuple, Path] = {}
 
-    def make(preset: str, dtype: str = "fp32", debug: bool = False) -> Path:
-        key = (preset, dtype, debug)
+    def make(preset: str, dtype: str = "fp32", debug: bool = False, lowering: str | None = None) -> Path:
+        key = (preset, dtype, debug, lowering)
         if key not in cache:
-            out = tmp_path_factory.mktemp("export") / f"{preset}-{dtype}-{int(debug)}"
-            export_checkpoint(make_checkpoint(preset), out, dtype=dtype, debug=debug, max_seq_len=256)
+            out = tmp_path_factory.mktemp("export") / f"{preset}-{dtype}-{int(debug)}-{lowering}"
+            export_checkpoint(
+                make_checkpoint(preset), out, dtype=dtype, debug=debug, lowering=lowering, max_seq_len=256
+            )
             cache[key] = out
         return cache[key]
 

@@ -38,6 +38,7 @@ from .io_spec import (
     embed_io,
     example_tensor,
 )  # fmt: skip
+from .lowering import LOWERINGS, lower_attention_to_gqa
 from .manifest import CacheInfo, ExportManifest, GraphInfo
 from .passes import clean_up
 from .weights import DATA_FILE, attach_weights, sha256_file, write_weight_file
@@ -62,16 +63,19 @@ def export_checkpoint(
     max_seq_len: int | None = None,
     force: bool = False,
     debug: bool = False,
+    lowering: str | None = None,
     progress: Progress | None = None,
 ) -> ExportedModel:
-    """Export a Hugging Face Gemma 4 checkpoint (config.json + safetensors) to ONNX."""
+    """Export a Hugging Face Gemma 4 checkpoint (config.json + safetensors) to ONNX.
+
+    `lowering="gqa"` makes an onnxruntime-only variant (see export/lowering.py)."""
     if dtype not in TORCH_DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     spec = Gemma4Spec.from_pretrained(checkpoint_dir)
     entries = resolve_text_weights(CheckpointReader(checkpoint_dir), spec)
     return export_spec(
         spec, out_dir, dtype=dtype, entries=entries, max_seq_len=max_seq_len, force=force, debug=debug,
-        progress=progress, checkpoint=Path(checkpoint_dir).resolve(),
+        lowering=lowering, progress=progress, checkpoint=Path(checkpoint_dir).resolve(),
     )  # fmt: skip
 
 
@@ -84,6 +88,7 @@ def export_spec(
     max_seq_len: int | None = None,
     force: bool = False,
     debug: bool = False,
+    lowering: str | None = None,
     progress: Progress | None = None,
     checkpoint: Path | None = None,
 ) -> ExportedModel:
@@ -94,15 +99,17 @@ def export_spec(
     max_seq_len = max_seq_len or spec.max_position_embeddings
     if max_seq_len < 1:
         raise ExportError(f"--max-seq-len must be positive, got {max_seq_len}")
+    if lowering not in (None, *LOWERINGS):
+        raise ExportError(f"unknown lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
     with atomic_directory(out, ExportError) as tmp:
-        _export_into(tmp, spec, entries, dtype, max_seq_len, debug, progress or (lambda s: None), checkpoint)
+        _export_into(tmp, spec, entries, dtype, max_seq_len, debug, lowering, progress or (lambda s: None), checkpoint)
     manifest = ExportManifest.load(out)
     return ExportedModel(out, manifest)
 
 
 def _export_into(
     tmp: Path, spec: Gemma4Spec, entries: dict[str, TensorEntry] | None, dtype: str, max_seq_len: int,
-    debug: bool, progress: Progress, checkpoint: Path | None,
+    debug: bool, lowering: str | None, progress: Progress, checkpoint: Path | None,
 ) -> ExportManifest:  # fmt: skip
     torch_dtype = TORCH_DTYPES[dtype]
     with torch.device("meta"):
@@ -126,7 +133,8 @@ def _export_into(
     progress("save graphs")
     graphs = {
         "embed": _save(embed, tmp / "embed.onnx", embed_in, embed_out, check=entries is not None),
-        "decoder": _save(decoder, tmp / "decoder.onnx", dec_in, dec_out, check=entries is not None),
+        "decoder": _save(decoder, tmp / "decoder.onnx", dec_in, dec_out, check=entries is not None,
+                         edit=(lambda proto: lower_attention_to_gqa(proto, spec)) if lowering == "gqa" else None),
     }
     progress("hash files")
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
@@ -134,7 +142,8 @@ def _export_into(
     manifest = ExportManifest(
         path=tmp, dtype=dtype, opset=OPSET, max_seq_len=max_seq_len, spec=spec, graphs=graphs,
         caches=_cache_infos(spec), custom_nodes=_custom_nodes(tmp / "decoder.onnx", spec), files=files,
-        tools=_tool_versions(), debug=debug, weights=entries is not None, checkpoint=str(checkpoint) if checkpoint else None,
+        tools=_tool_versions(), debug=debug, weights=entries is not None, lowering=lowering,
+        checkpoint=str(checkpoint) if checkpoint else None,
         dims={"batch": "dynamic", "sequence": "dynamic", SLIDING_SLOTS: spec.sliding_window,
               CACHE_LEN: f"dynamic, >= past_len + sequence, <= {max_seq_len}"},
     )  # fmt: skip
@@ -162,7 +171,10 @@ def _trace(module: torch.nn.Module, inputs: list[TensorSpec], outputs: list[Tens
     return clean_up(program.model)
 
 
-def _save(model: ir.Model, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], check: bool) -> GraphInfo:
+def _save(
+    model: ir.Model, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], check: bool,
+    edit: Callable[[onnx.ModelProto], object] | None = None,
+) -> GraphInfo:
     proto = ir.serde.serialize_model(model)
     used = {n.op_type for n in proto.graph.node if n.domain == custom_ops.DOMAIN}
     proto.functions.extend(custom_ops.functions(used))
@@ -172,8 +184,10 @@ def _save(model: ir.Model, path: Path, inputs: list[TensorSpec], outputs: list[T
     proto.doc_string = ""
     for node in proto.graph.node:  # stack traces name local paths; drop them for reproducible bytes
         del node.metadata_props[:]
+    if edit is not None:
+        edit(proto)
     onnx.save_model(proto, str(path))
-    if check:
+    if check and edit is None:  # a lowered graph uses com.microsoft ops onnx has no schemas for (ORT checks it)
         onnx.checker.check_model(str(path), full_check=True)
     return GraphInfo(path.name, "", [DATA_FILE], inputs, outputs)
 

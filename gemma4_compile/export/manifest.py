@@ -57,6 +57,7 @@ class ExportManifest:
     tools: dict[str, str]
     debug: bool = False
     weights: bool = True
+    lowering: str | None = None  # "gqa": an onnxruntime-only variant (export/lowering.py)
     checkpoint: str | None = None  # absolute path of the source checkpoint (provenance; reference runners)
     dims: dict[str, Any] = field(default_factory=dict)
 
@@ -100,7 +101,7 @@ class ExportManifest:
                 spec=Gemma4Spec.from_dict(d["spec"]), graphs=graphs,
                 caches=[CacheInfo(**c) for c in d["caches"]], custom_nodes=d["custom_nodes"], files=d["files"],
                 tools=d["tools"], debug=d.get("debug", False), weights=d.get("weights", True),
-                checkpoint=d.get("checkpoint"),
+                checkpoint=d.get("checkpoint"), lowering=d.get("lowering"),
                 dims=d.get("dims", {}),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as e:

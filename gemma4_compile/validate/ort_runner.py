@@ -53,6 +53,12 @@ class OrtRunner(BaseRunner):
     def _run(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> dict[str, np.ndarray]:
         if int((state.past_len + input_ids.shape[1]).max()) > state.max_len:
             raise Gemma4CompileError(f"ort: sequence exceeds the cache length {state.max_len}")
+        B, S = input_ids.shape
+        if self.manifest.lowering == "gqa" and B > 1 and S > 1 and state.past_len.any():
+            raise Gemma4CompileError(
+                "ort: a gqa-lowered export cannot prefill a batch on top of a non-empty cache "
+                "(onnxruntime GroupQueryAttention); use a plain export"
+            )
         embed_names = [o.name for o in self.embed.get_outputs()]
         embedded = dict(zip(embed_names, self.embed.run(None, {"input_ids": input_ids.astype(np.int64)})))
         feeds = {**embedded, "past_len": state.past_len, "seq_len": seq_len.astype(np.int64), **state.caches}
