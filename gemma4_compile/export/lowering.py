@@ -21,37 +21,20 @@ from .custom_ops import attention
 LOWERINGS = ("gqa",)
 CONTRIB = "com.microsoft"
 
-GQA_BODY = """
-<domain: "gemma4", opset_import: ["" : 20, "com.microsoft" : 1]>
-SlidingWindowAttention <window, scale, num_heads, kv_num_heads, local_window_size> (q, k, v, past_k, past_v, past_len, seq_len) => (out, present_k, present_v)
-{
-  zero = Constant <value_int: int = 0> ()
-  one = Constant <value_int: int = 1> ()
-  one1 = Constant <value_ints: ints = [1]> ()
-  ax0 = Constant <value_ints: ints = [0]> ()
-  ax1 = Constant <value_ints: ints = [1]> ()
-  B1 = Shape <start = 0, end = 1> (q)
-  S1 = Shape <start = 2, end = 3> (q)
-  C1 = Shape <start = 2, end = 3> (past_k)
-  S = Squeeze (S1)
-  C = Squeeze (C1)
-  j = Range (zero, C, one)
-  j_row = Unsqueeze (j, ax0)
-  pl_col = Unsqueeze (past_len, ax1)
+# Unroll the ring into chronological order (oldest cached position first, L = min(past_len, C) valid),
+# trimmed to the longest row so that a fresh cache is "no past" for GQA; positions are already in q/k.
+GQA_ATTEND = """
   Lb = Min (pl_col, C1)
   start = Sub (pl_col, Lb)
   chron = Add (start, j_row)
   slot = Mod (chron, C)
-  idx_shape = Concat <axis = 0> (B1, one1, C1, one1)
   slot4 = Reshape (slot, idx_shape)
-  pshape = Shape (past_k)
   slot_b = Expand (slot4, pshape)
   ukf = GatherElements <axis = 2> (past_k, slot_b)
   uvf = GatherElements <axis = 2> (past_v, slot_b)
   maxL = ReduceMax <keepdims = 1> (Lb)
   maxL1 = Reshape (maxL, one1)
   zero1 = Constant <value_ints: ints = [0]> ()
-  ax2 = Constant <value_ints: ints = [2]> ()
   uk = Slice (ukf, zero1, maxL1, ax2)
   uv = Slice (uvf, zero1, maxL1, ax2)
   qt = Transpose <perm = [0, 2, 1, 3]> (q)
@@ -67,34 +50,20 @@ SlidingWindowAttention <window, scale, num_heads, kv_num_heads, local_window_siz
   seqk = Cast <to = 6> (seqk64)
   maxLs = Squeeze (maxL1)
   CS = Add (maxLs, S)
-  total = Cast <to = 6> (CS)
-  o3, pk_unused, pv_unused = com.microsoft.GroupQueryAttention <num_heads: int = @num_heads, kv_num_heads: int = @kv_num_heads, scale: float = @scale, local_window_size: int = @local_window_size> (q3, k3, v3, uk, uv, seqk, total)
+  total_len = Cast <to = 6> (CS)
+  o3, pk_unused, pv_unused = com.microsoft.GroupQueryAttention <num_heads: int = @num_heads, kv_num_heads: int = @kv_num_heads, scale: float = @scale, local_window_size: int = @local_window_size> (q3, k3, v3, uk, uv, seqk, total_len)
   qshape_t = Shape (qt)
   o4 = Reshape (o3, qshape_t)
   out = Transpose <perm = [0, 2, 1, 3]> (o4)
-  total_len = Add (past_len, seq_len)
-  tcol = Unsqueeze (total_len, ax1)
-  tlast = Sub (tcol, one)
-  tback = Sub (tlast, j_row)
-  tmod = Mod (tback, C)
-  new_pos = Sub (tlast, tmod)
-  take = GreaterOrEqual (new_pos, pl_col)
-  rel = Sub (new_pos, pl_col)
-  Sm1 = Sub (S, one)
-  src = Clip (rel, zero, Sm1)
-  src4 = Reshape (src, idx_shape)
-  src_b = Expand (src4, pshape)
-  gk = GatherElements <axis = 2> (k, src_b)
-  gv = GatherElements <axis = 2> (v, src_b)
-  take4 = Reshape (take, idx_shape)
-  present_k = Where (take4, gk, past_k)
-  present_v = Where (take4, gv, past_v)
-}
 """
 
 
 def gqa_function() -> onnx.FunctionProto:
-    return onnx.parser.parse_function(GQA_BODY)
+    text = attention.body(
+        GQA_ATTEND, attrs="window, scale, num_heads, kv_num_heads, local_window_size",
+        opsets=f'"" : 20, "{CONTRIB}" : 1',
+    )  # fmt: skip
+    return onnx.parser.parse_function(text)
 
 
 def lower_attention_to_gqa(model: onnx.ModelProto, spec: Gemma4Spec) -> int:

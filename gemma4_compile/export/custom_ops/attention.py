@@ -34,34 +34,40 @@ SCHEMA = OpSchema(
     ],
 )
 
-BODY = """
-<domain: "gemma4", opset_import: ["" : 20]>
-SlidingWindowAttention <window, scale> (q, k, v, past_k, past_v, past_len, seq_len) => (out, present_k, present_v)
-{
+# The body is assembled from three parts so that export/lowering.py can swap the attention part alone.
+SIGNATURE = "SlidingWindowAttention <{attrs}> (q, k, v, past_k, past_v, past_len, seq_len) => (out, present_k, present_v)"
+
+PRELUDE = """
   zero = Constant <value_int: int = 0> ()
   one = Constant <value_int: int = 1> ()
   one1 = Constant <value_ints: ints = [1]> ()
-  minus1 = Constant <value_ints: ints = [-1]> ()
   ax0 = Constant <value_ints: ints = [0]> ()
   ax1 = Constant <value_ints: ints = [1]> ()
   ax2 = Constant <value_ints: ints = [2]> ()
+  B1 = Shape <start = 0, end = 1> (q)
+  S1 = Shape <start = 2, end = 3> (q)
+  C1 = Shape <start = 2, end = 3> (past_k)
+  S = Squeeze (S1)
+  C = Squeeze (C1)
+  j = Range (zero, C, one)
+  j_row = Unsqueeze (j, ax0)
+  pl_col = Unsqueeze (past_len, ax1)
+  idx_shape = Concat <axis = 0> (B1, one1, C1, one1)
+  pshape = Shape (past_k)
+"""
+
+# softmax(q k^T * scale + mask) v over (ring slots ++ new tokens), each key tagged with its position
+ATTEND = """
+  minus1 = Constant <value_ints: ints = [-1]> ()
   ax12 = Constant <value_ints: ints = [1, 2]> ()
   win = Constant <value_int: int = @window> ()
   scl = Constant <value_float: float = @scale> ()
   neg = Constant <value_float: float = -3.4028234663852886e38> ()
-  B1 = Shape <start = 0, end = 1> (q)
-  S1 = Shape <start = 2, end = 3> (q)
   D1 = Shape <start = 3, end = 4> (q)
   Hkv1 = Shape <start = 1, end = 2> (k)
-  C1 = Shape <start = 2, end = 3> (past_k)
-  S = Squeeze (S1)
-  C = Squeeze (C1)
   s_idx = Range (zero, S, one)
   s_row = Unsqueeze (s_idx, ax0)
-  pl_col = Unsqueeze (past_len, ax1)
   q_pos = Add (pl_col, s_row)
-  j = Range (zero, C, one)
-  j_row = Unsqueeze (j, ax0)
   last = Sub (pl_col, one)
   back = Sub (last, j_row)
   back_mod = Mod (back, C)
@@ -99,6 +105,10 @@ SlidingWindowAttention <window, scale> (q, k, v, past_k, past_v, past_len, seq_l
   o5 = MatMul (p, v5)
   qshape = Shape (q)
   out = Reshape (o5, qshape)
+"""
+
+# write the valid new tokens into the ring: slot j takes the latest position == j (mod C), if it is new
+RING_UPDATE = """
   total = Add (past_len, seq_len)
   tcol = Unsqueeze (total, ax1)
   tlast = Sub (tcol, one)
@@ -109,21 +119,24 @@ SlidingWindowAttention <window, scale> (q, k, v, past_k, past_v, past_len, seq_l
   rel = Sub (new_pos, pl_col)
   Sm1 = Sub (S, one)
   src = Clip (rel, zero, Sm1)
-  idx_shape = Concat <axis = 0> (B1, one1, C1, one1)
   src4 = Reshape (src, idx_shape)
-  pshape = Shape (past_k)
   src_b = Expand (src4, pshape)
   gk = GatherElements <axis = 2> (k, src_b)
   gv = GatherElements <axis = 2> (v, src_b)
   take4 = Reshape (take, idx_shape)
   present_k = Where (take4, gk, past_k)
   present_v = Where (take4, gv, past_v)
-}
 """
 
 
+def body(attend: str = ATTEND, attrs: str = "window, scale", opsets: str = '"" : 20') -> str:
+    """The function text: prelude + an attention part + the ring update."""
+    header = f'<domain: "gemma4", opset_import: [{opsets}]>\n' + SIGNATURE.format(attrs=attrs)
+    return header + "\n{" + PRELUDE + attend + RING_UPDATE + "}\n"
+
+
 def function() -> onnx.FunctionProto:
-    return onnx.parser.parse_function(BODY)
+    return onnx.parser.parse_function(body())
 
 
 def translation():
