@@ -8,6 +8,7 @@ A runner implements two primitives, `start(batch, max_len)` (fresh caches) and `
 
 from __future__ import annotations
 
+import abc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ def _lengths(input_ids: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
     return lengths
 
 
-class BaseRunner:
+class BaseRunner(abc.ABC):
     """Template for backends; subclasses implement `start` and `step`."""
 
     name = "base"
@@ -50,12 +51,13 @@ class BaseRunner:
         self.last_latency_s = 0.0
 
     # ----- primitives ---------------------------------------------------------------------------
+    @abc.abstractmethod
     def start(self, batch: int, max_len: int) -> DecodeState:
-        raise NotImplementedError
+        """Fresh caches for `batch` rows of up to `max_len` tokens."""
 
+    @abc.abstractmethod
     def step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
         """Run [B, S] tokens (row b: seq_len[b] real ones) -> logits [B, S, V] float32; advances the state."""
-        raise NotImplementedError
 
     # ----- shared API ---------------------------------------------------------------------------
     def timed_step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
