@@ -43,12 +43,8 @@ def _torch_dtype(name: str | int) -> Any:
 
 def _spec(export: ExportInfo) -> Gemma4Spec | None:
     """The model spec export.json carries (None when it is not a full Gemma4Spec, e.g. a synthetic export)."""
-    raw = dict(export.raw.get("spec", {}))
     try:
-        for key in ("layer_types", "eos_token_id"):
-            raw[key] = tuple(raw[key])
-        raw["layer_overrides"] = tuple(tuple(o) for o in raw.get("layer_overrides", ()))
-        return Gemma4Spec(**raw)
+        return Gemma4Spec.from_dict(export.raw.get("spec", {}))
     except (KeyError, TypeError, Gemma4CompileError):
         return None
 
