@@ -176,7 +176,7 @@ def kernels(output: Path, targets: tuple[str, ...]) -> None:
 
     with console.status("compiling kernels"):
         artifacts = compile_kernels(output, list(targets))
-    out.print(kernel_table_markdown(artifacts))
+    click.echo(kernel_table_markdown(artifacts))
 
 
 @cli.command()
