@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .export_info import sha256_file
+from ..fsutil import sha256_file
 
 
 @contextlib.contextmanager

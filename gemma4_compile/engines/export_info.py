@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
+from ..fsutil import sha256_file
 
 EXPORT_FORMAT = "gemma4-compile/export"
 
@@ -55,14 +55,6 @@ class ExportInfo:
     def sliding_window(self) -> int | None:
         w = self.dims.get("sliding_cache_len")
         return w if isinstance(w, int) else None
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tensors(entries: list[dict], where: str) -> tuple[TensorInfo, ...]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, BuildError
-from .export_info import sha256_file
+from ..fsutil import sha256_file
 from .manifest import EngineManifest, check_engine, read_manifest
 from .targets import resolve_target
 from .trt import TrtFlavour

@@ -21,7 +21,7 @@ import torch
 
 from .. import __version__
 from ..errors import ExportError, Gemma4CompileError
-from ..fsutil import atomic_directory
+from ..fsutil import atomic_directory, sha256_file
 from ..model.config import Gemma4Spec
 from ..model.model import Gemma4TextModel
 from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
@@ -41,7 +41,7 @@ from .io_spec import (
 from .lowering import LOWERINGS, lower_attention_to_gqa
 from .manifest import CacheInfo, ExportManifest, GraphInfo
 from .passes import clean_up
-from .weights import DATA_FILE, attach_weights, sha256_file, write_weight_file
+from .weights import DATA_FILE, attach_weights, write_weight_file
 
 OPSET = 20
 Progress = Callable[[str], None]

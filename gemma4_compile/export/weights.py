@@ -8,7 +8,6 @@ referenced by the embed graph (gather) and the decoder (LM head).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,11 +98,3 @@ def attach_weights(
         value.const_value = ir.ExternalTensor(
             DATA_FILE, p.offset, p.length, IR_DTYPES[dtype], shape=value.shape, name=init_name, base_dir=out_dir
         )
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from ..engines.targets import GpuTarget, resolve_target
 from ..errors import BuildError
+from ..fsutil import write_atomic
 
 DTYPES = ("bf16", "fp16", "fp32")
 RECORD_VERSION = 2  # part of every cache key: bump when KernelEntry's fields change
@@ -471,8 +472,8 @@ def _compile_one(v: Variant, out_dir: str, ptx_version: int | None) -> dict[str,
     args = [a for a in fn.arg_names if a not in constexprs]
     params = args + [f"triton_scratch_{i}" for i in range(n_params - len(args))]
     stem.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(stem.with_suffix(".ptx"), ptx.encode())
-    _atomic_write(stem.with_suffix(".cubin"), cubin)
+    write_atomic(stem.with_suffix(".ptx"), ptx.encode())
+    write_atomic(stem.with_suffix(".cubin"), cubin)
     rec = KernelEntry(
         kernel=v.kernel, target=v.target, dtype=v.dtype, constexprs=constexprs, num_warps=v.num_warps,
         num_stages=v.num_stages, entry=compiled.metadata.name, ptx=str(stem.with_suffix(".ptx").relative_to(out_dir)),
@@ -483,7 +484,7 @@ def _compile_one(v: Variant, out_dir: str, ptx_version: int | None) -> dict[str,
         params=params, key=key, scratch_bytes=_scratch_bytes(compiled.metadata),
     )  # fmt: skip
     record = asdict(rec)
-    _atomic_write(stem.with_suffix(".json"), json.dumps(record, indent=1, default=str).encode())
+    write_atomic(stem.with_suffix(".json"), json.dumps(record, indent=1, default=str).encode())
     return record
 
 
@@ -510,19 +511,6 @@ def _check_shared(rec: KernelEntry, v: Variant) -> None:
             f"{v.label()} needs {rec.shared_bytes} bytes of shared memory on {v.target}, "
             f"which allows {limit} per block; pick a smaller block config"
         )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def compile_variants(out_dir: str | os.PathLike[str], variants: Iterable[Variant], *, jobs: int | None = None,
@@ -588,7 +576,7 @@ def _worker_main(request_path: str) -> None:
             out.append(_compile_one(variant, request["out_dir"], ptx_version))
         except BuildError as e:
             out.append({"error": str(e)})
-    _atomic_write(Path(request["result"]), json.dumps(out, default=str).encode())
+    write_atomic(Path(request["result"]), json.dumps(out, default=str).encode())
 
 
 def compile_kernels(
@@ -612,7 +600,7 @@ def write_table(arts: KernelArtifacts) -> Path:
     import triton
 
     doc = {"triton": triton.__version__, "kernels": [asdict(e) for e in arts.entries]}
-    _atomic_write(arts.table_path, json.dumps(doc, indent=1, default=str).encode())
+    write_atomic(arts.table_path, json.dumps(doc, indent=1, default=str).encode())
     return arts.table_path
 
 

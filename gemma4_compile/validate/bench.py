@@ -291,21 +291,19 @@ def bench(
     `compare` runners need the source checkpoint (`checkpoint`, or export.json's "checkpoint"); one that cannot
     be built is listed with its reason instead of failing the run. Requested `backends` must be available.
     """
-    from .validate import make_runner, read_export, source_checkpoint
+    from ..export.manifest import ExportManifest
+    from .validate import make_runner, source_checkpoint
 
     export_dir = Path(export_dir)
-    manifest = read_export(export_dir)
-    precision = manifest.get("dtype", "fp32")
+    manifest = ExportManifest.load(export_dir)
+    precision, spec = manifest.dtype, manifest.spec
     ckpt = source_checkpoint(manifest, checkpoint)
-    if "spec" not in manifest:
-        raise Gemma4CompileError(f"{export_dir}/export.json has no spec")
-    spec = Gemma4Spec.from_dict(manifest["spec"])
     factories: dict[str, RunnerFactory] = {}
     for name in compare:
         factories[name] = lambda name=name: _optional(make_runner, name, export_dir, ckpt, precision)
     for name in backends:  # requested backends: their errors reach the user
         factories[name] = lambda name=name: make_runner(name, export_dir, ckpt, precision, target)
-    report = bench_runners(factories, spec, config, precision, int(manifest.get("max_seq_len", 0)) or None)
+    report = bench_runners(factories, spec, config, precision, manifest.max_seq_len)
     report = LatencyReport(**{**report.__dict__, "export_dir": str(export_dir)})
     failed = [s for s in report.backends if s.error and s.backend in backends]
     if failed:

@@ -17,7 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailable, Gemma4CompileError
+from ..errors import BackendUnavailable
+from ..export.io_spec import cache_names
+from ..export.manifest import MANIFEST, ExportManifest
+from ..fsutil import atomic_file
 from ..model.config import Gemma4Spec
 from .cases import Case
 
@@ -53,18 +56,6 @@ def _polygraphy():
     return save_json, RunResults, IterationResult, G_LOGGER
 
 
-def _cache_names(spec: Gemma4Spec, manifest: dict[str, Any] | None) -> list[tuple[list[str], list[str]]]:
-    """(past names, present names) per cache-owning layer, in the model's cache order."""
-    if manifest and manifest.get("caches"):
-        caches = sorted(manifest["caches"], key=lambda c: c["index"])
-        return [(list(c["past"]), list(c["present"])) for c in caches]
-    return [
-        ([f"past_key_values.{p.index}.key", f"past_key_values.{p.index}.value"],
-         [f"present.{p.index}.key", f"present.{p.index}.value"])
-        for p in spec.cache_layers
-    ]  # fmt: skip
-
-
 def _array(t: Any) -> Any:
     """numpy for what numpy holds; bf16 stays a torch tensor (Polygraphy serializes those with torch.save)."""
     import torch
@@ -74,14 +65,13 @@ def _array(t: Any) -> Any:
 
 
 def decoder_reference_io(
-    model: Any, case: Case, manifest: dict[str, Any] | None = None
+    model: Any, case: Case, debug: bool = False
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Feeds and named outputs of the decoder graph for a prefill of `case` and one greedy decode step."""
     import torch
 
     spec: Gemma4Spec = model.spec
-    names = _cache_names(spec, manifest)
-    debug = bool(manifest and manifest.get("debug"))
+    names = [cache_names(p) for p in spec.cache_layers]  # ((past k, past v), (present k, present v))
     from ..model.model import debug_output_names
 
     B, S = case.input_ids.shape
@@ -129,39 +119,22 @@ def save_decoder_reference(
             f"{getattr(reference, 'name', 'reference')}: not our torch model; use reference='torch'"
         )
     export_dir, out_dir = Path(export_dir), Path(out_dir)
-    manifest = _manifest(export_dir)
-    feeds, outs = decoder_reference_io(model, case, manifest)
+    debug = (export_dir / MANIFEST).is_file() and ExportManifest.load(export_dir).debug
+    feeds, outs = decoder_reference_io(model, case, debug)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs_path, outputs_path = out_dir / INPUTS_FILE, out_dir / OUTPUTS_FILE
     results = RunResults()
     results.append((REF_RUNNER_NAME, [IterationResult(o, runner_name=REF_RUNNER_NAME) for o in outs]))
     with G_LOGGER.verbosity(G_LOGGER.WARNING):  # its "Saving ... to <temp file>" lines would only confuse
-        _atomic(
-            inputs_path, lambda p: save_json(feeds, str(p), description="gemma4 decoder reference inputs")
-        )
-        _atomic(outputs_path, lambda p: results.save(str(p)))
+        with atomic_file(inputs_path) as tmp:
+            save_json(feeds, str(tmp), description="gemma4 decoder reference inputs")
+        with atomic_file(outputs_path) as tmp:
+            results.save(str(tmp))
     atol, rtol = POLYGRAPHY_TOLERANCES.get(precision, POLYGRAPHY_TOLERANCES["fp32"])
     note = "onnxruntime's CPU provider has no bf16 MatMul: run this with --trt" if precision == "bf16" else ""
     command = polygraphy_command(export_dir / "decoder.onnx", inputs_path, outputs_path, atol, rtol)
     return PolygraphyFiles(str(inputs_path), str(outputs_path), len(feeds), atol, rtol, command, note)
 
 
-def _manifest(export_dir: Path) -> dict[str, Any] | None:
-    import json
-
-    path = export_dir / "export.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise Gemma4CompileError(f"{path}: unreadable ({e})") from None
 
 
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -8,12 +8,13 @@ separately and the summary still covers both.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ..fsutil import atomic_file, write_atomic
 
 if TYPE_CHECKING:
     from .bench import LatencyReport
@@ -40,17 +41,13 @@ def jsonable(x: Any) -> Any:
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: the rename is atomic
-    try:
+    with atomic_file(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
 def _write_text(path: Path, text: str) -> Path:
-    return _atomic(path, lambda p: p.write_text(text))
+    return write_atomic(path, text)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> Path:

@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from . import metrics as M
 from .cases import DEFAULT_STEPS, Case, default_cases, load_prompts
 from .report import jsonable, write_reports
 from .runners import BaseRunner
+
+if TYPE_CHECKING:
+    from ..export.manifest import ExportManifest
 
 log = logging.getLogger("gemma4_compile.validate")
 
@@ -458,24 +461,11 @@ BACKENDS = ("ort", "trt", "torch", "hf")
 REFERENCES = ("torch", "hf")
 
 
-def read_export(export_dir: Path) -> dict[str, Any]:
-    """export.json as a dict (raw: later stages only need dtype, spec, max_seq_len and checkpoint)."""
-    path = export_dir / "export.json"
-    if not path.is_file():
-        raise Gemma4CompileError(
-            f"{export_dir} is not an export directory (no export.json); run 'gemma4-compile export' first"
-        )
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise Gemma4CompileError(f"{path}: unreadable ({e})") from None
-
-
-def source_checkpoint(manifest: dict[str, Any], checkpoint: str | Path | None) -> Path | None:
+def source_checkpoint(manifest: ExportManifest, checkpoint: str | Path | None) -> Path | None:
     """The checkpoint the reference loads: the one given, else the export's recorded source."""
     if checkpoint:
         return Path(checkpoint)
-    return Path(manifest["checkpoint"]) if manifest.get("checkpoint") else None
+    return Path(manifest.checkpoint) if manifest.checkpoint else None
 
 
 def make_runner(
@@ -526,8 +516,10 @@ def validate(
     export_dir = Path(export_dir)
     if reference not in REFERENCES:
         raise Gemma4CompileError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
-    manifest = read_export(export_dir)
-    precision = manifest.get("dtype", "fp32")
+    from ..export.manifest import ExportManifest
+
+    manifest = ExportManifest.load(export_dir)
+    precision = manifest.dtype
     ckpt = source_checkpoint(manifest, checkpoint)
     steps = DEFAULT_STEPS if steps is None else steps
     if steps < 1:
@@ -535,7 +527,7 @@ def validate(
     ref = make_runner(reference, export_dir, ckpt, precision)
     be = make_runner(backend, export_dir, ckpt, precision, target)
     spec = ref.spec
-    max_len = int(manifest.get("max_seq_len", spec.max_position_embeddings)) - steps
+    max_len = manifest.max_seq_len - steps
     cases = load_prompts(prompts, spec, max_len) if prompts else default_cases(spec, seed, max_len)
     report = compare_runners(be, ref, cases, spec, precision, steps, tolerance)
     report = replace(report, export_dir=str(export_dir))

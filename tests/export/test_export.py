@@ -80,7 +80,7 @@ def test_manifest_describes_graphs_caches_and_files(make_export):
     assert m.graphs["decoder"].input("past_key_values.4.key").shape == ("batch", 1, "cache_len", 32)
     assert [n["op_type"] for n in m.custom_nodes].count("SlidingWindowAttention") == spec.num_hidden_layers
     assert all(n["attributes"]["plugin_namespace"] == "gemma4" for n in m.custom_nodes)
-    from gemma4_compile.export.weights import sha256_file
+    from gemma4_compile.fsutil import sha256_file
 
     assert all(sha256_file(path / f) == h for f, h in m.files.items())
     loaded = onnx.load(str(path / "decoder.onnx"), load_external_data=False)

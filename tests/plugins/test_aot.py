@@ -229,7 +229,9 @@ def test_kernel_aot_atomic_write_leaves_the_old_table_on_failure(tmp_path, monke
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(aot.os, "replace", boom)
+    from gemma4_compile import fsutil
+
+    monkeypatch.setattr(fsutil.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        aot._atomic_write(path, b"new")
+        aot.write_atomic(path, b"new")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["kernels.json"]

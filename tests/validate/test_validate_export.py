@@ -46,7 +46,9 @@ def test_validate_user_errors(tmp_path, make_export):
         validate(tmp_path)
     with pytest.raises(Gemma4CompileError, match="unknown reference 'jax'"):
         validate(make_export("tiny-31b"), reference="jax")
-    (tmp_path / "export.json").write_text(json.dumps({"dtype": "fp32"}))  # an export that names no checkpoint
+    manifest = json.loads((make_export("tiny-31b") / "export.json").read_text())
+    manifest.pop("checkpoint")  # an export that names no checkpoint
+    (tmp_path / "export.json").write_text(json.dumps(manifest))
     with pytest.raises(Gemma4CompileError, match="needs the source checkpoint"):
         validate(tmp_path, write=False)
 
