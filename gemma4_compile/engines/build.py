@@ -39,7 +39,7 @@ from .manifest import (
 from .memory import MemoryUsage, PeakRss
 from .network import ParsedNetwork, network_from_onnx
 from .plugin_status import PluginStatus, find_kernels_json, register
-from .profiles import ShapeProfile, derive_profiles
+from .profiles import ShapeProfile, derive_profiles, tokens_per_step
 from .progress import build_progress, spinner
 from .targets import GpuTarget, local_device_sm, resolve_target
 from .trt import TrtFlavour, choose_flavour, installed_flavours, load_trt
@@ -111,9 +111,10 @@ def _io(parsed: ParsedNetwork) -> tuple[dict, ...]:
 
 
 def _parse(export: ExportInfo, target: GpuTarget, flavour: TrtFlavour, options: BuildOptions,
-           plugins: PluginStatus, staging: Path, final: Path) -> tuple[ParsedNetwork, CapabilityReport]:  # fmt: skip
+           plugins: PluginStatus, profiles: tuple[ShapeProfile, ...], staging: Path,
+           final: Path) -> tuple[ParsedNetwork, CapabilityReport]:  # fmt: skip
     with spinner(f"{target.name}: parsing {export.decoder.file.name} with {flavour.title}", options.progress):
-        parsed = network_from_onnx(export, flavour)
+        parsed = network_from_onnx(export, flavour, tokens_per_step(profiles))
     report = capability_report(target.name, export, parsed, plugins)
     if not parsed.ok:
         first = report.rejected[0].one_line()
@@ -148,7 +149,7 @@ def build_engine(export: ExportInfo, target: GpuTarget, flavour: TrtFlavour, opt
     with staging_dir(final) as staging:
         with PeakRss() as memory:
             t0 = time.perf_counter()
-            parsed, report = _parse(export, target, flavour, options, plugins, staging, final)
+            parsed, report = _parse(export, target, flavour, options, plugins, profiles, staging, final)
             plugins_used = report.counts().get(PLUGIN, 0) > 0
             build = config_from_network(parsed, target, options, profiles, plugins_used=plugins_used,
                                         timing_cache=_cache_path(cache_dir, flavour, target))  # fmt: skip

@@ -3,8 +3,10 @@
 The parser reads the graph from memory and its external weights from disk next to decoder.onnx
 (`parser.parse(bytes, path)`), so only the small graph proto is edited and held in Python.
 
-Two edits, neither touching weights or math. Small all-constant subgraphs are folded (engines/fold.py), since
-the parser insists on constant axes it cannot always fold itself. And, for the inline path: The parser dispatches by op_type before it looks at the domain
+Three edits, none touching weights or math. Small all-constant subgraphs are folded (engines/fold.py), since
+the parser insists on constant axes it cannot always fold itself. Where the seven MoE stage plugins are
+registered (full TensorRT's AOT plugins, plugins/moe_stages.py), each `gemma4::MoE` node becomes those seven
+nodes, since an AOT plugin launches one kernel. And, for the inline path: The parser dispatches by op_type before it looks at the domain
 (tensorrt-notes.md §2.1), so `gemma4::Attention` would go to TensorRT's built-in ONNX `Attention` importer
 ("TensorRT only supports Attention nodes with one output") instead of its function body. A custom-domain node
 that has a model-local function, no registered plugin, and an op_type the parser has a built-in importer for
@@ -20,6 +22,7 @@ from typing import Any
 import onnx
 
 from ..errors import BuildError
+from ..plugins import moe_stages
 from .export_info import ExportInfo
 from .fold import fold_constant_subgraphs
 from .trt import TrtFlavour
@@ -88,18 +91,24 @@ class GraphEdits:
 
     renamed: dict[str, str]  # exported op_type -> the name the parser saw (see the module docstring)
     folded_constants: int  # all-constant nodes replaced by Constants (engines/fold.py)
+    split_moe: int = 0  # gemma4::MoE nodes replaced by their seven stage plugins (plugins/moe_stages.py)
 
     def to_dict(self) -> dict:
-        return {"renamed": dict(self.renamed), "folded_constants": self.folded_constants}
+        return {"renamed": dict(self.renamed), "folded_constants": self.folded_constants,
+                "split_moe": self.split_moe}  # fmt: skip
+
+
+def _creators(flavour: TrtFlavour) -> set[tuple[str, str, str]]:
+    """(name, version, namespace) of every registered plugin creator."""
+    # all_creators, not get_creator: a failed get_creator logs an API-usage error into the build log
+    registry = flavour.module.get_plugin_registry()
+    return {(c.name, c.plugin_version, c.plugin_namespace) for c in registry.all_creators}
 
 
 def _rename_shadowed(
-    model: onnx.ModelProto, flavour: TrtFlavour, parser: Any
+    model: onnx.ModelProto, creators: set[tuple[str, str, str]], parser: Any
 ) -> tuple[tuple[OnnxNode, ...], dict]:
     functions = {(f.domain, f.name): f for f in model.functions}
-    # all_creators, not get_creator: a failed get_creator logs an API-usage error into the build log
-    registry = flavour.module.get_plugin_registry()
-    creators = {(c.name, c.plugin_version, c.plugin_namespace) for c in registry.all_creators}
     renames: dict[tuple[str, str], str] = {}
     nodes = []
     for node in model.graph.node:
@@ -122,9 +131,11 @@ def _rename_shadowed(
 
 
 def prepare_decoder(
-    path: Path, flavour: TrtFlavour, parser: Any
+    path: Path, flavour: TrtFlavour, parser: Any, tokens_hint: int = 1
 ) -> tuple[bytes, tuple[OnnxNode, ...], GraphEdits]:
-    """Load decoder.onnx without its weights, fold constant subgraphs, rename shadowed custom ops.
+    """Load decoder.onnx without its weights, fold constant subgraphs, split MoE nodes into stage plugins when
+    those are registered (full TensorRT's AOT plugins; `tokens_hint` = tokens per step to tune the GEMM tile
+    for), rename shadowed custom ops.
 
     -> (model bytes for `parser.parse`, the custom-domain nodes, what was edited).
     """
@@ -133,8 +144,10 @@ def prepare_decoder(
     except Exception as e:  # protobuf raises several types for a corrupt file
         raise BuildError(f"cannot read {path}: {e}") from None
     folded = fold_constant_subgraphs(model)
-    nodes, renamed = _rename_shadowed(model, flavour, parser)
-    return model.SerializeToString(), nodes, GraphEdits(renamed, folded)
+    creators = _creators(flavour)
+    split = moe_stages.split_moe(model, tokens_hint=tokens_hint) if moe_stages.stages_registered(creators) else 0
+    nodes, renamed = _rename_shadowed(model, creators, parser)
+    return model.SerializeToString(), nodes, GraphEdits(renamed, folded, split)
 
 
 def _issues(parser: Any, nodes: tuple[OnnxNode, ...]) -> tuple[ParserIssue, ...]:
@@ -149,7 +162,7 @@ def _issues(parser: Any, nodes: tuple[OnnxNode, ...]) -> tuple[ParserIssue, ...]
     return tuple(out)
 
 
-def network_from_onnx(export: ExportInfo, flavour: TrtFlavour) -> ParsedNetwork:
+def network_from_onnx(export: ExportInfo, flavour: TrtFlavour, tokens_hint: int = 1) -> ParsedNetwork:
     """Parse the export's decoder into a strongly typed network; parser errors are returned, not raised."""
     trt = flavour.module
     logger = make_logger(flavour)
@@ -159,7 +172,7 @@ def network_from_onnx(export: ExportInfo, flavour: TrtFlavour) -> ParsedNetwork:
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    data, nodes, edits = prepare_decoder(export.decoder.file, flavour, parser)
+    data, nodes, edits = prepare_decoder(export.decoder.file, flavour, parser, tokens_hint)
     parser.parse(data, str(export.decoder.file))  # the path locates the external weights
     return ParsedNetwork(flavour, logger, builder, network, parser, nodes, _issues(parser, nodes), edits)
 

@@ -98,6 +98,11 @@ def derive_profiles(export: ExportInfo, limits: ProfileLimits) -> tuple[ShapePro
     return tuple(out)
 
 
+def tokens_per_step(profiles: tuple[ShapeProfile, ...]) -> int:
+    """The most tokens (batch x sequence at opt) one step of these profiles carries: what MoE tiles tune for."""
+    return max(max(1, p.inputs[0].opt[0] * p.inputs[0].opt[1]) for p in profiles)
+
+
 def profile_index(profiles: tuple[ShapeProfile, ...], seq: int) -> int:
     """Which profile a step with `seq` new tokens should run in (decode when it exists and seq == 1)."""
     names = [p.name for p in profiles]

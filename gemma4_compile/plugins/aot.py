@@ -171,39 +171,30 @@ _register(KernelSpec("ring_update", _ATTN, "_ring_update_kernel",
                      ("B", "Hkv", "S", "C", "D"), _ring_launch()))  # fmt: skip
 
 
-def _moe_launches() -> dict[str, LaunchSpec]:
-    """Dims: T tokens, H hidden, E experts, I expert width, K top_k; BLOCK_P = pairs per sort program."""
-
-    def tk(d: Mapping[str, Any]) -> Any:
-        return d["T"] * d["K"]
-
-    def blocks(d: Mapping[str, Any], c: Mapping[str, Any] | None = None) -> Any:
-        from .kernels.moe import BLOCK_P
-
-        return cdiv(tk(d), BLOCK_P)
-
+def _moe_launches() -> dict[str, tuple[tuple[str, ...], LaunchSpec]]:
+    """(dims, launch) per MoE kernel, each from dims its own tensors carry (kernels.moe.launch_dims): T tokens,
+    N = T*K routed pairs, NB sort blocks, E experts, H hidden, I expert width."""
     return {
-        "moe_route": LaunchSpec(lambda d, c: (cdiv(d["T"], c["BLOCK_T"]), 1, 1),
-                                lambda d, c: [d["E"], d["T"], d["E"]]),
-        "moe_count": LaunchSpec(lambda d, c: (blocks(d, c), 1, 1), lambda d, c: [tk(d)]),
-        "moe_offsets": LaunchSpec(lambda d, c: (1, 1, 1), lambda d, c: [blocks(d), d["E"]]),
-        "moe_scatter": LaunchSpec(lambda d, c: (blocks(d, c), 1, 1), lambda d, c: [tk(d)]),
-        "moe_gate_up": LaunchSpec(
-            lambda d, c: (cdiv(tk(d), c["BLOCK_M"]) + d["E"], cdiv(d["I"], c["BLOCK_N"]), 1),
+        "moe_route": (("T", "E"), LaunchSpec(lambda d, c: (cdiv(d["T"], c["BLOCK_T"]), 1, 1),
+                                             lambda d, c: [d["E"], d["T"], d["E"]])),
+        "moe_count": (("N", "NB"), LaunchSpec(lambda d, c: (d["NB"], 1, 1), lambda d, c: [d["N"]])),
+        "moe_offsets": (("NB", "E"), LaunchSpec(lambda d, c: (1, 1, 1), lambda d, c: [d["NB"], d["E"]])),
+        "moe_scatter": (("N", "NB"), LaunchSpec(lambda d, c: (d["NB"], 1, 1), lambda d, c: [d["N"]])),
+        "moe_gate_up": (("N", "E", "H", "I"), LaunchSpec(
+            lambda d, c: (cdiv(d["N"], c["BLOCK_M"]) + d["E"], cdiv(d["I"], c["BLOCK_N"]), 1),
             lambda d, c: [d["H"], d["I"] * 2 * d["H"], d["H"], d["I"], d["H"], d["I"], d["E"]],
-        ),
-        "moe_down": LaunchSpec(
-            lambda d, c: (cdiv(tk(d), c["BLOCK_M"]) + d["E"], cdiv(d["H"], c["BLOCK_N"]), 1),
+        )),
+        "moe_down": (("N", "E", "H", "I"), LaunchSpec(
+            lambda d, c: (cdiv(d["N"], c["BLOCK_M"]) + d["E"], cdiv(d["H"], c["BLOCK_N"]), 1),
             lambda d, c: [d["I"], d["H"] * d["I"], d["I"], d["H"], d["H"], d["I"], d["E"]],
-        ),
-        "moe_combine": LaunchSpec(lambda d, c: (d["T"], cdiv(d["H"], c["BLOCK_H"]), 1),
-                                  lambda d, c: [d["H"], d["H"], d["H"]]),
+        )),
+        "moe_combine": (("T", "H"), LaunchSpec(lambda d, c: (d["T"], cdiv(d["H"], c["BLOCK_H"]), 1),
+                                               lambda d, c: [d["H"], d["H"], d["H"]])),
     }  # fmt: skip
 
 
 _I32 = "i32"
 _MOE_L = _moe_launches()
-_MOE_DIMS = ("T", "H", "E", "I", "K")
 for _name, _fn, _ptrs, _free, _aligned in (
     ("moe_route", "_moe_route_kernel",
      {"Logits_ptr": "{dtype}", "Scale_ptr": "{dtype}", "Weights_ptr": "fp32", "Ids_ptr": _I32}, False, ()),
@@ -224,7 +215,8 @@ for _name, _fn, _ptrs, _free, _aligned in (
     ("moe_combine", "_moe_combine_kernel",
      {"Out_ptr": "{dtype}", "PairRows_ptr": _I32, "Y_ptr": "{dtype}"}, False, ("out_stride", "y_stride", "hidden")),
 ):  # fmt: skip
-    _register(KernelSpec(_name, _MOE, _fn, _ptrs, _MOE_DIMS, _MOE_L[_name], _free, _aligned))
+    _dims, _launch = _MOE_L[_name]
+    _register(KernelSpec(_name, _MOE, _fn, _ptrs, _dims, _launch, _free, _aligned))
 
 
 @dataclass(frozen=True)
@@ -486,6 +478,35 @@ def _compile_one(v: Variant, out_dir: str, ptx_version: int | None) -> dict[str,
     record = asdict(rec)
     write_atomic(stem.with_suffix(".json"), json.dumps(record, indent=1, default=str).encode())
     return record
+
+
+_ENTRY_RE = re.compile(r"(\.visible\s+\.entry\s+\w+\s*\()([^)]*)(\))")
+
+
+def aot_launchable_ptx(ptx: str, entry: KernelEntry) -> str:
+    """The PTX with Triton's trailing scratch-pointer parameters removed from the entry, so that its parameters
+    are exactly what a TensorRT AOT plugin launch passes (inputs, int32 scalars, outputs).
+
+    Triton declares two scratch pointers on every entry even when the kernel needs no scratch memory, and then
+    never reads them; a parameter the body references cannot be dropped, and that is a BuildError.
+    """
+    match = _ENTRY_RE.search(ptx)
+    if match is None:
+        raise BuildError(f"{entry.kernel}: no .entry in its PTX")
+    decls = [d.strip() for d in match.group(2).split(",") if d.strip()]
+    n_scratch = sum(p.startswith("triton_scratch_") for p in entry.params)
+    if len(decls) != len(entry.params):
+        raise BuildError(
+            f"{entry.kernel}: PTX entry has {len(decls)} parameters, the record {len(entry.params)}"
+        )
+    keep, drop = decls[: len(decls) - n_scratch], decls[len(decls) - n_scratch :]
+    body = ptx[match.end() :]
+    used = [d.split()[-1] for d in drop if re.search(rf"\b{re.escape(d.split()[-1])}\b", body)]
+    if used:
+        raise BuildError(f"{entry.kernel}: uses Triton scratch memory ({entry.scratch_bytes} bytes, parameters "
+                         f"{', '.join(used)}), which a TensorRT AOT plugin launch cannot pass")  # fmt: skip
+    params = ",\n".join(f"\t{d}" for d in keep)
+    return ptx[: match.start(2)] + f"\n{params}\n" + ptx[match.end(2) :]
 
 
 def _scratch_bytes(metadata: Any) -> int:

@@ -16,17 +16,20 @@ and the ring presents in one launch, prefill and decode alike; the split decode 
 and stays with the Python plugin). Kernels come from `aot.compile_variants` (cached by content under
 AOT_CACHE) and launch by `aot.KERNELS[name].launch`, whose arithmetic runs on TensorRT shape expressions:
 every tensor dim is passed as a ShapeExpr (ShapeExpr * int works, int * ShapeExpr does not), only the
-GQA group and the window as ints. MoE expects aot.py to gain a `moe` kernel and kernels/moe.py an
-`aot_config(dims, dtype, max_shared_bytes) -> (constexprs, num_warps, num_stages)`; until then its
-aot_impl fails with a PluginError naming the missing piece.
+GQA group and the window as ints. The MoE takes seven launches, so it is seven plugins, one per stage of
+moe_stages.py (the engine builder splits the fused node when they are registered); their functions are
+generated from the kernels' signatures, with `__signature__` set for QDP's `inspect.signature` parsing.
+The fused `gemma4::MoE` gets no QDP: an unsplit graph inlines its function body instead.
 
-Unverified without a GPU and full TensorRT: Triton appends two scratch-pointer parameters to every PTX
-entry, which TensorRT's AOT launch (input pointers, int32 scalars, output pointers) does not list.
+Triton appends two scratch-pointer parameters to every PTX entry, which TensorRT's AOT launch (input
+pointers, int32 scalars, output pointers) does not pass; our kernels never read them, so `compile_kernel`
+hands TensorRT the PTX with them removed (aot.aot_launchable_ptx; ptxas accepts the result).
 
 No `from __future__ import annotations` here: QDP inspects the annotations as classes.
 """
 
 import importlib
+import inspect
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,13 +41,14 @@ import numpy.typing as npt
 
 from gemma4_compile.errors import BackendUnavailable
 
-from .registration import ATTENTION, MOE, NAMESPACE, SPECS, PluginError, PluginSpec
+from . import moe_stages as ms
+from .moe_stages import STAGES, Stage
+from .registration import ATTENTION, NAMESPACE, PluginError, PluginSpec
 
 QDP_UNAVAILABLE = "needs full TensorRT (tensorrt.plugin), not installable from PyPI"
 ACTIVATION_TYPES = ("FP32", "FP16", "BF16")  # AutoTuneCombination names; '|' ties them across positions
 TRITON_DTYPES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}  # trt.DataType name -> aot.py dtype
 ATTENTION_KERNEL = "attn_fwd"
-MOE_KERNEL = "moe"  # not in aot.KERNELS yet: kernels/moe.py is still to come
 AOT_CACHE = Path(tempfile.gettempdir()) / "gemma4_compile_aot"
 
 
@@ -87,13 +91,6 @@ def attention_dims(q: Sequence[Any], k: Sequence[Any], past_k: Sequence[Any], wi
         "D": q[3],
         "window": window,
     }
-
-
-def moe_dims(
-    x: Sequence[Any], router_logits: Sequence[Any], down: Sequence[Any], top_k: int
-) -> dict[str, Any]:
-    """The ops.py letters from x [T,H], router_logits [T,E], down [E,H,I], plus top_k."""
-    return {"T": x[0], "H": x[1], "E": router_logits[1], "I": down[2], "top_k": top_k}
 
 
 def triton_dtype(type_name: str) -> str:
@@ -142,12 +139,12 @@ def launch_values(kernel: str, dims: Mapping[str, Any], constexprs: Mapping[str,
 def compile_kernel(
     kernel: str, target: str, dtype: str, constexprs: Mapping[str, Any], num_warps: int, num_stages: int
 ) -> tuple[Any, str]:
-    """(aot.KernelEntry, PTX text) for one variant, compiled once into AOT_CACHE."""
+    """(aot.KernelEntry, PTX a TensorRT AOT launch can take) for one variant, compiled once into AOT_CACHE."""
     from . import aot
 
     variant = aot.Variant.make(kernel, target, dtype, constexprs, num_warps, num_stages)
     (entry,) = aot.compile_variants(AOT_CACHE, [variant], jobs=1)
-    return entry, (AOT_CACHE / entry.ptx).read_text()
+    return entry, aot.aot_launchable_ptx((AOT_CACHE / entry.ptx).read_text(), entry)
 
 
 # ----- registration (needs tensorrt.plugin) -----------------------------------------------------
@@ -161,9 +158,14 @@ def qdp_module(trt: ModuleType) -> ModuleType:
         raise BackendUnavailable(f"gemma4 QDP plugins {QDP_UNAVAILABLE} ({exc})") from exc
 
 
-def is_registered(trtp: ModuleType, spec: PluginSpec) -> bool:
+def is_registered(trtp: ModuleType, spec: PluginSpec | Stage) -> bool:
     namespace = getattr(trtp.op, NAMESPACE, None)
     return namespace is not None and hasattr(namespace, spec.op_type)
+
+
+def plugin_ids() -> list[str]:
+    """What `register_qdp` defines: attention and the seven MoE stages."""
+    return [ATTENTION.plugin_id, *(s.plugin_id for s in STAGES)]
 
 
 def register_qdp(trt: ModuleType, target: str = "native") -> list[str]:
@@ -173,14 +175,12 @@ def register_qdp(trt: ModuleType, target: str = "native") -> list[str]:
     compiled for, resolved when TensorRT asks for them during the build.
     """
     trtp = qdp_module(trt)
-    definers: dict[str, Callable[[ModuleType, str], None]] = {
-        "SlidingWindowAttention": _define_attention,
-        "MoE": _define_moe,
-    }
-    for spec in SPECS:
-        if not is_registered(trtp, spec):
-            definers[spec.op_type](trtp, target)
-    return [spec.plugin_id for spec in SPECS]
+    if not is_registered(trtp, ATTENTION):
+        _define_attention(trtp, target)
+    for stage in STAGES:
+        if not is_registered(trtp, stage):
+            _define_moe_stage(trtp, trt, target, stage)
+    return plugin_ids()
 
 
 def _aot_result(
@@ -234,36 +234,85 @@ def _define_attention(trtp: ModuleType, target: str) -> None:
         return _aot_result(trtp, ATTENTION_KERNEL, gpu.name, dtype, dims, constexprs, warps, stages)
 
 
-def _define_moe(trtp: ModuleType, target: str) -> None:
-    TensorDesc = trtp.TensorDesc
+def _stage_signature(trtp: ModuleType, stage: Stage, kind: str) -> inspect.Signature:
+    """The signature QDP reads (inspect.signature) for one stage: tensors, int32 fields, then per `kind`:
+    register -> returns the outputs; autotune -> (tensors, outputs); aot_impl -> (..., outputs, tactic)."""
+    P = inspect.Parameter
+    inputs, outputs = ms.stage_io(stage)
+    tensors = [P(ms.arg_name(p), P.POSITIONAL_OR_KEYWORD, annotation=trtp.TensorDesc) for p in inputs]
+    fields = [P(f, P.POSITIONAL_OR_KEYWORD, annotation=npt.NDArray[np.int32]) for f in ms.FIELDS]
+    out_tuple = tuple[tuple([trtp.TensorDesc] * len(outputs))]  # type: ignore[misc]
+    if kind == "register":
+        returns = trtp.TensorDesc if len(outputs) == 1 else out_tuple
+        return inspect.Signature([*tensors, *fields], return_annotation=returns)
+    if kind == "autotune":
+        return inspect.Signature(
+            [*tensors, P("outputs", P.POSITIONAL_OR_KEYWORD)],
+            return_annotation=list[trtp.AutoTuneCombination],
+        )
+    return inspect.Signature(
+        [*tensors, *fields, P("outputs", P.POSITIONAL_OR_KEYWORD, annotation=out_tuple),
+         P("tactic", P.POSITIONAL_OR_KEYWORD, annotation=int)],
+        return_annotation=tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs],
+    )  # fmt: skip
 
-    @trtp.register(MOE.plugin_id)
-    def moe_desc(
-        x: TensorDesc, router_logits: TensorDesc, per_expert_scale: TensorDesc, gate_up: TensorDesc,
-        down: TensorDesc, top_k: npt.NDArray[np.int32],
-    ) -> TensorDesc:  # fmt: skip
-        return x.like()  # = MOE.output_like
 
-    @trtp.autotune(MOE.plugin_id)
-    def moe_autotune(
-        x, router_logits, per_expert_scale, gate_up, down, outputs
-    ) -> list[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination(autotune_types(MOE))]
+def _with_signature(fn: Callable[..., Any], signature: inspect.Signature, name: str) -> Callable[..., Any]:
+    fn.__signature__ = signature  # type: ignore[attr-defined]
+    fn.__name__ = fn.__qualname__ = name
+    return fn
 
-    @trtp.aot_impl(MOE.plugin_id)
-    def moe_aot(
-        x: TensorDesc, router_logits: TensorDesc, per_expert_scale: TensorDesc, gate_up: TensorDesc,
-        down: TensorDesc, top_k: npt.NDArray[np.int32], outputs: tuple[TensorDesc], tactic: int,
-    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:  # fmt: skip
+
+def stage_type_string(stage: Stage, activation: Sequence[str] = ACTIVATION_TYPES) -> str:
+    """`AutoTuneCombination` types of a stage: activations tied, fp32 routing weights, int32 ids and offsets."""
+    inputs, outputs = ms.stage_io(stage)
+    names = {"act": "|".join(activation), "f32": "FP32", "i32": "INT32"}
+    return ", ".join(names[ms.pointer_kind(stage, p)] for p in (*inputs, *outputs))
+
+
+def _bound(signature: inspect.Signature, args: tuple, kwargs: dict) -> tuple[dict[str, Any], dict[str, int]]:
+    """Call arguments -> ({pointer: TensorDesc}, {field: int})."""
+    values = signature.bind(*args, **kwargs).arguments
+    fields = {f: int(attr_scalar(values[f], f)) for f in ms.FIELDS}
+    return values, fields
+
+
+def _define_moe_stage(trtp: ModuleType, trt: ModuleType, target: str, stage: Stage) -> None:
+    inputs, _ = ms.stage_io(stage)
+    trt_types = {"f32": trt.float32, "i32": trt.int32}
+    signatures = {kind: _stage_signature(trtp, stage, kind) for kind in ("register", "autotune", "aot_impl")}
+    activation = next((p for p in inputs if ms.pointer_kind(stage, p) == "act"), None)
+
+    def tensors(values: Mapping[str, Any]) -> dict[str, Any]:
+        return {p: values[ms.arg_name(p)] for p in inputs}
+
+    def describe(*args, **kwargs):
+        values, fields = _bound(signatures["register"], args, kwargs)
+        descs = tensors(values)
+        dims = ms.stage_dims({p: d.shape_expr for p, d in descs.items()}, fields)
+        out = [
+            trtp.from_shape_expr(
+                tuple(shape), dtype=descs[activation].dtype if kind == "act" else trt_types[kind]
+            )
+            for shape, kind in ms.stage_outputs(stage, dims)
+        ]
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def autotune(*args, **kwargs):
+        return [trtp.AutoTuneCombination(stage_type_string(stage))]
+
+    def aot(*args, **kwargs):
         from ..engines.targets import resolve_target
 
-        aot_kernel(MOE_KERNEL)  # names the gap while aot.py has no MoE kernel
-        from .kernels import moe as kernels  # expected: aot_config(dims, dtype, max_shared_bytes)
-
+        values, fields = _bound(signatures["aot_impl"], args, kwargs)
+        descs = tensors(values)
         gpu = resolve_target(target)
-        dtype = triton_dtype(x.dtype.name)
-        dims = moe_dims(
-            x.shape_expr, router_logits.shape_expr, down.shape_expr, int(attr_scalar(top_k, "top_k"))
-        )
-        constexprs, warps, stages = kernels.aot_config(dims, dtype, gpu.max_shared_bytes)
-        return _aot_result(trtp, MOE_KERNEL, gpu.name, dtype, dims, constexprs, warps, stages)
+        dtype = triton_dtype(descs[activation].dtype.name) if activation else "fp32"
+        dims = ms.stage_dims({p: d.shape_expr for p, d in descs.items()}, fields)
+        kdtype, constexprs, warps, stages = ms.stage_config(stage, fields, dtype, gpu.max_shared_bytes)
+        return _aot_result(trtp, stage.kernel, gpu.name, kdtype, dims, constexprs, warps, stages)
+
+    name = stage.op_type
+    trtp.register(stage.plugin_id)(_with_signature(describe, signatures["register"], f"{name}_desc"))
+    trtp.autotune(stage.plugin_id)(_with_signature(autotune, signatures["autotune"], f"{name}_autotune"))
+    trtp.aot_impl(stage.plugin_id)(_with_signature(aot, signatures["aot_impl"], f"{name}_aot"))

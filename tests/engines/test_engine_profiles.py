@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gemma4_compile.engines import ProfileLimits, derive_profiles, read_export
-from gemma4_compile.engines.profiles import profile_index
+from gemma4_compile.engines.profiles import profile_index, tokens_per_step
 from gemma4_compile.errors import BuildError, Gemma4CompileError
 
 
@@ -57,6 +57,7 @@ def test_profile_roundtrip_and_choice(synthetic_exports):
     profiles = derive_profiles(read_export(synthetic_exports["fp16"]), ProfileLimits(max_seq=16))
     assert tuple(type(p).from_dict(p.to_dict()) for p in profiles) == profiles
     assert profile_index(profiles, 1) == 1 and profile_index(profiles, 5) == 0
+    assert tokens_per_step(profiles) == 8 and tokens_per_step(profiles[1:]) == 1  # prefill opt (1, 8); decode (1, 1)
     with pytest.raises(Gemma4CompileError, match="only a decode profile"):
         profile_index(profiles[1:], 5)
 

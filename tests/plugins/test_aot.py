@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the launch-contract tests run kernels on the interpreter
@@ -52,6 +53,9 @@ def test_kernel_aot_compiles_every_kernel_for_a_target(sm90):
         inputs, scalars, outputs = aot.kernel_io(e.kernel)
         assert e.params == [*inputs, *scalars, *outputs, "triton_scratch_0", "triton_scratch_1"]
         assert e.scratch_bytes == 0  # so a launcher may pass null for Triton's two scratch pointers
+        launchable = aot.aot_launchable_ptx(ptx, e)  # ... or, as TensorRT's AOT launch does, not pass them
+        declared = re.search(r"\.entry \w+\(([^)]*)\)", launchable).group(1)
+        assert declared.count(".param") == len(inputs) + len(scalars) + len(outputs)
     assert not list(arts.out_dir.rglob("*.tmp")), "a temp file survived an atomic write"
     md = aot.kernel_table_markdown(arts)
     assert md.count("\n") == len(arts.entries) + 1 and "| attn_fwd | sm90 | bf16 |" in md
@@ -112,7 +116,7 @@ def test_kernel_aot_compile_error_names_the_variant_and_the_cause(tmp_path):
 def test_kernel_aot_launch_checks_the_alignment_it_compiled_for(sm90):
     arts, _ = sm90
     (entry,) = [e for e in arts.entries if e.kernel == "moe_gate_up" and e.constexprs["BLOCK_M"] == 64]
-    dims = {"T": 7, "H": 2816, "E": 128, "I": 704, "K": 8}
+    dims = M.launch_dims(7, 2816, 128, 704, 8)
     launch = aot.launch_params(entry, dims)
     assert launch.block == (entry.threads, 1, 1) and launch.shared_bytes == entry.shared_bytes
     assert launch.grid == (-(-56 // 64) + 128, -(-704 // entry.constexprs["BLOCK_N"]), 1)
@@ -149,8 +153,8 @@ def test_kernel_aot_launch_arithmetic_runs_on_shape_expressions(target):
     from gemma4_compile.plugins.kernels.configs import attention_variants, moe_variants
 
     tgt = resolve_target(target)
-    sym = {k: Sym(k) for k in ("B", "Hq", "Hkv", "S", "C", "D", "T", "H", "E", "I", "splits")}
-    ints = {"G": 2, "window": 1024, "K": 8}  # attributes of the layer, not tensor dims
+    sym = {k: Sym(k) for k in ("B", "Hq", "Hkv", "S", "C", "D", "T", "H", "I", "N", "NB", "splits")}
+    ints = {"G": 2, "window": 1024, "K": 8, "E": 128}  # attributes of the layer, not tensor dims
     for kernel, _, constexprs, _, _ in attention_variants(tgt, "bf16", (256, 512)) + moe_variants(
         tgt, "bf16"
     ):
@@ -200,7 +204,7 @@ def test_kernel_aot_moe_launch_contract_reproduces_the_reference():
     tensors = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in
                M.workspace(T, H, E, inter, top_k, torch.float32).items()}  # fmt: skip
     tensors.update(X_ptr=x, Logits_ptr=logits, Scale_ptr=scale, GateUp_ptr=gate_up, Down_ptr=down)
-    dims = dict(T=T, H=H, E=E, I=inter, K=top_k)
+    dims = M.launch_dims(T, H, E, inter, top_k)
     for kernel in M.MOE_STAGES:
         _run(kernel, configs[kernel][0], dims, tensors)
     want = ops.moe_reference(x, logits, scale, gate_up, down, top_k)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gemma4_compile.errors import BackendUnavailable
-from gemma4_compile.plugins import qdp
-from gemma4_compile.plugins.registration import ATTENTION, MOE, SPECS, PluginError
+from gemma4_compile.plugins import moe_stages, qdp
+from gemma4_compile.plugins.registration import ATTENTION, MOE, PluginError
 
 QDP_REASON = "needs full TensorRT (tensorrt.plugin), not installable from PyPI"
 
@@ -50,13 +51,6 @@ def test_dims_are_what_aot_attn_fwd_launches_with():
     dims = qdp.attention_dims((2, 8, 5, 256), (2, 1, 5, 256), (2, 1, 512, 256), window=128)
     assert dims == {"B": 2, "Hq": 8, "Hkv": 1, "G": 8, "S": 5, "C": 512, "D": 256, "window": 128}
     assert set(dims) == set(aot.KERNELS[qdp.ATTENTION_KERNEL].dims)
-    assert qdp.moe_dims((7, 64), (7, 128), (128, 64, 32), 8) == {
-        "T": 7,
-        "H": 64,
-        "E": 128,
-        "I": 32,
-        "top_k": 8,
-    }
 
 
 def _attn_fwd():
@@ -104,9 +98,14 @@ def test_launch_values_names_known_kernels():
 
 
 def test_attention_kernel_compiles_to_ptx_on_cpu(tmp_path, monkeypatch):
-    """What aot_impl hands TensorRT: entry name, PTX, block and shared memory. The PTX entry also takes the
-    two scratch pointers Triton appends, which TensorRT's AOT launch (inputs, scalars, outputs) does not
-    list: to be checked on a GPU with full TensorRT."""
+    """What aot_impl hands TensorRT: entry name, PTX, block and shared memory. Triton's compiled entry also
+    takes two scratch pointers, which TensorRT's AOT launch (inputs, scalars, outputs) does not pass: the PTX
+    handed over lists exactly the launched parameters, and ptxas still accepts it."""
+    import re
+    import subprocess
+
+    import triton
+
     from gemma4_compile.engines.targets import resolve_target
 
     monkeypatch.setattr(qdp, "AOT_CACHE", tmp_path)
@@ -122,6 +121,27 @@ def test_attention_kernel_compiles_to_ptx_on_cpu(tmp_path, monkeypatch):
     n_tensors = len(ATTENTION.inputs) + len(ATTENTION.outputs)
     assert len(entry.params) == n_tensors + len(scalars) + 2
     assert entry.params[-2:] == ["triton_scratch_0", "triton_scratch_1"]
+    declared = re.search(r"\.entry \w+\(([^)]*)\)", ptx).group(1)
+    assert declared.count(".param") == n_tensors + len(scalars)
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
+    (tmp_path / "launchable.ptx").write_text(ptx)
+    done = subprocess.run([str(ptxas), "-arch=sm_90a", str(tmp_path / "launchable.ptx"), "-o", str(tmp_path / "k.cubin")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_kernel_that_reads_its_scratch_pointer_is_refused():
+    from types import SimpleNamespace
+
+    from gemma4_compile.errors import BuildError
+    from gemma4_compile.plugins import aot
+
+    head = ".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .u64 k_param_1\n)\n"
+    entry = SimpleNamespace(kernel="k", params=["X_ptr", "triton_scratch_0"], scratch_bytes=64)
+    with pytest.raises(BuildError, match=r"k: uses Triton scratch memory \(64 bytes, parameters k_param_1\)"):
+        aot.aot_launchable_ptx(head + "{\n\tld.param.u64 %rd1, [k_param_1];\n}", entry)
+    kept = aot.aot_launchable_ptx(head + "{\n\tld.param.u64 %rd1, [k_param_0];\n}", entry)
+    assert kept.startswith(".visible .entry k(\n\t.param .u64 k_param_0\n)")
 
 
 def test_static_dims_and_scalars():
@@ -165,7 +185,7 @@ def _decorated() -> dict[tuple[str, str], ast.FunctionDef]:
     return found
 
 
-SPEC_NAMES = {"ATTENTION": ATTENTION, "MOE": MOE}
+SPEC_NAMES = {"ATTENTION": ATTENTION}  # the MoE stages' functions are generated: test_moe_stages.py
 
 
 def test_every_op_has_register_autotune_and_aot_impl():
@@ -202,10 +222,10 @@ def test_decorated_signatures_follow_the_spec(name):
 
 @needs_qdp
 @pytest.mark.trt
-def test_register_qdp_defines_both_ops_once():
+def test_register_qdp_defines_attention_and_the_moe_stages_once():
     trt, trtp = _full_tensorrt()
-    assert qdp.register_qdp(trt) == qdp.register_qdp(trt) == [s.plugin_id for s in SPECS]
-    assert all(qdp.is_registered(trtp, s) for s in SPECS)
+    assert qdp.register_qdp(trt) == qdp.register_qdp(trt) == qdp.plugin_ids()
+    assert all(qdp.is_registered(trtp, s) for s in (ATTENTION, *moe_stages.STAGES))
 
 
 @needs_qdp
@@ -237,6 +257,9 @@ def test_full_tensorrt_parser_takes_the_qdps(tmp_path):
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("gemma4", 1)]
     )
+    assert (
+        moe_stages.split_moe(model, tokens_hint=3) == 1
+    )  # as engines/network.py does with the stages registered
     path = tmp_path / "qdp.onnx"
     onnx.save(model, path)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -244,4 +267,5 @@ def test_full_tensorrt_parser_takes_the_qdps(tmp_path):
     parser = trt.OnnxParser(network, logger)
     assert parser.parse_from_file(str(path)), [parser.get_error(i).desc() for i in range(parser.num_errors)]
     kinds = {network.get_layer(i).name: network.get_layer(i).type for i in range(network.num_layers)}
-    assert kinds["attn0"] == kinds["moe0"] == trt.LayerType.PLUGIN_V3
+    stages = [kinds[f"moe0/{s.op_type}"] for s in moe_stages.STAGES]
+    assert {kinds["attn0"], *stages} == {trt.LayerType.PLUGIN_V3}

@@ -30,6 +30,7 @@ int32 scalars, outputs (TensorRT QDP `aot_impl` order); each kernel is one launc
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -359,25 +360,42 @@ def aot_configs(
     }  # fmt: skip
 
 
+# The buffers the seven launches pass between them, by kernel argument name: shape from the MoE dims (ints or
+# TensorRT shape expressions: T tokens, K top_k, N = T*K routed pairs, NB = cdiv(N, BLOCK_P) sort blocks,
+# BE = next_pow2(E), E experts, H hidden, I expert width) and element kind ("f32", "i32", or "act" = x's dtype).
+# Weights/Ids come out of routing; BlockCounts/BlockOffsets/ExpertOffsets/TileOffsets/SortedPairs/PairRows out of
+# the sort; H (the GLU activations) and Out (weighted expert rows, sorted order) out of the GEMMs; Y is the result.
+# Sizes grow with T*K, never with E beyond the E+1 offsets.
+BUFFERS: dict[str, tuple[Callable[[Mapping[str, Any]], tuple[Any, ...]], str]] = {
+    "Weights_ptr": (lambda d: (d["T"], d["K"]), "f32"),
+    "Ids_ptr": (lambda d: (d["T"], d["K"]), "i32"),
+    "BlockCounts_ptr": (lambda d: (d["NB"], d["BE"]), "i32"),
+    "BlockOffsets_ptr": (lambda d: (d["NB"], d["BE"]), "i32"),
+    "ExpertOffsets_ptr": (lambda d: (d["E"] + 1,), "i32"),
+    "TileOffsets_ptr": (lambda d: (d["E"] + 1,), "i32"),
+    "SortedPairs_ptr": (lambda d: (d["N"],), "i32"),
+    "PairRows_ptr": (lambda d: (d["N"],), "i32"),
+    "H_ptr": (lambda d: (d["N"], d["I"]), "act"),
+    "Out_ptr": (lambda d: (d["N"], d["H"]), "act"),
+    "Y_ptr": (lambda d: (d["T"], d["H"]), "act"),
+}
+
+
+def launch_dims(tokens: Any, hidden: Any, experts: int, inter: Any, top_k: int) -> dict[str, Any]:
+    """Every MoE dim the launches and BUFFERS use, from the op's own (T, H, E, I, K); + * // only, so T, H and I
+    may be shape expressions."""
+    n = tokens * top_k
+    return {"T": tokens, "K": top_k, "N": n, "NB": (n + BLOCK_P - 1) // BLOCK_P, "BE": triton.next_power_of_2(experts),
+            "E": experts, "H": hidden, "I": inter}  # fmt: skip
+
+
 def workspace(
     tokens: int, hidden: int, experts: int, inter: int, top_k: int, dtype: torch.dtype
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Every buffer the seven launches pass between them, by kernel argument name: (shape, dtype).
-
-    Weights/Ids come out of routing; BlockCounts/BlockOffsets/ExpertOffsets/TileOffsets/SortedPairs/PairRows
-    out of the sort; H (the GLU activations) and Out (weighted expert rows, sorted order) out of the GEMMs;
-    Y is the result. Sizes grow with T*K, never with E beyond the E+1 offsets."""
-    n = tokens * top_k
-    block_e = triton.next_power_of_2(experts)
-    i32 = torch.int32
-    return {
-        "Weights_ptr": ((tokens, top_k), torch.float32), "Ids_ptr": ((tokens, top_k), i32),
-        "BlockCounts_ptr": ((triton.cdiv(n, BLOCK_P), block_e), i32),
-        "BlockOffsets_ptr": ((triton.cdiv(n, BLOCK_P), block_e), i32),
-        "ExpertOffsets_ptr": ((experts + 1,), i32), "TileOffsets_ptr": ((experts + 1,), i32),
-        "SortedPairs_ptr": ((n,), i32), "PairRows_ptr": ((n,), i32),
-        "H_ptr": ((n, inter), dtype), "Out_ptr": ((n, hidden), dtype), "Y_ptr": ((tokens, hidden), dtype),
-    }  # fmt: skip
+    """Every buffer of BUFFERS as (shape, torch dtype) for one call."""
+    dims = launch_dims(tokens, hidden, experts, inter, top_k)
+    kinds = {"f32": torch.float32, "i32": torch.int32, "act": dtype}
+    return {name: (shape(dims), kinds[kind]) for name, (shape, kind) in BUFFERS.items()}
 
 
 def _gemm_config(rows_per_expert: float, hidden: int, inter: int) -> triton.Config:

@@ -1,0 +1,212 @@
+"""`gemma4::MoE` as seven single-launch plugin nodes, for full TensorRT's AOT plugins.
+
+A `tensorrt.plugin` `aot_impl` launches exactly one kernel, and the MoE needs seven with no grid-wide sync
+between them (kernels/moe.py: route, count, offsets, scatter, gate_up, down, combine). `split_moe` rewrites each
+`gemma4::MoE` node into seven `gemma4::MoE<Stage>` nodes whose tensors are the kernels' buffers
+(`kernels.moe.BUFFERS`); qdp.py defines one plugin per stage from the same tables, so TensorRT allocates the
+intermediates as ordinary activations and runs the seven launches in order. The engine builder splits only when
+the stage plugins are registered (engines/network.py); onnxruntime and the inline path keep the fused node.
+
+Every stage node carries the same int attributes: `top_k`, `num_experts` (the sort kernels see only expert
+ids, not the router's width) and `rows_per_expert`, the routed rows an expert gets at the engine's typical batch
+(1 for decode, hundreds for prefill); it picks one GEMM tile for the offsets and both GEMM stages, which must
+agree on BLOCK_M.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import onnx
+from onnx import helper
+
+from ..errors import BuildError
+from .registration import NAMESPACE, VERSION
+
+MOE_OP = "MoE"
+FIELDS = ("top_k", "num_experts", "rows_per_expert")  # int32 fields of every stage plugin
+
+
+@dataclass(frozen=True)
+class Stage:
+    op_type: str  # node op_type in domain gemma4 = the QDP name
+    kernel: str  # aot.KERNELS name
+
+    @property
+    def plugin_id(self) -> str:
+        return f"{NAMESPACE}::{self.op_type}"
+
+
+STAGES = tuple(
+    Stage(f"MoE{name}", f"moe_{kernel}")
+    for name, kernel in (("Route", "route"), ("Count", "count"), ("Offsets", "offsets"), ("Scatter", "scatter"),
+                         ("GateUp", "gate_up"), ("Down", "down"), ("Combine", "combine"))
+)  # fmt: skip
+# Integer-only kernels: compiled once per target, dtype i32.
+SORT_KERNELS = ("moe_count", "moe_offsets", "moe_scatter")
+
+# The fused op's I/O by kernel pointer name (the rest are intermediates between stages).
+OP_INPUTS = {"X_ptr": 0, "Logits_ptr": 1, "Scale_ptr": 2, "GateUp_ptr": 3, "Down_ptr": 4}
+OP_OUTPUT = "Y_ptr"
+
+# Which dims each pointer's shape carries: (dim, axis); I2 = 2I, the gate and up halves of GateUp [E, 2I, H].
+_SHAPE_DIMS: dict[str, tuple[tuple[str, int], ...]] = {
+    "X_ptr": (("T", 0), ("H", 1)),
+    "Logits_ptr": (("T", 0),),
+    "GateUp_ptr": (("I2", 1), ("H", 2)),
+    "Down_ptr": (("H", 1), ("I", 2)),
+    "Ids_ptr": (("T", 0),),
+    "BlockCounts_ptr": (("NB", 0),),
+    "BlockOffsets_ptr": (("NB", 0),),
+    "SortedPairs_ptr": (("N", 0),),
+    "PairRows_ptr": (("N", 0),),
+    "H_ptr": (("N", 0), ("I", 1)),
+    "Out_ptr": (("N", 0), ("H", 1)),
+}
+
+
+@cache
+def stage_io(stage: Stage) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(input pointers, output pointers) of a stage's kernel, in launch order."""
+    from . import aot
+
+    inputs, _, outputs = aot.kernel_io(stage.kernel)
+    return tuple(inputs), tuple(outputs)
+
+
+def stage_for(op_type: str) -> Stage:
+    for stage in STAGES:
+        if stage.op_type == op_type:
+            return stage
+    raise BuildError(f"no MoE stage named '{op_type}'; known: {[s.op_type for s in STAGES]}")
+
+
+def arg_name(pointer: str) -> str:
+    """Plugin input name of a kernel pointer: 'SortedPairs_ptr' -> 'sorted_pairs'."""
+    stem = pointer.removesuffix("_ptr")
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(stem))
+
+
+def stage_dims(shapes: Mapping[str, Sequence[Any]], fields: Mapping[str, int]) -> dict[str, Any]:
+    """The MoE dims (kernels.moe.launch_dims letters) from a stage's input shapes (ints or shape expressions)
+    and its fields. A stage sees only some tensors; N = T*K, T = N // K and NB = cdiv(N, BLOCK_P) fill the rest."""
+    from .kernels.moe import BLOCK_P
+
+    top_k, experts = int(fields["top_k"]), int(fields["num_experts"])
+    dims: dict[str, Any] = {"K": top_k, "E": experts, "BE": 1 << max(0, experts - 1).bit_length()}
+    for pointer, shape in shapes.items():
+        for dim, axis in _SHAPE_DIMS.get(pointer, ()):
+            dims.setdefault(dim, shape[axis])
+    if "I2" in dims:
+        dims.setdefault("I", dims.pop("I2") // 2)
+    if "T" in dims:
+        dims.setdefault("N", dims["T"] * top_k)
+    if "N" in dims:
+        dims.setdefault("T", dims["N"] // top_k)
+        dims.setdefault("NB", (dims["N"] + BLOCK_P - 1) // BLOCK_P)
+    return dims
+
+
+def stage_outputs(stage: Stage, dims: Mapping[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """(shape, kind) of each output: kind 'f32', 'i32' or 'act' (the activations' dtype)."""
+    from .kernels.moe import BUFFERS
+
+    return [(BUFFERS[p][0](dims), BUFFERS[p][1]) for p in stage_io(stage)[1]]
+
+
+def pointer_kind(stage: Stage, pointer: str) -> str:
+    """'act', 'f32' or 'i32': the element type aot.py compiles a pointer for ('{dtype}' = activations)."""
+    from . import aot
+
+    elem = aot.KERNELS[stage.kernel].pointers[pointer]
+    return {"{dtype}": "act", "fp32": "f32", "i32": "i32"}[elem]
+
+
+def stage_config(
+    stage: Stage, fields: Mapping[str, int], dtype: str, max_shared_bytes: int
+) -> tuple[str, dict[str, Any], int, int]:
+    """(kernel dtype, constexprs, num_warps, num_stages) of a stage; activations in `dtype` ('bf16', ...)."""
+    from .kernels.moe import aot_configs
+
+    configs = aot_configs(
+        int(fields["num_experts"]),
+        int(fields["top_k"]),
+        dtype,
+        max_shared_bytes,
+        int(fields["rows_per_expert"]),
+    )
+    constexprs, warps, stages = configs[stage.kernel]
+    return ("i32" if stage.kernel in SORT_KERNELS else dtype), constexprs, warps, stages
+
+
+# ----- the graph rewrite --------------------------------------------------------------------------------
+
+
+def _static_dims(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Shapes the graph states without inference: initializers, inputs and value_info with all dims known."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for vi in (*model.graph.input, *model.graph.value_info):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes.setdefault(vi.name, tuple(d.dim_value for d in dims))
+    return shapes
+
+
+def _num_experts(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]], default: int | None) -> int:
+    for position in (2, 3, 4):  # per_expert_scale [E], gate_up [E,2I,H], down [E,H,I]
+        shape = shapes.get(node.input[position])
+        if shape:
+            return shape[0]
+    if default is None:
+        raise BuildError(f"MoE node '{node.name}': cannot tell the number of experts from the graph")
+    return default
+
+
+def stage_nodes(node: onnx.NodeProto, num_experts: int, tokens_hint: int) -> list[onnx.NodeProto]:
+    """The seven stage nodes replacing one `gemma4::MoE` node (same inputs and output names)."""
+    top_k = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "top_k")
+    fields = {"top_k": top_k, "num_experts": num_experts,
+              "rows_per_expert": max(1, tokens_hint * top_k // num_experts)}  # fmt: skip
+    prefix = node.name or node.output[0]
+
+    def tensor(pointer: str) -> str:
+        if pointer in OP_INPUTS:
+            return node.input[OP_INPUTS[pointer]]
+        return node.output[0] if pointer == OP_OUTPUT else f"{prefix}/{pointer.removesuffix('_ptr')}"
+
+    out = []
+    for stage in STAGES:
+        inputs, outputs = stage_io(stage)
+        out.append(helper.make_node(
+            stage.op_type, [tensor(p) for p in inputs], [tensor(p) for p in outputs], name=f"{prefix}/{stage.op_type}",
+            domain=NAMESPACE, plugin_namespace=NAMESPACE, plugin_version=VERSION, **fields,
+        ))  # fmt: skip
+    return out
+
+
+def split_moe(model: onnx.ModelProto, *, tokens_hint: int = 1, num_experts: int | None = None) -> int:
+    """Replace every top-level `gemma4::MoE` node by its seven stage nodes, in place; returns how many.
+
+    tokens_hint: tokens per step the engine is tuned for (picks the GEMM tile through rows_per_expert).
+    num_experts: used only when the graph does not show the experts' count on the node's weights.
+    """
+    shapes = _static_dims(model)
+    nodes, split = [], 0
+    for node in model.graph.node:
+        if node.domain == NAMESPACE and node.op_type == MOE_OP:
+            nodes += stage_nodes(node, _num_experts(node, shapes, num_experts), tokens_hint)
+            split += 1
+        else:
+            nodes.append(node)
+    if split:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return split
+
+
+def stages_registered(creators: set[tuple[str, str, str]]) -> bool:
+    """Whether every stage has a creator (name, version, namespace) in a TensorRT plugin registry."""
+    return all((s.op_type, VERSION, NAMESPACE) in creators for s in STAGES)
