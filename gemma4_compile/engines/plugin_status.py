@@ -62,6 +62,13 @@ def plugin_creators(flavour: TrtFlavour) -> tuple[tuple[str, str, str], ...]:
     return tuple((c.name, c.plugin_version, c.plugin_namespace) for c in registry.all_creators)
 
 
+def _export_kernels_dir(kernels_file: str | None, export_dir: Path) -> Path | None:
+    """The export's own kernels directory (writable, unlike the installed package), if it has one."""
+    if kernels_file is None or not Path(kernels_file).is_relative_to(export_dir):
+        return None
+    return Path(kernels_file).parent
+
+
 def register(flavour: TrtFlavour, requested: bool, export_dir: Path) -> PluginStatus:
     """Call `register_plugins(trt_module)` when plugins are requested; record (never raise) any failure."""
     kernels_sha, kernels_file = _kernels(export_dir)
@@ -73,7 +80,9 @@ def register(flavour: TrtFlavour, requested: bool, export_dir: Path) -> PluginSt
         error = f"{REGISTRATION_MODULE} is not available ({type(e).__name__}: {e})"
         return PluginStatus(True, error=error, kernels_sha256=kernels_sha, kernels_file=kernels_file)
     try:
-        names = tuple(module.register_plugins(flavour.module))
+        names = tuple(
+            module.register_plugins(flavour.module, Path(kernels_file).parent if kernels_file else None)
+        )
     except Exception as e:  # a failed registration means "build inline", recorded in the manifest
         error = f"register_plugins failed: {type(e).__name__}: {e}"
         return PluginStatus(True, error=error, kernels_sha256=kernels_sha, kernels_file=kernels_file)

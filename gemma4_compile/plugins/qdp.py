@@ -137,14 +137,17 @@ def launch_values(kernel: str, dims: Mapping[str, Any], constexprs: Mapping[str,
 
 
 def compile_kernel(
-    kernel: str, target: str, dtype: str, constexprs: Mapping[str, Any], num_warps: int, num_stages: int
-) -> tuple[Any, str]:
-    """(aot.KernelEntry, PTX a TensorRT AOT launch can take) for one variant, compiled once into AOT_CACHE."""
+    kernel: str, target: str, dtype: str, constexprs: Mapping[str, Any], num_warps: int, num_stages: int,
+    cache_dir: Path | None = None,
+) -> tuple[Any, str]:  # fmt: skip
+    """(aot.KernelEntry, PTX a TensorRT AOT launch can take) for one variant, compiled once into `cache_dir`
+    (default AOT_CACHE); a `gemma4-compile kernels` output directory makes its variants cache hits."""
     from . import aot
 
+    cache = Path(cache_dir) if cache_dir is not None else AOT_CACHE
     variant = aot.Variant.make(kernel, target, dtype, constexprs, num_warps, num_stages)
-    (entry,) = aot.compile_variants(AOT_CACHE, [variant], jobs=1)
-    return entry, aot.aot_launchable_ptx((AOT_CACHE / entry.ptx).read_text(), entry)
+    (entry,) = aot.compile_variants(cache, [variant], jobs=1)
+    return entry, aot.aot_launchable_ptx((cache / entry.ptx).read_text(), entry)
 
 
 # ----- registration (needs tensorrt.plugin) -----------------------------------------------------
@@ -168,26 +171,27 @@ def plugin_ids() -> list[str]:
     return [ATTENTION.plugin_id, *(s.plugin_id for s in STAGES)]
 
 
-def register_qdp(trt: ModuleType, target: str = "native") -> list[str]:
+def register_qdp(trt: ModuleType, target: str = "native", cache_dir: Path | None = None) -> list[str]:
     """Define the `gemma4` QDPs in `trt.plugin` (idempotent: QDP forbids defining a name twice).
 
     `target` (an engines.targets name; "native" = this machine's GPU) is what the AOT kernels are
-    compiled for, resolved when TensorRT asks for them during the build.
+    compiled for, resolved when TensorRT asks for them during the build; `cache_dir` is where they are
+    compiled (a `gemma4-compile kernels -o DIR` directory reuses what it holds; default AOT_CACHE).
     """
     trtp = qdp_module(trt)
     if not is_registered(trtp, ATTENTION):
-        _define_attention(trtp, target)
+        _define_attention(trtp, target, cache_dir)
     for stage in STAGES:
         if not is_registered(trtp, stage):
-            _define_moe_stage(trtp, trt, target, stage)
+            _define_moe_stage(trtp, trt, target, cache_dir, stage)
     return plugin_ids()
 
 
 def _aot_result(
-    trtp: ModuleType, kernel: str, target: str, dtype: str, dims, constexprs, warps, stages
+    trtp: ModuleType, kernel: str, target: str, dtype: str, dims, constexprs, warps, stages, cache_dir
 ) -> tuple:
     """Compile and describe one launch: the (name, PTX, KernelLaunchParams, SymIntExprs) aot_impl returns."""
-    entry, ptx = compile_kernel(kernel, target, dtype, constexprs, warps, stages)
+    entry, ptx = compile_kernel(kernel, target, dtype, constexprs, warps, stages, cache_dir)
     grid, scalars = launch_values(kernel, dims, constexprs)
     params = trtp.KernelLaunchParams()
     params.grid_x, params.grid_y, params.grid_z = grid
@@ -196,7 +200,7 @@ def _aot_result(
     return entry.entry, ptx, params, trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in scalars])
 
 
-def _define_attention(trtp: ModuleType, target: str) -> None:
+def _define_attention(trtp: ModuleType, target: str, cache_dir: Path | None) -> None:
     TensorDesc = trtp.TensorDesc  # a class: the annotations below must be real classes
 
     @trtp.register(ATTENTION.plugin_id)
@@ -231,7 +235,9 @@ def _define_attention(trtp: ModuleType, target: str) -> None:
         constexprs, warps, stages = attention_config(
             head_dim, dims["G"], dtype, float(attr_scalar(scale, "scale")), gpu.max_shared_bytes
         )
-        return _aot_result(trtp, ATTENTION_KERNEL, gpu.name, dtype, dims, constexprs, warps, stages)
+        return _aot_result(
+            trtp, ATTENTION_KERNEL, gpu.name, dtype, dims, constexprs, warps, stages, cache_dir
+        )
 
 
 def _stage_signature(trtp: ModuleType, stage: Stage, kind: str) -> inspect.Signature:
@@ -277,7 +283,9 @@ def _bound(signature: inspect.Signature, args: tuple, kwargs: dict) -> tuple[dic
     return values, fields
 
 
-def _define_moe_stage(trtp: ModuleType, trt: ModuleType, target: str, stage: Stage) -> None:
+def _define_moe_stage(
+    trtp: ModuleType, trt: ModuleType, target: str, cache_dir: Path | None, stage: Stage
+) -> None:
     inputs, _ = ms.stage_io(stage)
     trt_types = {"f32": trt.float32, "i32": trt.int32}
     signatures = {kind: _stage_signature(trtp, stage, kind) for kind in ("register", "autotune", "aot_impl")}
@@ -310,7 +318,7 @@ def _define_moe_stage(trtp: ModuleType, trt: ModuleType, target: str, stage: Sta
         dtype = triton_dtype(descs[activation].dtype.name) if activation else "fp32"
         dims = ms.stage_dims({p: d.shape_expr for p, d in descs.items()}, fields)
         kdtype, constexprs, warps, stages = ms.stage_config(stage, fields, dtype, gpu.max_shared_bytes)
-        return _aot_result(trtp, stage.kernel, gpu.name, kdtype, dims, constexprs, warps, stages)
+        return _aot_result(trtp, stage.kernel, gpu.name, kdtype, dims, constexprs, warps, stages, cache_dir)
 
     name = stage.op_type
     trtp.register(stage.plugin_id)(_with_signature(describe, signatures["register"], f"{name}_desc"))

@@ -124,10 +124,11 @@ def field_arrays(spec: PluginSpec, values: dict[str, int | float]) -> list[tuple
     return [(f.name, np.array([values[f.name]], dtype=f.dtype), f.plugin_type) for f in spec.fields]
 
 
-def register_plugins(trt_module: ModuleType) -> list[str]:
+def register_plugins(trt_module: ModuleType, kernels_dir: Path | None = None) -> list[str]:
     """Register the `gemma4` plugins with `trt_module` (tensorrt_rtx or tensorrt); returns their ids.
 
-    Idempotent: a second call registers nothing new and returns the same ids.
+    kernels_dir: a `gemma4-compile kernels` output, where full TensorRT's AOT plugins find (or add) their
+    compiled kernels. Idempotent: a second call registers nothing new and returns the same ids.
     """
     backend = trt_module.__name__.split(".")[0]
     if backend == "tensorrt_rtx":
@@ -137,7 +138,7 @@ def register_plugins(trt_module: ModuleType) -> list[str]:
     if backend in ("tensorrt", "tensorrt_bindings"):
         from . import qdp
 
-        return qdp.register_qdp(trt_module)
+        return qdp.register_qdp(trt_module, cache_dir=kernels_dir)
     raise BackendUnavailable(
         f"register_plugins: expected the 'tensorrt' or 'tensorrt_rtx' module, got '{trt_module.__name__}'"
     )

@@ -71,6 +71,23 @@ def test_kernel_aot_second_compile_is_a_cache_hit(sm90):
     assert stamps == {e.ptx: (arts.out_dir / e.ptx).stat().st_mtime_ns for e in again.entries}
 
 
+def test_kernel_aot_full_tensorrt_plugins_reuse_the_kernels_output(sm90):
+    """`build` with full TensorRT compiles through qdp.compile_kernel into the export's kernels directory: the
+    MoE stages of a 128-expert top-8 layer at decode and prefill batch sizes are the variants already there."""
+    from gemma4_compile.plugins import moe_stages, qdp
+
+    arts, _ = sm90
+    keys = {e.key for e in arts.entries}
+    smem = resolve_target("sm90").max_shared_bytes
+    for rows in (1, 256):
+        fields = {"top_k": 8, "num_experts": 128, "rows_per_expert": rows}
+        for stage in moe_stages.STAGES:
+            dtype, constexprs, warps, stages = moe_stages.stage_config(stage, fields, "bf16", smem)
+            entry, ptx = qdp.compile_kernel(stage.kernel, "sm90", dtype, constexprs, warps, stages, arts.out_dir)
+            assert entry.key in keys, f"{stage.op_type} rows_per_expert={rows} was not in the kernels output"
+            assert f".entry {entry.entry}(" in ptx
+
+
 def test_kernel_aot_key_is_a_pure_function_of_the_variant():
     base = aot.Variant.make("moe_count", "sm90", "i32", {"BLOCK_P": 128, "BLOCK_E": 128})
     assert aot.Variant.make("moe_count", "h100", "i32", {"BLOCK_E": 128, "BLOCK_P": 128}) == base

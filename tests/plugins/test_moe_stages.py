@@ -127,7 +127,7 @@ def recorder(monkeypatch):
     rec = Recorder()
     rec.compiled = {}
 
-    def compile_kernel(kernel, target, dtype, constexprs, warps, stages):
+    def compile_kernel(kernel, target, dtype, constexprs, warps, stages, cache_dir):
         entry = f"{kernel}_{len(rec.compiled)}"
         rec.compiled[entry] = (kernel, dtype, dict(constexprs))
         return SimpleNamespace(entry=entry, threads=32 * warps, shared_bytes=0), ""
