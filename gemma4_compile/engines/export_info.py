@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BuildError
+from ..errors import BuildError, ExportError
+from ..export.manifest import TensorSpec, read_manifest_json, tensor_specs
 from ..fsutil import sha256_file
-
-EXPORT_FORMAT = "gemma4-compile/export"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]  # ints are fixed; strings name a dim of export.json "dims"
 
 
 @dataclass(frozen=True)
 class GraphInfo:
     file: Path
     sha256: str
-    inputs: tuple[TensorInfo, ...]
-    outputs: tuple[TensorInfo, ...]
+    inputs: tuple[TensorSpec, ...]  # shape: ints are fixed; strings name a dim of export.json "dims"
+    outputs: tuple[TensorSpec, ...]
 
 
 @dataclass(frozen=True)
@@ -57,13 +48,6 @@ class ExportInfo:
         return w if isinstance(w, int) else None
 
 
-def _tensors(entries: list[dict], where: str) -> tuple[TensorInfo, ...]:
-    try:
-        return tuple(TensorInfo(e["name"], e["dtype"], tuple(e["shape"])) for e in entries)
-    except (KeyError, TypeError) as e:
-        raise BuildError(f"export.json {where}: each tensor needs name, dtype and shape ({e})") from None
-
-
 def _graph(root: Path, graphs: dict, name: str) -> GraphInfo:
     if name not in graphs:
         raise BuildError(f"export.json has no graphs.{name}; re-run gemma4-compile export")
@@ -71,23 +55,25 @@ def _graph(root: Path, graphs: dict, name: str) -> GraphInfo:
     path = root / g["file"]
     if not path.is_file():
         raise BuildError(f"{path} is missing (listed in export.json graphs.{name})")
-    return GraphInfo(path, g.get("sha256", ""), _tensors(g.get("inputs", []), f"graphs.{name}.inputs"),
-                     _tensors(g.get("outputs", []), f"graphs.{name}.outputs"))  # fmt: skip
+    return GraphInfo(path, g.get("sha256", ""), tuple(tensor_specs(g.get("inputs", []), f"graphs.{name}.inputs")),
+                     tuple(tensor_specs(g.get("outputs", []), f"graphs.{name}.outputs")))  # fmt: skip
 
 
 def read_export(export_dir: str | Path) -> ExportInfo:
-    """Parse and sanity-check OUT/export.json; a BuildError names the first problem."""
+    """Parse and sanity-check OUT/export.json; a BuildError names the first problem.
+
+    Lenient where ExportManifest is strict (no full spec needed), so engine builds also take exports of graphs
+    the exporter did not write; the file-level checks are the same (export.manifest.read_manifest_json).
+    """
     root = Path(export_dir)
-    path = root / "export.json"
-    if not path.is_file():
-        raise BuildError(f"no export.json in {root}; run 'gemma4-compile export' first")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BuildError(f"{path} is not valid JSON ({e})") from None
-    if raw.get("format") != EXPORT_FORMAT or raw.get("version") != 1:
-        found = f"{raw.get('format')!r} version {raw.get('version')!r}"
-        raise BuildError(f"{path}: expected format {EXPORT_FORMAT!r} version 1, found {found}")
+        path, raw = read_manifest_json(root)
+        return _export_info(root, path, raw)
+    except ExportError as e:
+        raise BuildError(str(e)) from None
+
+
+def _export_info(root: Path, path: Path, raw: dict[str, Any]) -> ExportInfo:
     graphs = raw.get("graphs", {})
     nodes = tuple(
         CustomNode(n["name"], n["op_type"], n.get("layer"), n.get("kind"), dict(n.get("attributes", {})))

@@ -6,30 +6,17 @@ the onnxruntime feeds and (in engines/) the TensorRT optimization profiles.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch.export import Dim
 
 from ..model.config import Gemma4Spec, LayerPlan
 from ..model.model import debug_output_names
+from .manifest import TensorSpec
 
 BATCH, SEQUENCE, SLIDING_SLOTS, CACHE_LEN = "batch", "sequence", "sliding_cache_len", "cache_len"
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # "float32" | "float16" | "bfloat16" | "int64"
-    shape: tuple[int | str, ...]
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["shape"] = list(self.shape)
-        return d
 
 
 def cache_names(plan: LayerPlan) -> tuple[tuple[str, str], tuple[str, str]]:

@@ -9,10 +9,21 @@ from typing import Any
 
 from ..errors import ExportError
 from ..model.config import Gemma4Spec
-from .io_spec import TensorSpec
 
 FORMAT, VERSION = "gemma4-compile/export", 1
 MANIFEST = "export.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "float32" | "float16" | "bfloat16" | "int64"
+    shape: tuple[int | str, ...]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
 
 
 @dataclass(frozen=True)
@@ -81,19 +92,12 @@ class ExportManifest:
     @classmethod
     def load(cls, export_dir: str | Path) -> ExportManifest:
         path = Path(export_dir)
-        file = path / MANIFEST
-        if not file.is_file():
-            raise ExportError(f"{path} is not an export directory (no {MANIFEST}); run 'gemma4-compile export' first")
+        file, d = read_manifest_json(path)
         try:
-            d = json.loads(file.read_text())
-            if d.get("format") != FORMAT or d.get("version") != VERSION:
-                raise ExportError(f"{file}: unsupported manifest format {d.get('format')!r} v{d.get('version')}")
             graphs = {
-                name: GraphInfo(
-                    g["file"], g["sha256"], g["external_data"],
-                    [TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in g["inputs"]],
-                    [TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in g["outputs"]],
-                )
+                name: GraphInfo(g["file"], g["sha256"], g["external_data"],
+                                tensor_specs(g["inputs"], f"graphs.{name}.inputs"),
+                                tensor_specs(g["outputs"], f"graphs.{name}.outputs"))
                 for name, g in d["graphs"].items()
             }  # fmt: skip
             return cls(
@@ -106,3 +110,27 @@ class ExportManifest:
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as e:
             raise ExportError(f"{file}: malformed manifest ({e})") from None
+
+
+def read_manifest_json(export_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """(path, content) of OUT/export.json after the checks every reader needs: it exists, parses, and has this
+    format and version. Later stages that need less than a full ExportManifest start here too."""
+    file = export_dir / MANIFEST
+    if not file.is_file():
+        raise ExportError(f"{export_dir} is not an export directory (no {MANIFEST}); run 'gemma4-compile export' first")
+    try:
+        d = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
+        found = f"{d.get('format')!r} version {d.get('version')!r}" if isinstance(d, dict) else type(d).__name__
+        raise ExportError(f"{file}: expected format {FORMAT!r} version {VERSION}, found {found}")
+    return file, d
+
+
+def tensor_specs(entries: list[dict[str, Any]], where: str) -> list[TensorSpec]:
+    """A graph's `inputs` or `outputs` list -> TensorSpecs; `where` names the list in errors."""
+    try:
+        return [TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in entries]
+    except (KeyError, TypeError) as e:
+        raise ExportError(f"export.json {where}: each tensor needs name, dtype and shape ({e})") from None
