@@ -6,7 +6,8 @@ The parser reads the graph from memory and its external weights from disk next t
 Three edits, none touching weights or math. Small all-constant subgraphs are folded (engines/fold.py), since
 the parser insists on constant axes it cannot always fold itself. Where the seven MoE stage plugins are
 registered (full TensorRT's AOT plugins, plugins/moe_stages.py), each `gemma4::MoE` node becomes those seven
-nodes, since an AOT plugin launches one kernel. And, for the inline path: The parser dispatches by op_type before it looks at the domain
+nodes, since an AOT plugin launches one kernel, and every node with a plugin gets `aot=1`, the parser's switch
+to the AOT implementation. And, for the inline path: The parser dispatches by op_type before it looks at the domain
 (tensorrt-notes.md §2.1), so `gemma4::Attention` would go to TensorRT's built-in ONNX `Attention` importer
 ("TensorRT only supports Attention nodes with one output") instead of its function body. A custom-domain node
 that has a model-local function, no registered plugin, and an op_type the parser has a built-in importer for
@@ -92,10 +93,11 @@ class GraphEdits:
     renamed: dict[str, str]  # exported op_type -> the name the parser saw (see the module docstring)
     folded_constants: int  # all-constant nodes replaced by Constants (engines/fold.py)
     split_moe: int = 0  # gemma4::MoE nodes replaced by their seven stage plugins (plugins/moe_stages.py)
+    aot: int = 0  # custom nodes given aot=1, so the parser takes their plugin's AOT implementation
 
     def to_dict(self) -> dict:
         return {"renamed": dict(self.renamed), "folded_constants": self.folded_constants,
-                "split_moe": self.split_moe}  # fmt: skip
+                "split_moe": self.split_moe, "aot": self.aot}  # fmt: skip
 
 
 def _creators(flavour: TrtFlavour) -> set[tuple[str, str, str]]:
@@ -130,6 +132,20 @@ def _rename_shadowed(
     return tuple(nodes), {f"{d}::{n}": new for (d, n), new in renames.items()}
 
 
+def mark_aot(model: onnx.ModelProto, creators: set[tuple[str, str, str]]) -> int:
+    """Give every custom node that has a registered plugin the bool attribute `aot`, which is how the ONNX
+    parser is told to use a quickly deployable plugin's AOT implementation (the PTX embedded in the engine)
+    rather than a Python `impl`; returns how many nodes were marked."""
+    marked = 0
+    for node in model.graph.node:
+        if node.domain in STANDARD_DOMAINS or not _has_creator(creators, node):
+            continue
+        if not any(a.name == "aot" for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("aot", 1))
+        marked += 1
+    return marked
+
+
 def prepare_decoder(
     path: Path, flavour: TrtFlavour, parser: Any, tokens_hint: int = 1
 ) -> tuple[bytes, tuple[OnnxNode, ...], GraphEdits]:
@@ -145,9 +161,12 @@ def prepare_decoder(
         raise BuildError(f"cannot read {path}: {e}") from None
     folded = fold_constant_subgraphs(model)
     creators = _creators(flavour)
-    split = moe_stages.split_moe(model, tokens_hint=tokens_hint) if moe_stages.stages_registered(creators) else 0
+    split = aot = 0
+    if moe_stages.stages_registered(creators):  # full TensorRT's AOT plugins (plugins/qdp.py)
+        split = moe_stages.split_moe(model, tokens_hint=tokens_hint)
+        aot = mark_aot(model, creators)
     nodes, renamed = _rename_shadowed(model, creators, parser)
-    return model.SerializeToString(), nodes, GraphEdits(renamed, folded, split)
+    return model.SerializeToString(), nodes, GraphEdits(renamed, folded, split, aot)
 
 
 def _issues(parser: Any, nodes: tuple[OnnxNode, ...]) -> tuple[ParserIssue, ...]:

@@ -7,7 +7,8 @@ between them (kernels/moe.py: route, count, offsets, scatter, gate_up, down, com
 intermediates as ordinary activations and runs the seven launches in order. The engine builder splits only when
 the stage plugins are registered (engines/network.py); onnxruntime and the inline path keep the fused node.
 
-Every stage node carries the same int attributes: `top_k`, `num_experts` (the sort kernels see only expert
+Every stage node carries `aot=1` (the ONNX parser's switch to a QDP's AOT implementation) and the same int
+attributes: `top_k`, `num_experts` (the sort kernels see only expert
 ids, not the router's width) and `rows_per_expert`, the routed rows an expert gets at the engine's typical batch
 (1 for decode, hundreds for prefill); it picks one GEMM tile for the offsets and both GEMM stages, which must
 agree on BLOCK_M.
@@ -182,7 +183,7 @@ def stage_nodes(node: onnx.NodeProto, num_experts: int, tokens_hint: int) -> lis
         inputs, outputs = stage_io(stage)
         out.append(helper.make_node(
             stage.op_type, [tensor(p) for p in inputs], [tensor(p) for p in outputs], name=f"{prefix}/{stage.op_type}",
-            domain=NAMESPACE, plugin_namespace=NAMESPACE, plugin_version=VERSION, **fields,
+            domain=NAMESPACE, plugin_namespace=NAMESPACE, plugin_version=VERSION, aot=1, **fields,
         ))  # fmt: skip
     return out
 

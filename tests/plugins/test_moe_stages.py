@@ -200,7 +200,7 @@ def test_split_replaces_moe_by_seven_stages_wired_through_the_kernel_buffers():
         produced |= set(node.output)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         assert attrs == {"top_k": 4, "num_experts": 16, "rows_per_expert": 1024, "plugin_namespace": b"gemma4",
-                         "plugin_version": b"1"}  # fmt: skip
+                         "plugin_version": b"1", "aot": 1}  # fmt: skip
         assert len(node.input) == len(ms.stage_io(stage)[0]) and node.domain == "gemma4"
     assert nodes[-1].output == ["y"] and nodes[0].input == ["logits", "scale"]
     assert ms.split_moe(model) == 0  # nothing left to split
@@ -239,6 +239,23 @@ def test_only_registered_stage_creators_trigger_the_split():
     assert ms.stages_registered(creators)
     assert not ms.stages_registered(creators - {("MoECombine", "1", "gemma4")})
     assert not ms.stages_registered({("MoE", "1", "gemma4")})  # TensorRT-RTX: the fused Python plugin
+
+
+def test_full_tensorrt_build_marks_plugin_nodes_aot():
+    """The ONNX parser takes a QDP's AOT implementation only for nodes with aot=1 (TensorRT's QDP sample)."""
+    from gemma4_compile.engines.network import mark_aot
+
+    model, _ = _moe_graph(T=3, H=64, E=8, inter=32, top_k=2)
+    attention = helper.make_node("SlidingWindowAttention", ["q"], ["o"], name="attn", domain="gemma4",
+                                 window=4, plugin_namespace="gemma4", plugin_version="1")  # fmt: skip
+    model.graph.node.extend([attention, helper.make_node("Relu", ["o"], ["r"], name="relu")])
+    creators = {(s.op_type, "1", "gemma4") for s in ms.STAGES} | {("SlidingWindowAttention", "1", "gemma4")}
+    assert mark_aot(model, creators) == 1  # the fused MoE has no QDP, Relu is standard: only attention
+    ms.split_moe(model)
+    assert mark_aot(model, creators) == 8  # attention (already marked) + the seven stages, which carry aot=1
+    for node in model.graph.node:
+        aot = [a.i for a in node.attribute if a.name == "aot"]
+        assert aot == ([] if node.op_type == "Relu" else [1]), node.name
 
 
 # ----- the stage plugins --------------------------------------------------------------------------------
