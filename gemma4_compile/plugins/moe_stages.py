@@ -93,22 +93,16 @@ def arg_name(pointer: str) -> str:
 
 def stage_dims(shapes: Mapping[str, Sequence[Any]], fields: Mapping[str, int]) -> dict[str, Any]:
     """The MoE dims (kernels.moe.launch_dims letters) from a stage's input shapes (ints or shape expressions)
-    and its fields. A stage sees only some tensors; N = T*K, T = N // K and NB = cdiv(N, BLOCK_P) fill the rest."""
-    from .kernels.moe import BLOCK_P
+    and its fields. A stage sees only some tensors; kernels.moe.complete_dims derives the rest."""
+    from .kernels.moe import complete_dims
 
-    top_k, experts = int(fields["top_k"]), int(fields["num_experts"])
-    dims: dict[str, Any] = {"K": top_k, "E": experts, "BE": 1 << max(0, experts - 1).bit_length()}
+    dims: dict[str, Any] = {}
     for pointer, shape in shapes.items():
         for dim, axis in _SHAPE_DIMS.get(pointer, ()):
             dims.setdefault(dim, shape[axis])
     if "I2" in dims:
         dims.setdefault("I", dims.pop("I2") // 2)
-    if "T" in dims:
-        dims.setdefault("N", dims["T"] * top_k)
-    if "N" in dims:
-        dims.setdefault("T", dims["N"] // top_k)
-        dims.setdefault("NB", (dims["N"] + BLOCK_P - 1) // BLOCK_P)
-    return dims
+    return complete_dims(dims, int(fields["top_k"]), int(fields["num_experts"]))
 
 
 def stage_outputs(stage: Stage, dims: Mapping[str, Any]) -> list[tuple[tuple[Any, ...], str]]:

@@ -381,12 +381,21 @@ BUFFERS: dict[str, tuple[Callable[[Mapping[str, Any]], tuple[Any, ...]], str]] =
 }
 
 
+def complete_dims(known: Mapping[str, Any], top_k: int, experts: int) -> dict[str, Any]:
+    """`known` dims plus K, E, BE and whichever of N = T*K, T = N // K and NB = cdiv(N, BLOCK_P) they imply;
+    + * // only, so the dims may be shape expressions."""
+    dims = {**known, "K": top_k, "E": experts, "BE": triton.next_power_of_2(experts)}
+    if "T" in dims:
+        dims.setdefault("N", dims["T"] * top_k)
+    if "N" in dims:
+        dims.setdefault("T", dims["N"] // top_k)
+        dims.setdefault("NB", (dims["N"] + BLOCK_P - 1) // BLOCK_P)
+    return dims
+
+
 def launch_dims(tokens: Any, hidden: Any, experts: int, inter: Any, top_k: int) -> dict[str, Any]:
-    """Every MoE dim the launches and BUFFERS use, from the op's own (T, H, E, I, K); + * // only, so T, H and I
-    may be shape expressions."""
-    n = tokens * top_k
-    return {"T": tokens, "K": top_k, "N": n, "NB": (n + BLOCK_P - 1) // BLOCK_P, "BE": triton.next_power_of_2(experts),
-            "E": experts, "H": hidden, "I": inter}  # fmt: skip
+    """Every MoE dim the launches and BUFFERS use, from the op's own (T, H, E, I, K)."""
+    return complete_dims({"T": tokens, "H": hidden, "I": inter}, top_k, experts)
 
 
 def workspace(
