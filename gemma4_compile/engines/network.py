@@ -26,6 +26,7 @@ from ..errors import BuildError
 from ..plugins import moe_stages
 from .export_info import ExportInfo
 from .fold import fold_constant_subgraphs
+from .plugin_status import plugin_creators
 from .trt import TrtFlavour
 from .trt_logger import make_logger
 
@@ -100,13 +101,6 @@ class GraphEdits:
                 "split_moe": self.split_moe, "aot": self.aot}  # fmt: skip
 
 
-def _creators(flavour: TrtFlavour) -> set[tuple[str, str, str]]:
-    """(name, version, namespace) of every registered plugin creator."""
-    # all_creators, not get_creator: a failed get_creator logs an API-usage error into the build log
-    registry = flavour.module.get_plugin_registry()
-    return {(c.name, c.plugin_version, c.plugin_namespace) for c in registry.all_creators}
-
-
 def _rename_shadowed(
     model: onnx.ModelProto, creators: set[tuple[str, str, str]], parser: Any
 ) -> tuple[tuple[OnnxNode, ...], dict]:
@@ -160,7 +154,7 @@ def prepare_decoder(
     except Exception as e:  # protobuf raises several types for a corrupt file
         raise BuildError(f"cannot read {path}: {e}") from None
     folded = fold_constant_subgraphs(model)
-    creators = _creators(flavour)
+    creators = set(plugin_creators(flavour))
     split = aot = 0
     if moe_stages.stages_registered(creators):  # full TensorRT's AOT plugins (plugins/qdp.py)
         split = moe_stages.split_moe(model, tokens_hint=tokens_hint)

@@ -58,6 +58,8 @@ def _kernels(export_dir: Path) -> tuple[str | None, str | None]:
 
 
 def plugin_creators(flavour: TrtFlavour) -> tuple[tuple[str, str, str], ...]:
+    """(name, version, namespace) of every registered plugin creator."""
+    # all_creators, not get_creator: a failed get_creator logs an API-usage error into the build log
     registry = flavour.module.get_plugin_registry()
     return tuple((c.name, c.plugin_version, c.plugin_namespace) for c in registry.all_creators)
 
@@ -80,9 +82,7 @@ def register(flavour: TrtFlavour, requested: bool, export_dir: Path) -> PluginSt
         error = f"{REGISTRATION_MODULE} is not available ({type(e).__name__}: {e})"
         return PluginStatus(True, error=error, kernels_sha256=kernels_sha, kernels_file=kernels_file)
     try:
-        names = tuple(
-            module.register_plugins(flavour.module, Path(kernels_file).parent if kernels_file else None)
-        )
+        names = tuple(module.register_plugins(flavour.module, _export_kernels_dir(kernels_file, export_dir)))
     except Exception as e:  # a failed registration means "build inline", recorded in the manifest
         error = f"register_plugins failed: {type(e).__name__}: {e}"
         return PluginStatus(True, error=error, kernels_sha256=kernels_sha, kernels_file=kernels_file)

@@ -276,11 +276,14 @@ def stage_type_string(stage: Stage, activation: Sequence[str] = ACTIVATION_TYPES
     return ", ".join(names[ms.pointer_kind(stage, p)] for p in (*inputs, *outputs))
 
 
-def _bound(signature: inspect.Signature, args: tuple, kwargs: dict) -> tuple[dict[str, Any], dict[str, int]]:
-    """Call arguments -> ({pointer: TensorDesc}, {field: int})."""
+def _bound(
+    stage: Stage, signature: inspect.Signature, args: tuple, kwargs: dict
+) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]]:
+    """Call arguments -> ({pointer: TensorDesc}, {field: int}, the stage's dims from its input shapes)."""
     values = signature.bind(*args, **kwargs).arguments
+    descs = {p: values[ms.arg_name(p)] for p in ms.stage_io(stage)[0]}
     fields = {f: int(attr_scalar(values[f], f)) for f in ms.FIELDS}
-    return values, fields
+    return descs, fields, ms.stage_dims({p: d.shape_expr for p, d in descs.items()}, fields)
 
 
 def _define_moe_stage(
@@ -291,13 +294,8 @@ def _define_moe_stage(
     signatures = {kind: _stage_signature(trtp, stage, kind) for kind in ("register", "autotune", "aot_impl")}
     activation = next((p for p in inputs if ms.pointer_kind(stage, p) == "act"), None)
 
-    def tensors(values: Mapping[str, Any]) -> dict[str, Any]:
-        return {p: values[ms.arg_name(p)] for p in inputs}
-
     def describe(*args, **kwargs):
-        values, fields = _bound(signatures["register"], args, kwargs)
-        descs = tensors(values)
-        dims = ms.stage_dims({p: d.shape_expr for p, d in descs.items()}, fields)
+        descs, _, dims = _bound(stage, signatures["register"], args, kwargs)
         out = [
             trtp.from_shape_expr(
                 tuple(shape), dtype=descs[activation].dtype if kind == "act" else trt_types[kind]
@@ -312,11 +310,9 @@ def _define_moe_stage(
     def aot(*args, **kwargs):
         from ..engines.targets import resolve_target
 
-        values, fields = _bound(signatures["aot_impl"], args, kwargs)
-        descs = tensors(values)
+        descs, fields, dims = _bound(stage, signatures["aot_impl"], args, kwargs)
         gpu = resolve_target(target)
         dtype = triton_dtype(descs[activation].dtype.name) if activation else "fp32"
-        dims = ms.stage_dims({p: d.shape_expr for p, d in descs.items()}, fields)
         kdtype, constexprs, warps, stages = ms.stage_config(stage, fields, dtype, gpu.max_shared_bytes)
         return _aot_result(trtp, stage.kernel, gpu.name, kdtype, dims, constexprs, warps, stages, cache_dir)
 

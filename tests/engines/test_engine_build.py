@@ -133,3 +133,13 @@ def test_progress_monitor_mirrors_tensorrt_phases(synthetic_exports, tmp_path):
     assert plan.bytes > 0 and plan.sha256 == sha256_file(tmp_path / "decoder.engine")
     assert monitor.phases[0] == "Building engine" and "Computing profile costs" in monitor.phases
     assert "sm86: Building engine" in screen.getvalue()
+
+
+def test_only_the_exports_own_kernels_directory_is_handed_to_the_plugins(tmp_path):
+    """Full TensorRT's AOT plugins compile into it, so an installed package's kernels.json must not qualify."""
+    from gemma4_compile.engines.plugin_status import _export_kernels_dir
+
+    export = tmp_path / "out"
+    assert _export_kernels_dir(str(export / "kernels" / "kernels.json"), export) == export / "kernels"
+    assert _export_kernels_dir(str(tmp_path / "site-packages" / "kernels.json"), export) is None
+    assert _export_kernels_dir(None, export) is None

@@ -70,3 +70,4 @@ def test_export_json_problems_are_build_errors(tmp_path):
         BuildError, match="expected format 'gemma4-compile/export' version 1, found 'other' version 3"
     ):
         read_export(tmp_path)
+

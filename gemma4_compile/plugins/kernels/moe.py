@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ...engines.targets import native_target
 from ...errors import Gemma4CompileError
+from ..aot import cdiv
 
 BLOCK_P = 128  # routed pairs per sort program
 GELU_K = tl.constexpr(
@@ -389,7 +390,7 @@ def complete_dims(known: Mapping[str, Any], top_k: int, experts: int) -> dict[st
         dims.setdefault("N", dims["T"] * top_k)
     if "N" in dims:
         dims.setdefault("T", dims["N"] // top_k)
-        dims.setdefault("NB", (dims["N"] + BLOCK_P - 1) // BLOCK_P)
+        dims.setdefault("NB", cdiv(dims["N"], BLOCK_P))
     return dims
 
 
