@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..targets import TARGETS, GpuTarget, local_device_sm, resolve_target
 from .build import EngineArtifact, build_engine, build_engines_with, plan_builds
 from .capability import CapabilityReport, NodePath
 from .config import BuildOptions
@@ -18,7 +19,6 @@ from .export_info import ExportInfo, read_export
 from .load import EngineFile, engine_dir, open_engine
 from .manifest import EngineManifest, check_engine, read_manifest
 from .profiles import ProfileLimits, ShapeProfile, derive_profiles
-from .targets import TARGETS, GpuTarget, local_device_sm, resolve_target
 from .trt import TrtFlavour, installed_flavours, load_trt
 
 __all__ = [

@@ -21,6 +21,7 @@ import onnx
 
 from .. import __version__
 from ..errors import BuildError
+from ..targets import GpuTarget, local_device_sm, resolve_target
 from .artifacts import file_entry, publish, staging_dir
 from .capability import PLUGIN, CapabilityReport, capability_report
 from .config import BuildConfig, BuildOptions, config_from_network
@@ -41,7 +42,6 @@ from .network import ParsedNetwork, network_from_onnx
 from .plugin_status import PluginStatus, find_kernels_json, register
 from .profiles import ShapeProfile, derive_profiles, tokens_per_step
 from .progress import build_progress, spinner
-from .targets import GpuTarget, local_device_sm, resolve_target
 from .trt import TrtFlavour, choose_flavour, installed_flavours, load_trt
 
 log = logging.getLogger("gemma4_compile.engines")

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
+from ..targets import GpuTarget
 from .network import ParsedNetwork
 from .profiles import ProfileLimits, ShapeProfile
-from .targets import GpuTarget
 
 HW_COMPAT = ("auto", "none", "same_cc", "ampere_plus")
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from ..errors import BackendUnavailable, BuildError
 from ..fsutil import sha256_file
+from ..targets import resolve_target
 from .manifest import EngineManifest, check_engine, read_manifest
-from .targets import resolve_target
 from .trt import TrtFlavour
 
 

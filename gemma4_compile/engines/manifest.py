@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, BuildError
+from ..targets import TARGETS, GpuTarget
 from .profiles import ShapeProfile
-from .targets import TARGETS, GpuTarget
 from .trt import TITLES, TrtFlavour
 
 MANIFEST_FORMAT = "gemma4-compile/engine"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 from ..errors import BuildError
-from .targets import GpuTarget
+from ..targets import GpuTarget
 
 FULL, RTX = "tensorrt", "tensorrt_rtx"
 TITLES = {FULL: "TensorRT", RTX: "TensorRT-RTX"}

@@ -33,9 +33,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..engines.targets import GpuTarget, resolve_target
 from ..errors import BuildError
 from ..fsutil import write_atomic
+from ..targets import GpuTarget, resolve_target
 
 DTYPES = ("bf16", "fp16", "fp32")
 RECORD_VERSION = 2  # part of every cache key: bump when KernelEntry's fields change

@@ -174,7 +174,7 @@ def plugin_ids() -> list[str]:
 def register_qdp(trt: ModuleType, target: str = "native", cache_dir: Path | None = None) -> list[str]:
     """Define the `gemma4` QDPs in `trt.plugin` (idempotent: QDP forbids defining a name twice).
 
-    `target` (an engines.targets name; "native" = this machine's GPU) is what the AOT kernels are
+    `target` (a targets name; "native" = this machine's GPU) is what the AOT kernels are
     compiled for, resolved when TensorRT asks for them during the build; `cache_dir` is where they are
     compiled (a `gemma4-compile kernels -o DIR` directory reuses what it holds; default AOT_CACHE).
     """
@@ -224,7 +224,7 @@ def _define_attention(trtp: ModuleType, target: str, cache_dir: Path | None) -> 
         window: npt.NDArray[np.int32], scale: npt.NDArray[np.float32],
         outputs: tuple[TensorDesc, TensorDesc, TensorDesc], tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:  # fmt: skip
-        from ..engines.targets import resolve_target
+        from ..targets import resolve_target
 
         gpu = resolve_target(target)
         dtype = triton_dtype(q.dtype.name)
@@ -308,7 +308,7 @@ def _define_moe_stage(
         return [trtp.AutoTuneCombination(stage_type_string(stage))]
 
     def aot(*args, **kwargs):
-        from ..engines.targets import resolve_target
+        from ..targets import resolve_target
 
         descs, fields, dims = _bound(stage, signatures["aot_impl"], args, kwargs)
         gpu = resolve_target(target)

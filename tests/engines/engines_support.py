@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from gemma4_compile.engines.targets import local_device_sm
+from gemma4_compile.targets import local_device_sm
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 HAS_FULL_TRT = importlib.util.find_spec("tensorrt") is not None

@@ -16,12 +16,12 @@ import torch
 
 pytest.importorskip("triton", reason="the plugin kernels are Triton kernels")
 
-from gemma4_compile.engines.targets import resolve_target
 from gemma4_compile.errors import BuildError
 from gemma4_compile.model import ops
 from gemma4_compile.plugins import aot
 from gemma4_compile.plugins.kernels import attention as A
 from gemma4_compile.plugins.kernels import moe as M
+from gemma4_compile.targets import resolve_target
 
 pytestmark = pytest.mark.kernel
 PTX_TARGET = {"sm80": "sm_80", "sm86": "sm_86", "sm89": "sm_89", "sm90": "sm_90a", "sm100": "sm_100a",

@@ -182,7 +182,7 @@ def test_kernel_attention_rejects_unsupported_shapes():
 def test_kernel_aot_config_fits_every_target():
     """The single-launch config a TensorRT AOT plugin compiles holds the GQA group and fits shared memory;
     sm75 (64 KiB, no bf16 MMA) has no tile for 256-wide heads and says so."""
-    from gemma4_compile.engines.targets import resolve_target
+    from gemma4_compile.targets import resolve_target
 
     with pytest.raises(Gemma4CompileError, match="no tile for head_dim 256, GQA group 1 on sm75"):
         K.aot_config(256, 1, "fp16", 1.0, resolve_target("sm75"))

@@ -68,9 +68,9 @@ def test_attention_launch_matches_the_kernel_signature_and_the_torch_wrapper(hea
     the torch wrapper `attention_fwd` would use for the same config."""
     import triton
 
-    from gemma4_compile.engines.targets import resolve_target
     from gemma4_compile.plugins import aot
     from gemma4_compile.plugins.kernels import attention as kernels
+    from gemma4_compile.targets import resolve_target
 
     _, fn = _attn_fwd()
     constexprs, warps, stages = qdp.attention_config(
@@ -106,7 +106,7 @@ def test_attention_kernel_compiles_to_ptx_on_cpu(tmp_path, monkeypatch):
 
     import triton
 
-    from gemma4_compile.engines.targets import resolve_target
+    from gemma4_compile.targets import resolve_target
 
     monkeypatch.setattr(qdp, "AOT_CACHE", tmp_path)
     constexprs, warps, stages = qdp.attention_config(

@@ -52,8 +52,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...engines.targets import GpuTarget, native_target
 from ...errors import Gemma4CompileError
+from ...targets import GpuTarget, native_target
 
 LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = 2^(x log2 e)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256, 512)

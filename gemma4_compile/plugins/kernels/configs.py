@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ...engines.targets import GpuTarget
+from ...targets import GpuTarget
 from .attention import aot_config, decode_configs, ring_block
 from .moe import aot_configs
 

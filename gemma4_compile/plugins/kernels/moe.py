@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...engines.targets import native_target
 from ...errors import Gemma4CompileError
+from ...targets import native_target
 from ..aot import cdiv
 
 BLOCK_P = 128  # routed pairs per sort program

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import Gemma4CompileError
+from .errors import Gemma4CompileError
 
 
 @dataclass(frozen=True)
