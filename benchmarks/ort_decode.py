@@ -18,8 +18,8 @@ from common import MID_E2B, report
 
 from gemma4_compile.export import export_checkpoint
 from gemma4_compile.model.checkpoint import write_random_checkpoint
-from gemma4_compile.validate.ort_runner import OrtRunner
-from gemma4_compile.validate.runners import HFRunner, TorchRunner
+from gemma4_compile.runners.ort import OrtRunner
+from gemma4_compile.validate.reference import HFRunner, TorchRunner
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import torch
 from common import MID_E2B, report, timeit
 
 from gemma4_compile.model.checkpoint import write_random_checkpoint
-from gemma4_compile.validate.runners import HFRunner, TorchRunner
+from gemma4_compile.validate.reference import HFRunner, TorchRunner
 
 
 def main() -> None:

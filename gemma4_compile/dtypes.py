@@ -32,6 +32,16 @@ class DType(enum.Enum):
         return _SAFETENSORS_NAMES[self]
 
     @property
+    def onnx_elem_type(self) -> int:
+        """onnx.TensorProto element type (what onnxruntime's OrtValue.element_type() reports)."""
+        return _ONNX_ELEM[self]
+
+    @property
+    def trt_name(self) -> str:
+        """tensorrt.DataType member name."""
+        return _TRT_NAMES[self]
+
+    @property
     def is_float(self) -> bool:
         return self in (DType.FP32, DType.FP16, DType.BF16)
 
@@ -54,9 +64,12 @@ class DType(enum.Enum):
 
     @classmethod
     def parse(cls, name: Any) -> DType:
-        """A DType from any of its names: "fp16", "float16", "F16", torch.float16, a numpy dtype, or a DType."""
+        """A DType from any of its names: "fp16", "float16", "F16", "HALF", torch.float16, a numpy dtype, an ONNX
+        element type (10), or a DType."""
         if isinstance(name, DType):
             return name
+        if isinstance(name, int) and name in _BY_ELEM:
+            return _BY_ELEM[name]
         key = str(name).removeprefix("torch.")
         if key in _ALIASES:
             return _ALIASES[key]
@@ -66,7 +79,11 @@ class DType(enum.Enum):
 _ONNX_NAMES = {DType.FP32: "float32", DType.FP16: "float16", DType.BF16: "bfloat16", DType.INT64: "int64",
                DType.INT32: "int32"}  # fmt: skip
 _SAFETENSORS_NAMES = {DType.FP32: "F32", DType.FP16: "F16", DType.BF16: "BF16", DType.INT64: "I64", DType.INT32: "I32"}
+_ONNX_ELEM = {DType.FP32: 1, DType.FP16: 10, DType.BF16: 16, DType.INT64: 7, DType.INT32: 6}
+_TRT_NAMES = {DType.FP32: "FLOAT", DType.FP16: "HALF", DType.BF16: "BF16", DType.INT64: "INT64", DType.INT32: "INT32"}
+_BY_ELEM = {e: d for d, e in _ONNX_ELEM.items()}
 _ALIASES: dict[str, DType] = {
+    **{n: d for d, n in _TRT_NAMES.items()},
     **{d.value: d for d in DType},
     **{n: d for d, n in _ONNX_NAMES.items()},
     **{n: d for d, n in _SAFETENSORS_NAMES.items()},

@@ -20,6 +20,7 @@ import onnx_ir as ir
 import torch
 
 from .. import __version__
+from ..dtypes import FLOAT_CHOICES, DType
 from ..errors import ExportError, Gemma4CompileError
 from ..fsutil import atomic_directory, sha256_file
 from ..model.config import Gemma4Spec
@@ -27,19 +28,18 @@ from ..model.model import Gemma4TextModel
 from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
 from . import custom_ops
 from .graphs import DecoderGraph, EmbedGraph
-from .io_spec import (
-    CACHE_LEN,
-    SLIDING_SLOTS,
-    TORCH_DTYPES,
-    TensorSpec,
-    cache_names,
-    decoder_io,
-    dynamic_shapes,
-    embed_io,
-    example_tensor,
-)  # fmt: skip
+from .io_spec import decoder_io, dynamic_shapes, embed_io, example_tensor
 from .lowering import LOWERINGS, lower_attention_to_gqa
-from .manifest import CacheInfo, ExportManifest, GraphInfo
+from .manifest import (
+    CACHE_LEN,
+    DECODER,
+    EMBED,
+    SLIDING_SLOTS,
+    ExportManifest,
+    GraphSpec,
+    TensorSpec,
+    cache_spec,
+)
 from .passes import clean_up
 from .weights import DATA_FILE, attach_weights, write_weight_file
 
@@ -69,8 +69,8 @@ def export_checkpoint(
     """Export a Hugging Face Gemma 4 checkpoint (config.json + safetensors) to ONNX.
 
     `lowering="gqa"` makes an onnxruntime-only variant (see export/lowering.py)."""
-    if dtype not in TORCH_DTYPES:
-        raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
+    if dtype not in FLOAT_CHOICES:
+        raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_CHOICES)}")
     spec = Gemma4Spec.from_pretrained(checkpoint_dir)
     entries = resolve_text_weights(CheckpointReader(checkpoint_dir), spec)
     return export_spec(
@@ -107,45 +107,68 @@ def export_spec(
     return ExportedModel(out, manifest)
 
 
+@dataclass(frozen=True)
+class GraphProducer:
+    """One graph of the export: the module traced, its I/O spec, and an optional edit of the saved proto."""
+
+    role: str
+    module: torch.nn.Module
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    edit: Callable[[onnx.ModelProto], object] | None = None
+
+    @property
+    def file(self) -> str:
+        return f"{self.role}.onnx"
+
+
+def _producers(model: Gemma4TextModel, dtype: DType, debug: bool, lowering: str | None) -> list[GraphProducer]:
+    """The export's graphs in pipeline order; adding a graph is adding its producer here."""
+    spec = model.spec
+    edit = (lambda proto: lower_attention_to_gqa(proto, spec)) if lowering == "gqa" else None
+    return [
+        GraphProducer(EMBED, EmbedGraph(model), *embed_io(spec, dtype)),
+        GraphProducer(DECODER, DecoderGraph(model, debug), *decoder_io(spec, dtype, debug), edit=edit),
+    ]
+
+
 def _export_into(
     tmp: Path, spec: Gemma4Spec, entries: dict[str, TensorEntry] | None, dtype: str, max_seq_len: int,
     debug: bool, lowering: str | None, progress: Progress, checkpoint: Path | None,
 ) -> ExportManifest:  # fmt: skip
-    torch_dtype = TORCH_DTYPES[dtype]
+    act = DType.parse(dtype)
     with torch.device("meta"):
-        model = Gemma4TextModel(spec).to(torch_dtype)
+        model = Gemma4TextModel(spec).to(act.torch)
     model.reset_rope_buffers()
-    embed_in, embed_out = embed_io(spec, dtype)
-    dec_in, dec_out = decoder_io(spec, dtype, debug)
-    progress("trace embed graph")
-    embed = _trace(EmbedGraph(model), embed_in, embed_out)
-    progress("trace decoder graph")
-    decoder = _trace(DecoderGraph(model, debug), dec_in, dec_out)
+    producers = _producers(model, act, debug, lowering)
+    traced = {}
+    for p in producers:
+        progress(f"trace {p.role} graph")
+        traced[p.role] = _trace(p.module, p.inputs, p.outputs)
     progress("write weights" if entries is not None else "lay out weights (graph only)")
-    names = {n: n.removeprefix("model.") for g in (embed, decoder) for n in g.graph.initializers}
+    names = {n: n.removeprefix("model.") for g in traced.values() for n in g.graph.initializers}
     computed = {k: v for k, v in model.rope_buffers().items()}
     params = set(model.state_dict())  # everything else the exporter lifted (scalars) carries real data
-    used = {names[n] for g in (embed, decoder) for n in g.graph.initializers} & params - set(computed)
+    used = {names[n] for g in traced.values() for n in g.graph.initializers} & params - set(computed)
     layout = entries if entries is not None else _meta_entries(model, used)
-    placed = write_weight_file(tmp, {n: layout[n] for n in used}, torch_dtype, write_data=entries is not None)
-    for graph in (embed, decoder):
-        attach_weights(graph, names, placed, torch_dtype, tmp, computed)
+    placed = write_weight_file(tmp, {n: layout[n] for n in used}, act.torch, write_data=entries is not None)
+    for graph in traced.values():
+        attach_weights(graph, names, placed, act.torch, tmp, computed)
     progress("save graphs")
-    graphs = {
-        "embed": _save(embed, tmp / "embed.onnx", embed_in, embed_out, check=entries is not None),
-        "decoder": _save(decoder, tmp / "decoder.onnx", dec_in, dec_out, check=entries is not None,
-                         edit=(lambda proto: lower_attention_to_gqa(proto, spec)) if lowering == "gqa" else None),
-    }
+    for p in producers:
+        _save(traced[p.role], tmp / p.file, check=entries is not None, edit=p.edit)
     progress("hash files")
-    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-    graphs = {k: GraphInfo(g.file, files[g.file], g.external_data, g.inputs, g.outputs) for k, g in graphs.items()}
+    files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+    graphs = {p.role: GraphSpec(p.role, p.file, files[p.file], [DATA_FILE], p.inputs, p.outputs) for p in producers}
     manifest = ExportManifest(
-        path=tmp, dtype=dtype, opset=OPSET, max_seq_len=max_seq_len, spec=spec, graphs=graphs,
-        caches=_cache_infos(spec), custom_nodes=_custom_nodes(tmp / "decoder.onnx", spec), files=files,
+        path=tmp, dtype=act.value, opset=OPSET, max_seq_len=max_seq_len, spec=spec, graphs=graphs,
+        caches=[cache_spec(spec, plan) for plan in spec.cache_layers],
+        custom_nodes=_custom_nodes(tmp / graphs[DECODER].file, spec), files=files,
         tools=_tool_versions(), debug=debug, weights=entries is not None, lowering=lowering,
         checkpoint=str(checkpoint) if checkpoint else None,
         dims={"batch": "dynamic", "sequence": "dynamic", SLIDING_SLOTS: spec.sliding_window,
               CACHE_LEN: f"dynamic, >= past_len + sequence, <= {max_seq_len}"},
+        weight_format=act.value,
     )  # fmt: skip
     manifest.save(tmp)
     return manifest
@@ -171,10 +194,7 @@ def _trace(module: torch.nn.Module, inputs: list[TensorSpec], outputs: list[Tens
     return clean_up(program.model)
 
 
-def _save(
-    model: ir.Model, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], check: bool,
-    edit: Callable[[onnx.ModelProto], object] | None = None,
-) -> GraphInfo:
+def _save(model: ir.Model, path: Path, check: bool, edit: Callable[[onnx.ModelProto], object] | None = None) -> None:
     proto = ir.serde.serialize_model(model)
     used = {n.op_type for n in proto.graph.node if n.domain == custom_ops.DOMAIN}
     proto.functions.extend(custom_ops.functions(used))
@@ -189,28 +209,12 @@ def _save(
     onnx.save_model(proto, str(path))
     if check and edit is None:  # a lowered graph uses com.microsoft ops onnx has no schemas for (ORT checks it)
         onnx.checker.check_model(str(path), full_check=True)
-    return GraphInfo(path.name, "", [DATA_FILE], inputs, outputs)
 
 
 def _meta_entries(model: Gemma4TextModel, used: set[str]) -> dict[str, TensorEntry]:
     """Shapes only, for graph-only exports of models too large for this machine."""
     state = model.state_dict()
     return {n: TensorEntry(n, Path(DATA_FILE), 0, 0, state[n].dtype, tuple(state[n].shape)) for n in used}
-
-
-def _cache_infos(spec: Gemma4Spec) -> list[CacheInfo]:
-    infos = []
-    for plan in spec.cache_layers:
-        past, present = cache_names(plan)
-        consumers = [p.index for p in spec.layers if p.kv_producer == plan.index]
-        infos.append(
-            CacheInfo(
-                index=plan.cache_index, layer=plan.index, kind=plan.kind, window=plan.window,
-                slots=SLIDING_SLOTS if plan.is_sliding else CACHE_LEN, num_kv_heads=plan.num_kv_heads,
-                head_dim=plan.head_dim, consumers=consumers, past=list(past), present=list(present),
-            )
-        )
-    return infos
 
 
 def _custom_nodes(decoder_path: Path, spec: Gemma4Spec) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Names, dtypes and symbolic shapes of the two graphs, derived once from the spec.
+"""Names, dtypes and symbolic shapes of the graphs, derived once from the spec.
 
 The same description produces the trace inputs, the dynamic shapes for torch.export, the manifest entries,
 the onnxruntime feeds and (in engines/) the TensorRT optimization profiles.
@@ -9,28 +9,20 @@ from __future__ import annotations
 import torch
 from torch.export import Dim
 
+from ..dtypes import DType
 from ..model.config import Gemma4Spec, LayerPlan
 from ..model.model import debug_output_names
-from .manifest import TensorSpec
+from .manifest import BATCH, CACHE_LEN, SEQUENCE, SLIDING_SLOTS, TensorSpec, cache_names
 
-BATCH, SEQUENCE, SLIDING_SLOTS, CACHE_LEN = "batch", "sequence", "sliding_cache_len", "cache_len"
-
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def cache_names(plan: LayerPlan) -> tuple[tuple[str, str], tuple[str, str]]:
-    """(past key, past value), (present key, present value) for a cache-owning layer."""
-    n = plan.index
-    return (f"past_key_values.{n}.key", f"past_key_values.{n}.value"), (f"present.{n}.key", f"present.{n}.value")
+__all__ = ["BATCH", "CACHE_LEN", "SEQUENCE", "SLIDING_SLOTS", "cache_names", "decoder_io", "embed_io"]
 
 
 def cache_shape(plan: LayerPlan) -> tuple[int | str, ...]:
     return (BATCH, plan.num_kv_heads, SLIDING_SLOTS if plan.is_sliding else CACHE_LEN, plan.head_dim)
 
 
-def embed_io(spec: Gemma4Spec, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    act = ONNX_DTYPE_NAMES[dtype]
+def embed_io(spec: Gemma4Spec, dtype: DType | str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    act = DType.parse(dtype).onnx_name
     outputs = [TensorSpec("inputs_embeds", act, (BATCH, SEQUENCE, spec.hidden_size))]
     if spec.has_ple:
         outputs.append(
@@ -39,8 +31,8 @@ def embed_io(spec: Gemma4Spec, dtype: str) -> tuple[list[TensorSpec], list[Tenso
     return [TensorSpec("input_ids", "int64", (BATCH, SEQUENCE))], outputs
 
 
-def decoder_io(spec: Gemma4Spec, dtype: str, debug: bool = False) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    act = ONNX_DTYPE_NAMES[dtype]
+def decoder_io(spec: Gemma4Spec, dtype: DType | str, debug: bool = False) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    act = DType.parse(dtype).onnx_name
     _, embed_outputs = embed_io(spec, dtype)
     inputs = [*embed_outputs, TensorSpec("past_len", "int64", (BATCH,)), TensorSpec("seq_len", "int64", (BATCH,))]
     outputs = [TensorSpec("logits", "float32", (BATCH, SEQUENCE, spec.vocab_size))]
@@ -63,8 +55,7 @@ _EXAMPLE = {BATCH: 2, SEQUENCE: 3, SLIDING_SLOTS: 5, CACHE_LEN: 7}
 
 def example_tensor(t: TensorSpec, device: str = "meta") -> torch.Tensor:
     shape = [_EXAMPLE[d] if isinstance(d, str) else d for d in t.shape]
-    dtype = {"int64": torch.int64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    return torch.zeros(shape, dtype=dtype[t.dtype], device=device)
+    return torch.zeros(shape, dtype=DType.parse(t.dtype).torch, device=device)
 
 
 def dynamic_shapes(specs: list[TensorSpec]) -> list[dict[int, Dim]]:

@@ -1,4 +1,8 @@
-"""`export.json`: everything later stages need to know about an export (see docs/export-format.md)."""
+"""`export.json`: everything later stages need to know about an export (see docs/export-format.md).
+
+One loader, `ExportManifest.load`, serves every stage. `lenient=True` takes graphs the exporter did not write
+(engine builds of hand-made exports): the spec and the optional fields may be missing, the graphs may not.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExportError
-from ..model.config import Gemma4Spec
+from ..dtypes import DType, weight_format_for
+from ..errors import ExportError, Gemma4CompileError
+from ..fsutil import sha256_file
+from ..model.config import Gemma4Spec, LayerPlan
 
 FORMAT, VERSION = "gemma4-compile/export", 1
 MANIFEST = "export.json"
+
+# The graphs an export holds, by role, in pipeline order; the exporter's producers create them.
+EMBED, DECODER = "embed", "decoder"
+# Symbolic dims of graph I/O (export.json "dims").
+BATCH, SEQUENCE, SLIDING_SLOTS, CACHE_LEN = "batch", "sequence", "sliding_cache_len", "cache_len"
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str  # "float32" | "float16" | "bfloat16" | "int64"
-    shape: tuple[int | str, ...]
+    dtype: str  # DType.onnx_name: "float32" | "float16" | "bfloat16" | "int64"
+    shape: tuple[int | str, ...]  # ints are fixed; strings name a dim of export.json "dims"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -27,7 +38,10 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
-class GraphInfo:
+class GraphSpec:
+    """One ONNX graph of an export, by role ("embed", "decoder"; next "vision", "audio")."""
+
+    role: str
     file: str
     sha256: str
     external_data: list[str]
@@ -37,19 +51,58 @@ class GraphInfo:
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, "external_data": list(self.external_data),
+                "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}  # fmt: skip
+
 
 @dataclass(frozen=True)
-class CacheInfo:
+class CacheSpec:
+    """The K/V cache of one cache-owning layer, as the decoder graph's past/present tensors."""
+
     index: int
     layer: int
     kind: str  # "sliding" | "global"
     window: int
-    slots: str  # symbolic dim of the ring size
+    slots_dim: str  # the symbolic dim of the ring size ("sliding_cache_len" | "cache_len"); JSON key "slots"
     num_kv_heads: int
     head_dim: int
     consumers: list[int]
     past: list[str]
     present: list[str]
+
+    def slots(self, max_len: int) -> int:
+        """Ring size for sequences of up to `max_len` tokens: exactly W on sliding layers, the full length on
+        global ones. The only place this rule lives."""
+        return self.window if self.kind == "sliding" else max_len
+
+    def shape(self, batch: int, max_len: int) -> tuple[int, int, int, int]:
+        return (batch, self.num_kv_heads, self.slots(max_len), self.head_dim)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k if k != "slots_dim" else "slots": v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CacheSpec:
+        return cls(**{k if k != "slots" else "slots_dim": v for k, v in d.items()})
+
+
+def cache_names(plan: LayerPlan) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(past key, past value), (present key, present value) for a cache-owning layer."""
+    n = plan.index
+    return (f"past_key_values.{n}.key", f"past_key_values.{n}.value"), (f"present.{n}.key", f"present.{n}.value")
+
+
+def cache_spec(spec: Gemma4Spec, plan: LayerPlan) -> CacheSpec:
+    """The cache of a cache-owning layer of `spec`."""
+    past, present = cache_names(plan)
+    return CacheSpec(
+        index=plan.cache_index, layer=plan.index, kind=plan.kind, window=plan.window,
+        slots_dim=SLIDING_SLOTS if plan.is_sliding else CACHE_LEN, num_kv_heads=plan.num_kv_heads,
+        head_dim=plan.head_dim, consumers=[p.index for p in spec.layers if p.kv_producer == plan.index],
+        past=list(past), present=list(present),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -57,70 +110,110 @@ class ExportManifest:
     """A finished export directory, as later stages see it."""
 
     path: Path
-    dtype: str
+    dtype: str  # activations: a DType value ("fp32" | "fp16" | "bf16")
     opset: int
     max_seq_len: int
-    spec: Gemma4Spec
-    graphs: dict[str, GraphInfo]
-    caches: list[CacheInfo]
+    spec: Gemma4Spec | None  # None only for lenient loads of exports this tool did not write
+    graphs: dict[str, GraphSpec]  # by role, in pipeline order
+    caches: list[CacheSpec]
     custom_nodes: list[dict[str, Any]]
     files: dict[str, str]
     tools: dict[str, str]
     debug: bool = False
     weights: bool = True
-    lowering: str | None = None  # "gqa": an onnxruntime-only variant (export/lowering.py)
+    lowering: str | None = None  # a name from export/lowering.py (an onnxruntime-only variant)
     checkpoint: str | None = None  # absolute path of the source checkpoint (provenance; reference runners)
     dims: dict[str, Any] = field(default_factory=dict)
+    weight_format: str = ""  # how weights are stored (dtypes.WEIGHT_FORMATS); "" = as the activations
+    sha256: str = field(default="", compare=False)  # of export.json itself: one fingerprint for the export
 
-    def graph_path(self, name: str) -> Path:
-        return self.path / self.graphs[name].file
+    def __post_init__(self) -> None:
+        if not self.weight_format:
+            object.__setattr__(self, "weight_format", weight_format_for(self.dtype))
+
+    @property
+    def activation_dtype(self) -> DType:
+        return DType.parse(self.dtype)
+
+    @property
+    def sliding_window(self) -> int | None:
+        w = self.dims.get("sliding_cache_len")
+        return w if isinstance(w, int) else None
+
+    def graph_path(self, role: str) -> Path:
+        return self.path / self.graphs[role].file
 
     def to_json(self) -> dict[str, Any]:
-        d = {"format": FORMAT, "version": VERSION}
-        body = asdict(self)
-        body.pop("path")
-        body["spec"] = self.spec.to_dict()
-        for g in body["graphs"].values():
-            for key in ("inputs", "outputs"):
-                g[key] = [{**t, "shape": list(t["shape"])} for t in g[key]]
-        d.update(body)
-        return d
+        return {
+            "format": FORMAT, "version": VERSION, "dtype": self.dtype, "weight_format": self.weight_format,
+            "opset": self.opset, "max_seq_len": self.max_seq_len,
+            "spec": self.spec.to_dict() if self.spec is not None else None,
+            "graphs": {role: g.to_dict() for role, g in self.graphs.items()},
+            "caches": [c.to_dict() for c in self.caches], "custom_nodes": self.custom_nodes, "files": self.files,
+            "tools": self.tools, "debug": self.debug, "weights": self.weights, "lowering": self.lowering,
+            "checkpoint": self.checkpoint, "dims": self.dims,
+        }  # fmt: skip
 
     def save(self, directory: Path) -> None:
         (directory / MANIFEST).write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
 
     @classmethod
-    def load(cls, export_dir: str | Path) -> ExportManifest:
+    def load(cls, export_dir: str | Path, *, lenient: bool = False) -> ExportManifest:
+        """Read OUT/export.json. Strict (the default) needs every field this tool writes; lenient needs only the
+        graphs (each file present) and defaults the rest, for exports of graphs the exporter did not write."""
         path = Path(export_dir)
         file, d = read_manifest_json(path)
+        get = _getter(d, lenient)
         try:
-            graphs = {
-                name: GraphInfo(g["file"], g["sha256"], g["external_data"],
-                                tensor_specs(g["inputs"], f"graphs.{name}.inputs"),
-                                tensor_specs(g["outputs"], f"graphs.{name}.outputs"))
-                for name, g in d["graphs"].items()
-            }  # fmt: skip
+            graphs = {role: _graph_spec(path, role, g, lenient) for role, g in get("graphs", {}).items()}
             return cls(
-                path=path, dtype=d["dtype"], opset=d["opset"], max_seq_len=d["max_seq_len"],
-                spec=Gemma4Spec.from_dict(d["spec"]), graphs=graphs,
-                caches=[CacheInfo(**c) for c in d["caches"]], custom_nodes=d["custom_nodes"], files=d["files"],
-                tools=d["tools"], debug=d.get("debug", False), weights=d.get("weights", True),
-                checkpoint=d.get("checkpoint"), lowering=d.get("lowering"),
-                dims=d.get("dims", {}),
+                path=path, dtype=get("dtype", "fp32"), opset=int(get("opset", 0)),
+                max_seq_len=int(get("max_seq_len", 0)), spec=_spec(d.get("spec"), lenient), graphs=graphs,
+                caches=[CacheSpec.from_dict(c) for c in get("caches", [])],
+                custom_nodes=list(get("custom_nodes", [])), files=dict(get("files", {})),
+                tools=dict(get("tools", {})), debug=d.get("debug", False), weights=d.get("weights", True),
+                checkpoint=d.get("checkpoint"), lowering=d.get("lowering"), dims=dict(d.get("dims", {})),
+                weight_format=d.get("weight_format", ""), sha256=sha256_file(file),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as e:
-            raise ExportError(f"{file}: malformed manifest ({e})") from None
+            raise ExportError(f"{file}: malformed manifest ({type(e).__name__}: {e})") from None
+
+
+def _getter(d: dict[str, Any], lenient: bool) -> Any:
+    """d.get(key, default) when lenient, else d[key] (a missing field is a KeyError: malformed manifest)."""
+    return d.get if lenient else (lambda key, default=None: d[key])
+
+
+def _spec(d: dict[str, Any] | None, lenient: bool) -> Gemma4Spec | None:
+    if not lenient:
+        if d is None:
+            raise KeyError("spec")
+        return Gemma4Spec.from_dict(d)
+    try:
+        return Gemma4Spec.from_dict(d or {})
+    except (KeyError, TypeError, ValueError, Gemma4CompileError):
+        return None
+
+
+def _graph_spec(root: Path, role: str, g: dict[str, Any], lenient: bool) -> GraphSpec:
+    where = f"graphs.{role}"
+    if lenient and not (root / g["file"]).is_file():
+        raise ExportError(f"{root / g['file']} is missing (listed in export.json {where})")
+    get = _getter(g, lenient)
+    return GraphSpec(role, g["file"], get("sha256", ""), list(get("external_data", [])),
+                     tensor_specs(get("inputs", []), f"{where}.inputs"),
+                     tensor_specs(get("outputs", []), f"{where}.outputs"))  # fmt: skip
 
 
 def read_manifest_json(export_dir: Path) -> tuple[Path, dict[str, Any]]:
     """(path, content) of OUT/export.json after the checks every reader needs: it exists, parses, and has this
-    format and version. Later stages that need less than a full ExportManifest start here too."""
+    format and version."""
     file = export_dir / MANIFEST
     if not file.is_file():
         raise ExportError(f"{export_dir} is not an export directory (no {MANIFEST}); run 'gemma4-compile export' first")
     try:
         d = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{file} is not valid JSON ({e})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
         found = f"{d.get('format')!r} version {d.get('version')!r}" if isinstance(d, dict) else type(d).__name__

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..export.manifest import cache_spec
 from . import ops
 from .config import Gemma4Spec, LayerPlan
 
@@ -294,7 +295,7 @@ class Gemma4TextModel(nn.Module):
         device = self.embed_tokens.weight.device
         return [
             tuple(
-                torch.zeros(batch, p.num_kv_heads, cache_slots(p, max_len), p.head_dim, dtype=dtype, device=device)
+                torch.zeros(cache_spec(self.spec, p).shape(batch, max_len), dtype=dtype, device=device)
                 for _ in range(2)
             )
             for p in self.spec.cache_layers
@@ -306,7 +307,3 @@ def debug_output_names(spec: Gemma4Spec) -> list[str]:
     names = [f"hidden_states.{p.index}" for p in spec.layers]
     return names + [f"router_logits.{p.index}" for p in spec.layers if p.moe]
 
-
-def cache_slots(plan: LayerPlan, max_len: int) -> int:
-    """Ring size of a cache-owning layer: exactly W on sliding layers, the full length on global ones."""
-    return plan.window if plan.is_sliding else max_len

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..runners.base import BaseRunner
 from .bench import BenchConfig, LatencyReport, bench, bench_runners
 from .cases import Case, default_cases, load_prompts
+from .reference import HFRunner, TorchRunner
 from .report import write_reports
-from .runners import BaseRunner, HFRunner, TorchRunner
 from .validate import TOLERANCES, AccuracyReport, Tolerance, compare_runners, validate
 
 __all__ = [
@@ -23,7 +24,7 @@ __all__ = [
     "load_prompts", "validate", "write_reports",
 ]  # fmt: skip
 
-_LAZY = {"OrtRunner": ".ort_runner", "TrtRunner": ".trt_runner"}
+_LAZY = {"OrtRunner": "..runners.ort", "TrtRunner": "..runners.trt"}
 
 
 def __getattr__(name: str) -> Any:

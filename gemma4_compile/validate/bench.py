@@ -23,9 +23,9 @@ import numpy as np
 
 from ..errors import BackendUnavailable, Gemma4CompileError
 from ..model.config import Gemma4Spec
+from ..runners.base import BaseRunner
 from .cases import FIRST_ID
 from .report import jsonable, write_reports
-from .runners import BaseRunner
 
 RunnerFactory = Callable[[], BaseRunner]
 

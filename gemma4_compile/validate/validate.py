@@ -20,10 +20,10 @@ import numpy as np
 
 from ..errors import BackendUnavailable, Gemma4CompileError, ValidationFailed
 from ..model.config import Gemma4Spec
+from ..runners.base import BaseRunner
 from . import metrics as M
 from .cases import DEFAULT_STEPS, Case, default_cases, load_prompts
 from .report import jsonable, write_reports
-from .runners import BaseRunner
 
 if TYPE_CHECKING:
     from ..export.manifest import ExportManifest
@@ -477,18 +477,18 @@ def make_runner(
             raise Gemma4CompileError(
                 f"the {name} runner needs the source checkpoint (--checkpoint; export.json names none)"
             )
-        from .runners import HFRunner, TorchRunner
+        from .reference import HFRunner, TorchRunner
 
         return TorchRunner(checkpoint, dtype) if name == "torch" else HFRunner(checkpoint, dtype)
     if name == "ort":
         try:
-            from .ort_runner import OrtRunner
+            from ..runners.ort import OrtRunner
         except ImportError as e:
             raise BackendUnavailable(f"ort: backend not available ({e})") from None
         return OrtRunner(export_dir)
     if name == "trt":
         try:
-            from .trt_runner import TrtRunner
+            from ..runners.trt import TrtRunner
         except ImportError as e:
             raise BackendUnavailable(f"trt: backend not available ({e})") from None
         return TrtRunner(export_dir, target or "native")

@@ -10,7 +10,7 @@ import pytest
 from engines_support import DEVICE_SM, has_exporter, needs_gpu_trt
 
 from gemma4_compile.errors import BackendUnavailable, BuildError
-from gemma4_compile.validate.trt_runner import EmbedGraph, TrtRunner
+from gemma4_compile.runners.trt import EmbedGraph, TrtRunner
 
 
 @pytest.mark.skipif(DEVICE_SM is not None, reason="this machine has a CUDA GPU")
@@ -46,7 +46,7 @@ def test_embed_stage_matches_the_model_for_a_bf16_export(real_exports):
     """onnxruntime's CPU provider has no bf16 Mul, so bf16 embeds run on onnx's reference evaluator."""
     import torch
 
-    from gemma4_compile.validate.runners import TorchRunner
+    from gemma4_compile.validate.reference import TorchRunner
 
     out = real_exports("tiny-e2b", "bf16")
     embed = EmbedGraph(out / "embed.onnx")
@@ -131,7 +131,7 @@ def test_trt_matches_onnxruntime_on_the_synthetic_export(fresh_export):
 @pytest.mark.skipif(not has_exporter(), reason="gemma4_compile.export is not available")
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_trt_matches_torch_on_a_tiny_checkpoint(real_exports, dtype):
-    from gemma4_compile.validate.runners import TorchRunner
+    from gemma4_compile.validate.reference import TorchRunner
 
     out = real_exports("tiny-e2b", dtype)
     _build_native(out)

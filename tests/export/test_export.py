@@ -15,8 +15,8 @@ from gemma4_compile.errors import CheckpointError, ExportError, SpecError
 from gemma4_compile.export import ExportManifest, export_checkpoint, export_spec
 from gemma4_compile.export import exporter as exporter_module
 from gemma4_compile.model.presets import PRESETS
-from gemma4_compile.validate.ort_runner import OrtRunner
-from gemma4_compile.validate.runners import HFRunner
+from gemma4_compile.runners.ort import OrtRunner
+from gemma4_compile.validate.reference import HFRunner
 
 FP32_ATOL = 1e-4
 

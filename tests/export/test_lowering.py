@@ -9,7 +9,7 @@ import pytest
 
 from gemma4_compile.errors import ExportError, Gemma4CompileError
 from gemma4_compile.export import ExportManifest, export_checkpoint
-from gemma4_compile.validate.ort_runner import OrtRunner
+from gemma4_compile.runners.ort import OrtRunner
 
 ATOL = 1e-4  # both paths are fp32; observed ~7e-6
 

@@ -14,7 +14,7 @@ import torch
 
 from gemma4_compile.model.presets import PRESETS
 from gemma4_compile.model.weights import load_model
-from gemma4_compile.validate.runners import HFRunner, TorchRunner
+from gemma4_compile.validate.reference import HFRunner, TorchRunner
 
 FP32_ATOL = 1e-4  # the bound on max |Δlogit|; observed ~1e-5
 

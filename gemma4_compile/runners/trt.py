@@ -17,36 +17,21 @@ from typing import Any
 
 import numpy as np
 
-from ..engines.export_info import ExportInfo, read_export
+from ..dtypes import DType
 from ..engines.load import deserialize, engine_dir, open_engine
 from ..engines.manifest import read_manifest
 from ..engines.profiles import profile_index
 from ..engines.trt import load_trt
 from ..engines.trt_logger import make_logger
 from ..errors import BackendUnavailable, Gemma4CompileError
-from ..model.config import Gemma4Spec
+from ..export.manifest import DECODER, EMBED, ExportManifest
 from ..targets import local_device_sm
-from .runners import BaseRunner, DecodeState
+from .base import BaseRunner, DecodeState
 
 
 def _torch_dtype(name: str | int) -> Any:
     """Export dtype ('bf16'), TensorRT DataType name ('BF16') or ONNX element type (16) -> torch dtype."""
-    import torch
-
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "FLOAT": torch.float32,
-             "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64, "INT32": torch.int32,
-             1: torch.float32, 10: torch.float16, 16: torch.bfloat16, 7: torch.int64}  # fmt: skip
-    if name not in table:
-        raise Gemma4CompileError(f"trt: no torch dtype for {name!r}")
-    return table[name]
-
-
-def _spec(export: ExportInfo) -> Gemma4Spec | None:
-    """The model spec export.json carries (None when it is not a full Gemma4Spec, e.g. a synthetic export)."""
-    try:
-        return Gemma4Spec.from_dict(export.raw.get("spec", {}))
-    except (KeyError, TypeError, Gemma4CompileError):
-        return None
+    return DType.parse(name).torch
 
 
 class EmbedGraph:
@@ -116,7 +101,7 @@ class TrtRunner(BaseRunner):
             )
         import torch
 
-        self.export = read_export(export_dir)
+        self.export = ExportManifest.load(export_dir, lenient=True)
         directory = engine_dir(export_dir, target)
         manifest = read_manifest(directory)
         try:
@@ -130,11 +115,12 @@ class TrtRunner(BaseRunner):
         self.profiles = self.manifest.profiles
         self.stream = torch.cuda.Stream()
         self.contexts = [self._context(i) for i in range(len(self.profiles))]
-        self.embed = EmbedGraph(self.export.embed.file)
-        self.spec = _spec(self.export)
+        self.embed = EmbedGraph(self.export.graph_path(EMBED))
+        self.spec = self.export.spec
+        self.max_seq_len = self.export.max_seq_len or self._global_slots_max()
         self.dtype = _torch_dtype(self.export.dtype)
-        self.inputs = [t.name for t in self.export.decoder.inputs]
-        self.outputs = [t.name for t in self.export.decoder.outputs]
+        self.inputs = [t.name for t in self.export.graphs[DECODER].inputs]
+        self.outputs = [t.name for t in self.export.graphs[DECODER].outputs]
 
     def _context(self, index: int):
         context = self.engine.create_execution_context()
@@ -146,11 +132,11 @@ class TrtRunner(BaseRunner):
         return max(p.shape(input_name).max[axis] for p in self.profiles)
 
     def _global_slots_max(self) -> int:
-        globals_ = [c["past"][0] for c in self.export.caches if c["slots"] == "cache_len"]
+        globals_ = [c.past[0] for c in self.export.caches if c.kind == "global"]
         return min((self._max(n, 2) for n in globals_), default=1 << 62)
 
     # ----- BaseRunner ---------------------------------------------------------------------------
-    def start(self, batch: int, max_len: int) -> DecodeState:
+    def _new_caches(self, batch: int, max_len: int) -> dict[str, Any]:
         import torch
 
         if batch > self._max("past_len", 0):
@@ -161,22 +147,18 @@ class TrtRunner(BaseRunner):
             raise Gemma4CompileError(
                 f"{self.name}: max_len {max_len} exceeds the engine's cache_len {self._global_slots_max()}"
             )
-        window = self.export.sliding_window
-        caches, spare = {}, {}
-        for c in self.export.caches:
-            slots = window if c["slots"] == "sliding_cache_len" else max_len
-            shape = (batch, c["num_kv_heads"], slots, c["head_dim"])
-            for past, present in zip(c["past"], c["present"]):
-                caches[past] = torch.zeros(shape, dtype=self.dtype, device="cuda")
-                spare[present] = torch.empty_like(caches[past])
-        return DecodeState(np.zeros(batch, np.int64), max_len, caches, {"spare": spare})
+        return {
+            past: torch.zeros(c.shape(batch, max_len), dtype=self.dtype, device="cuda")
+            for c in self.export.caches for past in c.past
+        }  # fmt: skip
 
-    def step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
+    def _step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
         import torch
 
         S = input_ids.shape[1]
-        if int((state.past_len + S).max()) > state.max_len:
-            raise Gemma4CompileError(f"{self.name}: sequence exceeds the cache length {state.max_len}")
+        if "spare" not in state.extra:  # presents are written here, then swapped in (no aliasing I/O)
+            pairs = [(p, q) for c in self.export.caches for p, q in zip(c.past, c.present)]
+            state.extra["spare"] = {q: torch.empty_like(state.caches[p]) for p, q in pairs}
         feeds = self._embed(input_ids)
         feeds["past_len"] = torch.from_numpy(state.past_len).cuda()
         feeds["seq_len"] = torch.from_numpy(np.asarray(seq_len, dtype=np.int64)).cuda()
@@ -184,7 +166,6 @@ class TrtRunner(BaseRunner):
         context = self.contexts[profile_index(self.profiles, S)]
         outputs = self._run(context, feeds, state.extra["spare"])
         self._swap(state, outputs)
-        state.past_len = state.past_len + np.asarray(seq_len, dtype=np.int64)
         return outputs["logits"].float().cpu().numpy()
 
     # ----- internals ----------------------------------------------------------------------------
@@ -226,6 +207,6 @@ class TrtRunner(BaseRunner):
     def _swap(self, state: DecodeState, outputs: dict[str, Any]) -> None:
         """present -> next step's past; the old past buffer becomes the next present buffer."""
         for c in self.export.caches:
-            for past, present in zip(c["past"], c["present"]):
+            for past, present in zip(c.past, c.present):
                 state.extra["spare"][present] = state.caches[past]
                 state.caches[past] = outputs[present]

@@ -1,0 +1,148 @@
+"""Backends behind one interface: `logits(ids)` and `generate(ids, steps)`, numpy in, numpy out.
+
+A backend implements two primitives, `_new_caches(batch, max_len)` and `_step(state, ids, seq_len)` (run S new
+tokens through the caches, return their logits). The public `start` / `step` around them own the checks every
+backend needs (cache length, shapes, lengths) and the position bookkeeping, once, as Polygraphy's runners do;
+`logits` and `generate` are written once on top. Rows of a batch may have different lengths: `seq_len[b]`
+tokens of row b are real, the rest is right padding.
+
+This module imports neither torch nor transformers: runners of an export must not pay for them.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailable, Gemma4CompileError
+
+
+@dataclass
+class DecodeState:
+    """Per-sequence bookkeeping shared by all runners; `caches` is backend-specific."""
+
+    past_len: np.ndarray  # [B] int64
+    max_len: int
+    caches: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return int(self.past_len.shape[0])
+
+
+def lengths_of(input_ids: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
+    """Per-row real lengths of a right-padded [B, S] batch (all S when not given)."""
+    B, S = input_ids.shape
+    if lengths is None:
+        return np.full(B, S, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.shape != (B,) or lengths.min() < 1 or lengths.max() > S:
+        raise Gemma4CompileError(f"lengths must be {B} values in [1, {S}], got {lengths.tolist()}")
+    return lengths
+
+
+class BaseRunner(abc.ABC):
+    """Template for backends; subclasses set `spec` and `max_seq_len` and implement `_new_caches` and `_step`."""
+
+    name = "base"
+    spec: Any  # Gemma4Spec
+    max_seq_len: int
+
+    def __init__(self) -> None:
+        self.last_latency_s = 0.0
+
+    # ----- backend primitives -------------------------------------------------------------------
+    @abc.abstractmethod
+    def _new_caches(self, batch: int, max_len: int) -> Any:
+        """Zeroed caches for `batch` rows of up to `max_len` tokens."""
+
+    @abc.abstractmethod
+    def _step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
+        """Run checked [B, S] int64 tokens through the caches -> logits [B, S, V] float32 (past_len not yet
+        advanced: the template does that)."""
+
+    # ----- checked entry points -----------------------------------------------------------------
+    def start(self, batch: int, max_len: int) -> DecodeState:
+        """Fresh caches for `batch` rows of up to `max_len` tokens."""
+        if batch < 1:
+            raise Gemma4CompileError(f"{self.name}: batch must be at least 1, got {batch}")
+        if not 1 <= max_len <= self.max_seq_len:
+            raise Gemma4CompileError(f"{self.name}: {max_len} tokens exceed the max_seq_len {self.max_seq_len}")
+        return DecodeState(np.zeros(batch, np.int64), max_len, self._new_caches(batch, max_len))
+
+    def step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
+        """Run [B, S] tokens (row b: seq_len[b] real ones) -> logits [B, S, V] float32; advances the state."""
+        input_ids, seq_len = self._checked(state, input_ids, seq_len)
+        logits = self._step(state, input_ids, seq_len)
+        state.past_len = state.past_len + seq_len
+        return logits
+
+    def _checked(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        seq_len = np.asarray(seq_len, dtype=np.int64)
+        if input_ids.ndim != 2 or input_ids.shape[0] != state.batch:
+            raise Gemma4CompileError(f"{self.name}: input_ids must be [{state.batch}, S], got {list(input_ids.shape)}")
+        if seq_len.shape != (state.batch,) or seq_len.min() < 0 or seq_len.max() > input_ids.shape[1]:
+            raise Gemma4CompileError(f"{self.name}: seq_len must be {state.batch} values in [0, {input_ids.shape[1]}]")
+        if int((state.past_len + input_ids.shape[1]).max()) > state.max_len:
+            raise Gemma4CompileError(f"{self.name}: sequence exceeds the cache length {state.max_len}")
+        vocab = getattr(self.spec, "vocab_size", None)
+        if vocab and input_ids.size and (input_ids.min() < 0 or input_ids.max() >= vocab):
+            raise Gemma4CompileError(f"{self.name}: token ids must be in [0, {vocab}), got {int(input_ids.max())}")
+        return input_ids, seq_len
+
+    # ----- shared API ---------------------------------------------------------------------------
+    def timed_step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = self.step(state, input_ids, seq_len)
+        self.last_latency_s = time.perf_counter() - t0
+        return out
+
+    def logits(self, input_ids: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        seq_len = lengths_of(input_ids, lengths)
+        state = self.start(input_ids.shape[0], input_ids.shape[1])
+        return self.timed_step(state, input_ids, seq_len)
+
+    def generate_with_logits(
+        self, input_ids: np.ndarray, steps: int, lengths: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy decode: prefill once, then one-token steps. -> tokens [B, steps], their logits [B, steps, V]."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        seq_len = lengths_of(input_ids, lengths)
+        B = input_ids.shape[0]
+        state = self.start(B, input_ids.shape[1] + steps)
+        logits = self.timed_step(state, input_ids, seq_len)
+        last = logits[np.arange(B), seq_len - 1]  # [B, V]
+        tokens, chosen = [], []
+        ones = np.ones(B, dtype=np.int64)
+        for i in range(steps):
+            nxt = last.argmax(-1).astype(np.int64)
+            tokens.append(nxt)
+            chosen.append(last)
+            if i + 1 < steps:
+                last = self.timed_step(state, nxt[:, None], ones)[:, 0]
+        return np.stack(tokens, 1), np.stack(chosen, 1)
+
+    def generate(self, input_ids: np.ndarray, steps: int, lengths: np.ndarray | None = None) -> np.ndarray:
+        return self.generate_with_logits(input_ids, steps, lengths)[0]
+
+    def debug_outputs(self, input_ids: np.ndarray, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Per-layer tensors by name: `hidden_states.I` [B, S, H] (residual after layer I) and, on MoE layers,
+        `router_logits.I` [B, S, E]. Backends without them raise BackendUnavailable."""
+        raise BackendUnavailable(f"{self.name}: per-layer debug outputs are not available")
+
+    def hidden_states(self, input_ids: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+        """Residual stream after each decoder layer, [L, B, S, H] float32 (for localizing divergence)."""
+        out = self.debug_outputs(input_ids, lengths)
+        return np.stack([out[f"hidden_states.{i}"] for i in range(self.spec.num_hidden_layers)])
+
+    def router_logits(self, input_ids: np.ndarray, lengths: np.ndarray | None = None) -> dict[int, np.ndarray]:
+        """MoE router logits per layer index, [B, S, E] float32 (for routing agreement)."""
+        out = self.debug_outputs(input_ids, lengths)
+        return {int(k.split(".")[1]): v for k, v in out.items() if k.startswith("router_logits.")}
