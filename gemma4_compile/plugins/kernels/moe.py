@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ...errors import Gemma4CompileError
 from ...targets import native_target
-from ..aot import cdiv
+from ..shapes import cdiv
 
 BLOCK_P = 128  # routed pairs per sort program
 GELU_K = tl.constexpr(
