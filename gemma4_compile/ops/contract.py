@@ -183,7 +183,7 @@ class OpContract:
             if value is not None:
                 return f'`{a.name}="{value}"`'
             default = "" if a.default is None else f", default {a.default}"
-            return f"`{a.name}` ({a.kind}{default})"
+            return f"`{a.name}` ({a.kind}{default}: {a.doc})"
 
         def params(ps: Iterable[Param]) -> str:
             return ", ".join(f"{p.name} `{p.shape}`" + (" (optional)" if p.optional else "") for p in ps)

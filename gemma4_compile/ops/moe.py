@@ -30,11 +30,17 @@ MOE = OpContract(
 # a QDP's AOT implementation, not a plugin field) and the plugin attributes.
 STAGE_ATTRS = (
     Attr("top_k", "int", "experts per token"),
-    Attr("num_experts", "int", "router width E (the sort kernels see only expert ids)"),
+    Attr("num_experts", "int", "router width E; the sort kernels see only expert ids"),
     Attr(
         "rows_per_expert", "int", "routed rows per expert at the engine's typical batch; picks the GEMM tile"
     ),
-    Attr("aot", "int", "1: the ONNX parser uses the QDP's AOT implementation", default=1, plugin_field=False),
+    Attr(
+        "aot",
+        "int",
+        "the ONNX parser's switch to the QDP's AOT implementation",
+        default=1,
+        plugin_field=False,
+    ),
     *PLUGIN_ATTRS,
 )
 
