@@ -86,12 +86,11 @@ def stage_io(stage: Stage) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def stage_for(op_type: str) -> Stage:
-    """The stage of a stage op type; UnknownOpError (a BuildError) for any other op."""
-    contract = registry.contract(op_type)
-    for stage in STAGES:
-        if stage.contract == contract:
-            return stage
-    raise BuildError(f"'{op_type}' is not a MoE stage; stages: {[s.op_type for s in STAGES]}")
+    """The stage of a stage op type; UnknownOpError (a BuildError) for an op that is not a gemma4 op."""
+    stages = {s.op_type: s for s in STAGES}
+    if op_type not in stages:
+        raise BuildError(f"'{registry.contract(op_type).op_type}' is not a MoE stage; stages: {list(stages)}")
+    return stages[op_type]
 
 
 def arg_name(pointer: str) -> str:

@@ -48,10 +48,10 @@ SPECS: tuple[OpContract, ...] = tuple(e.contract for e in ops.with_plugin("rtx")
 
 def spec_for(op_type: str) -> OpContract:
     """The contract of a fused op with a plugin (the MoE stages are `moe_stages.STAGES`)."""
-    for spec in SPECS:
-        if spec.op_type == op_type:
-            return spec
-    raise PluginError(f"no gemma4 plugin named '{op_type}'; known: {[s.op_type for s in SPECS]}")
+    specs = {s.op_type: s for s in SPECS}
+    if op_type not in specs:
+        raise PluginError(f"no gemma4 plugin named '{op_type}'; known: {list(specs)}")
+    return specs[op_type]
 
 
 def register_plugins(trt_module: ModuleType, kernels_dir: Path | None = None) -> list[str]:
