@@ -188,8 +188,9 @@ class OpContract:
         def params(ps: Iterable[Param]) -> str:
             return ", ".join(f"{p.name} `{p.shape}`" + (" (optional)" if p.optional else "") for p in ps)
 
+        exported = "yes" if self.exported else "engine build only"
         cells = (f"`{self.op_type}`", f"`{self.domain}` v{self.version}", ", ".join(map(attr, self.attributes)),
-                 params(self.inputs), params(self.outputs), "yes" if self.exported else "engine build only")  # fmt: skip
+                 params(self.inputs), params(self.outputs), exported)  # fmt: skip
         return "| " + " | ".join(cells) + " |"
 
 

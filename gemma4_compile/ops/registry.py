@@ -15,7 +15,7 @@ from .attention import SLIDING_WINDOW_ATTENTION
 from .contract import OpContract, UnknownOpError
 from .moe import MOE, STAGES
 
-_EXPORT = "gemma4_compile.export.custom_ops"
+_OPS = "gemma4_compile.ops"
 _KERNELS = "gemma4_compile.plugins.kernels"
 
 
@@ -49,10 +49,10 @@ _STAGE_KERNELS = (
 OPS: dict[str, OpEntry] = {
     e.op_type: e
     for e in (
-        OpEntry(SLIDING_WINDOW_ATTENTION, body=f"{_EXPORT}.attention", reference="gemma4_compile.model.ops:attention_reference",
-                torch_op="attention", kernel=f"{_KERNELS}.attention:attention", aot_kernel="attn_fwd",
-                plugins=("rtx", "qdp")),
-        OpEntry(MOE, body=f"{_EXPORT}.moe", reference="gemma4_compile.model.ops:moe_reference", torch_op="moe",
+        OpEntry(SLIDING_WINDOW_ATTENTION, body=f"{_OPS}.attention.body", torch_op="attention",
+                reference=f"{_OPS}.attention.reference:attention_reference", kernel=f"{_KERNELS}.attention:attention",
+                aot_kernel="attn_fwd", plugins=("rtx", "qdp")),
+        OpEntry(MOE, body=f"{_OPS}.moe.body", torch_op="moe", reference=f"{_OPS}.moe.reference:moe_reference",
                 kernel=f"{_KERNELS}.moe:moe", plugins=("rtx",)),
         *(OpEntry(c, aot_kernel=k, plugins=("qdp",)) for c, k in zip(STAGES, _STAGE_KERNELS, strict=True)),
     )

@@ -1,7 +1,7 @@
-"""The `gemma4` ONNX domain: custom nodes with standard-op function bodies.
+"""The `gemma4` ONNX domain as the exporter uses it: custom nodes with standard-op function bodies.
 
-Which ops exist, their schemas and attributes are the contracts of `gemma4_compile.ops`; this package holds
-the exporter's side of each: the onnxscript translation and the function body (`<op module>.function()`).
+Each op is a unit under `gemma4_compile.ops` (contract, ONNX body and translation, torch reference); this
+package is the exporter's view of the registry: the translation table and the bodies of the ops a graph uses.
 """
 
 from __future__ import annotations
@@ -9,9 +9,14 @@ from __future__ import annotations
 import onnx
 
 from ... import ops
-from .common import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from ...ops.attention import body as attention
+from ...ops.moe import body as moe
+from ...ops.onnx_domain import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
-__all__ = ["DOMAIN", "DOMAIN_VERSION", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "functions", "translation_table"]
+__all__ = [
+    "DOMAIN", "DOMAIN_VERSION", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "attention", "functions", "moe",
+    "translation_table",
+]  # fmt: skip
 
 
 def translation_table() -> dict:
@@ -21,7 +26,7 @@ def translation_table() -> dict:
     import gemma4_compile.model.ops  # noqa: F401  (defines torch.ops.gemma4.*)
 
     return {
-        getattr(torch.ops.gemma4, e.torch_op).default: ops.resolve(e.body).translation()
+        getattr(torch.ops.gemma4, e.torch_op).default: ops.part(e.op_type, "body").translation()
         for e in ops.exported()
     }
 

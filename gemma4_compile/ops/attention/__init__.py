@@ -5,7 +5,7 @@ Semantics: `gemma4_compile.model.ops.attention` (ring of C slots, window W keys 
 
 from __future__ import annotations
 
-from .contract import ACTIVATIONS, LENGTHS, PLUGIN_ATTRS, Attr, OpContract, Param
+from ..contract import ACTIVATIONS, LENGTHS, PLUGIN_ATTRS, Attr, OpContract, Param
 
 SLIDING_WINDOW_ATTENTION = OpContract(
     op_type="SlidingWindowAttention",

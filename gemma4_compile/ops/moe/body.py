@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import onnx
 
-from ...ops.moe import MOE
-from .common import register_schema
+from ..onnx_domain import register_schema
+from . import MOE
 
 CONTRACT = MOE
 OP_TYPE = CONTRACT.op_type

@@ -1,7 +1,7 @@
 """`gemma4::SlidingWindowAttention`: exporter translation and the standard-op reference body.
 
 Semantics: `gemma4_compile.model.ops.attention` (ring-buffer cache, window W keys including self, GQA).
-The contract (schema, attributes, plugin) is `ops.attention`. The body is plain opset-20 ONNX, so
+The contract (schema, attributes, plugin) is this package's. The body is plain opset-20 ONNX, so
 onnxruntime runs it and TensorRT can inline it when no plugin is loaded.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import onnx
 
-from ...ops.attention import SLIDING_WINDOW_ATTENTION
-from .common import register_schema
+from ..onnx_domain import register_schema
+from . import SLIDING_WINDOW_ATTENTION
 
 CONTRACT = SLIDING_WINDOW_ATTENTION
 OP_TYPE = CONTRACT.op_type

@@ -1,4 +1,4 @@
-"""Shared pieces of the `gemma4` ONNX domain; the names and versions are the contracts' (gemma4_compile.ops)."""
+"""The `gemma4` ONNX domain as onnx and onnxscript see it; names and versions are the contracts'."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import onnx
 import onnxscript
 from onnx.defs import OpSchema
 
-from ...ops.contract import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from .contract import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 __all__ = [
     "DOMAIN",

@@ -8,7 +8,7 @@ named after the kernels' pointer arguments ('SortedPairs_ptr' -> 'sorted_pairs')
 
 from __future__ import annotations
 
-from .contract import ACTIVATIONS, FLOAT32, INT32, PLUGIN_ATTRS, Attr, OpContract, Param
+from ..contract import ACTIVATIONS, FLOAT32, INT32, PLUGIN_ATTRS, Attr, OpContract, Param
 
 MOE = OpContract(
     op_type="MoE",
