@@ -152,16 +152,8 @@ def compile_kernel(
     (default AOT_CACHE); a `gemma4-compile kernels` output directory makes its variants cache hits."""
     from . import aot
 
-    return compile_variant(
-        aot.Variant.make(kernel, target, dtype, constexprs, num_warps, num_stages), cache_dir
-    )
-
-
-def compile_variant(variant: Any, cache_dir: Path | None = None) -> tuple[Any, str]:
-    """`compile_kernel` for an aot.Variant."""
-    from . import aot
-
     cache = Path(cache_dir) if cache_dir is not None else AOT_CACHE
+    variant = aot.Variant.make(kernel, target, dtype, constexprs, num_warps, num_stages)
     (entry,) = aot.compile_variants(cache, [variant], jobs=1)
     return entry, aot.aot_launchable_ptx((cache / entry.ptx).read_text(), entry)
 
@@ -205,8 +197,10 @@ def register_qdp(trt: ModuleType, target: str = "native", cache_dir: Path | None
 
 def _aot_result(trtp: ModuleType, variant: Any, dims: Mapping[str, Any], cache_dir: Path | None) -> tuple:
     """Compile and describe one launch: the (name, PTX, KernelLaunchParams, SymIntExprs) aot_impl returns."""
-    entry, ptx = compile_variant(variant, cache_dir)
-    grid, scalars = launch_values(variant.kernel, dims, dict(variant.constexprs))
+    constexprs = dict(variant.constexprs)
+    entry, ptx = compile_kernel(variant.kernel, variant.target, variant.dtype, constexprs, variant.num_warps,
+                                variant.num_stages, cache_dir)  # fmt: skip
+    grid, scalars = launch_values(variant.kernel, dims, constexprs)
     params = trtp.KernelLaunchParams()
     params.grid_x, params.grid_y, params.grid_z = grid
     params.block_x = entry.threads
