@@ -181,6 +181,24 @@ def test_sm100_gets_its_own_attention_tile():
     assert dict(sm100.constexprs)["BLOCK_N"] == 64 and dict(sm90.constexprs)["BLOCK_N"] == 32
 
 
+@pytest.mark.parametrize("target", ["sm86", "sm90", "sm100"])
+def test_moe_wrapper_and_aot_pick_the_same_gemm_tile_at_gemma4_widths(target):
+    """The RTX plugin's torch wrapper knows the width min(H, I) and prunes with it; the AOT variants cannot.
+    At 26B-A4B's H=2816, I=704 the pruning keeps the first tile, so both run the same GEMM."""
+    from gemma4_compile.plugins.kernels import moe as M
+
+    smem = resolve_target(target).max_shared_bytes
+    for rows in (1, 256):
+        known, aot = M.gemm_tile(rows, smem, 704), M.gemm_tile(rows, smem)
+        assert (known.kwargs, known.num_warps, known.num_stages) == (
+            aot.kwargs,
+            aot.num_warps,
+            aot.num_stages,
+        )
+    tiny = M.gemm_tile(256, resolve_target("sm100").max_shared_bytes, 32)  # H = 64-wide test models
+    assert tiny.kwargs["BLOCK_N"] <= 64
+
+
 # ----- docs and imports ---------------------------------------------------------------------------------
 
 
