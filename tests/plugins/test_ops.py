@@ -127,6 +127,13 @@ def test_registry_parts_resolve_and_match_the_contract():
             )
         if entry.body:
             assert ops.part(entry.op_type, "body").function().name == entry.op_type
+        if entry.torch_op:  # the model's torch op calls the op's reference
+            import torch
+
+            from gemma4_compile.model import ops as model_ops
+
+            assert getattr(torch.ops.gemma4, entry.torch_op).default is not None
+            assert getattr(model_ops, f"{entry.torch_op}_reference") is ops.part(entry.op_type, "reference")
     assert [e.op_type for e in ops.exported()] == ["SlidingWindowAttention", "MoE"]
 
 
