@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from ..errors import BuildError
+
+if TYPE_CHECKING:
+    from onnx.defs import OpSchema
 
 DOMAIN = "gemma4"
 DOMAIN_VERSION = 1
@@ -146,7 +149,8 @@ class OpContract:
         """The node attributes that make TensorRT's parser pick the plugin over the function body."""
         return {"plugin_namespace": self.plugin_namespace, "plugin_version": self.plugin_version}
 
-    def schema(self):  # -> onnx.defs.OpSchema (onnx imported here only)
+    def schema(self) -> OpSchema:
+        """The ONNX schema (onnx is imported here only: the contracts themselves need numpy alone)."""
         from onnx.defs import OpSchema
 
         def attribute(a: Attr) -> OpSchema.Attribute:
