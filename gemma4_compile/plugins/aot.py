@@ -36,6 +36,7 @@ from typing import Any, Literal
 from ..errors import BuildError
 from ..fsutil import write_atomic
 from ..targets import GpuTarget, resolve_target
+from .shapes import cdiv
 
 DTYPES = ("bf16", "fp16", "fp32")
 RECORD_VERSION = 2  # part of every cache key: bump when KernelEntry's fields change
@@ -59,11 +60,6 @@ def resolve_ptx_version(ptx_version: PtxVersion, target: GpuTarget) -> int | Non
 
 
 # ----- what can be compiled -------------------------------------------------------------------------
-
-
-def cdiv(a: Any, b: Any) -> Any:
-    """Ceiling division using only + and //, so it also works on TensorRT symbolic shape expressions."""
-    return (a + b - 1) // b
 
 
 @dataclass(frozen=True)

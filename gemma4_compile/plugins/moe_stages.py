@@ -25,30 +25,37 @@ import onnx
 from onnx import helper
 
 from ..errors import BuildError
-from .registration import NAMESPACE, VERSION
+from ..ops import registry
+from ..ops.contract import PLUGIN_NAMESPACE as NAMESPACE
+from ..ops.contract import PLUGIN_VERSION as VERSION
+from ..ops.contract import OpContract
+from ..ops.moe import MOE
+from ..ops.moe import STAGES as STAGE_CONTRACTS
+from ..targets import GpuTarget
 
-MOE_OP = "MoE"
-FIELDS = ("top_k", "num_experts", "rows_per_expert")  # int32 fields of every stage plugin
+MOE_OP = MOE.op_type
+FIELDS = STAGE_CONTRACTS[
+    0
+].field_names  # int32 fields of every stage plugin: top_k, num_experts, rows_per_expert
 
 
 @dataclass(frozen=True)
 class Stage:
-    op_type: str  # node op_type in domain gemma4 = the QDP name
-    kernel: str  # aot.KERNELS name
+    """One stage: its op contract (node op_type in domain gemma4 = the QDP name) and its aot.KERNELS kernel."""
+
+    contract: OpContract
+    kernel: str
+
+    @property
+    def op_type(self) -> str:
+        return self.contract.op_type
 
     @property
     def plugin_id(self) -> str:
-        return f"{NAMESPACE}::{self.op_type}"
+        return self.contract.plugin_id
 
 
-STAGES = tuple(
-    Stage(f"MoE{name}", f"moe_{kernel}")
-    for name, kernel in (("Route", "route"), ("Count", "count"), ("Offsets", "offsets"), ("Scatter", "scatter"),
-                         ("GateUp", "gate_up"), ("Down", "down"), ("Combine", "combine"))
-)  # fmt: skip
-# Integer-only kernels: compiled once per target, dtype i32.
-SORT_KERNELS = ("moe_count", "moe_offsets", "moe_scatter")
-
+STAGES = tuple(Stage(c, registry.entry(c.op_type).aot_kernel) for c in STAGE_CONTRACTS)
 # The fused op's I/O by kernel pointer name (the rest are intermediates between stages).
 OP_INPUTS = {"X_ptr": 0, "Logits_ptr": 1, "Scale_ptr": 2, "GateUp_ptr": 3, "Down_ptr": 4}
 OP_OUTPUT = "Y_ptr"
@@ -79,10 +86,11 @@ def stage_io(stage: Stage) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def stage_for(op_type: str) -> Stage:
-    for stage in STAGES:
-        if stage.op_type == op_type:
-            return stage
-    raise BuildError(f"no MoE stage named '{op_type}'; known: {[s.op_type for s in STAGES]}")
+    """The stage of a stage op type; UnknownOpError (a BuildError) for an op that is not a gemma4 op."""
+    stages = {s.op_type: s for s in STAGES}
+    if op_type not in stages:
+        raise BuildError(f"'{registry.contract(op_type).op_type}' is not a MoE stage; stages: {list(stages)}")
+    return stages[op_type]
 
 
 def arg_name(pointer: str) -> str:
@@ -121,20 +129,17 @@ def pointer_kind(stage: Stage, pointer: str) -> str:
 
 
 def stage_config(
-    stage: Stage, fields: Mapping[str, int], dtype: str, max_shared_bytes: int
+    stage: Stage, fields: Mapping[str, int], dtype: str, target: GpuTarget
 ) -> tuple[str, dict[str, Any], int, int]:
-    """(kernel dtype, constexprs, num_warps, num_stages) of a stage; activations in `dtype` ('bf16', ...)."""
-    from .kernels.moe import aot_configs
+    """(kernel dtype, constexprs, num_warps, num_stages) of a stage on a target, activations in `dtype` ('bf16',
+    ...): the tile `gemma4-compile kernels` compiles for the same fields (kernels.configs.moe_stage_variants)."""
+    from .kernels.configs import moe_stage_variants
 
-    configs = aot_configs(
-        int(fields["num_experts"]),
-        int(fields["top_k"]),
-        dtype,
-        max_shared_bytes,
-        int(fields["rows_per_expert"]),
+    variants = moe_stage_variants(
+        target, dtype, int(fields["num_experts"]), int(fields["top_k"]), int(fields["rows_per_expert"])
     )
-    constexprs, warps, stages = configs[stage.kernel]
-    return ("i32" if stage.kernel in SORT_KERNELS else dtype), constexprs, warps, stages
+    _, kdtype, constexprs, warps, stages = variants[stage.kernel]
+    return kdtype, constexprs, warps, stages
 
 
 # ----- the graph rewrite --------------------------------------------------------------------------------

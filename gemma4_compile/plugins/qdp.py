@@ -41,21 +41,24 @@ import numpy.typing as npt
 
 from gemma4_compile.errors import BackendUnavailable
 
+from .. import ops
+from ..ops.attention import SLIDING_WINDOW_ATTENTION as ATTENTION
+from ..ops.contract import OpContract, PluginError
+from ..targets import GpuTarget, resolve_target
 from . import moe_stages as ms
 from .moe_stages import STAGES, Stage
-from .registration import ATTENTION, NAMESPACE, PluginError, PluginSpec
 
 QDP_UNAVAILABLE = "needs full TensorRT (tensorrt.plugin), not installable from PyPI"
 ACTIVATION_TYPES = ("FP32", "FP16", "BF16")  # AutoTuneCombination names; '|' ties them across positions
 TRITON_DTYPES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}  # trt.DataType name -> aot.py dtype
-ATTENTION_KERNEL = "attn_fwd"
+ATTENTION_KERNEL = ops.entry(ATTENTION.op_type).aot_kernel
 AOT_CACHE = Path(tempfile.gettempdir()) / "gemma4_compile_aot"
 
 
 # ----- pure parts (CPU-tested) ------------------------------------------------------------------
 
 
-def autotune_types(spec: PluginSpec, activation: Sequence[str] = ACTIVATION_TYPES) -> str:
+def autotune_types(spec: OpContract, activation: Sequence[str] = ACTIVATION_TYPES) -> str:
     """`AutoTuneCombination` type string: activations share one dtype ('|' is dependent), lengths INT64."""
     tied = "|".join(activation)
     return ", ".join("INT64" if spec.is_int64(pos) else tied for pos in range(spec.num_io))
@@ -100,25 +103,30 @@ def triton_dtype(type_name: str) -> str:
 
 
 def attention_config(
-    head_dim: int, group: int, dtype: str, scale: float, max_shared_bytes: int
+    head_dim: int, group: int, dtype: str, scale: float, target: GpuTarget
 ) -> tuple[dict[str, Any], int, int]:
-    """(constexprs, num_warps, num_stages) of the fused attention launch for one layer on one target.
+    """(constexprs, num_warps, num_stages) of the fused attention launch for one layer on one target: the
+    variant `gemma4-compile kernels` compiles for that target (kernels.configs, the one tile chooser)."""
+    from .kernels.configs import attention_fwd_variant
 
-    Same choice as kernels.attention's wrapper on a GPU: the first block config that holds a whole GQA
-    group and fits the target's shared memory.
-    """
-    import torch
+    _, _, constexprs, warps, stages = attention_fwd_variant(target, dtype, head_dim, group, scale)
+    return constexprs, warps, stages
 
-    from .kernels import attention as kernels
 
-    confs = [c for c in kernels.fwd_configs(head_dim) if c.kwargs["BLOCK_M"] >= group]
-    conf = next((c for c in confs if kernels.keep_fwd(c, head_dim, max_shared_bytes)), confs[-1])
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    constexprs = {
-        "HEAD_DIM": head_dim, **conf.kwargs, "SCALE": scale, "FUSE_RING": True,
-        "BLOCK_R": kernels.ring_block(head_dim), "INPUT_PRECISION": kernels.input_precision(torch_dtype),
-    }  # fmt: skip
-    return constexprs, conf.num_warps, conf.num_stages
+def attention_variant(target: GpuTarget, dtype: str, head_dim: int, group: int, scale: float) -> Any:
+    """The aot.Variant the attention QDP compiles for a layer on `target`."""
+    from . import aot
+
+    constexprs, warps, stages = attention_config(head_dim, group, dtype, scale, target)
+    return aot.Variant.make(ATTENTION_KERNEL, target.name, dtype, constexprs, warps, stages)
+
+
+def stage_variant(stage: Stage, fields: Mapping[str, int], dtype: str, target: GpuTarget) -> Any:
+    """The aot.Variant a MoE stage QDP compiles for its fields on `target`."""
+    from . import aot
+
+    kdtype, constexprs, warps, stages = ms.stage_config(stage, fields, dtype, target)
+    return aot.Variant.make(stage.kernel, target.name, kdtype, constexprs, warps, stages)
 
 
 def aot_kernel(kernel: str) -> Any:
@@ -161,14 +169,14 @@ def qdp_module(trt: ModuleType) -> ModuleType:
         raise BackendUnavailable(f"gemma4 QDP plugins {QDP_UNAVAILABLE} ({exc})") from exc
 
 
-def is_registered(trtp: ModuleType, spec: PluginSpec | Stage) -> bool:
-    namespace = getattr(trtp.op, NAMESPACE, None)
+def is_registered(trtp: ModuleType, spec: OpContract | Stage) -> bool:
+    namespace = getattr(trtp.op, spec.plugin_id.split("::")[0], None)
     return namespace is not None and hasattr(namespace, spec.op_type)
 
 
 def plugin_ids() -> list[str]:
-    """What `register_qdp` defines: attention and the seven MoE stages."""
-    return [ATTENTION.plugin_id, *(s.plugin_id for s in STAGES)]
+    """What `register_qdp` defines: every op the registry gives a QDP (attention and the seven MoE stages)."""
+    return [e.contract.plugin_id for e in ops.with_plugin("qdp")]
 
 
 def register_qdp(trt: ModuleType, target: str = "native", cache_dir: Path | None = None) -> list[str]:
@@ -187,12 +195,12 @@ def register_qdp(trt: ModuleType, target: str = "native", cache_dir: Path | None
     return plugin_ids()
 
 
-def _aot_result(
-    trtp: ModuleType, kernel: str, target: str, dtype: str, dims, constexprs, warps, stages, cache_dir
-) -> tuple:
+def _aot_result(trtp: ModuleType, variant: Any, dims: Mapping[str, Any], cache_dir: Path | None) -> tuple:
     """Compile and describe one launch: the (name, PTX, KernelLaunchParams, SymIntExprs) aot_impl returns."""
-    entry, ptx = compile_kernel(kernel, target, dtype, constexprs, warps, stages, cache_dir)
-    grid, scalars = launch_values(kernel, dims, constexprs)
+    constexprs = dict(variant.constexprs)
+    entry, ptx = compile_kernel(variant.kernel, variant.target, variant.dtype, constexprs, variant.num_warps,
+                                variant.num_stages, cache_dir)  # fmt: skip
+    grid, scalars = launch_values(variant.kernel, dims, constexprs)
     params = trtp.KernelLaunchParams()
     params.grid_x, params.grid_y, params.grid_z = grid
     params.block_x = entry.threads
@@ -224,20 +232,15 @@ def _define_attention(trtp: ModuleType, target: str, cache_dir: Path | None) -> 
         window: npt.NDArray[np.int32], scale: npt.NDArray[np.float32],
         outputs: tuple[TensorDesc, TensorDesc, TensorDesc], tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:  # fmt: skip
-        from ..targets import resolve_target
-
         gpu = resolve_target(target)
-        dtype = triton_dtype(q.dtype.name)
         dims = attention_dims(
             q.shape_expr, k.shape_expr, past_k.shape_expr, int(attr_scalar(window, "window"))
         )
         head_dim = static(dims["D"], "head dim D")
-        constexprs, warps, stages = attention_config(
-            head_dim, dims["G"], dtype, float(attr_scalar(scale, "scale")), gpu.max_shared_bytes
+        variant = attention_variant(
+            gpu, triton_dtype(q.dtype.name), head_dim, dims["G"], float(attr_scalar(scale, "scale"))
         )
-        return _aot_result(
-            trtp, ATTENTION_KERNEL, gpu.name, dtype, dims, constexprs, warps, stages, cache_dir
-        )
+        return _aot_result(trtp, variant, dims, cache_dir)
 
 
 def _stage_signature(trtp: ModuleType, stage: Stage, kind: str) -> inspect.Signature:
@@ -246,7 +249,8 @@ def _stage_signature(trtp: ModuleType, stage: Stage, kind: str) -> inspect.Signa
     P = inspect.Parameter
     inputs, outputs = ms.stage_io(stage)
     tensors = [P(ms.arg_name(p), P.POSITIONAL_OR_KEYWORD, annotation=trtp.TensorDesc) for p in inputs]
-    fields = [P(f, P.POSITIONAL_OR_KEYWORD, annotation=npt.NDArray[np.int32]) for f in ms.FIELDS]
+    fields = [P(f.name, P.POSITIONAL_OR_KEYWORD, annotation=npt.NDArray[getattr(np, f.dtype)])
+              for f in stage.contract.fields]  # fmt: skip
     out_tuple = tuple[tuple([trtp.TensorDesc] * len(outputs))]  # type: ignore[misc]
     if kind == "register":
         returns = trtp.TensorDesc if len(outputs) == 1 else out_tuple
@@ -282,7 +286,7 @@ def _bound(
     """Call arguments -> ({pointer: TensorDesc}, {field: int}, the stage's dims from its input shapes)."""
     values = signature.bind(*args, **kwargs).arguments
     descs = {p: values[ms.arg_name(p)] for p in ms.stage_io(stage)[0]}
-    fields = {f: int(attr_scalar(values[f], f)) for f in ms.FIELDS}
+    fields = {f: int(attr_scalar(values[f], f)) for f in stage.contract.field_names}
     return descs, fields, ms.stage_dims({p: d.shape_expr for p, d in descs.items()}, fields)
 
 
@@ -308,13 +312,9 @@ def _define_moe_stage(
         return [trtp.AutoTuneCombination(stage_type_string(stage))]
 
     def aot(*args, **kwargs):
-        from ..targets import resolve_target
-
         descs, fields, dims = _bound(stage, signatures["aot_impl"], args, kwargs)
-        gpu = resolve_target(target)
         dtype = triton_dtype(descs[activation].dtype.name) if activation else "fp32"
-        kdtype, constexprs, warps, stages = ms.stage_config(stage, fields, dtype, gpu.max_shared_bytes)
-        return _aot_result(trtp, stage.kernel, gpu.name, kdtype, dims, constexprs, warps, stages, cache_dir)
+        return _aot_result(trtp, stage_variant(stage, fields, dtype, resolve_target(target)), dims, cache_dir)
 
     name = stage.op_type
     trtp.register(stage.plugin_id)(_with_signature(describe, signatures["register"], f"{name}_desc"))

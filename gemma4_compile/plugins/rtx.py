@@ -2,8 +2,8 @@
 
 TensorRT-RTX imports only V3 plugins made by an `IPluginCreatorV3One`, and its Python network API has no
 `add_plugin*`, so a plugin enters an RTX network only through the ONNX parser (node attribute
-`plugin_namespace="gemma4"`). One plugin class serves both ops; `registration.PluginSpec` supplies the I/O
-rules and fields.
+`plugin_namespace="gemma4"`). One plugin class serves every op the registry gives an "rtx" plugin; the op's contract
+(`gemma4_compile.ops`) supplies the I/O rules and fields, its registry entry the kernel.
 
 Build side (shapes, types, formats, fields) runs on a CPU: the RTX builder makes an AOT engine without a
 GPU. Runtime side (`enqueue`) launches the Triton kernels of `plugins/kernels` through torch on TensorRT's
@@ -29,7 +29,8 @@ from typing import Any
 
 from gemma4_compile.errors import BackendUnavailable
 
-from .registration import NAMESPACE, SPECS, VERSION, PluginError, PluginSpec, field_arrays, parse_fields
+from .. import ops
+from ..ops.contract import OpContract, PluginError, field_arrays, parse_fields
 
 PARSER_LIBRARY = "libtensorrt_rtx.so"
 ACTIVATION_TYPES = ("FLOAT", "HALF", "BF16")  # trt.DataType member names the kernels take
@@ -49,11 +50,11 @@ def register(trt: ModuleType) -> list[str]:
     registry = trt.get_plugin_registry()
     creator_class = plugin_classes(trt)[1]
     ids = []
-    for spec in SPECS:
-        existing = registry.get_creator(spec.op_type, VERSION, NAMESPACE)
+    for spec in specs():
+        existing = registry.get_creator(spec.op_type, spec.plugin_version, spec.plugin_namespace)
         if existing is None:
             creator = creator_class(spec)
-            if not registry.register_creator(creator, NAMESPACE):
+            if not registry.register_creator(creator, spec.plugin_namespace):
                 raise PluginError(f"TensorRT-RTX refused to register {spec.plugin_id}")
             _CREATORS.setdefault(trt.__name__, []).append(creator)
         elif not isinstance(existing, creator_class):
@@ -67,7 +68,12 @@ def register(trt: ModuleType) -> list[str]:
 def creators(trt: ModuleType) -> list[Any]:
     """Fresh, unregistered creators for every `gemma4` op (register them yourself, and keep them alive)."""
     creator_class = plugin_classes(trt)[1]
-    return [creator_class(spec) for spec in SPECS]
+    return [creator_class(spec) for spec in specs()]
+
+
+def specs() -> list[OpContract]:
+    """The contracts of the ops with a TensorRT-RTX plugin, in registry order."""
+    return [e.contract for e in ops.with_plugin("rtx")]
 
 
 # ----- the parser's library lookup --------------------------------------------------------------
@@ -126,7 +132,7 @@ def parser_library_env(link_dir: Path, env: dict[str, str] | None = None) -> dic
 # ----- build-time rules (pure) ------------------------------------------------------------------
 
 
-def supports(spec: PluginSpec, pos: int, type_name: str, first_type_name: str, linear: bool) -> bool:
+def supports(spec: OpContract, pos: int, type_name: str, first_type_name: str, linear: bool) -> bool:
     """supports_format_combination: linear only; lengths int64; activations all of q's (or x's) dtype."""
     if not linear:
         return False
@@ -145,18 +151,13 @@ def describe(values: dict[str, int | float]) -> str:
 
 
 def kernel_impl(op_type: str) -> Callable[..., Any]:
-    """The Triton wrapper for an op, imported on first use (it needs a GPU to run)."""
-    if op_type == "SlidingWindowAttention":
-        from .kernels.attention import attention
-
-        return attention
-    from .kernels.moe import moe
-
-    return moe
+    """The op's Triton torch wrapper (registry entry `kernel`), imported on first use (it needs a GPU to run);
+    UnknownOpError for an op without one."""
+    return ops.part(op_type, "kernel")
 
 
 def run_op(
-    spec: PluginSpec,
+    spec: OpContract,
     values: dict[str, int | float],
     inputs: Sequence[Any],
     outputs: Sequence[Any],
@@ -195,7 +196,7 @@ def device_tensor(ptr: int, shape: Sequence[int], type_name: str) -> Any:
 
 
 def _launch(
-    spec: PluginSpec, values: dict[str, int | float], input_desc, output_desc, inputs, outputs, stream
+    spec: OpContract, values: dict[str, int | float], input_desc, output_desc, inputs, outputs, stream
 ) -> None:
     import torch
 
@@ -213,15 +214,15 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
     """(plugin class, creator class) subclassing `trt`'s V3 interfaces; built once per module."""
 
     class Gemma4Plugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
-        def __init__(self, spec: PluginSpec, values: dict[str, int | float], received: dict[str, str]):
+        def __init__(self, spec: OpContract, values: dict[str, int | float], received: dict[str, str]):
             trt.IPluginV3.__init__(self)
             trt.IPluginV3OneCore.__init__(self)
             trt.IPluginV3OneBuild.__init__(self)
             trt.IPluginV3OneRuntime.__init__(self)
             # Python plugins must set every attribute of the interfaces they implement.
             self.plugin_name = spec.op_type
-            self.plugin_namespace = NAMESPACE
-            self.plugin_version = VERSION
+            self.plugin_namespace = spec.plugin_namespace
+            self.plugin_version = spec.plugin_version
             self.num_outputs = len(spec.outputs)
             self.timing_cache_id = describe(values)  # window/top_k change the work, not just the shapes
             self.metadata_string = f"{spec.plugin_id} {describe(values)}"
@@ -286,11 +287,11 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             _launch(self.spec, self.values, input_desc, output_desc, inputs, outputs, stream)
 
     class Gemma4PluginCreator(trt.IPluginCreatorV3One):
-        def __init__(self, spec: PluginSpec):
+        def __init__(self, spec: OpContract):
             trt.IPluginCreatorV3One.__init__(self)
             self.name = spec.op_type
-            self.plugin_namespace = NAMESPACE
-            self.plugin_version = VERSION
+            self.plugin_namespace = spec.plugin_namespace
+            self.plugin_version = spec.plugin_version
             self.spec = spec
             # The parser forwards only the attributes named here.
             self.field_names = trt.PluginFieldCollection(

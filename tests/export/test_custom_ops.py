@@ -10,8 +10,8 @@ import torch
 from onnx import TensorProto, helper
 
 from gemma4_compile.export.custom_ops import attention, moe
-from gemma4_compile.export.custom_ops.common import plugin_attributes
 from gemma4_compile.model import ops
+from gemma4_compile.ops.onnx_domain import plugin_attributes
 
 
 def _run_single_node(op_type, fn, inputs: dict[str, np.ndarray], out_like: list[str], **attrs) -> list[np.ndarray]:

@@ -78,11 +78,10 @@ def test_kernel_aot_full_tensorrt_plugins_reuse_the_kernels_output(sm90):
 
     arts, _ = sm90
     keys = {e.key for e in arts.entries}
-    smem = resolve_target("sm90").max_shared_bytes
     for rows in (1, 256):
         fields = {"top_k": 8, "num_experts": 128, "rows_per_expert": rows}
         for stage in moe_stages.STAGES:
-            dtype, constexprs, warps, stages = moe_stages.stage_config(stage, fields, "bf16", smem)
+            dtype, constexprs, warps, stages = moe_stages.stage_config(stage, fields, "bf16", resolve_target("sm90"))
             entry, ptx = qdp.compile_kernel(stage.kernel, "sm90", dtype, constexprs, warps, stages, arts.out_dir)
             assert entry.key in keys, f"{stage.op_type} rows_per_expert={rows} was not in the kernels output"
             assert f".entry {entry.entry}(" in ptx

@@ -74,7 +74,7 @@ def test_attention_launch_matches_the_kernel_signature_and_the_torch_wrapper(hea
 
     _, fn = _attn_fwd()
     constexprs, warps, stages = qdp.attention_config(
-        head_dim, group, dtype, 0.5, resolve_target("sm90").max_shared_bytes
+        head_dim, group, dtype, 0.5, resolve_target("sm90")
     )
     assert set(constexprs) == {a for a in fn.arg_names if a.isupper()}  # constexprs are UPPER_CASE
     assert constexprs["BLOCK_M"] >= group and constexprs["FUSE_RING"] and constexprs["SCALE"] == 0.5
@@ -110,7 +110,7 @@ def test_attention_kernel_compiles_to_ptx_on_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(qdp, "AOT_CACHE", tmp_path)
     constexprs, warps, stages = qdp.attention_config(
-        16, 2, "fp16", 1.0, resolve_target("sm90").max_shared_bytes
+        16, 2, "fp16", 1.0, resolve_target("sm90")
     )
     entry, ptx = qdp.compile_kernel(qdp.ATTENTION_KERNEL, "sm90", "fp16", constexprs, warps, stages)
     assert f".entry {entry.entry}(" in ptx and ".target sm_90" in ptx
@@ -199,15 +199,15 @@ def test_decorated_signatures_follow_the_spec(name):
     spec, fns = SPEC_NAMES[name], _decorated()
     fields = [f.name for f in spec.fields]
     args = lambda fn: [a.arg for a in fn.args.args]  # noqa: E731
-    assert args(fns[("register", name)]) == [*spec.inputs, *fields]
-    assert args(fns[("autotune", name)]) == [*spec.inputs, "outputs"]
-    assert args(fns[("aot_impl", name)]) == [*spec.inputs, *fields, "outputs", "tactic"]
+    assert args(fns[("register", name)]) == [*spec.input_names, *fields]
+    assert args(fns[("autotune", name)]) == [*spec.input_names, "outputs"]
+    assert args(fns[("aot_impl", name)]) == [*spec.input_names, *fields, "outputs", "tactic"]
     for fn in (fns[("register", name)], fns[("aot_impl", name)]):
         annotations = {a.arg: ast.unparse(a.annotation) for a in fn.args.args}
         assert {f.name: annotations[f.name] for f in spec.fields} == {
             f.name: f"npt.NDArray[np.{f.dtype}]" for f in spec.fields
         }  # the parser's INT32/FLOAT32, not QDP's int->INT64 / float->FLOAT64
-        assert {annotations[i] for i in spec.inputs} == {"TensorDesc"}
+        assert {annotations[i] for i in spec.input_names} == {"TensorDesc"}
     n_out = len(spec.outputs)
     outputs = "TensorDesc" if n_out == 1 else f"tuple[{', '.join(['TensorDesc'] * n_out)}]"
     assert ast.unparse(fns[("register", name)].returns) == outputs

@@ -205,19 +205,25 @@ def keep_fwd(conf: triton.Config, head_dim: int, max_shared_bytes: int, group: i
     return conf.kwargs["BLOCK_M"] >= max(16, group) and fwd_shared_bytes(conf, head_dim) <= max_shared_bytes
 
 
+def fwd_tile(head_dim: int, group: int, target: GpuTarget | None) -> triton.Config:
+    """The one tile choice for the fused attention on a target (None: unknown GPU, 99 KiB of shared memory):
+    the first candidate that holds the GQA group and fits. The torch wrapper, `gemma4-compile kernels` and the
+    TensorRT AOT plugins all pick through here, so a plugin build finds what `kernels` compiled."""
+    name, smem = (target.name, target.max_shared_bytes) if target else (None, 99 * 1024)
+    confs = [c for c in fwd_configs(head_dim, name) if keep_fwd(c, head_dim, smem, group)]
+    if not confs:
+        raise Gemma4CompileError(
+            f"attention kernel: no tile for head_dim {head_dim}, GQA group {group} on {name}"
+        )
+    return confs[0]
+
+
 def aot_config(
     head_dim: int, group: int, dtype: str, scale: float, target: GpuTarget
 ) -> tuple[dict[str, Any], int, int]:
     """(constexprs, num_warps, num_stages) of the fused single-launch attention (`attn_fwd` in plugins/aot.py)
     for one layer on one target: what a TensorRT AOT plugin compiles. dtype is "bf16", "fp16" or "fp32"."""
-    confs = [
-        c for c in fwd_configs(head_dim, target.name) if keep_fwd(c, head_dim, target.max_shared_bytes, group)
-    ]
-    if not confs:
-        raise Gemma4CompileError(
-            f"attention kernel: no tile for head_dim {head_dim}, GQA group {group} on {target.name}"
-        )
-    conf = confs[0]
+    conf = fwd_tile(head_dim, group, target)
     constexprs = {
         **conf.kwargs, "HEAD_DIM": head_dim, "SCALE": float(scale), "FUSE_RING": True,
         "BLOCK_R": ring_block(head_dim), "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
@@ -485,20 +491,11 @@ def _local_target() -> GpuTarget | None:
 
 
 def _fwd_config(head_dim: int, group: int) -> triton.Config:
-    """The target's first kept tile; under the interpreter the smallest (CPU time grows with tile count less
+    """The local GPU's tile (`fwd_tile`); under the interpreter the smallest (CPU time grows with tile count less
     than with tile size)."""
     if _interpreting() or not torch.cuda.is_available():
         return triton.Config({"BLOCK_M": max(16, triton.next_power_of_2(group)), "BLOCK_N": 16}, num_warps=4)
-    target = _local_target()
-    smem = target.max_shared_bytes if target else 99 * 1024
-    confs = [
-        c
-        for c in fwd_configs(head_dim, target.name if target else None)
-        if keep_fwd(c, head_dim, smem, group)
-    ]
-    if not confs:
-        raise Gemma4CompileError(f"attention kernel: no tile holds a GQA group of {group}")
-    return confs[0]
+    return fwd_tile(head_dim, group, _local_target())
 
 
 def _decode_config(head_dim: int) -> triton.Config:

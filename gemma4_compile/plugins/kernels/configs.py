@@ -1,6 +1,8 @@
 """The variants compiled ahead of time for one target: exactly the tiles the torch wrappers pick on that GPU.
 
-Each variant is (kernel name in `plugins.aot.KERNELS`, dtype, constexprs, num_warps, num_stages).
+Each variant is (kernel name in `plugins.aot.KERNELS`, dtype, constexprs, num_warps, num_stages). The one tile
+chooser of the AOT launches: `gemma4-compile kernels` (aot.default_variants) compiles what these return, and
+the full-TensorRT plugins (qdp.py) ask them for the variant of a layer, so the two always agree.
 """
 
 from __future__ import annotations
@@ -16,6 +18,31 @@ VariantTuple = tuple[str, str, dict[str, Any], int, int]
 
 DECODE_ROWS_PER_EXPERT = 1  # a decode step routes ~1 row to each hit expert
 PREFILL_ROWS_PER_EXPERT = 256  # 4096 tokens x top-8 over 128 experts
+SORT_KERNELS = (
+    "moe_count",
+    "moe_offsets",
+    "moe_scatter",
+)  # integer-only: compiled once per target, dtype i32
+
+
+def attention_fwd_variant(
+    target: GpuTarget, dtype: str, head_dim: int, group: int = 1, scale: float = 1.0
+) -> VariantTuple:
+    """The fused single-launch attention (attention + ring presents) of one layer."""
+    constexprs, warps, stages = aot_config(head_dim, group, dtype, scale, target)
+    return "attn_fwd", dtype, constexprs, warps, stages
+
+
+def moe_stage_variants(
+    target: GpuTarget, dtype: str, experts: int, top_k: int, rows_per_expert: float
+) -> dict[str, VariantTuple]:
+    """The seven MoE launches of one layer by kernel name; the sort kernels are dtype-free (i32)."""
+    return {
+        kernel: (kernel, "i32" if kernel in SORT_KERNELS else dtype, constexprs, warps, stages)
+        for kernel, (constexprs, warps, stages) in aot_configs(
+            experts, top_k, dtype, target.max_shared_bytes, rows_per_expert
+        ).items()
+    }
 
 
 def attention_variants(
@@ -25,8 +52,7 @@ def attention_variants(
     prec = "ieee" if dtype == "fp32" else "tf32"
     out: list[VariantTuple] = []
     for d in head_dims:
-        fwd, warps, stages = aot_config(d, 1, dtype, scale, target)
-        out.append(("attn_fwd", dtype, fwd, warps, stages))
+        out.append(attention_fwd_variant(target, dtype, d, 1, scale))
         dec = decode_configs(d, target.max_shared_bytes)[0]
         out.append(("attn_decode_split", dtype, {**dec.kwargs, "HEAD_DIM": d, "SCALE": scale, "INPUT_PRECISION": prec},
                     dec.num_warps, dec.num_stages))  # fmt: skip
@@ -40,10 +66,8 @@ def attention_variants(
 
 def moe_variants(target: GpuTarget, dtype: str, experts: int = 128, top_k: int = 8) -> list[VariantTuple]:
     """The seven MoE launches, with decode- and prefill-shaped GEMM tiles (sort kernels are dtype-free)."""
-    out: list[VariantTuple] = []
-    for rows in (DECODE_ROWS_PER_EXPERT, PREFILL_ROWS_PER_EXPERT):
-        for kernel, (constexprs, warps, stages) in aot_configs(experts, top_k, dtype, target.max_shared_bytes,
-                                                               rows).items():  # fmt: skip
-            kdtype = "i32" if kernel in ("moe_count", "moe_offsets", "moe_scatter") else dtype
-            out.append((kernel, kdtype, constexprs, warps, stages))
-    return out
+    return [
+        v
+        for rows in (DECODE_ROWS_PER_EXPERT, PREFILL_ROWS_PER_EXPERT)
+        for v in moe_stage_variants(target, dtype, experts, top_k, rows).values()
+    ]

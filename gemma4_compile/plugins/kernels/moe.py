@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ...errors import Gemma4CompileError
 from ...targets import native_target
-from ..aot import cdiv
+from ..shapes import cdiv
 
 BLOCK_P = 128  # routed pairs per sort program
 GELU_K = tl.constexpr(
@@ -187,6 +187,16 @@ def keep_gemm(conf: triton.Config, out_features: int, reduction: int) -> bool:
     return n <= max(16, triton.next_power_of_2(out_features)) and k <= max(
         16, triton.next_power_of_2(reduction)
     )
+
+
+def gemm_tile(rows_per_expert: float, max_shared_bytes: int, width: int | None = None) -> triton.Config:
+    """The one GEMM tile choice of the torch wrapper, `gemma4-compile kernels` and the stage plugins: the first
+    candidate for the routed rows and the target's shared memory, no wider than the problem when its width
+    (min(H, I)) is known; AOT variants are compiled before the width is, and Gemma 4's never prunes a tile."""
+    confs = gemm_configs(rows_per_expert, max_shared_bytes)
+    if width is None:
+        return confs[0]
+    return next((c for c in confs if keep_gemm(c, width, width)), confs[-1])
 
 
 @triton.jit
@@ -347,7 +357,7 @@ def aot_configs(
     rows_per_expert ~ T*K / min(E, T*K) picks the GEMM tile (decode ~1, prefill hundreds); the sort kernels
     are dtype-free (compile them with dtype "i32")."""
     block_e = triton.next_power_of_2(experts)
-    conf = gemm_configs(rows_per_expert, max_shared_bytes)[0]
+    conf = gemm_tile(rows_per_expert, max_shared_bytes)
     tile = {**conf.kwargs, "BLOCK_E": block_e, "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     gemm = (conf.num_warps, conf.num_stages)
     return {
@@ -415,8 +425,7 @@ def _gemm_config(rows_per_expert: float, hidden: int, inter: int) -> triton.Conf
         smem = native_target().max_shared_bytes
     except Gemma4CompileError:
         smem = 99 * 1024
-    confs = gemm_configs(rows_per_expert, smem)
-    return next((c for c in confs if keep_gemm(c, min(hidden, inter), min(hidden, inter))), confs[-1])
+    return gemm_tile(rows_per_expert, smem, min(hidden, inter))
 
 
 def _check(x: Tensor, router_logits: Tensor, per_expert_scale: Tensor, gate_up: Tensor, down: Tensor) -> None:

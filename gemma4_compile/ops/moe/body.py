@@ -7,25 +7,13 @@ costs T*K*2I*H scratch: fine for validation-sized graphs, the TensorRT plugin do
 from __future__ import annotations
 
 import onnx
-from onnx.defs import OpSchema
 
-from .common import DOMAIN, PLUGIN_ATTRS, plugin_attributes, register_schema
+from ..onnx_domain import register_schema
+from . import MOE
 
-OP_TYPE = "MoE"
-
-SCHEMA = OpSchema(
-    OP_TYPE,
-    DOMAIN,
-    1,
-    doc="Gemma 4 MoE block: router softmax/top-k/renormalize/per-expert scale and GELU-tanh GLU experts.",
-    inputs=[
-        OpSchema.FormalParameter(name, "T")
-        for name in ("x", "router_logits", "per_expert_scale", "gate_up", "down")
-    ],
-    outputs=[OpSchema.FormalParameter("y", "T")],
-    type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations")],
-    attributes=[OpSchema.Attribute("top_k", OpSchema.AttrType.INT, "experts per token"), *PLUGIN_ATTRS],
-)
+CONTRACT = MOE
+OP_TYPE = CONTRACT.op_type
+SCHEMA = CONTRACT.schema()
 
 BODY = """
 <domain: "gemma4", opset_import: ["" : 20]>
@@ -76,6 +64,8 @@ def translation():
     opset = register_schema(SCHEMA)
 
     def moe_to_onnx(x, router_logits, per_expert_scale, gate_up, down, top_k: int):
-        return opset.MoE(x, router_logits, per_expert_scale, gate_up, down, top_k=top_k, **plugin_attributes())
+        return opset.MoE(
+            x, router_logits, per_expert_scale, gate_up, down, top_k=top_k, **CONTRACT.plugin_attributes()
+        )
 
     return moe_to_onnx

@@ -1,38 +1,20 @@
-"""`gemma4::SlidingWindowAttention`: schema, exporter translation and the standard-op reference body.
+"""`gemma4::SlidingWindowAttention`: exporter translation and the standard-op reference body.
 
 Semantics: `gemma4_compile.model.ops.attention` (ring-buffer cache, window W keys including self, GQA).
-The body is plain opset-20 ONNX, so onnxruntime runs it and TensorRT can inline it when no plugin is loaded.
+The contract (schema, attributes, plugin) is this package's. The body is plain opset-20 ONNX, so
+onnxruntime runs it and TensorRT can inline it when no plugin is loaded.
 """
 
 from __future__ import annotations
 
 import onnx
-from onnx.defs import OpSchema
 
-from .common import DOMAIN, PLUGIN_ATTRS, plugin_attributes, register_schema
+from ..onnx_domain import register_schema
+from . import SLIDING_WINDOW_ATTENTION
 
-OP_TYPE = "SlidingWindowAttention"
-
-SCHEMA = OpSchema(
-    OP_TYPE,
-    DOMAIN,
-    1,
-    doc="Gemma 4 attention for one layer with its ring-buffer KV-cache update (see model/ops.py).",
-    inputs=[
-        *(OpSchema.FormalParameter(name, "T") for name in ("q", "k", "v", "past_k", "past_v")),
-        *(OpSchema.FormalParameter(name, "I") for name in ("past_len", "seq_len")),
-    ],
-    outputs=[OpSchema.FormalParameter(name, "T") for name in ("out", "present_k", "present_v")],
-    type_constraints=[
-        ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
-        ("I", ["tensor(int64)"], "lengths"),
-    ],
-    attributes=[
-        OpSchema.Attribute("window", OpSchema.AttrType.INT, "sliding window W (keys incl. self); 0 = global"),
-        OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "score multiplier (1.0 for Gemma 4)"),
-        *PLUGIN_ATTRS,
-    ],
-)
+CONTRACT = SLIDING_WINDOW_ATTENTION
+OP_TYPE = CONTRACT.op_type
+SCHEMA = CONTRACT.schema()
 
 # The body is assembled from three parts so that export/lowering.py can swap the attention part alone.
 SIGNATURE = "SlidingWindowAttention <{attrs}> (q, k, v, past_k, past_v, past_len, seq_len) => (out, present_k, present_v)"
@@ -145,7 +127,8 @@ def translation():
 
     def attention_to_onnx(q, k, v, past_k, past_v, past_len, seq_len, window: int, scale: float):
         return opset.SlidingWindowAttention(
-            q, k, v, past_k, past_v, past_len, seq_len, window=window, scale=scale, **plugin_attributes()
-        )
+            q, k, v, past_k, past_v, past_len, seq_len,
+            window=window, scale=scale, **CONTRACT.plugin_attributes(),
+        )  # fmt: skip
 
     return attention_to_onnx

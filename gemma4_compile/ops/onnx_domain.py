@@ -1,4 +1,4 @@
-"""Shared pieces of the `gemma4` ONNX domain."""
+"""The `gemma4` ONNX domain as onnx and onnxscript see it; names and versions are the contracts'."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import onnx
 import onnxscript
 from onnx.defs import OpSchema
 
-DOMAIN = "gemma4"
-DOMAIN_VERSION = 1
-PLUGIN_NAMESPACE = "gemma4"
-PLUGIN_VERSION = "1"
+from .contract import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
-# TensorRT's parser picks a registered plugin over the local function when these are present.
-PLUGIN_ATTRS = (
-    OpSchema.Attribute("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace"),
-    OpSchema.Attribute("plugin_version", OpSchema.AttrType.STRING, "TensorRT plugin version"),
-)
+__all__ = [
+    "DOMAIN",
+    "DOMAIN_VERSION",
+    "PLUGIN_NAMESPACE",
+    "PLUGIN_VERSION",
+    "plugin_attributes",
+    "register_schema",
+]
 
 
 def plugin_attributes() -> dict[str, str]:

@@ -1,0 +1,34 @@
+"""`gemma4::SlidingWindowAttention`: attention for one layer with its ring-buffer KV-cache update.
+
+Semantics: `gemma4_compile.model.ops.attention` (ring of C slots, window W keys including self, GQA).
+"""
+
+from __future__ import annotations
+
+from ..contract import ACTIVATIONS, LENGTHS, PLUGIN_ATTRS, Attr, OpContract, Param
+
+SLIDING_WINDOW_ATTENTION = OpContract(
+    op_type="SlidingWindowAttention",
+    doc="Gemma 4 attention for one layer with its ring-buffer KV-cache update (see model/ops.py).",
+    inputs=(
+        Param("q", shape="[B,Hq,S,D]"),
+        Param("k", shape="[B,Hkv,S,D]"),
+        Param("v", shape="[B,Hkv,S,D]"),
+        Param("past_k", shape="[B,Hkv,C,D]"),
+        Param("past_v", shape="[B,Hkv,C,D]"),
+        Param("past_len", "I", "[B]"),
+        Param("seq_len", "I", "[B]"),
+    ),
+    outputs=(
+        Param("out", shape="[B,Hq,S,D]"),
+        Param("present_k", shape="[B,Hkv,C,D]"),
+        Param("present_v", shape="[B,Hkv,C,D]"),
+    ),
+    type_constraints=(ACTIVATIONS, LENGTHS),
+    attributes=(
+        Attr("window", "int", "sliding window W (keys incl. self); 0 = global"),
+        Attr("scale", "float", "score multiplier (1.0 for Gemma 4)"),
+        *PLUGIN_ATTRS,
+    ),
+    output_like=(0, 3, 4),
+)
