@@ -12,6 +12,7 @@ from rich.table import Table
 from . import __version__
 from .errors import Gemma4CompileError
 from .model.presets import DEFAULT_PRESET, PRESETS
+from .passes.lowerings import LOWERINGS
 
 console = Console(stderr=True)
 out = Console()
@@ -124,8 +125,8 @@ def _print_export(manifest) -> None:
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
 @click.option("--max-seq-len", type=int, help="Longest sequence the caches must hold [default: the config's].")
 @click.option("--debug-outputs", is_flag=True, help="Add per-layer hidden states / router logits as outputs.")
-@click.option("--lowering", type=click.Choice(["gqa"]),
-              help="onnxruntime-only variant: attention through com.microsoft.GroupQueryAttention (faster on ORT).")
+@click.option("--lowering", type=click.Choice(list(LOWERINGS)),
+              help="; ".join(f"{n}: {lw.description}" for n, lw in LOWERINGS.items()))
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def export(checkpoint: Path, output: Path, dtype: str, max_seq_len: int | None, debug_outputs: bool,
            lowering: str | None, force: bool) -> None:  # fmt: skip

@@ -25,6 +25,7 @@ from ..fsutil import atomic_directory, sha256_file
 from ..model.config import Gemma4Spec
 from ..model.model import Gemma4TextModel
 from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
+from ..passes import LOWERINGS, export_cleanup, run_on_proto, run_passes
 from . import custom_ops
 from .graphs import DecoderGraph, EmbedGraph
 from .io_spec import (
@@ -38,9 +39,7 @@ from .io_spec import (
     embed_io,
     example_tensor,
 )  # fmt: skip
-from .lowering import LOWERINGS, lower_attention_to_gqa
 from .manifest import CacheInfo, ExportManifest, GraphInfo
-from .passes import clean_up
 from .weights import DATA_FILE, attach_weights, write_weight_file
 
 OPSET = 20
@@ -134,7 +133,7 @@ def _export_into(
     graphs = {
         "embed": _save(embed, tmp / "embed.onnx", embed_in, embed_out, check=entries is not None),
         "decoder": _save(decoder, tmp / "decoder.onnx", dec_in, dec_out, check=entries is not None,
-                         edit=(lambda proto: lower_attention_to_gqa(proto, spec)) if lowering == "gqa" else None),
+                         edit=(lambda p: run_on_proto(p, [LOWERINGS[lowering].make(spec)])) if lowering else None),
     }
     progress("hash files")
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
@@ -168,7 +167,7 @@ def _trace(module: torch.nn.Module, inputs: list[TensorSpec], outputs: list[Tens
     except Exception as e:  # the exporter's own failures are long; keep the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"torch.onnx.export failed: {first}") from e
-    return clean_up(program.model)
+    return run_passes(program.model, export_cleanup())
 
 
 def _save(
