@@ -16,11 +16,12 @@ from ..errors import BuildError, Gemma4CompileError
 from .export_info import ExportInfo
 
 PROFILE_NAMES = ("prefill", "decode")
+DEFAULT_MAX_BATCH = 8  # the one default, for the CLI, `build_engines` and `BuildOptions`
 
 
 @dataclass(frozen=True)
 class ProfileLimits:
-    max_batch: int = 4
+    max_batch: int = DEFAULT_MAX_BATCH
     max_seq: int | None = None  # None: the export's max_seq_len
     profiles: tuple[str, ...] = PROFILE_NAMES
 

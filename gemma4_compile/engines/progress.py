@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from .trt import TrtFlavour
+from .seam import TrtFlavour
 
 MAX_DEPTH = 2  # deeper phases (per-layer reformat timing, ...) are too chatty to draw
 
