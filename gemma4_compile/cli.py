@@ -159,10 +159,11 @@ def export(checkpoint: Path, output: Path, dtype: str, max_seq_len: int | None, 
 def build(export_dir: Path, targets: tuple[str, ...], plugins: bool, opt_level: int, max_batch: int,
           max_seq: int | None, profiles: tuple[str, ...], flavour: str | None, force: bool) -> None:  # fmt: skip
     """Build a TensorRT engine per GPU target from an export (TensorRT or TensorRT-RTX)."""
-    from .engines import build_engines
+    from .engines import BuildOptions, build_engines
 
-    for art in build_engines(export_dir, list(targets), plugins=plugins, opt_level=opt_level, max_batch=max_batch,
-                             max_seq=max_seq, profiles=profiles, flavour=flavour, force=force):  # fmt: skip
+    options = BuildOptions(plugins=plugins, opt_level=opt_level, max_batch=max_batch, max_seq=max_seq,
+                           profiles=profiles, flavour=flavour, force=force)  # fmt: skip
+    for art in build_engines(export_dir, list(targets), options):
         out.print(f"{'reused' if art.reused else 'built'} {art.target}: {art.engine_path}")
 
 
