@@ -449,12 +449,12 @@ def _build_into(record: BuildRecord, staging: Path) -> None:
     record.seconds = {"total": t2 - t0, "parse": t1 - t0, "build": t2 - t1}
 
 
-def build_engine(
-    export: ExportInfo, target: GpuTarget, flavour: TrtFlavour, options: BuildOptions
-) -> EngineArtifact:
-    """Build (or reuse, unless `options.force`) the engine of one target; BuildError says what went wrong."""
-    record = BuildRecord(export, target, flavour, options, derive_profiles(export, options.limits),
-                         KernelsFile.find(export.dir))  # fmt: skip
+def build_engine(export: ExportInfo, target: GpuTarget, flavour: TrtFlavour, options: BuildOptions,
+                 kernels: KernelsFile | None = None) -> EngineArtifact:  # fmt: skip
+    """Build (or reuse, unless `options.force`) the engine of one target; BuildError says what went wrong.
+    `kernels`: the export's kernels.json, when the caller has fingerprinted it already."""
+    kernels = kernels or KernelsFile.find(export.dir)
+    record = BuildRecord(export, target, flavour, options, derive_profiles(export, options.limits), kernels)
     record.key = record.build_key()
     existing = None if options.force else _up_to_date(record.final, record.key)
     if existing is not None:
@@ -516,4 +516,5 @@ def build_engines(export_dir: str | Path, targets: list[str], options: BuildOpti
     options = dataclasses.replace(options or BuildOptions(), **overrides)
     export = read_export(export_dir)  # the one read of export.json for a build
     plan = plan_builds(targets, options.flavour, local_device_sm())
-    return [build_engine(export, target, flavour, options) for target, flavour in plan]
+    kernels = KernelsFile.find(export.dir)  # hashed once for all targets
+    return [build_engine(export, target, flavour, options, kernels) for target, flavour in plan]
