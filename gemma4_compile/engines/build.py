@@ -14,17 +14,13 @@ import hashlib
 import json
 import logging
 import platform
-import resource
 import shutil
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
-import psutil
 
 from .. import __version__
 from ..errors import BuildError
@@ -50,7 +46,7 @@ from .profiles import (
     derive_profiles,
     tokens_per_step,
 )
-from .progress import build_progress, spinner
+from .progress import MemoryUsage, PeakRss, build_progress, spinner
 from .seam import (
     KernelsFile,
     PluginStatus,
@@ -119,16 +115,6 @@ class EngineArtifact:
 
 
 # ----- the build record ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MemoryUsage:
-    peak_rss_bytes: int  # sampled during the measured block (every `interval` seconds)
-    start_rss_bytes: int
-    process_max_rss_bytes: int  # getrusage: lifetime peak of this process
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -217,42 +203,6 @@ def _io(parsed: ParsedNetwork) -> tuple[dict, ...]:
     return tuple(
         {"name": t.name, "mode": mode, "dtype": t.dtype.name, "shape": list(t.shape)} for mode, t in tensors
     )
-
-
-# ----- peak host RAM ------------------------------------------------------------------------------------
-
-
-def _max_rss() -> int:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib if sys.platform == "darwin" else kib * 1024  # Linux reports KiB, macOS bytes
-
-
-class PeakRss:
-    """`with PeakRss() as m: ...; m.usage` -> MemoryUsage. RSS is sampled in a thread, because getrusage's peak
-    is the whole process lifetime's and cannot tell the second build of a session from the first."""
-
-    def __init__(self, interval: float = 0.05):
-        self.interval = interval
-        self.usage: MemoryUsage | None = None
-        self._proc = psutil.Process()
-        self._stop = threading.Event()
-        self._peak = 0
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._peak = max(self._peak, self._proc.memory_info().rss)
-
-    def __enter__(self) -> PeakRss:
-        self._start = self._peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self._proc.memory_info().rss)
-        self.usage = MemoryUsage(self._peak, self._start, _max_rss())
 
 
 # ----- builder config -----------------------------------------------------------------------------------
