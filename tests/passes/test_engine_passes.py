@@ -112,3 +112,16 @@ def test_moe_split_needs_the_expert_count():
     split = SplitMoE(num_experts=16)
     run_passes(model, [split])
     assert split.split == 1
+
+
+def test_run_on_proto_keeps_the_bytes_of_what_no_pass_touched():
+    """The exporter lowers its saved proto through run_on_proto; re-exports must stay byte-identical."""
+    import onnx
+
+    from gemma4_compile.passes import run_on_proto
+
+    proto = onnx.parser.parse_model(SHADOWED)
+    proto.doc_string = ""  # as the exporter writes it
+    before = proto.SerializeToString()
+    run_on_proto(proto, [MarkAot(plugin_lookup(()))])
+    assert proto.SerializeToString() == before
