@@ -28,10 +28,11 @@ import psutil
 GIB = 1 << 30
 BUILD = """
 import json, sys
-from gemma4_compile.engines import build_engines
+from gemma4_compile.engines import BuildOptions, build_engines
 export, target, max_batch, max_seq, profiles = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-(art,) = build_engines(export, [target], max_batch=max_batch, max_seq=max_seq, force=True, progress=False,
+options = BuildOptions(max_batch=max_batch, max_seq=max_seq, force=True, progress=False,
                        profiles=tuple(profiles.split(",")))
+(art,) = build_engines(export, [target], options)
 print(json.dumps(art.manifest.to_dict()))
 """
 

@@ -10,8 +10,10 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .engines.profiles import DEFAULT_MAX_BATCH
 from .errors import Gemma4CompileError
 from .model.presets import DEFAULT_PRESET, PRESETS
+from .passes.lowerings import LOWERINGS
 
 console = Console(stderr=True)
 out = Console()
@@ -124,8 +126,8 @@ def _print_export(manifest) -> None:
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
 @click.option("--max-seq-len", type=int, help="Longest sequence the caches must hold [default: the config's].")
 @click.option("--debug-outputs", is_flag=True, help="Add per-layer hidden states / router logits as outputs.")
-@click.option("--lowering", type=click.Choice(["gqa"]),
-              help="onnxruntime-only variant: attention through com.microsoft.GroupQueryAttention (faster on ORT).")
+@click.option("--lowering", type=click.Choice(list(LOWERINGS)),
+              help="; ".join(f"{n}: {lw.description}" for n, lw in LOWERINGS.items()))
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def export(checkpoint: Path, output: Path, dtype: str, max_seq_len: int | None, debug_outputs: bool,
            lowering: str | None, force: bool) -> None:  # fmt: skip
@@ -147,7 +149,7 @@ def export(checkpoint: Path, output: Path, dtype: str, max_seq_len: int | None, 
 @click.option("--target", "targets", multiple=True, required=True, help=TARGET_HELP)
 @click.option("--plugins", is_flag=True, help="Register the gemma4 TensorRT plugins (else function bodies are inlined).")
 @click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5), help="Builder optimization level.")
-@click.option("--max-batch", default=8, show_default=True, type=int)
+@click.option("--max-batch", default=DEFAULT_MAX_BATCH, show_default=True, type=int)
 @click.option("--max-seq", type=int, help="Largest prefill / cache length in the profiles [default: the export's].")
 @click.option("--profile", "profiles", multiple=True, type=click.Choice(["prefill", "decode"]),
               default=("prefill", "decode"), show_default=True,
@@ -158,10 +160,11 @@ def export(checkpoint: Path, output: Path, dtype: str, max_seq_len: int | None, 
 def build(export_dir: Path, targets: tuple[str, ...], plugins: bool, opt_level: int, max_batch: int,
           max_seq: int | None, profiles: tuple[str, ...], flavour: str | None, force: bool) -> None:  # fmt: skip
     """Build a TensorRT engine per GPU target from an export (TensorRT or TensorRT-RTX)."""
-    from .engines import build_engines
+    from .engines import BuildOptions, build_engines
 
-    for art in build_engines(export_dir, list(targets), plugins=plugins, opt_level=opt_level, max_batch=max_batch,
-                             max_seq=max_seq, profiles=profiles, flavour=flavour, force=force):  # fmt: skip
+    options = BuildOptions(plugins=plugins, opt_level=opt_level, max_batch=max_batch, max_seq=max_seq,
+                           profiles=profiles, flavour=flavour, force=force)  # fmt: skip
+    for art in build_engines(export_dir, list(targets), options):
         out.print(f"{'reused' if art.reused else 'built'} {art.target}: {art.engine_path}")
 
 

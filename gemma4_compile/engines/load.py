@@ -10,7 +10,7 @@ from ..errors import BackendUnavailable, BuildError
 from ..fsutil import sha256_file
 from ..targets import resolve_target
 from .manifest import EngineManifest, check_engine, read_manifest
-from .trt import TrtFlavour
+from .seam import TrtFlavour
 
 
 @dataclass(frozen=True)

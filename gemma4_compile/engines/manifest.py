@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import BackendUnavailable, BuildError
 from ..targets import TARGETS, GpuTarget
 from .profiles import ShapeProfile
-from .trt import TITLES, TrtFlavour
+from .seam import TITLES, TrtFlavour
 
 MANIFEST_FORMAT = "gemma4-compile/engine"
 MANIFEST_NAME, ENGINE_NAME, CAPABILITY_NAME, LOG_NAME = (

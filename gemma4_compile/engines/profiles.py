@@ -13,14 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import BuildError, Gemma4CompileError
-from .export_info import ExportInfo
+from ..export.manifest import DECODER, ExportManifest
 
 PROFILE_NAMES = ("prefill", "decode")
+DEFAULT_MAX_BATCH = 8  # the one default, for the CLI, `build_engines` and `BuildOptions`
 
 
 @dataclass(frozen=True)
 class ProfileLimits:
-    max_batch: int = 4
+    max_batch: int = DEFAULT_MAX_BATCH
     max_seq: int | None = None  # None: the export's max_seq_len
     profiles: tuple[str, ...] = PROFILE_NAMES
 
@@ -53,7 +54,7 @@ class ShapeProfile:
         return next(s for s in self.inputs if s.name == name)
 
 
-def resolve_max_seq(export: ExportInfo, limits: ProfileLimits) -> int:
+def resolve_max_seq(export: ExportManifest, limits: ProfileLimits) -> int:
     max_seq = export.max_seq_len if limits.max_seq is None else limits.max_seq
     if max_seq < 1 or (export.max_seq_len and max_seq > export.max_seq_len):
         raise BuildError(
@@ -62,7 +63,7 @@ def resolve_max_seq(export: ExportInfo, limits: ProfileLimits) -> int:
     return max_seq
 
 
-def _dim_range(dim: int | str, profile: str, export: ExportInfo, max_batch: int, max_seq: int, where: str):
+def _dim_range(dim: int | str, profile: str, export: ExportManifest, max_batch: int, max_seq: int, where: str):
     if isinstance(dim, int):
         return dim, dim, dim
     half = max(1, (max_seq + 1) // 2)
@@ -78,7 +79,7 @@ def _dim_range(dim: int | str, profile: str, export: ExportInfo, max_batch: int,
     raise BuildError(f"{where} has dimension {dim!r}, which export.json 'dims' does not fix to an int")
 
 
-def derive_profiles(export: ExportInfo, limits: ProfileLimits) -> tuple[ShapeProfile, ...]:
+def derive_profiles(export: ExportManifest, limits: ProfileLimits) -> tuple[ShapeProfile, ...]:
     """Shape profiles for every decoder input, in `limits.profiles` order."""
     if limits.max_batch < 1:
         raise BuildError(f"max_batch must be >= 1, got {limits.max_batch}")
@@ -89,7 +90,7 @@ def derive_profiles(export: ExportInfo, limits: ProfileLimits) -> tuple[ShapePro
     out = []
     for profile in limits.profiles:
         shapes = []
-        for t in export.decoder.inputs:
+        for t in export.graphs[DECODER].inputs:
             ranges = [_dim_range(d, profile, export, limits.max_batch, max_seq, f"decoder input {t.name!r}")
                       for d in t.shape]  # fmt: skip
             lo, opt, hi = (tuple(r[i] for r in ranges) for i in range(3))

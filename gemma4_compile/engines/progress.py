@@ -1,13 +1,19 @@
-"""Build progress on the terminal: TensorRT's own IProgressMonitor phases as rich bars, a spinner otherwise."""
+"""Build progress on the terminal (TensorRT's own IProgressMonitor phases as rich bars, a spinner otherwise) and
+the build's peak host RAM."""
 
 from __future__ import annotations
 
 import contextlib
+import resource
+import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from .trt import TrtFlavour
+import psutil
+
+from .seam import TrtFlavour
 
 MAX_DEPTH = 2  # deeper phases (per-layer reformat timing, ...) are too chatty to draw
 
@@ -87,3 +93,49 @@ def build_progress(flavour: TrtFlavour, label: str, enabled: bool) -> Iterator[A
                TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=console, transient=True) as progress:
         yield make_monitor(flavour, progress, label)
+
+
+# ----- peak host RAM ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    peak_rss_bytes: int  # sampled during the measured block (every `interval` seconds)
+    start_rss_bytes: int
+    process_max_rss_bytes: int  # getrusage: lifetime peak of this process
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _max_rss() -> int:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib if sys.platform == "darwin" else kib * 1024  # Linux reports KiB, macOS bytes
+
+
+class PeakRss:
+    """`with PeakRss() as m: ...; m.usage` -> MemoryUsage. RSS is sampled in a thread, because getrusage's peak
+    is the whole process lifetime's and cannot tell the second build of a session from the first."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.usage: MemoryUsage | None = None
+        self._proc = psutil.Process()
+        self._stop = threading.Event()
+        self._peak = 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self._start = self._peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._proc.memory_info().rss)
+        self.usage = MemoryUsage(self._peak, self._start, _max_rss())

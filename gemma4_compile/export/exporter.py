@@ -26,10 +26,10 @@ from ..fsutil import atomic_directory, sha256_file
 from ..model.config import Gemma4Spec
 from ..model.model import Gemma4TextModel
 from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
+from ..passes import LOWERINGS, export_cleanup, run_on_proto, run_passes
 from . import custom_ops
 from .graphs import DecoderGraph, EmbedGraph
 from .io_spec import decoder_io, dynamic_shapes, embed_io, example_tensor
-from .lowering import LOWERINGS, lower_attention_to_gqa
 from .manifest import (
     CACHE_LEN,
     DECODER,
@@ -40,7 +40,6 @@ from .manifest import (
     TensorSpec,
     cache_spec,
 )
-from .passes import clean_up
 from .weights import DATA_FILE, attach_weights, write_weight_file
 
 OPSET = 20
@@ -68,7 +67,7 @@ def export_checkpoint(
 ) -> ExportedModel:
     """Export a Hugging Face Gemma 4 checkpoint (config.json + safetensors) to ONNX.
 
-    `lowering="gqa"` makes an onnxruntime-only variant (see export/lowering.py)."""
+    `lowering="gqa"` makes an onnxruntime-only variant (see passes/lowerings.py)."""
     if dtype not in FLOAT_CHOICES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_CHOICES)}")
     spec = Gemma4Spec.from_pretrained(checkpoint_dir)
@@ -125,7 +124,7 @@ class GraphProducer:
 def _producers(model: Gemma4TextModel, dtype: DType, debug: bool, lowering: str | None) -> list[GraphProducer]:
     """The export's graphs in pipeline order; adding a graph is adding its producer here."""
     spec = model.spec
-    edit = (lambda proto: lower_attention_to_gqa(proto, spec)) if lowering == "gqa" else None
+    edit = (lambda proto: run_on_proto(proto, [LOWERINGS[lowering].make(spec)])) if lowering else None
     return [
         GraphProducer(EMBED, EmbedGraph(model), *embed_io(spec, dtype)),
         GraphProducer(DECODER, DecoderGraph(model, debug), *decoder_io(spec, dtype, debug), edit=edit),
@@ -191,7 +190,7 @@ def _trace(module: torch.nn.Module, inputs: list[TensorSpec], outputs: list[Tens
     except Exception as e:  # the exporter's own failures are long; keep the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"torch.onnx.export failed: {first}") from e
-    return clean_up(program.model)
+    return run_passes(program.model, export_cleanup())
 
 
 def _save(model: ir.Model, path: Path, check: bool, edit: Callable[[onnx.ModelProto], object] | None = None) -> None:

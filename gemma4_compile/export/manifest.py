@@ -121,7 +121,7 @@ class ExportManifest:
     tools: dict[str, str]
     debug: bool = False
     weights: bool = True
-    lowering: str | None = None  # a name from export/lowering.py (an onnxruntime-only variant)
+    lowering: str | None = None  # a name from passes/lowerings.py (an onnxruntime-only variant)
     checkpoint: str | None = None  # absolute path of the source checkpoint (provenance; reference runners)
     dims: dict[str, Any] = field(default_factory=dict)
     weight_format: str = ""  # how weights are stored (dtypes.WEIGHT_FORMATS); "" = as the activations
@@ -142,6 +142,12 @@ class ExportManifest:
 
     def graph_path(self, role: str) -> Path:
         return self.path / self.graphs[role].file
+
+    def check_graph_file(self, role: str) -> None:
+        """The graph file of `role` (weights live in external data) still matches its sha256 in export.json."""
+        g, path = self.graphs[role], self.graph_path(role)
+        if g.sha256 and sha256_file(path) != g.sha256:
+            raise ExportError(f"{path} does not match its sha256 in export.json; re-run the export")
 
     def to_json(self) -> dict[str, Any]:
         return {

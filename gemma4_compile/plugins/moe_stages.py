@@ -1,11 +1,11 @@
 """`gemma4::MoE` as seven single-launch plugin nodes, for full TensorRT's AOT plugins.
 
 A `tensorrt.plugin` `aot_impl` launches exactly one kernel, and the MoE needs seven with no grid-wide sync
-between them (kernels/moe.py: route, count, offsets, scatter, gate_up, down, combine). `split_moe` rewrites each
-`gemma4::MoE` node into seven `gemma4::MoE<Stage>` nodes whose tensors are the kernels' buffers
-(`kernels.moe.BUFFERS`); qdp.py defines one plugin per stage from the same tables, so TensorRT allocates the
-intermediates as ordinary activations and runs the seven launches in order. The engine builder splits only when
-the stage plugins are registered (engines/network.py); onnxruntime and the inline path keep the fused node.
+between them (kernels/moe.py: route, count, offsets, scatter, gate_up, down, combine). The SplitMoE pass
+(passes/split_moe.py) rewrites each `gemma4::MoE` node into seven `gemma4::MoE<Stage>` nodes whose tensors are
+the kernels' buffers (`kernels.moe.BUFFERS`); qdp.py defines one plugin per stage from the same tables, so
+TensorRT allocates the intermediates as ordinary activations and runs the seven launches in order. The engine builder splits only when
+the stage plugins are registered (engines/prepare.py); onnxruntime and the inline path keep the fused node.
 
 Every stage node carries `aot=1` (the ONNX parser's switch to a QDP's AOT implementation) and the same int
 attributes: `top_k`, `num_experts` (the sort kernels see only expert
@@ -20,9 +20,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
-
-import onnx
-from onnx import helper
 
 from ..errors import BuildError
 from ..ops import registry
@@ -140,71 +137,6 @@ def stage_config(
     )
     _, kdtype, constexprs, warps, stages = variants[stage.kernel]
     return kdtype, constexprs, warps, stages
-
-
-# ----- the graph rewrite --------------------------------------------------------------------------------
-
-
-def _static_dims(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Shapes the graph states without inference: initializers, inputs and value_info with all dims known."""
-    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    for vi in (*model.graph.input, *model.graph.value_info):
-        dims = vi.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes.setdefault(vi.name, tuple(d.dim_value for d in dims))
-    return shapes
-
-
-def _num_experts(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]], default: int | None) -> int:
-    for position in (2, 3, 4):  # per_expert_scale [E], gate_up [E,2I,H], down [E,H,I]
-        shape = shapes.get(node.input[position])
-        if shape:
-            return shape[0]
-    if default is None:
-        raise BuildError(f"MoE node '{node.name}': cannot tell the number of experts from the graph")
-    return default
-
-
-def stage_nodes(node: onnx.NodeProto, num_experts: int, tokens_hint: int) -> list[onnx.NodeProto]:
-    """The seven stage nodes replacing one `gemma4::MoE` node (same inputs and output names)."""
-    top_k = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "top_k")
-    fields = {"top_k": top_k, "num_experts": num_experts,
-              "rows_per_expert": max(1, tokens_hint * top_k // num_experts)}  # fmt: skip
-    prefix = node.name or node.output[0]
-
-    def tensor(pointer: str) -> str:
-        if pointer in OP_INPUTS:
-            return node.input[OP_INPUTS[pointer]]
-        return node.output[0] if pointer == OP_OUTPUT else f"{prefix}/{pointer.removesuffix('_ptr')}"
-
-    out = []
-    for stage in STAGES:
-        inputs, outputs = stage_io(stage)
-        out.append(helper.make_node(
-            stage.op_type, [tensor(p) for p in inputs], [tensor(p) for p in outputs], name=f"{prefix}/{stage.op_type}",
-            domain=NAMESPACE, plugin_namespace=NAMESPACE, plugin_version=VERSION, aot=1, **fields,
-        ))  # fmt: skip
-    return out
-
-
-def split_moe(model: onnx.ModelProto, *, tokens_hint: int = 1, num_experts: int | None = None) -> int:
-    """Replace every top-level `gemma4::MoE` node by its seven stage nodes, in place; returns how many.
-
-    tokens_hint: tokens per step the engine is tuned for (picks the GEMM tile through rows_per_expert).
-    num_experts: used only when the graph does not show the experts' count on the node's weights.
-    """
-    shapes = _static_dims(model)
-    nodes, split = [], 0
-    for node in model.graph.node:
-        if node.domain == NAMESPACE and node.op_type == MOE_OP:
-            nodes += stage_nodes(node, _num_experts(node, shapes, num_experts), tokens_hint)
-            split += 1
-        else:
-            nodes.append(node)
-    if split:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-    return split
 
 
 def stages_registered(creators: set[tuple[str, str, str]]) -> bool:

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable, Gemma4CompileError
 from ..export.manifest import DECODER, EMBED, ExportManifest
+from ..passes.lowerings import lowering_refusal
 from .base import BaseRunner, DecodeState, lengths_of
 
 
@@ -16,7 +17,7 @@ class OrtRunner(BaseRunner):
 
     name = "ort"
 
-    def __init__(self, export_dir: str | Path, threads: int | None = None):
+    def __init__(self, export_dir: str | Path, threads: int | None = None, providers: list[str] | None = None):
         super().__init__()
         try:
             import onnxruntime as ort
@@ -32,7 +33,7 @@ class OrtRunner(BaseRunner):
         if threads:
             options.intra_op_num_threads = threads
         self.sessions = {
-            role: ort.InferenceSession(str(self.manifest.graph_path(role)), options, providers=["CPUExecutionProvider"])
+            role: ort.InferenceSession(str(self.manifest.graph_path(role)), options, providers=providers or ["CPUExecutionProvider"])
             for role in self.manifest.graphs
         }  # fmt: skip
         decoder = self.manifest.graphs[DECODER]
@@ -45,11 +46,9 @@ class OrtRunner(BaseRunner):
 
     def _run(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> dict[str, np.ndarray]:
         B, S = input_ids.shape
-        if self.manifest.lowering == "gqa" and B > 1 and S > 1 and state.past_len.any():
-            raise Gemma4CompileError(
-                "ort: a gqa-lowered export cannot prefill a batch on top of a non-empty cache "
-                "(onnxruntime GroupQueryAttention); use a plain export"
-            )
+        refusal = lowering_refusal(self.manifest.lowering, B, S, bool(state.past_len.any()))
+        if refusal:
+            raise Gemma4CompileError(f"ort: {refusal}")
         embedded = dict(zip(self._embed_outputs, self.sessions[EMBED].run(self._embed_outputs, {"input_ids": input_ids})))
         feeds = {**embedded, "past_len": state.past_len, "seq_len": seq_len, **state.caches}
         out = dict(zip(self._outputs, self.sessions[DECODER].run(self._outputs, feeds)))

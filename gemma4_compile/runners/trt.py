@@ -21,8 +21,7 @@ from ..dtypes import DType
 from ..engines.load import deserialize, engine_dir, open_engine
 from ..engines.manifest import read_manifest
 from ..engines.profiles import profile_index
-from ..engines.trt import load_trt
-from ..engines.trt_logger import make_logger
+from ..engines.seam import load_trt, make_logger
 from ..errors import BackendUnavailable, Gemma4CompileError
 from ..export.manifest import DECODER, EMBED, ExportManifest
 from ..targets import local_device_sm

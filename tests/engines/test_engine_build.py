@@ -108,28 +108,24 @@ def test_progress_monitor_mirrors_tensorrt_phases(synthetic_exports, tmp_path):
     from rich.console import Console
     from rich.progress import Progress
 
-    from gemma4_compile.engines import (
-        BuildOptions,
-        ProfileLimits,
-        derive_profiles,
-        read_export,
-        resolve_target,
-    )
-    from gemma4_compile.engines.config import config_from_network
-    from gemma4_compile.engines.engine import engine_from_network
-    from gemma4_compile.engines.network import network_from_onnx
+    from gemma4_compile.engines import BuildOptions, BuildRecord, derive_profiles, read_export, resolve_target
+    from gemma4_compile.engines.build import config_from_network, engine_from_network
+    from gemma4_compile.engines.prepare import capability_report, network_from_onnx
     from gemma4_compile.engines.progress import make_monitor
+    from gemma4_compile.engines.seam import KernelsFile, register
 
     export, rtx = read_export(synthetic_exports["fp16"]), load_trt("tensorrt_rtx")
-    options = BuildOptions(limits=ProfileLimits(max_batch=1, max_seq=8), progress=True)
-    parsed = network_from_onnx(export, rtx)
-    build = config_from_network(
-        parsed, resolve_target("sm86"), options, derive_profiles(export, options.limits)
-    )
+    options = BuildOptions(max_batch=1, max_seq=8, progress=True)
+    record = BuildRecord(export, resolve_target("sm86"), rtx, options, derive_profiles(export, options.limits),
+                         KernelsFile())  # fmt: skip
+    record.plugins = register(rtx, False, export.path, record.kernels)
+    record.parsed = parsed = network_from_onnx(export, rtx)
+    record.report = capability_report("sm86", export, parsed, record.plugins)
+    config = config_from_network(record)
     screen = io.StringIO()
     with Progress(console=Console(file=screen, force_terminal=True, width=120)) as progress:
         monitor = make_monitor(rtx, progress, "sm86:")
-        plan = engine_from_network(parsed, build, tmp_path / "decoder.engine", "sm86", monitor)
+        plan = engine_from_network(parsed, config, tmp_path / "decoder.engine", "sm86", monitor)
     assert plan.bytes > 0 and plan.sha256 == sha256_file(tmp_path / "decoder.engine")
     assert monitor.phases[0] == "Building engine" and "Computing profile costs" in monitor.phases
     assert "sm86: Building engine" in screen.getvalue()
@@ -137,7 +133,7 @@ def test_progress_monitor_mirrors_tensorrt_phases(synthetic_exports, tmp_path):
 
 def test_only_the_exports_own_kernels_directory_is_handed_to_the_plugins(tmp_path):
     """Full TensorRT's AOT plugins compile into it, so an installed package's kernels.json must not qualify."""
-    from gemma4_compile.engines.plugin_status import _export_kernels_dir
+    from gemma4_compile.engines.seam import _export_kernels_dir
 
     export = tmp_path / "out"
     assert _export_kernels_dir(str(export / "kernels" / "kernels.json"), export) == export / "kernels"

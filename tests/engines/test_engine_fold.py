@@ -1,14 +1,12 @@
-"""Constant folding before parsing: what TensorRT-RTX rejects without it, and that it changes no numbers."""
+"""Why the engine builder folds constants: TensorRT-RTX's parser rejects the graph without FoldConstants."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from engines_support import needs_rtx
 
-from gemma4_compile.engines.fold import fold_constant_subgraphs
+from gemma4_compile.passes import FoldConstants, run_on_proto
 
 # ReduceMean whose axes come from Reshape(Constant, Constant): what torch.onnx (optimize=False) emits for RMSNorm.
 MODEL = """
@@ -26,36 +24,6 @@ g (float[N, 8] x) => (float[N, 1] y, float[N, 8] z) {
 """
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x}
-    )
-
-
-def test_folds_constant_subgraphs_and_keeps_the_numbers():
-    model = onnx.parser.parse_model(MODEL)
-    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
-    before = _run(model, x)
-    assert fold_constant_subgraphs(model) == 3  # Reshape, Cast, Cast
-    assert [n.op_type for n in model.graph.node] == ["Constant"] * 6 + ["ReduceMean", "Mul"]
-    onnx.checker.check_model(model, full_check=True)
-    for a, b in zip(before, _run(model, x)):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_leaves_weights_activations_and_big_constants_alone():
-    model = onnx.parser.parse_model("""
-    <ir_version: 10, opset_import: ["" : 20]>
-    g (float[N, 8] x) => (float[N, 8] y, float[5000] big) <float[8] w = {1,2,3,4,5,6,7,8}> {
-        shape = Constant <value_ints = [5000]> ()
-        big = ConstantOfShape <value = float {1.0}> (shape)
-        w2 = Mul (w, w)
-        y = Add (x, w2)
-    }
-    """)
-    assert fold_constant_subgraphs(model) == 0  # initializers (weights) are never read
-
-
 @needs_rtx
 @pytest.mark.rtx
 def test_rtx_parser_needs_the_fold():
@@ -71,5 +39,5 @@ def test_rtx_parser_needs_the_fold():
     model = onnx.parser.parse_model(MODEL)
     errors = parse(model)
     assert len(errors) == 1 and "Axis input must resolve to a build-time constant" in errors[0]
-    fold_constant_subgraphs(model)
+    run_on_proto(model, [FoldConstants()])
     assert parse(model) == []

@@ -16,7 +16,7 @@ from gemma4_compile.engines import (
     open_engine,
     read_manifest,
 )
-from gemma4_compile.engines.trt import TrtFlavour
+from gemma4_compile.engines.seam import TrtFlavour
 from gemma4_compile.errors import BackendUnavailable, BuildError
 
 pytestmark = [needs_rtx, pytest.mark.rtx]

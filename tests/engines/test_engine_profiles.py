@@ -15,7 +15,7 @@ def test_prefill_and_decode_profiles(synthetic_exports):
     export = read_export(synthetic_exports["fp16"])
     prefill, decode = derive_profiles(export, ProfileLimits(max_batch=3, max_seq=32))
     assert (prefill.name, decode.name) == ("prefill", "decode")
-    names = [t.name for t in export.decoder.inputs]
+    names = [t.name for t in export.graphs["decoder"].inputs]
     assert [s.name for s in prefill.inputs] == names == [s.name for s in decode.inputs]
 
     emb = prefill.shape("inputs_embeds")

@@ -7,7 +7,7 @@ from engines_support import needs_rtx
 
 from gemma4_compile.engines import TARGETS, list_targets, load_trt, resolve_target
 from gemma4_compile.engines.build import plan_builds
-from gemma4_compile.engines.trt import RTX, choose_flavour
+from gemma4_compile.engines.seam import RTX, choose_flavour
 from gemma4_compile.errors import BuildError, Gemma4CompileError
 from gemma4_compile.targets import local_device_sm, target_for_sm
 

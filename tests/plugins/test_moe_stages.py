@@ -28,6 +28,7 @@ pytest.importorskip("triton", reason="the plugin kernels are Triton kernels")
 
 from gemma4_compile.errors import BuildError
 from gemma4_compile.model import ops
+from gemma4_compile.passes import MarkAot, SplitMoE, plugin_lookup, run_on_proto
 from gemma4_compile.plugins import aot, qdp
 from gemma4_compile.plugins import moe_stages as ms
 from gemma4_compile.plugins.kernels import moe as M
@@ -189,9 +190,22 @@ def _run_as_trt_would(model: onnx.ModelProto, tensors: dict, rec: Recorder) -> d
 # ----- the split ----------------------------------------------------------------------------------------
 
 
+def split_moe(model: onnx.ModelProto, tokens_hint: int = 1, num_experts: int | None = None) -> int:
+    """The engine builder's SplitMoE pass on a proto, in place; -> how many MoE nodes it split."""
+    split = SplitMoE(tokens_hint, num_experts)
+    run_on_proto(model, [split])
+    return split.split
+
+
+def mark_aot(model: onnx.ModelProto, creators: set[tuple[str, str, str]]) -> int:
+    mark = MarkAot(plugin_lookup(creators))
+    run_on_proto(model, [mark])
+    return mark.marked
+
+
 def test_split_replaces_moe_by_seven_stages_wired_through_the_kernel_buffers():
     model, _ = _moe_graph(T=5, H=64, E=16, inter=32, top_k=4)
-    assert ms.split_moe(model, tokens_hint=4096) == 1
+    assert split_moe(model, tokens_hint=4096) == 1
     nodes = list(model.graph.node)
     assert [n.op_type for n in nodes] == [s.op_type for s in ms.STAGES]
     produced = {"x", "logits", "scale", "gate_up", "down"}
@@ -203,15 +217,15 @@ def test_split_replaces_moe_by_seven_stages_wired_through_the_kernel_buffers():
                          "plugin_version": b"1", "aot": 1}  # fmt: skip
         assert len(node.input) == len(ms.stage_io(stage)[0]) and node.domain == "gemma4"
     assert nodes[-1].output == ["y"] and nodes[0].input == ["logits", "scale"]
-    assert ms.split_moe(model) == 0  # nothing left to split
+    assert split_moe(model) == 0  # nothing left to split
 
 
 def test_split_needs_the_expert_count():
     model, _ = _moe_graph(T=3, H=64, E=8, inter=32, top_k=2)
     del model.graph.initializer[:]
     with pytest.raises(BuildError, match="MoE node 'layers.0/moe': cannot tell the number of experts"):
-        ms.split_moe(model)
-    assert ms.split_moe(model, num_experts=8) == 1
+        split_moe(model)
+    assert split_moe(model, num_experts=8) == 1
 
 
 def test_exported_moe_layers_split_into_stages(make_export):
@@ -221,7 +235,7 @@ def test_exported_moe_layers_split_into_stages(make_export):
     model = onnx.load(str(manifest.graph_path("decoder")), load_external_data=False)
     fused = sum(n.op_type == "MoE" for n in model.graph.node)
     assert fused == manifest.spec.num_hidden_layers
-    assert ms.split_moe(model) == fused
+    assert split_moe(model) == fused
     counts = {s.op_type: sum(n.op_type == s.op_type for n in model.graph.node) for s in ms.STAGES}
     assert set(counts.values()) == {fused}
     experts = {
@@ -243,15 +257,13 @@ def test_only_registered_stage_creators_trigger_the_split():
 
 def test_full_tensorrt_build_marks_plugin_nodes_aot():
     """The ONNX parser takes a QDP's AOT implementation only for nodes with aot=1 (TensorRT's QDP sample)."""
-    from gemma4_compile.engines.network import mark_aot
-
     model, _ = _moe_graph(T=3, H=64, E=8, inter=32, top_k=2)
     attention = helper.make_node("SlidingWindowAttention", ["q"], ["o"], name="attn", domain="gemma4",
                                  window=4, plugin_namespace="gemma4", plugin_version="1")  # fmt: skip
     model.graph.node.extend([attention, helper.make_node("Relu", ["o"], ["r"], name="relu")])
     creators = {(s.op_type, "1", "gemma4") for s in ms.STAGES} | {("SlidingWindowAttention", "1", "gemma4")}
     assert mark_aot(model, creators) == 1  # the fused MoE has no QDP, Relu is standard: only attention
-    ms.split_moe(model)
+    split_moe(model)
     assert mark_aot(model, creators) == 8  # attention (already marked) + the seven stages, which carry aot=1
     for node in model.graph.node:
         aot = [a.i for a in node.attribute if a.name == "aot"]
@@ -291,7 +303,7 @@ def test_stage_plugins_launched_in_graph_order_reproduce_the_reference(recorder,
     """Decode (one token), a small batch, and prefill-sized tiles over 128 experts (BLOCK_M 64)."""
     H, inter = 64, 32
     model, tensors = _moe_graph(T, H, E, inter, top_k)
-    ms.split_moe(model, tokens_hint=tokens_hint)
+    split_moe(model, tokens_hint=tokens_hint)
     out = _run_as_trt_would(model, tensors, recorder)
     want = ops.moe_reference(tensors["x"], tensors["logits"], tensors["scale"], tensors["gate_up"],
                              tensors["down"], top_k)  # fmt: skip

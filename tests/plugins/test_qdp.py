@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from gemma4_compile.errors import BackendUnavailable
+from gemma4_compile.passes import SplitMoE, run_on_proto
 from gemma4_compile.plugins import moe_stages, qdp
 from gemma4_compile.plugins.registration import ATTENTION, MOE, PluginError
 
@@ -257,9 +258,9 @@ def test_full_tensorrt_parser_takes_the_qdps(tmp_path):
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("gemma4", 1)]
     )
-    assert (
-        moe_stages.split_moe(model, tokens_hint=3) == 1
-    )  # as engines/network.py does with the stages registered
+    split = SplitMoE(tokens_hint=3)
+    run_on_proto(model, [split])  # as engines/prepare.py does with the stages registered
+    assert split.split == 1
     path = tmp_path / "qdp.onnx"
     onnx.save(model, path)
     logger = trt.Logger(trt.Logger.WARNING)

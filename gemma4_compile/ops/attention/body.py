@@ -16,7 +16,7 @@ CONTRACT = SLIDING_WINDOW_ATTENTION
 OP_TYPE = CONTRACT.op_type
 SCHEMA = CONTRACT.schema()
 
-# The body is assembled from three parts so that export/lowering.py can swap the attention part alone.
+# The body is assembled from three parts so that passes/lower_gqa.py can swap the attention part alone.
 SIGNATURE = "SlidingWindowAttention <{attrs}> (q, k, v, past_k, past_v, past_len, seq_len) => (out, present_k, present_v)"
 
 PRELUDE = """

@@ -1,4 +1,4 @@
-"""Optional onnxruntime lowering: `gemma4::SlidingWindowAttention` runs through `com.microsoft.GroupQueryAttention`.
+"""The `gqa` lowering (onnxruntime only): `gemma4::SlidingWindowAttention` runs through `com.microsoft.GroupQueryAttention`.
 
 The custom nodes stay as they are (same inputs, outputs, ring-cache semantics, plugin attributes); the pass
 swaps their model-local function for one that unrolls the ring into chronological order, hands it to
@@ -14,11 +14,14 @@ A lowered export is for onnxruntime: TensorRT cannot inline GroupQueryAttention,
 from __future__ import annotations
 
 import onnx
+import onnx_ir as ir
 
+from ..export.custom_ops import attention
+from ..export.custom_ops.common import DOMAIN
 from ..model.config import Gemma4Spec
-from .custom_ops import attention
 
-LOWERINGS = ("gqa",)
+__all__ = ["CONTRIB", "LowerAttentionToGQA", "gqa_function"]
+
 CONTRIB = "com.microsoft"
 
 # Unroll the ring into chronological order (oldest cached position first, L = min(past_len, C) valid),
@@ -66,20 +69,35 @@ def gqa_function() -> onnx.FunctionProto:
     return onnx.parser.parse_function(text)
 
 
-def lower_attention_to_gqa(model: onnx.ModelProto, spec: Gemma4Spec) -> int:
-    """Rewrite `model` in place; returns the number of attention nodes lowered."""
-    nodes = [n for n in model.graph.node if n.domain == "gemma4" and n.op_type == attention.OP_TYPE]
-    if len(nodes) != spec.num_hidden_layers:
-        raise ValueError(f"expected one attention node per layer, found {len(nodes)}")
-    for node, plan in zip(nodes, spec.layers):  # nodes are in layer order
-        node.attribute.extend([
-            onnx.helper.make_attribute("num_heads", spec.num_attention_heads),
-            onnx.helper.make_attribute("kv_num_heads", plan.num_kv_heads),
-            onnx.helper.make_attribute("local_window_size", plan.window if plan.window > 0 else -1),
-        ])  # fmt: skip
-    kept = [f for f in model.functions if not (f.domain == "gemma4" and f.name == attention.OP_TYPE)]
-    del model.functions[:]
-    model.functions.extend([*kept, gqa_function()])
-    if not any(o.domain == CONTRIB for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(CONTRIB, 1))
-    return len(nodes)
+def _attention_nodes(model: ir.Model) -> list[ir.Node]:
+    return [n for n in model.graph if n.domain == DOMAIN and n.op_type == attention.OP_TYPE]
+
+
+class LowerAttentionToGQA(ir.passes.InPlacePass):
+    """Give every attention node its layer's GQA attributes and swap in the GQA function body."""
+
+    def __init__(self, spec: Gemma4Spec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def requires(self, model: ir.Model) -> None:
+        found = len(_attention_nodes(model))
+        if found != self.spec.num_hidden_layers:
+            raise ir.passes.PreconditionError(f"expected one attention node per layer, found {found}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        for node, plan in zip(_attention_nodes(model), self.spec.layers):  # nodes are in layer order
+            node.attributes["num_heads"] = ir.AttrInt64("num_heads", self.spec.num_attention_heads)
+            node.attributes["kv_num_heads"] = ir.AttrInt64("kv_num_heads", plan.num_kv_heads)
+            window = plan.window if plan.window > 0 else -1
+            node.attributes["local_window_size"] = ir.AttrInt64("local_window_size", window)
+        function = ir.serde.deserialize_function(gqa_function())
+        model.functions.pop(function.identifier(), None)
+        model.functions[function.identifier()] = function
+        model.opset_imports.setdefault(CONTRIB, 1)
+        return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        nodes = _attention_nodes(model)
+        if not all("local_window_size" in n.attributes for n in nodes):
+            raise ir.passes.PostconditionError("an attention node lacks the GQA attributes")
