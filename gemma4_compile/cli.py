@@ -245,9 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:  # a usage error is bad input: the same exit code as any other
         console.print(f"error: {e.format_message()}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_ERROR
-    except click.exceptions.Abort:
-        console.print("error: aborted", markup=False)
-        return EXIT_INTERRUPTED
+    except click.exceptions.Abort as e:  # click turns Ctrl-C into Abort (after a blank line ending the ^C echo)
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            console.print("error: interrupted", markup=False)
+            return EXIT_INTERRUPTED
+        console.print("error: aborted (end of input)", markup=False)
+        return EXIT_ERROR
     except Gemma4CompileError as e:
         if debug:
             raise

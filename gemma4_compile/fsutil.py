@@ -38,6 +38,13 @@ def check_output_path(out: Path, inputs: Iterable[Path] = (), error: type[Gemma4
     """Refuse, in one line, an output whose replacement would delete an input or a directory nobody means to
     lose: the input itself, one containing it or inside it, the working directory, home or a root."""
     target = Path(out).expanduser().resolve()
+    protected = {"a filesystem root": Path(target.anchor), "the home directory": Path.home().resolve(),
+                 "the working directory": Path.cwd().resolve()}  # fmt: skip
+    for what, path in protected.items():
+        if target == path:
+            raise error(f"output {out} is {what}; choose a directory of its own")
+        if path.is_relative_to(target):
+            raise error(f"output {out} contains {what}; choose a directory of its own")
     for given in inputs:
         source = Path(given).expanduser().resolve()
         if target == source:
@@ -46,13 +53,6 @@ def check_output_path(out: Path, inputs: Iterable[Path] = (), error: type[Gemma4
             raise error(f"output {out} contains the input {given}; choose another output directory")
         if target.is_relative_to(source):
             raise error(f"output {out} is inside the input {given}; choose a directory outside it")
-    protected = {"a filesystem root": Path(target.anchor), "the home directory": Path.home().resolve(),
-                 "the working directory": Path.cwd().resolve()}  # fmt: skip
-    for what, path in protected.items():
-        if target == path:
-            raise error(f"output {out} is {what}; choose a directory of its own")
-        if path.is_relative_to(target):
-            raise error(f"output {out} contains {what}; choose a directory of its own")
 
 
 def is_project_output(path: Path) -> bool:
