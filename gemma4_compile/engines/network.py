@@ -8,7 +8,7 @@ the parser insists on constant axes it cannot always fold itself. Where the seve
 registered (full TensorRT's AOT plugins, plugins/moe_stages.py), each `gemma4::MoE` node becomes those seven
 nodes, since an AOT plugin launches one kernel, and every node with a plugin gets `aot=1`, the parser's switch
 to the AOT implementation. And, for the inline path: The parser dispatches by op_type before it looks at the domain
-(tensorrt-notes.md §2.1), so `gemma4::Attention` would go to TensorRT's built-in ONNX `Attention` importer
+(docs/tensorrt.md, parser dispatch), so `gemma4::Attention` would go to TensorRT's built-in ONNX `Attention` importer
 ("TensorRT only supports Attention nodes with one output") instead of its function body. A custom-domain node
 that has a model-local function, no registered plugin, and an op_type the parser has a built-in importer for
 is renamed (node and a copy of its function) to `<domain>_<op_type>`, which only the function can serve.

@@ -1,6 +1,6 @@
 """Full-TensorRT quickly deployable plugins: pure parts on CPU, the `tensorrt.plugin` parts where it exists.
 
-`tensorrt.plugin` ships only with full TensorRT, which PyPI cannot install (docs: tensorrt-notes.md §0), so
+`tensorrt.plugin` ships only with full TensorRT, which PyPI cannot install (docs/tensorrt.md, what installs where), so
 those tests skip with that reason; nothing here stands in for TensorRT. The decorated functions are checked on
 CPU by reading qdp.py's syntax tree against the plugin specs.
 """
