@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from engines_support import needs_rtx
 
 from gemma4_compile.engines.fold import fold_constant_subgraphs
 
@@ -56,7 +55,6 @@ def test_leaves_weights_activations_and_big_constants_alone():
     assert fold_constant_subgraphs(model) == 0  # initializers (weights) are never read
 
 
-@needs_rtx
 @pytest.mark.rtx
 def test_rtx_parser_needs_the_fold():
     import tensorrt_rtx as trt

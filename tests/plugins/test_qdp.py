@@ -29,9 +29,6 @@ def _full_tensorrt():
         return None
 
 
-needs_qdp = pytest.mark.skipif(_full_tensorrt() is None, reason=QDP_REASON)
-
-
 # ----- pure parts -------------------------------------------------------------------------------
 
 
@@ -220,7 +217,6 @@ def test_decorated_signatures_follow_the_spec(name):
 # ----- full TensorRT ----------------------------------------------------------------------------
 
 
-@needs_qdp
 @pytest.mark.trt
 def test_register_qdp_defines_attention_and_the_moe_stages_once():
     trt, trtp = _full_tensorrt()
@@ -228,7 +224,6 @@ def test_register_qdp_defines_attention_and_the_moe_stages_once():
     assert all(qdp.is_registered(trtp, s) for s in (ATTENTION, *moe_stages.STAGES))
 
 
-@needs_qdp
 @pytest.mark.trt
 def test_full_tensorrt_parser_takes_the_qdps(tmp_path):
     import onnx
