@@ -57,17 +57,37 @@ def check_output_path(out: Path, inputs: Iterable[Path] = (), error: type[Gemma4
 
 def is_project_output(path: Path) -> bool:
     """True for a directory gemma4-compile wrote: an export (export.json in our format), a random checkpoint or
-    a compile output (our marker file), or a compile output from before the marker (reports/ + an export)."""
+    a compile output (our marker file), a compile output from before the marker (reports/ beside an export),
+    or one of a compile output's stage directories (checkpoint/, export/, reports/)."""
+    return _has_marker(path) or _is_export(path) or _is_compile_output(path) or (
+        path.name in COMPILE_STAGES and _is_compile_output(path.parent))  # fmt: skip
+
+
+COMPILE_STAGES = ("checkpoint", "export", "reports")
+
+
+def _has_marker(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_export(path: Path) -> bool:
     from .export.manifest import FORMAT, MANIFEST
 
-    if (path / MARKER).is_file():
-        return True
-    try:
-        if json.loads((path / MANIFEST).read_text()).get("format") == FORMAT:
-            return True
-    except (OSError, ValueError, AttributeError):
-        pass
-    return (path / "reports").is_dir() and (path / "export").is_dir() and is_project_output(path / "export")
+    return _read_json(path / MANIFEST).get("format") == FORMAT
+
+
+def _is_compile_output(path: Path) -> bool:
+    if _has_marker(path):
+        return _read_json(path / MARKER).get("kind") == "compile"
+    return (path / "reports").is_dir() and _is_export(path / "export")
 
 
 def write_marker(directory: Path, kind: str) -> None:

@@ -69,3 +69,15 @@ def test_is_project_output_recognizes_each_kind(tmp_path):
     for foreign in ("plain", "reports-only"):
         (tmp_path / foreign / "reports").mkdir(parents=True)
         assert not is_project_output(tmp_path / foreign)
+
+
+def test_a_compile_outputs_stage_directories_are_its_own(tmp_path):
+    """`compile --force` rewrites OUT/checkpoint and OUT/export; an older compile output has no marker in them."""
+    compiled = tmp_path / "compiled"
+    (compiled / "reports").mkdir(parents=True)
+    fake_export(compiled / "export")
+    (compiled / "checkpoint").mkdir()
+    (compiled / "checkpoint" / "config.json").write_text("{}")
+    assert is_project_output(compiled / "checkpoint")
+    (tmp_path / "elsewhere" / "checkpoint").mkdir(parents=True)
+    assert not is_project_output(tmp_path / "elsewhere" / "checkpoint")
