@@ -11,7 +11,7 @@ from rich.table import Table
 
 from . import __version__
 from .engines.profiles import DEFAULT_MAX_BATCH
-from .errors import Gemma4CompileError
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Gemma4CompileError, UsageError, ValidationFailed
 from .model.presets import DEFAULT_PRESET, PRESETS
 from .passes.lowerings import LOWERINGS
 
@@ -64,9 +64,9 @@ def _parse_size(text: str) -> int:
     try:
         value = int(float(num) * units[t[len(num) :]])
     except (ValueError, KeyError):
-        raise Gemma4CompileError(f"cannot read size {text!r} (examples: 500MB, 2GiB)") from None
+        raise UsageError(f"cannot read size {text!r} (examples: 500MB, 2GiB)") from None
     if value <= 0:
-        raise Gemma4CompileError(f"size must be positive, got {text!r}")
+        raise UsageError(f"size must be positive, got {text!r}")
     return value
 
 
@@ -81,7 +81,7 @@ def inspect(path: Path | None, preset: str | None) -> None:
     if preset:
         spec = PRESETS[preset]
     elif path is None:
-        raise Gemma4CompileError("give a checkpoint or export directory, or --preset")
+        raise UsageError("give a checkpoint or export directory, or --preset")
     elif (path / MANIFEST).is_file():
         manifest = ExportManifest.load(path)
         _print_export(manifest)
@@ -199,13 +199,7 @@ def validate(export_dir: Path, backend: str, reference: str, checkpoint: Path | 
                           prompts=prompts, steps=steps, target=target)  # fmt: skip
     click.echo(report.summary())
     if not report.passed:
-        raise _failed(report)
-
-
-def _failed(report):
-    from .errors import ValidationFailed
-
-    return ValidationFailed(report.failure_message())
+        raise ValidationFailed(report.failure_message())
 
 
 @cli.command()
@@ -237,7 +231,7 @@ def compile_(checkpoint: Path | None, output: Path, targets: tuple[str, ...], dt
     result = run_pipeline(checkpoint, output, targets=list(targets), dtype=dtype, preset=preset, force=force)
     click.echo(result.summary_path.read_text())
     if not result.passed:
-        raise Gemma4CompileError(f"validation failed; see {result.summary_path}")
+        raise ValidationFailed(f"validation failed; see {result.summary_path}")
 
 
 # ----- entry point ---------------------------------------------------------------------------------
@@ -248,29 +242,32 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         cli.main(args=argv, prog_name="gemma4-compile", standalone_mode=False)
-        return 0
+        return EXIT_OK
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.ClickException as e:
+    except click.ClickException as e:  # a usage error is bad input: the same exit code as any other
         console.print(f"error: {e.format_message()}", markup=False, highlight=False, soft_wrap=True)
-        return e.exit_code
-    except click.exceptions.Abort:
-        console.print("error: aborted", markup=False)
-        return 130
+        return EXIT_ERROR
+    except click.exceptions.Abort as e:  # click turns Ctrl-C into Abort (after a blank line ending the ^C echo)
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            console.print("error: interrupted", markup=False)
+            return EXIT_INTERRUPTED
+        console.print("error: aborted (end of input)", markup=False)
+        return EXIT_ERROR
     except Gemma4CompileError as e:
         if debug:
             raise
         console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outputs are built beside their final path, so the previous ones are intact
         console.print("error: interrupted", markup=False)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:  # an internal bug: still one line, the traceback only on request
         if debug:
             raise
         console.print(f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
                       markup=False, highlight=False, soft_wrap=True)  # fmt: skip
-        return 1
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

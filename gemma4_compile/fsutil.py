@@ -1,40 +1,237 @@
-"""Atomic outputs (a directory or a file is built beside its final name and renamed in when complete) and
-file hashing, shared by every stage."""
+"""Safe outputs, shared by every stage, and file hashing.
+
+An output directory is built beside its final name and swapped in when complete, so a path holds either
+the old output or the new one, never a half-written one (docs/outputs.md). Before any work:
+`check_output_path` refuses a path whose replacement would destroy an input, the working directory, the
+home directory or a filesystem root; `output_lock` lets one run at a time write an output; `--force`
+replaces only a directory this project wrote (`is_project_output`).
+"""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import Gemma4CompileError
 
+MARKER = ".gemma4-compile"  # {"kind": ...}: written into a checkpoint or compile output this project made
+TMP, OLD, LOCK = "tmp", "old", "lock"  # sibling names: .NAME.tmp.*, .NAME.old.*, .NAME.lock
+
+
+def _sibling(out: Path, role: str) -> str:
+    return f".{out.name}.{role}"
+
+
+# ----- which paths may be written --------------------------------------------------------------------
+
+
+def check_output_path(out: Path, inputs: Iterable[Path] = (), error: type[Gemma4CompileError] = Gemma4CompileError) -> None:
+    """Refuse, in one line, an output whose replacement would delete an input or a directory nobody means to
+    lose: the input itself, one containing it or inside it, the working directory, home or a root."""
+    target = Path(out).expanduser().resolve()
+    protected = {"a filesystem root": Path(target.anchor), "the home directory": Path.home().resolve(),
+                 "the working directory": Path.cwd().resolve()}  # fmt: skip
+    for what, path in protected.items():
+        if target == path:
+            raise error(f"output {out} is {what}; choose a directory of its own")
+        if path.is_relative_to(target):
+            raise error(f"output {out} contains {what}; choose a directory of its own")
+    for given in inputs:
+        source = Path(given).expanduser().resolve()
+        if target == source:
+            raise error(f"output {out} is the input {given}; choose another output directory")
+        if source.is_relative_to(target):
+            raise error(f"output {out} contains the input {given}; choose another output directory")
+        if target.is_relative_to(source):
+            raise error(f"output {out} is inside the input {given}; choose a directory outside it")
+
+
+def is_project_output(path: Path) -> bool:
+    """True for a directory gemma4-compile wrote: an export (export.json in our format), a random checkpoint or
+    a compile output (our marker file), a compile output from before the marker (reports/ beside an export),
+    or one of a compile output's stage directories (checkpoint/, export/, reports/)."""
+    return _has_marker(path) or _is_export(path) or _is_compile_output(path) or (
+        path.name in COMPILE_STAGES and _is_compile_output(path.parent))  # fmt: skip
+
+
+COMPILE_STAGES = ("checkpoint", "export", "reports")
+
+
+def _has_marker(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_export(path: Path) -> bool:
+    from .export.manifest import FORMAT, MANIFEST
+
+    return _read_json(path / MANIFEST).get("format") == FORMAT
+
+
+def _is_compile_output(path: Path) -> bool:
+    if _has_marker(path):
+        return _read_json(path / MARKER).get("kind") == "compile"
+    return (path / "reports").is_dir() and _is_export(path / "export")
+
+
+def write_marker(directory: Path, kind: str) -> None:
+    (directory / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+
+
+def check_replaceable(out: Path, force: bool, error: type[Gemma4CompileError] = Gemma4CompileError) -> None:
+    """An existing non-empty `out` is replaced only with `force`, and only if this project wrote it."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not force:
+        raise error(f"output directory {out} already exists (use --force to replace it)")
+    if not out.is_dir() or not is_project_output(out):
+        raise error(f"{out} was not written by gemma4-compile; --force replaces only its own outputs, "
+                    "so remove it yourself or choose another output")  # fmt: skip
+
+
+# ----- one writer per output -------------------------------------------------------------------------
+
 
 @contextmanager
-def atomic_directory(out: Path, error: type[Gemma4CompileError] = Gemma4CompileError) -> Iterator[Path]:
-    """Yield an empty temporary directory beside `out`; on success it replaces `out`, on any failure it
-    is removed, so a failed run never leaves a half-written artifact that looks valid."""
+def output_lock(out: Path, error: type[Gemma4CompileError] = Gemma4CompileError) -> Iterator[None]:
+    """Hold `.NAME.lock` beside `out` for the block; a second run on the same output is refused at once.
+
+    The lock file is removed on release; a run that locked a file someone has just removed sees a different
+    inode at the path and is refused too, so two runs never both believe they hold it."""
+    lock = out.parent / _sibling(out, LOCK)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise error(f"cannot create {out}: {e.strerror or e}") from None
+        raise error(f"cannot create {lock}: {e.strerror or e}") from None
     try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except OSError:
+            held = False
+        if not held:
+            raise error(f"{out} is being written by another gemma4-compile run (lock {lock}); wait for it to finish")
+        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+# ----- atomic replacement ----------------------------------------------------------------------------
+
+
+def recover_stale(out: Path) -> None:
+    """Undo what a killed run left beside `out` (call with the lock held): a `.NAME.old.*` whose swap did not
+    finish is put back if `out` is missing, else removed; `.NAME.tmp.*` folders are removed."""
+    olds = sorted(out.parent.glob(_sibling(out, OLD) + ".*"), key=lambda p: p.stat().st_mtime)
+    if olds and not out.exists():
+        os.replace(olds.pop(), out)
+    for stale in (*olds, *out.parent.glob(_sibling(out, TMP) + ".*")):
+        _remove(stale)
+
+
+def replace_directory(tmp: Path, out: Path) -> None:
+    """Swap the complete `tmp` in for `out` so that the path always holds the old or the new output: the old one
+    moves to `.NAME.old.*`, `tmp` takes its place, then the old one is removed. A kill between the two renames
+    leaves the old output under the sibling name, which `recover_stale` puts back."""
+    with _signals_deferred():
+        old = None
         if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise error(f"cannot write {out}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            old = Path(tempfile.mkdtemp(prefix=_sibling(out, OLD) + ".", dir=out.parent))
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)
+            raise
+    if old is not None:
+        _remove(old)
+
+
+@contextmanager
+def atomic_directory(
+    out: Path,
+    error: type[Gemma4CompileError] = Gemma4CompileError,
+    *,
+    force: bool = False,
+    inputs: Iterable[Path] = (),
+    marker: str | None = None,
+) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `out`; on success it replaces `out`, on any failure (Ctrl-C
+    included) it is removed and `out` is left as it was.
+
+    Before anything is written: `out` is checked against `inputs` (check_output_path), locked (output_lock),
+    cleaned of a killed run's leftovers, and refused if it exists and may not be replaced (check_replaceable).
+    `marker` names the kind of output in a marker file, so a later `--force` recognizes it as ours."""
+    out = Path(out)
+    check_output_path(out, inputs, error)
+    with output_lock(out, error):
+        try:
+            recover_stale(out)
+        except OSError as e:
+            raise error(f"cannot clean up after an earlier run on {out}: {e.strerror or e}") from None
+        check_replaceable(out, force, error)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=_sibling(out, TMP) + ".", dir=out.parent))
+        except OSError as e:
+            raise error(f"cannot create {out}: {e.strerror or e}") from None
+        try:
+            yield tmp
+            if marker is not None:
+                write_marker(tmp, marker)
+            tmp.chmod(0o755)  # mkdtemp makes it private
+            replace_directory(tmp, out)
+        except OSError as e:
+            _remove(tmp)
+            raise error(f"cannot write {out}: {e.strerror or e}") from None
+        except BaseException:
+            _remove(tmp)
+            raise
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM back during the two renames, so Ctrl-C cannot land between them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# ----- files ---------------------------------------------------------------------------------------------
 
 
 @contextmanager

@@ -13,7 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from .errors import BackendUnavailable, BuildError, Gemma4CompileError
+from .errors import BackendUnavailable, BuildError, UsageError
+from .fsutil import check_output_path, check_replaceable, output_lock, write_marker
 
 
 @dataclass
@@ -34,9 +35,19 @@ def run_pipeline(
     force: bool = False,
     console: Console | None = None,
 ) -> PipelineResult:
+    """Run every stage into `out_dir` (refused if it is the checkpoint or holds it, if another run writes it, or
+    if it exists and is not a compile output this project wrote, or without `force`)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise Gemma4CompileError(f"output directory {out_dir} exists and is not empty (use --force to replace it)")
+    check_output_path(out_dir, [checkpoint] if checkpoint else [], UsageError)
+    with output_lock(out_dir, UsageError):
+        check_replaceable(out_dir, force, UsageError)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_marker(out_dir, "compile")  # first: --force may later replace what this run leaves
+        return _run(checkpoint, out_dir, targets, dtype, preset, console)
+
+
+def _run(checkpoint: Path | None, out_dir: Path, targets: list[str] | None, dtype: str, preset: str,
+         console: Console | None) -> PipelineResult:  # fmt: skip
     notes: list[str] = []
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console or Console(stderr=True), transient=False) as progress:

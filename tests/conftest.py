@@ -1,7 +1,11 @@
-"""Shared fixtures: random tiny checkpoints and exports, made once per test session."""
+"""Shared fixtures (random tiny checkpoints and exports, made once per test session) and the one place where
+the markers `rtx`, `trt` and `gpu` become skips with their reason on a machine that lacks what they name."""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -14,6 +18,37 @@ import torch
 
 from gemma4_compile.model.checkpoint import write_random_checkpoint
 from gemma4_compile.model.presets import PRESETS, TINY_PRESETS
+from gemma4_compile.targets import local_device_sm
+
+
+@functools.cache
+def _has_gpu() -> bool:
+    return local_device_sm() is not None
+
+
+@functools.cache
+def _has_full_tensorrt() -> bool:
+    try:
+        importlib.import_module("tensorrt.plugin")  # only full TensorRT has it (docs/tensorrt.md)
+    except ImportError:
+        return False
+    return True
+
+
+# marker -> (is it available here?, the skip reason where it is not)
+REQUIREMENTS = {
+    "rtx": (lambda: importlib.util.find_spec("tensorrt_rtx") is not None,
+            "needs tensorrt_rtx (pip install 'gemma4-compile[rtx]')"),
+    "trt": (lambda: _has_full_tensorrt() and _has_gpu(),
+            "needs full TensorRT (tensorrt.plugin; not installable from PyPI) and a CUDA GPU"),
+    "gpu": (_has_gpu, "needs a CUDA GPU (torch.cuda)"),
+}  # fmt: skip
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker, (available, reason) in REQUIREMENTS.items():
+        if item.get_closest_marker(marker) is not None and not available():
+            pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

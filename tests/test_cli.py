@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from gemma4_compile.cli import main
+from gemma4_compile.errors import EXIT_ERROR, EXIT_VALIDATION_FAILED
 
 VERBS = ["init-random", "export", "build", "kernels", "validate", "bench", "compile", "inspect"]
 
@@ -67,3 +68,43 @@ def test_export_refuses_an_existing_directory_and_leaves_it_alone(tmp_path, make
     result = run("export", str(make_checkpoint("tiny-31b")), "-o", str(out))
     assert result.returncode == 1 and "already exists" in result.stderr
     assert (out / "keep.txt").read_text() == "mine" and not (out / "export.json").exists()
+
+
+class FailedReport:
+    """What a validation run that completed and disagreed hands back."""
+
+    passed = False
+
+    def summary(self) -> str:
+        return "case long-prompt: FAILED"
+
+    def failure_message(self) -> str:
+        return "case long-prompt: max |Δlogit| 3.1 > 1e-4"
+
+
+def test_a_failed_validation_exits_2_from_validate(monkeypatch, capsys):
+    import gemma4_compile.validate as stage
+
+    monkeypatch.setattr(stage, "validate", lambda *a, **k: FailedReport(), raising=False)
+    assert main(["validate", "some-export"]) == EXIT_VALIDATION_FAILED == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: case long-prompt: max |Δlogit| 3.1 > 1e-4"]
+
+
+def test_a_failed_validation_exits_2_from_compile(monkeypatch, tmp_path, capsys):
+    import gemma4_compile.pipeline as pipeline
+
+    summary = tmp_path / "summary.md"
+    summary.write_text("# summary\nvalidate: FAILED\n")
+    failed = pipeline.PipelineResult(tmp_path, summary, passed=False)
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **k: failed)
+    assert main(["compile", "-o", str(tmp_path / "out")]) == EXIT_VALIDATION_FAILED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: validation failed; see {summary}"]
+
+
+def test_bad_input_exits_1_from_every_verb(tmp_path):
+    """A usage error (click) and a stage's own error share the one exit code for bad input."""
+    assert run("init-random", "--preset", "e3b", "-o", str(tmp_path / "x")).returncode == EXIT_ERROR
+    assert run("validate", str(tmp_path / "missing")).returncode == EXIT_ERROR
+    assert run("compile").returncode == EXIT_ERROR  # -o is required

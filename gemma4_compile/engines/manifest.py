@@ -1,7 +1,7 @@
 """manifest.json per engine: what was built, from what, with what, and the check that refuses a mismatch.
 
 An engine is tied to the TensorRT flavour and exact version that built it and to one GPU SM
-(tensorrt-notes.md §4), so `check_engine` compares both before anything deserializes the plan.
+(docs/tensorrt.md, engines are tied to a GPU and a version), so `check_engine` compares both before anything deserializes the plan.
 """
 
 from __future__ import annotations

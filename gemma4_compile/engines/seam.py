@@ -1,7 +1,8 @@
 """The one seam over full TensorRT (`tensorrt`) and TensorRT-RTX (`tensorrt_rtx`), imported lazily: the
 flavour, its logger, and its plugin registry.
 
-The two builders differ in what they can target (tensorrt-notes.md §0, §4):
+The two builders differ in what they can target (docs/tensorrt.md: what installs where, engines are tied
+to a GPU and a version):
 * TensorRT-RTX compiles ahead of time for the compute capabilities in its `ComputeCapability` enum, on a CPU,
   with no GPU (`IBuilderConfig.set_compute_capability`). It has no SM90/SM100, so no data-center engines.
 * Full TensorRT tunes on the GPU it runs on, so it builds only for that GPU's SM.

@@ -100,7 +100,7 @@ def export_spec(
         raise ExportError(f"--max-seq-len must be positive, got {max_seq_len}")
     if lowering not in (None, *LOWERINGS):
         raise ExportError(f"unknown lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
-    with atomic_directory(out, ExportError) as tmp:
+    with atomic_directory(out, ExportError, force=force, inputs=[checkpoint] if checkpoint else []) as tmp:
         _export_into(tmp, spec, entries, dtype, max_seq_len, debug, lowering, progress or (lambda s: None), checkpoint)
     manifest = ExportManifest.load(out)
     return ExportedModel(out, manifest)

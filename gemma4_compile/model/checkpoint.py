@@ -129,7 +129,7 @@ def write_random_checkpoint(
     names = sorted(shapes)
     sizes = [(n, itemsize * _numel(shapes[n])) for n in names]
     shards = _plan_shards(sizes, max_shard_bytes)
-    with atomic_directory(out, CheckpointError) as tmp:
+    with atomic_directory(out, CheckpointError, force=force, marker="checkpoint") as tmp:
         files = []
         weight_map: dict[str, str] = {}
         total = 0

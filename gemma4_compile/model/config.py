@@ -1,7 +1,8 @@
 """Gemma 4 text-decoder spec: a frozen view of a Hugging Face config.json plus the per-layer plan.
 
 The plan is computed once (`Gemma4Spec.layers`) so that the model, the exporter and the engine builder
-never re-derive layer types, head sizes, KV sharing or MLP widths (gemma4-architecture.md §4, §6, §7, §10).
+never re-derive layer types, head sizes, KV sharing or MLP widths (docs/architecture.md: layer types,
+attention, KV sharing, MLP, MoE, released configurations).
 """
 
 from __future__ import annotations

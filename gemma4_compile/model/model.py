@@ -1,4 +1,4 @@
-"""Gemma 4 text decoder in plain PyTorch, written against gemma4-architecture.md.
+"""Gemma 4 text decoder in plain PyTorch, written against docs/architecture.md.
 
 Letters: B batch, S new tokens, C cache slots, H hidden, L layers, P per-layer-input width (PLE),
 Hq/Hkv query/KV heads, D head dim, V vocab.

@@ -1,4 +1,4 @@
-"""Named Gemma 4 specs: the four released variants (gemma4-architecture.md §10) and tiny twins for CPU tests.
+"""Named Gemma 4 specs: the four released variants (docs/architecture.md, released configurations) and tiny twins for CPU tests.
 
 Each tiny preset keeps every structural feature of its big sibling (layer pattern ending global,
 head_dim != global_head_dim, KV sharing + double-wide MLP, PLE, K=V with fewer global KV heads, MoE with

@@ -1,6 +1,6 @@
 """Rename custom ops whose op_type TensorRT's ONNX parser would give to one of its built-in importers.
 
-The parser dispatches by op_type before it looks at the domain (tensorrt-notes.md §2.1), so `gemma4::Attention`
+The parser dispatches by op_type before it looks at the domain (docs/tensorrt.md, parser dispatch), so `gemma4::Attention`
 would go to TensorRT's built-in ONNX `Attention` importer ("TensorRT only supports Attention nodes with one
 output") instead of its function body. A custom-domain node with a model-local function, no registered plugin,
 and an op_type the parser has a built-in importer for is renamed (node and a copy of its function) to

@@ -6,7 +6,7 @@
 Caches live on the GPU as torch tensors, shaped as export.json says: sliding caches W slots, global caches
 `max_len` slots. Presents are written to a second set of buffers and swapped in after each step (TensorRT
 inputs and outputs must not alias). Nothing here touches a TensorRT runtime unless a CUDA GPU is present:
-a runtime created without one can segfault (tensorrt-notes.md §1.2).
+a runtime created without one can segfault (docs/tensorrt.md, runtimes without a GPU).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Token sequences to validate on: seeded defaults around the sliding window, or a user's JSON file.
 
-Sliding-window bugs only show once a sequence is longer than W (peers.md §6.7), so the defaults put prompts
+Sliding-window bugs only show once a sequence is longer than W (docs/validation.md, prompts longer than the window), so the defaults put prompts
 below, at and well past W, and a ragged batch whose rows straddle it.
 
 Prompt file format (`--prompts FILE`): a JSON list; each element is one case, either

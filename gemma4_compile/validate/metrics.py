@@ -3,7 +3,7 @@
 Logit metrics take `ref` and `out` shaped [N, V] (N positions, V vocab), already restricted to real tokens
 (padding removed by the caller). Layer metrics take hidden states shaped [L, N, H].
 Why token-level metrics: a single atol (Polygraphy's 1e-5 default) flags healthy fp16/bf16 engines and says
-nothing about what a user sees; top-1 agreement, KL and greedy-match length do (peers.md §5G, §6.7).
+nothing about what a user sees; top-1 agreement, KL and greedy-match length do (docs/validation.md, token-level metrics).
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ class Tolerance:
 #   to 5376 and 60 layers) and ~10x below the second. With |Δ| <= 1e-3 the argmax can only flip where the
 #   top two logits are within 2e-3: that is the near-tie margin, and top-1 / greedy decode must otherwise
 #   match exactly.
-# * bf16/fp16: an atol is the wrong tool (peers.md §5G); KL is the gate, top-1 a coarse second. Same-precision
+# * bf16/fp16: an atol is the wrong tool (docs/validation.md, token-level metrics); KL is the gate, top-1 a coarse second. Same-precision
 #   implementations (transformers vs ours) agree to KL ~1e-5 and top-1 100 %. The widest legitimate gap is a
 #   backend that keeps fp32 where the reference rounds every op: on the dense presets KL <= 7e-3 (bf16) /
 #   1.1e-4 (fp16) per region and top-1 >= 87 % (bf16) / 95 % (fp16). Planted bugs reach KL >= 0.12 in some

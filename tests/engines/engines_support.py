@@ -1,4 +1,5 @@
-"""Skip markers shared by the engine tests (a module, not conftest, so tests can import it by a unique name)."""
+"""Skip conditions shared by the engine tests (a module, not conftest, so tests can import it by a unique name).
+The `rtx` / `trt` / `gpu` markers are turned into skips in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 HAS_FULL_TRT = importlib.util.find_spec("tensorrt") is not None
 DEVICE_SM = local_device_sm()
 
-needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="needs tensorrt_rtx (pip install 'gemma4-compile[rtx]')")
 needs_gpu_trt = pytest.mark.skipif(
     DEVICE_SM is None or not (HAS_RTX or HAS_FULL_TRT),
     reason="needs a CUDA GPU (torch.cuda) and a TensorRT runtime; engines cannot run on this machine",

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from engines_support import needs_rtx
 from engines_synthetic import write_synthetic_export
 
 from gemma4_compile.engines import build_engines, check_engine, load_trt, open_engine, read_manifest
 from gemma4_compile.fsutil import sha256_file
 
-pytestmark = [needs_rtx, pytest.mark.rtx]
+pytestmark = pytest.mark.rtx
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import onnx
 import pytest
-from engines_support import needs_rtx
 
 from gemma4_compile.passes import FoldConstants, run_on_proto
 
@@ -24,7 +23,6 @@ g (float[N, 8] x) => (float[N, 1] y, float[N, 8] z) {
 """
 
 
-@needs_rtx
 @pytest.mark.rtx
 def test_rtx_parser_needs_the_fold():
     import tensorrt_rtx as trt

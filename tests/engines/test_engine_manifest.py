@@ -6,7 +6,6 @@ import json
 from dataclasses import replace
 
 import pytest
-from engines_support import needs_rtx
 
 from gemma4_compile.engines import (
     EngineManifest,
@@ -19,7 +18,7 @@ from gemma4_compile.engines import (
 from gemma4_compile.engines.seam import TrtFlavour
 from gemma4_compile.errors import BackendUnavailable, BuildError
 
-pytestmark = [needs_rtx, pytest.mark.rtx]
+pytestmark = pytest.mark.rtx
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from engines_support import has_exporter, needs_rtx
+from engines_support import has_exporter
 
 from gemma4_compile.engines import build_engines
 
 pytestmark = [
-    needs_rtx,
     pytest.mark.rtx,
     pytest.mark.skipif(
         not has_exporter(), reason="gemma4_compile.export.export_checkpoint is not available yet"

@@ -10,13 +10,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from engines_support import needs_rtx
 from engines_synthetic import write_synthetic_export
 
 from gemma4_compile.engines import build_engines
 from gemma4_compile.errors import BuildError
 
-pytestmark = [needs_rtx, pytest.mark.rtx]
+pytestmark = pytest.mark.rtx
 
 
 def test_unbuildable_target_fails_before_any_build(fresh_export):

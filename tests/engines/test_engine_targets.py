@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from engines_support import needs_rtx
 
 from gemma4_compile.engines import TARGETS, list_targets, load_trt, resolve_target
 from gemma4_compile.engines.build import plan_builds
@@ -40,7 +39,7 @@ def test_native_needs_a_gpu():
         resolve_target("native")
 
 
-@needs_rtx
+@pytest.mark.rtx
 def test_rtx_flavour_reads_its_sms_from_the_module():
     rtx = load_trt(RTX)
     assert rtx.name == "tensorrt_rtx" and rtx.version == rtx.module.__version__
@@ -50,7 +49,7 @@ def test_rtx_flavour_reads_its_sms_from_the_module():
     assert not rtx.has_timing_cache
 
 
-@needs_rtx
+@pytest.mark.rtx
 @pytest.mark.skipif(local_device_sm() == 90, reason="an sm90 GPU with full TensorRT could build it")
 def test_sm90_with_only_rtx_is_a_one_line_error():
     flavours = (load_trt(RTX),)
@@ -63,7 +62,7 @@ def test_sm90_with_only_rtx_is_a_one_line_error():
     assert "full TensorRT" in message
 
 
-@needs_rtx
+@pytest.mark.rtx
 def test_plan_fails_before_building_anything():
     with pytest.raises(BuildError, match="cannot build sm100"):
         plan_builds(["sm89", "b200"], flavour=RTX)
@@ -78,7 +77,7 @@ def test_unknown_flavour_and_empty_target_list():
         plan_builds([])
 
 
-@needs_rtx
+@pytest.mark.rtx
 def test_list_targets_says_who_builds_what():
     rows = {row.target.name: row for row in list_targets()}
     assert rows["sm89"].builder.startswith("TensorRT-RTX")

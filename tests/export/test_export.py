@@ -37,6 +37,7 @@ def pair(make_export, make_checkpoint):
     return get
 
 
+@pytest.mark.slow
 def test_ort_logits_match_transformers_over_three_windows(pair, tiny_preset):
     ort_runner, hf = pair(tiny_preset)
     W = ort_runner.spec.sliding_window
@@ -94,6 +95,7 @@ def test_moe_export_has_one_moe_node_per_layer(make_export):
     assert [n["layer"] for n in moe] == list(range(6)) and all(n["attributes"]["top_k"] == 2 for n in moe)
 
 
+@pytest.mark.slow
 def test_reexport_is_byte_identical(make_export, make_checkpoint, tmp_path):
     first = make_export("tiny-31b")
     second = export_checkpoint(make_checkpoint("tiny-31b"), tmp_path / "again", max_seq_len=256).path
@@ -101,6 +103,7 @@ def test_reexport_is_byte_identical(make_export, make_checkpoint, tmp_path):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_bf16_graph_keeps_norms_softmax_and_softcap_in_fp32(make_checkpoint, tmp_path):
     path = export_checkpoint(make_checkpoint("tiny-26b-a4b", torch.bfloat16), tmp_path / "bf16", dtype="bf16").path
     model = ir.load(path / "decoder.onnx")

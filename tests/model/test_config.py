@@ -11,7 +11,7 @@ from gemma4_compile.errors import SpecError
 from gemma4_compile.model.config import FULL, SLIDING, Gemma4Spec
 from gemma4_compile.model.presets import PRESETS, TINY_PRESETS, get_preset
 
-# Values from gemma4-architecture.md §4.5, §6, §10.
+# Values from docs/architecture.md: KV sharing, MLP, released configurations.
 RELEASED = {
     "e2b": dict(layers=35, full=[4, 9, 14, 19, 24, 29, 34], caches=15, producers={"sliding": 13, "global": 14},
                 widths={6144, 12288}, kv=(1, 1), v_proj=True),

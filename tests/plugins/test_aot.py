@@ -62,11 +62,9 @@ def test_kernel_aot_compiles_every_kernel_for_a_target(sm90):
 
 
 def test_kernel_aot_second_compile_is_a_cache_hit(sm90):
-    arts, first = sm90
+    arts, _ = sm90
     stamps = {e.ptx: (arts.out_dir / e.ptx).stat().st_mtime_ns for e in arts.entries}
-    start = time.perf_counter()
     again = aot.compile_kernels(arts.out_dir, ["sm90"], dtypes=("bf16",), head_dims=(256,), jobs=2)
-    assert time.perf_counter() - start < first / 2
     assert [e.key for e in again.entries] == [e.key for e in arts.entries]
     assert stamps == {e.ptx: (arts.out_dir / e.ptx).stat().st_mtime_ns for e in again.entries}
 

@@ -1,6 +1,6 @@
 """The MoE as seven AOT plugin stages (full TensorRT): the graph split, and the stage plugins' shapes and launches.
 
-Full TensorRT is not installable here (tensorrt-notes.md §0), so `tensorrt.plugin` is replaced by `Recorder`,
+Full TensorRT is not installable here (docs/tensorrt.md, what installs where), so `tensorrt.plugin` is replaced by `Recorder`,
 which only records what the decorators receive and applies the signature rules QDP documents (TensorDescs first,
 int32 array fields, `outputs`/`tactic` last, a 4-tuple aot_impl return). The launches the recorded aot_impls
 describe (kernel, grid, int32 scalars, with the constexprs they compiled) then run on the Triton interpreter in

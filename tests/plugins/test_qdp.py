@@ -1,6 +1,6 @@
 """Full-TensorRT quickly deployable plugins: pure parts on CPU, the `tensorrt.plugin` parts where it exists.
 
-`tensorrt.plugin` ships only with full TensorRT, which PyPI cannot install (docs: tensorrt-notes.md §0), so
+`tensorrt.plugin` ships only with full TensorRT, which PyPI cannot install (docs/tensorrt.md, what installs where), so
 those tests skip with that reason; nothing here stands in for TensorRT. The decorated functions are checked on
 CPU by reading qdp.py's syntax tree against the plugin specs.
 """
@@ -28,9 +28,6 @@ def _full_tensorrt():
         return importlib.import_module("tensorrt"), importlib.import_module("tensorrt.plugin")
     except ImportError:
         return None
-
-
-needs_qdp = pytest.mark.skipif(_full_tensorrt() is None, reason=QDP_REASON)
 
 
 # ----- pure parts -------------------------------------------------------------------------------
@@ -221,7 +218,6 @@ def test_decorated_signatures_follow_the_spec(name):
 # ----- full TensorRT ----------------------------------------------------------------------------
 
 
-@needs_qdp
 @pytest.mark.trt
 def test_register_qdp_defines_attention_and_the_moe_stages_once():
     trt, trtp = _full_tensorrt()
@@ -229,7 +225,6 @@ def test_register_qdp_defines_attention_and_the_moe_stages_once():
     assert all(qdp.is_registered(trtp, s) for s in (ATTENTION, *moe_stages.STAGES))
 
 
-@needs_qdp
 @pytest.mark.trt
 def test_full_tensorrt_parser_takes_the_qdps(tmp_path):
     import onnx

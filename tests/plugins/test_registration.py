@@ -6,7 +6,6 @@ process-wide, and no test may leave plugins registered in the pytest process.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -207,19 +206,12 @@ def run_child(tmp_path, scenario: str, alias: bool = True) -> dict:
     return json.loads(lines[-1][len(RESULT) :])
 
 
-rtx_only = pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt_rtx") is None, reason="needs tensorrt_rtx (pip install .[rtx])"
-)
-
-
-@rtx_only
 @pytest.mark.rtx
 def test_importing_the_plugin_modules_registers_nothing(tmp_path):
     result = run_child(tmp_path, "import-only")
     assert result == {"creators": [], "imported_tensorrt": False}
 
 
-@rtx_only
 @pytest.mark.rtx
 def test_register_plugins_is_explicit_and_idempotent_on_rtx(tmp_path):
     result = run_child(tmp_path, "twice")
@@ -227,7 +219,6 @@ def test_register_plugins_is_explicit_and_idempotent_on_rtx(tmp_path):
     assert result["creators"] == [["MoE", "Gemma4PluginCreator"], ["SlidingWindowAttention", "Gemma4PluginCreator"]]
 
 
-@rtx_only
 @pytest.mark.rtx
 def test_register_plugins_refuses_a_foreign_creator_of_the_same_name(tmp_path):
     result = run_child(tmp_path, "conflict")
@@ -237,7 +228,6 @@ def test_register_plugins_refuses_a_foreign_creator_of_the_same_name(tmp_path):
     }
 
 
-@rtx_only
 @pytest.mark.rtx
 def test_register_plugins_refuses_rtx_whose_parser_would_abort(tmp_path):
     import tensorrt_rtx  # noqa: F401  (maps the library)
