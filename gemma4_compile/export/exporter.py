@@ -26,6 +26,7 @@ from ..model.config import Gemma4Spec
 from ..model.model import Gemma4TextModel
 from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
 from . import custom_ops
+from .bundle import copy_runtime_files
 from .graphs import DecoderGraph, EmbedGraph
 from .io_spec import (
     CACHE_LEN,
@@ -136,6 +137,7 @@ def _export_into(
         "decoder": _save(decoder, tmp / "decoder.onnx", dec_in, dec_out, check=entries is not None,
                          edit=(lambda proto: lower_attention_to_gqa(proto, spec)) if lowering == "gqa" else None),
     }
+    copy_runtime_files(checkpoint, tmp)  # tokenizer, chat template, generation config (hashed below)
     progress("hash files")
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     graphs = {k: GraphInfo(g.file, files[g.file], g.external_data, g.inputs, g.outputs) for k, g in graphs.items()}
