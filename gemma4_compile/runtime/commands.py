@@ -23,10 +23,13 @@ def generate_text(
     stream = tokenizer.stream()
 
     def on_token(token: int) -> None:
-        if text := stream.step(tokenizer.tokenizer, token):
+        if text := stream.push(token):
             write(text)
 
-    return generate(runner, ids, max_new_tokens, params, tokenizer.defaults.eos_token_ids, on_token)
+    result = generate(runner, ids, max_new_tokens, params, tokenizer.defaults.eos_token_ids, on_token)
+    if rest := stream.flush():
+        write(rest)
+    return result
 
 
 def serve_export(

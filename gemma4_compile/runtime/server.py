@@ -107,11 +107,10 @@ class Completion:
                 if finish is not None:
                     if finish.startswith("error"):
                         raise ApiError(500, f"generation failed ({finish})", type_="server_error")
-                    yield "", finish
+                    yield self.decoder.flush(), finish
                     return
                 self.completion_tokens += 1
-                text = self.decoder.step(self.service.tokenizer.tokenizer, token)
-                if text:
+                if text := self.decoder.push(token):
                     yield text, None
         finally:
             self.job.cancel()  # a no-op when finished; frees the row when the client went away

@@ -88,9 +88,8 @@ class TextTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def stream(self) -> DecodeStream:
-        """Incremental decoding: `.step(tokenizer, id)` returns the new text once it is complete UTF-8."""
-        return DecodeStream(skip_special_tokens=True)
+    def stream(self) -> TextStream:
+        return TextStream(self.tokenizer)
 
     # ----- chats ------------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
@@ -113,6 +112,27 @@ class TextTokenizer:
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """Prompt ids of a chat; the template writes `<bos>` itself, so no special tokens are added."""
         return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+class TextStream:
+    """Text of a growing id sequence, piece by piece: `push` gives what became complete UTF-8, `flush` the
+    rest at the end, so the pieces join to exactly `decode(ids)`."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        piece = self._stream.step(self.tokenizer, token) or ""
+        self.text += piece
+        return piece
+
+    def flush(self) -> str:
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        rest = full[len(self.text) :] if full.startswith(self.text) else ""
+        self.text += rest
+        return rest
 
 
 def load_tokenizer(export_dir: str | Path) -> TextTokenizer:
