@@ -80,13 +80,12 @@ def test_32_concurrent_clients_each_get_their_solo_tokens(client, model, runner,
 
 
 def test_seeded_sampling_is_reproducible_through_the_api(client, model):
-    ask = lambda seed: (
-        client.chat.completions.create(  # noqa: E731
+    def ask(seed):
+        r = client.chat.completions.create(
             model=model, messages=_chat(3), max_tokens=12, temperature=1.0, top_p=0.95, seed=seed
         )
-        .choices[0]
-        .message.content
-    )
+        return r.choices[0].message.content
+
     assert ask(4) == ask(4)
 
 
