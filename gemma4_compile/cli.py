@@ -275,14 +275,13 @@ def generate(export_dir: Path, prompt: str, chat: bool, backend: str, provider: 
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Rows per decode step.")
-@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="onnxruntime provider.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
-def serve(export_dir: Path, host: str, port: int, max_batch: int, backend: str, provider: str, threads: int | None) -> None:
+def serve(export_dir: Path, host: str, port: int, max_batch: int, provider: str, threads: int | None) -> None:
     """OpenAI-compatible chat completions (/v1/chat/completions, /v1/models, /health), batching requests."""
     from .runtime.commands import serve_export
 
-    serve_export(export_dir, host=host, port=port, max_batch=max_batch, backend=backend, provider=provider,
+    serve_export(export_dir, host=host, port=port, max_batch=max_batch, provider=provider,
                  threads=threads, announce=lambda line: console.print(line, markup=False, highlight=False))  # fmt: skip
 
 

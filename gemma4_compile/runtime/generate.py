@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RuntimeInputError
+from .errors import ContextLengthExceeded, RuntimeInputError
 from .sampler import GREEDY, Sampler, SamplingParams
 
 
@@ -34,7 +34,7 @@ def check_budget(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> N
     if max_new_tokens < 1:
         raise RuntimeInputError(f"max new tokens must be >= 1, got {max_new_tokens}")
     if prompt_tokens + max_new_tokens > max_seq_len:
-        raise RuntimeInputError(
+        raise ContextLengthExceeded(
             f"{prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed the export's max_seq_len {max_seq_len}"
         )
 

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import Gemma4CompileError
+from .errors import ContextLengthExceeded
 from .sampler import SamplingParams
 from .service import Service
 
@@ -142,9 +144,10 @@ def create_app(service: Service) -> Starlette:
             try:
                 prompt = service.prompt_ids(req.messages)
                 budget = service.budget(len(prompt), req.max_tokens)
+            except ContextLengthExceeded as e:
+                raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
             except Gemma4CompileError as e:
-                raise ApiError(400, str(e), param="messages", code="context_length_exceeded"
-                               if "max_seq_len" in str(e) else None) from None  # fmt: skip
+                raise ApiError(400, str(e), param="messages") from None
             completion = Completion(service, prompt, budget, req.params)
             meta = {
                 "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -169,7 +172,19 @@ def create_app(service: Service) -> Starlette:
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+    handlers = {HTTPException: _http_error, Exception: _internal_error}
+    return Starlette(routes=routes, exception_handlers=handlers)
+
+
+async def _http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return ApiError(
+        exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
+    ).response()
+
+
+async def _internal_error(_: Request, exc: Exception) -> Response:
+    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error").response()
 
 
 async def _sse(completion: Completion, meta: dict[str, Any]) -> AsyncIterator[str]:

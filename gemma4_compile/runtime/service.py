@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import BackendUnavailable
 from .backend import open_runner
 from .batching import BatchEngine, Emit, Job
-from .errors import RuntimeInputError
+from .errors import ContextLengthExceeded
 from .generate import check_budget
 from .sampler import SamplingParams
 from .tokenizer import TextTokenizer
@@ -27,6 +28,8 @@ class Service:
         cls, export_dir: str | Path, max_batch: int = 8, backend: str = "ort", provider: str = "cpu",
         threads: int | None = None, model_id: str | None = None,
     ) -> Service:  # fmt: skip
+        if backend != "ort":  # the engine slices and joins rows of numpy caches; TensorRT keeps them on the GPU
+            raise BackendUnavailable(f"serve: the {backend!r} backend cannot batch yet; use ort")
         tokenizer = TextTokenizer(export_dir)  # first: no tokenizer, no server
         runner = open_runner(export_dir, backend, provider, threads)
         max_seq_len = runner.manifest.max_seq_len
@@ -53,7 +56,7 @@ class Service:
     def budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """max new tokens for a request: as asked, or what fits; raises when the prompt or the ask is too long."""
         if prompt_tokens >= self.max_seq_len:
-            raise RuntimeInputError(
+            raise ContextLengthExceeded(
                 f"the prompt has {prompt_tokens} tokens; this export's max_seq_len is {self.max_seq_len}"
             )
         n = self.max_seq_len - prompt_tokens if max_tokens is None else max_tokens

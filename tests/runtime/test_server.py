@@ -98,6 +98,8 @@ def test_bad_requests_get_the_api_error_shape_and_the_server_goes_on(client, mod
         f"{url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+    lost = httpx.get(f"{url}/v1/nothing")
+    assert lost.status_code == 404 and lost.json()["error"]["code"] == "not_found"
     with pytest.raises(openai.BadRequestError, match="max_seq_len is 256") as e:
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "word " * 400}])
     assert e.value.body["code"] == "context_length_exceeded"
