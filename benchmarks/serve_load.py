@@ -115,7 +115,7 @@ def main() -> None:
     report(
         f"chat completions, {args.requests} requests per client, {args.max_tokens} tokens max, greedy "
         f"(mid-size E2B-like, ORT CPU, {args.threads} threads, max batch {max(args.clients)})",
-        ["clients", "mode", "tokens", "seconds", "tokens/s", "p50 latency s", "p99 latency s", "throughput vs sequential"],
+        ["clients", "mode", "tokens", "s", "tok/s", "p50 s", "p99 s", "x seq"],
         rows,
         {"benchmark": "serve_load", "requests_per_client": args.requests, "max_tokens": args.max_tokens,
          "threads": args.threads, "results": results},

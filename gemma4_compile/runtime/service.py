@@ -28,7 +28,8 @@ class Service:
         cls, export_dir: str | Path, max_batch: int = 8, backend: str = "ort", provider: str = "cpu",
         threads: int | None = None, model_id: str | None = None,
     ) -> Service:  # fmt: skip
-        if backend != "ort":  # the engine slices and joins rows of numpy caches; TensorRT keeps them on the GPU
+        # the engine slices and joins rows of numpy caches; TensorRT keeps them on the GPU
+        if backend != "ort":
             raise BackendUnavailable(f"serve: the {backend!r} backend cannot batch yet; use ort")
         tokenizer = TextTokenizer(export_dir)  # first: no tokenizer, no server
         runner = open_runner(export_dir, backend, provider, threads)

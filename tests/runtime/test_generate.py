@@ -106,6 +106,8 @@ def test_cli_generate_errors_are_one_line(export_dir, tmp_path, capsys):
     assert main(["generate", str(bare), "--prompt", "hi"]) == 1
     err = capsys.readouterr().err.strip()
     assert "has no tokenizer" in err and len(err.splitlines()) == 1
+    assert main(["serve", str(bare), "--port", "0"]) == 1
+    assert "has no tokenizer" in capsys.readouterr().err
     assert main(["generate", str(export_dir), "--prompt", "hi", "--max-new-tokens", "1000"]) == 1
     assert "exceed the export's max_seq_len 256" in capsys.readouterr().err
     import onnxruntime
