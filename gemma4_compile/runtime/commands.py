@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import BackendUnavailable
 from .backend import open_runner
 from .generate import GenerationResult, generate
 from .sampler import GREEDY, SamplingParams
@@ -36,7 +37,10 @@ def serve_export(
     export_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, backend: str = "ort",
     provider: str = "cpu", threads: int | None = None, announce: Callable[[str], None] = print,
 ) -> None:  # fmt: skip
-    from .server import serve
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise BackendUnavailable(f"serve needs {e.name}: pip install 'gemma4-compile[serve]'") from None
     from .service import Service
 
     service = Service.open(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -12,6 +13,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from gemma4_compile.cli import main
 from gemma4_compile.export.bundle import RUNTIME_FILES
 from gemma4_compile.runtime import Sampler, SamplingParams, TextTokenizer, filtered_probs, generate
+from gemma4_compile.runtime.commands import generate_text
 
 LOGITS = np.random.default_rng(7).normal(0, 2, 64).astype(np.float32)
 CASES = [SamplingParams(1.0), SamplingParams(0.7), SamplingParams(1.3, top_k=5), SamplingParams(1.0, top_p=0.8),
@@ -98,6 +100,19 @@ def test_cli_generate_streams_and_reports_speed(export_dir, capsys, runner):
     want = tok.decode(runner.generate(np.array([tok.encode("The quick brown fox")]), 8)[0].tolist())
     assert out == want + "\n"
     assert "tokens/s" in err and "time to first token" in err
+
+
+def test_an_export_runs_without_its_checkpoint(export_dir, tmp_path, runner):
+    moved = tmp_path / "moved"
+    shutil.copytree(export_dir, moved)
+    manifest = json.loads((moved / "export.json").read_text())
+    manifest["checkpoint"] = str(tmp_path / "gone")  # the source checkpoint is nowhere to be found
+    (moved / "export.json").write_text(json.dumps(manifest))
+    writes: list[str] = []
+    got = generate_text(moved, "Hello", writes.append, chat=True, max_new_tokens=6)
+    tok = TextTokenizer(export_dir)
+    want = generate(runner, tok.encode_chat([{"role": "user", "content": "Hello"}]), 6, stop_ids=(1, 106))
+    assert got.tokens == want.tokens and "".join(writes) == tok.decode(want.tokens)
 
 
 def test_cli_generate_errors_are_one_line(export_dir, tmp_path, capsys):
