@@ -234,6 +234,54 @@ def compile_(checkpoint: Path | None, output: Path, targets: tuple[str, ...], dt
         raise ValidationFailed(f"validation failed; see {result.summary_path}")
 
 
+# ----- run an export ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Text to continue (with --chat: the user's message).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the export's chat template as a user turn.")
+@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="onnxruntime provider.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0: no top-k filter.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=None, type=int, help="Sampling seed (reproducible output).")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+def generate(export_dir: Path, prompt: str, chat: bool, backend: str, provider: str, max_new_tokens: int,
+             temperature: float, top_k: int, top_p: float, seed: int | None, threads: int | None) -> None:  # fmt: skip
+    """Stream generated text to stdout; stops at eos / end-of-turn. Speed goes to stderr."""
+    from .runtime import SamplingParams
+    from .runtime.commands import generate_text
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    result = generate_text(export_dir, prompt, write, chat=chat, max_new_tokens=max_new_tokens, params=params,
+                           backend=backend, provider=provider, threads=threads)  # fmt: skip
+    sys.stdout.write("\n")
+    console.print(f"{len(result.tokens)} tokens ({result.finish_reason}), time to first token "
+                  f"{result.ttft_s * 1e3:.1f} ms, {result.tokens_per_s:.1f} tokens/s", markup=False, highlight=False)  # fmt: skip
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Rows per decode step.")
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="onnxruntime provider.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+def serve(export_dir: Path, host: str, port: int, max_batch: int, provider: str, threads: int | None) -> None:
+    """OpenAI-compatible chat completions (/v1/chat/completions, /v1/models, /health), batching requests."""
+    from .runtime.commands import serve_export
+
+    serve_export(export_dir, host=host, port=port, max_batch=max_batch, provider=provider,
+                 threads=threads, announce=lambda line: console.print(line, markup=False, highlight=False))  # fmt: skip
+
+
 # ----- entry point ---------------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from ..model.model import Gemma4TextModel
 from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
 from ..passes import LOWERINGS, export_cleanup, run_on_proto, run_passes
 from . import custom_ops
+from .bundle import copy_runtime_files
 from .graphs import DecoderGraph, EmbedGraph
 from .io_spec import decoder_io, dynamic_shapes, embed_io, example_tensor
 from .manifest import (
@@ -156,6 +157,7 @@ def _export_into(
     progress("save graphs")
     for p in producers:
         _save(traced[p.role], tmp / p.file, check=entries is not None, edit=p.edit)
+    copy_runtime_files(checkpoint, tmp)  # tokenizer, chat template, generation config (hashed below)
     progress("hash files")
     files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
     graphs = {p.role: GraphSpec(p.role, p.file, files[p.file], [DATA_FILE], p.inputs, p.outputs) for p in producers}

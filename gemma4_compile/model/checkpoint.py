@@ -20,6 +20,7 @@ import torch
 from ..errors import CheckpointError
 from ..fsutil import atomic_directory
 from .config import Gemma4Spec
+from .tokenizer import write_tokenizer
 from .weights import ST_NAMES, TEXT_PREFIXES, expected_shapes, leftover_shapes
 
 CHUNK_ELEMENTS = 1 << 24  # 16M values (64 MiB in fp32) per generated chunk
@@ -148,6 +149,7 @@ def write_random_checkpoint(
         if multimodal:
             config["text_config"]["dtype"] = dtype_name
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_tokenizer(spec, tmp)
     return CheckpointInfo(out, spec, dtype, tuple(files), total, len(names))
 
 
