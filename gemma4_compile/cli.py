@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .dtypes import DType
 from .engines.profiles import DEFAULT_MAX_BATCH
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Gemma4CompileError, UsageError, ValidationFailed
 from .model.presets import DEFAULT_PRESET, PRESETS
@@ -46,12 +47,11 @@ def cli(debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def init_random(preset: str, output: Path, seed: int, dtype: str, max_shard_size: str, text_only: bool, force: bool) -> None:
     """Write a random-weight checkpoint in the released Hugging Face layout (deterministic for a seed)."""
-    import torch
 
     from .model.checkpoint import write_random_checkpoint
 
     info = write_random_checkpoint(
-        PRESETS[preset], output, seed=seed, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
+        PRESETS[preset], output, seed=seed, dtype=DType.parse(dtype).torch,
         max_shard_bytes=_parse_size(max_shard_size), multimodal=not text_only, force=force,
     )  # fmt: skip
     out.print(f"wrote {info.path}: {preset}, {info.num_tensors} tensors, {info.total_bytes / 2**20:.1f} MiB in {len(info.files)} file(s)")

@@ -52,6 +52,11 @@ class ValidateError(Gemma4CompileError):
     not fit the export. (A run that completes and disagrees is `ValidationFailed`.)"""
 
 
+class RunnerError(Gemma4CompileError):
+    """A runner (runners/: onnxruntime, TensorRT; validate/reference.py: torch, transformers) refused a step's
+    inputs or could not run it."""
+
+
 class ValidationFailed(Gemma4CompileError):
     """A backend disagrees with the reference beyond the stated tolerance."""
 

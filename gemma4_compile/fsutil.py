@@ -59,7 +59,7 @@ def is_project_output(path: Path) -> bool:
     """True for a directory gemma4-compile wrote: an export (export.json in our format), a random checkpoint or
     a compile output (our marker file), a compile output from before the marker (reports/ beside an export),
     or one of a compile output's stage directories (checkpoint/, export/, reports/)."""
-    return _has_marker(path) or _is_export(path) or _is_compile_output(path) or (
+    return _has_marker(path) or _is_export(path) or _is_engine(path) or _is_compile_output(path) or (
         path.name in COMPILE_STAGES and _is_compile_output(path.parent))  # fmt: skip
 
 
@@ -82,6 +82,12 @@ def _is_export(path: Path) -> bool:
     from .export.manifest import FORMAT, MANIFEST
 
     return _read_json(path / MANIFEST).get("format") == FORMAT
+
+
+def _is_engine(path: Path) -> bool:
+    from .engines.manifest import MANIFEST_FORMAT, MANIFEST_NAME
+
+    return _read_json(path / MANIFEST_NAME).get("format") == MANIFEST_FORMAT
 
 
 def _is_compile_output(path: Path) -> bool:

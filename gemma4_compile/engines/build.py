@@ -186,7 +186,7 @@ class BuildRecord:
         files = {ENGINE_NAME: {"sha256": self.plan.sha256, "bytes": self.plan.bytes}, **self.files}
         return EngineManifest(
             target=self.target.name, sm=self.target.sm, flavour=self.flavour.name, trt_version=self.flavour.version,
-            precision=self.export.dtype, export_sha256=self.export.sha256, decoder_sha256=self.export.graphs[DECODER].sha256,
+            precision=self.export.dtype, weight_format=self.export.weight_format, export_sha256=self.export.sha256, decoder_sha256=self.export.graphs[DECODER].sha256,
             profiles=self.profiles, opt_level=self.options.opt_level, hardware_compat=self.hardware_compat,
             plugins=self.plugins.to_dict(), capability=self.report.counts(), timing_cache=self.timing_cache.to_dict(),
             build_seconds=round(self.seconds["total"], 3),
@@ -366,7 +366,7 @@ def _up_to_date(final: Path, key: str) -> EngineManifest | None:
 def _fail(record: BuildRecord, message: str) -> BuildError:
     """Publish the failure report to <sm>.failed/ and return the one-line error that points at it."""
     failed = record.final.with_name(f"{record.final.name}.failed")
-    with atomic_directory(failed, BuildError) as tmp:
+    with atomic_directory(failed, BuildError, force=True, marker="engine-failure") as tmp:
         (tmp / CAPABILITY_NAME).write_text(json.dumps(record.report.to_dict(), indent=2) + "\n")
         (tmp / LOG_NAME).write_text(record.parsed.logger.text())
     return BuildError(f"{message} (report: {failed / CAPABILITY_NAME})")
@@ -417,7 +417,7 @@ def build_engine(export: ExportManifest, target: GpuTarget, flavour: TrtFlavour,
     if record.plugins.error:
         log.warning("%s: plugins requested but not registered (%s); custom ops will be inlined",
                     target.name, record.plugins.error)  # fmt: skip
-    with atomic_directory(record.final, BuildError) as staging:
+    with atomic_directory(record.final, BuildError, force=True) as staging:  # ours: it holds an engine manifest
         with PeakRss() as memory:
             _build_into(record, staging)
         record.memory = memory.usage

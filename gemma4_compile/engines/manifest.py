@@ -48,6 +48,7 @@ class EngineManifest:
     engine_file: str = ENGINE_NAME
     tools: dict[str, str] = field(default_factory=dict)
     created_at: str = ""
+    weight_format: str = ""  # the export's (dtypes.WEIGHT_FORMATS); "" in manifests written before it existed
 
     @property
     def trt_title(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -35,8 +36,9 @@ def spinner(message: str, enabled: bool) -> Iterator[None]:
         yield
 
 
-def make_monitor(flavour: TrtFlavour, progress: Any, label: str):
-    """An IProgressMonitor of the flavour that mirrors TensorRT's phases into a rich `Progress`."""
+def make_monitor(flavour: TrtFlavour, progress: Any, label: str, cancel: threading.Event):
+    """An IProgressMonitor of the flavour that mirrors TensorRT's phases into a rich `Progress` (None: draws
+    nothing) and cancels the build once `cancel` is set."""
     trt = flavour.module
 
     class RichMonitor(trt.IProgressMonitor):
@@ -52,7 +54,7 @@ def make_monitor(flavour: TrtFlavour, progress: Any, label: str):
                 depth = self._depth.get(parent_phase, -1) + 1 if parent_phase else 0
                 self._depth[phase_name] = depth
                 self.phases.append(phase_name)
-                if depth < MAX_DEPTH:
+                if progress is not None and depth < MAX_DEPTH:
                     indent = "  " * depth
                     self._tasks[phase_name] = progress.add_task(
                         f"{label} {indent}{phase_name}", total=num_steps
@@ -62,7 +64,7 @@ def make_monitor(flavour: TrtFlavour, progress: Any, label: str):
             with self._lock:
                 if phase_name in self._tasks:
                     progress.update(self._tasks[phase_name], completed=step + 1)
-            return True  # False would cancel the build
+            return not cancel.is_set()  # False cancels the build
 
         def phase_finish(self, phase_name):
             with self._lock:
@@ -74,11 +76,34 @@ def make_monitor(flavour: TrtFlavour, progress: Any, label: str):
 
 
 @contextlib.contextmanager
+def interruptible() -> Iterator[threading.Event]:
+    """Ctrl-C during the block sets the event (the monitor then cancels the build) instead of raising inside a
+    TensorRT callback; KeyboardInterrupt is raised once TensorRT has returned."""
+    cancel = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
+        yield cancel
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: cancel.set())
+    try:
+        yield cancel
+    except Exception:
+        if cancel.is_set():
+            raise KeyboardInterrupt from None  # the cancelled build's own error is only a consequence
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if cancel.is_set():
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
 def build_progress(flavour: TrtFlavour, label: str, enabled: bool) -> Iterator[Any]:
-    """-> an IProgressMonitor drawing into a transient rich display, or None when disabled or not a terminal."""
+    """-> an IProgressMonitor, drawing into a transient rich display when enabled on a terminal; Ctrl-C cancels
+    the build and raises KeyboardInterrupt after it (`interruptible`)."""
     console = _console()
     if not enabled or not console.is_terminal:
-        yield None
+        with interruptible() as cancel:
+            yield make_monitor(flavour, None, label, cancel)
         return
     from rich.progress import (
         BarColumn,
@@ -91,8 +116,8 @@ def build_progress(flavour: TrtFlavour, label: str, enabled: bool) -> Iterator[A
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())  # fmt: skip
-    with Progress(*columns, console=console, transient=True) as progress:
-        yield make_monitor(flavour, progress, label)
+    with Progress(*columns, console=console, transient=True) as progress, interruptible() as cancel:
+        yield make_monitor(flavour, progress, label, cancel)
 
 
 # ----- peak host RAM ------------------------------------------------------------------------------------

@@ -19,13 +19,14 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from .. import __version__
+from .. import __version__, ops
 from ..dtypes import FLOAT_CHOICES, DType
 from ..errors import ExportError, Gemma4CompileError
 from ..fsutil import atomic_directory, sha256_file
 from ..model.config import Gemma4Spec
 from ..model.model import Gemma4TextModel
 from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
+from ..ops import UnknownOpError
 from ..passes import LOWERINGS, export_cleanup, run_on_proto, run_passes
 from . import custom_ops
 from .bundle import copy_runtime_files
@@ -219,12 +220,20 @@ def _meta_entries(model: Gemma4TextModel, used: set[str]) -> dict[str, TensorEnt
 
 
 def _custom_nodes(decoder_path: Path, spec: Gemma4Spec) -> list[dict]:
-    """Every gemma4 node with its layer (nodes appear in layer order, one Attention per layer)."""
+    """Every gemma4 node with its layer (an op's nodes appear in layer order, one per layer its contract names)."""
     proto = onnx.load(str(decoder_path), load_external_data=False)
     nodes = [n for n in proto.graph.node if n.domain == custom_ops.DOMAIN]
-    layers = {"SlidingWindowAttention": list(spec.layers), "MoE": [p for p in spec.layers if p.moe]}
+    layers: dict[str, list] = {}
     out = []
     for node in nodes:
+        if node.op_type not in layers:
+            try:
+                contract = ops.contract(node.op_type)
+            except UnknownOpError as e:
+                raise ExportError(f"the decoder graph holds an unregistered custom op: {e}") from None
+            layers[node.op_type] = [p for p in spec.layers if contract.in_layer(p)]
+        if not layers[node.op_type]:
+            raise ExportError(f"the decoder graph holds more {node.op_type} nodes than the spec has layers for")
         plan = layers[node.op_type].pop(0)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}

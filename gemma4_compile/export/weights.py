@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from ..dtypes import DType
 from ..errors import ExportError
 from ..model.weights import TensorEntry
 
@@ -22,7 +23,6 @@ DATA_FILE = "weights.data"
 ALIGN = 64
 CHUNK_BYTES = 64 << 20
 
-IR_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16, torch.bfloat16: ir.DataType.BFLOAT16}
 
 
 @dataclass(frozen=True)
@@ -96,5 +96,5 @@ def attach_weights(
             raise ExportError(f"graph initializer '{init_name}' has no checkpoint tensor")
         p = placed[name]
         value.const_value = ir.ExternalTensor(
-            DATA_FILE, p.offset, p.length, IR_DTYPES[dtype], shape=value.shape, name=init_name, base_dir=out_dir
+            DATA_FILE, p.offset, p.length, ir.DataType(DType.parse(dtype).onnx_elem_type), shape=value.shape, name=init_name, base_dir=out_dir
         )

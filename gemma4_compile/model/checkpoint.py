@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import DType
 from ..errors import CheckpointError
 from ..fsutil import atomic_directory
 from .config import Gemma4Spec
@@ -144,7 +145,7 @@ def write_random_checkpoint(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
         config = spec.to_hf_config(multimodal=multimodal)
-        dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+        dtype_name = DType.parse(dtype).onnx_name  # transformers spells dtypes as numpy does
         config["dtype"] = dtype_name
         if multimodal:
             config["text_config"]["dtype"] = dtype_name

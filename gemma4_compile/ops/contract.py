@@ -9,9 +9,9 @@ Importing this module needs neither torch nor TensorRT.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -103,6 +103,8 @@ class OpContract:
     attributes: tuple[Attr, ...]  # in schema order; PLUGIN_ATTRS last
     output_like: tuple[int, ...] | None = None  # output i has the shape and dtype of inputs[output_like[i]]
     exported: bool = True  # False: only the engine builder writes it (MoE stages)
+    # which decoder layers (model.config.LayerPlan) hold one node of this op, in layer order (export.json custom_nodes)
+    in_layer: Callable[[Any], bool] = lambda plan: True
     domain: str = DOMAIN
     version: int = DOMAIN_VERSION
     plugin_namespace: str = PLUGIN_NAMESPACE

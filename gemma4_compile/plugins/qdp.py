@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gemma4_compile.errors import BackendUnavailable
-
 from .. import ops
+from ..dtypes import FLOAT_CHOICES, DType
+from ..errors import BackendUnavailable
 from ..ops.attention import SLIDING_WINDOW_ATTENTION as ATTENTION
 from ..ops.contract import OpContract, PluginError
 from ..targets import GpuTarget, resolve_target
@@ -49,8 +49,8 @@ from . import moe_stages as ms
 from .moe_stages import STAGES, Stage
 
 QDP_UNAVAILABLE = "needs full TensorRT (tensorrt.plugin), not installable from PyPI"
+KERNEL_TRT_TYPES = tuple(DType.parse(d).trt_name for d in FLOAT_CHOICES)  # "FLOAT", "HALF", "BF16"
 ACTIVATION_TYPES = ("FP32", "FP16", "BF16")  # AutoTuneCombination names; '|' ties them across positions
-TRITON_DTYPES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}  # trt.DataType name -> aot.py dtype
 ATTENTION_KERNEL = ops.entry(ATTENTION.op_type).aot_kernel
 AOT_CACHE = Path(tempfile.gettempdir()) / "gemma4_compile_aot"
 
@@ -97,9 +97,10 @@ def attention_dims(q: Sequence[Any], k: Sequence[Any], past_k: Sequence[Any], wi
 
 
 def triton_dtype(type_name: str) -> str:
-    if type_name not in TRITON_DTYPES:
-        raise PluginError(f"no gemma4 kernel for dtype {type_name}; supported: {sorted(TRITON_DTYPES)}")
-    return TRITON_DTYPES[type_name]
+    """trt.DataType name -> the aot.py dtype of the kernels ("fp32" | "fp16" | "bf16")."""
+    if type_name not in KERNEL_TRT_TYPES:
+        raise PluginError(f"no gemma4 kernel for dtype {type_name}; supported: {sorted(KERNEL_TRT_TYPES)}")
+    return DType.parse(type_name).value
 
 
 def attention_config(

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailable, Gemma4CompileError
+from ..errors import BackendUnavailable, RunnerError
 
 
 @dataclass
@@ -42,7 +42,7 @@ def lengths_of(input_ids: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
         return np.full(B, S, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.shape != (B,) or lengths.min() < 1 or lengths.max() > S:
-        raise Gemma4CompileError(f"lengths must be {B} values in [1, {S}], got {lengths.tolist()}")
+        raise RunnerError(f"lengths must be {B} values in [1, {S}], got {lengths.tolist()}")
     return lengths
 
 
@@ -70,9 +70,9 @@ class BaseRunner(abc.ABC):
     def start(self, batch: int, max_len: int) -> DecodeState:
         """Fresh caches for `batch` rows of up to `max_len` tokens."""
         if batch < 1:
-            raise Gemma4CompileError(f"{self.name}: batch must be at least 1, got {batch}")
+            raise RunnerError(f"{self.name}: batch must be at least 1, got {batch}")
         if not 1 <= max_len <= self.max_seq_len:
-            raise Gemma4CompileError(f"{self.name}: {max_len} tokens exceed the max_seq_len {self.max_seq_len}")
+            raise RunnerError(f"{self.name}: {max_len} tokens exceed the max_seq_len {self.max_seq_len}")
         return DecodeState(np.zeros(batch, np.int64), max_len, self._new_caches(batch, max_len))
 
     def step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
@@ -86,14 +86,14 @@ class BaseRunner(abc.ABC):
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         seq_len = np.asarray(seq_len, dtype=np.int64)
         if input_ids.ndim != 2 or input_ids.shape[0] != state.batch:
-            raise Gemma4CompileError(f"{self.name}: input_ids must be [{state.batch}, S], got {list(input_ids.shape)}")
+            raise RunnerError(f"{self.name}: input_ids must be [{state.batch}, S], got {list(input_ids.shape)}")
         if seq_len.shape != (state.batch,) or seq_len.min() < 0 or seq_len.max() > input_ids.shape[1]:
-            raise Gemma4CompileError(f"{self.name}: seq_len must be {state.batch} values in [0, {input_ids.shape[1]}]")
+            raise RunnerError(f"{self.name}: seq_len must be {state.batch} values in [0, {input_ids.shape[1]}]")
         if int((state.past_len + input_ids.shape[1]).max()) > state.max_len:
-            raise Gemma4CompileError(f"{self.name}: sequence exceeds the cache length {state.max_len}")
+            raise RunnerError(f"{self.name}: sequence exceeds the cache length {state.max_len}")
         vocab = getattr(self.spec, "vocab_size", None)
         if vocab and input_ids.size and (input_ids.min() < 0 or input_ids.max() >= vocab):
-            raise Gemma4CompileError(f"{self.name}: token ids must be in [0, {vocab}), got {int(input_ids.max())}")
+            raise RunnerError(f"{self.name}: token ids must be in [0, {vocab}), got {int(input_ids.max())}")
         return input_ids, seq_len
 
     # ----- shared API ---------------------------------------------------------------------------

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailable, Gemma4CompileError
+from ..dtypes import DType
+from ..errors import BackendUnavailable, RunnerError
 from ..export.manifest import DECODER, EMBED, ExportManifest
 from ..passes.lowerings import lowering_refusal
 from .base import BaseRunner, DecodeState, lengths_of
@@ -26,7 +27,7 @@ class OrtRunner(BaseRunner):
         self.manifest = ExportManifest.load(export_dir)
         if not self.manifest.weights:
             raise BackendUnavailable(f"ort: {export_dir} is a graph-only export (no weights)")
-        if self.manifest.dtype == "bf16":
+        if self.manifest.activation_dtype is DType.BF16:
             raise BackendUnavailable("ort: onnxruntime's CPU provider has no bf16 MatMul; validate a fp32 export")
         self.spec, self.max_seq_len = self.manifest.spec, self.manifest.max_seq_len
         options = ort.SessionOptions()
@@ -48,7 +49,7 @@ class OrtRunner(BaseRunner):
         B, S = input_ids.shape
         refusal = lowering_refusal(self.manifest.lowering, B, S, bool(state.past_len.any()))
         if refusal:
-            raise Gemma4CompileError(f"ort: {refusal}")
+            raise RunnerError(f"ort: {refusal}")
         embedded = dict(zip(self._embed_outputs, self.sessions[EMBED].run(self._embed_outputs, {"input_ids": input_ids})))
         feeds = {**embedded, "past_len": state.past_len, "seq_len": seq_len, **state.caches}
         out = dict(zip(self._outputs, self.sessions[DECODER].run(self._outputs, feeds)))

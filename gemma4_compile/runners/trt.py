@@ -22,7 +22,7 @@ from ..engines.load import deserialize, engine_dir, open_engine
 from ..engines.manifest import read_manifest
 from ..engines.profiles import profile_index
 from ..engines.seam import load_trt, make_logger
-from ..errors import BackendUnavailable, Gemma4CompileError
+from ..errors import BackendUnavailable, Gemma4CompileError, RunnerError
 from ..export.manifest import DECODER, EMBED, ExportManifest
 from ..targets import local_device_sm
 from .base import BaseRunner, DecodeState
@@ -139,11 +139,11 @@ class TrtRunner(BaseRunner):
         import torch
 
         if batch > self._max("past_len", 0):
-            raise Gemma4CompileError(
+            raise RunnerError(
                 f"{self.name}: batch {batch} exceeds the engine's max_batch {self._max('past_len', 0)}"
             )
         if max_len > self._global_slots_max():
-            raise Gemma4CompileError(
+            raise RunnerError(
                 f"{self.name}: max_len {max_len} exceeds the engine's cache_len {self._global_slots_max()}"
             )
         return {
@@ -176,12 +176,12 @@ class TrtRunner(BaseRunner):
 
         for name in self.inputs:
             if name not in feeds:
-                raise Gemma4CompileError(f"{self.name}: no value for decoder input {name!r}")
+                raise RunnerError(f"{self.name}: no value for decoder input {name!r}")
             tensor = feeds[name].contiguous()
             feeds[name] = tensor
             if not context.set_input_shape(name, tuple(tensor.shape)):
                 profile = self.profiles[context.active_optimization_profile].shape(name)
-                raise Gemma4CompileError(
+                raise RunnerError(
                     f"{self.name}: input {name!r} shape {tuple(tensor.shape)} is outside the engine's profile "
                     f"{profile.min}..{profile.max}"
                 )
@@ -197,7 +197,7 @@ class TrtRunner(BaseRunner):
             context.set_tensor_address(name, buffer.data_ptr())
         torch.cuda.current_stream().synchronize()  # inputs were copied on the default stream
         if not context.execute_async_v3(self.stream.cuda_stream):
-            raise Gemma4CompileError(
+            raise RunnerError(
                 f"{self.name}: TensorRT execution failed: {'; '.join(self.logger.errors())}"
             )
         self.stream.synchronize()

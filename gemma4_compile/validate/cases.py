@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import Gemma4CompileError
+from ..errors import ValidateError
 from ..model.config import Gemma4Spec
 
 DEFAULT_STEPS = 16
@@ -78,9 +78,9 @@ def _load_json(path: Path) -> object:
     try:
         return json.loads(path.read_text())
     except OSError as e:
-        raise Gemma4CompileError(f"prompts file {path}: cannot read ({e.strerror})") from None
+        raise ValidateError(f"prompts file {path}: cannot read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Gemma4CompileError(f"prompts file {path}: not valid JSON ({e})") from None
+        raise ValidateError(f"prompts file {path}: not valid JSON ({e})") from None
 
 
 def _is_ids(x: object) -> bool:
@@ -97,28 +97,28 @@ def _rows(item: object) -> list[list[int]] | None:
 
 
 def load_prompts(path: str | Path, spec: Gemma4Spec, max_len: int | None = None) -> list[Case]:
-    """Parse a prompts file (format in the module docstring); any problem is a one-line Gemma4CompileError."""
+    """Parse a prompts file (format in the module docstring); any problem is a one-line ValidateError."""
     path = Path(path)
     data = _load_json(path)
     where = f"prompts file {path}"
     if not isinstance(data, list) or not data:
-        raise Gemma4CompileError(f"{where}: expected a non-empty JSON list of token-id lists")
+        raise ValidateError(f"{where}: expected a non-empty JSON list of token-id lists")
     limit = max_len or spec.max_position_embeddings
     cases = []
     for i, item in enumerate(data):
         rows = _rows(item)
         if rows is None:
-            raise Gemma4CompileError(
+            raise ValidateError(
                 f"{where}: case {i} must be a non-empty list of token ids or a list of such lists"
             )
         for row in rows:
             bad = next((t for t in row if not 0 <= t < spec.vocab_size), None)
             if bad is not None:
-                raise Gemma4CompileError(
+                raise ValidateError(
                     f"{where}: case {i}: token {bad} is outside the vocabulary [0, {spec.vocab_size})"
                 )
             if len(row) > limit:
-                raise Gemma4CompileError(
+                raise ValidateError(
                     f"{where}: case {i}: {len(row)} tokens exceed the maximum length {limit}"
                 )
         cases.append(case_from_rows(f"prompt{i}", rows, spec.pad_token_id))

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable
 from ..export.io_spec import cache_names
-from ..export.manifest import MANIFEST, ExportManifest
+from ..export.manifest import DECODER, MANIFEST, ExportManifest
 from ..fsutil import atomic_file
 from ..model.config import Gemma4Spec
 from .cases import Case
@@ -119,7 +119,8 @@ def save_decoder_reference(
             f"{getattr(reference, 'name', 'reference')}: not our torch model; use reference='torch'"
         )
     export_dir, out_dir = Path(export_dir), Path(out_dir)
-    debug = (export_dir / MANIFEST).is_file() and ExportManifest.load(export_dir).debug
+    manifest = ExportManifest.load(export_dir) if (export_dir / MANIFEST).is_file() else None
+    debug = manifest is not None and manifest.debug
     feeds, outs = decoder_reference_io(model, case, debug)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs_path, outputs_path = out_dir / INPUTS_FILE, out_dir / OUTPUTS_FILE
@@ -132,7 +133,8 @@ def save_decoder_reference(
             results.save(str(tmp))
     atol, rtol = POLYGRAPHY_TOLERANCES.get(precision, POLYGRAPHY_TOLERANCES["fp32"])
     note = "onnxruntime's CPU provider has no bf16 MatMul: run this with --trt" if precision == "bf16" else ""
-    command = polygraphy_command(export_dir / "decoder.onnx", inputs_path, outputs_path, atol, rtol)
+    decoder = manifest.graph_path(DECODER) if manifest else export_dir / f"{DECODER}.onnx"
+    command = polygraphy_command(decoder, inputs_path, outputs_path, atol, rtol)
     return PolygraphyFiles(str(inputs_path), str(outputs_path), len(feeds), atol, rtol, command, note)
 
 

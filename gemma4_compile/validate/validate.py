@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import BackendUnavailable, Gemma4CompileError, ValidationFailed
+from ..errors import BackendUnavailable, ValidateError, ValidationFailed
+from ..export.manifest import DECODER
 from ..model.config import Gemma4Spec
 from ..runners.base import BaseRunner
 from . import metrics as M
@@ -84,7 +85,7 @@ TOLERANCES: dict[str, Tolerance] = {
 
 def tolerance_for(precision: str) -> Tolerance:
     if precision not in TOLERANCES:
-        raise Gemma4CompileError(
+        raise ValidateError(
             f"no tolerances for precision {precision!r}; choose one of {', '.join(TOLERANCES)}"
         )
     return TOLERANCES[precision]
@@ -474,7 +475,7 @@ def make_runner(
     """A runner by name: export backends read `export_dir` (trt: built for `target`), torch/hf load `checkpoint`."""
     if name in ("torch", "hf"):
         if checkpoint is None:
-            raise Gemma4CompileError(
+            raise ValidateError(
                 f"the {name} runner needs the source checkpoint (--checkpoint; export.json names none)"
             )
         from .reference import HFRunner, TorchRunner
@@ -492,7 +493,7 @@ def make_runner(
         except ImportError as e:
             raise BackendUnavailable(f"trt: backend not available ({e})") from None
         return TrtRunner(export_dir, target or "native")
-    raise Gemma4CompileError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    raise ValidateError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def validate(
@@ -515,7 +516,7 @@ def validate(
     """
     export_dir = Path(export_dir)
     if reference not in REFERENCES:
-        raise Gemma4CompileError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
+        raise ValidateError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
     from ..export.manifest import ExportManifest
 
     manifest = ExportManifest.load(export_dir)
@@ -523,7 +524,7 @@ def validate(
     ckpt = source_checkpoint(manifest, checkpoint)
     steps = DEFAULT_STEPS if steps is None else steps
     if steps < 1:
-        raise Gemma4CompileError(f"steps must be at least 1, got {steps}")
+        raise ValidateError(f"steps must be at least 1, got {steps}")
     ref = make_runner(reference, export_dir, ckpt, precision)
     be = make_runner(backend, export_dir, ckpt, precision, target)
     spec = ref.spec
@@ -533,7 +534,8 @@ def validate(
     report = replace(report, export_dir=str(export_dir))
     out = Path(out_dir) if out_dir else export_dir
     if write:
-        report = _attach_polygraphy(report, ref, export_dir, out, cases)
+        if DECODER in manifest.graphs:
+            report = _attach_polygraphy(report, ref, export_dir, out, cases)
         write_reports(out, accuracy=report)
     return report
 
@@ -541,10 +543,10 @@ def validate(
 def _attach_polygraphy(
     report: AccuracyReport, reference: BaseRunner, export_dir: Path, out: Path, cases: list[Case]
 ) -> AccuracyReport:
-    """Save the decoder's reference I/O for `polygraphy run` when the export has a decoder graph."""
+    """Save the decoder's reference I/O for `polygraphy run` (our torch model only)."""
     from .polygraphy_io import save_decoder_reference
 
-    if not (export_dir / "decoder.onnx").is_file() or not hasattr(reference, "model"):
+    if not hasattr(reference, "model"):
         return report
     try:
         longest = max(cases, key=lambda c: c.max_len)  # its prefill wraps the sliding rings

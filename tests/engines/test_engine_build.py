@@ -26,7 +26,7 @@ def test_builds_sm89_and_sm120_inline(fresh_export, dtype):
                                                              "manifest.json"]  # fmt: skip
         m = read_manifest(art.dir)
         assert m == art.manifest
-        assert (m.flavour, m.trt_version, m.precision) == ("tensorrt_rtx", rtx.version, dtype)
+        assert (m.flavour, m.trt_version, m.precision, m.weight_format) == ("tensorrt_rtx", rtx.version, dtype, dtype)
         assert m.sm == int(art.target.removeprefix("sm"))
         assert m.export_sha256 == sha256_file(out / "export.json")
         assert m.decoder_sha256 == export["graphs"]["decoder"]["sha256"]

@@ -83,3 +83,17 @@ def test_wrong_window_is_detected():
     feeds = {n: t.numpy() for n, t in zip(("q", "k", "v", "pk", "pv", "pl", "sl"), (q, k, v, past, past, pl, sl))}
     got = _run_single_node("SlidingWindowAttention", attention.function(), feeds, ["q", "pk", "pv"], window=5, scale=1.0)[0]
     assert np.abs(got - ref).max() > 1e-2
+
+
+def test_an_unregistered_gemma4_op_is_a_one_line_export_error(tmp_path):
+    from gemma4_compile.errors import ExportError
+    from gemma4_compile.export.exporter import _custom_nodes
+    from gemma4_compile.model.presets import PRESETS
+
+    model = onnx.parser.parse_model("""
+    <ir_version: 10, opset_import: ["" : 20, "gemma4" : 1]>
+    g (float[2, 4] x) => (float[2, 4] y) { y = gemma4.RotaryEmbedding (x) }
+    """)
+    onnx.save(model, tmp_path / "decoder.onnx")
+    with pytest.raises(ExportError, match="unregistered custom op: no gemma4 op named 'RotaryEmbedding'; known: "):
+        _custom_nodes(tmp_path / "decoder.onnx", PRESETS["tiny-e2b"])

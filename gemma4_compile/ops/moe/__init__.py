@@ -24,6 +24,7 @@ MOE = OpContract(
     type_constraints=(ACTIVATIONS,),
     attributes=(Attr("top_k", "int", "experts per token"), *PLUGIN_ATTRS),
     output_like=(0,),
+    in_layer=lambda plan: plan.moe,
 )
 
 # Every stage node carries the same attributes: the int32 plugin fields, then `aot` (the ONNX parser's switch to
