@@ -18,12 +18,26 @@ from gemma4_compile.model.config import FULL, SLIDING, Gemma4Spec
 
 # E2B-shaped (PLE, KV sharing, double-wide MLP, 4:1 pattern ending global) at a size a CPU runs in seconds.
 MID_E2B = Gemma4Spec(
-    vocab_size=8192, hidden_size=512, intermediate_size=1024, num_hidden_layers=10, num_attention_heads=8,
-    num_key_value_heads=1, head_dim=64, global_head_dim=128, num_global_key_value_heads=None,
-    attention_k_eq_v=False, sliding_window=64, layer_types=tuple(([SLIDING] * 4 + [FULL]) * 2),
-    hidden_size_per_layer_input=64, vocab_size_per_layer_input=8192, num_kv_shared_layers=4,
-    use_double_wide_mlp=True, final_logit_softcapping=30.0, max_position_embeddings=4096, dtype="float32",
-)  # fmt: skip
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=10,
+    num_attention_heads=8,
+    num_key_value_heads=1,
+    head_dim=64,
+    global_head_dim=128,
+    num_global_key_value_heads=None,
+    attention_k_eq_v=False,
+    sliding_window=64,
+    layer_types=tuple(([SLIDING] * 4 + [FULL]) * 2),
+    hidden_size_per_layer_input=64,
+    vocab_size_per_layer_input=8192,
+    num_kv_shared_layers=4,
+    use_double_wide_mlp=True,
+    final_logit_softcapping=30.0,
+    max_position_embeddings=4096,
+    dtype="float32",
+)
 
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> dict[str, float]:

@@ -162,9 +162,20 @@ def measure(preset: str, dtype: str, targets: list[str], work: Path, args) -> li
             )
             continue
         mem = manifest["memory"]
-        rows.append(Row(preset, dtype, target, weights, _round(export_s), manifest["build_seconds"],
-                        mem["peak_rss_bytes"], mem["peak_rss_bytes"] - mem["start_rss_bytes"],
-                        manifest["files"]["decoder.engine"]["bytes"], "ok"))  # fmt: skip
+        rows.append(
+            Row(
+                preset,
+                dtype,
+                target,
+                weights,
+                _round(export_s),
+                manifest["build_seconds"],
+                mem["peak_rss_bytes"],
+                mem["peak_rss_bytes"] - mem["start_rss_bytes"],
+                manifest["files"]["decoder.engine"]["bytes"],
+                "ok",
+            )
+        )
     if not args.keep:
         shutil.rmtree(export_dir, ignore_errors=True)
     return rows
@@ -182,8 +193,10 @@ def full_preflight(preset: str, dtype: str, work: Path, cap_bytes: int) -> str |
     need = params * 2 * 2 + 4 * GIB  # bf16 checkpoint + export weights, plus slack
     free = shutil.disk_usage(work).free
     if free < need:
-        return (f"needs ~{need / GIB:.0f} GiB of disk for a {params / 1e9:.2f}B-parameter checkpoint and its export, "
-                f"{free / GIB:.0f} GiB free")  # fmt: skip
+        return (
+            f"needs ~{need / GIB:.0f} GiB of disk for a {params / 1e9:.2f}B-parameter checkpoint and its export, "
+            f"{free / GIB:.0f} GiB free"
+        )
     if cap_bytes < 4 * GIB:
         return f"only {cap_bytes / GIB:.1f} GiB of RAM may be used here"
     return None
@@ -207,21 +220,29 @@ def _fmt(value, scale: float = 1.0, unit: str = "", digits: int = 1) -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = f"{'preset':<14}{'dtype':<6}{'target':<8}{'dec. weights':>13}{'export':>9}{'build':>9}{'peak RSS':>10}" \
-           f"{'RSS growth':>12}{'engine':>11}  status"  # fmt: skip
+    head = (
+        f"{'preset':<14}{'dtype':<6}{'target':<8}{'dec. weights':>13}{'export':>9}{'build':>9}{'peak RSS':>10}"
+        f"{'RSS growth':>12}{'engine':>11}  status"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r.preset:<14}{r.dtype:<6}{r.target:<8}{_fmt(r.decoder_weight_bytes, 1 << 20, ' MiB'):>13}"
-              f"{_fmt(r.export_s, 1, ' s'):>9}{_fmt(r.build_s, 1, ' s'):>9}{_fmt(r.peak_rss_bytes, GIB, ' GiB', 2):>10}"
-              f"{_fmt(r.rss_growth_bytes, GIB, ' GiB', 2):>12}{_fmt(r.engine_bytes, 1 << 20, ' MiB'):>11}  {r.status}")  # fmt: skip
+        print(
+            f"{r.preset:<14}{r.dtype:<6}{r.target:<8}{_fmt(r.decoder_weight_bytes, 1 << 20, ' MiB'):>13}"
+            f"{_fmt(r.export_s, 1, ' s'):>9}{_fmt(r.build_s, 1, ' s'):>9}{_fmt(r.peak_rss_bytes, GIB, ' GiB', 2):>10}"
+            f"{_fmt(r.rss_growth_bytes, GIB, ' GiB', 2):>12}{_fmt(r.engine_bytes, 1 << 20, ' MiB'):>11}  {r.status}"
+        )
 
 
 def _environment() -> dict:
     from gemma4_compile.engines import installed_flavours
 
-    return {"tensorrt": [f.title for f in installed_flavours()], "cpus": os.cpu_count(),
-            "ram_gib": round(psutil.virtual_memory().total / GIB, 1), "python": sys.version.split()[0]}  # fmt: skip
+    return {
+        "tensorrt": [f.title for f in installed_flavours()],
+        "cpus": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / GIB, 1),
+        "python": sys.version.split()[0],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,16 +274,28 @@ def main(argv: list[str] | None = None) -> int:
     for preset in [p for p in args.full.split(",") if p]:
         reason = full_preflight(preset, args.dtype, work, args.cap_bytes)
         if reason:
-            rows += [Row(preset, args.dtype, t, None, None, None, None, None, None, f"not attempted: {reason}")
-                     for t in targets]  # fmt: skip
+            rows += [
+                Row(preset, args.dtype, t, None, None, None, None, None, None, f"not attempted: {reason}")
+                for t in targets
+            ]
         else:
             rows += measure(preset, args.dtype, targets, work, args)
     if not args.keep and not args.work:
         shutil.rmtree(work, ignore_errors=True)
     print_table(rows)
-    print(json.dumps({"benchmark": "engine_build", "environment": _environment(), "max_batch": args.max_batch,
-                      "max_seq": args.max_seq, "profiles": args.profiles, "cap_bytes": args.cap_bytes,
-                      "rows": [asdict(r) for r in rows]}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": "engine_build",
+                "environment": _environment(),
+                "max_batch": args.max_batch,
+                "max_seq": args.max_seq,
+                "profiles": args.profiles,
+                "cap_bytes": args.cap_bytes,
+                "rows": [asdict(r) for r in rows],
+            }
+        )
+    )
     return 0
 
 

@@ -25,8 +25,13 @@ CLI = [sys.executable, "-m", "gemma4_compile.cli"]
 def run(cmd: list[str]) -> tuple[float, float]:
     """-> (wall seconds, peak RSS MiB of that process alone, from /usr/bin/time -v)."""
     t0 = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-v", *cmd], check=True, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)  # fmt: skip
+    done = subprocess.run(
+        ["/usr/bin/time", "-v", *cmd],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     line = next(x for x in done.stderr.splitlines() if "Maximum resident set size" in x)
     return wall, int(line.split(":")[1]) / 1024
@@ -51,7 +56,9 @@ def main() -> None:
         wall, rss = run([*CLI, "init-random", "--preset", args.preset, "-o", str(ckpt), "--dtype", "bf16"])
         rows.append(["init-random (bf16)", wall, rss, du(ckpt)])
         payload["init_random"] = {"seconds": wall, "peak_rss_mib": rss, "gib": du(ckpt)}
-        wall, rss = run([*CLI, "export", str(ckpt), "-o", str(out), "--dtype", "bf16", "--max-seq-len", "4096"])
+        wall, rss = run(
+            [*CLI, "export", str(ckpt), "-o", str(out), "--dtype", "bf16", "--max-seq-len", "4096"]
+        )
         rows.append(["export (bf16)", wall, rss, du(out)])
         payload["export"] = {"seconds": wall, "peak_rss_mib": rss, "gib": du(out)}
         t0 = time.perf_counter()
@@ -63,7 +70,12 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    report(f"streaming memory, full-size {args.preset}", ["step", "wall s", "peak RSS MiB", "output GiB"], rows, payload)
+    report(
+        f"streaming memory, full-size {args.preset}",
+        ["step", "wall s", "peak RSS MiB", "output GiB"],
+        rows,
+        payload,
+    )
 
 
 if __name__ == "__main__":

@@ -104,10 +104,12 @@ class AttnCase:
 
 def attention_cases(dry: bool) -> list[AttnCase]:
     if dry:
-        return [AttnCase("tiny sliding prefill", 4, 2, 32, 16, 16, 64, 0),
-                AttnCase("tiny global prefill", 4, 1, 32, 0, 64, 48, 0),
-                AttnCase("tiny sliding decode", 4, 2, 32, 16, 16, 1, 100),
-                AttnCase("tiny global decode", 4, 1, 32, 0, 128, 1, 127)]  # fmt: skip
+        return [
+            AttnCase("tiny sliding prefill", 4, 2, 32, 16, 16, 64, 0),
+            AttnCase("tiny global prefill", 4, 1, 32, 0, 64, 48, 0),
+            AttnCase("tiny sliding decode", 4, 2, 32, 16, 16, 1, 100),
+            AttnCase("tiny global decode", 4, 1, 32, 0, 128, 1, 127),
+        ]
     out = []
     for model, hq, (skv, gkv) in (("26B-A4B", 16, (8, 2)), ("31B", 32, (16, 4))):
         out += [
@@ -126,11 +128,16 @@ def attention_inputs(c: AttnCase, device: str, dtype: torch.dtype) -> dict[str, 
         return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
 
     return dict(
-        q=rnd(1, c.heads, c.new, c.head_dim), k=rnd(1, c.kv_heads, c.new, c.head_dim),
-        v=rnd(1, c.kv_heads, c.new, c.head_dim), past_k=rnd(1, c.kv_heads, c.slots, c.head_dim),
-        past_v=rnd(1, c.kv_heads, c.slots, c.head_dim), past_len=torch.tensor([c.past], device=device),
-        seq_len=torch.tensor([c.new], device=device), window=c.window, scale=c.head_dim**-0.5,
-    )  # fmt: skip
+        q=rnd(1, c.heads, c.new, c.head_dim),
+        k=rnd(1, c.kv_heads, c.new, c.head_dim),
+        v=rnd(1, c.kv_heads, c.new, c.head_dim),
+        past_k=rnd(1, c.kv_heads, c.slots, c.head_dim),
+        past_v=rnd(1, c.kv_heads, c.slots, c.head_dim),
+        past_len=torch.tensor([c.past], device=device),
+        seq_len=torch.tensor([c.new], device=device),
+        window=c.window,
+        scale=c.head_dim**-0.5,
+    )
 
 
 def sdpa_baseline(inp: dict[str, Any]) -> Callable[[], torch.Tensor]:
@@ -146,10 +153,12 @@ def sdpa_baseline(inp: dict[str, Any]) -> Callable[[], torch.Tensor]:
     values = torch.cat([inp["past_v"], inp["v"]], dim=2)
     group = inp["q"].shape[1] // keys.shape[1]
     try:
-        F.scaled_dot_product_attention(inp["q"][:, :, :1], keys, values, attn_mask=mask[:, :, :1],
-                                       scale=inp["scale"], enable_gqa=True)  # fmt: skip
-        return lambda: F.scaled_dot_product_attention(inp["q"], keys, values, attn_mask=mask, scale=inp["scale"],
-                                                      enable_gqa=True)  # fmt: skip
+        F.scaled_dot_product_attention(
+            inp["q"][:, :, :1], keys, values, attn_mask=mask[:, :, :1], scale=inp["scale"], enable_gqa=True
+        )
+        return lambda: F.scaled_dot_product_attention(
+            inp["q"], keys, values, attn_mask=mask, scale=inp["scale"], enable_gqa=True
+        )
     except (TypeError, RuntimeError):  # older torch or a backend without GQA: expand the KV heads
         keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
         return lambda: F.scaled_dot_product_attention(
@@ -168,8 +177,9 @@ def attention_row(c: AttnCase, device: str, dtype: torch.dtype) -> Row:
     )
     out, pk, pv = A.attention(**inp)
     with torch.no_grad():
-        ref = ops.attention_reference(**{k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
-                                         for k, v in inp.items()})  # fmt: skip
+        ref = ops.attention_reference(
+            **{k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inp.items()}
+        )
     err = (out.float() - ref[0]).abs()
     row.max_err = float(err.max())
     row.ok = (
@@ -232,11 +242,13 @@ def moe_inputs(c: MoeCase, device: str, dtype: torch.dtype) -> dict[str, Any]:
     perms = [torch.randperm(c.experts, generator=g, device=device) for _ in range(c.tokens)]
     logits = torch.stack(perms).float() / 32
     return dict(
-        x=rnd(c.tokens, c.hidden), router_logits=logits.to(dtype),
+        x=rnd(c.tokens, c.hidden),
+        router_logits=logits.to(dtype),
         per_expert_scale=(torch.rand(c.experts, generator=g, device=device) + 0.5).to(dtype),
         gate_up=rnd(c.experts, 2 * c.inter, c.hidden, scale=c.hidden**-0.5),
-        down=rnd(c.experts, c.hidden, c.inter, scale=c.inter**-0.5), top_k=c.top_k,
-    )  # fmt: skip
+        down=rnd(c.experts, c.hidden, c.inter, scale=c.inter**-0.5),
+        top_k=c.top_k,
+    )
 
 
 def moe_row(c: MoeCase, device: str, dtype: torch.dtype) -> Row:
@@ -270,8 +282,10 @@ def moe_row(c: MoeCase, device: str, dtype: torch.dtype) -> Row:
 
 
 def table(rows: list[Row]) -> str:
-    head = (f"{'case':<26} {'shape':<44} {'ok':<5} {'max err':>8} {'ms':>9} {'base ms':>9} {'speedup':>7} "
-            f"{'TFLOP/s':>8} {'%peak':>6} {'GB/s':>7} {'%peak':>6}  note")  # fmt: skip
+    head = (
+        f"{'case':<26} {'shape':<44} {'ok':<5} {'max err':>8} {'ms':>9} {'base ms':>9} {'speedup':>7} "
+        f"{'TFLOP/s':>8} {'%peak':>6} {'GB/s':>7} {'%peak':>6}  note"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         speed = r.base_ms / r.ms if r.ms == r.ms and r.ms > 0 else float("nan")
@@ -297,8 +311,12 @@ def main() -> int:
     dtype = torch.float16 if ARGS.dry_run else torch.bfloat16
     import triton
 
-    env = {"torch": torch.__version__, "triton": triton.__version__, "dtype": str(dtype).removeprefix("torch."),
-           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1)"}  # fmt: skip
+    env = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1)",
+    }
     print(f"gpu_kernels: {env}", flush=True)
     t0 = time.perf_counter()
     jobs: list[tuple[str, Callable[[], Row]]] = []
@@ -320,12 +338,27 @@ def main() -> int:
             torch.cuda.empty_cache()
     print(table(rows))
     summary = {
-        "benchmark": "gpu_kernels", **env, "seconds": round(time.perf_counter() - t0, 1),
-        "ceilings": {"tflops": PEAK_TFLOPS, "gbps": PEAK_GBPS}, "all_ok": all(r.ok for r in rows),
-        "cases": [{"name": r.name, "shape": r.shape, "ok": r.ok, "max_err": r.max_err, "ms": r.ms,
-                   "baseline_ms": r.base_ms, "tflops": r.tflops(), "gbps": r.gbps(), "note": r.note, **r.extra}
-                  for r in rows],
-    }  # fmt: skip
+        "benchmark": "gpu_kernels",
+        **env,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "ceilings": {"tflops": PEAK_TFLOPS, "gbps": PEAK_GBPS},
+        "all_ok": all(r.ok for r in rows),
+        "cases": [
+            {
+                "name": r.name,
+                "shape": r.shape,
+                "ok": r.ok,
+                "max_err": r.max_err,
+                "ms": r.ms,
+                "baseline_ms": r.base_ms,
+                "tflops": r.tflops(),
+                "gbps": r.gbps(),
+                "note": r.note,
+                **r.extra,
+            }
+            for r in rows
+        ],
+    }
     print(json.dumps(summary, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v)))
     return 0 if summary["all_ok"] else 1
 

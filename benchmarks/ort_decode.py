@@ -34,8 +34,12 @@ def main() -> None:
         write_random_checkpoint(MID_E2B, ckpt, dtype=torch.float32)
         export_checkpoint(ckpt, out, max_seq_len=args.prompt + args.steps + 16)
         export_checkpoint(ckpt, gqa, max_seq_len=args.prompt + args.steps + 16, lowering="gqa")
-        runners = {"ort": OrtRunner(out, threads=args.threads), "ort (--lowering gqa)": OrtRunner(gqa, threads=args.threads),
-                   "ours (torch)": TorchRunner(ckpt), "transformers eager": HFRunner(ckpt)}  # fmt: skip
+        runners = {
+            "ort": OrtRunner(out, threads=args.threads),
+            "ort (--lowering gqa)": OrtRunner(gqa, threads=args.threads),
+            "ours (torch)": TorchRunner(ckpt),
+            "transformers eager": HFRunner(ckpt),
+        }
         ids = np.random.default_rng(0).integers(3, MID_E2B.vocab_size, (1, args.prompt))
         times, tokens = {}, {}
         for name, r in runners.items():
@@ -50,9 +54,15 @@ def main() -> None:
         f"greedy decode, {args.steps} tokens after a {args.prompt}-token prompt (mid-size E2B-like, CPU)",
         ["backend", "total s", "tokens/s", "speed-up vs transformers", "same tokens"],
         rows,
-        {"benchmark": "ort_decode", "prompt": args.prompt, "steps": args.steps, "seconds": times,
-         "speedup_vs_transformers": {k: hf / v for k, v in times.items()}, "same_tokens": same},
-    )  # fmt: skip
+        {
+            "benchmark": "ort_decode",
+            "prompt": args.prompt,
+            "steps": args.steps,
+            "seconds": times,
+            "speedup_vs_transformers": {k: hf / v for k, v in times.items()},
+            "same_tokens": same,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -35,22 +35,38 @@ def main() -> None:
             state = r.start(1, args.prompt + args.steps + 8)
             r.step(state, ids, np.array([args.prompt]))
             one = np.ones(1, dtype=np.int64)
-            decode = timeit(lambda r=r, s=state, one=one: r.step(s, ids[:, :1], one), repeat=args.steps, warmup=2)
+            decode = timeit(
+                lambda r=r, s=state, one=one: r.step(s, ids[:, :1], one), repeat=args.steps, warmup=2
+            )
             results[name] = {"prefill_s": prefill, "decode_step_s": decode}
     o, t = results["ours"], results["transformers"]
     rows = [
-        ["prefill p50 (ms)", o["prefill_s"]["p50"] * 1e3, t["prefill_s"]["p50"] * 1e3,
-         t["prefill_s"]["p50"] / o["prefill_s"]["p50"]],
-        ["decode step p50 (ms)", o["decode_step_s"]["p50"] * 1e3, t["decode_step_s"]["p50"] * 1e3,
-         t["decode_step_s"]["p50"] / o["decode_step_s"]["p50"]],
-    ]  # fmt: skip
+        [
+            "prefill p50 (ms)",
+            o["prefill_s"]["p50"] * 1e3,
+            t["prefill_s"]["p50"] * 1e3,
+            t["prefill_s"]["p50"] / o["prefill_s"]["p50"],
+        ],
+        [
+            "decode step p50 (ms)",
+            o["decode_step_s"]["p50"] * 1e3,
+            t["decode_step_s"]["p50"] * 1e3,
+            t["decode_step_s"]["p50"] / o["decode_step_s"]["p50"],
+        ],
+    ]
     report(
         f"reference on CPU: mid-size E2B-like, prompt {args.prompt}, {args.threads} threads",
         ["metric", "ours", "transformers eager", "ratio (hf/ours)"],
         rows,
-        {"benchmark": "reference_cpu", "prompt": args.prompt, "threads": args.threads, **results,
-         "prefill_ratio": rows[0][3], "decode_ratio": rows[1][3]},
-    )  # fmt: skip
+        {
+            "benchmark": "reference_cpu",
+            "prompt": args.prompt,
+            "threads": args.threads,
+            **results,
+            "prefill_ratio": rows[0][3],
+            "decode_ratio": rows[1][3],
+        },
+    )
 
 
 if __name__ == "__main__":

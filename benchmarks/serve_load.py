@@ -104,8 +104,13 @@ def main() -> None:
             for mode, r in (("sequential", seq), ("served", srv)):
                 p50, p99 = quantiles(r["latencies"])
                 tps = r["tokens"] / r["seconds"]
-                results[n][mode] = {"tokens": r["tokens"], "seconds": r["seconds"], "tokens_per_s": tps,
-                                    "p50_s": p50, "p99_s": p99}  # fmt: skip
+                results[n][mode] = {
+                    "tokens": r["tokens"],
+                    "seconds": r["seconds"],
+                    "tokens_per_s": tps,
+                    "p50_s": p50,
+                    "p99_s": p99,
+                }
                 rows.append(
                     [n, mode, r["tokens"], r["seconds"], tps, p50, p99, ratio if mode == "served" else 1.0]
                 )
@@ -117,9 +122,14 @@ def main() -> None:
         f"(mid-size E2B-like, ORT CPU, {args.threads} threads, max batch {max(args.clients)})",
         ["clients", "mode", "tokens", "s", "tok/s", "p50 s", "p99 s", "x seq"],
         rows,
-        {"benchmark": "serve_load", "requests_per_client": args.requests, "max_tokens": args.max_tokens,
-         "threads": args.threads, "results": results},
-    )  # fmt: skip
+        {
+            "benchmark": "serve_load",
+            "requests_per_client": args.requests,
+            "max_tokens": args.max_tokens,
+            "threads": args.threads,
+            "results": results,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -39,22 +39,39 @@ def cli(debug: bool) -> None:
 
 @cli.command("init-random")
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True, type=click.Choice(list(PRESETS)))
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Checkpoint directory."
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp32"]))
-@click.option("--max-shard-size", default="2GiB", show_default=True, help="Shard above this size (e.g. 500MB, 2GiB).")
-@click.option("--text-only", is_flag=True, help="Write a gemma4_text config with 'model.' names instead of the released layout.")
+@click.option(
+    "--max-shard-size", default="2GiB", show_default=True, help="Shard above this size (e.g. 500MB, 2GiB)."
+)
+@click.option(
+    "--text-only",
+    is_flag=True,
+    help="Write a gemma4_text config with 'model.' names instead of the released layout.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
-def init_random(preset: str, output: Path, seed: int, dtype: str, max_shard_size: str, text_only: bool, force: bool) -> None:
+def init_random(
+    preset: str, output: Path, seed: int, dtype: str, max_shard_size: str, text_only: bool, force: bool
+) -> None:
     """Write a random-weight checkpoint in the released Hugging Face layout (deterministic for a seed)."""
 
     from .model.checkpoint import write_random_checkpoint
 
     info = write_random_checkpoint(
-        PRESETS[preset], output, seed=seed, dtype=DType.parse(dtype).torch,
-        max_shard_bytes=_parse_size(max_shard_size), multimodal=not text_only, force=force,
-    )  # fmt: skip
-    out.print(f"wrote {info.path}: {preset}, {info.num_tensors} tensors, {info.total_bytes / 2**20:.1f} MiB in {len(info.files)} file(s)")
+        PRESETS[preset],
+        output,
+        seed=seed,
+        dtype=DType.parse(dtype).torch,
+        max_shard_bytes=_parse_size(max_shard_size),
+        multimodal=not text_only,
+        force=force,
+    )
+    out.print(
+        f"wrote {info.path}: {preset}, {info.num_tensors} tensors, {info.total_bytes / 2**20:.1f} MiB in {len(info.files)} file(s)"
+    )
 
 
 def _parse_size(text: str) -> int:
@@ -92,22 +109,32 @@ def inspect(path: Path | None, preset: str | None) -> None:
 
 
 def _print_spec(spec) -> None:
-    table = Table(title=f"{spec.num_hidden_layers} layers, hidden {spec.hidden_size}, vocab {spec.vocab_size}, "
-                        f"window {spec.sliding_window}, PLE {spec.hidden_size_per_layer_input}, "
-                        f"MoE {spec.num_experts or 0}/{spec.top_k_experts or 0}")  # fmt: skip
+    table = Table(
+        title=f"{spec.num_hidden_layers} layers, hidden {spec.hidden_size}, vocab {spec.vocab_size}, "
+        f"window {spec.sliding_window}, PLE {spec.hidden_size_per_layer_input}, "
+        f"MoE {spec.num_experts or 0}/{spec.top_k_experts or 0}"
+    )
     for col in ("layer", "kind", "head_dim", "kv_heads", "v_proj", "kv_from", "cache", "mlp", "moe"):
         table.add_column(col, justify="right")
     for p in spec.layers:
         table.add_row(
-            str(p.index), p.kind, str(p.head_dim), str(p.num_kv_heads), "yes" if p.has_v_proj else "K=V",
-            "-" if p.kv_producer is None else str(p.kv_producer), "-" if p.cache_index is None else str(p.cache_index),
-            str(p.mlp_width), "yes" if p.moe else "-",
-        )  # fmt: skip
+            str(p.index),
+            p.kind,
+            str(p.head_dim),
+            str(p.num_kv_heads),
+            "yes" if p.has_v_proj else "K=V",
+            "-" if p.kv_producer is None else str(p.kv_producer),
+            "-" if p.cache_index is None else str(p.cache_index),
+            str(p.mlp_width),
+            "yes" if p.moe else "-",
+        )
     out.print(table)
 
 
 def _print_export(manifest) -> None:
-    table = Table(title=f"export {manifest.path} ({manifest.dtype}, opset {manifest.opset}, max_seq_len {manifest.max_seq_len})")
+    table = Table(
+        title=f"export {manifest.path} ({manifest.dtype}, opset {manifest.opset}, max_seq_len {manifest.max_seq_len})"
+    )
     for col in ("graph", "tensor", "dtype", "shape"):
         table.add_column(col)
     for gname, g in manifest.graphs.items():
@@ -122,57 +149,122 @@ def _print_export(manifest) -> None:
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Export directory.")
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Export directory."
+)
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
-@click.option("--max-seq-len", type=int, help="Longest sequence the caches must hold [default: the config's].")
+@click.option(
+    "--max-seq-len", type=int, help="Longest sequence the caches must hold [default: the config's]."
+)
 @click.option("--debug-outputs", is_flag=True, help="Add per-layer hidden states / router logits as outputs.")
-@click.option("--lowering", type=click.Choice(list(LOWERINGS)),
-              help="; ".join(f"{n}: {lw.description}" for n, lw in LOWERINGS.items()))
+@click.option(
+    "--lowering",
+    type=click.Choice(list(LOWERINGS)),
+    help="; ".join(f"{n}: {lw.description}" for n, lw in LOWERINGS.items()),
+)
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
-def export(checkpoint: Path, output: Path, dtype: str, max_seq_len: int | None, debug_outputs: bool,
-           lowering: str | None, force: bool) -> None:  # fmt: skip
+def export(
+    checkpoint: Path,
+    output: Path,
+    dtype: str,
+    max_seq_len: int | None,
+    debug_outputs: bool,
+    lowering: str | None,
+    force: bool,
+) -> None:
     """Export a checkpoint to ONNX: embed.onnx, decoder.onnx (gemma4 custom nodes), weights.data, export.json."""
     from .export import export_checkpoint
 
     with console.status("exporting") as status:
         result = export_checkpoint(
-            checkpoint, output, dtype=dtype, max_seq_len=max_seq_len, force=force, debug=debug_outputs,
-            lowering=lowering, progress=lambda stage: status.update(f"export: {stage}"),
-        )  # fmt: skip
+            checkpoint,
+            output,
+            dtype=dtype,
+            max_seq_len=max_seq_len,
+            force=force,
+            debug=debug_outputs,
+            lowering=lowering,
+            progress=lambda stage: status.update(f"export: {stage}"),
+        )
     m = result.manifest
-    out.print(f"exported {m.spec.num_hidden_layers} layers ({m.dtype}) to {result.path}: "
-              f"{len(m.custom_nodes)} gemma4 nodes, {len(m.caches)} caches")  # fmt: skip
+    out.print(
+        f"exported {m.spec.num_hidden_layers} layers ({m.dtype}) to {result.path}: "
+        f"{len(m.custom_nodes)} gemma4 nodes, {len(m.caches)} caches"
+    )
 
 
 @cli.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--target", "targets", multiple=True, required=True, help=TARGET_HELP)
-@click.option("--plugins", is_flag=True, help="Register the gemma4 TensorRT plugins (else function bodies are inlined).")
-@click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5), help="Builder optimization level.")
+@click.option(
+    "--plugins", is_flag=True, help="Register the gemma4 TensorRT plugins (else function bodies are inlined)."
+)
+@click.option(
+    "--opt-level", default=3, show_default=True, type=click.IntRange(0, 5), help="Builder optimization level."
+)
 @click.option("--max-batch", default=DEFAULT_MAX_BATCH, show_default=True, type=int)
-@click.option("--max-seq", type=int, help="Largest prefill / cache length in the profiles [default: the export's].")
-@click.option("--profile", "profiles", multiple=True, type=click.Choice(["prefill", "decode"]),
-              default=("prefill", "decode"), show_default=True,
-              help="Optimization profiles to build (decode-only engines need far less build memory).")
-@click.option("--flavour", type=click.Choice(["tensorrt", "tensorrt_rtx"]),
-              help="Force a TensorRT flavour [default: full TensorRT on its own GPU, else TensorRT-RTX ahead of time].")
+@click.option(
+    "--max-seq", type=int, help="Largest prefill / cache length in the profiles [default: the export's]."
+)
+@click.option(
+    "--profile",
+    "profiles",
+    multiple=True,
+    type=click.Choice(["prefill", "decode"]),
+    default=("prefill", "decode"),
+    show_default=True,
+    help="Optimization profiles to build (decode-only engines need far less build memory).",
+)
+@click.option(
+    "--flavour",
+    type=click.Choice(["tensorrt", "tensorrt_rtx"]),
+    help="Force a TensorRT flavour [default: full TensorRT on its own GPU, else TensorRT-RTX ahead of time].",
+)
 @click.option("--force", is_flag=True, help="Rebuild even when an up-to-date engine exists.")
-def build(export_dir: Path, targets: tuple[str, ...], plugins: bool, opt_level: int, max_batch: int,
-          max_seq: int | None, profiles: tuple[str, ...], flavour: str | None, force: bool) -> None:  # fmt: skip
+def build(
+    export_dir: Path,
+    targets: tuple[str, ...],
+    plugins: bool,
+    opt_level: int,
+    max_batch: int,
+    max_seq: int | None,
+    profiles: tuple[str, ...],
+    flavour: str | None,
+    force: bool,
+) -> None:
     """Build a TensorRT engine per GPU target from an export (TensorRT or TensorRT-RTX)."""
     from .engines import BuildOptions, build_engines
 
-    options = BuildOptions(plugins=plugins, opt_level=opt_level, max_batch=max_batch, max_seq=max_seq,
-                           profiles=profiles, flavour=flavour, force=force)  # fmt: skip
+    options = BuildOptions(
+        plugins=plugins,
+        opt_level=opt_level,
+        max_batch=max_batch,
+        max_seq=max_seq,
+        profiles=profiles,
+        flavour=flavour,
+        force=force,
+    )
     for art in build_engines(export_dir, list(targets), options):
         out.print(f"{'reused' if art.reused else 'built'} {art.target}: {art.engine_path}")
 
 
 @cli.command()
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
-              help="Kernel directory; use OUT/kernels so `build` fingerprints the kernels into engine manifests.")
-@click.option("--target", "targets", multiple=True, default=("sm80", "sm86", "sm89", "sm90", "sm100", "sm120"),
-              show_default=True, help=TARGET_HELP)  # fmt: skip
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Kernel directory; use OUT/kernels so `build` fingerprints the kernels into engine manifests.",
+)
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    default=("sm80", "sm86", "sm89", "sm90", "sm100", "sm120"),
+    show_default=True,
+    help=TARGET_HELP,
+)
 def kernels(output: Path, targets: tuple[str, ...]) -> None:
     """Compile every Triton kernel variant to PTX/cubin per target and write the resource table (kernels.json)."""
     from .plugins.aot import compile_kernels, kernel_table_markdown
@@ -186,17 +278,35 @@ def kernels(output: Path, targets: tuple[str, ...]) -> None:
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
 @click.option("--reference", default="torch", show_default=True, type=click.Choice(["torch", "hf"]))
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="Reference checkpoint [default: the export's source].")
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    help="Reference checkpoint [default: the export's source].",
+)
 @click.option("--prompts", type=click.Path(path_type=Path), help="JSON file of token-id prompts.")
 @click.option("--steps", type=int, help="Greedy decode steps per case.")
 @click.option("--target", help="Engine target for --backend trt.")
-def validate(export_dir: Path, backend: str, reference: str, checkpoint: Path | None, prompts: Path | None,
-             steps: int | None, target: str | None) -> None:  # fmt: skip
+def validate(
+    export_dir: Path,
+    backend: str,
+    reference: str,
+    checkpoint: Path | None,
+    prompts: Path | None,
+    steps: int | None,
+    target: str | None,
+) -> None:
     """Compare a backend with the PyTorch reference; write reports; exit non-zero if any case fails."""
     from .validate import validate as run_validate
 
-    report = run_validate(export_dir, backend=backend, reference=reference, checkpoint=checkpoint,
-                          prompts=prompts, steps=steps, target=target)  # fmt: skip
+    report = run_validate(
+        export_dir,
+        backend=backend,
+        reference=reference,
+        checkpoint=checkpoint,
+        prompts=prompts,
+        steps=steps,
+        target=target,
+    )
     click.echo(report.summary())
     if not report.passed:
         raise ValidationFailed(report.failure_message())
@@ -204,9 +314,19 @@ def validate(export_dir: Path, backend: str, reference: str, checkpoint: Path | 
 
 @cli.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.option("--backend", "backends", multiple=True, default=("ort",), show_default=True,
-              type=click.Choice(["ort", "trt"]))  # fmt: skip
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="Checkpoint for the PyTorch baselines [default: the export's source].")
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    default=("ort",),
+    show_default=True,
+    type=click.Choice(["ort", "trt"]),
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    help="Checkpoint for the PyTorch baselines [default: the export's source].",
+)
 @click.option("--target", help="Engine target for --backend trt.")
 def bench(export_dir: Path, backends: tuple[str, ...], checkpoint: Path | None, target: str | None) -> None:
     """Latency: prefill by length, decode p50/p90/p99 by context, tokens/s, TTFT, memory; vs PyTorch eager."""
@@ -218,13 +338,27 @@ def bench(export_dir: Path, backends: tuple[str, ...], checkpoint: Path | None, 
 
 @cli.command("compile")
 @click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--target", "targets", multiple=True, help=TARGET_HELP + " Engines are built where a TensorRT can build them.")
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output directory."
+)
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    help=TARGET_HELP + " Engines are built where a TensorRT can build them.",
+)
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
-@click.option("--preset", default=DEFAULT_PRESET, show_default=True, type=click.Choice(list(PRESETS)),
-              help="Built-in random-weight model used when no CHECKPOINT is given.")  # fmt: skip
+@click.option(
+    "--preset",
+    default=DEFAULT_PRESET,
+    show_default=True,
+    type=click.Choice(list(PRESETS)),
+    help="Built-in random-weight model used when no CHECKPOINT is given.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
-def compile_(checkpoint: Path | None, output: Path, targets: tuple[str, ...], dtype: str, preset: str, force: bool) -> None:
+def compile_(
+    checkpoint: Path | None, output: Path, targets: tuple[str, ...], dtype: str, preset: str, force: bool
+) -> None:
     """export -> build -> validate -> bench -> summary (the built-in tiny model when no CHECKPOINT is given)."""
     from .pipeline import run_pipeline
 
@@ -242,15 +376,34 @@ def compile_(checkpoint: Path | None, output: Path, targets: tuple[str, ...], dt
 @click.option("--prompt", required=True, help="Text to continue (with --chat: the user's message).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the export's chat template as a user turn.")
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
-@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="onnxruntime provider.")
+@click.option(
+    "--provider",
+    default="cpu",
+    show_default=True,
+    type=click.Choice(["cpu", "cuda"]),
+    help="onnxruntime provider.",
+)
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy.")
+@click.option(
+    "--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy."
+)
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0: no top-k filter.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=None, type=int, help="Sampling seed (reproducible output).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
-def generate(export_dir: Path, prompt: str, chat: bool, backend: str, provider: str, max_new_tokens: int,
-             temperature: float, top_k: int, top_p: float, seed: int | None, threads: int | None) -> None:  # fmt: skip
+def generate(
+    export_dir: Path,
+    prompt: str,
+    chat: bool,
+    backend: str,
+    provider: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    threads: int | None,
+) -> None:
     """Stream generated text to stdout; stops at eos / end-of-turn. Speed goes to stderr."""
     from .runtime import SamplingParams
     from .runtime.commands import generate_text
@@ -260,26 +413,54 @@ def generate(export_dir: Path, prompt: str, chat: bool, backend: str, provider: 
         sys.stdout.flush()
 
     params = SamplingParams(temperature, top_k, top_p, seed)
-    result = generate_text(export_dir, prompt, write, chat=chat, max_new_tokens=max_new_tokens, params=params,
-                           backend=backend, provider=provider, threads=threads)  # fmt: skip
+    result = generate_text(
+        export_dir,
+        prompt,
+        write,
+        chat=chat,
+        max_new_tokens=max_new_tokens,
+        params=params,
+        backend=backend,
+        provider=provider,
+        threads=threads,
+    )
     sys.stdout.write("\n")
-    console.print(f"{len(result.tokens)} tokens ({result.finish_reason}), time to first token "
-                  f"{result.ttft_s * 1e3:.1f} ms, {result.tokens_per_s:.1f} tokens/s", markup=False, highlight=False)  # fmt: skip
+    console.print(
+        f"{len(result.tokens)} tokens ({result.finish_reason}), time to first token "
+        f"{result.ttft_s * 1e3:.1f} ms, {result.tokens_per_s:.1f} tokens/s",
+        markup=False,
+        highlight=False,
+    )
 
 
 @cli.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Rows per decode step.")
-@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="onnxruntime provider.")
+@click.option(
+    "--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Rows per decode step."
+)
+@click.option(
+    "--provider",
+    default="cpu",
+    show_default=True,
+    type=click.Choice(["cpu", "cuda"]),
+    help="onnxruntime provider.",
+)
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
 def serve(export_dir: Path, host: str, port: int, max_batch: int, provider: str, threads: int | None) -> None:
     """OpenAI-compatible chat completions (/v1/chat/completions, /v1/models, /health), batching requests."""
     from .runtime.commands import serve_export
 
-    serve_export(export_dir, host=host, port=port, max_batch=max_batch, provider=provider,
-                 threads=threads, announce=lambda line: console.print(line, markup=False, highlight=False))  # fmt: skip
+    serve_export(
+        export_dir,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        provider=provider,
+        threads=threads,
+        announce=lambda line: console.print(line, markup=False, highlight=False),
+    )
 
 
 # ----- entry point ---------------------------------------------------------------------------------
@@ -296,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:  # a usage error is bad input: the same exit code as any other
         console.print(f"error: {e.format_message()}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_ERROR
-    except click.exceptions.Abort as e:  # click turns Ctrl-C into Abort (after a blank line ending the ^C echo)
+    except (
+        click.exceptions.Abort
+    ) as e:  # click turns Ctrl-C into Abort (after a blank line ending the ^C echo)
         if isinstance(e.__cause__, KeyboardInterrupt):
             console.print("error: interrupted", markup=False)
             return EXIT_INTERRUPTED
@@ -313,8 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an internal bug: still one line, the traceback only on request
         if debug:
             raise
-        console.print(f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
-                      markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+        console.print(
+            f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         return EXIT_ERROR
 
 

@@ -49,7 +49,9 @@ class DType(enum.Enum):
     def torch(self) -> Any:
         import torch
 
-        return getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(self.value, self.value))
+        return getattr(
+            torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(self.value, self.value)
+        )
 
     @property
     def numpy(self) -> Any:
@@ -76,11 +78,28 @@ class DType(enum.Enum):
         raise Gemma4CompileError(f"unsupported dtype {name!r}; expected one of {', '.join(FLOAT_CHOICES)}")
 
 
-_ONNX_NAMES = {DType.FP32: "float32", DType.FP16: "float16", DType.BF16: "bfloat16", DType.INT64: "int64",
-               DType.INT32: "int32"}  # fmt: skip
-_SAFETENSORS_NAMES = {DType.FP32: "F32", DType.FP16: "F16", DType.BF16: "BF16", DType.INT64: "I64", DType.INT32: "I32"}
+_ONNX_NAMES = {
+    DType.FP32: "float32",
+    DType.FP16: "float16",
+    DType.BF16: "bfloat16",
+    DType.INT64: "int64",
+    DType.INT32: "int32",
+}
+_SAFETENSORS_NAMES = {
+    DType.FP32: "F32",
+    DType.FP16: "F16",
+    DType.BF16: "BF16",
+    DType.INT64: "I64",
+    DType.INT32: "I32",
+}
 _ONNX_ELEM = {DType.FP32: 1, DType.FP16: 10, DType.BF16: 16, DType.INT64: 7, DType.INT32: 6}
-_TRT_NAMES = {DType.FP32: "FLOAT", DType.FP16: "HALF", DType.BF16: "BF16", DType.INT64: "INT64", DType.INT32: "INT32"}
+_TRT_NAMES = {
+    DType.FP32: "FLOAT",
+    DType.FP16: "HALF",
+    DType.BF16: "BF16",
+    DType.INT64: "INT64",
+    DType.INT32: "INT32",
+}
 _BY_ELEM = {e: d for d, e in _ONNX_ELEM.items()}
 _ALIASES: dict[str, DType] = {
     **{n: d for d, n in _TRT_NAMES.items()},

@@ -34,12 +34,17 @@ def _sibling(out: Path, role: str) -> str:
 # ----- which paths may be written --------------------------------------------------------------------
 
 
-def check_output_path(out: Path, inputs: Iterable[Path] = (), error: type[Gemma4CompileError] = Gemma4CompileError) -> None:
+def check_output_path(
+    out: Path, inputs: Iterable[Path] = (), error: type[Gemma4CompileError] = Gemma4CompileError
+) -> None:
     """Refuse, in one line, an output whose replacement would delete an input or a directory nobody means to
     lose: the input itself, one containing it or inside it, the working directory, home or a root."""
     target = Path(out).expanduser().resolve()
-    protected = {"a filesystem root": Path(target.anchor), "the home directory": Path.home().resolve(),
-                 "the working directory": Path.cwd().resolve()}  # fmt: skip
+    protected = {
+        "a filesystem root": Path(target.anchor),
+        "the home directory": Path.home().resolve(),
+        "the working directory": Path.cwd().resolve(),
+    }
     for what, path in protected.items():
         if target == path:
             raise error(f"output {out} is {what}; choose a directory of its own")
@@ -59,8 +64,13 @@ def is_project_output(path: Path) -> bool:
     """True for a directory gemma4-compile wrote: an export (export.json in our format), a random checkpoint or
     a compile output (our marker file), a compile output from before the marker (reports/ beside an export),
     or one of a compile output's stage directories (checkpoint/, export/, reports/)."""
-    return _has_marker(path) or _is_export(path) or _is_engine(path) or _is_compile_output(path) or (
-        path.name in COMPILE_STAGES and _is_compile_output(path.parent))  # fmt: skip
+    return (
+        _has_marker(path)
+        or _is_export(path)
+        or _is_engine(path)
+        or _is_compile_output(path)
+        or (path.name in COMPILE_STAGES and _is_compile_output(path.parent))
+    )
 
 
 COMPILE_STAGES = ("checkpoint", "export", "reports")
@@ -107,8 +117,10 @@ def check_replaceable(out: Path, force: bool, error: type[Gemma4CompileError] = 
     if not force:
         raise error(f"output directory {out} already exists (use --force to replace it)")
     if not out.is_dir() or not is_project_output(out):
-        raise error(f"{out} was not written by gemma4-compile; --force replaces only its own outputs, "
-                    "so remove it yourself or choose another output")  # fmt: skip
+        raise error(
+            f"{out} was not written by gemma4-compile; --force replaces only its own outputs, "
+            "so remove it yourself or choose another output"
+        )
 
 
 # ----- one writer per output -------------------------------------------------------------------------
@@ -133,7 +145,9 @@ def output_lock(out: Path, error: type[Gemma4CompileError] = Gemma4CompileError)
         except OSError:
             held = False
         if not held:
-            raise error(f"{out} is being written by another gemma4-compile run (lock {lock}); wait for it to finish")
+            raise error(
+                f"{out} is being written by another gemma4-compile run (lock {lock}); wait for it to finish"
+            )
         os.write(fd, f"{os.getpid()}\n".encode())
         try:
             yield

@@ -46,8 +46,14 @@ def run_pipeline(
         return _run(checkpoint, out_dir, targets, dtype, preset, console)
 
 
-def _run(checkpoint: Path | None, out_dir: Path, targets: list[str] | None, dtype: str, preset: str,
-         console: Console | None) -> PipelineResult:  # fmt: skip
+def _run(
+    checkpoint: Path | None,
+    out_dir: Path,
+    targets: list[str] | None,
+    dtype: str,
+    preset: str,
+    console: Console | None,
+) -> PipelineResult:
     notes: list[str] = []
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console or Console(stderr=True), transient=False) as progress:
@@ -63,7 +69,9 @@ def _run(checkpoint: Path | None, out_dir: Path, targets: list[str] | None, dtyp
             checkpoint = _default_checkpoint(out_dir / "checkpoint", preset)
             done(task, f"checkpoint: {preset} (random weights) -> {checkpoint}")
         task = stage("export")
-        export_dir = _export(checkpoint, out_dir / "export", dtype, lambda s: progress.update(task, description=f"export: {s}"))
+        export_dir = _export(
+            checkpoint, out_dir / "export", dtype, lambda s: progress.update(task, description=f"export: {s}")
+        )
         done(task, f"export: {export_dir}")
 
         task = stage("build")
@@ -74,7 +82,9 @@ def _run(checkpoint: Path | None, out_dir: Path, targets: list[str] | None, dtyp
         task = stage("validate (onnxruntime vs PyTorch)")
         from .validate import bench, validate
 
-        accuracy = validate(export_dir, backend="ort", reference="torch", checkpoint=checkpoint, out_dir=out_dir)
+        accuracy = validate(
+            export_dir, backend="ort", reference="torch", checkpoint=checkpoint, out_dir=out_dir
+        )
         done(task, f"validate: {'passed' if accuracy.passed else 'FAILED'}")
 
         task = stage("bench")
@@ -98,7 +108,9 @@ def _default_checkpoint(path: Path, preset: str) -> Path:
 def _export(checkpoint: Path, out: Path, dtype: str, progress) -> Path:
     from .export import export_checkpoint
 
-    return export_checkpoint(checkpoint, out, dtype=dtype, force=True, max_seq_len=512, progress=progress).path
+    return export_checkpoint(
+        checkpoint, out, dtype=dtype, force=True, max_seq_len=512, progress=progress
+    ).path
 
 
 def _build(export_dir: Path, targets: list[str] | None) -> str:

@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup-venv.sh
 . "${VENV:-.venv}/bin/activate"
 ruff check .
+ruff format --check .
 rc=0
 python -m pytest -q -ra "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then

@@ -37,12 +37,16 @@ def _has_full_tensorrt() -> bool:
 
 # marker -> (is it available here?, the skip reason where it is not)
 REQUIREMENTS = {
-    "rtx": (lambda: importlib.util.find_spec("tensorrt_rtx") is not None,
-            "needs tensorrt_rtx (pip install 'gemma4-compile[rtx]')"),
-    "trt": (lambda: _has_full_tensorrt() and _has_gpu(),
-            "needs full TensorRT (tensorrt.plugin; not installable from PyPI) and a CUDA GPU"),
+    "rtx": (
+        lambda: importlib.util.find_spec("tensorrt_rtx") is not None,
+        "needs tensorrt_rtx (pip install 'gemma4-compile[rtx]')",
+    ),
+    "trt": (
+        lambda: _has_full_tensorrt() and _has_gpu(),
+        "needs full TensorRT (tensorrt.plugin; not installable from PyPI) and a CUDA GPU",
+    ),
     "gpu": (_has_gpu, "needs a CUDA GPU (torch.cuda)"),
-}  # fmt: skip
+}
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

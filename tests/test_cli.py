@@ -27,9 +27,15 @@ def test_every_verb_has_help(verb, capsys):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["export", "/nonexistent/ckpt", "-o", "/tmp/never"], "checkpoint directory /nonexistent/ckpt does not exist"),
+        (
+            ["export", "/nonexistent/ckpt", "-o", "/tmp/never"],
+            "checkpoint directory /nonexistent/ckpt does not exist",
+        ),
         (["init-random", "--preset", "e3b", "-o", "x"], "Invalid value for '--preset'"),
-        (["init-random", "--preset", "tiny-31b", "-o", "x", "--max-shard-size", "lots"], "cannot read size 'lots'"),
+        (
+            ["init-random", "--preset", "tiny-31b", "-o", "x", "--max-shard-size", "lots"],
+            "cannot read size 'lots'",
+        ),
         (["validate", "/nonexistent/export"], "no export.json"),
         (["build", "/nonexistent/export", "--target", "sm89"], "export.json"),
         (["inspect"], "give a checkpoint or export directory"),

@@ -29,12 +29,34 @@ from .profiles import DEFAULT_MAX_BATCH, ProfileLimits, ShapeProfile, derive_pro
 from .seam import TrtFlavour, installed_flavours, load_trt
 
 __all__ = [
-    "DEFAULT_MAX_BATCH", "TARGETS", "BuildOptions", "BuildRecord", "CapabilityReport", "EngineArtifact",
-    "EngineFile", "EngineManifest", "GpuTarget", "NodePath", "ProfileLimits", "ShapeProfile",
-    "TargetStatus", "TrtFlavour", "build_engine", "build_engines", "check_engine", "derive_profiles", "engine_dir",
-    "installed_flavours", "list_targets", "load_trt", "open_engine", "plan_builds", "read_export", "read_manifest",
+    "DEFAULT_MAX_BATCH",
+    "TARGETS",
+    "BuildOptions",
+    "BuildRecord",
+    "CapabilityReport",
+    "EngineArtifact",
+    "EngineFile",
+    "EngineManifest",
+    "GpuTarget",
+    "NodePath",
+    "ProfileLimits",
+    "ShapeProfile",
+    "TargetStatus",
+    "TrtFlavour",
+    "build_engine",
+    "build_engines",
+    "check_engine",
+    "derive_profiles",
+    "engine_dir",
+    "installed_flavours",
+    "list_targets",
+    "load_trt",
+    "open_engine",
+    "plan_builds",
+    "read_export",
+    "read_manifest",
     "resolve_target",
-]  # fmt: skip
+]
 
 
 @dataclass(frozen=True)

@@ -112,8 +112,15 @@ class EngineArtifact:
 
     @classmethod
     def of(cls, final: Path, manifest: EngineManifest, reused: bool) -> EngineArtifact:
-        return cls(manifest.target, final, final / manifest.engine_file, final / MANIFEST_NAME,
-                   final / CAPABILITY_NAME, manifest, reused)  # fmt: skip
+        return cls(
+            manifest.target,
+            final,
+            final / manifest.engine_file,
+            final / MANIFEST_NAME,
+            final / CAPABILITY_NAME,
+            manifest,
+            reused,
+        )
 
 
 # ----- the build record ---------------------------------------------------------------------------------
@@ -172,11 +179,16 @@ class BuildRecord:
         """Fingerprint of everything that determines the engine; equal keys mean a rebuild would be redundant."""
         o = self.options
         request = {
-            "export": self.export.sha256, "target": self.target.name, "flavour": self.flavour.name,
-            "trt": self.flavour.version, "profiles": [p.to_dict() for p in self.profiles], "opt_level": o.opt_level,
-            "plugins": o.plugins, "hardware_compat": o.hardware_compat,
+            "export": self.export.sha256,
+            "target": self.target.name,
+            "flavour": self.flavour.name,
+            "trt": self.flavour.version,
+            "profiles": [p.to_dict() for p in self.profiles],
+            "opt_level": o.opt_level,
+            "plugins": o.plugins,
+            "hardware_compat": o.hardware_compat,
             "kernels": self.kernels.sha256 if o.plugins else None,
-        }  # fmt: skip
+        }
         return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
     def manifest(self) -> EngineManifest:
@@ -185,17 +197,34 @@ class BuildRecord:
         )
         files = {ENGINE_NAME: {"sha256": self.plan.sha256, "bytes": self.plan.bytes}, **self.files}
         return EngineManifest(
-            target=self.target.name, sm=self.target.sm, flavour=self.flavour.name, trt_version=self.flavour.version,
-            precision=self.export.dtype, weight_format=self.export.weight_format, export_sha256=self.export.sha256, decoder_sha256=self.export.graphs[DECODER].sha256,
-            profiles=self.profiles, opt_level=self.options.opt_level, hardware_compat=self.hardware_compat,
-            plugins=self.plugins.to_dict(), capability=self.report.counts(), timing_cache=self.timing_cache.to_dict(),
+            target=self.target.name,
+            sm=self.target.sm,
+            flavour=self.flavour.name,
+            trt_version=self.flavour.version,
+            precision=self.export.dtype,
+            weight_format=self.export.weight_format,
+            export_sha256=self.export.sha256,
+            decoder_sha256=self.export.graphs[DECODER].sha256,
+            profiles=self.profiles,
+            opt_level=self.options.opt_level,
+            hardware_compat=self.hardware_compat,
+            plugins=self.plugins.to_dict(),
+            capability=self.report.counts(),
+            timing_cache=self.timing_cache.to_dict(),
             build_seconds=round(self.seconds["total"], 3),
             phase_seconds={k: round(v, 3) for k, v in self.seconds.items()},
-            memory=self.memory.to_dict() if self.memory else {}, io=_io(self.parsed), files=files,
-            tools={"gemma4_compile": __version__, "onnx": onnx.__version__, "python": platform.python_version(),
-                   "host": platform.node(), "build_key": self.key},
+            memory=self.memory.to_dict() if self.memory else {},
+            io=_io(self.parsed),
+            files=files,
+            tools={
+                "gemma4_compile": __version__,
+                "onnx": onnx.__version__,
+                "python": platform.python_version(),
+                "host": platform.node(),
+                "build_key": self.key,
+            },
             created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        )  # fmt: skip
+        )
 
 
 def _io(parsed: ParsedNetwork) -> tuple[dict, ...]:
@@ -217,8 +246,10 @@ def _check_inputs(parsed: ParsedNetwork, profiles: tuple[ShapeProfile, ...]) -> 
         named = {s.name for s in profile.inputs}
         if named != set(inputs):
             missing, extra = sorted(set(inputs) - named), sorted(named - set(inputs))
-            raise BuildError(f"decoder inputs and export.json disagree: not in export.json {missing}, "
-                             f"not in decoder.onnx {extra}")  # fmt: skip
+            raise BuildError(
+                f"decoder inputs and export.json disagree: not in export.json {missing}, "
+                f"not in decoder.onnx {extra}"
+            )
         for s in profile.inputs:
             fixed = inputs[s.name]
             if len(fixed) != len(s.max):
@@ -227,8 +258,10 @@ def _check_inputs(parsed: ParsedNetwork, profiles: tuple[ShapeProfile, ...]) -> 
                 )
             for axis, dim in enumerate(fixed):
                 if dim >= 0 and not s.min[axis] == s.opt[axis] == s.max[axis] == dim:
-                    raise BuildError(f"decoder input {s.name!r} axis {axis} is fixed to {dim} in the graph, but the "
-                                     f"{profile.name} profile asks {s.min[axis]}..{s.max[axis]}")  # fmt: skip
+                    raise BuildError(
+                        f"decoder input {s.name!r} axis {axis} is fixed to {dim} in the graph, but the "
+                        f"{profile.name} profile asks {s.min[axis]}..{s.max[axis]}"
+                    )
 
 
 def _add_profiles(parsed: ParsedNetwork, config: Any, profiles: tuple[ShapeProfile, ...]) -> None:
@@ -248,8 +281,11 @@ def _hardware_compat(flavour: TrtFlavour, config: Any, options: BuildOptions, pl
     if level == "auto":
         level = "none" if plugins_used else "same_cc"
     enum = flavour.module.HardwareCompatibilityLevel
-    config.hardware_compatibility_level = {"none": enum.NONE, "same_cc": enum.SAME_COMPUTE_CAPABILITY,
-                                           "ampere_plus": enum.AMPERE_PLUS}[level]  # fmt: skip
+    config.hardware_compatibility_level = {
+        "none": enum.NONE,
+        "same_cc": enum.SAME_COMPUTE_CAPABILITY,
+        "ampere_plus": enum.AMPERE_PLUS,
+    }[level]
     return level
 
 
@@ -312,8 +348,9 @@ def _writer(flavour_module: Any, fh, digest):
     return FileWriter()
 
 
-def engine_from_network(parsed: ParsedNetwork, config: Any, path: Path, target_name: str,
-                        monitor: Any = None) -> PlanFile:  # fmt: skip
+def engine_from_network(
+    parsed: ParsedNetwork, config: Any, path: Path, target_name: str, monitor: Any = None
+) -> PlanFile:
     """Build and stream the plan to `path` (a staging path), hashing it on the way; BuildError on failure.
 
     Streaming (`build_serialized_network_to_stream`) never holds a multi-GB engine twice in host RAM."""
@@ -392,8 +429,9 @@ def _build_into(record: BuildRecord, staging: Path) -> None:
     t1 = time.perf_counter()
     with build_progress(record.flavour, f"{record.target.name}:", record.options.progress) as monitor:
         try:
-            record.plan = engine_from_network(record.parsed, config, staging / ENGINE_NAME, record.target.name,
-                                              monitor)  # fmt: skip
+            record.plan = engine_from_network(
+                record.parsed, config, staging / ENGINE_NAME, record.target.name, monitor
+            )
         except BuildError as e:
             raise _fail(record, str(e)) from None
     _save_timing_cache(record, config)
@@ -401,8 +439,13 @@ def _build_into(record: BuildRecord, staging: Path) -> None:
     record.seconds = {"total": t2 - t0, "parse": t1 - t0, "build": t2 - t1}
 
 
-def build_engine(export: ExportManifest, target: GpuTarget, flavour: TrtFlavour, options: BuildOptions,
-                 kernels: KernelsFile | None = None) -> EngineArtifact:  # fmt: skip
+def build_engine(
+    export: ExportManifest,
+    target: GpuTarget,
+    flavour: TrtFlavour,
+    options: BuildOptions,
+    kernels: KernelsFile | None = None,
+) -> EngineArtifact:
     """Build (or reuse, unless `options.force`) the engine of one target; BuildError says what went wrong.
     `kernels`: the export's kernels.json, when the caller has fingerprinted it already."""
     kernels = kernels or KernelsFile.find(export.path)
@@ -415,9 +458,14 @@ def build_engine(export: ExportManifest, target: GpuTarget, flavour: TrtFlavour,
     _checked(export.check_graph_file, DECODER)
     record.plugins = register(flavour, options.plugins, export.path, record.kernels)
     if record.plugins.error:
-        log.warning("%s: plugins requested but not registered (%s); custom ops will be inlined",
-                    target.name, record.plugins.error)  # fmt: skip
-    with atomic_directory(record.final, BuildError, force=True) as staging:  # ours: it holds an engine manifest
+        log.warning(
+            "%s: plugins requested but not registered (%s); custom ops will be inlined",
+            target.name,
+            record.plugins.error,
+        )
+    with atomic_directory(
+        record.final, BuildError, force=True
+    ) as staging:  # ours: it holds an engine manifest
         with PeakRss() as memory:
             _build_into(record, staging)
         record.memory = memory.usage
@@ -446,8 +494,9 @@ def resolve_targets(targets: list[str]) -> tuple[GpuTarget, ...]:
     return tuple(out)
 
 
-def plan_builds(targets: list[str], flavour: str | None = None,
-                device_sm: int | None = None) -> tuple[tuple[GpuTarget, TrtFlavour], ...]:  # fmt: skip
+def plan_builds(
+    targets: list[str], flavour: str | None = None, device_sm: int | None = None
+) -> tuple[tuple[GpuTarget, TrtFlavour], ...]:
     """Pick the TensorRT for every target before building anything, so an unbuildable target fails fast."""
     resolved = resolve_targets(targets)
     flavours = (load_trt(flavour),) if flavour else installed_flavours()
@@ -461,7 +510,9 @@ def read_export(export_dir: str | Path) -> ExportManifest:
     decoder graph; a BuildError names the first problem."""
     export = _checked(ExportManifest.load, export_dir, lenient=True)
     if DECODER not in export.graphs:
-        raise BuildError(f"{export.path / 'export.json'} has no graphs.{DECODER}; re-run gemma4-compile export")
+        raise BuildError(
+            f"{export.path / 'export.json'} has no graphs.{DECODER}; re-run gemma4-compile export"
+        )
     return export
 
 
@@ -472,8 +523,9 @@ def _checked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise BuildError(str(e)) from None
 
 
-def build_engines(export_dir: str | Path, targets: list[str], options: BuildOptions | None = None,
-                  **overrides: Any) -> list[EngineArtifact]:  # fmt: skip
+def build_engines(
+    export_dir: str | Path, targets: list[str], options: BuildOptions | None = None, **overrides: Any
+) -> list[EngineArtifact]:
     """Build one engine per target from OUT/export.json into OUT/engines/<sm>/.
 
     targets: SM names ('sm89'), GPU names ('l40s', 'h200') or 'native'. Every target is checked against the

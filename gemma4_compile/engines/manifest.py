@@ -103,7 +103,9 @@ def check_engine(
     sm = _sm_of(device_sm)
     found_gpu = f"sm{sm}" if sm is not None else "no CUDA GPU"
     same_trt = trt_flavour is not None and (trt_flavour.name, trt_flavour.version) == (
-        manifest.flavour, manifest.trt_version)  # fmt: skip
+        manifest.flavour,
+        manifest.trt_version,
+    )
     if not same_trt or sm != manifest.sm:
         raise BackendUnavailable(
             f"engine {manifest.target}: expected {expected}, found {found_trt} on {found_gpu}"

@@ -51,8 +51,13 @@ class ParserIssue:
     function_stack: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"node": self.node, "op_type": self.op_type, "code": self.code, "message": self.message,
-                "function_stack": list(self.function_stack)}  # fmt: skip
+        return {
+            "node": self.node,
+            "op_type": self.op_type,
+            "code": self.code,
+            "message": self.message,
+            "function_stack": list(self.function_stack),
+        }
 
     def one_line(self) -> str:
         where = f"{self.node!r} ({self.op_type})" if self.node else f"({self.op_type or 'graph'})"
@@ -69,8 +74,12 @@ class GraphEdits:
     aot: int = 0  # custom nodes given aot=1, so the parser takes their plugin's AOT implementation (MarkAot)
 
     def to_dict(self) -> dict:
-        return {"renamed": dict(self.renamed), "folded_constants": self.folded_constants,
-                "split_moe": self.split_moe, "aot": self.aot}  # fmt: skip
+        return {
+            "renamed": dict(self.renamed),
+            "folded_constants": self.folded_constants,
+            "split_moe": self.split_moe,
+            "aot": self.aot,
+        }
 
 
 @dataclass(frozen=True)
@@ -191,9 +200,16 @@ class CapabilityReport:
         return out
 
     def to_dict(self) -> dict:
-        return {"target": self.target, "tensorrt": self.tensorrt, "ok": self.ok, "counts": self.counts(),
-                "plugins": self.plugins.to_dict(), "graph_edits": self.graph_edits,
-                "nodes": [n.to_dict() for n in self.nodes], "rejected": [i.to_dict() for i in self.rejected]}  # fmt: skip
+        return {
+            "target": self.target,
+            "tensorrt": self.tensorrt,
+            "ok": self.ok,
+            "counts": self.counts(),
+            "plugins": self.plugins.to_dict(),
+            "graph_edits": self.graph_edits,
+            "nodes": [n.to_dict() for n in self.nodes],
+            "rejected": [i.to_dict() for i in self.rejected],
+        }
 
 
 def _producers(network) -> dict[str, tuple[str, str]]:
@@ -220,8 +236,10 @@ def _path(node: OnnxNode | None, issues: tuple[ParserIssue, ...], producers: dic
     layer, kind = produced
     note = None
     if node.parsed_as != node.op_type:
-        note = (f"op_type {node.op_type!r} has a built-in TensorRT importer; parsed as {node.parsed_as!r} "
-                "so that the function body is inlined")  # fmt: skip
+        note = (
+            f"op_type {node.op_type!r} has a built-in TensorRT importer; parsed as {node.parsed_as!r} "
+            "so that the function body is inlined"
+        )
     return (PLUGIN if kind in _PLUGIN_LAYERS else INLINED), layer, kind, note
 
 

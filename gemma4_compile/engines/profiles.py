@@ -40,8 +40,12 @@ class ShapeProfile:
     inputs: tuple[InputShape, ...]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "inputs": {s.name: {"min": list(s.min), "opt": list(s.opt), "max": list(s.max)}
-                                              for s in self.inputs}}  # fmt: skip
+        return {
+            "name": self.name,
+            "inputs": {
+                s.name: {"min": list(s.min), "opt": list(s.opt), "max": list(s.max)} for s in self.inputs
+            },
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> ShapeProfile:
@@ -63,7 +67,9 @@ def resolve_max_seq(export: ExportManifest, limits: ProfileLimits) -> int:
     return max_seq
 
 
-def _dim_range(dim: int | str, profile: str, export: ExportManifest, max_batch: int, max_seq: int, where: str):
+def _dim_range(
+    dim: int | str, profile: str, export: ExportManifest, max_batch: int, max_seq: int, where: str
+):
     if isinstance(dim, int):
         return dim, dim, dim
     half = max(1, (max_seq + 1) // 2)
@@ -91,8 +97,10 @@ def derive_profiles(export: ExportManifest, limits: ProfileLimits) -> tuple[Shap
     for profile in limits.profiles:
         shapes = []
         for t in export.graphs[DECODER].inputs:
-            ranges = [_dim_range(d, profile, export, limits.max_batch, max_seq, f"decoder input {t.name!r}")
-                      for d in t.shape]  # fmt: skip
+            ranges = [
+                _dim_range(d, profile, export, limits.max_batch, max_seq, f"decoder input {t.name!r}")
+                for d in t.shape
+            ]
             lo, opt, hi = (tuple(r[i] for r in ranges) for i in range(3))
             shapes.append(InputShape(t.name, lo, opt, hi))
         out.append(ShapeProfile(profile, tuple(shapes)))

@@ -114,8 +114,13 @@ def build_progress(flavour: TrtFlavour, label: str, enabled: bool) -> Iterator[A
         TimeElapsedColumn,
     )
 
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())  # fmt: skip
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress, interruptible() as cancel:
         yield make_monitor(flavour, progress, label, cancel)
 

@@ -159,8 +159,13 @@ class LogRecord:
 def make_logger(flavour: TrtFlavour, min_severity: str = "INFO"):
     """An `ILogger` of the flavour's module that records messages at or above `min_severity` (thread-safe)."""
     trt = flavour.module
-    levels = {trt.ILogger.INTERNAL_ERROR: "INTERNAL_ERROR", trt.ILogger.ERROR: "ERROR",
-              trt.ILogger.WARNING: "WARNING", trt.ILogger.INFO: "INFO", trt.ILogger.VERBOSE: "VERBOSE"}  # fmt: skip
+    levels = {
+        trt.ILogger.INTERNAL_ERROR: "INTERNAL_ERROR",
+        trt.ILogger.ERROR: "ERROR",
+        trt.ILogger.WARNING: "WARNING",
+        trt.ILogger.INFO: "INFO",
+        trt.ILogger.VERBOSE: "VERBOSE",
+    }
 
     class RecordingLogger(trt.ILogger):
         def __init__(self) -> None:
@@ -182,8 +187,12 @@ def make_logger(flavour: TrtFlavour, min_severity: str = "INFO"):
 
         def errors(self) -> list[str]:
             """Error messages, the side effects of having no GPU left out."""
-            return [r.message for r in self.records if r.severity in ("ERROR", "INTERNAL_ERROR")
-                    and not any(n in r.message for n in _NO_GPU_NOISE)]  # fmt: skip
+            return [
+                r.message
+                for r in self.records
+                if r.severity in ("ERROR", "INTERNAL_ERROR")
+                and not any(n in r.message for n in _NO_GPU_NOISE)
+            ]
 
         def text(self) -> str:
             return "".join(f"[{r.severity}] {r.message}\n" for r in self.records)
@@ -213,9 +222,14 @@ class PluginStatus:
     creators: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)  # (name, version, namespace)
 
     def to_dict(self) -> dict:
-        return {"requested": self.requested, "registered": list(self.registered), "error": self.error,
-                "plugins_sha256": self.plugins_sha256, "kernels_sha256": self.kernels_sha256,
-                "kernels_file": self.kernels_file}  # fmt: skip
+        return {
+            "requested": self.requested,
+            "registered": list(self.registered),
+            "error": self.error,
+            "plugins_sha256": self.plugins_sha256,
+            "kernels_sha256": self.kernels_sha256,
+            "kernels_file": self.kernels_file,
+        }
 
 
 def _plugins_dir() -> Path | None:

@@ -13,8 +13,12 @@ if TYPE_CHECKING:
     from .manifest import ExportManifest
 
 __all__ = ["ExportManifest", "ExportedModel", "export_checkpoint", "export_spec"]
-_HOMES = {"ExportManifest": ".manifest", "ExportedModel": ".exporter", "export_checkpoint": ".exporter",
-          "export_spec": ".exporter"}  # fmt: skip
+_HOMES = {
+    "ExportManifest": ".manifest",
+    "ExportedModel": ".exporter",
+    "export_checkpoint": ".exporter",
+    "export_spec": ".exporter",
+}
 
 
 def __getattr__(name: str) -> Any:

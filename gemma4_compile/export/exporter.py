@@ -75,9 +75,17 @@ def export_checkpoint(
     spec = Gemma4Spec.from_pretrained(checkpoint_dir)
     entries = resolve_text_weights(CheckpointReader(checkpoint_dir), spec)
     return export_spec(
-        spec, out_dir, dtype=dtype, entries=entries, max_seq_len=max_seq_len, force=force, debug=debug,
-        lowering=lowering, progress=progress, checkpoint=Path(checkpoint_dir).resolve(),
-    )  # fmt: skip
+        spec,
+        out_dir,
+        dtype=dtype,
+        entries=entries,
+        max_seq_len=max_seq_len,
+        force=force,
+        debug=debug,
+        lowering=lowering,
+        progress=progress,
+        checkpoint=Path(checkpoint_dir).resolve(),
+    )
 
 
 def export_spec(
@@ -103,7 +111,9 @@ def export_spec(
     if lowering not in (None, *LOWERINGS):
         raise ExportError(f"unknown lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
     with atomic_directory(out, ExportError, force=force, inputs=[checkpoint] if checkpoint else []) as tmp:
-        _export_into(tmp, spec, entries, dtype, max_seq_len, debug, lowering, progress or (lambda s: None), checkpoint)
+        _export_into(
+            tmp, spec, entries, dtype, max_seq_len, debug, lowering, progress or (lambda s: None), checkpoint
+        )
     manifest = ExportManifest.load(out)
     return ExportedModel(out, manifest)
 
@@ -123,7 +133,9 @@ class GraphProducer:
         return f"{self.role}.onnx"
 
 
-def _producers(model: Gemma4TextModel, dtype: DType, debug: bool, lowering: str | None) -> list[GraphProducer]:
+def _producers(
+    model: Gemma4TextModel, dtype: DType, debug: bool, lowering: str | None
+) -> list[GraphProducer]:
     """The export's graphs in pipeline order; adding a graph is adding its producer here."""
     spec = model.spec
     edit = (lambda proto: run_on_proto(proto, [LOWERINGS[lowering].make(spec)])) if lowering else None
@@ -134,9 +146,16 @@ def _producers(model: Gemma4TextModel, dtype: DType, debug: bool, lowering: str 
 
 
 def _export_into(
-    tmp: Path, spec: Gemma4Spec, entries: dict[str, TensorEntry] | None, dtype: str, max_seq_len: int,
-    debug: bool, lowering: str | None, progress: Progress, checkpoint: Path | None,
-) -> ExportManifest:  # fmt: skip
+    tmp: Path,
+    spec: Gemma4Spec,
+    entries: dict[str, TensorEntry] | None,
+    dtype: str,
+    max_seq_len: int,
+    debug: bool,
+    lowering: str | None,
+    progress: Progress,
+    checkpoint: Path | None,
+) -> ExportManifest:
     act = DType.parse(dtype)
     with torch.device("meta"):
         model = Gemma4TextModel(spec).to(act.torch)
@@ -161,17 +180,32 @@ def _export_into(
     copy_runtime_files(checkpoint, tmp)  # tokenizer, chat template, generation config (hashed below)
     progress("hash files")
     files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
-    graphs = {p.role: GraphSpec(p.role, p.file, files[p.file], [DATA_FILE], p.inputs, p.outputs) for p in producers}
+    graphs = {
+        p.role: GraphSpec(p.role, p.file, files[p.file], [DATA_FILE], p.inputs, p.outputs) for p in producers
+    }
     manifest = ExportManifest(
-        path=tmp, dtype=act.value, opset=OPSET, max_seq_len=max_seq_len, spec=spec, graphs=graphs,
+        path=tmp,
+        dtype=act.value,
+        opset=OPSET,
+        max_seq_len=max_seq_len,
+        spec=spec,
+        graphs=graphs,
         caches=[cache_spec(spec, plan) for plan in spec.cache_layers],
-        custom_nodes=_custom_nodes(tmp / graphs[DECODER].file, spec), files=files,
-        tools=_tool_versions(), debug=debug, weights=entries is not None, lowering=lowering,
+        custom_nodes=_custom_nodes(tmp / graphs[DECODER].file, spec),
+        files=files,
+        tools=_tool_versions(),
+        debug=debug,
+        weights=entries is not None,
+        lowering=lowering,
         checkpoint=str(checkpoint) if checkpoint else None,
-        dims={"batch": "dynamic", "sequence": "dynamic", SLIDING_SLOTS: spec.sliding_window,
-              CACHE_LEN: f"dynamic, >= past_len + sequence, <= {max_seq_len}"},
+        dims={
+            "batch": "dynamic",
+            "sequence": "dynamic",
+            SLIDING_SLOTS: spec.sliding_window,
+            CACHE_LEN: f"dynamic, >= past_len + sequence, <= {max_seq_len}",
+        },
         weight_format=act.value,
-    )  # fmt: skip
+    )
     manifest.save(tmp)
     return manifest
 
@@ -183,11 +217,17 @@ def _trace(module: torch.nn.Module, inputs: list[TensorSpec], outputs: list[Tens
         with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                module, args, dynamo=True, optimize=False, opset_version=OPSET,
+                module,
+                args,
+                dynamo=True,
+                optimize=False,
+                opset_version=OPSET,
                 dynamic_shapes=(tuple(dynamic_shapes(inputs)),),
-                input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
-                custom_translation_table=custom_ops.translation_table(), verbose=False,
-            )  # fmt: skip
+                input_names=[t.name for t in inputs],
+                output_names=[t.name for t in outputs],
+                custom_translation_table=custom_ops.translation_table(),
+                verbose=False,
+            )
     except Gemma4CompileError:
         raise
     except Exception as e:  # the exporter's own failures are long; keep the first line
@@ -196,7 +236,9 @@ def _trace(module: torch.nn.Module, inputs: list[TensorSpec], outputs: list[Tens
     return run_passes(program.model, export_cleanup())
 
 
-def _save(model: ir.Model, path: Path, check: bool, edit: Callable[[onnx.ModelProto], object] | None = None) -> None:
+def _save(
+    model: ir.Model, path: Path, check: bool, edit: Callable[[onnx.ModelProto], object] | None = None
+) -> None:
     proto = ir.serde.serialize_model(model)
     used = {n.op_type for n in proto.graph.node if n.domain == custom_ops.DOMAIN}
     proto.functions.extend(custom_ops.functions(used))
@@ -209,7 +251,9 @@ def _save(model: ir.Model, path: Path, check: bool, edit: Callable[[onnx.ModelPr
     if edit is not None:
         edit(proto)
     onnx.save_model(proto, str(path))
-    if check and edit is None:  # a lowered graph uses com.microsoft ops onnx has no schemas for (ORT checks it)
+    if (
+        check and edit is None
+    ):  # a lowered graph uses com.microsoft ops onnx has no schemas for (ORT checks it)
         onnx.checker.check_model(str(path), full_check=True)
 
 
@@ -233,12 +277,21 @@ def _custom_nodes(decoder_path: Path, spec: Gemma4Spec) -> list[dict]:
                 raise ExportError(f"the decoder graph holds an unregistered custom op: {e}") from None
             layers[node.op_type] = [p for p in spec.layers if contract.in_layer(p)]
         if not layers[node.op_type]:
-            raise ExportError(f"the decoder graph holds more {node.op_type} nodes than the spec has layers for")
+            raise ExportError(
+                f"the decoder graph holds more {node.op_type} nodes than the spec has layers for"
+            )
         plan = layers[node.op_type].pop(0)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
-        out.append({"name": node.name, "op_type": node.op_type, "layer": plan.index, "kind": plan.kind,
-                    "attributes": attrs})  # fmt: skip
+        out.append(
+            {
+                "name": node.name,
+                "op_type": node.op_type,
+                "layer": plan.index,
+                "kind": plan.kind,
+                "attributes": attrs,
+            }
+        )
     if any(layers.values()):
         raise ExportError("the decoder graph is missing gemma4 custom nodes for some layers")
     return out

@@ -35,5 +35,7 @@ class DecoderGraph(nn.Module):
         inputs_embeds, per_layer_tokens = flat[0], flat[1] if has_ple else None
         past_len, seq_len, *cache_flat = flat[2:] if has_ple else flat[1:]
         caches = [(cache_flat[i], cache_flat[i + 1]) for i in range(0, len(cache_flat), 2)]
-        logits, presents, extra = self.model(inputs_embeds, per_layer_tokens, past_len, seq_len, caches, self.debug)
+        logits, presents, extra = self.model(
+            inputs_embeds, per_layer_tokens, past_len, seq_len, caches, self.debug
+        )
         return (logits, *[t for kv in presents for t in kv], *extra)

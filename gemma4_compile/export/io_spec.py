@@ -26,15 +26,25 @@ def embed_io(spec: Gemma4Spec, dtype: DType | str) -> tuple[list[TensorSpec], li
     outputs = [TensorSpec("inputs_embeds", act, (BATCH, SEQUENCE, spec.hidden_size))]
     if spec.has_ple:
         outputs.append(
-            TensorSpec("per_layer_tokens", act, (BATCH, SEQUENCE, spec.num_hidden_layers, spec.hidden_size_per_layer_input))
+            TensorSpec(
+                "per_layer_tokens",
+                act,
+                (BATCH, SEQUENCE, spec.num_hidden_layers, spec.hidden_size_per_layer_input),
+            )
         )
     return [TensorSpec("input_ids", "int64", (BATCH, SEQUENCE))], outputs
 
 
-def decoder_io(spec: Gemma4Spec, dtype: DType | str, debug: bool = False) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def decoder_io(
+    spec: Gemma4Spec, dtype: DType | str, debug: bool = False
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
     act = DType.parse(dtype).onnx_name
     _, embed_outputs = embed_io(spec, dtype)
-    inputs = [*embed_outputs, TensorSpec("past_len", "int64", (BATCH,)), TensorSpec("seq_len", "int64", (BATCH,))]
+    inputs = [
+        *embed_outputs,
+        TensorSpec("past_len", "int64", (BATCH,)),
+        TensorSpec("seq_len", "int64", (BATCH,)),
+    ]
     outputs = [TensorSpec("logits", "float32", (BATCH, SEQUENCE, spec.vocab_size))]
     for plan in spec.cache_layers:
         past, present = cache_names(plan)

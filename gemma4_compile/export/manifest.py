@@ -52,8 +52,13 @@ class GraphSpec:
         return next(t for t in self.inputs if t.name == name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "sha256": self.sha256, "external_data": list(self.external_data),
-                "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}  # fmt: skip
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "external_data": list(self.external_data),
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
 
 
 @dataclass(frozen=True)
@@ -91,18 +96,27 @@ class CacheSpec:
 def cache_names(plan: LayerPlan) -> tuple[tuple[str, str], tuple[str, str]]:
     """(past key, past value), (present key, present value) for a cache-owning layer."""
     n = plan.index
-    return (f"past_key_values.{n}.key", f"past_key_values.{n}.value"), (f"present.{n}.key", f"present.{n}.value")
+    return (f"past_key_values.{n}.key", f"past_key_values.{n}.value"), (
+        f"present.{n}.key",
+        f"present.{n}.value",
+    )
 
 
 def cache_spec(spec: Gemma4Spec, plan: LayerPlan) -> CacheSpec:
     """The cache of a cache-owning layer of `spec`."""
     past, present = cache_names(plan)
     return CacheSpec(
-        index=plan.cache_index, layer=plan.index, kind=plan.kind, window=plan.window,
-        slots_dim=SLIDING_SLOTS if plan.is_sliding else CACHE_LEN, num_kv_heads=plan.num_kv_heads,
-        head_dim=plan.head_dim, consumers=[p.index for p in spec.layers if p.kv_producer == plan.index],
-        past=list(past), present=list(present),
-    )  # fmt: skip
+        index=plan.cache_index,
+        layer=plan.index,
+        kind=plan.kind,
+        window=plan.window,
+        slots_dim=SLIDING_SLOTS if plan.is_sliding else CACHE_LEN,
+        num_kv_heads=plan.num_kv_heads,
+        head_dim=plan.head_dim,
+        consumers=[p.index for p in spec.layers if p.kv_producer == plan.index],
+        past=list(past),
+        present=list(present),
+    )
 
 
 @dataclass(frozen=True)
@@ -151,14 +165,24 @@ class ExportManifest:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "version": VERSION, "dtype": self.dtype, "weight_format": self.weight_format,
-            "opset": self.opset, "max_seq_len": self.max_seq_len,
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": self.dtype,
+            "weight_format": self.weight_format,
+            "opset": self.opset,
+            "max_seq_len": self.max_seq_len,
             "spec": self.spec.to_dict() if self.spec is not None else None,
             "graphs": {role: g.to_dict() for role, g in self.graphs.items()},
-            "caches": [c.to_dict() for c in self.caches], "custom_nodes": self.custom_nodes, "files": self.files,
-            "tools": self.tools, "debug": self.debug, "weights": self.weights, "lowering": self.lowering,
-            "checkpoint": self.checkpoint, "dims": self.dims,
-        }  # fmt: skip
+            "caches": [c.to_dict() for c in self.caches],
+            "custom_nodes": self.custom_nodes,
+            "files": self.files,
+            "tools": self.tools,
+            "debug": self.debug,
+            "weights": self.weights,
+            "lowering": self.lowering,
+            "checkpoint": self.checkpoint,
+            "dims": self.dims,
+        }
 
     def save(self, directory: Path) -> None:
         (directory / MANIFEST).write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
@@ -173,14 +197,24 @@ class ExportManifest:
         try:
             graphs = {role: _graph_spec(path, role, g, lenient) for role, g in get("graphs", {}).items()}
             return cls(
-                path=path, dtype=get("dtype", "fp32"), opset=int(get("opset", 0)),
-                max_seq_len=int(get("max_seq_len", 0)), spec=_spec(d.get("spec"), lenient), graphs=graphs,
+                path=path,
+                dtype=get("dtype", "fp32"),
+                opset=int(get("opset", 0)),
+                max_seq_len=int(get("max_seq_len", 0)),
+                spec=_spec(d.get("spec"), lenient),
+                graphs=graphs,
                 caches=[CacheSpec.from_dict(c) for c in get("caches", [])],
-                custom_nodes=list(get("custom_nodes", [])), files=dict(get("files", {})),
-                tools=dict(get("tools", {})), debug=d.get("debug", False), weights=d.get("weights", True),
-                checkpoint=d.get("checkpoint"), lowering=d.get("lowering"), dims=dict(d.get("dims", {})),
-                weight_format=d.get("weight_format", ""), sha256=sha256_file(file),
-            )  # fmt: skip
+                custom_nodes=list(get("custom_nodes", [])),
+                files=dict(get("files", {})),
+                tools=dict(get("tools", {})),
+                debug=d.get("debug", False),
+                weights=d.get("weights", True),
+                checkpoint=d.get("checkpoint"),
+                lowering=d.get("lowering"),
+                dims=dict(d.get("dims", {})),
+                weight_format=d.get("weight_format", ""),
+                sha256=sha256_file(file),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise ExportError(f"{file}: malformed manifest ({type(e).__name__}: {e})") from None
 
@@ -206,9 +240,14 @@ def _graph_spec(root: Path, role: str, g: dict[str, Any], lenient: bool) -> Grap
     if lenient and not (root / g["file"]).is_file():
         raise ExportError(f"{root / g['file']} is missing (listed in export.json {where})")
     get = _getter(g, lenient)
-    return GraphSpec(role, g["file"], get("sha256", ""), list(get("external_data", [])),
-                     tensor_specs(get("inputs", []), f"{where}.inputs"),
-                     tensor_specs(get("outputs", []), f"{where}.outputs"))  # fmt: skip
+    return GraphSpec(
+        role,
+        g["file"],
+        get("sha256", ""),
+        list(get("external_data", [])),
+        tensor_specs(get("inputs", []), f"{where}.inputs"),
+        tensor_specs(get("outputs", []), f"{where}.outputs"),
+    )
 
 
 def read_manifest_json(export_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -216,13 +255,17 @@ def read_manifest_json(export_dir: Path) -> tuple[Path, dict[str, Any]]:
     format and version."""
     file = export_dir / MANIFEST
     if not file.is_file():
-        raise ExportError(f"{export_dir} is not an export directory (no {MANIFEST}); run 'gemma4-compile export' first")
+        raise ExportError(
+            f"{export_dir} is not an export directory (no {MANIFEST}); run 'gemma4-compile export' first"
+        )
     try:
         d = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{file} is not valid JSON ({e})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
-        found = f"{d.get('format')!r} version {d.get('version')!r}" if isinstance(d, dict) else type(d).__name__
+        found = (
+            f"{d.get('format')!r} version {d.get('version')!r}" if isinstance(d, dict) else type(d).__name__
+        )
         raise ExportError(f"{file}: expected format {FORMAT!r} version {VERSION}, found {found}")
     return file, d
 

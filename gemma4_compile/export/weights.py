@@ -24,7 +24,6 @@ ALIGN = 64
 CHUNK_BYTES = 64 << 20
 
 
-
 @dataclass(frozen=True)
 class Placed:
     offset: int
@@ -80,9 +79,13 @@ def write_weight_file(
 
 
 def attach_weights(
-    model: ir.Model, names: dict[str, str], placed: dict[str, Placed], dtype: torch.dtype, out_dir: Path,
+    model: ir.Model,
+    names: dict[str, str],
+    placed: dict[str, Placed],
+    dtype: torch.dtype,
+    out_dir: Path,
     computed: dict[str, torch.Tensor],
-) -> None:  # fmt: skip
+) -> None:
     """Point each initializer at its bytes in the data file (or embed a small computed buffer)."""
     for init_name, value in model.graph.initializers.items():
         name = names.get(init_name, init_name)
@@ -96,5 +99,11 @@ def attach_weights(
             raise ExportError(f"graph initializer '{init_name}' has no checkpoint tensor")
         p = placed[name]
         value.const_value = ir.ExternalTensor(
-            DATA_FILE, p.offset, p.length, ir.DataType(DType.parse(dtype).onnx_elem_type), shape=value.shape, name=init_name, base_dir=out_dir
+            DATA_FILE,
+            p.offset,
+            p.length,
+            ir.DataType(DType.parse(dtype).onnx_elem_type),
+            shape=value.shape,
+            name=init_name,
+            base_dir=out_dir,
         )

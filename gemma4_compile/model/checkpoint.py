@@ -136,7 +136,11 @@ def write_random_checkpoint(
         weight_map: dict[str, str] = {}
         total = 0
         for i, shard in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            fname = (
+                "model.safetensors"
+                if len(shards) == 1
+                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
             tensors = [(prefix + n, shapes[n], random_chunks(n, shapes[n], seed, dtype)) for n in shard]
             total += _write_safetensors(tmp / fname, tensors, dtype)
             files.append(fname)

@@ -222,9 +222,14 @@ class Gemma4Spec:
 # ----- parsing ----------------------------------------------------------------------------------
 
 _INT_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "sliding_window",
-)  # fmt: skip
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "sliding_window",
+)
 
 
 def _req(d: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
@@ -250,7 +255,9 @@ def _rope(text: dict[str, Any]) -> tuple[float, float, float]:
     if full.get("rope_type", "proportional") != "proportional":
         raise SpecError("rope_parameters.full_attention.rope_type", f"unsupported {full.get('rope_type')!r}")
     if sliding.get("rope_type", "default") != "default":
-        raise SpecError("rope_parameters.sliding_attention.rope_type", f"unsupported {sliding.get('rope_type')!r}")
+        raise SpecError(
+            "rope_parameters.sliding_attention.rope_type", f"unsupported {sliding.get('rope_type')!r}"
+        )
     if float(full.get("factor", 1.0)) != 1.0:
         raise SpecError("rope_parameters.full_attention.factor", "RoPE scaling factors are not supported")
     return (
@@ -308,7 +315,9 @@ def _spec_from_text_config(text: dict[str, Any]) -> Gemma4Spec:
         if len(kvs) > 1:
             raise SpecError("per_layer_config", f"full-attention layers disagree on KV heads: {sorted(kvs)}")
         n_global_kv = kvs.pop() if kvs else None
-    if global_head_dim is not None and (isinstance(global_head_dim, bool) or not isinstance(global_head_dim, int)):
+    if global_head_dim is not None and (
+        isinstance(global_head_dim, bool) or not isinstance(global_head_dim, int)
+    ):
         raise SpecError("global_head_dim", f"expected int, got {global_head_dim!r}")
     if n_global_kv is not None and (isinstance(n_global_kv, bool) or not isinstance(n_global_kv, int)):
         raise SpecError("num_global_key_value_heads", f"expected int or null, got {n_global_kv!r}")
@@ -360,9 +369,16 @@ def _spec_from_text_config(text: dict[str, Any]) -> Gemma4Spec:
 
 def _validate(s: Gemma4Spec) -> None:
     positive = (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "global_head_dim", "sliding_window",
-    )  # fmt: skip
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "global_head_dim",
+        "sliding_window",
+    )
     for name in positive:
         value = getattr(s, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -383,7 +399,9 @@ def _validate(s: Gemma4Spec) -> None:
     if s.hidden_size_per_layer_input < 0:
         raise SpecError("hidden_size_per_layer_input", "must be >= 0")
     if not 0 <= s.num_kv_shared_layers < s.num_hidden_layers:
-        raise SpecError("num_kv_shared_layers", f"must be in [0, {s.num_hidden_layers}), got {s.num_kv_shared_layers}")
+        raise SpecError(
+            "num_kv_shared_layers", f"must be in [0, {s.num_hidden_layers}), got {s.num_kv_shared_layers}"
+        )
     if s.num_kv_shared_layers:
         producers = set(s.layer_types[: s.first_kv_shared_layer])
         missing = sorted(set(s.layer_types[s.first_kv_shared_layer :]) - producers)
@@ -407,7 +425,9 @@ def _validate(s: Gemma4Spec) -> None:
         for name in ("num_experts", "top_k_experts", "moe_intermediate_size"):
             value = getattr(s, name)
             if value is None or value <= 0:
-                raise SpecError(name, f"must be a positive integer when enable_moe_block is true, got {value!r}")
+                raise SpecError(
+                    name, f"must be a positive integer when enable_moe_block is true, got {value!r}"
+                )
         if s.top_k_experts > s.num_experts:
             raise SpecError("top_k_experts", f"{s.top_k_experts} exceeds num_experts {s.num_experts}")
 

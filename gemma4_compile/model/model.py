@@ -95,9 +95,15 @@ class Attention(nn.Module):
         return k, v
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, past_len: Tensor, seq_len: Tensor,
-        cache: tuple[Tensor, Tensor] | None, shared: KVState | None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, KVState]:  # fmt: skip
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        past_len: Tensor,
+        seq_len: Tensor,
+        cache: tuple[Tensor, Tensor] | None,
+        shared: KVState | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, KVState]:
         q = apply_rope(self.q_norm(self._heads(self.q_proj(x))).transpose(1, 2), cos, sin)  # [B, Hq, S, D]
         if shared is None:
             assert cache is not None
@@ -186,9 +192,16 @@ class DecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(f), logits
 
     def forward(
-        self, h: Tensor, ple: Tensor | None, cos: Tensor, sin: Tensor, past_len: Tensor, seq_len: Tensor,
-        cache: tuple[Tensor, Tensor] | None, shared: KVState | None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, KVState, Tensor | None]:  # fmt: skip
+        self,
+        h: Tensor,
+        ple: Tensor | None,
+        cos: Tensor,
+        sin: Tensor,
+        past_len: Tensor,
+        seq_len: Tensor,
+        cache: tuple[Tensor, Tensor] | None,
+        shared: KVState | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, KVState, Tensor | None]:
         a, present, kv = self.self_attn(self.input_layernorm(h), cos, sin, past_len, seq_len, cache, shared)
         h = h + self.post_attention_layernorm(a)
         f, router_logits = self.feed_forward(h)
@@ -248,9 +261,14 @@ class Gemma4TextModel(nn.Module):
 
     # ----- decoder ------------------------------------------------------------------------------
     def forward(
-        self, inputs_embeds: Tensor, per_layer_tokens: Tensor | None, past_len: Tensor, seq_len: Tensor,
-        caches: Cache, debug: bool = False,
-    ) -> tuple[Tensor, Cache, list[Tensor]]:  # fmt: skip
+        self,
+        inputs_embeds: Tensor,
+        per_layer_tokens: Tensor | None,
+        past_len: Tensor,
+        seq_len: Tensor,
+        caches: Cache,
+        debug: bool = False,
+    ) -> tuple[Tensor, Cache, list[Tensor]]:
         """-> logits [B, S, V] (fp32, soft-capped), updated caches, and with `debug` the per-layer tensors
         (see `debug_output_names`): the residual after each layer, followed by MoE layers' router logits."""
         h = inputs_embeds
@@ -306,4 +324,3 @@ def debug_output_names(spec: Gemma4Spec) -> list[str]:
     """Names of the extra tensors `Gemma4TextModel.forward(debug=True)` returns, in order."""
     names = [f"hidden_states.{p.index}" for p in spec.layers]
     return names + [f"router_logits.{p.index}" for p in spec.layers if p.moe]
-

@@ -56,9 +56,16 @@ __all__ = [
 
 @torch.library.custom_op("gemma4::attention", mutates_args=())
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor,
-    past_len: Tensor, seq_len: Tensor, window: int, scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    past_k: Tensor,
+    past_v: Tensor,
+    past_len: Tensor,
+    seq_len: Tensor,
+    window: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     return attention_reference(q, k, v, past_k, past_v, past_len, seq_len, window, scale)
 
 

@@ -68,9 +68,11 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     size = min(vocab_size, len(specials) + 256 + MAX_MERGES)
     trainer = trainers.BpeTrainer(
-        vocab_size=size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
-    )  # fmt: skip
+    )
     tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, specials.index(BOS))]
@@ -91,12 +93,25 @@ def tokenizer_files(spec: Gemma4Spec) -> dict[str, str]:
     """File name -> text of the tokenizer, its config, the chat template and the generation config."""
     eos = list(spec.eos_token_id) if isinstance(spec.eos_token_id, (list, tuple)) else [spec.eos_token_id]
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-        "unk_token": UNK, "mask_token": MASK, "add_bos_token": True, "add_eos_token": False,
-        "model_max_length": spec.max_position_embeddings, "padding_side": "left",
-    }  # fmt: skip
-    generation = {"bos_token_id": 2, "eos_token_id": eos, "pad_token_id": 0, "do_sample": True,
-                  "top_k": 64, "top_p": 0.95}  # fmt: skip
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "unk_token": UNK,
+        "mask_token": MASK,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "model_max_length": spec.max_position_embeddings,
+        "padding_side": "left",
+    }
+    generation = {
+        "bos_token_id": 2,
+        "eos_token_id": eos,
+        "pad_token_id": 0,
+        "do_sample": True,
+        "top_k": 64,
+        "top_p": 0.95,
+    }
     return {
         "tokenizer.json": build_tokenizer(spec.vocab_size).to_str(pretty=False),
         "tokenizer_config.json": json.dumps(config, indent=2) + "\n",

@@ -22,10 +22,17 @@ TEXT_PREFIXES = ("model.language_model.", "model.")
 OTHER_TOWERS = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 
 ST_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
-}  # fmt: skip
+}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
@@ -147,12 +154,16 @@ def resolve_text_weights(reader: CheckpointReader, spec: Gemma4Spec) -> dict[str
             continue
         prefix = next((p for p in TEXT_PREFIXES if key.startswith(p)), None)
         if prefix is None:
-            raise CheckpointError(f"unexpected tensor '{key}' in {entry.file.name} (not a Gemma 4 text weight)")
+            raise CheckpointError(
+                f"unexpected tensor '{key}' in {entry.file.name} (not a Gemma 4 text weight)"
+            )
         name = key[len(prefix) :]
         if name in leftovers and name not in expected:
             continue  # released checkpoints keep K/V weights of KV-shared layers; they are never used
         if name not in expected:
-            raise CheckpointError(f"unexpected tensor '{key}' in {entry.file.name}: the config has no such weight")
+            raise CheckpointError(
+                f"unexpected tensor '{key}' in {entry.file.name}: the config has no such weight"
+            )
         if entry.shape != expected[name]:
             raise CheckpointError(
                 f"tensor '{key}' in {entry.file.name} has shape {list(entry.shape)}, "
@@ -178,7 +189,9 @@ def iter_text_weights(
         yield name, t if dtype is None else t.to(dtype)
 
 
-def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, spec: Gemma4Spec | None = None):
+def load_model(
+    checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, spec: Gemma4Spec | None = None
+):
     """Build `Gemma4TextModel` on the meta device and fill it tensor by tensor."""
     from .model import Gemma4TextModel
 

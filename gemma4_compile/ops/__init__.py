@@ -23,7 +23,24 @@ from .contract import (
 from .registry import OPS, OpEntry, contract, entry, exported, part, resolve, with_plugin
 
 __all__ = [
-    "DOMAIN", "DOMAIN_VERSION", "OPS", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "Attr", "FieldSpec", "OpContract",
-    "OpEntry", "Param", "PluginError", "UnknownOpError", "contract", "entry", "exported", "field_arrays",
-    "parse_fields", "part", "resolve", "with_plugin",
-]  # fmt: skip
+    "DOMAIN",
+    "DOMAIN_VERSION",
+    "OPS",
+    "PLUGIN_NAMESPACE",
+    "PLUGIN_VERSION",
+    "Attr",
+    "FieldSpec",
+    "OpContract",
+    "OpEntry",
+    "Param",
+    "PluginError",
+    "UnknownOpError",
+    "contract",
+    "entry",
+    "exported",
+    "field_arrays",
+    "parse_fields",
+    "part",
+    "resolve",
+    "with_plugin",
+]

@@ -156,8 +156,11 @@ class OpContract:
         from onnx.defs import OpSchema
 
         def attribute(a: Attr) -> OpSchema.Attribute:
-            kind = {"int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT,
-                    "string": OpSchema.AttrType.STRING}[a.kind]  # fmt: skip
+            kind = {
+                "int": OpSchema.AttrType.INT,
+                "float": OpSchema.AttrType.FLOAT,
+                "string": OpSchema.AttrType.STRING,
+            }[a.kind]
             if a.default is None:
                 return OpSchema.Attribute(a.name, kind, a.doc)
             from onnx import helper
@@ -173,11 +176,15 @@ class OpContract:
             return OpSchema.FormalParameter(p.name, p.type, param_option=option)
 
         return OpSchema(
-            self.op_type, self.domain, self.version, doc=self.doc,
-            inputs=[formal(p) for p in self.inputs], outputs=[formal(p) for p in self.outputs],
+            self.op_type,
+            self.domain,
+            self.version,
+            doc=self.doc,
+            inputs=[formal(p) for p in self.inputs],
+            outputs=[formal(p) for p in self.outputs],
             type_constraints=[(c.name, list(c.types), c.doc) for c in self.type_constraints],
             attributes=[attribute(a) for a in self.attributes],
-        )  # fmt: skip
+        )
 
     def doc_row(self) -> str:
         """This op's row of the docs/export-format.md op table."""
@@ -195,8 +202,14 @@ class OpContract:
             return ", ".join(f"{p.name} `{p.shape}`" + (" (optional)" if p.optional else "") for p in ps)
 
         exported = "yes" if self.exported else "engine build only"
-        cells = (f"`{self.op_type}`", f"`{self.domain}` v{self.version}", ", ".join(map(attr, self.attributes)),
-                 params(self.inputs), params(self.outputs), exported)  # fmt: skip
+        cells = (
+            f"`{self.op_type}`",
+            f"`{self.domain}` v{self.version}",
+            ", ".join(map(attr, self.attributes)),
+            params(self.inputs),
+            params(self.outputs),
+            exported,
+        )
         return "| " + " | ".join(cells) + " |"
 
 

@@ -19,8 +19,15 @@ HEADER = ("| op | domain | attributes | inputs | outputs | exported |", "|---|--
 def render_table() -> str:
     """The generated block, markers included."""
     rows = [e.contract.doc_row() for e in OPS.values()]
-    return "\n".join((BEGIN, "<!-- generated from gemma4_compile/ops: python -m gemma4_compile.ops.docs -->",
-                      *HEADER, *rows, END))  # fmt: skip
+    return "\n".join(
+        (
+            BEGIN,
+            "<!-- generated from gemma4_compile/ops: python -m gemma4_compile.ops.docs -->",
+            *HEADER,
+            *rows,
+            END,
+        )
+    )
 
 
 def rewrite(text: str) -> str:

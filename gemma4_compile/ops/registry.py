@@ -49,14 +49,26 @@ _STAGE_KERNELS = (
 OPS: dict[str, OpEntry] = {
     e.op_type: e
     for e in (
-        OpEntry(SLIDING_WINDOW_ATTENTION, body=f"{_OPS}.attention.body", torch_op="attention",
-                reference=f"{_OPS}.attention.reference:attention_reference", kernel=f"{_KERNELS}.attention:attention",
-                aot_kernel="attn_fwd", plugins=("rtx", "qdp")),
-        OpEntry(MOE, body=f"{_OPS}.moe.body", torch_op="moe", reference=f"{_OPS}.moe.reference:moe_reference",
-                kernel=f"{_KERNELS}.moe:moe", plugins=("rtx",)),
+        OpEntry(
+            SLIDING_WINDOW_ATTENTION,
+            body=f"{_OPS}.attention.body",
+            torch_op="attention",
+            reference=f"{_OPS}.attention.reference:attention_reference",
+            kernel=f"{_KERNELS}.attention:attention",
+            aot_kernel="attn_fwd",
+            plugins=("rtx", "qdp"),
+        ),
+        OpEntry(
+            MOE,
+            body=f"{_OPS}.moe.body",
+            torch_op="moe",
+            reference=f"{_OPS}.moe.reference:moe_reference",
+            kernel=f"{_KERNELS}.moe:moe",
+            plugins=("rtx",),
+        ),
         *(OpEntry(c, aot_kernel=k, plugins=("qdp",)) for c, k in zip(STAGES, _STAGE_KERNELS, strict=True)),
     )
-}  # fmt: skip
+}
 
 
 def entry(op_type: str) -> OpEntry:

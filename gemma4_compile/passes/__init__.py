@@ -25,9 +25,19 @@ from .rename_shadowed import RenameShadowedOps
 from .split_moe import SplitMoE
 
 __all__ = [
-    "LOWERINGS", "FoldConstants", "Lowering", "MarkAot", "RemoveUnusedNodesPass", "RenameShadowedOps", "SplitMoE",
-    "export_cleanup", "lowering_refusal", "plugin_lookup", "run_on_proto", "run_passes",
-]  # fmt: skip
+    "LOWERINGS",
+    "FoldConstants",
+    "Lowering",
+    "MarkAot",
+    "RemoveUnusedNodesPass",
+    "RenameShadowedOps",
+    "SplitMoE",
+    "export_cleanup",
+    "lowering_refusal",
+    "plugin_lookup",
+    "run_on_proto",
+    "run_passes",
+]
 
 
 def export_cleanup() -> list[ir.passes.PassBase]:

@@ -81,9 +81,11 @@ def _reference(node: ir.Node, args: list[np.ndarray], opset: int) -> list[np.nda
     proto.output.extend(f"o{k}" for k in range(len(node.outputs)))
     info = onnx.helper.make_tensor_value_info
     graph = onnx.helper.make_graph(
-        [proto], "fold", [info(n, onnx.TensorProto.UNDEFINED, None) for n in proto.input],
+        [proto],
+        "fold",
+        [info(n, onnx.TensorProto.UNDEFINED, None) for n in proto.input],
         [info(n, onnx.TensorProto.UNDEFINED, None) for n in proto.output],
-    )  # fmt: skip
+    )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     try:
         return [np.asarray(r) for r in ReferenceEvaluator(model).run(None, dict(zip(proto.input, args)))]
@@ -123,8 +125,12 @@ class FoldConstants(ir.passes.InPlacePass):
                     known[node.outputs[0]] = value
                 continue
             inputs = [i for i in node.inputs if i is not None]
-            if (node.domain not in STANDARD_DOMAINS or node.op_type in _NEVER or not inputs
-                    or any(i not in known for i in inputs)):  # fmt: skip
+            if (
+                node.domain not in STANDARD_DOMAINS
+                or node.op_type in _NEVER
+                or not inputs
+                or any(i not in known for i in inputs)
+            ):
                 continue
             result = _evaluate(node, [known[i] for i in inputs], opset)
             if result is None or result.size > self.max_elements:

@@ -63,9 +63,10 @@ GQA_ATTEND = """
 
 def gqa_function() -> onnx.FunctionProto:
     text = attention.body(
-        GQA_ATTEND, attrs="window, scale, num_heads, kv_num_heads, local_window_size",
+        GQA_ATTEND,
+        attrs="window, scale, num_heads, kv_num_heads, local_window_size",
         opsets=f'"" : 20, "{CONTRIB}" : 1',
-    )  # fmt: skip
+    )
     return onnx.parser.parse_function(text)
 
 

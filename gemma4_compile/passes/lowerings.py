@@ -33,8 +33,10 @@ def _gqa(spec: Gemma4Spec) -> ir.passes.PassBase:
 
 def _gqa_refusal(batch: int, seq: int, cached: bool) -> str | None:
     if batch > 1 and seq > 1 and cached:
-        return ("a gqa-lowered export cannot prefill a batch on top of a non-empty cache "
-                "(onnxruntime GroupQueryAttention); use a plain export")  # fmt: skip
+        return (
+            "a gqa-lowered export cannot prefill a batch on top of a non-empty cache "
+            "(onnxruntime GroupQueryAttention); use a plain export"
+        )
     return None
 
 

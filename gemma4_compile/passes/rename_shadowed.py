@@ -27,8 +27,12 @@ class RenameShadowedOps(ir.passes.InPlacePass):
         self.renamed: dict[str, str] = {}
 
     def _shadowed(self, node: ir.Node, model: ir.Model) -> bool:
-        return (is_custom(node) and (node.domain, node.op_type, node.overload) in model.functions
-                and self.has_importer(node.op_type) and not self.has_plugin(node))  # fmt: skip
+        return (
+            is_custom(node)
+            and (node.domain, node.op_type, node.overload) in model.functions
+            and self.has_importer(node.op_type)
+            and not self.has_plugin(node)
+        )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         clones: dict[ir.OperatorIdentifier, ir.Function] = {}

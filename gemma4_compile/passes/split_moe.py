@@ -39,8 +39,11 @@ def _num_experts(node: ir.Node, default: int | None) -> int:
 
 def stage_fields(node: ir.Node, num_experts: int, tokens_hint: int) -> dict[str, int]:
     top_k = node.attributes["top_k"].as_int()
-    return {"top_k": top_k, "num_experts": num_experts,
-            "rows_per_expert": max(1, tokens_hint * top_k // num_experts)}  # fmt: skip
+    return {
+        "top_k": top_k,
+        "num_experts": num_experts,
+        "rows_per_expert": max(1, tokens_hint * top_k // num_experts),
+    }
 
 
 def stage_nodes(node: ir.Node, fields: dict[str, int]) -> tuple[list[ir.Node], ir.Value]:
@@ -51,8 +54,14 @@ def stage_nodes(node: ir.Node, fields: dict[str, int]) -> tuple[list[ir.Node], i
     out = []
     for stage in STAGES:
         inputs, outputs = stage_io(stage)
-        new = ir.node(stage.op_type, [tensors[p] for p in inputs], attributes=attributes, domain=NAMESPACE,
-                      name=f"{prefix}/{stage.op_type}", num_outputs=len(outputs))  # fmt: skip
+        new = ir.node(
+            stage.op_type,
+            [tensors[p] for p in inputs],
+            attributes=attributes,
+            domain=NAMESPACE,
+            name=f"{prefix}/{stage.op_type}",
+            num_outputs=len(outputs),
+        )
         for pointer, value in zip(outputs, new.outputs):
             value.name = f"{prefix}/{pointer.removesuffix('_ptr')}"
             tensors[pointer] = value

@@ -153,64 +153,150 @@ def _register(spec: KernelSpec) -> None:
     KERNELS[spec.name] = spec
 
 
-_register(KernelSpec("attn_fwd", _ATTN, "_attn_fwd_kernel", {**_ATTN_PTRS, **_LENS},
-                     ("B", "Hq", "Hkv", "G", "S", "C", "D", "window"), _attn_fwd_launch()))  # fmt: skip
-_register(KernelSpec("attn_decode_split", _ATTN, "_attn_decode_split_kernel",
-                     {**{p: "{dtype}" for p in ("Q_ptr", "K_ptr", "V_ptr", "PK_ptr", "PV_ptr")}, **_LENS,
-                      "MidO_ptr": "fp32", "MidML_ptr": "fp32"},
-                     ("B", "Hq", "Hkv", "G", "C", "D", "window", "splits"), _decode_split_launch()))  # fmt: skip
-_register(KernelSpec("attn_decode_combine", _ATTN, "_attn_decode_combine_kernel",
-                     {"MidO_ptr": "fp32", "MidML_ptr": "fp32", "O_ptr": "{dtype}"},
-                     ("B", "Hq", "D", "splits"), _decode_combine_launch()))  # fmt: skip
-_register(KernelSpec("ring_update", _ATTN, "_ring_update_kernel",
-                     {"New_ptr": "{dtype}", "Past_ptr": "{dtype}", "Out_ptr": "{dtype}", **_LENS},
-                     ("B", "Hkv", "S", "C", "D"), _ring_launch()))  # fmt: skip
+_register(
+    KernelSpec(
+        "attn_fwd",
+        _ATTN,
+        "_attn_fwd_kernel",
+        {**_ATTN_PTRS, **_LENS},
+        ("B", "Hq", "Hkv", "G", "S", "C", "D", "window"),
+        _attn_fwd_launch(),
+    )
+)
+_register(
+    KernelSpec(
+        "attn_decode_split",
+        _ATTN,
+        "_attn_decode_split_kernel",
+        {
+            **{p: "{dtype}" for p in ("Q_ptr", "K_ptr", "V_ptr", "PK_ptr", "PV_ptr")},
+            **_LENS,
+            "MidO_ptr": "fp32",
+            "MidML_ptr": "fp32",
+        },
+        ("B", "Hq", "Hkv", "G", "C", "D", "window", "splits"),
+        _decode_split_launch(),
+    )
+)
+_register(
+    KernelSpec(
+        "attn_decode_combine",
+        _ATTN,
+        "_attn_decode_combine_kernel",
+        {"MidO_ptr": "fp32", "MidML_ptr": "fp32", "O_ptr": "{dtype}"},
+        ("B", "Hq", "D", "splits"),
+        _decode_combine_launch(),
+    )
+)
+_register(
+    KernelSpec(
+        "ring_update",
+        _ATTN,
+        "_ring_update_kernel",
+        {"New_ptr": "{dtype}", "Past_ptr": "{dtype}", "Out_ptr": "{dtype}", **_LENS},
+        ("B", "Hkv", "S", "C", "D"),
+        _ring_launch(),
+    )
+)
 
 
 def _moe_launches() -> dict[str, tuple[tuple[str, ...], LaunchSpec]]:
     """(dims, launch) per MoE kernel, each from dims its own tensors carry (kernels.moe.launch_dims): T tokens,
     N = T*K routed pairs, NB sort blocks, E experts, H hidden, I expert width."""
     return {
-        "moe_route": (("T", "E"), LaunchSpec(lambda d, c: (cdiv(d["T"], c["BLOCK_T"]), 1, 1),
-                                             lambda d, c: [d["E"], d["T"], d["E"]])),
+        "moe_route": (
+            ("T", "E"),
+            LaunchSpec(
+                lambda d, c: (cdiv(d["T"], c["BLOCK_T"]), 1, 1), lambda d, c: [d["E"], d["T"], d["E"]]
+            ),
+        ),
         "moe_count": (("N", "NB"), LaunchSpec(lambda d, c: (d["NB"], 1, 1), lambda d, c: [d["N"]])),
         "moe_offsets": (("NB", "E"), LaunchSpec(lambda d, c: (1, 1, 1), lambda d, c: [d["NB"], d["E"]])),
         "moe_scatter": (("N", "NB"), LaunchSpec(lambda d, c: (d["NB"], 1, 1), lambda d, c: [d["N"]])),
-        "moe_gate_up": (("N", "E", "H", "I"), LaunchSpec(
-            lambda d, c: (cdiv(d["N"], c["BLOCK_M"]) + d["E"], cdiv(d["I"], c["BLOCK_N"]), 1),
-            lambda d, c: [d["H"], d["I"] * 2 * d["H"], d["H"], d["I"], d["H"], d["I"], d["E"]],
-        )),
-        "moe_down": (("N", "E", "H", "I"), LaunchSpec(
-            lambda d, c: (cdiv(d["N"], c["BLOCK_M"]) + d["E"], cdiv(d["H"], c["BLOCK_N"]), 1),
-            lambda d, c: [d["I"], d["H"] * d["I"], d["I"], d["H"], d["H"], d["I"], d["E"]],
-        )),
-        "moe_combine": (("T", "H"), LaunchSpec(lambda d, c: (d["T"], cdiv(d["H"], c["BLOCK_H"]), 1),
-                                               lambda d, c: [d["H"], d["H"], d["H"]])),
-    }  # fmt: skip
+        "moe_gate_up": (
+            ("N", "E", "H", "I"),
+            LaunchSpec(
+                lambda d, c: (cdiv(d["N"], c["BLOCK_M"]) + d["E"], cdiv(d["I"], c["BLOCK_N"]), 1),
+                lambda d, c: [d["H"], d["I"] * 2 * d["H"], d["H"], d["I"], d["H"], d["I"], d["E"]],
+            ),
+        ),
+        "moe_down": (
+            ("N", "E", "H", "I"),
+            LaunchSpec(
+                lambda d, c: (cdiv(d["N"], c["BLOCK_M"]) + d["E"], cdiv(d["H"], c["BLOCK_N"]), 1),
+                lambda d, c: [d["I"], d["H"] * d["I"], d["I"], d["H"], d["H"], d["I"], d["E"]],
+            ),
+        ),
+        "moe_combine": (
+            ("T", "H"),
+            LaunchSpec(
+                lambda d, c: (d["T"], cdiv(d["H"], c["BLOCK_H"]), 1), lambda d, c: [d["H"], d["H"], d["H"]]
+            ),
+        ),
+    }
 
 
 _I32 = "i32"
 _MOE_L = _moe_launches()
 for _name, _fn, _ptrs, _free, _aligned in (
-    ("moe_route", "_moe_route_kernel",
-     {"Logits_ptr": "{dtype}", "Scale_ptr": "{dtype}", "Weights_ptr": "fp32", "Ids_ptr": _I32}, False, ()),
+    (
+        "moe_route",
+        "_moe_route_kernel",
+        {"Logits_ptr": "{dtype}", "Scale_ptr": "{dtype}", "Weights_ptr": "fp32", "Ids_ptr": _I32},
+        False,
+        (),
+    ),
     ("moe_count", "_moe_count_kernel", {"Ids_ptr": _I32, "BlockCounts_ptr": _I32}, True, ()),
-    ("moe_offsets", "_moe_offsets_kernel",
-     {p: _I32 for p in ("BlockCounts_ptr", "BlockOffsets_ptr", "ExpertOffsets_ptr", "TileOffsets_ptr")}, True, ()),
-    ("moe_scatter", "_moe_scatter_kernel",
-     {p: _I32 for p in ("Ids_ptr", "BlockOffsets_ptr", "ExpertOffsets_ptr", "SortedPairs_ptr", "PairRows_ptr")},
-     True, ()),
-    ("moe_gate_up", "_moe_gate_up_kernel",
-     {"X_ptr": "{dtype}", "GateUp_ptr": "{dtype}", "H_ptr": "{dtype}",
-      **{p: _I32 for p in ("SortedPairs_ptr", "ExpertOffsets_ptr", "TileOffsets_ptr")}}, False,
-     ("x_stride_t", "gu_stride_e", "gu_stride_n", "h_stride", "hidden", "inter")),
-    ("moe_down", "_moe_down_kernel",
-     {"H_ptr": "{dtype}", "Down_ptr": "{dtype}", "Out_ptr": "{dtype}", "Weights_ptr": "fp32",
-      **{p: _I32 for p in ("SortedPairs_ptr", "ExpertOffsets_ptr", "TileOffsets_ptr")}}, False,
-     ("h_stride", "dn_stride_e", "dn_stride_n", "out_stride", "hidden", "inter")),
-    ("moe_combine", "_moe_combine_kernel",
-     {"Out_ptr": "{dtype}", "PairRows_ptr": _I32, "Y_ptr": "{dtype}"}, False, ("out_stride", "y_stride", "hidden")),
-):  # fmt: skip
+    (
+        "moe_offsets",
+        "_moe_offsets_kernel",
+        {p: _I32 for p in ("BlockCounts_ptr", "BlockOffsets_ptr", "ExpertOffsets_ptr", "TileOffsets_ptr")},
+        True,
+        (),
+    ),
+    (
+        "moe_scatter",
+        "_moe_scatter_kernel",
+        {
+            p: _I32
+            for p in ("Ids_ptr", "BlockOffsets_ptr", "ExpertOffsets_ptr", "SortedPairs_ptr", "PairRows_ptr")
+        },
+        True,
+        (),
+    ),
+    (
+        "moe_gate_up",
+        "_moe_gate_up_kernel",
+        {
+            "X_ptr": "{dtype}",
+            "GateUp_ptr": "{dtype}",
+            "H_ptr": "{dtype}",
+            **{p: _I32 for p in ("SortedPairs_ptr", "ExpertOffsets_ptr", "TileOffsets_ptr")},
+        },
+        False,
+        ("x_stride_t", "gu_stride_e", "gu_stride_n", "h_stride", "hidden", "inter"),
+    ),
+    (
+        "moe_down",
+        "_moe_down_kernel",
+        {
+            "H_ptr": "{dtype}",
+            "Down_ptr": "{dtype}",
+            "Out_ptr": "{dtype}",
+            "Weights_ptr": "fp32",
+            **{p: _I32 for p in ("SortedPairs_ptr", "ExpertOffsets_ptr", "TileOffsets_ptr")},
+        },
+        False,
+        ("h_stride", "dn_stride_e", "dn_stride_n", "out_stride", "hidden", "inter"),
+    ),
+    (
+        "moe_combine",
+        "_moe_combine_kernel",
+        {"Out_ptr": "{dtype}", "PairRows_ptr": _I32, "Y_ptr": "{dtype}"},
+        False,
+        ("out_stride", "y_stride", "hidden"),
+    ),
+):
     _dims, _launch = _MOE_L[_name]
     _register(KernelSpec(_name, _MOE, _fn, _ptrs, _dims, _launch, _free, _aligned))
 
@@ -262,8 +348,10 @@ def launch_params(entry: KernelEntry, dims: Mapping[str, Any]) -> Launch:
     aligned = spec.aligned if spec.aligned is not None else [n for n in names if "stride" in n]
     for name, value in zip(names, scalars):
         if name in aligned and isinstance(value, int) and value % 16:
-            raise BuildError(f"kernel {entry.kernel}: {name} = {value} is not a multiple of 16, "
-                             "which the compiled variant assumes")  # fmt: skip
+            raise BuildError(
+                f"kernel {entry.kernel}: {name} = {value} is not a multiple of 16, "
+                "which the compiled variant assumes"
+            )
     return Launch(grid, (entry.threads, 1, 1), entry.shared_bytes, scalars)
 
 
@@ -282,14 +370,26 @@ class Variant:
     num_stages: int = 2
 
     @staticmethod
-    def make(kernel: str, target: str, dtype: str, constexprs: Mapping[str, Any], num_warps: int = 4,
-             num_stages: int = 2) -> Variant:  # fmt: skip
+    def make(
+        kernel: str,
+        target: str,
+        dtype: str,
+        constexprs: Mapping[str, Any],
+        num_warps: int = 4,
+        num_stages: int = 2,
+    ) -> Variant:
         if kernel not in KERNELS:
             raise BuildError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
         if dtype not in DTYPES and not (KERNELS[kernel].dtype_free and dtype == "i32"):
             raise BuildError(f"kernel {kernel}: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        return Variant(kernel, resolve_target(target).name, dtype, tuple(sorted(constexprs.items())),
-                       num_warps, num_stages)  # fmt: skip
+        return Variant(
+            kernel,
+            resolve_target(target).name,
+            dtype,
+            tuple(sorted(constexprs.items())),
+            num_warps,
+            num_stages,
+        )
 
     def label(self) -> str:
         c = " ".join(f"{k}={v}" for k, v in self.constexprs)
@@ -342,10 +442,13 @@ class KernelArtifacts:
         """Entries of a kernel for a target and dtype whose constexprs include the given ones (tactics)."""
         t = resolve_target(target).name
         return [
-            e for e in self.entries
-            if e.kernel == kernel and e.target == t and e.dtype == dtype
+            e
+            for e in self.entries
+            if e.kernel == kernel
+            and e.target == t
+            and e.dtype == dtype
             and all(e.constexprs.get(k) == v for k, v in constexprs.items())
-        ]  # fmt: skip
+        ]
 
 
 def default_variants(target: GpuTarget, dtype: str, head_dims: Sequence[int] = (256, 512)) -> list[Variant]:
@@ -411,10 +514,20 @@ def variant_key(v: Variant, ptx_version: int | None) -> str:
     spec = KERNELS[v.kernel]
     fn = getattr(importlib.import_module(spec.module), spec.fn)
     blob = json.dumps(
-        [RECORD_VERSION, v.kernel, fn.cache_key, v.dtype, v.target, list(v.constexprs), v.num_warps,
-         v.num_stages, triton.__version__, ptx_version],
+        [
+            RECORD_VERSION,
+            v.kernel,
+            fn.cache_key,
+            v.dtype,
+            v.target,
+            list(v.constexprs),
+            v.num_warps,
+            v.num_stages,
+            triton.__version__,
+            ptx_version,
+        ],
         default=str,
-    )  # fmt: skip
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -439,8 +552,9 @@ def _compile_one(v: Variant, out_dir: str, ptx_version: int | None) -> dict[str,
         return json.loads(stem.with_suffix(".json").read_text())
     fn = getattr(importlib.import_module(spec.module), spec.fn)
     constexprs = dict(v.constexprs)
-    src = ASTSource(fn, _signature(fn, spec, v.dtype, constexprs), constexprs=constexprs,
-                    attrs=_divisibility(fn, spec))  # fmt: skip
+    src = ASTSource(
+        fn, _signature(fn, spec, v.dtype, constexprs), constexprs=constexprs, attrs=_divisibility(fn, spec)
+    )
     options: dict[str, Any] = {"num_warps": v.num_warps, "num_stages": v.num_stages}
     if ptx_version is not None:
         options["ptx_version"] = ptx_version
@@ -463,14 +577,28 @@ def _compile_one(v: Variant, out_dir: str, ptx_version: int | None) -> dict[str,
     write_atomic(stem.with_suffix(".ptx"), ptx.encode())
     write_atomic(stem.with_suffix(".cubin"), cubin)
     rec = KernelEntry(
-        kernel=v.kernel, target=v.target, dtype=v.dtype, constexprs=constexprs, num_warps=v.num_warps,
-        num_stages=v.num_stages, entry=compiled.metadata.name, ptx=str(stem.with_suffix(".ptx").relative_to(out_dir)),
-        cubin=str(stem.with_suffix(".cubin").relative_to(out_dir)), sha256=hashlib.sha256(ptx.encode()).hexdigest(),
-        cubin_sha256=hashlib.sha256(cubin).hexdigest(), registers=res["registers"],
-        shared_bytes=int(compiled.metadata.shared), spill_stores=res["spill_stores"], spill_loads=res["spill_loads"],
-        stack_bytes=res["stack_bytes"], threads=32 * v.num_warps, ptx_version=header.group(1) if header else "?",
-        params=params, key=key, scratch_bytes=_scratch_bytes(compiled.metadata),
-    )  # fmt: skip
+        kernel=v.kernel,
+        target=v.target,
+        dtype=v.dtype,
+        constexprs=constexprs,
+        num_warps=v.num_warps,
+        num_stages=v.num_stages,
+        entry=compiled.metadata.name,
+        ptx=str(stem.with_suffix(".ptx").relative_to(out_dir)),
+        cubin=str(stem.with_suffix(".cubin").relative_to(out_dir)),
+        sha256=hashlib.sha256(ptx.encode()).hexdigest(),
+        cubin_sha256=hashlib.sha256(cubin).hexdigest(),
+        registers=res["registers"],
+        shared_bytes=int(compiled.metadata.shared),
+        spill_stores=res["spill_stores"],
+        spill_loads=res["spill_loads"],
+        stack_bytes=res["stack_bytes"],
+        threads=32 * v.num_warps,
+        ptx_version=header.group(1) if header else "?",
+        params=params,
+        key=key,
+        scratch_bytes=_scratch_bytes(compiled.metadata),
+    )
     record = asdict(rec)
     write_atomic(stem.with_suffix(".json"), json.dumps(record, indent=1, default=str).encode())
     return record
@@ -499,8 +627,10 @@ def aot_launchable_ptx(ptx: str, entry: KernelEntry) -> str:
     body = ptx[match.end() :]
     used = [d.split()[-1] for d in drop if re.search(rf"\b{re.escape(d.split()[-1])}\b", body)]
     if used:
-        raise BuildError(f"{entry.kernel}: uses Triton scratch memory ({entry.scratch_bytes} bytes, parameters "
-                         f"{', '.join(used)}), which a TensorRT AOT plugin launch cannot pass")  # fmt: skip
+        raise BuildError(
+            f"{entry.kernel}: uses Triton scratch memory ({entry.scratch_bytes} bytes, parameters "
+            f"{', '.join(used)}), which a TensorRT AOT plugin launch cannot pass"
+        )
     params = ",\n".join(f"\t{d}" for d in keep)
     return ptx[: match.start(2)] + f"\n{params}\n" + ptx[match.end(2) :]
 
@@ -530,8 +660,13 @@ def _check_shared(rec: KernelEntry, v: Variant) -> None:
         )
 
 
-def compile_variants(out_dir: str | os.PathLike[str], variants: Iterable[Variant], *, jobs: int | None = None,
-                     ptx_version: PtxVersion = "oldest") -> list[KernelEntry]:  # fmt: skip
+def compile_variants(
+    out_dir: str | os.PathLike[str],
+    variants: Iterable[Variant],
+    *,
+    jobs: int | None = None,
+    ptx_version: PtxVersion = "oldest",
+) -> list[KernelEntry]:
     """Compile variants (or reuse their files) and check each one's shared memory against its target.
 
     The work runs in `jobs` child processes (`python -m gemma4_compile.plugins.aot`): there the kernels are
@@ -552,14 +687,22 @@ def compile_variants(out_dir: str | os.PathLike[str], variants: Iterable[Variant
             for j in range(jobs):
                 idx = list(range(j, len(todo), jobs))
                 request = {
-                    "out_dir": str(out), "result": f"{tmp}/{j}.out.json",
+                    "out_dir": str(out),
+                    "result": f"{tmp}/{j}.out.json",
                     "variants": [asdict(todo[i]) for i in idx],
-                    "ptx_versions": [resolve_ptx_version(ptx_version, resolve_target(todo[i].target)) for i in idx],
-                }  # fmt: skip
+                    "ptx_versions": [
+                        resolve_ptx_version(ptx_version, resolve_target(todo[i].target)) for i in idx
+                    ],
+                }
                 Path(f"{tmp}/{j}.in.json").write_text(json.dumps(request, default=str))
                 with open(f"{tmp}/{j}.err", "w") as err:  # a file, not a pipe: a chatty child never blocks
-                    proc = subprocess.Popen([sys.executable, "-m", __name__, f"{tmp}/{j}.in.json"], env=env,
-                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", __name__, f"{tmp}/{j}.in.json"],
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
+                    )
                 workers.append((proc, idx, Path(request["result"]), Path(f"{tmp}/{j}.err")))
             for proc, idx, result, err_path in workers:
                 if proc.wait() != 0 or not result.exists():
@@ -587,8 +730,14 @@ def _worker_main(request_path: str) -> None:
     request = json.loads(Path(request_path).read_text())
     out = []
     for v, ptx_version in zip(request["variants"], request["ptx_versions"]):
-        variant = Variant(v["kernel"], v["target"], v["dtype"], tuple(tuple(c) for c in v["constexprs"]),
-                          v["num_warps"], v["num_stages"])  # fmt: skip
+        variant = Variant(
+            v["kernel"],
+            v["target"],
+            v["dtype"],
+            tuple(tuple(c) for c in v["constexprs"]),
+            v["num_warps"],
+            v["num_stages"],
+        )
         try:
             out.append(_compile_one(variant, request["out_dir"], ptx_version))
         except BuildError as e:
@@ -597,9 +746,14 @@ def _worker_main(request_path: str) -> None:
 
 
 def compile_kernels(
-    out_dir: str | os.PathLike[str], targets: list[str], dtypes: Sequence[str] = ("bf16", "fp16"), *,
-    head_dims: Sequence[int] = (256, 512), jobs: int | None = None, ptx_version: PtxVersion = "oldest",
-) -> KernelArtifacts:  # fmt: skip
+    out_dir: str | os.PathLike[str],
+    targets: list[str],
+    dtypes: Sequence[str] = ("bf16", "fp16"),
+    *,
+    head_dims: Sequence[int] = (256, 512),
+    jobs: int | None = None,
+    ptx_version: PtxVersion = "oldest",
+) -> KernelArtifacts:
     """Compile every kernel variant for each target and dtype; write the resource table `out_dir/kernels.json`."""
     resolved = [resolve_target(t) for t in targets]
     for d in dtypes:

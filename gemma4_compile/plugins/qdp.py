@@ -146,9 +146,14 @@ def launch_values(kernel: str, dims: Mapping[str, Any], constexprs: Mapping[str,
 
 
 def compile_kernel(
-    kernel: str, target: str, dtype: str, constexprs: Mapping[str, Any], num_warps: int, num_stages: int,
+    kernel: str,
+    target: str,
+    dtype: str,
+    constexprs: Mapping[str, Any],
+    num_warps: int,
+    num_stages: int,
     cache_dir: Path | None = None,
-) -> tuple[Any, str]:  # fmt: skip
+) -> tuple[Any, str]:
     """(aot.KernelEntry, PTX a TensorRT AOT launch can take) for one variant, compiled once into `cache_dir`
     (default AOT_CACHE); a `gemma4-compile kernels` output directory makes its variants cache hits."""
     from . import aot
@@ -199,8 +204,15 @@ def register_qdp(trt: ModuleType, target: str = "native", cache_dir: Path | None
 def _aot_result(trtp: ModuleType, variant: Any, dims: Mapping[str, Any], cache_dir: Path | None) -> tuple:
     """Compile and describe one launch: the (name, PTX, KernelLaunchParams, SymIntExprs) aot_impl returns."""
     constexprs = dict(variant.constexprs)
-    entry, ptx = compile_kernel(variant.kernel, variant.target, variant.dtype, constexprs, variant.num_warps,
-                                variant.num_stages, cache_dir)  # fmt: skip
+    entry, ptx = compile_kernel(
+        variant.kernel,
+        variant.target,
+        variant.dtype,
+        constexprs,
+        variant.num_warps,
+        variant.num_stages,
+        cache_dir,
+    )
     grid, scalars = launch_values(variant.kernel, dims, constexprs)
     params = trtp.KernelLaunchParams()
     params.grid_x, params.grid_y, params.grid_z = grid
@@ -214,10 +226,16 @@ def _define_attention(trtp: ModuleType, target: str, cache_dir: Path | None) -> 
 
     @trtp.register(ATTENTION.plugin_id)
     def attention_desc(
-        q: TensorDesc, k: TensorDesc, v: TensorDesc, past_k: TensorDesc, past_v: TensorDesc,
-        past_len: TensorDesc, seq_len: TensorDesc,
-        window: npt.NDArray[np.int32], scale: npt.NDArray[np.float32],
-    ) -> tuple[TensorDesc, TensorDesc, TensorDesc]:  # fmt: skip
+        q: TensorDesc,
+        k: TensorDesc,
+        v: TensorDesc,
+        past_k: TensorDesc,
+        past_v: TensorDesc,
+        past_len: TensorDesc,
+        seq_len: TensorDesc,
+        window: npt.NDArray[np.int32],
+        scale: npt.NDArray[np.float32],
+    ) -> tuple[TensorDesc, TensorDesc, TensorDesc]:
         return q.like(), past_k.like(), past_v.like()  # = ATTENTION.output_like
 
     @trtp.autotune(ATTENTION.plugin_id)
@@ -228,11 +246,18 @@ def _define_attention(trtp: ModuleType, target: str, cache_dir: Path | None) -> 
 
     @trtp.aot_impl(ATTENTION.plugin_id)
     def attention_aot(
-        q: TensorDesc, k: TensorDesc, v: TensorDesc, past_k: TensorDesc, past_v: TensorDesc,
-        past_len: TensorDesc, seq_len: TensorDesc,
-        window: npt.NDArray[np.int32], scale: npt.NDArray[np.float32],
-        outputs: tuple[TensorDesc, TensorDesc, TensorDesc], tactic: int,
-    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:  # fmt: skip
+        q: TensorDesc,
+        k: TensorDesc,
+        v: TensorDesc,
+        past_k: TensorDesc,
+        past_v: TensorDesc,
+        past_len: TensorDesc,
+        seq_len: TensorDesc,
+        window: npt.NDArray[np.int32],
+        scale: npt.NDArray[np.float32],
+        outputs: tuple[TensorDesc, TensorDesc, TensorDesc],
+        tactic: int,
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         gpu = resolve_target(target)
         dims = attention_dims(
             q.shape_expr, k.shape_expr, past_k.shape_expr, int(attr_scalar(window, "window"))
@@ -250,8 +275,10 @@ def _stage_signature(trtp: ModuleType, stage: Stage, kind: str) -> inspect.Signa
     P = inspect.Parameter
     inputs, outputs = ms.stage_io(stage)
     tensors = [P(ms.arg_name(p), P.POSITIONAL_OR_KEYWORD, annotation=trtp.TensorDesc) for p in inputs]
-    fields = [P(f.name, P.POSITIONAL_OR_KEYWORD, annotation=npt.NDArray[getattr(np, f.dtype)])
-              for f in stage.contract.fields]  # fmt: skip
+    fields = [
+        P(f.name, P.POSITIONAL_OR_KEYWORD, annotation=npt.NDArray[getattr(np, f.dtype)])
+        for f in stage.contract.fields
+    ]
     out_tuple = tuple[tuple([trtp.TensorDesc] * len(outputs))]  # type: ignore[misc]
     if kind == "register":
         returns = trtp.TensorDesc if len(outputs) == 1 else out_tuple
@@ -262,10 +289,14 @@ def _stage_signature(trtp: ModuleType, stage: Stage, kind: str) -> inspect.Signa
             return_annotation=list[trtp.AutoTuneCombination],
         )
     return inspect.Signature(
-        [*tensors, *fields, P("outputs", P.POSITIONAL_OR_KEYWORD, annotation=out_tuple),
-         P("tactic", P.POSITIONAL_OR_KEYWORD, annotation=int)],
+        [
+            *tensors,
+            *fields,
+            P("outputs", P.POSITIONAL_OR_KEYWORD, annotation=out_tuple),
+            P("tactic", P.POSITIONAL_OR_KEYWORD, annotation=int),
+        ],
         return_annotation=tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs],
-    )  # fmt: skip
+    )
 
 
 def _with_signature(fn: Callable[..., Any], signature: inspect.Signature, name: str) -> Callable[..., Any]:

@@ -34,9 +34,20 @@ from ..ops.contract import (
 from ..ops.moe import MOE
 
 __all__ = [
-    "ATTENTION", "MOE", "NAMESPACE", "SPECS", "VERSION", "FieldSpec", "PluginError", "PluginSpec", "field_arrays",
-    "parse_fields", "plugin_fingerprint", "register_plugins", "spec_for",
-]  # fmt: skip
+    "ATTENTION",
+    "MOE",
+    "NAMESPACE",
+    "SPECS",
+    "VERSION",
+    "FieldSpec",
+    "PluginError",
+    "PluginSpec",
+    "field_arrays",
+    "parse_fields",
+    "plugin_fingerprint",
+    "register_plugins",
+    "spec_for",
+]
 
 PLUGIN_DIR = Path(__file__).resolve().parent
 OPS_DIR = Path(ops.__file__).resolve().parent

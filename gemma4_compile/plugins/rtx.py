@@ -183,8 +183,12 @@ class _CudaBuffer:
 
     def __init__(self, ptr: int, shape: tuple[int, ...], typestr: str):
         self.__cuda_array_interface__ = {
-            "shape": shape, "typestr": typestr, "data": (int(ptr), False), "version": 3, "strides": None,
-        }  # fmt: skip
+            "shape": shape,
+            "typestr": typestr,
+            "data": (int(ptr), False),
+            "version": 3,
+            "strides": None,
+        }
 
 
 def device_tensor(ptr: int, shape: Sequence[int], type_name: str) -> Any:

@@ -82,13 +82,19 @@ class BaseRunner(abc.ABC):
         state.past_len = state.past_len + seq_len
         return logits
 
-    def _checked(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _checked(
+        self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         seq_len = np.asarray(seq_len, dtype=np.int64)
         if input_ids.ndim != 2 or input_ids.shape[0] != state.batch:
-            raise RunnerError(f"{self.name}: input_ids must be [{state.batch}, S], got {list(input_ids.shape)}")
+            raise RunnerError(
+                f"{self.name}: input_ids must be [{state.batch}, S], got {list(input_ids.shape)}"
+            )
         if seq_len.shape != (state.batch,) or seq_len.min() < 0 or seq_len.max() > input_ids.shape[1]:
-            raise RunnerError(f"{self.name}: seq_len must be {state.batch} values in [0, {input_ids.shape[1]}]")
+            raise RunnerError(
+                f"{self.name}: seq_len must be {state.batch} values in [0, {input_ids.shape[1]}]"
+            )
         if int((state.past_len + input_ids.shape[1]).max()) > state.max_len:
             raise RunnerError(f"{self.name}: sequence exceeds the cache length {state.max_len}")
         vocab = getattr(self.spec, "vocab_size", None)
@@ -132,7 +138,9 @@ class BaseRunner(abc.ABC):
     def generate(self, input_ids: np.ndarray, steps: int, lengths: np.ndarray | None = None) -> np.ndarray:
         return self.generate_with_logits(input_ids, steps, lengths)[0]
 
-    def debug_outputs(self, input_ids: np.ndarray, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def debug_outputs(
+        self, input_ids: np.ndarray, lengths: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         """Per-layer tensors by name: `hidden_states.I` [B, S, H] (residual after layer I) and, on MoE layers,
         `router_logits.I` [B, S, E]. Backends without them raise BackendUnavailable."""
         raise BackendUnavailable(f"{self.name}: per-layer debug outputs are not available")
@@ -142,7 +150,9 @@ class BaseRunner(abc.ABC):
         out = self.debug_outputs(input_ids, lengths)
         return np.stack([out[f"hidden_states.{i}"] for i in range(self.spec.num_hidden_layers)])
 
-    def router_logits(self, input_ids: np.ndarray, lengths: np.ndarray | None = None) -> dict[int, np.ndarray]:
+    def router_logits(
+        self, input_ids: np.ndarray, lengths: np.ndarray | None = None
+    ) -> dict[int, np.ndarray]:
         """MoE router logits per layer index, [B, S, E] float32 (for routing agreement)."""
         out = self.debug_outputs(input_ids, lengths)
         return {int(k.split(".")[1]): v for k, v in out.items() if k.startswith("router_logits.")}

@@ -18,7 +18,9 @@ class OrtRunner(BaseRunner):
 
     name = "ort"
 
-    def __init__(self, export_dir: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(
+        self, export_dir: str | Path, threads: int | None = None, providers: list[str] | None = None
+    ):
         super().__init__()
         try:
             import onnxruntime as ort
@@ -28,29 +30,39 @@ class OrtRunner(BaseRunner):
         if not self.manifest.weights:
             raise BackendUnavailable(f"ort: {export_dir} is a graph-only export (no weights)")
         if self.manifest.activation_dtype is DType.BF16:
-            raise BackendUnavailable("ort: onnxruntime's CPU provider has no bf16 MatMul; validate a fp32 export")
+            raise BackendUnavailable(
+                "ort: onnxruntime's CPU provider has no bf16 MatMul; validate a fp32 export"
+            )
         self.spec, self.max_seq_len = self.manifest.spec, self.manifest.max_seq_len
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.sessions = {
-            role: ort.InferenceSession(str(self.manifest.graph_path(role)), options, providers=providers or ["CPUExecutionProvider"])
+            role: ort.InferenceSession(
+                str(self.manifest.graph_path(role)), options, providers=providers or ["CPUExecutionProvider"]
+            )
             for role in self.manifest.graphs
-        }  # fmt: skip
+        }
         decoder = self.manifest.graphs[DECODER]
         self._act = self.manifest.activation_dtype.numpy
         self._outputs = [t.name for t in decoder.outputs]
         self._embed_outputs = [t.name for t in self.manifest.graphs[EMBED].outputs]
 
     def _new_caches(self, batch: int, max_len: int) -> dict[str, np.ndarray]:
-        return {name: np.zeros(c.shape(batch, max_len), dtype=self._act) for c in self.manifest.caches for name in c.past}
+        return {
+            name: np.zeros(c.shape(batch, max_len), dtype=self._act)
+            for c in self.manifest.caches
+            for name in c.past
+        }
 
     def _run(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> dict[str, np.ndarray]:
         B, S = input_ids.shape
         refusal = lowering_refusal(self.manifest.lowering, B, S, bool(state.past_len.any()))
         if refusal:
             raise RunnerError(f"ort: {refusal}")
-        embedded = dict(zip(self._embed_outputs, self.sessions[EMBED].run(self._embed_outputs, {"input_ids": input_ids})))
+        embedded = dict(
+            zip(self._embed_outputs, self.sessions[EMBED].run(self._embed_outputs, {"input_ids": input_ids}))
+        )
         feeds = {**embedded, "past_len": state.past_len, "seq_len": seq_len, **state.caches}
         out = dict(zip(self._outputs, self.sessions[DECODER].run(self._outputs, feeds)))
         for c in self.manifest.caches:
@@ -61,10 +73,16 @@ class OrtRunner(BaseRunner):
     def _step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
         return self._run(state, input_ids, seq_len)["logits"]
 
-    def debug_outputs(self, input_ids: np.ndarray, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def debug_outputs(
+        self, input_ids: np.ndarray, lengths: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         if not self.manifest.debug:
             raise BackendUnavailable("ort: per-layer outputs need an export with --debug-outputs")
         input_ids = np.asarray(input_ids, dtype=np.int64)
         state = self.start(*input_ids.shape)
         out = self._run(state, *self._checked(state, input_ids, lengths_of(input_ids, lengths)))
-        return {k: v.astype(np.float32) for k, v in out.items() if k.startswith(("hidden_states.", "router_logits."))}
+        return {
+            k: v.astype(np.float32)
+            for k, v in out.items()
+            if k.startswith(("hidden_states.", "router_logits."))
+        }

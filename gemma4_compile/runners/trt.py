@@ -148,8 +148,9 @@ class TrtRunner(BaseRunner):
             )
         return {
             past: torch.zeros(c.shape(batch, max_len), dtype=self.dtype, device="cuda")
-            for c in self.export.caches for past in c.past
-        }  # fmt: skip
+            for c in self.export.caches
+            for past in c.past
+        }
 
     def _step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
         import torch
@@ -197,9 +198,7 @@ class TrtRunner(BaseRunner):
             context.set_tensor_address(name, buffer.data_ptr())
         torch.cuda.current_stream().synchronize()  # inputs were copied on the default stream
         if not context.execute_async_v3(self.stream.cuda_stream):
-            raise RunnerError(
-                f"{self.name}: TensorRT execution failed: {'; '.join(self.logger.errors())}"
-            )
+            raise RunnerError(f"{self.name}: TensorRT execution failed: {'; '.join(self.logger.errors())}")
         self.stream.synchronize()
         return outputs
 

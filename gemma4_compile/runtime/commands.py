@@ -13,10 +13,17 @@ from .tokenizer import TextTokenizer
 
 
 def generate_text(
-    export_dir: str | Path, prompt: str, write: Callable[[str], None], *, chat: bool = False,
-    max_new_tokens: int = 64, params: SamplingParams = GREEDY, backend: str = "ort",
-    provider: str = "cpu", threads: int | None = None,
-) -> GenerationResult:  # fmt: skip
+    export_dir: str | Path,
+    prompt: str,
+    write: Callable[[str], None],
+    *,
+    chat: bool = False,
+    max_new_tokens: int = 64,
+    params: SamplingParams = GREEDY,
+    backend: str = "ort",
+    provider: str = "cpu",
+    threads: int | None = None,
+) -> GenerationResult:
     """Generate after `prompt` (a user turn of the chat template with `chat`), writing text as it is made."""
     tokenizer = TextTokenizer(export_dir)
     runner = open_runner(export_dir, backend, provider, threads)
@@ -34,9 +41,16 @@ def generate_text(
 
 
 def serve_export(
-    export_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, backend: str = "ort",
-    provider: str = "cpu", threads: int | None = None, announce: Callable[[str], None] = print,
-) -> None:  # fmt: skip
+    export_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 8,
+    backend: str = "ort",
+    provider: str = "cpu",
+    threads: int | None = None,
+    announce: Callable[[str], None] = print,
+) -> None:
     try:
         from .server import serve
     except ImportError as e:
@@ -46,8 +60,10 @@ def serve_export(
     service = Service.open(
         export_dir, max_batch=max_batch, backend=backend, provider=provider, threads=threads
     )
-    announce(f"serving '{service.model_id}' on http://{host}:{port}/v1 (max batch {max_batch}, max_seq_len "
-             f"{service.max_seq_len})")  # fmt: skip
+    announce(
+        f"serving '{service.model_id}' on http://{host}:{port}/v1 (max batch {max_batch}, max_seq_len "
+        f"{service.max_seq_len})"
+    )
     try:
         serve(service, host, port)
     finally:

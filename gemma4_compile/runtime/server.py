@@ -28,8 +28,14 @@ from .service import Service
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.param, self.code, self.type = status, param, code, type_
 
@@ -70,8 +76,12 @@ def parse_chat_request(body: Any, service: Service) -> ChatRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     if body.get("model") != service.model_id:
-        raise ApiError(404, f"the model '{body.get('model')}' does not exist; this server has '{service.model_id}'",
-                       param="model", code="model_not_found")  # fmt: skip
+        raise ApiError(
+            404,
+            f"the model '{body.get('model')}' does not exist; this server has '{service.model_id}'",
+            param="model",
+            code="model_not_found",
+        )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise ApiError(400, "'messages' must be a non-empty list of message objects", param="messages")
@@ -80,9 +90,11 @@ def parse_chat_request(body: Any, service: Service) -> ChatRequest:
     max_tokens = _optional(body, "max_completion_tokens", int, 1) or _optional(body, "max_tokens", int, 1)
     try:
         params = service.default_params(
-            _optional(body, "temperature", float, 0), _optional(body, "top_k", int, 0),
-            _optional(body, "top_p", float, 0), _optional(body, "seed", int),
-        )  # fmt: skip
+            _optional(body, "temperature", float, 0),
+            _optional(body, "top_k", int, 0),
+            _optional(body, "top_p", float, 0),
+            _optional(body, "seed", int),
+        )
     except Gemma4CompileError as e:
         raise ApiError(400, str(e)) from None
     msgs = [{"role": str(m.get("role")), "content": _text_content(m.get("content", ""))} for m in messages]

@@ -25,9 +25,14 @@ class Service:
 
     @classmethod
     def open(
-        cls, export_dir: str | Path, max_batch: int = 8, backend: str = "ort", provider: str = "cpu",
-        threads: int | None = None, model_id: str | None = None,
-    ) -> Service:  # fmt: skip
+        cls,
+        export_dir: str | Path,
+        max_batch: int = 8,
+        backend: str = "ort",
+        provider: str = "cpu",
+        threads: int | None = None,
+        model_id: str | None = None,
+    ) -> Service:
         # the engine slices and joins rows of numpy caches; TensorRT keeps them on the GPU
         if backend != "ort":
             raise BackendUnavailable(f"serve: the {backend!r} backend cannot batch yet; use ort")
@@ -40,16 +45,19 @@ class Service:
     def close(self) -> None:
         self.engine.stop()
 
-    def default_params(self, temperature: float | None, top_k: int | None, top_p: float | None,
-                       seed: int | None) -> SamplingParams:  # fmt: skip
+    def default_params(
+        self, temperature: float | None, top_k: int | None, top_p: float | None, seed: int | None
+    ) -> SamplingParams:
         """A request's sampling; what it leaves out comes from generation_config.json (greedy without one)."""
         d = self.tokenizer.defaults
         if temperature is None:
             temperature = (d.temperature or 1.0) if d.do_sample else 0.0
         return SamplingParams(
-            temperature=float(temperature), top_k=int(top_k if top_k is not None else d.top_k or 0),
-            top_p=float(top_p if top_p is not None else d.top_p or 1.0), seed=seed,
-        )  # fmt: skip
+            temperature=float(temperature),
+            top_k=int(top_k if top_k is not None else d.top_k or 0),
+            top_p=float(top_p if top_p is not None else d.top_p or 1.0),
+            seed=seed,
+        )
 
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         return self.tokenizer.encode_chat(messages)

@@ -77,9 +77,12 @@ class TextTokenizer:
         if not ids and self.special["eos_token"] is not None:
             ids = [self.tokenizer.token_to_id(self.special["eos_token"])]
         return GenerationDefaults(
-            eos_token_ids=tuple(int(i) for i in ids if i is not None), temperature=gen.get("temperature"),
-            top_k=gen.get("top_k"), top_p=gen.get("top_p"), do_sample=bool(gen.get("do_sample", False)),
-        )  # fmt: skip
+            eos_token_ids=tuple(int(i) for i in ids if i is not None),
+            temperature=gen.get("temperature"),
+            top_k=gen.get("top_k"),
+            top_p=gen.get("top_p"),
+            do_sample=bool(gen.get("do_sample", False)),
+        )
 
     # ----- text <-> ids -----------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

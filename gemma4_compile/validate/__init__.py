@@ -19,10 +19,25 @@ from .report import write_reports
 from .validate import TOLERANCES, AccuracyReport, Tolerance, compare_runners, validate
 
 __all__ = [
-    "TOLERANCES", "AccuracyReport", "BaseRunner", "BenchConfig", "Case", "HFRunner", "LatencyReport", "OrtRunner",
-    "Tolerance", "TorchRunner", "TrtRunner", "bench", "bench_runners", "compare_runners", "default_cases",
-    "load_prompts", "validate", "write_reports",
-]  # fmt: skip
+    "TOLERANCES",
+    "AccuracyReport",
+    "BaseRunner",
+    "BenchConfig",
+    "Case",
+    "HFRunner",
+    "LatencyReport",
+    "OrtRunner",
+    "Tolerance",
+    "TorchRunner",
+    "TrtRunner",
+    "bench",
+    "bench_runners",
+    "compare_runners",
+    "default_cases",
+    "load_prompts",
+    "validate",
+    "write_reports",
+]
 
 _LAZY = {"OrtRunner": "..runners.ort", "TrtRunner": "..runners.trt"}
 

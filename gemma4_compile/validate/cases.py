@@ -118,8 +118,6 @@ def load_prompts(path: str | Path, spec: Gemma4Spec, max_len: int | None = None)
                     f"{where}: case {i}: token {bad} is outside the vocabulary [0, {spec.vocab_size})"
                 )
             if len(row) > limit:
-                raise ValidateError(
-                    f"{where}: case {i}: {len(row)} tokens exceed the maximum length {limit}"
-                )
+                raise ValidateError(f"{where}: case {i}: {len(row)} tokens exceed the maximum length {limit}")
         cases.append(case_from_rows(f"prompt{i}", rows, spec.pad_token_id))
     return cases

@@ -136,7 +136,3 @@ def save_decoder_reference(
     decoder = manifest.graph_path(DECODER) if manifest else export_dir / f"{DECODER}.onnx"
     command = polygraphy_command(decoder, inputs_path, outputs_path, atol, rtol)
     return PolygraphyFiles(str(inputs_path), str(outputs_path), len(feeds), atol, rtol, command, note)
-
-
-
-

@@ -45,12 +45,16 @@ class TorchRunner(BaseRunner):
     def _step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
         return self._forward(state, input_ids, seq_len)[0].numpy()
 
-    def debug_outputs(self, input_ids: np.ndarray, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def debug_outputs(
+        self, input_ids: np.ndarray, lengths: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         from ..model.model import debug_output_names
 
         input_ids = np.asarray(input_ids, dtype=np.int64)
         state = self.start(*input_ids.shape)
-        _, extra = self._forward(state, *self._checked(state, input_ids, lengths_of(input_ids, lengths)), debug=True)
+        _, extra = self._forward(
+            state, *self._checked(state, input_ids, lengths_of(input_ids, lengths)), debug=True
+        )
         return {n: t.float().numpy() for n, t in zip(debug_output_names(self.spec), extra)}
 
 
@@ -67,7 +71,9 @@ class HFRunner(BaseRunner):
         try:
             import transformers
         except ImportError:
-            raise BackendUnavailable("hf: transformers is not installed (pip install 'gemma4-compile[test]')") from None
+            raise BackendUnavailable(
+                "hf: transformers is not installed (pip install 'gemma4-compile[test]')"
+            ) from None
         self.spec = Gemma4Spec.from_pretrained(checkpoint_dir)
         self.max_seq_len = self.spec.max_position_embeddings
         self.dtype = DType.parse(dtype).torch
@@ -122,7 +128,11 @@ class HFRunner(BaseRunner):
 
     def _last_layer_output(self, ids: torch.Tensor) -> torch.Tensor:
         captured = {}
-        inner = self.model.model.language_model if hasattr(self.model.model, "language_model") else self.model.model
+        inner = (
+            self.model.model.language_model
+            if hasattr(self.model.model, "language_model")
+            else self.model.model
+        )
         handle = inner.layers[-1].register_forward_hook(lambda m, a, out: captured.setdefault("h", out))
         try:
             self.model(input_ids=ids, use_cache=False)

@@ -131,14 +131,43 @@ def accuracy_markdown(r: AccuracyReport) -> str:
         "## Cases",
         "",
     ]
-    header = ["case", "batch", "lengths", "max abs Δ", "< W", "≥ W", "mean abs Δ", "cos min", "top-1", "top-5",
-              "KL mean", "KL max", "greedy match", "routing", "verdict"]  # fmt: skip
+    header = [
+        "case",
+        "batch",
+        "lengths",
+        "max abs Δ",
+        "< W",
+        "≥ W",
+        "mean abs Δ",
+        "cos min",
+        "top-1",
+        "top-5",
+        "KL mean",
+        "KL max",
+        "greedy match",
+        "routing",
+        "verdict",
+    ]
     rows = [
-        [c.name, str(c.batch), str(c.lengths), _g(c.max_abs), _g(c.max_abs_in_window), _g(c.max_abs_past_window),
-         _g(c.mean_abs), f"{c.cosine_min:.6f}", _pct(c.top1), _pct(c.top5), _g(c.kl_mean), _g(c.kl_max),
-         " / ".join(f"{m}/{c.steps}" for m in c.greedy_match), _pct(c.routing), "ok" if c.passed else "**FAIL**"]
+        [
+            c.name,
+            str(c.batch),
+            str(c.lengths),
+            _g(c.max_abs),
+            _g(c.max_abs_in_window),
+            _g(c.max_abs_past_window),
+            _g(c.mean_abs),
+            f"{c.cosine_min:.6f}",
+            _pct(c.top1),
+            _pct(c.top5),
+            _g(c.kl_mean),
+            _g(c.kl_max),
+            " / ".join(f"{m}/{c.steps}" for m in c.greedy_match),
+            _pct(c.routing),
+            "ok" if c.passed else "**FAIL**",
+        ]
         for c in r.cases
-    ]  # fmt: skip
+    ]
     lines += [*_table(header, rows), "", f"![logit error by position]({ERROR_PLOT})", ""]
     failed = [c for c in r.cases if not c.passed]
     if failed:
@@ -149,9 +178,16 @@ def accuracy_markdown(r: AccuracyReport) -> str:
         lines += ["## Warnings", "", *(f"- {w}" for w in r.warnings), ""]
     if r.polygraphy:
         p = r.polygraphy
-        lines += ["## Reproduce with Polygraphy", "",
-                  f"The decoder's reference I/O ({p['iterations']} iterations: a prefill past the window, one decode step):",
-                  "", "```sh", p["command"], "```", ""]  # fmt: skip
+        lines += [
+            "## Reproduce with Polygraphy",
+            "",
+            f"The decoder's reference I/O ({p['iterations']} iterations: a prefill past the window, one decode step):",
+            "",
+            "```sh",
+            p["command"],
+            "```",
+            "",
+        ]
         if p.get("note"):
             lines += [p["note"], ""]
     return "\n".join(lines)
@@ -200,23 +236,43 @@ def latency_markdown(r: LatencyReport) -> str:
         "",
     ]
     rows = [
-        [s.backend, _g(s.load_s), f"{s.rss_before_mb:.0f}", f"{s.peak_rss_mb:.0f}",
-         _g(s.device_peak_mb), s.error or ""]
+        [
+            s.backend,
+            _g(s.load_s),
+            f"{s.rss_before_mb:.0f}",
+            f"{s.peak_rss_mb:.0f}",
+            _g(s.device_peak_mb),
+            s.error or "",
+        ]
         for s in r.backends
-    ]  # fmt: skip
+    ]
     lines += _table(["backend", "load s", "RSS before MB", "peak RSS MB", "device peak MB", "note"], rows)
     lines += ["", "## Rows", ""]
     rows = [
-        [x.backend, x.phase, str(x.batch), str(x.context), f"{x.p50_ms:.3f}", f"{x.p90_ms:.3f}", f"{x.p99_ms:.3f}",
-         f"{x.tokens_per_s:.1f}", _g(x.vs_torch)]
+        [
+            x.backend,
+            x.phase,
+            str(x.batch),
+            str(x.context),
+            f"{x.p50_ms:.3f}",
+            f"{x.p90_ms:.3f}",
+            f"{x.p99_ms:.3f}",
+            f"{x.tokens_per_s:.1f}",
+            _g(x.vs_torch),
+        ]
         for x in r.rows
-    ]  # fmt: skip
+    ]
     lines += _table(
         ["backend", "phase", "batch", "context", "p50 ms", "p90 ms", "p99 ms", "tokens/s", "× torch"], rows
     )
-    lines += ["", "Prefill p50 at batch 1 is the time to first token; decode rows are labelled by the context",
-              "at which their steps start. `× torch` is p50 over torch eager's p50 on the same row.", "",
-              f"![decode latency by context length]({LATENCY_PLOT})", ""]  # fmt: skip
+    lines += [
+        "",
+        "Prefill p50 at batch 1 is the time to first token; decode rows are labelled by the context",
+        "at which their steps start. `× torch` is p50 over torch eager's p50 on the same row.",
+        "",
+        f"![decode latency by context length]({LATENCY_PLOT})",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -228,9 +284,13 @@ def summary_markdown(accuracy: dict[str, Any] | None, latency: dict[str, Any] | 
         cases = accuracy.get("cases", [])
         worst = max((c["max_abs"] for c in cases if isinstance(c["max_abs"], (int, float))), default=0.0)
         top1 = min((c["top1"] for c in cases), default=1.0)
-        lines += [f"## Accuracy — {verdict}", "",
-                  f"{accuracy['backend']} vs {accuracy['reference']} ({accuracy['precision']}), {len(cases)} cases: "
-                  f"max |Δlogit| {_g(worst)}, lowest top-1 agreement {_pct(top1)}. Details: accuracy.md.", ""]  # fmt: skip
+        lines += [
+            f"## Accuracy — {verdict}",
+            "",
+            f"{accuracy['backend']} vs {accuracy['reference']} ({accuracy['precision']}), {len(cases)} cases: "
+            f"max |Δlogit| {_g(worst)}, lowest top-1 agreement {_pct(top1)}. Details: accuracy.md.",
+            "",
+        ]
         lines += [f"- {c['name']}: " + "; ".join(c["failures"]) for c in cases if c["failures"]]
         lines += [f"- warning: {w}" for w in accuracy.get("warnings", [])]
         lines += [""]
@@ -252,16 +312,20 @@ def _latency_summary_rows(latency: dict[str, Any]) -> list[str]:
         ttft = [r for r in mine if r["phase"] == "prefill" and r["batch"] == 1]
         dec1 = [r for r in mine if r["phase"] == "decode" and r["batch"] == 1]
         dec8 = [r for r in mine if r["phase"] == "decode" and r["batch"] == max(x["batch"] for x in mine)]
-        rows.append([
-            name,
-            _g(max(ttft, key=lambda r: r["context"])["p50_ms"]) if ttft else "–",
-            _g(max(dec1, key=lambda r: r["context"])["p50_ms"]) if dec1 else "–",
-            f"{max(r['tokens_per_s'] for r in dec1):.0f}" if dec1 else "–",
-            f"{max(r['tokens_per_s'] for r in dec8):.0f} (batch {dec8[0]['batch']})" if dec8 else "–",
-            f"peak RSS {s['peak_rss_mb']:.0f} MB",
-        ])  # fmt: skip
-    return _table(["backend", "TTFT ms (longest prompt)", "decode p50 ms (longest ctx)", "tok/s b1", "tok/s",
-                   "memory"], rows)  # fmt: skip
+        rows.append(
+            [
+                name,
+                _g(max(ttft, key=lambda r: r["context"])["p50_ms"]) if ttft else "–",
+                _g(max(dec1, key=lambda r: r["context"])["p50_ms"]) if dec1 else "–",
+                f"{max(r['tokens_per_s'] for r in dec1):.0f}" if dec1 else "–",
+                f"{max(r['tokens_per_s'] for r in dec8):.0f} (batch {dec8[0]['batch']})" if dec8 else "–",
+                f"peak RSS {s['peak_rss_mb']:.0f} MB",
+            ]
+        )
+    return _table(
+        ["backend", "TTFT ms (longest prompt)", "decode p50 ms (longest ctx)", "tok/s b1", "tok/s", "memory"],
+        rows,
+    )
 
 
 # ----- plots ------------------------------------------------------------------------------------
@@ -287,8 +351,12 @@ def plot_error_by_position(r: AccuracyReport, path: Path) -> None:
     ax.axvline(r.sliding_window, color="k", linestyle="--", label=f"W = {r.sliding_window}")
     if r.tolerance.max_abs is not None:
         ax.axhline(r.tolerance.max_abs, color="r", linestyle=":", label=f"tolerance {r.tolerance.max_abs:g}")
-    ax.set(yscale="log", xlabel="position (prompt, then decode)", ylabel="max |Δ logit|",
-           title=f"{r.backend} vs {r.reference} ({r.precision})")  # fmt: skip
+    ax.set(
+        yscale="log",
+        xlabel="position (prompt, then decode)",
+        ylabel="max |Δ logit|",
+        title=f"{r.backend} vs {r.reference} ({r.precision})",
+    )
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)

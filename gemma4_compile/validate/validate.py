@@ -74,13 +74,40 @@ class Tolerance:
 #   because rounding flips near-tied experts of a random router; the report shows routing agreement.
 #   The near-tie margin is 2 ulps of the top logit (2^-6 bf16, 2^-9 fp16).
 TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance("fp32", max_abs=1e-3, kl_mean=1e-5, top1=1.0, tie_abs=2e-3, tie_rel=0.0,
-                      greedy_exact=True, routing=0.99, layer_rel=1e-4),
-    "bf16": Tolerance("bf16", max_abs=None, kl_mean=2e-2, top1=0.80, tie_abs=0.0, tie_rel=2**-6,
-                      greedy_exact=False, routing=None, layer_rel=5e-2),
-    "fp16": Tolerance("fp16", max_abs=None, kl_mean=1e-2, top1=0.90, tie_abs=0.0, tie_rel=2**-9,
-                      greedy_exact=False, routing=None, layer_rel=2e-2),
-}  # fmt: skip
+    "fp32": Tolerance(
+        "fp32",
+        max_abs=1e-3,
+        kl_mean=1e-5,
+        top1=1.0,
+        tie_abs=2e-3,
+        tie_rel=0.0,
+        greedy_exact=True,
+        routing=0.99,
+        layer_rel=1e-4,
+    ),
+    "bf16": Tolerance(
+        "bf16",
+        max_abs=None,
+        kl_mean=2e-2,
+        top1=0.80,
+        tie_abs=0.0,
+        tie_rel=2**-6,
+        greedy_exact=False,
+        routing=None,
+        layer_rel=5e-2,
+    ),
+    "fp16": Tolerance(
+        "fp16",
+        max_abs=None,
+        kl_mean=1e-2,
+        top1=0.90,
+        tie_abs=0.0,
+        tie_rel=2**-9,
+        greedy_exact=False,
+        routing=None,
+        layer_rel=2e-2,
+    ),
+}
 
 
 def tolerance_for(precision: str) -> Tolerance:
@@ -187,8 +214,10 @@ class AccuracyReport:
     def summary(self) -> str:
         if self.passed:
             worst = max((c.max_abs for c in self.cases), default=0.0)
-            return (f"{self.backend} matches {self.reference} ({self.precision}) on {len(self.cases)} cases "
-                    f"(max |Δlogit| {worst:.2g})")  # fmt: skip
+            return (
+                f"{self.backend} matches {self.reference} ({self.precision}) on {len(self.cases)} cases "
+                f"(max |Δlogit| {worst:.2g})"
+            )
         return self.failure_message()
 
     def raise_if_failed(self) -> None:
@@ -387,16 +416,30 @@ def compare_case(
         except BackendUnavailable as e:
             log.info("%s: no routing agreement (%s)", backend.name, e)
     result = CaseResult(
-        name=case.name, batch=case.batch, lengths=case.lengths.tolist(), steps=steps, positions=len(cat["abs"]),
-        max_abs=_max(abs_err), max_abs_in_window=_max(abs_err[:W]), max_abs_past_window=_max(abs_err[W:]),
-        worst_position=int(np.argmax(abs_err)), mean_abs=float(np.mean(cat["mean"])),
-        cosine_min=float(np.min(cat["cos"])), top1=float(np.mean(cat["top1"])), top5=float(np.mean(cat["top5"])),
-        kl_mean=float(np.mean(cat["kl"])), kl_max=_max(cat["kl"]),
-        top1_regions=[_mean(cat["top1"][m]) for m in regions], kl_regions=[_mean(cat["kl"][m]) for m in regions],
+        name=case.name,
+        batch=case.batch,
+        lengths=case.lengths.tolist(),
+        steps=steps,
+        positions=len(cat["abs"]),
+        max_abs=_max(abs_err),
+        max_abs_in_window=_max(abs_err[:W]),
+        max_abs_past_window=_max(abs_err[W:]),
+        worst_position=int(np.argmax(abs_err)),
+        mean_abs=float(np.mean(cat["mean"])),
+        cosine_min=float(np.min(cat["cos"])),
+        top1=float(np.mean(cat["top1"])),
+        top5=float(np.mean(cat["top5"])),
+        kl_mean=float(np.mean(cat["kl"])),
+        kl_max=_max(cat["kl"]),
+        top1_regions=[_mean(cat["top1"][m]) for m in regions],
+        kl_regions=[_mean(cat["kl"][m]) for m in regions],
         nonfinite=int(cat["bad"].sum()),
-        greedy_match=greedy, greedy_near_tie=ties, routing=routing,
-        error_by_position=[float(x) for x in abs_err], failures=[],
-    )  # fmt: skip
+        greedy_match=greedy,
+        greedy_near_tie=ties,
+        routing=routing,
+        error_by_position=[float(x) for x in abs_err],
+        failures=[],
+    )
     try:
         ref_hidden = reference.hidden_states(case.input_ids, case.lengths)
     except BackendUnavailable as e:
@@ -450,10 +493,17 @@ def compare_runners(
             f"(worst {scan.worst}: {scan.worst_value:.4g}); keep these in bf16/fp32"
         )
     return AccuracyReport(
-        backend=backend.name, reference=reference.name, precision=precision, sliding_window=spec.sliding_window,
-        steps=steps, tolerance=tol, cases=results, layer_kinds=[p.kind for p in spec.layers], overflow=scan,
+        backend=backend.name,
+        reference=reference.name,
+        precision=precision,
+        sliding_window=spec.sliding_window,
+        steps=steps,
+        tolerance=tol,
+        cases=results,
+        layer_kinds=[p.kind for p in spec.layers],
+        overflow=scan,
         warnings=warnings,
-    )  # fmt: skip
+    )
 
 
 # ----- the one call the CLI makes ---------------------------------------------------------------

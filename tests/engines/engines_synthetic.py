@@ -71,9 +71,19 @@ def attention_function(op_type: str = "SlidingWindowAttention") -> onnx.Function
     scale = helper.make_node("Constant", [], ["scale_f"])
     scale.attribute.append(scale_attr)
     nodes = [
-        _c("c_zero", 0), _c("c_one", 1), _c("c_ax1", [1]), _c("c_ax2", [2]), _c("c_ax12", [1, 2]),
-        _c("c_ax13", [1, 3]), _c("c_i0", [0]), _c("c_i1", [1]), _c("c_i2", [2]), _c("c_i3", [3]),
-        _c("c_neg", np.finfo(np.float32).min, np.float32), window, scale,
+        _c("c_zero", 0),
+        _c("c_one", 1),
+        _c("c_ax1", [1]),
+        _c("c_ax2", [2]),
+        _c("c_ax12", [1, 2]),
+        _c("c_ax13", [1, 3]),
+        _c("c_i0", [0]),
+        _c("c_i1", [1]),
+        _c("c_i2", [2]),
+        _c("c_i3", [3]),
+        _c("c_neg", np.finfo(np.float32).min, np.float32),
+        window,
+        scale,
         # sizes
         helper.make_node("Shape", ["q"], ["qshape"]),
         helper.make_node("Shape", ["k"], ["kshape"]),
@@ -130,12 +140,16 @@ def attention_function(op_type: str = "SlidingWindowAttention") -> onnx.Function
         helper.make_node("Add", ["past_len", "seq_len"], ["total_len"]),
         *_ring_update("rk", "past_k", "k", "present_k"),
         *_ring_update("rv", "past_v", "v", "present_v"),
-    ]  # fmt: skip
+    ]
     return helper.make_function(
-        DOMAIN, op_type,
-        ["q", "k", "v", "past_k", "past_v", "past_len", "seq_len"], ["out", "present_k", "present_v"],
-        nodes, [helper.make_opsetid("", OPSET)], attributes=["window", "scale"],
-    )  # fmt: skip
+        DOMAIN,
+        op_type,
+        ["q", "k", "v", "past_k", "past_v", "past_len", "seq_len"],
+        ["out", "present_k", "present_v"],
+        nodes,
+        [helper.make_opsetid("", OPSET)],
+        attributes=["window", "scale"],
+    )
 
 
 class _Weights:
@@ -162,22 +176,36 @@ def _vi(name: str, elem: int, shape: list) -> onnx.ValueInfoProto:
 
 def _io_entry(vi: onnx.ValueInfoProto) -> dict:
     t = vi.type.tensor_type
-    names = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
-             TensorProto.INT64: "int64"}  # fmt: skip
+    names = {
+        TensorProto.FLOAT: "float32",
+        TensorProto.FLOAT16: "float16",
+        TensorProto.BFLOAT16: "bfloat16",
+        TensorProto.INT64: "int64",
+    }
     shape = [d.dim_param or d.dim_value for d in t.shape.dim]
     return {"name": vi.name, "dtype": names[t.elem_type], "shape": shape}
 
 
-def build_decoder(dtype: str, *, window: int = 4, hidden: int = 32, vocab: int = 64, unsupported: bool = False,
-                  seed: int = 0, attention_op: str = "SlidingWindowAttention") -> tuple[onnx.ModelProto, dict]:  # fmt: skip
+def build_decoder(
+    dtype: str,
+    *,
+    window: int = 4,
+    hidden: int = 32,
+    vocab: int = 64,
+    unsupported: bool = False,
+    seed: int = 0,
+    attention_op: str = "SlidingWindowAttention",
+) -> tuple[onnx.ModelProto, dict]:
     """-> (decoder model, export.json fragments: caches, custom_nodes)."""
     el = ONNX_DTYPES[dtype]
     Hq, D, L, P = 4, 8, 3, 4
     layers = [("sliding", window, 2, 0, 0), ("global", 0, 1, 1, 1), ("global", 0, 1, None, 1)]
     w = _Weights(dtype, seed)
     nodes: list[onnx.NodeProto] = [
-        _c("shape_bshd", [0, 0, -1, D]), _c("shape_bsh", [0, 0, -1]), _c("cap", 30.0, np.float32),
-    ]  # fmt: skip
+        _c("shape_bshd", [0, 0, -1, D]),
+        _c("shape_bsh", [0, 0, -1]),
+        _c("cap", 30.0, np.float32),
+    ]
     inputs = [
         _vi("inputs_embeds", el, ["batch", "sequence", hidden]),
         _vi("per_layer_tokens", el, ["batch", "sequence", L, P]),
@@ -196,11 +224,15 @@ def build_decoder(dtype: str, *, window: int = 4, hidden: int = 32, vocab: int =
         p = f"layers.{i}"
 
         def heads(src: str, n: int, name: str, p=p, nodes=nodes) -> str:
-            nodes.extend([
-                helper.make_node("MatMul", [src, w.add(f"{p}.{name}_proj", (hidden, n * D))], [f"{p}.{name}_flat"]),
-                helper.make_node("Reshape", [f"{p}.{name}_flat", "shape_bshd"], [f"{p}.{name}_bshd"]),
-                helper.make_node("Transpose", [f"{p}.{name}_bshd"], [f"{p}.{name}"], perm=[0, 2, 1, 3]),
-            ])  # fmt: skip
+            nodes.extend(
+                [
+                    helper.make_node(
+                        "MatMul", [src, w.add(f"{p}.{name}_proj", (hidden, n * D))], [f"{p}.{name}_flat"]
+                    ),
+                    helper.make_node("Reshape", [f"{p}.{name}_flat", "shape_bshd"], [f"{p}.{name}_bshd"]),
+                    helper.make_node("Transpose", [f"{p}.{name}_bshd"], [f"{p}.{name}"], perm=[0, 2, 1, 3]),
+                ]
+            )
             return f"{p}.{name}"
 
         q = heads(x, Hq, "q")
@@ -212,18 +244,39 @@ def build_decoder(dtype: str, *, window: int = 4, hidden: int = 32, vocab: int =
             inputs += [_vi(n, el, ["batch", hkv, slots, D]) for n in past]
             outputs += [_vi(n, el, ["batch", hkv, slots, D]) for n in present]
             kv[i] = (k, v, *past)
-            caches.append({"index": cache_index, "layer": i, "kind": kind, "window": win, "slots": slots,
-                           "num_kv_heads": hkv, "head_dim": D, "consumers": [], "past": past, "present": present})  # fmt: skip
+            caches.append(
+                {
+                    "index": cache_index,
+                    "layer": i,
+                    "kind": kind,
+                    "window": win,
+                    "slots": slots,
+                    "num_kv_heads": hkv,
+                    "head_dim": D,
+                    "consumers": [],
+                    "past": past,
+                    "present": present,
+                }
+            )
             outs = [f"{p}.attn", *present]
         else:
             k, v, *past = kv[producer]
             caches[-1]["consumers"].append(i)
             outs = [f"{p}.attn", f"{p}.unused_k", f"{p}.unused_v"]
         node_name = f"/model/{p}/attn/{attention_op}"
-        nodes.append(helper.make_node(
-            attention_op, [q, k, v, *past, "past_len", "seq_len"], outs, name=node_name, domain=DOMAIN,
-            window=win, scale=D**-0.5, plugin_namespace=DOMAIN, plugin_version="1",
-        ))  # fmt: skip
+        nodes.append(
+            helper.make_node(
+                attention_op,
+                [q, k, v, *past, "past_len", "seq_len"],
+                outs,
+                name=node_name,
+                domain=DOMAIN,
+                window=win,
+                scale=D**-0.5,
+                plugin_namespace=DOMAIN,
+                plugin_version="1",
+            )
+        )
         attrs = {"window": win, "scale": D**-0.5, "plugin_namespace": DOMAIN, "plugin_version": "1"}
         custom.append(
             {"name": node_name, "op_type": attention_op, "layer": i, "kind": kind, "attributes": attrs}
@@ -241,8 +294,15 @@ def build_decoder(dtype: str, *, window: int = 4, hidden: int = 32, vocab: int =
         nodes.append(
             helper.make_node("Mystery", [x], ["mystery_out"], name="/model/mystery/Mystery", domain=DOMAIN)
         )
-        custom.append({"name": "/model/mystery/Mystery", "op_type": "Mystery", "layer": None, "kind": None,
-                       "attributes": {}})  # fmt: skip
+        custom.append(
+            {
+                "name": "/model/mystery/Mystery",
+                "op_type": "Mystery",
+                "layer": None,
+                "kind": None,
+                "attributes": {},
+            }
+        )
         x = "mystery_out"
     nodes += [
         helper.make_node("MatMul", [x, w.add("lm_head", (hidden, vocab))], ["raw_logits"]),
@@ -253,11 +313,20 @@ def build_decoder(dtype: str, *, window: int = 4, hidden: int = 32, vocab: int =
     ]
     graph = helper.make_graph(nodes, "decoder", inputs, outputs, w.inits)
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-        functions=[attention_function(attention_op)], ir_version=10,
-    )  # fmt: skip
-    return model, {"caches": caches, "custom_nodes": custom, "window": window, "hidden": hidden, "vocab": vocab,
-                   "num_layers": L, "ple_dim": P}  # fmt: skip
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
+        functions=[attention_function(attention_op)],
+        ir_version=10,
+    )
+    return model, {
+        "caches": caches,
+        "custom_nodes": custom,
+        "window": window,
+        "hidden": hidden,
+        "vocab": vocab,
+        "num_layers": L,
+        "ple_dim": P,
+    }
 
 
 def build_embed(dtype: str, *, hidden: int, vocab: int, num_layers: int, ple_dim: int, seed: int = 1):
@@ -274,10 +343,15 @@ def build_embed(dtype: str, *, hidden: int, vocab: int, num_layers: int, ple_dim
         helper.make_node("Reshape", ["ple", "ple_shape"], ["per_layer_tokens"]),
     ]
     graph = helper.make_graph(
-        nodes, "embed", [_vi("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-        [_vi("inputs_embeds", el, ["batch", "sequence", hidden]),
-         _vi("per_layer_tokens", el, ["batch", "sequence", num_layers, ple_dim])], w.inits,
-    )  # fmt: skip
+        nodes,
+        "embed",
+        [_vi("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [
+            _vi("inputs_embeds", el, ["batch", "sequence", hidden]),
+            _vi("per_layer_tokens", el, ["batch", "sequence", num_layers, ple_dim]),
+        ],
+        w.inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10)
 
 
@@ -285,31 +359,61 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_synthetic_export(out: Path, dtype: str = "fp16", *, max_seq_len: int = 64, unsupported: bool = False,
-                           window: int = 4, attention_op: str = "SlidingWindowAttention") -> Path:  # fmt: skip
+def write_synthetic_export(
+    out: Path,
+    dtype: str = "fp16",
+    *,
+    max_seq_len: int = 64,
+    unsupported: bool = False,
+    window: int = 4,
+    attention_op: str = "SlidingWindowAttention",
+) -> Path:
     """Write OUT/{export.json, embed.onnx, decoder.onnx, *.onnx.data} as the exporter would."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     decoder, info = build_decoder(dtype, unsupported=unsupported, window=window, attention_op=attention_op)
-    embed = build_embed(dtype, hidden=info["hidden"], vocab=info["vocab"], num_layers=info["num_layers"],
-                        ple_dim=info["ple_dim"])  # fmt: skip
+    embed = build_embed(
+        dtype,
+        hidden=info["hidden"],
+        vocab=info["vocab"],
+        num_layers=info["num_layers"],
+        ple_dim=info["ple_dim"],
+    )
     graphs = {}
     for name, model in (("embed", embed), ("decoder", decoder)):
         path = out / f"{name}.onnx"
         onnx.save(model, path, save_as_external_data=True, location=f"{name}.onnx.data", size_threshold=0)
-        graphs[name] = {"file": path.name, "sha256": _sha256(path), "external_data": [f"{name}.onnx.data"],
-                        "inputs": [_io_entry(v) for v in model.graph.input],
-                        "outputs": [_io_entry(v) for v in model.graph.output]}  # fmt: skip
+        graphs[name] = {
+            "file": path.name,
+            "sha256": _sha256(path),
+            "external_data": [f"{name}.onnx.data"],
+            "inputs": [_io_entry(v) for v in model.graph.input],
+            "outputs": [_io_entry(v) for v in model.graph.output],
+        }
     files = {f.name: _sha256(f) for f in sorted(out.iterdir()) if f.suffix in (".onnx", ".data")}
     manifest = {
-        "format": "gemma4-compile/export", "version": 1, "dtype": dtype, "opset": OPSET, "max_seq_len": max_seq_len,
-        "spec": {"synthetic": True, "hidden_size": info["hidden"], "vocab_size": info["vocab"],
-                 "sliding_window": window},
+        "format": "gemma4-compile/export",
+        "version": 1,
+        "dtype": dtype,
+        "opset": OPSET,
+        "max_seq_len": max_seq_len,
+        "spec": {
+            "synthetic": True,
+            "hidden_size": info["hidden"],
+            "vocab_size": info["vocab"],
+            "sliding_window": window,
+        },
         "graphs": graphs,
-        "dims": {"batch": "dynamic", "sequence": "dynamic", "sliding_cache_len": window,
-                 "cache_len": f"dynamic, <= {max_seq_len}"},
-        "caches": info["caches"], "custom_nodes": info["custom_nodes"], "files": files,
+        "dims": {
+            "batch": "dynamic",
+            "sequence": "dynamic",
+            "sliding_cache_len": window,
+            "cache_len": f"dynamic, <= {max_seq_len}",
+        },
+        "caches": info["caches"],
+        "custom_nodes": info["custom_nodes"],
+        "files": files,
         "tools": {"gemma4_compile": "synthetic", "onnx": onnx.__version__},
-    }  # fmt: skip
+    }
     (out / "export.json").write_text(json.dumps(manifest, indent=2))
     return out

@@ -22,11 +22,20 @@ def test_builds_sm89_and_sm120_inline(fresh_export, dtype):
     export = json.loads((out / "export.json").read_text())
     for art in artifacts:
         assert art.dir == out / "engines" / art.target and not art.reused
-        assert sorted(p.name for p in art.dir.iterdir()) == ["build.log", "capability.json", "decoder.engine",
-                                                             "manifest.json"]  # fmt: skip
+        assert sorted(p.name for p in art.dir.iterdir()) == [
+            "build.log",
+            "capability.json",
+            "decoder.engine",
+            "manifest.json",
+        ]
         m = read_manifest(art.dir)
         assert m == art.manifest
-        assert (m.flavour, m.trt_version, m.precision, m.weight_format) == ("tensorrt_rtx", rtx.version, dtype, dtype)
+        assert (m.flavour, m.trt_version, m.precision, m.weight_format) == (
+            "tensorrt_rtx",
+            rtx.version,
+            dtype,
+            dtype,
+        )
         assert m.sm == int(art.target.removeprefix("sm"))
         assert m.export_sha256 == sha256_file(out / "export.json")
         assert m.decoder_sha256 == export["graphs"]["decoder"]["sha256"]
@@ -40,8 +49,14 @@ def test_builds_sm89_and_sm120_inline(fresh_export, dtype):
         assert m.opt_level == 3 and m.hardware_compat == "n/a"
         assert m.timing_cache["used"] is False and "no-ops" in m.timing_cache["reason"]
         assert m.build_seconds > 0 and m.memory["peak_rss_bytes"] >= m.memory["start_rss_bytes"] > 0
-        assert m.plugins == {"requested": False, "registered": [], "error": None, "plugins_sha256": None,
-                             "kernels_sha256": None, "kernels_file": None}  # fmt: skip
+        assert m.plugins == {
+            "requested": False,
+            "registered": [],
+            "error": None,
+            "plugins_sha256": None,
+            "kernels_sha256": None,
+            "kernels_file": None,
+        }
         # strongly typed: the engine's I/O dtypes are the graph's
         io = {t["name"]: t["dtype"] for t in m.io}
         want = {"fp16": "HALF", "bf16": "BF16"}[dtype]
@@ -115,8 +130,9 @@ def test_progress_monitor_mirrors_tensorrt_phases(synthetic_exports, tmp_path):
 
     export, rtx = read_export(synthetic_exports["fp16"]), load_trt("tensorrt_rtx")
     options = BuildOptions(max_batch=1, max_seq=8, progress=True)
-    record = BuildRecord(export, resolve_target("sm86"), rtx, options, derive_profiles(export, options.limits),
-                         KernelsFile())  # fmt: skip
+    record = BuildRecord(
+        export, resolve_target("sm86"), rtx, options, derive_profiles(export, options.limits), KernelsFile()
+    )
     record.plugins = register(rtx, False, export.path, record.kernels)
     record.parsed = parsed = network_from_onnx(export, rtx)
     record.report = capability_report("sm86", export, parsed, record.plugins)

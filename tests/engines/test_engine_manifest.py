@@ -56,8 +56,12 @@ def test_check_engine_accepts_the_exact_match(built):
 )
 def test_check_engine_refuses_a_mismatch(built, flavour, device, found):
     rtx = load_trt("tensorrt_rtx")
-    at_hand = {"same": rtx, "other": replace(rtx, version="0.9.0"),
-               "full": TrtFlavour("tensorrt", "11.4.0.106", rtx.module), None: None}[flavour]  # fmt: skip
+    at_hand = {
+        "same": rtx,
+        "other": replace(rtx, version="0.9.0"),
+        "full": TrtFlavour("tensorrt", "11.4.0.106", rtx.module),
+        None: None,
+    }[flavour]
     with pytest.raises(BackendUnavailable) as info:
         check_engine(built.manifest, at_hand, device)
     expected = f"engine sm89: expected TensorRT-RTX {rtx.version} on sm89, {found.format(v=rtx.version)}"

@@ -57,7 +57,9 @@ def test_profile_roundtrip_and_choice(synthetic_exports):
     profiles = derive_profiles(read_export(synthetic_exports["fp16"]), ProfileLimits(max_seq=16))
     assert tuple(type(p).from_dict(p.to_dict()) for p in profiles) == profiles
     assert profile_index(profiles, 1) == 1 and profile_index(profiles, 5) == 0
-    assert tokens_per_step(profiles) == 8 and tokens_per_step(profiles[1:]) == 1  # prefill opt (1, 8); decode (1, 1)
+    assert (
+        tokens_per_step(profiles) == 8 and tokens_per_step(profiles[1:]) == 1
+    )  # prefill opt (1, 8); decode (1, 1)
     with pytest.raises(Gemma4CompileError, match="only a decode profile"):
         profile_index(profiles[1:], 5)
 
@@ -70,4 +72,3 @@ def test_export_json_problems_are_build_errors(tmp_path):
         BuildError, match="expected format 'gemma4-compile/export' version 1, found 'other' version 3"
     ):
         read_export(tmp_path)
-

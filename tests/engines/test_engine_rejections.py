@@ -108,8 +108,9 @@ def test_registered_plugins_replace_the_inlined_bodies(fresh_export, tmp_path):
     out = fresh_export("fp16")
     env = rtx_plugins.parser_library_env(tmp_path / "lib")
     env["PYTHONPATH"] = os.pathsep.join([str(Path.cwd()), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", PLUGIN_BUILD, str(out)], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", PLUGIN_BUILD, str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["plugins"]["error"] is None

@@ -13,9 +13,23 @@ from gemma4_compile.targets import local_device_sm, target_for_sm
 
 @pytest.mark.parametrize(
     ("name", "sm"),
-    [("sm80", 80), ("sm86", 86), ("sm89", 89), ("sm90", 90), ("sm100", 100), ("sm120", 120), ("SM_90", 90),
-     ("H200", 90), ("h100", 90), ("a100", 80), ("l40s", 89), ("rtx4090", 89), ("rtx5090", 120), ("b200", 100)],
-)  # fmt: skip
+    [
+        ("sm80", 80),
+        ("sm86", 86),
+        ("sm89", 89),
+        ("sm90", 90),
+        ("sm100", 100),
+        ("sm120", 120),
+        ("SM_90", 90),
+        ("H200", 90),
+        ("h100", 90),
+        ("a100", 80),
+        ("l40s", 89),
+        ("rtx4090", 89),
+        ("rtx5090", 120),
+        ("b200", 100),
+    ],
+)
 def test_resolve_by_sm_and_gpu_name(name, sm):
     assert resolve_target(name).sm == sm
 

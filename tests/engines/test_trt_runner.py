@@ -93,8 +93,12 @@ class OrtDecoder:
                 zip([o.name for o in self.embed.get_outputs()], self.embed.run(None, {"input_ids": step_ids}))
             )
             feeds = {k: v for k, v in embeds.items() if k in self.inputs} | caches
-            out = dict(zip([o.name for o in self.decoder.get_outputs()],
-                           self.decoder.run(None, feeds | {"past_len": past_len, "seq_len": seq})))  # fmt: skip
+            out = dict(
+                zip(
+                    [o.name for o in self.decoder.get_outputs()],
+                    self.decoder.run(None, feeds | {"past_len": past_len, "seq_len": seq}),
+                )
+            )
             for c in self.meta["caches"]:
                 for past, present in zip(c["past"], c["present"]):
                     caches[past] = out[present]

@@ -14,7 +14,9 @@ from gemma4_compile.model import ops
 from gemma4_compile.ops.onnx_domain import plugin_attributes
 
 
-def _run_single_node(op_type, fn, inputs: dict[str, np.ndarray], out_like: list[str], **attrs) -> list[np.ndarray]:
+def _run_single_node(
+    op_type, fn, inputs: dict[str, np.ndarray], out_like: list[str], **attrs
+) -> list[np.ndarray]:
     names = list(inputs)
     outs = [f"y{i}" for i in range(len(out_like))]
     node = helper.make_node(op_type, names, outs, domain="gemma4", **attrs, **plugin_attributes())
@@ -23,7 +25,10 @@ def _run_single_node(op_type, fn, inputs: dict[str, np.ndarray], out_like: list[
         [node],
         "g",
         [helper.make_tensor_value_info(n, dt[a.dtype.type], list(a.shape)) for n, a in inputs.items()],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, list(inputs[n].shape)) for o, n in zip(outs, out_like)],
+        [
+            helper.make_tensor_value_info(o, TensorProto.FLOAT, list(inputs[n].shape))
+            for o, n in zip(outs, out_like)
+        ],
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("gemma4", 1)], functions=[fn]
@@ -51,17 +56,27 @@ def test_attention_body_matches_reference(B, Hq, Hkv, S, C, D, W, past_len, seq_
     past_k, past_v = (torch.randn(B, Hkv, C, D, generator=g) for _ in range(2))
     pl, sl = torch.tensor(past_len), torch.tensor(seq_len)
     ref = ops.attention_reference(q, k, v, past_k, past_v, pl, sl, W, 1.0)
-    feeds = {n: t.numpy() for n, t in zip(("q", "k", "v", "pk", "pv", "pl", "sl"), (q, k, v, past_k, past_v, pl, sl))}
-    got = _run_single_node("SlidingWindowAttention", attention.function(), feeds, ["q", "pk", "pv"], window=W, scale=1.0)
+    feeds = {
+        n: t.numpy()
+        for n, t in zip(("q", "k", "v", "pk", "pv", "pl", "sl"), (q, k, v, past_k, past_v, pl, sl))
+    }
+    got = _run_single_node(
+        "SlidingWindowAttention", attention.function(), feeds, ["q", "pk", "pv"], window=W, scale=1.0
+    )
     valid = (torch.arange(S)[None, :] < sl[:, None]).numpy()  # padded query rows are don't-care
     np.testing.assert_allclose(
-        np.transpose(got[0], (0, 2, 1, 3))[valid], ref[0].permute(0, 2, 1, 3).numpy()[valid], rtol=1e-5, atol=1e-5
+        np.transpose(got[0], (0, 2, 1, 3))[valid],
+        ref[0].permute(0, 2, 1, 3).numpy()[valid],
+        rtol=1e-5,
+        atol=1e-5,
     )
     np.testing.assert_array_equal(got[1], ref[1].numpy())
     np.testing.assert_array_equal(got[2], ref[2].numpy())
 
 
-@pytest.mark.parametrize("T,H,I,E,K", [(1, 16, 8, 8, 1), (7, 16, 8, 8, 2), (12, 32, 16, 16, 4), (5, 16, 8, 128, 8)])
+@pytest.mark.parametrize(
+    "T,H,I,E,K", [(1, 16, 8, 8, 1), (7, 16, 8, 8, 2), (12, 32, 16, 16, 4), (5, 16, 8, 128, 8)]
+)
 def test_moe_body_matches_reference(T, H, I, E, K):  # noqa: E741
     g = torch.Generator().manual_seed(1)
     x, logits = torch.randn(T, H, generator=g), torch.randn(T, E, generator=g) * 3
@@ -80,8 +95,12 @@ def test_wrong_window_is_detected():
     past = torch.zeros(1, 2, 4, 16)
     pl, sl = torch.tensor([0]), torch.tensor([12])
     ref = ops.attention_reference(q, k, v, past, past, pl, sl, 4, 1.0)[0].numpy()
-    feeds = {n: t.numpy() for n, t in zip(("q", "k", "v", "pk", "pv", "pl", "sl"), (q, k, v, past, past, pl, sl))}
-    got = _run_single_node("SlidingWindowAttention", attention.function(), feeds, ["q", "pk", "pv"], window=5, scale=1.0)[0]
+    feeds = {
+        n: t.numpy() for n, t in zip(("q", "k", "v", "pk", "pv", "pl", "sl"), (q, k, v, past, past, pl, sl))
+    }
+    got = _run_single_node(
+        "SlidingWindowAttention", attention.function(), feeds, ["q", "pk", "pv"], window=5, scale=1.0
+    )[0]
     assert np.abs(got - ref).max() > 1e-2
 
 
@@ -95,5 +114,7 @@ def test_an_unregistered_gemma4_op_is_a_one_line_export_error(tmp_path):
     g (float[2, 4] x) => (float[2, 4] y) { y = gemma4.RotaryEmbedding (x) }
     """)
     onnx.save(model, tmp_path / "decoder.onnx")
-    with pytest.raises(ExportError, match="unregistered custom op: no gemma4 op named 'RotaryEmbedding'; known: "):
+    with pytest.raises(
+        ExportError, match="unregistered custom op: no gemma4 op named 'RotaryEmbedding'; known: "
+    ):
         _custom_nodes(tmp_path / "decoder.onnx", PRESETS["tiny-e2b"])

@@ -105,7 +105,9 @@ def test_reexport_is_byte_identical(make_export, make_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_bf16_graph_keeps_norms_softmax_and_softcap_in_fp32(make_checkpoint, tmp_path):
-    path = export_checkpoint(make_checkpoint("tiny-26b-a4b", torch.bfloat16), tmp_path / "bf16", dtype="bf16").path
+    path = export_checkpoint(
+        make_checkpoint("tiny-26b-a4b", torch.bfloat16), tmp_path / "bf16", dtype="bf16"
+    ).path
     model = ir.load(path / "decoder.onnx")
     assert model.graph.outputs[0].dtype == ir.DataType.FLOAT  # logits
     assert model.graph.inputs[0].dtype == ir.DataType.BFLOAT16
@@ -140,7 +142,9 @@ def test_config_weights_mismatch(make_checkpoint, tmp_path):
     cfg = json.loads((ck / "config.json").read_text())
     cfg["text_config"]["intermediate_size"] = 96
     (ck / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"mlp\.(gate|up|down)_proj\.weight' .* shape \[\d+, \d+\], config expects"):
+    with pytest.raises(
+        CheckpointError, match=r"mlp\.(gate|up|down)_proj\.weight' .* shape \[\d+, \d+\], config expects"
+    ):
         export_checkpoint(ck, tmp_path / "out")
     cfg["text_config"]["intermediate_size"] = "wide"
     (ck / "config.json").write_text(json.dumps(cfg))
@@ -183,5 +187,10 @@ def test_full_size_structures_export_on_the_meta_device(preset, tmp_path):
     m = export_spec(PRESETS[preset], tmp_path / preset, dtype="bf16").manifest
     spec = PRESETS[preset]
     assert not m.weights and len(m.caches) == spec.num_hidden_layers
-    assert m.graphs["decoder"].input("past_key_values.5.key").shape == ("batch", spec.num_global_key_value_heads, "cache_len", 512)
+    assert m.graphs["decoder"].input("past_key_values.5.key").shape == (
+        "batch",
+        spec.num_global_key_value_heads,
+        "cache_len",
+        512,
+    )
     assert (tmp_path / preset / "decoder.onnx").stat().st_size < 50 * 2**20

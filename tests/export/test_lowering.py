@@ -23,7 +23,9 @@ def test_gqa_lowering_matches_the_function_body_path(make_export, preset):
     a, b = lowered.logits(ids, lengths), plain.logits(ids, lengths)
     for row, n in enumerate(lengths):
         assert np.abs(a[row, :n] - b[row, :n]).max() <= ATOL
-    np.testing.assert_array_equal(lowered.generate(ids, 2 * W + 3, lengths), plain.generate(ids, 2 * W + 3, lengths))
+    np.testing.assert_array_equal(
+        lowered.generate(ids, 2 * W + 3, lengths), plain.generate(ids, 2 * W + 3, lengths)
+    )
     # chunked prefill on a wrapped ring (batch 1), then decode
     state_a, state_b = lowered.start(1, 6 * W), plain.start(1, 6 * W)
     for chunk in (ids[:1, : 2 * W], ids[:1, 2 * W :]):

@@ -58,8 +58,12 @@ def test_lenient_load_takes_a_graph_only_manifest(e2b_export, tmp_path):
     d.mkdir()
     shutil.copy(e2b_export / "decoder.onnx", d / "decoder.onnx")
     shutil.copy(e2b_export / "embed.onnx", d / "vision.onnx")
-    raw = {"format": "gemma4-compile/export", "version": 1, "dtype": "fp16",
-           "graphs": {"vision": {"file": "vision.onnx"}, "decoder": {"file": "decoder.onnx"}}}  # fmt: skip
+    raw = {
+        "format": "gemma4-compile/export",
+        "version": 1,
+        "dtype": "fp16",
+        "graphs": {"vision": {"file": "vision.onnx"}, "decoder": {"file": "decoder.onnx"}},
+    }
     (d / "export.json").write_text(json.dumps(raw))
     m = ExportManifest.load(d, lenient=True)
     assert list(m.graphs) == ["vision", DECODER] and m.spec is None and m.caches == []
@@ -67,7 +71,9 @@ def test_lenient_load_takes_a_graph_only_manifest(e2b_export, tmp_path):
     with pytest.raises(ExportError, match="malformed manifest"):
         ExportManifest.load(d)  # strict wants every field
     (d / "vision.onnx").unlink()
-    with pytest.raises(ExportError, match=r"vision\.onnx is missing \(listed in export\.json graphs\.vision\)"):
+    with pytest.raises(
+        ExportError, match=r"vision\.onnx is missing \(listed in export\.json graphs\.vision\)"
+    ):
         ExportManifest.load(d, lenient=True)
 
 
@@ -81,11 +87,14 @@ def test_a_changed_graph_file_fails_its_check(e2b_export, tmp_path):
         m.check_graph_file(DECODER)
 
 
-@pytest.mark.parametrize("names", [
-    ("fp32", "float32", "F32", "FLOAT", 1, "torch.float32"),
-    ("fp16", "float16", "F16", "HALF", 10, "torch.float16"),
-    ("bf16", "bfloat16", "BF16", "BF16", 16, "torch.bfloat16"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("fp32", "float32", "F32", "FLOAT", 1, "torch.float32"),
+        ("fp16", "float16", "F16", "HALF", 10, "torch.float16"),
+        ("bf16", "bfloat16", "BF16", "BF16", 16, "torch.bfloat16"),
+    ],
+)
 def test_dtype_parses_every_spelling_to_one_member(names):
     members = {DType.parse(n) for n in names}
     assert len(members) == 1

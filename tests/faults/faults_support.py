@@ -11,13 +11,20 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TORCH_LOG = re.compile(r"^[WI]\d{4} ")  # torch's own log lines (e.g. "torchvision is not installed") on stderr
+TORCH_LOG = re.compile(
+    r"^[WI]\d{4} "
+)  # torch's own log lines (e.g. "torchvision is not installed") on stderr
 
 
 def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """`gemma4-compile ARGS` in a fresh interpreter (this checkout first on the path)."""
-    return subprocess.run([sys.executable, "-m", "gemma4_compile.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=cli_env(env))  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "gemma4_compile.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=cli_env(env),
+    )
 
 
 def cli_env(extra: dict | None = None) -> dict:
@@ -27,8 +34,11 @@ def cli_env(extra: dict | None = None) -> dict:
 
 def snapshot(path: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under `path` (hidden ones included)."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -40,6 +50,8 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 def fake_export(path: Path) -> Path:
     """A directory this project recognizes as its own export (what `--force` may replace), cheap to make."""
     path.mkdir(parents=True)
-    (path / "export.json").write_text(json.dumps({"format": "gemma4-compile/export", "version": 1, "old": True}))
+    (path / "export.json").write_text(
+        json.dumps({"format": "gemma4-compile/export", "version": 1, "old": True})
+    )
     (path / "decoder.onnx").write_bytes(b"previous output")
     return path

@@ -61,7 +61,9 @@ def test_a_kill_at_any_moment_leaves_the_old_or_the_new_output(kill_at, tmp_path
     with fsutil.output_lock(out):
         fsutil.recover_stale(out)  # what the next run does first
     new = {"export.json", "decoder.onnx"}
-    assert snapshot(out) == old or (set(snapshot(out)) == new and (out / "decoder.onnx").read_bytes() == b"new output")
+    assert snapshot(out) == old or (
+        set(snapshot(out)) == new and (out / "decoder.onnx").read_bytes() == b"new output"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -87,8 +89,10 @@ def test_a_failed_second_rename_puts_the_old_output_back(tmp_path, monkeypatch):
         real(src, dst)
 
     monkeypatch.setattr(fsutil.os, "replace", replace)
-    with pytest.raises(ExportError, match="cannot write .*No space left"), \
-            fsutil.atomic_directory(out, ExportError, force=True) as tmp:  # fmt: skip
+    with (
+        pytest.raises(ExportError, match="cannot write .*No space left"),
+        fsutil.atomic_directory(out, ExportError, force=True) as tmp,
+    ):
         write_new(tmp)
     assert snapshot(out) == old and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

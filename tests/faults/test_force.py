@@ -15,7 +15,15 @@ from gemma4_compile.fsutil import MARKER, is_project_output
 
 VERBS = {
     "export": lambda ckpt, out: ["export", str(ckpt), "-o", str(out)],
-    "init-random": lambda ckpt, out: ["init-random", "--preset", "tiny-e2b", "--dtype", "fp32", "-o", str(out)],
+    "init-random": lambda ckpt, out: [
+        "init-random",
+        "--preset",
+        "tiny-e2b",
+        "--dtype",
+        "fp32",
+        "-o",
+        str(out),
+    ],
     "compile": lambda ckpt, out: ["compile", str(ckpt), "-o", str(out)],
 }
 
@@ -56,7 +64,10 @@ def test_force_replaces_its_own_checkpoint(tmp_path, capsys):
 def test_force_replaces_its_own_export(tiny_checkpoint, tmp_path):
     out = fake_export(tmp_path / "out")
     assert main([*VERBS["export"](tiny_checkpoint, out), "--force"]) == EXIT_OK
-    assert ExportManifest.load(out).spec.num_hidden_layers > 0 and (out / "decoder.onnx").read_bytes() != b"previous output"
+    assert (
+        ExportManifest.load(out).spec.num_hidden_layers > 0
+        and (out / "decoder.onnx").read_bytes() != b"previous output"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

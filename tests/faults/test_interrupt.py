@@ -40,8 +40,21 @@ POINTS = {
 def test_ctrl_c_during_export_leaves_the_previous_output(point, tiny_checkpoint, tmp_path):
     out = fake_export(tmp_path / "out")
     before = snapshot(out)
-    proc = subprocess.Popen([sys.executable, "-m", "gemma4_compile.cli", "export", str(tiny_checkpoint), "-o", str(out),
-                             "--force"], stderr=subprocess.PIPE, text=True, env=cli_env())  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gemma4_compile.cli",
+            "export",
+            str(tiny_checkpoint),
+            "-o",
+            str(out),
+            "--force",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
     try:
         wait_for(lambda: POINTS[point](out), proc)
         proc.send_signal(signal.SIGINT)

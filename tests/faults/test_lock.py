@@ -27,7 +27,9 @@ with output_lock(Path(sys.argv[1])):
 def held_by_another_process(tmp_path):
     """A second process holding the lock on tmp_path/out, as a running export would."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, env=cli_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, env=cli_env()
+    )
     try:
         assert proc.stdout.readline().strip() == "held"
         yield out
@@ -42,8 +44,11 @@ def test_a_second_run_into_the_same_output_is_refused(verb, held_by_another_proc
     out.mkdir()
     (out / "export.json").write_text('{"format": "gemma4-compile/export", "version": 1}')
     before = snapshot(out.parent)
-    args = {"init-random": ["init-random", "--preset", "tiny-e2b"], "export": ["export", str(tiny_checkpoint)],
-            "compile": ["compile", str(tiny_checkpoint)]}[verb]  # fmt: skip
+    args = {
+        "init-random": ["init-random", "--preset", "tiny-e2b"],
+        "export": ["export", str(tiny_checkpoint)],
+        "compile": ["compile", str(tiny_checkpoint)],
+    }[verb]
     result = cli(*args, "-o", str(out), "--force")
     assert result.returncode == EXIT_ERROR
     assert "is being written by another gemma4-compile run" in one_error_line(result)
@@ -53,7 +58,9 @@ def test_a_second_run_into_the_same_output_is_refused(verb, held_by_another_proc
 def test_the_lock_is_released_when_the_run_ends(tmp_path, capsys):
     out = tmp_path / "ck"
     with output_lock(out, CheckpointError):
-        assert main(["init-random", "--preset", "tiny-e2b", "-o", str(out)]) == EXIT_ERROR  # same process, same rule
+        assert (
+            main(["init-random", "--preset", "tiny-e2b", "-o", str(out)]) == EXIT_ERROR
+        )  # same process, same rule
         assert "being written by another" in capsys.readouterr().err and not out.exists()
     assert main(["init-random", "--preset", "tiny-e2b", "-o", str(out)]) == EXIT_OK
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

@@ -45,19 +45,28 @@ def test_output_must_not_touch_the_input(verb, output, expected, ckpt, capsys):
 
 @pytest.mark.parametrize(
     "output,expected",
-    [(".", "is the working directory"), ("..", "contains the working directory"), ("/", "is a filesystem root"),
-     ("~", "is the home directory")],
-)  # fmt: skip
+    [
+        (".", "is the working directory"),
+        ("..", "contains the working directory"),
+        ("/", "is a filesystem root"),
+        ("~", "is the home directory"),
+    ],
+)
 @pytest.mark.parametrize("verb", ["export", "init-random", "compile"])
-def test_output_must_not_be_a_directory_nobody_means_to_lose(verb, output, expected, ckpt, tmp_path, monkeypatch, capsys):
+def test_output_must_not_be_a_directory_nobody_means_to_lose(
+    verb, output, expected, ckpt, tmp_path, monkeypatch, capsys
+):
     home, work = tmp_path / "home", tmp_path / "home" / "projects" / "work"
     work.mkdir(parents=True)
     (work / "mine.txt").write_text("keep")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(work)
     target = str(Path(output).expanduser())
-    args = {"export": ["export", str(ckpt), "-o", target], "init-random": ["init-random", "--preset", "tiny-e2b", "-o", target],
-            "compile": ["compile", str(ckpt), "-o", target]}[verb]  # fmt: skip
+    args = {
+        "export": ["export", str(ckpt), "-o", target],
+        "init-random": ["init-random", "--preset", "tiny-e2b", "-o", target],
+        "compile": ["compile", str(ckpt), "-o", target],
+    }[verb]
     before = snapshot(home)
     assert expected in refused([*args, "--force"], capsys)
     assert snapshot(home) == before and not list(work.parent.glob(".*.lock"))

@@ -51,9 +51,13 @@ def test_deterministic_for_a_seed_and_scales_away_from_one(tmp_path, make_checkp
     write_random_checkpoint(PRESETS["tiny-26b-a4b"], tmp_path / "other", dtype=torch.float32, seed=1)
     b, c = _tensors(tmp_path / "again"), _tensors(tmp_path / "other")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["model.language_model.embed_tokens.weight"], c["model.language_model.embed_tokens.weight"])
+    assert not torch.equal(
+        a["model.language_model.embed_tokens.weight"], c["model.language_model.embed_tokens.weight"]
+    )
     scales = [k for k in a if k.endswith(("norm.weight", "layer_scalar", "router.scale", "per_expert_scale"))]
-    assert any(k.endswith("layer_scalar") for k in scales) and any(k.endswith("per_expert_scale") for k in scales)
+    assert any(k.endswith("layer_scalar") for k in scales) and any(
+        k.endswith("per_expert_scale") for k in scales
+    )
     for k in scales:
         assert a[k].min() >= 0.5 and a[k].max() <= 1.5 and (a[k] - 1).abs().min() >= 0.1, k
 
@@ -70,7 +74,9 @@ def test_sharded_checkpoint_has_an_index_and_loads(tmp_path):
     with torch.no_grad():
         want = hf(input_ids=ids).logits
         e, t = ours.embed(ids)
-        got = ours(e, t, torch.zeros(1, dtype=torch.long), torch.tensor([ids.shape[1]]), ours.new_cache(1, 27))[0]
+        got = ours(
+            e, t, torch.zeros(1, dtype=torch.long), torch.tensor([ids.shape[1]]), ours.new_cache(1, 27)
+        )[0]
     assert (got - want).abs().max() < 1e-4
 
 
@@ -102,13 +108,19 @@ def _rewrite(path, mutate):
 
 def test_missing_tensor_is_named(ckpt_copy):
     _rewrite(ckpt_copy, lambda t: t.pop("model.language_model.layers.2.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.language_model\.layers\.2\.mlp\.up_proj\.weight'"):
+    with pytest.raises(
+        CheckpointError, match=r"missing tensor 'model\.language_model\.layers\.2\.mlp\.up_proj\.weight'"
+    ):
         load_model(ckpt_copy)
 
 
 def test_unexpected_tensor_is_named(ckpt_copy):
-    _rewrite(ckpt_copy, lambda t: t.update({"model.language_model.layers.2.mlp.extra.weight": torch.zeros(2)}))
-    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.language_model\.layers\.2\.mlp\.extra\.weight'"):
+    _rewrite(
+        ckpt_copy, lambda t: t.update({"model.language_model.layers.2.mlp.extra.weight": torch.zeros(2)})
+    )
+    with pytest.raises(
+        CheckpointError, match=r"unexpected tensor 'model\.language_model\.layers\.2\.mlp\.extra\.weight'"
+    ):
         load_model(ckpt_copy)
 
 

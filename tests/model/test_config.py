@@ -13,15 +13,37 @@ from gemma4_compile.model.presets import PRESETS, TINY_PRESETS, get_preset
 
 # Values from docs/architecture.md: KV sharing, MLP, released configurations.
 RELEASED = {
-    "e2b": dict(layers=35, full=[4, 9, 14, 19, 24, 29, 34], caches=15, producers={"sliding": 13, "global": 14},
-                widths={6144, 12288}, kv=(1, 1), v_proj=True),
-    "e4b": dict(layers=42, full=[5, 11, 17, 23, 29, 35, 41], caches=24, producers={"sliding": 22, "global": 23},
-                widths={10240}, kv=(2, 2), v_proj=True),
-    "26b-a4b": dict(layers=30, full=[5, 11, 17, 23, 29], caches=30, producers={}, widths={2112}, kv=(8, 2),
-                    v_proj=False),
-    "31b": dict(layers=60, full=list(range(5, 60, 6)), caches=60, producers={}, widths={21504}, kv=(16, 4),
-                v_proj=False),
-}  # fmt: skip
+    "e2b": dict(
+        layers=35,
+        full=[4, 9, 14, 19, 24, 29, 34],
+        caches=15,
+        producers={"sliding": 13, "global": 14},
+        widths={6144, 12288},
+        kv=(1, 1),
+        v_proj=True,
+    ),
+    "e4b": dict(
+        layers=42,
+        full=[5, 11, 17, 23, 29, 35, 41],
+        caches=24,
+        producers={"sliding": 22, "global": 23},
+        widths={10240},
+        kv=(2, 2),
+        v_proj=True,
+    ),
+    "26b-a4b": dict(
+        layers=30, full=[5, 11, 17, 23, 29], caches=30, producers={}, widths={2112}, kv=(8, 2), v_proj=False
+    ),
+    "31b": dict(
+        layers=60,
+        full=list(range(5, 60, 6)),
+        caches=60,
+        producers={},
+        widths={21504},
+        kv=(16, 4),
+        v_proj=False,
+    ),
+}
 
 
 @pytest.mark.parametrize("name", list(RELEASED))
@@ -54,7 +76,13 @@ def test_tiny_presets_keep_the_big_siblings_structure(name):
     tiny, big = PRESETS[name], PRESETS[name.removeprefix("tiny-")]
     assert tiny.layer_types[-1] == FULL and 8 <= tiny.sliding_window <= 16
     assert tiny.head_dim != tiny.global_head_dim
-    for field in ("attention_k_eq_v", "use_double_wide_mlp", "enable_moe_block", "has_ple", "final_logit_softcapping"):
+    for field in (
+        "attention_k_eq_v",
+        "use_double_wide_mlp",
+        "enable_moe_block",
+        "has_ple",
+        "final_logit_softcapping",
+    ):
         assert getattr(tiny, field) == getattr(big, field), field
     assert bool(tiny.num_kv_shared_layers) == bool(big.num_kv_shared_layers)
     if tiny.attention_k_eq_v:
@@ -78,7 +106,9 @@ def test_config_written_by_transformers_parses_to_the_same_plan(name):
     """transformers >= 5.16 writes the newer per_layer_config style; the plan must not change."""
     spec = PRESETS[name]
     text = spec.to_hf_text_config()
-    hf = Gemma4TextConfig(**{k: v for k, v in text.items() if k not in ("model_type", "architectures", "dtype")})
+    hf = Gemma4TextConfig(
+        **{k: v for k, v in text.items() if k not in ("model_type", "architectures", "dtype")}
+    )
     parsed = Gemma4Spec.from_hf_dict(hf.to_dict())
     assert parsed.layers == spec.layers
     if "per_layer_config" in hf.to_dict():

@@ -80,7 +80,10 @@ def test_wrong_window_fails_the_parity_check(runners, make_checkpoint, delta):
     """The check above is not vacuous: the same weights with window W±1 are caught."""
     _, hf = runners("tiny-e2b")
     spec = PRESETS["tiny-e2b"]
-    bad = load_model(make_checkpoint("tiny-e2b"), spec=dataclasses.replace(spec, sliding_window=spec.sliding_window + delta))
+    bad = load_model(
+        make_checkpoint("tiny-e2b"),
+        spec=dataclasses.replace(spec, sliding_window=spec.sliding_window + delta),
+    )
     ids = prompt(spec, 3 * spec.sliding_window + 5)
     with pytest.raises(AssertionError, match="exceeds"):
         assert_logits_match(TorchRunner(None, model=bad).logits(ids), hf.logits(ids))

@@ -98,8 +98,14 @@ def test_moe_splits_into_seven_stages_wired_through_the_kernel_buffers():
         assert {v.name for v in node.inputs} <= produced, f"{node.name} reads a tensor no earlier node wrote"
         produced |= {v.name for v in node.outputs}
         fields = {k: a.value for k, a in node.attributes.items()}
-        assert fields == {"top_k": 4, "num_experts": 16, "rows_per_expert": 1024, "plugin_namespace": "gemma4",
-                          "plugin_version": "1", "aot": 1}  # fmt: skip
+        assert fields == {
+            "top_k": 4,
+            "num_experts": 16,
+            "rows_per_expert": 1024,
+            "plugin_namespace": "gemma4",
+            "plugin_version": "1",
+            "aot": 1,
+        }
     assert model.graph.outputs[0].producer() is nodes[-1] and model.graph.outputs[0].name == "y"
     run_passes(model, [split])
     assert split.split == 0  # nothing left to split

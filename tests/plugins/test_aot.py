@@ -24,8 +24,14 @@ from gemma4_compile.plugins.kernels import moe as M
 from gemma4_compile.targets import resolve_target
 
 pytestmark = pytest.mark.kernel
-PTX_TARGET = {"sm80": "sm_80", "sm86": "sm_86", "sm89": "sm_89", "sm90": "sm_90a", "sm100": "sm_100a",
-              "sm120": "sm_120a"}  # fmt: skip
+PTX_TARGET = {
+    "sm80": "sm_80",
+    "sm86": "sm_86",
+    "sm89": "sm_89",
+    "sm90": "sm_90a",
+    "sm100": "sm_100a",
+    "sm120": "sm_120a",
+}
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +85,12 @@ def test_kernel_aot_full_tensorrt_plugins_reuse_the_kernels_output(sm90):
     for rows in (1, 256):
         fields = {"top_k": 8, "num_experts": 128, "rows_per_expert": rows}
         for stage in moe_stages.STAGES:
-            dtype, constexprs, warps, stages = moe_stages.stage_config(stage, fields, "bf16", resolve_target("sm90"))
-            entry, ptx = qdp.compile_kernel(stage.kernel, "sm90", dtype, constexprs, warps, stages, arts.out_dir)
+            dtype, constexprs, warps, stages = moe_stages.stage_config(
+                stage, fields, "bf16", resolve_target("sm90")
+            )
+            entry, ptx = qdp.compile_kernel(
+                stage.kernel, "sm90", dtype, constexprs, warps, stages, arts.out_dir
+            )
             assert entry.key in keys, f"{stage.op_type} rows_per_expert={rows} was not in the kernels output"
             assert f".entry {entry.entry}(" in ptx
 
@@ -195,8 +205,18 @@ def test_kernel_aot_attention_launch_contract_reproduces_the_reference():
     constexprs, _, _ = A.aot_config(D, Hq // Hkv, "fp32", 1.0, resolve_target("sm86"))
     constexprs = {**constexprs, "BLOCK_M": 16, "BLOCK_N": 16}  # interpreter-sized tiles, same contract
     out, pko, pvo = torch.empty_like(q), torch.empty_like(pk), torch.empty_like(pv)
-    tensors = dict(Q_ptr=q, K_ptr=k, V_ptr=v, PK_ptr=pk, PV_ptr=pv, PastLen_ptr=past_len, SeqLen_ptr=seq_len,
-                   O_ptr=out, PKO_ptr=pko, PVO_ptr=pvo)  # fmt: skip
+    tensors = dict(
+        Q_ptr=q,
+        K_ptr=k,
+        V_ptr=v,
+        PK_ptr=pk,
+        PV_ptr=pv,
+        PastLen_ptr=past_len,
+        SeqLen_ptr=seq_len,
+        O_ptr=out,
+        PKO_ptr=pko,
+        PVO_ptr=pvo,
+    )
     dims = dict(B=B, Hq=Hq, Hkv=Hkv, G=Hq // Hkv, S=S, C=C, D=D, window=W)
     _run("attn_fwd", constexprs, dims, tensors)
     want = ops.attention_reference(q, k, v, pk, pv, past_len, seq_len, W, 1.0)
@@ -215,8 +235,10 @@ def test_kernel_aot_moe_launch_contract_reproduces_the_reference():
     configs = M.aot_configs(E, top_k, "fp32", resolve_target("sm90").max_shared_bytes, T * top_k / E)
     configs["moe_gate_up"][0].update(BLOCK_N=32, BLOCK_K=32)  # interpreter-sized tiles, same contract
     configs["moe_down"][0].update(BLOCK_N=32, BLOCK_K=32)
-    tensors = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in
-               M.workspace(T, H, E, inter, top_k, torch.float32).items()}  # fmt: skip
+    tensors = {
+        name: torch.empty(shape, dtype=dtype)
+        for name, (shape, dtype) in M.workspace(T, H, E, inter, top_k, torch.float32).items()
+    }
     tensors.update(X_ptr=x, Logits_ptr=logits, Scale_ptr=scale, GateUp_ptr=gate_up, Down_ptr=down)
     dims = M.launch_dims(T, H, E, inter, top_k)
     for kernel in M.MOE_STAGES:

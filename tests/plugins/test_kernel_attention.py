@@ -60,10 +60,16 @@ def make_inputs(case: tuple, dtype: torch.dtype, seed: int = 0) -> dict:
         return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
 
     return dict(
-        q=rnd(B, Hq, S, D), k=rnd(B, Hkv, S, D), v=rnd(B, Hkv, S, D), past_k=rnd(B, Hkv, C, D),
-        past_v=rnd(B, Hkv, C, D), past_len=torch.tensor(past, device=DEVICE),
-        seq_len=torch.tensor(seq, device=DEVICE), window=W, scale=D**-0.5,
-    )  # fmt: skip
+        q=rnd(B, Hq, S, D),
+        k=rnd(B, Hkv, S, D),
+        v=rnd(B, Hkv, S, D),
+        past_k=rnd(B, Hkv, C, D),
+        past_v=rnd(B, Hkv, C, D),
+        past_len=torch.tensor(past, device=DEVICE),
+        seq_len=torch.tensor(seq, device=DEVICE),
+        window=W,
+        scale=D**-0.5,
+    )
 
 
 def reference(inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

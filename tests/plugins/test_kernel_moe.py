@@ -52,10 +52,13 @@ def make_inputs(case: tuple, dtype: torch.dtype, seed: int = 0) -> dict:
     # leaves open (torch.topk and the kernel may break them differently).
     logits = torch.stack([torch.randperm(E, generator=g) for _ in range(T)]).float() / 32 - E / 64
     return dict(
-        x=rnd(T, H), router_logits=logits.to(dtype).to(DEVICE),
+        x=rnd(T, H),
+        router_logits=logits.to(dtype).to(DEVICE),
         per_expert_scale=(torch.rand(E, generator=g) + 0.5).to(dtype).to(DEVICE),
-        gate_up=rnd(E, 2 * inter, H, scale=H**-0.5), down=rnd(E, H, inter, scale=inter**-0.5), top_k=top_k,
-    )  # fmt: skip
+        gate_up=rnd(E, 2 * inter, H, scale=H**-0.5),
+        down=rnd(E, H, inter, scale=inter**-0.5),
+        top_k=top_k,
+    )
 
 
 def reference(inputs: dict) -> torch.Tensor:

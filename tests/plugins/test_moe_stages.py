@@ -148,14 +148,26 @@ def _moe_graph(T: int, H: int, E: int, inter: int, top_k: int, seed: int = 6):
     gate_up, down = torch.randn(E, 2 * inter, H, generator=g) / 8, torch.randn(E, H, inter, generator=g) / 6
     weights = {"scale": scale, "gate_up": gate_up, "down": down}
     f = TensorProto.FLOAT
-    node = helper.make_node("MoE", ["x", "logits", "scale", "gate_up", "down"], ["y"], name="layers.0/moe",
-                            domain="gemma4", top_k=top_k, plugin_namespace="gemma4", plugin_version="1")  # fmt: skip
+    node = helper.make_node(
+        "MoE",
+        ["x", "logits", "scale", "gate_up", "down"],
+        ["y"],
+        name="layers.0/moe",
+        domain="gemma4",
+        top_k=top_k,
+        plugin_namespace="gemma4",
+        plugin_version="1",
+    )
     graph = helper.make_graph(
-        [node], "moe",
-        [helper.make_tensor_value_info("x", f, ["T", H]), helper.make_tensor_value_info("logits", f, ["T", E])],
+        [node],
+        "moe",
+        [
+            helper.make_tensor_value_info("x", f, ["T", H]),
+            helper.make_tensor_value_info("logits", f, ["T", E]),
+        ],
         [helper.make_tensor_value_info("y", f, ["T", H])],
         [numpy_helper.from_array(t.numpy(), name) for name, t in weights.items()],
-    )  # fmt: skip
+    )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("gemma4", 1)]
     )
@@ -213,8 +225,14 @@ def test_split_replaces_moe_by_seven_stages_wired_through_the_kernel_buffers():
         assert set(node.input) <= produced, f"{node.name} reads a tensor no earlier node wrote"
         produced |= set(node.output)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        assert attrs == {"top_k": 4, "num_experts": 16, "rows_per_expert": 1024, "plugin_namespace": b"gemma4",
-                         "plugin_version": b"1", "aot": 1}  # fmt: skip
+        assert attrs == {
+            "top_k": 4,
+            "num_experts": 16,
+            "rows_per_expert": 1024,
+            "plugin_namespace": b"gemma4",
+            "plugin_version": b"1",
+            "aot": 1,
+        }
         assert len(node.input) == len(ms.stage_io(stage)[0]) and node.domain == "gemma4"
     assert nodes[-1].output == ["y"] and nodes[0].input == ["logits", "scale"]
     assert split_moe(model) == 0  # nothing left to split
@@ -258,8 +276,16 @@ def test_only_registered_stage_creators_trigger_the_split():
 def test_full_tensorrt_build_marks_plugin_nodes_aot():
     """The ONNX parser takes a QDP's AOT implementation only for nodes with aot=1 (TensorRT's QDP sample)."""
     model, _ = _moe_graph(T=3, H=64, E=8, inter=32, top_k=2)
-    attention = helper.make_node("SlidingWindowAttention", ["q"], ["o"], name="attn", domain="gemma4",
-                                 window=4, plugin_namespace="gemma4", plugin_version="1")  # fmt: skip
+    attention = helper.make_node(
+        "SlidingWindowAttention",
+        ["q"],
+        ["o"],
+        name="attn",
+        domain="gemma4",
+        window=4,
+        plugin_namespace="gemma4",
+        plugin_version="1",
+    )
     model.graph.node.extend([attention, helper.make_node("Relu", ["o"], ["r"], name="relu")])
     creators = {(s.op_type, "1", "gemma4") for s in ms.STAGES} | {("SlidingWindowAttention", "1", "gemma4")}
     assert mark_aot(model, creators) == 1  # the fused MoE has no QDP, Relu is standard: only attention
@@ -276,7 +302,13 @@ def test_full_tensorrt_build_marks_plugin_nodes_aot():
 def test_stage_dims_come_from_each_stages_own_tensors():
     fields = {"top_k": 8, "num_experts": 128, "rows_per_expert": 1}
     assert ms.stage_dims({"Logits_ptr": (7, 128), "Scale_ptr": (128,)}, fields) == {
-        "K": 8, "E": 128, "BE": 128, "T": 7, "N": 56, "NB": 1}  # fmt: skip
+        "K": 8,
+        "E": 128,
+        "BE": 128,
+        "T": 7,
+        "N": 56,
+        "NB": 1,
+    }
     down = ms.stage_dims({"H_ptr": (300, 704), "Down_ptr": (128, 2816, 704)}, fields)
     assert (down["N"], down["T"], down["H"], down["I"], down["NB"]) == (300, 37, 2816, 704, 3)
     assert ms.stage_dims({"BlockCounts_ptr": (3, 128)}, {**fields, "num_experts": 100})["BE"] == 128
@@ -305,8 +337,9 @@ def test_stage_plugins_launched_in_graph_order_reproduce_the_reference(recorder,
     model, tensors = _moe_graph(T, H, E, inter, top_k)
     split_moe(model, tokens_hint=tokens_hint)
     out = _run_as_trt_would(model, tensors, recorder)
-    want = ops.moe_reference(tensors["x"], tensors["logits"], tensors["scale"], tensors["gate_up"],
-                             tensors["down"], top_k)  # fmt: skip
+    want = ops.moe_reference(
+        tensors["x"], tensors["logits"], tensors["scale"], tensors["gate_up"], tensors["down"], top_k
+    )
     torch.testing.assert_close(out["y"], want, atol=5e-6, rtol=5e-6)  # fp32: only the summation order differs
     block_m = {c["BLOCK_M"] for k, _, c in recorder.compiled.values() if k in ("moe_offsets", "moe_gate_up")}
     assert len(block_m) == 1, "offsets and the GEMMs must cut rows in the same tiles"
@@ -326,13 +359,17 @@ def test_route_stage_compiles_for_the_activation_dtype(recorder):
 
 
 def test_sort_stage_compiles_dtype_free(recorder):
-    fields = {"top_k": np.array([2], np.int32), "num_experts": np.array([8], np.int32),
-              "rows_per_expert": np.array([1], np.int32)}  # fmt: skip
+    fields = {
+        "top_k": np.array([2], np.int32),
+        "num_experts": np.array([8], np.int32),
+        "rows_per_expert": np.array([1], np.int32),
+    }
     ids = TensorDesc((4, 2), DATA_TYPES["INT32"])
     (counts,) = [recorder.defs[("gemma4::MoECount", "register")](ids, **fields)]
     assert counts.shape_expr == (1, 8) and counts.dtype.name == "INT32"
-    entry, _, params, scalars = recorder.defs[("gemma4::MoECount", "aot_impl")](ids, **fields, outputs=(counts,),
-                                                                                 tactic=0)  # fmt: skip
+    entry, _, params, scalars = recorder.defs[("gemma4::MoECount", "aot_impl")](
+        ids, **fields, outputs=(counts,), tactic=0
+    )
     assert recorder.compiled[entry][:2] == ("moe_count", "i32")
     assert (params.grid_x, params.grid_y, params.grid_z) == (1, 1, 1) and [s.value for s in scalars] == [8]
     assert recorder.compiled[entry][2]["BLOCK_P"] == M.BLOCK_P

@@ -22,16 +22,24 @@ PACKAGE = Path(ops.__file__).resolve().parents[1]
 
 # The schemas as they were written by hand before the contracts (the exported bytes depend on them).
 _ACT = ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations")
-_PLUGIN = [("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace"),
-           ("plugin_version", OpSchema.AttrType.STRING, "TensorRT plugin version")]  # fmt: skip
+_PLUGIN = [
+    ("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace"),
+    ("plugin_version", OpSchema.AttrType.STRING, "TensorRT plugin version"),
+]
 HAND_WRITTEN = {
     "SlidingWindowAttention": dict(
         doc="Gemma 4 attention for one layer with its ring-buffer KV-cache update (see model/ops.py).",
-        inputs=[(n, "T") for n in ("q", "k", "v", "past_k", "past_v")] + [("past_len", "I"), ("seq_len", "I")],
+        inputs=[(n, "T") for n in ("q", "k", "v", "past_k", "past_v")]
+        + [("past_len", "I"), ("seq_len", "I")],
         outputs=[(n, "T") for n in ("out", "present_k", "present_v")],
         constraints=[_ACT, ("I", ["tensor(int64)"], "lengths")],
-        attributes=sorted([("window", OpSchema.AttrType.INT, "sliding window W (keys incl. self); 0 = global"),
-                           ("scale", OpSchema.AttrType.FLOAT, "score multiplier (1.0 for Gemma 4)"), *_PLUGIN]),
+        attributes=sorted(
+            [
+                ("window", OpSchema.AttrType.INT, "sliding window W (keys incl. self); 0 = global"),
+                ("scale", OpSchema.AttrType.FLOAT, "score multiplier (1.0 for Gemma 4)"),
+                *_PLUGIN,
+            ]
+        ),
     ),
     "MoE": dict(
         doc="Gemma 4 MoE block: router softmax/top-k/renormalize/per-expert scale and GELU-tanh GLU experts.",
@@ -40,7 +48,7 @@ HAND_WRITTEN = {
         constraints=[_ACT],
         attributes=sorted([("top_k", OpSchema.AttrType.INT, "experts per token"), *_PLUGIN]),
     ),
-}  # fmt: skip
+}
 
 
 def _describe(schema: OpSchema) -> dict:
@@ -93,8 +101,11 @@ def test_stage_contract_is_its_kernels_signature(stage):
     assert c.input_names == tuple(map(ms.arg_name, inputs))
     assert c.output_names == tuple(map(ms.arg_name, outputs))
     constraint = {t.name: t.types for t in c.type_constraints}
-    kinds = {"act": ("tensor(float)", "tensor(float16)", "tensor(bfloat16)"), "f32": ("tensor(float)",),
-             "i32": ("tensor(int32)",)}  # fmt: skip
+    kinds = {
+        "act": ("tensor(float)", "tensor(float16)", "tensor(bfloat16)"),
+        "f32": ("tensor(float)",),
+        "i32": ("tensor(int32)",),
+    }
     for pointer, param in zip((*inputs, *outputs), (*c.inputs, *c.outputs), strict=True):
         assert constraint[param.type] == kinds[ms.pointer_kind(stage, pointer)], param.name
     assert c.field_names == ms.FIELDS and not c.exported
@@ -260,7 +271,9 @@ def test_plugins_have_no_import_cycles_and_do_not_import_engines():
 def test_contracts_import_without_torch_triton_or_tensorrt():
     import subprocess
 
-    code = ("import sys, gemma4_compile.ops, gemma4_compile.plugins.registration; "
-            "print([m for m in ('torch', 'triton', 'tensorrt', 'tensorrt_rtx') if m in sys.modules])")  # fmt: skip
+    code = (
+        "import sys, gemma4_compile.ops, gemma4_compile.plugins.registration; "
+        "print([m for m in ('torch', 'triton', 'tensorrt', 'tensorrt_rtx') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

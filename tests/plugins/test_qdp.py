@@ -71,9 +71,7 @@ def test_attention_launch_matches_the_kernel_signature_and_the_torch_wrapper(hea
     from gemma4_compile.targets import resolve_target
 
     _, fn = _attn_fwd()
-    constexprs, warps, stages = qdp.attention_config(
-        head_dim, group, dtype, 0.5, resolve_target("sm90")
-    )
+    constexprs, warps, stages = qdp.attention_config(head_dim, group, dtype, 0.5, resolve_target("sm90"))
     assert set(constexprs) == {a for a in fn.arg_names if a.isupper()}  # constexprs are UPPER_CASE
     assert constexprs["BLOCK_M"] >= group and constexprs["FUSE_RING"] and constexprs["SCALE"] == 0.5
     B, Hkv, S, C = 3, 2, 37, 64
@@ -107,9 +105,7 @@ def test_attention_kernel_compiles_to_ptx_on_cpu(tmp_path, monkeypatch):
     from gemma4_compile.targets import resolve_target
 
     monkeypatch.setattr(qdp, "AOT_CACHE", tmp_path)
-    constexprs, warps, stages = qdp.attention_config(
-        16, 2, "fp16", 1.0, resolve_target("sm90")
-    )
+    constexprs, warps, stages = qdp.attention_config(16, 2, "fp16", 1.0, resolve_target("sm90"))
     entry, ptx = qdp.compile_kernel(qdp.ATTENTION_KERNEL, "sm90", "fp16", constexprs, warps, stages)
     assert f".entry {entry.entry}(" in ptx and ".target sm_90" in ptx
     assert entry.threads == 32 * warps and entry.shared_bytes > 0
@@ -123,8 +119,11 @@ def test_attention_kernel_compiles_to_ptx_on_cpu(tmp_path, monkeypatch):
     assert declared.count(".param") == n_tensors + len(scalars)
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
     (tmp_path / "launchable.ptx").write_text(ptx)
-    done = subprocess.run([str(ptxas), "-arch=sm_90a", str(tmp_path / "launchable.ptx"), "-o", str(tmp_path / "k.cubin")],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [str(ptxas), "-arch=sm_90a", str(tmp_path / "launchable.ptx"), "-o", str(tmp_path / "k.cubin")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -240,16 +239,42 @@ def test_full_tensorrt_parser_takes_the_qdps(tmp_path):
     vi = helper.make_tensor_value_info
     graph = helper.make_graph(
         [
-            helper.make_node("SlidingWindowAttention", ["q", "k", "v", "pk", "pv", "pl", "sl"], ["o", "npk", "npv"],
-                             name="attn0", domain="gemma4", window=4, scale=1.0, **attrs),
-            helper.make_node("MoE", ["x", "r", "s", "gu", "d"], ["y"], name="moe0", domain="gemma4", top_k=2, **attrs),
+            helper.make_node(
+                "SlidingWindowAttention",
+                ["q", "k", "v", "pk", "pv", "pl", "sl"],
+                ["o", "npk", "npv"],
+                name="attn0",
+                domain="gemma4",
+                window=4,
+                scale=1.0,
+                **attrs,
+            ),
+            helper.make_node(
+                "MoE", ["x", "r", "s", "gu", "d"], ["y"], name="moe0", domain="gemma4", top_k=2, **attrs
+            ),
         ],
         "qdp",
-        [vi("q", f, [1, 4, 3, 16]), vi("k", f, [1, 2, 3, 16]), vi("v", f, [1, 2, 3, 16]), vi("pk", f, [1, 2, 4, 16]),
-         vi("pv", f, [1, 2, 4, 16]), vi("pl", i64, [1]), vi("sl", i64, [1]), vi("x", f, [3, 16]), vi("r", f, [3, 4]),
-         vi("s", f, [4]), vi("gu", f, [4, 16, 16]), vi("d", f, [4, 16, 8])],
-        [vi("o", f, [1, 4, 3, 16]), vi("npk", f, [1, 2, 4, 16]), vi("npv", f, [1, 2, 4, 16]), vi("y", f, [3, 16])],
-    )  # fmt: skip
+        [
+            vi("q", f, [1, 4, 3, 16]),
+            vi("k", f, [1, 2, 3, 16]),
+            vi("v", f, [1, 2, 3, 16]),
+            vi("pk", f, [1, 2, 4, 16]),
+            vi("pv", f, [1, 2, 4, 16]),
+            vi("pl", i64, [1]),
+            vi("sl", i64, [1]),
+            vi("x", f, [3, 16]),
+            vi("r", f, [3, 4]),
+            vi("s", f, [4]),
+            vi("gu", f, [4, 16, 16]),
+            vi("d", f, [4, 16, 8]),
+        ],
+        [
+            vi("o", f, [1, 4, 3, 16]),
+            vi("npk", f, [1, 2, 4, 16]),
+            vi("npv", f, [1, 2, 4, 16]),
+            vi("y", f, [3, 16]),
+        ],
+    )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("gemma4", 1)]
     )

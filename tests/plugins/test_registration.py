@@ -61,7 +61,9 @@ def test_specs_match_the_exporters_onnx_schema(spec):
 
 def test_spec_for_names_the_known_ops():
     assert spec_for("MoE") is MOE
-    with pytest.raises(PluginError, match=r"no gemma4 plugin named 'Softcap'; known: \['SlidingWindowAttention', 'MoE'\]"):
+    with pytest.raises(
+        PluginError, match=r"no gemma4 plugin named 'Softcap'; known: \['SlidingWindowAttention', 'MoE'\]"
+    ):
         spec_for("Softcap")
 
 
@@ -216,7 +218,10 @@ def test_importing_the_plugin_modules_registers_nothing(tmp_path):
 def test_register_plugins_is_explicit_and_idempotent_on_rtx(tmp_path):
     result = run_child(tmp_path, "twice")
     assert result["first"] == result["second"] == ["gemma4::SlidingWindowAttention", "gemma4::MoE"]
-    assert result["creators"] == [["MoE", "Gemma4PluginCreator"], ["SlidingWindowAttention", "Gemma4PluginCreator"]]
+    assert result["creators"] == [
+        ["MoE", "Gemma4PluginCreator"],
+        ["SlidingWindowAttention", "Gemma4PluginCreator"],
+    ]
 
 
 @pytest.mark.rtx

@@ -53,15 +53,25 @@ def gemma4_model(
     nodes, inputs, outputs, inits = [], [], [], []
     if "SlidingWindowAttention" in ops_:
         node = helper.make_node(
-            attention_op, ["q", "k", "v", "past_k", "past_v", "past_len", "seq_len"],
-            ["out", "present_k", "present_v"], name="attn0", domain="gemma4", scale=SCALE, **plugin,
-        )  # fmt: skip
+            attention_op,
+            ["q", "k", "v", "past_k", "past_v", "past_len", "seq_len"],
+            ["out", "present_k", "present_v"],
+            name="attn0",
+            domain="gemma4",
+            scale=SCALE,
+            **plugin,
+        )
         node.attribute.append(window or helper.make_attribute("window", WINDOW))
         nodes.append(node)
-        inputs += [act("q", [B, HQ, "sequence", D]), act("k", [B, HKV, "sequence", D]), act("v", [B, HKV, "sequence", D]),
-                   act("past_k", [B, HKV, C, D]), act("past_v", [B, HKV, C, D]),
-                   helper.make_tensor_value_info("past_len", TensorProto.INT64, [B]),
-                   helper.make_tensor_value_info("seq_len", TensorProto.INT64, [B])]  # fmt: skip
+        inputs += [
+            act("q", [B, HQ, "sequence", D]),
+            act("k", [B, HKV, "sequence", D]),
+            act("v", [B, HKV, "sequence", D]),
+            act("past_k", [B, HKV, C, D]),
+            act("past_v", [B, HKV, C, D]),
+            helper.make_tensor_value_info("past_len", TensorProto.INT64, [B]),
+            helper.make_tensor_value_info("seq_len", TensorProto.INT64, [B]),
+        ]
         outputs += [
             act("out", [B, HQ, "sequence", D]),
             act("present_k", [B, HKV, C, D]),
@@ -70,10 +80,15 @@ def gemma4_model(
     if "MoE" in ops_:
         nodes.append(
             helper.make_node(
-                "MoE", ["x", "router_logits", "per_expert_scale", "gate_up", "down"], ["y"],
-                name="moe0", domain="gemma4", top_k=TOP_K, **plugin,
+                "MoE",
+                ["x", "router_logits", "per_expert_scale", "gate_up", "down"],
+                ["y"],
+                name="moe0",
+                domain="gemma4",
+                top_k=TOP_K,
+                **plugin,
             )
-        )  # fmt: skip
+        )
         inputs += [act("x", ["tokens", H]), act("router_logits", ["tokens", E])]
         outputs.append(act("y", ["tokens", H]))
         rng = np.random.default_rng(0)
@@ -145,8 +160,10 @@ def _parse(model_path: str, register: bool, build: bool) -> dict:
             layer.__class__ = trt.IPluginV3Layer  # the binding returns the ILayer base
             plugin = layer.plugin
             result["plugins"][layer.name] = {
-                "class": type(plugin).__name__, "values": plugin.values, "received": plugin.received,
-            }  # fmt: skip
+                "class": type(plugin).__name__,
+                "values": plugin.values,
+                "received": plugin.received,
+            }
     if build and parsed:
         result.update(_build(builder, network))
     return result
@@ -198,9 +215,12 @@ def run_child(
     onnx.save(model, path)
     env = rtx.parser_library_env(tmp_path / "lib") if alias else _env_without_alias()
     return subprocess.run(
-        [sys.executable, __file__, args[0], str(path), *args[1:]], env=env, capture_output=True, text=True,
+        [sys.executable, __file__, args[0], str(path), *args[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=120,
-    )  # fmt: skip
+    )
 
 
 def child_result(proc: subprocess.CompletedProcess) -> dict:
@@ -253,10 +273,13 @@ def test_registered_plugins_take_both_nodes_with_int32_and_float32_fields(tmp_pa
         "y": [[-1, H], "FLOAT"],
     }
     assert result["plugins"] == {
-        "attn0": {"class": "Gemma4Plugin", "values": {"window": WINDOW, "scale": SCALE},
-                  "received": {"window": "INT32", "scale": "FLOAT32"}},
+        "attn0": {
+            "class": "Gemma4Plugin",
+            "values": {"window": WINDOW, "scale": SCALE},
+            "received": {"window": "INT32", "scale": "FLOAT32"},
+        },
         "moe0": {"class": "Gemma4Plugin", "values": {"top_k": TOP_K}, "received": {"top_k": "INT32"}},
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16], ids=["fp32", "fp16"])
@@ -290,7 +313,9 @@ def test_real_export_custom_nodes_become_plugins_and_build(tmp_path, make_export
 
 
 def test_wrongly_typed_attribute_is_refused_by_the_creator(tmp_path):
-    model = gemma4_model(("SlidingWindowAttention",), window=helper.make_attribute("window", 4.0), check=False)
+    model = gemma4_model(
+        ("SlidingWindowAttention",), window=helper.make_attribute("window", 4.0), check=False
+    )
     proc = run_child(tmp_path, model, "parse", "1", "0")
     result = child_result(proc)
     assert not result["parsed"]
@@ -367,8 +392,13 @@ def test_run_op_feeds_inputs_and_fields_in_contract_order_and_fills_outputs():
         torch.testing.assert_close(got, want)
 
     g = torch.Generator().manual_seed(1)
-    moe_in = [torch.randn(5, H, generator=g), torch.randn(5, E, generator=g), torch.rand(E, generator=g),
-              torch.randn(E, 2 * INTER, H, generator=g), torch.randn(E, H, INTER, generator=g)]  # fmt: skip
+    moe_in = [
+        torch.randn(5, H, generator=g),
+        torch.randn(5, E, generator=g),
+        torch.rand(E, generator=g),
+        torch.randn(E, 2 * INTER, H, generator=g),
+        torch.randn(E, H, INTER, generator=g),
+    ]
     y = torch.empty(5, H)
     rtx.run_op(MOE, {"top_k": TOP_K}, moe_in, [y], impl=ops.moe_reference)
     torch.testing.assert_close(y, ops.moe_reference(*moe_in, top_k=TOP_K))

@@ -16,8 +16,14 @@ from gemma4_compile.runtime import Sampler, SamplingParams, TextTokenizer, filte
 from gemma4_compile.runtime.commands import generate_text
 
 LOGITS = np.random.default_rng(7).normal(0, 2, 64).astype(np.float32)
-CASES = [SamplingParams(1.0), SamplingParams(0.7), SamplingParams(1.3, top_k=5), SamplingParams(1.0, top_p=0.8),
-         SamplingParams(0.5, top_k=10, top_p=0.6), SamplingParams(2.0, top_k=1)]  # fmt: skip
+CASES = [
+    SamplingParams(1.0),
+    SamplingParams(0.7),
+    SamplingParams(1.3, top_k=5),
+    SamplingParams(1.0, top_p=0.8),
+    SamplingParams(0.5, top_k=10, top_p=0.6),
+    SamplingParams(2.0, top_k=1),
+]
 
 
 def reference_probs(logits: np.ndarray, p: SamplingParams) -> np.ndarray:

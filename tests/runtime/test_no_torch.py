@@ -5,8 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-RUNTIME_MODULES = ["gemma4_compile.runtime", "gemma4_compile.runtime.server", "gemma4_compile.runtime.service",
-                   "gemma4_compile.runtime.commands", "gemma4_compile.runtime.batching"]  # fmt: skip
+RUNTIME_MODULES = [
+    "gemma4_compile.runtime",
+    "gemma4_compile.runtime.server",
+    "gemma4_compile.runtime.service",
+    "gemma4_compile.runtime.commands",
+    "gemma4_compile.runtime.batching",
+]
 
 
 def _loaded_after(code: str) -> list[str]:

@@ -23,9 +23,13 @@ TEXTS = [
 ]
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "},
-     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again, in 日本語?"}],
-]  # fmt: skip
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": " Hi "},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Again, in 日本語?"},
+    ],
+]
 
 
 def test_random_checkpoint_tokenizer_has_gemma_ids_and_the_preset_vocabulary():

@@ -55,8 +55,15 @@ def test_write_reports(tmp_path, reports):
     written = write_reports(tmp_path, accuracy=accuracy, latency=latency)
     folder = tmp_path / "reports"
     names = {p.name for p in written}
-    assert names == {"accuracy.json", "accuracy.md", "accuracy_error_by_position.png", "latency.json",
-                     "latency.md", "latency_decode.png", "summary.md"}  # fmt: skip
+    assert names == {
+        "accuracy.json",
+        "accuracy.md",
+        "accuracy_error_by_position.png",
+        "latency.json",
+        "latency.md",
+        "latency_decode.png",
+        "summary.md",
+    }
     assert sorted(p.name for p in folder.iterdir()) == sorted(names)  # no temporary files left behind
     acc = json.loads((folder / "accuracy.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     assert acc["passed"] is True and acc["tolerance"]["precision"] == "fp32"

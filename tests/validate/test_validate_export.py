@@ -36,8 +36,9 @@ def test_validate_with_a_prompt_file(tmp_path, make_export, make_checkpoint):
     prompts.write_text(
         json.dumps([[2, 17, 33, 99, 100, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]])
     )
-    report = validate(make_export("tiny-31b"), checkpoint=make_checkpoint("tiny-31b"), prompts=prompts, steps=3,
-                      write=False)  # fmt: skip
+    report = validate(
+        make_export("tiny-31b"), checkpoint=make_checkpoint("tiny-31b"), prompts=prompts, steps=3, write=False
+    )
     assert [c.name for c in report.cases] == ["prompt0"] and report.passed
 
 
@@ -62,8 +63,13 @@ def test_validate_finds_the_recorded_checkpoint(make_export):
 
 def test_bench_export(tmp_path, make_export, make_checkpoint):
     config = BenchConfig(context_lengths=(8, 32), batch_sizes=(1,), decode_steps=3, prefill_repeats=1)
-    report = bench(make_export("tiny-31b"), backends=["ort"], checkpoint=make_checkpoint("tiny-31b"),
-                   config=config, out_dir=tmp_path)  # fmt: skip
+    report = bench(
+        make_export("tiny-31b"),
+        backends=["ort"],
+        checkpoint=make_checkpoint("tiny-31b"),
+        config=config,
+        out_dir=tmp_path,
+    )
     assert {r.backend for r in report.rows} == {"torch", "hf", "ort"}
     assert all(r.vs_torch is not None for r in report.rows)
     assert (tmp_path / "reports" / "latency.md").is_file() and (tmp_path / "reports" / "summary.md").is_file()

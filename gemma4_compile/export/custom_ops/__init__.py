@@ -14,9 +14,15 @@ from ...ops.moe import body as moe
 from ...ops.onnx_domain import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 __all__ = [
-    "DOMAIN", "DOMAIN_VERSION", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "attention", "functions", "moe",
+    "DOMAIN",
+    "DOMAIN_VERSION",
+    "PLUGIN_NAMESPACE",
+    "PLUGIN_VERSION",
+    "attention",
+    "functions",
+    "moe",
     "translation_table",
-]  # fmt: skip
+]
 
 
 def translation_table() -> dict:

@@ -127,8 +127,16 @@ def translation():
 
     def attention_to_onnx(q, k, v, past_k, past_v, past_len, seq_len, window: int, scale: float):
         return opset.SlidingWindowAttention(
-            q, k, v, past_k, past_v, past_len, seq_len,
-            window=window, scale=scale, **CONTRACT.plugin_attributes(),
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            past_k,
+            past_v,
+            past_len,
+            seq_len,
+            window=window,
+            scale=scale,
+            **CONTRACT.plugin_attributes(),
+        )
 
     return attention_to_onnx

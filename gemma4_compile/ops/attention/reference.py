@@ -40,9 +40,16 @@ def ring_update(past: Tensor, new: Tensor, past_len: Tensor, seq_len: Tensor) ->
 
 
 def attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor,
-    past_len: Tensor, seq_len: Tensor, window: int, scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    past_k: Tensor,
+    past_v: Tensor,
+    past_len: Tensor,
+    seq_len: Tensor,
+    window: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     B, Hq, S, D = q.shape
     Hkv, C = k.shape[1], past_k.shape[2]
     G = Hq // Hkv

@@ -47,12 +47,23 @@ STAGE_ATTRS = (
 
 # name -> type constraint and shape of every stage tensor (shapes in kernels.moe.BUFFERS' letters)
 _TENSORS = {
-    "logits": ("T", "[T,E]"), "scale": ("T", "[E]"), "x": ("T", "[T,H]"), "gate_up": ("T", "[E,2I,H]"),
-    "down": ("T", "[E,H,I]"), "weights": ("F", "[T,K]"), "ids": ("I", "[T,K]"), "block_counts": ("I", "[NB,BE]"),
-    "block_offsets": ("I", "[NB,BE]"), "expert_offsets": ("I", "[E+1]"), "tile_offsets": ("I", "[E+1]"),
-    "sorted_pairs": ("I", "[N]"), "pair_rows": ("I", "[N]"), "h": ("T", "[N,I]"), "out": ("T", "[N,H]"),
+    "logits": ("T", "[T,E]"),
+    "scale": ("T", "[E]"),
+    "x": ("T", "[T,H]"),
+    "gate_up": ("T", "[E,2I,H]"),
+    "down": ("T", "[E,H,I]"),
+    "weights": ("F", "[T,K]"),
+    "ids": ("I", "[T,K]"),
+    "block_counts": ("I", "[NB,BE]"),
+    "block_offsets": ("I", "[NB,BE]"),
+    "expert_offsets": ("I", "[E+1]"),
+    "tile_offsets": ("I", "[E+1]"),
+    "sorted_pairs": ("I", "[N]"),
+    "pair_rows": ("I", "[N]"),
+    "h": ("T", "[N,I]"),
+    "out": ("T", "[N,H]"),
     "y": ("T", "[T,H]"),
-}  # fmt: skip
+}
 _CONSTRAINTS = {"T": ACTIVATIONS, "F": FLOAT32, "I": INT32}
 
 
@@ -60,22 +71,43 @@ def _stage(name: str, doc: str, inputs: tuple[str, ...], outputs: tuple[str, ...
     params = [Param(n, *_TENSORS[n]) for n in (*inputs, *outputs)]
     used = dict.fromkeys(p.type for p in params)
     return OpContract(
-        op_type=f"MoE{name}", doc=doc, inputs=tuple(params[: len(inputs)]), outputs=tuple(params[len(inputs) :]),
-        type_constraints=tuple(_CONSTRAINTS[t] for t in used), attributes=STAGE_ATTRS, exported=False,
-    )  # fmt: skip
+        op_type=f"MoE{name}",
+        doc=doc,
+        inputs=tuple(params[: len(inputs)]),
+        outputs=tuple(params[len(inputs) :]),
+        type_constraints=tuple(_CONSTRAINTS[t] for t in used),
+        attributes=STAGE_ATTRS,
+        exported=False,
+    )
 
 
 # In launch order; the I/O is the stage kernel's pointer arguments in order (tests/plugins checks them).
 STAGES = (
     _stage("Route", "routing weights and expert ids", ("logits", "scale"), ("weights", "ids")),
     _stage("Count", "routed pairs per expert and sort block", ("ids",), ("block_counts",)),
-    _stage("Offsets", "prefix sums of the counts", ("block_counts",),
-           ("block_offsets", "expert_offsets", "tile_offsets")),
-    _stage("Scatter", "pairs sorted by expert", ("ids", "block_offsets", "expert_offsets"),
-           ("sorted_pairs", "pair_rows")),
-    _stage("GateUp", "GLU activations of the sorted rows",
-           ("x", "gate_up", "sorted_pairs", "expert_offsets", "tile_offsets"), ("h",)),
-    _stage("Down", "weighted expert rows",
-           ("h", "down", "sorted_pairs", "weights", "expert_offsets", "tile_offsets"), ("out",)),
+    _stage(
+        "Offsets",
+        "prefix sums of the counts",
+        ("block_counts",),
+        ("block_offsets", "expert_offsets", "tile_offsets"),
+    ),
+    _stage(
+        "Scatter",
+        "pairs sorted by expert",
+        ("ids", "block_offsets", "expert_offsets"),
+        ("sorted_pairs", "pair_rows"),
+    ),
+    _stage(
+        "GateUp",
+        "GLU activations of the sorted rows",
+        ("x", "gate_up", "sorted_pairs", "expert_offsets", "tile_offsets"),
+        ("h",),
+    ),
+    _stage(
+        "Down",
+        "weighted expert rows",
+        ("h", "down", "sorted_pairs", "weights", "expert_offsets", "tile_offsets"),
+        ("out",),
+    ),
     _stage("Combine", "sum of each token's expert rows", ("out", "pair_rows"), ("y",)),
-)  # fmt: skip
+)
