@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -371,18 +372,25 @@ def compile_(
 # ----- run an export ------------------------------------------------------------------------------
 
 
+def _onnxruntime_options(command: Callable) -> Callable:
+    """--provider and --threads, as generate and serve take them."""
+    command = click.option(
+        "--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads."
+    )(command)
+    return click.option(
+        "--provider",
+        default="cpu",
+        show_default=True,
+        type=click.Choice(["cpu", "cuda"]),
+        help="onnxruntime provider.",
+    )(command)
+
+
 @cli.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="Text to continue (with --chat: the user's message).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the export's chat template as a user turn.")
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
-@click.option(
-    "--provider",
-    default="cpu",
-    show_default=True,
-    type=click.Choice(["cpu", "cuda"]),
-    help="onnxruntime provider.",
-)
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy."
@@ -390,7 +398,7 @@ def compile_(
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0: no top-k filter.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=None, type=int, help="Sampling seed (reproducible output).")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@_onnxruntime_options
 def generate(
     export_dir: Path,
     prompt: str,
@@ -440,14 +448,7 @@ def generate(
 @click.option(
     "--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Rows per decode step."
 )
-@click.option(
-    "--provider",
-    default="cpu",
-    show_default=True,
-    type=click.Choice(["cpu", "cuda"]),
-    help="onnxruntime provider.",
-)
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@_onnxruntime_options
 def serve(export_dir: Path, host: str, port: int, max_batch: int, provider: str, threads: int | None) -> None:
     """OpenAI-compatible chat completions (/v1/chat/completions, /v1/models, /health), batching requests."""
     from .runtime.commands import serve_export

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from gemma4_compile.passes import FoldConstants, RemoveUnusedNodesPass, run_passes
+from gemma4_compile.passes import FoldConstants, RemoveUnusedNodesPass, run_on_proto, run_passes
 
 # ReduceMean whose axes come from Reshape(Constant, Constant): what torch.onnx (optimize=False) emits for RMSNorm.
 MODEL = """
@@ -98,3 +98,21 @@ def test_numpy_folders(op):
     folded = next(n for n in model.graph if n.outputs[0].name == "r")  # same name, now a Constant
     expected = {"Unsqueeze": np.array([[2, 3]]), "Concat": np.array([2, 3, 2, 3])}[op]
     np.testing.assert_array_equal(folded.attributes["value"].as_tensor().numpy(), expected)
+
+
+@pytest.mark.rtx
+def test_rtx_parser_needs_the_fold():
+    import tensorrt_rtx as trt
+
+    def parse(model: onnx.ModelProto) -> list[str]:
+        logger = trt.Logger(trt.Logger.ERROR)
+        network = trt.Builder(logger).create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        parser.parse(model.SerializeToString())
+        return [parser.get_error(i).desc() for i in range(parser.num_errors)]
+
+    model = onnx.parser.parse_model(MODEL)
+    errors = parse(model)
+    assert len(errors) == 1 and "Axis input must resolve to a build-time constant" in errors[0]
+    run_on_proto(model, [FoldConstants()])
+    assert parse(model) == []
