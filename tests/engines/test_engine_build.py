@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from engines_synthetic import write_synthetic_export
@@ -139,7 +140,7 @@ def test_progress_monitor_mirrors_tensorrt_phases(synthetic_exports, tmp_path):
     config = config_from_network(record)
     screen = io.StringIO()
     with Progress(console=Console(file=screen, force_terminal=True, width=120)) as progress:
-        monitor = make_monitor(rtx, progress, "sm86:")
+        monitor = make_monitor(rtx, progress, "sm86:", threading.Event())
         plan = engine_from_network(parsed, config, tmp_path / "decoder.engine", "sm86", monitor)
     assert plan.bytes > 0 and plan.sha256 == sha256_file(tmp_path / "decoder.engine")
     assert monitor.phases[0] == "Building engine" and "Computing profile costs" in monitor.phases
