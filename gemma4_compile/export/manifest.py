@@ -13,11 +13,11 @@ from typing import Any
 
 from ..dtypes import DType, weight_format_for
 from ..errors import ExportError, Gemma4CompileError
-from ..fsutil import sha256_file
+from ..fsutil import EXPORT_FORMAT, EXPORT_MANIFEST, sha256_file
 from ..model.config import Gemma4Spec, LayerPlan
 
-FORMAT, VERSION = "gemma4-compile/export", 1
-MANIFEST = "export.json"
+FORMAT, VERSION = EXPORT_FORMAT, 1
+MANIFEST = EXPORT_MANIFEST
 
 # The graphs an export holds, by role, in pipeline order; the exporter's producers create them.
 EMBED, DECODER = "embed", "decoder"
