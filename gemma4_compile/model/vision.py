@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..errors import Gemma4CompileError
 from .model import RMSNorm, apply_rope
 from .vision_config import VisionSpec
 
@@ -234,5 +235,5 @@ def patch_positions(rows: int, cols: int, padded_to: int | None = None) -> Tenso
     grid = torch.stack([x.flatten(), y.flatten()], dim=-1)
     pad = (padded_to or rows * cols) - rows * cols
     if pad < 0:
-        raise ValueError(f"{rows}x{cols} patches do not fit in {padded_to}")
+        raise Gemma4CompileError(f"{rows}x{cols} patches do not fit in {padded_to}")
     return torch.cat([grid, torch.full((pad, 2), -1, dtype=torch.int64)])
