@@ -1,0 +1,111 @@
+"""vision.onnx: onnxruntime against our torch tower (itself checked against transformers in test_vision.py).
+
+One export keeps this cheap: the smallest text model (tiny-31b) with a vision tower that has every feature
+at once (clipped linears, standardised soft tokens, head dim 12), checked by transformers to load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from gemma4_compile.errors import CheckpointError
+from gemma4_compile.export import ExportManifest, export_checkpoint
+from gemma4_compile.model.checkpoint import write_random_checkpoint
+from gemma4_compile.model.presets import PRESETS, VISION_PRESETS
+from gemma4_compile.model.vision import patch_positions
+from gemma4_compile.model.vision_weights import load_vision_model
+
+# fp32 round-off of this tiny random tower is itself ~1.4e-5: our torch fp32 vs the same math in fp64 differs
+# that much (peaky scale-1.0 attention over norm weights up to 1.5). Observed ORT vs torch: 1.6e-5 (values ~3).
+ORT_ATOL = 5e-5
+TEXT = PRESETS["tiny-31b"]
+VISION = dataclasses.replace(VISION_PRESETS["tiny-31b"], use_clipped_linears=True)
+CASES = {  # (rows, cols) patch grids per call: dynamic image count and patch count
+    "three images, padded": [(6, 9), (3, 6), (9, 3)],
+    "one image, unpadded": [(12, 6)],
+    "one soft token": [(3, 3)],
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vision-export")
+    write_random_checkpoint(TEXT, root / "ckpt", dtype=torch.float32, vision=VISION)
+    export_checkpoint(root / "ckpt", root / "out", dtype="fp32", max_seq_len=64)
+    return root / "ckpt", root / "out"
+
+
+def _images(grids, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    P = max(r * c for r, c in grids)
+    positions = torch.stack([patch_positions(r, c, P) for r, c in grids])
+    pixels = torch.rand(len(grids), P, VISION.patch_dim, generator=g) * (positions[..., :1] >= 0)
+    return pixels.numpy(), positions.numpy()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ort_soft_tokens_match_our_tower(exported, case):
+    ckpt, out = exported
+    session = ort.InferenceSession(str(out / "vision.onnx"), providers=["CPUExecutionProvider"])
+    pixels, positions = _images(CASES[case])
+    soft, soft_len = session.run(None, {"pixel_values": pixels, "image_position_ids": positions})
+    with torch.no_grad():
+        ref, valid = load_vision_model(ckpt)(torch.from_numpy(pixels), torch.from_numpy(positions))
+    np.testing.assert_array_equal(soft_len, [r * c // 9 for r, c in CASES[case]])
+    np.testing.assert_array_equal(soft_len, valid.sum(-1).numpy())
+    assert soft.shape == (len(pixels), pixels.shape[1] // 9, TEXT.hidden_size)
+    diff = np.abs(soft - ref.numpy()).max()
+    assert diff <= ORT_ATOL, f"max |Δ| {diff:.3g} exceeds {ORT_ATOL}"
+
+
+def test_a_vision_weight_x1_05_fails_the_ort_check(exported):
+    """The tolerance above is far below what a wrong weight costs."""
+    ckpt, out = exported
+    session = ort.InferenceSession(str(out / "vision.onnx"), providers=["CPUExecutionProvider"])
+    pixels, positions = _images(CASES["three images, padded"])
+    soft, _ = session.run(None, {"pixel_values": pixels, "image_position_ids": positions})
+    model = load_vision_model(ckpt)
+    with torch.no_grad():
+        model.embed_vision.embedding_projection.weight.mul_(1.05)
+        ref, _ = model(torch.from_numpy(pixels), torch.from_numpy(positions))
+    assert np.abs(soft - ref.numpy()).max() > 100 * ORT_ATOL
+
+
+def test_manifest_lists_the_vision_graph_with_its_io_and_dims(exported):
+    _, out = exported
+    m = ExportManifest.load(out)
+    assert list(m.graphs) == ["vision", "embed", "decoder"]
+    g = m.graphs["vision"]
+    assert [(t.name, t.dtype, t.shape) for t in g.inputs] == [
+        ("pixel_values", "float32", ("images", "patches", 768)),
+        ("image_position_ids", "int64", ("images", "patches", 2)),
+    ]
+    assert [(t.name, t.dtype, t.shape) for t in g.outputs] == [
+        ("image_soft_tokens", "float32", ("images", "soft_tokens", TEXT.hidden_size)),
+        ("image_soft_len", "int64", ("images",)),
+    ]
+    assert {"images", "patches", "soft_tokens"} <= set(m.dims)
+    m.check_graph_file("vision")
+    proto = onnx.load(str(out / "vision.onnx"), load_external_data=False)
+    external = {
+        e.value for init in proto.graph.initializer for e in init.external_data if e.key == "location"
+    }
+    assert external == {"weights.data"}  # streamed with the text weights into the one data file
+    assert not any(n.op_type in ("NonZero", "SplitToSequence", "SequenceAt") for n in proto.graph.node)
+
+
+def test_config_with_a_vision_tower_but_no_vision_weights_is_refused(tmp_path):
+    write_random_checkpoint(TEXT, tmp_path / "ckpt", dtype=torch.float32)
+    config = json.loads((tmp_path / "ckpt/config.json").read_text())
+    config["vision_config"] = VISION.to_hf_dict()
+    (tmp_path / "ckpt/config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="missing tensor 'model.vision_tower.") as e:
+        export_checkpoint(tmp_path / "ckpt", tmp_path / "out")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
