@@ -13,13 +13,14 @@ import pytest
 import torch
 from transformers import Gemma4ForConditionalGeneration
 
-from gemma4_compile.errors import SpecError
+from gemma4_compile.errors import Gemma4CompileError, SpecError
 from gemma4_compile.model.checkpoint import write_random_checkpoint
 from gemma4_compile.model.presets import PRESETS, VISION_PRESETS
 from gemma4_compile.model.vision import CLIP_BOUNDS, patch_positions
 from gemma4_compile.model.vision_config import VisionSpec
+from gemma4_compile.model.vision_merge import IMAGE_TOKEN_ID, merge_image_soft_tokens, placeholders_to_pad
 from gemma4_compile.model.vision_weights import load_vision_model
-from gemma4_compile.model.weights import CheckpointReader
+from gemma4_compile.model.weights import CheckpointReader, load_model
 
 FP32_ATOL = 1e-5  # the issue's bound on soft tokens (values O(1)); observed ~2e-6
 TOWERS = ("tiny-e2b", "tiny-31b")
@@ -210,3 +211,81 @@ def test_bad_vision_config_is_a_one_line_error(field, value, match):
     with pytest.raises(SpecError, match=match) as e:
         VisionSpec.from_hf_dict(config)
     assert "\n" not in str(e.value)
+
+
+# ----- merge: image soft tokens into the text decoder's inputs, end to end against transformers ------------
+# E2B/E4B decode images causally like text, so our unchanged decoder must reproduce transformers' logits.
+# (26B/31B let each image run attend both ways on sliding layers: not in our decoder yet.)
+LOGIT_ATOL = 1e-4  # the text parity bound (tests/model/test_parity.py)
+
+
+def image_prompt(spec, vision: VisionSpec, grids, length: int, starts, seed: int = 0) -> torch.Tensor:
+    """[1, length] random text ids with each image's placeholder run (rows*cols/9 ids) at its start."""
+    ids = torch.randint(3, spec.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+    for (r, c), start in zip(grids, starts, strict=True):
+        ids[0, start : start + r * c // vision.patches_per_token] = IMAGE_TOKEN_ID
+    return ids
+
+
+def our_logits(text_model, vision_model, ids, pixels, positions, scale_soft: float = 1.0) -> torch.Tensor:
+    with torch.no_grad():
+        soft, valid = vision_model(pixels, positions)
+        embeds, tok = text_model.embed(placeholders_to_pad(ids, text_model.spec.pad_token_id))
+        embeds = merge_image_soft_tokens(embeds, ids, soft * scale_soft, valid.sum(-1))
+        S = ids.shape[1]
+        caches = text_model.new_cache(1, S)
+        logits, _, _ = text_model(embeds, tok, torch.tensor([0]), torch.tensor([S]), caches)
+    return logits
+
+
+@pytest.fixture(scope="module")
+def e2b_pipeline(vision_checkpoint):
+    path = vision_checkpoint("tiny-e2b")
+    hf = Gemma4ForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    )
+    return load_model(path), load_vision_model(path), hf.eval()
+
+
+def _e2b_case():
+    spec, vision = PRESETS["tiny-e2b"], VISION_PRESETS["tiny-e2b"]
+    grids = [(6, 9), (3, 6)]  # 6 + 2 soft tokens, prompt over three windows with the images inside
+    ids = image_prompt(spec, vision, grids, 3 * spec.sliding_window + 5, starts=(4, 21))
+    return (ids, *images(vision, grids, seed=3))
+
+
+def test_merged_prompt_logits_match_transformers(e2b_pipeline):
+    text_model, vision_model, hf = e2b_pipeline
+    ids, pixels, positions = _e2b_case()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pixels, image_position_ids=positions).logits
+    diff = (our_logits(text_model, vision_model, ids, pixels, positions) - ref).abs().max().item()
+    assert diff <= LOGIT_ATOL, f"max |Δlogit| {diff:.3g} exceeds {LOGIT_ATOL}"
+
+
+def test_soft_tokens_scaled_like_text_embeddings_fail_the_check(e2b_pipeline):
+    """Negative control: soft tokens multiplied by sqrt(E) as text embeddings are."""
+    text_model, vision_model, hf = e2b_pipeline
+    ids, pixels, positions = _e2b_case()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pixels, image_position_ids=positions).logits
+    bad = our_logits(
+        text_model, vision_model, ids, pixels, positions, scale_soft=text_model.spec.hidden_size**0.5
+    )
+    assert (bad - ref).abs().max().item() > 100 * LOGIT_ATOL
+
+
+def test_merge_fills_placeholders_in_prompt_order_across_the_batch():
+    embeds = torch.zeros(2, 5, 1)
+    ids = torch.tensor([[7, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 7, IMAGE_TOKEN_ID], [IMAGE_TOKEN_ID, 7, 7, 7, 7]])
+    soft = torch.tensor(
+        [[[1.0], [2.0], [0.0]], [[3.0], [4.0], [0.0]]]
+    )  # image 0: 2 tokens, image 1: 2 tokens
+    merged = merge_image_soft_tokens(embeds, ids, soft, torch.tensor([2, 2]))
+    assert merged[..., 0].tolist() == [[0, 1, 2, 0, 3], [4, 0, 0, 0, 0]]
+
+
+def test_merge_with_a_wrong_placeholder_count_is_a_one_line_error():
+    ids = torch.tensor([[IMAGE_TOKEN_ID, 7]])
+    with pytest.raises(Gemma4CompileError, match="1 image placeholders but the images give 2 soft tokens"):
+        merge_image_soft_tokens(torch.zeros(1, 2, 1), ids, torch.zeros(1, 2, 1), torch.tensor([2]))
