@@ -118,10 +118,8 @@ def _write_safetensors(
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for _, _, chunks in tensors:
-            for t in chunks():
-                f.write(
-                    t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                )  # reshape: 0-d scalars
+            for t in chunks():  # flattened first: a 0-d scalar (a clip bound) cannot be viewed as bytes
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return offset
 
 

@@ -109,3 +109,23 @@ def test_config_with_a_vision_tower_but_no_vision_weights_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="missing tensor 'model.vision_tower.") as e:
         export_checkpoint(tmp_path / "ckpt", tmp_path / "out")
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.rtx
+def test_tensorrt_rtx_parses_and_builds_the_vision_graph(exported):
+    """Standard ops only, no sequence ops or data-dependent shapes: the parser takes it as exported, and a
+    profile over image count and patch count builds (on the CPU; nothing runs)."""
+    import tensorrt_rtx as trt
+
+    _, out = exported
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(out / "vision.onnx")), parser.get_error(0).desc()
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for name, width in (("pixel_values", VISION.patch_dim), ("image_position_ids", 2)):
+        profile.set_shape(name, (1, 9, width), (2, 54, width), (4, 270, width))
+    config.add_optimization_profile(profile)
+    assert builder.build_serialized_network(network, config) is not None
