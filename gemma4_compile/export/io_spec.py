@@ -30,7 +30,7 @@ __all__ = [
     "vision_io",
 ]
 
-# The vision graph's role and symbolic dims (docs/export-format.md, vision graph).
+# The vision graph's role and symbolic dims (docs/export-format.md, Vision I/O).
 VISION = "vision"
 IMAGES, PATCHES, SOFT_TOKENS = "images", "patches", "soft_tokens"
 
