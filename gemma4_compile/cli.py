@@ -51,7 +51,7 @@ def cli(debug: bool) -> None:
 @click.option(
     "--text-only",
     is_flag=True,
-    help="Write a gemma4_text config with 'model.' names instead of the released layout.",
+    help="Write a gemma4_text config with 'model.' names and no vision tower instead of the released layout.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def init_random(
@@ -60,6 +60,7 @@ def init_random(
     """Write a random-weight checkpoint in the released Hugging Face layout (deterministic for a seed)."""
 
     from .model.checkpoint import write_random_checkpoint
+    from .model.presets import VISION_PRESETS
 
     info = write_random_checkpoint(
         PRESETS[preset],
@@ -68,6 +69,7 @@ def init_random(
         dtype=DType.parse(dtype).torch,
         max_shard_bytes=_parse_size(max_shard_size),
         multimodal=not text_only,
+        vision=None if text_only else VISION_PRESETS[preset],
         force=force,
     )
     out.print(

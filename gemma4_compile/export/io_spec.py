@@ -13,7 +13,7 @@ from ..dtypes import DType
 from ..model.config import Gemma4Spec, LayerPlan
 from ..model.model import debug_output_names
 from ..model.vision_config import VisionSpec
-from .manifest import BATCH, CACHE_LEN, SEQUENCE, SLIDING_SLOTS, TensorSpec, cache_names
+from .manifest import BATCH, CACHE_LEN, SEQUENCE, SLIDING_SLOTS, VISION, TensorSpec, cache_names
 
 __all__ = [
     "BATCH",
@@ -30,8 +30,7 @@ __all__ = [
     "vision_io",
 ]
 
-# The vision graph's role and symbolic dims (docs/export-format.md, Vision I/O).
-VISION = "vision"
+# The vision graph's symbolic dims (docs/export-format.md, Vision I/O).
 IMAGES, PATCHES, SOFT_TOKENS = "images", "patches", "soft_tokens"
 
 

@@ -20,7 +20,7 @@ FORMAT, VERSION = EXPORT_FORMAT, 1
 MANIFEST = EXPORT_MANIFEST
 
 # The graphs an export holds, by role, in pipeline order; the exporter's producers create them.
-EMBED, DECODER = "embed", "decoder"
+EMBED, DECODER, VISION = "embed", "decoder", "vision"
 # Symbolic dims of graph I/O (export.json "dims").
 BATCH, SEQUENCE, SLIDING_SLOTS, CACHE_LEN = "batch", "sequence", "sliding_cache_len", "cache_len"
 
