@@ -16,9 +16,9 @@ from __future__ import annotations
 import onnx
 import onnx_ir as ir
 
-from ..export.custom_ops import attention
-from ..export.custom_ops.common import DOMAIN
 from ..model.config import Gemma4Spec
+from ..ops.attention import body as attention
+from ..ops.onnx_domain import DOMAIN
 
 __all__ = ["CONTRIB", "LowerAttentionToGQA", "gqa_function"]
 
