@@ -113,6 +113,10 @@ def tolerance_rows(t: Any) -> list[list[str]]:
         ["greedy decode", "must match (or part on a near-tie)" if t.greedy_exact else "reported only"],
         ["MoE routing agreement", "≥ " + _pct(t.routing) if t.routing is not None else "reported only"],
         ["divergent layer", f"relative hidden-state error > {_g(t.layer_rel)}"],
+        [
+            "drift gate (replaces the max abs / KL limit when the reference also ran one precision up)",
+            f"backend's distance ≤ max({_g(t.drift_floor)}, {_g(t.drift_factor)} × the reference's own)",
+        ],
     ]
 
 
@@ -169,6 +173,7 @@ def accuracy_markdown(r: AccuracyReport) -> str:
         for c in r.cases
     ]
     lines += [*_table(header, rows), "", f"![logit error by position]({ERROR_PLOT})", ""]
+    lines += _drift_md(r)
     failed = [c for c in r.cases if not c.passed]
     if failed:
         lines += ["## Failures", "", *(f"- {c.message()}" for c in failed), ""]
@@ -206,6 +211,39 @@ def _localization_md(failed: list[Any], kinds: list[str]) -> list[str]:
         ]
         lines += [*_table(["layer", "kind", "rel. error", "growth", ""], rows), ""]
     return lines
+
+
+def _drift_md(r: AccuracyReport) -> list[str]:
+    """The reference's own error beside the backend's, both measured against the reference one precision up."""
+    drifts = [(c, c.drift) for c in r.cases if c.drift is not None]
+    if not drifts:
+        return []
+    exact, metric = drifts[0][1].exact, drifts[0][1].metric
+    rows = [
+        [
+            c.name,
+            w,
+            _g(ref),
+            _g(b),
+            _g(b / ref if ref > 0 else float("inf")),
+            _g(g),
+            _pct(d.routing),
+            "ok" if b <= g else "**over**",
+        ]
+        for c, d in drifts
+        for w, ref, b, g in zip(d.where, d.reference, d.backend, d.gate)
+    ]
+    return [
+        f"## The reference's own error ({metric} to the reference in {exact})",
+        "",
+        f"Reference {r.precision} vs {exact} is the model's own numerical noise at {r.precision}; a backend "
+        "far beyond it computes something else, one near it is as faithful as the reference.",
+        "",
+        *_table(
+            ["case", "where", "reference", "backend", "backend / reference", "gate", "ref. routing", ""], rows
+        ),
+        "",
+    ]
 
 
 def _overflow_md(r: AccuracyReport) -> list[str]:
