@@ -1,5 +1,5 @@
-"""The per-expert MoE body (`BODY`) against the previous per-token gather body and the torch reference,
-run by onnxruntime, in fp32 and fp16, including experts no token picks."""
+"""The per-expert MoE bodies (`BODY`, and `BODY_STATIC` for TensorRT inlining) against the previous per-token
+gather body and the torch reference, run by onnxruntime, in fp32 and fp16, including experts no token picks."""
 
 from __future__ import annotations
 
@@ -54,9 +54,10 @@ def _run(text: str, tensors, K: int, dtype=np.float32) -> np.ndarray:
     ("T", "H", "I", "E", "K"),
     [(1, 16, 8, 8, 1), (9, 16, 8, 8, 2), (40, 32, 16, 16, 4), (3, 16, 8, 128, 8)],  # last: most experts idle
 )
-def test_loop_body_equals_gather_body_and_torch(T, H, I, E, K):  # noqa: E741
+@pytest.mark.parametrize("text", ["BODY", "BODY_STATIC"])
+def test_loop_body_equals_gather_body_and_torch(T, H, I, E, K, text):  # noqa: E741
     tensors = _inputs(T, H, I, E, K)
-    new, old = _run(body.BODY, tensors, K), _run(body.BODY_GATHER, tensors, K)
+    new, old = _run(getattr(body, text), tensors, K), _run(body.BODY_GATHER, tensors, K)
     ref = ops.moe_reference(*tensors, K).numpy()
     np.testing.assert_allclose(new, old, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new, ref, rtol=1e-5, atol=1e-5)

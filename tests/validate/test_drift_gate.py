@@ -87,3 +87,38 @@ def test_transformers_passes_the_drift_gate_with_its_noise_shown(make_checkpoint
         d = c.drift
         assert d.exact == "fp64" and 0 < d.reference[0] < d.gate[0] and d.backend[0] <= d.gate[0]
     assert not _gate_failures(report.cases[0], TOLERANCES["fp32"], ref.spec.sliding_window)
+
+
+def test_bf16_report_shows_the_references_own_error_and_routing(make_checkpoint, torch_runner):
+    """Half precision: the bf16 reference's own KL to fp32 sits beside the backend's; on MoE its own expert
+    flips against fp32 are measured too."""
+    from gemma4_compile.validate import HFRunner
+    from gemma4_compile.validate.report import accuracy_markdown
+
+    ref = torch_runner("tiny-26b-a4b", "bf16")
+    report = compare_runners(
+        HFRunner(make_checkpoint("tiny-26b-a4b"), "bf16"),
+        ref,
+        default_cases(ref.spec),
+        precision="bf16",
+        exact=torch_runner("tiny-26b-a4b"),
+    )
+    assert report.passed, report.failure_message()
+    for c in report.cases:
+        d = c.drift
+        assert d.exact == "fp32" and d.metric == "mean KL" and d.routing is not None
+        assert all(r > 0 for r in d.reference) and d.ok
+    md = accuracy_markdown(report)
+    assert "The reference's own error (mean KL to the reference in fp32)" in md and "ref. routing" in md
+
+
+def test_moe_export_validates_and_says_when_routing_is_not_measured(make_export, make_checkpoint):
+    """The per-expert MoE body runs in onnxruntime through the whole validate path; routing needs debug outputs."""
+    from gemma4_compile.validate import validate
+
+    report = validate(
+        make_export("tiny-26b-a4b"), checkpoint=make_checkpoint("tiny-26b-a4b"), steps=3, write=False
+    )
+    assert report.passed, report.failure_message()
+    assert all(c.drift is not None and c.drift.exact == "fp64" for c in report.cases)
+    assert any("routing agreement not measured" in w and "--debug-outputs" in w for w in report.warnings)

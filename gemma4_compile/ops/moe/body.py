@@ -109,6 +109,34 @@ MoE <top_k> (x, router_logits, per_expert_scale, gate_up, down) => (y)
 }
 """
 
+# The same Loop without data-dependent shapes, for TensorRT inlining (TensorRT-RTX has no NonZero): each expert
+# runs on every token and its rows are weighted by the token's routing weight for it (0 where not chosen).
+# Scratch stays [T, 2I]; work is E/K times the routed work, acceptable where the plugin is the real path.
+BODY_STATIC = BODY.replace(
+    """    hit = Equal (idx, e)
+    pairs = NonZero (hit)
+    tok = Gather <axis = 0> (pairs, first)
+    xe = Gather <axis = 0> (x, tok)
+""",
+    """    hit = Equal (idx, e)
+    hitf = Cast <to = 1> (hit)
+    wk = Mul (w, hitf)
+    we1 = ReduceSum <keepdims = 1> (wk, last)
+    xe = Identity (x)
+""",
+).replace(
+    """    pt = Transpose <perm = [1, 0]> (pairs)
+    we = GatherND (w, pt)
+    we1 = Unsqueeze (we, ax1)
+    rows = Mul (ye32, we1)
+    tok1 = Unsqueeze (tok, ax1)
+    acc_out = ScatterND <reduction = "add"> (acc_in, tok1, rows)
+""",
+    """    rows = Mul (ye32, we1)
+    acc_out = Add (acc_in, rows)
+""",
+)
+
 
 def function(body: str = BODY) -> onnx.FunctionProto:
     """The function proto; `body=BODY_GATHER` gives the previous per-token gather body (tests, benchmark)."""
