@@ -24,6 +24,15 @@ REPORTS = "reports"
 ERROR_PLOT, LATENCY_PLOT = "accuracy_error_by_position.png", "latency_decode.png"
 
 
+def accuracy_stem(reference: str) -> str:
+    """accuracy (against our torch model) or accuracy-<reference>: `--reference hf` never overwrites the first."""
+    return "accuracy" if reference == "torch" else f"accuracy-{reference}"
+
+
+def error_plot_name(reference: str) -> str:
+    return ERROR_PLOT.replace("accuracy", accuracy_stem(reference), 1)
+
+
 # ----- files ------------------------------------------------------------------------------------
 
 
@@ -69,14 +78,17 @@ def write_reports(
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     if accuracy is not None:
-        written.append(_write_json(folder / "accuracy.json", accuracy.to_dict()))
-        written.append(_atomic(folder / ERROR_PLOT, lambda p: plot_error_by_position(accuracy, p)))
-        written.append(_write_text(folder / "accuracy.md", accuracy_markdown(accuracy)))
+        stem = accuracy_stem(accuracy.reference)
+        written.append(_write_json(folder / f"{stem}.json", accuracy.to_dict()))
+        plot = folder / error_plot_name(accuracy.reference)
+        written.append(_atomic(plot, lambda p: plot_error_by_position(accuracy, p)))
+        written.append(_write_text(folder / f"{stem}.md", accuracy_markdown(accuracy)))
     if latency is not None:
         written.append(_write_json(folder / "latency.json", latency.to_dict()))
         written.append(_atomic(folder / LATENCY_PLOT, lambda p: plot_decode_latency(latency, p)))
         written.append(_write_text(folder / "latency.md", latency_markdown(latency)))
-    summary = summary_markdown(_read_json(folder / "accuracy.json"), _read_json(folder / "latency.json"))
+    accuracies = [a for f in sorted(folder.glob("accuracy*.json")) if (a := _read_json(f))]
+    summary = summary_markdown(accuracies, _read_json(folder / "latency.json"))
     written.append(_write_text(folder / "summary.md", summary))
     return written
 
@@ -172,7 +184,7 @@ def accuracy_markdown(r: AccuracyReport) -> str:
         ]
         for c in r.cases
     ]
-    lines += [*_table(header, rows), "", f"![logit error by position]({ERROR_PLOT})", ""]
+    lines += [*_table(header, rows), "", f"![logit error by position]({error_plot_name(r.reference)})", ""]
     lines += _drift_md(r)
     failed = [c for c in r.cases if not c.passed]
     if failed:
@@ -314,29 +326,36 @@ def latency_markdown(r: LatencyReport) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(accuracy: dict[str, Any] | None, latency: dict[str, Any] | None) -> str:
-    """One page from the JSON reports (either may be missing)."""
+def summary_markdown(
+    accuracy: dict[str, Any] | list[dict[str, Any]] | None, latency: dict[str, Any] | None
+) -> str:
+    """One page from the JSON reports (either may be missing; one accuracy report per reference)."""
     lines = ["# gemma4-compile summary", ""]
-    if accuracy:
-        verdict = "PASSED" if accuracy.get("passed") else "FAILED"
-        cases = accuracy.get("cases", [])
-        worst = max((c["max_abs"] for c in cases if isinstance(c["max_abs"], (int, float))), default=0.0)
-        top1 = min((c["top1"] for c in cases), default=1.0)
-        lines += [
-            f"## Accuracy — {verdict}",
-            "",
-            f"{accuracy['backend']} vs {accuracy['reference']} ({accuracy['precision']}), {len(cases)} cases: "
-            f"max |Δlogit| {_g(worst)}, lowest top-1 agreement {_pct(top1)}. Details: accuracy.md.",
-            "",
-        ]
-        lines += [f"- {c['name']}: " + "; ".join(c["failures"]) for c in cases if c["failures"]]
-        lines += [f"- warning: {w}" for w in accuracy.get("warnings", [])]
-        lines += [""]
+    for acc in accuracy if isinstance(accuracy, list) else [accuracy] * bool(accuracy):
+        lines += _accuracy_summary(acc)
     if latency:
         lines += ["## Latency", "", *_latency_summary_rows(latency), "", "Details: latency.md.", ""]
     if not accuracy and not latency:
         lines += ["No reports yet: run `gemma4-compile validate` and `gemma4-compile bench`.", ""]
     return "\n".join(lines)
+
+
+def _accuracy_summary(accuracy: dict[str, Any]) -> list[str]:
+    verdict = "PASSED" if accuracy.get("passed") else "FAILED"
+    cases = accuracy.get("cases", [])
+    worst = max((c["max_abs"] for c in cases if isinstance(c["max_abs"], (int, float))), default=0.0)
+    top1 = min((c["top1"] for c in cases), default=1.0)
+    return [
+        f"## Accuracy — {verdict}",
+        "",
+        f"{accuracy['backend']} vs {accuracy['reference']} ({accuracy['precision']}), {len(cases)} cases: "
+        f"max |Δlogit| {_g(worst)}, lowest top-1 agreement {_pct(top1)}. "
+        f"Details: {accuracy_stem(accuracy['reference'])}.md.",
+        "",
+        *(f"- {c['name']}: " + "; ".join(c["failures"]) for c in cases if c["failures"]),
+        *(f"- warning: {w}" for w in accuracy.get("warnings", [])),
+        "",
+    ]
 
 
 def _latency_summary_rows(latency: dict[str, Any]) -> list[str]:

@@ -25,7 +25,7 @@ from ..model.config import Gemma4Spec
 from ..runners.base import BaseRunner
 from . import metrics as M
 from .cases import DEFAULT_STEPS, Case, default_cases, load_prompts
-from .report import jsonable, write_reports
+from .report import accuracy_stem, jsonable, write_reports
 
 if TYPE_CHECKING:
     from ..export.manifest import ExportManifest
@@ -262,7 +262,11 @@ class AccuracyReport:
         if not failed:
             return ""
         head = f"{self.backend} disagrees with {self.reference} ({self.precision}) in {len(failed)}/{len(self.cases)} cases"
-        more = f" (and {len(failed) - 1} more; see reports/accuracy.md)" if len(failed) > 1 else ""
+        more = (
+            f" (and {len(failed) - 1} more; see reports/{accuracy_stem(self.reference)}.md)"
+            if len(failed) > 1
+            else ""
+        )
         return f"{head}: {failed[0].message()}{more}"
 
     def summary(self) -> str:
@@ -787,10 +791,14 @@ def _attach_polygraphy(
     report: AccuracyReport, reference: BaseRunner, export_dir: Path, out: Path, cases: list[Case]
 ) -> AccuracyReport:
     """Save the decoder's reference I/O for `polygraphy run` (our torch model only)."""
-    from .polygraphy_io import save_decoder_reference
+    from .polygraphy_io import INPUTS_FILE, OUTPUTS_FILE, save_decoder_reference
 
-    if not hasattr(reference, "model"):
+    if not hasattr(
+        getattr(reference, "model", None), "embed"
+    ):  # not our torch model: the files are the torch run's
         return report
+    for stale in (INPUTS_FILE, OUTPUTS_FILE):  # never leave an earlier run's files beside this report
+        (out / "reports" / stale).unlink(missing_ok=True)
     try:
         longest = max(cases, key=lambda c: c.max_len)  # its prefill wraps the sliding rings
         files = save_decoder_reference(reference, export_dir, out / "reports", longest, report.precision)
