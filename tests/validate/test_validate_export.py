@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -96,3 +97,28 @@ def test_hf_reference_keeps_the_torch_reports_and_stale_polygraphy_files_go(
     report = validate(export, checkpoint=ckpt, steps=2, out_dir=tmp_path)
     assert not (folder / "polygraphy_ref.json").exists() and not (folder / "polygraphy_inputs.json").exists()
     assert any("polygraphy files not written" in w for w in report.warnings)
+
+
+def test_bench_fails_on_a_missing_backend_before_timing_cpu_baselines(
+    make_export, make_checkpoint, monkeypatch
+):
+    bench_module = importlib.import_module("gemma4_compile.validate.bench")
+
+    def never(*args, **kwargs):
+        raise AssertionError("a CPU baseline was timed before the requested backend was checked")
+
+    monkeypatch.setattr(bench_module, "time_runner", never)
+    from gemma4_compile.errors import BackendUnavailable
+
+    validate_module = importlib.import_module(
+        "gemma4_compile.validate.validate"
+    )  # the module, not the function
+
+    def make(name, *args, **kwargs):
+        if name == "trt":
+            raise BackendUnavailable("trt: no CUDA GPU")
+        return object()
+
+    monkeypatch.setattr(validate_module, "make_runner", make)
+    with pytest.raises(Gemma4CompileError, match="trt: no CUDA GPU"):
+        bench(make_export("tiny-31b"), backends=["trt"], checkpoint=make_checkpoint("tiny-31b"), write=False)
