@@ -84,3 +84,15 @@ def test_loop_body_has_no_per_token_weight_gather():
     weight_gathers = [n for n in inner.node if n.op_type == "Gather" and n.input[0] in ("gate_up", "down")]
     assert [n.input[1] for n in weight_gathers] == ["e", "e"]
     assert not any(n.op_type == "Gather" and n.input[0] in ("gate_up", "down") for n in fn.node)
+
+
+def test_static_body_has_no_data_dependent_shapes():
+    """TensorRT-RTX imports no NonZero; the static twin must really be a different graph."""
+
+    def loop_ops(text: str) -> set[str]:
+        loop = next(n for n in body.function(text).node if n.op_type == "Loop")
+        return {n.op_type for n in loop.attribute[0].g.node}
+
+    ops_of = {t: loop_ops(t) for t in (body.BODY, body.BODY_STATIC)}
+    assert {"NonZero", "ScatterND"} <= ops_of[body.BODY]
+    assert not {"NonZero", "ScatterND", "GatherND"} & ops_of[body.BODY_STATIC]

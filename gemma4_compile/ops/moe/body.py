@@ -3,7 +3,9 @@
 Semantics: `gemma4_compile.model.ops.moe`. `BODY` loops over experts, so scratch is independent of the token
 count and matmul work is proportional to the routed tokens (benchmarks/moe_body.py). `BODY_GATHER`, the
 previous body, gathered the chosen experts' weights per token (T*K*2I*H scratch, ~0.2 GB per token at
-26B-A4B size); it stays for the equality test and the benchmark. The TensorRT plugin does the grouped GEMM.
+26B-A4B size); it stays for the equality test and the benchmark. `BODY_STATIC` is `BODY` without
+data-dependent shapes, which the engine builder inlines for TensorRT (engines/prepare.py); the TensorRT plugin
+does the real grouped GEMM.
 """
 
 from __future__ import annotations
