@@ -456,13 +456,9 @@ def build_engine(
         log.info("%s: up to date (%s)", target.name, record.final)
         return EngineArtifact.of(record.final, existing, reused=True)
     _checked(export.check_graph_file, DECODER)
-    record.plugins = register(flavour, options.plugins, export.path, record.kernels)
-    if record.plugins.error:
-        log.warning(
-            "%s: plugins requested but not registered (%s); custom ops will be inlined",
-            target.name,
-            record.plugins.error,
-        )
+    record.plugins = register(
+        flavour, options.plugins, export.path, record.kernels
+    )  # raises if --plugins fails
     with atomic_directory(
         record.final, BuildError, force=True
     ) as staging:  # ours: it holds an engine manifest

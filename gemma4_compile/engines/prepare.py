@@ -7,6 +7,8 @@ are the graph passes of gemma4_compile.passes, none touching weights or math:
 * SplitMoE + MarkAot, where the seven MoE stage plugins are registered (full TensorRT's AOT plugins): an AOT
   plugin launches one kernel, and `aot=1` is the parser's switch to the AOT implementation;
 * RenameShadowedOps: a custom op named like one of the parser's built-in importers reaches its function body.
+Before them, the MoE function body is swapped for its static-shape twin (`ops.moe.body.BODY_STATIC`, same math):
+the exported body selects each expert's tokens with NonZero, which TensorRT-RTX cannot import.
 
 capability.json's path is read from the parsed network, not guessed: the layer that produces a custom node's
 first output is a plugin layer when the plugin was used, and an ordinary layer of the inlined body otherwise.
@@ -72,6 +74,7 @@ class GraphEdits:
     folded_constants: int  # all-constant nodes replaced by Constants (FoldConstants)
     split_moe: int = 0  # gemma4::MoE nodes replaced by their seven stage plugins (SplitMoE)
     aot: int = 0  # custom nodes given aot=1, so the parser takes their plugin's AOT implementation (MarkAot)
+    static_moe_body: bool = False  # the MoE function body was swapped for its static-shape twin
 
     def to_dict(self) -> dict:
         return {
@@ -79,6 +82,7 @@ class GraphEdits:
             "folded_constants": self.folded_constants,
             "split_moe": self.split_moe,
             "aot": self.aot,
+            "static_moe_body": self.static_moe_body,
         }
 
 
@@ -124,14 +128,27 @@ def prepare_decoder(
         model = ir.serde.deserialize_model(onnx.load(str(path), load_external_data=False))
     except Exception as e:  # protobuf raises several types for a corrupt file
         raise BuildError(f"cannot read {path}: {e}") from None
+    static_moe = _static_moe_body(model)
     creators = set(plugin_creators(flavour))
     has_plugin = passes.plugin_lookup(creators)
     fold, split, aot = passes.FoldConstants(), passes.SplitMoE(tokens_hint), passes.MarkAot(has_plugin)
     rename = passes.RenameShadowedOps(parser.supports_operator, has_plugin)
     staged = [split, aot] if moe_stages.stages_registered(creators) else []  # full TensorRT's AOT plugins
     model = passes.run_passes(model, [fold, *staged, rename])
-    edits = GraphEdits(rename.renamed, fold.folded, split.split, aot.marked)
+    edits = GraphEdits(rename.renamed, fold.folded, split.split, aot.marked, static_moe)
     return ir.serde.serialize_model(model).SerializeToString(), _custom_nodes(model, rename.renamed), edits
+
+
+def _static_moe_body(model: ir.Model) -> bool:
+    """Swap the MoE function body for the one without data-dependent shapes (module docstring); a plugin
+    that takes the node ignores the body either way."""
+    from ..ops.moe import body
+
+    key = ("gemma4", body.OP_TYPE, "")
+    if key not in model.functions:
+        return False
+    model.functions[key] = ir.serde.deserialize_function(body.function(body.BODY_STATIC))
+    return True
 
 
 def _issues(parser: Any, nodes: tuple[OnnxNode, ...]) -> tuple[ParserIssue, ...]:

@@ -14,7 +14,7 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,10 +245,12 @@ def bench_runners(
     config: BenchConfig | None = None,
     precision: str = "fp32",
     max_len: int | None = None,
+    required: Collection[str] = (),
 ) -> LatencyReport:
     """Time each runner in turn, built just before its turn (a factory) so memory is attributed to it.
 
-    A factory that raises BackendUnavailable leaves a summary with the reason and no rows.
+    A factory that raises BackendUnavailable leaves a summary with the reason and no rows, except for a
+    `required` runner, whose error is raised at once (before slower runners are timed).
     """
     config = config or BenchConfig()
     contexts = config.contexts(spec, max_len or spec.max_position_embeddings)
@@ -261,6 +263,8 @@ def bench_runners(
         try:
             runner = item() if callable(item) and not isinstance(item, BaseRunner) else item
         except BackendUnavailable as e:
+            if name in required:
+                raise
             summaries.append(BackendSummary(name, None, before, before, None, error=str(e)))
             continue
         load_s = time.perf_counter() - t0 if runner is not item else None
@@ -299,15 +303,14 @@ def bench(
     precision, spec = manifest.dtype, manifest.spec
     ckpt = source_checkpoint(manifest, checkpoint)
     factories: dict[str, RunnerFactory] = {}
-    for name in compare:
-        factories[name] = lambda name=name: _optional(make_runner, name, export_dir, ckpt, precision)
-    for name in backends:  # requested backends: their errors reach the user
+    # requested backends first, and their errors raised at once: a missing GPU fails before minutes of CPU baselines
+    for name in backends:
         factories[name] = lambda name=name: make_runner(name, export_dir, ckpt, precision, target)
-    report = bench_runners(factories, spec, config, precision, manifest.max_seq_len)
+    for name in compare:
+        if name not in factories:
+            factories[name] = lambda name=name: _optional(make_runner, name, export_dir, ckpt, precision)
+    report = bench_runners(factories, spec, config, precision, manifest.max_seq_len, required=backends)
     report = LatencyReport(**{**report.__dict__, "export_dir": str(export_dir)})
-    failed = [s for s in report.backends if s.error and s.backend in backends]
-    if failed:
-        raise BackendUnavailable(failed[0].error or failed[0].backend)
     if write:
         write_reports(Path(out_dir) if out_dir else export_dir, latency=report)
     return report

@@ -16,6 +16,11 @@ from ..model.config import Gemma4Spec
 from ..runners.base import BaseRunner, DecodeState, lengths_of
 
 
+# "fp64" is a reference-only precision (the exact side of validation's drift gate), so DType does not list it
+def torch_dtype(name: str) -> torch.dtype:
+    return torch.float64 if name == "fp64" else DType.parse(name).torch
+
+
 class TorchRunner(BaseRunner):
     """Our reference model (gemma4_compile.model) on the CPU."""
 
@@ -25,7 +30,7 @@ class TorchRunner(BaseRunner):
         super().__init__()
         from ..model.weights import load_model
 
-        self.dtype = DType.parse(dtype).torch
+        self.dtype = torch_dtype(dtype)
         self.model = model if model is not None else load_model(checkpoint_dir, self.dtype)
         self.spec = self.model.spec
         self.max_seq_len = self.spec.max_position_embeddings

@@ -24,6 +24,15 @@ REPORTS = "reports"
 ERROR_PLOT, LATENCY_PLOT = "accuracy_error_by_position.png", "latency_decode.png"
 
 
+def accuracy_stem(reference: str) -> str:
+    """accuracy (against our torch model) or accuracy-<reference>: `--reference hf` never overwrites the first."""
+    return "accuracy" if reference == "torch" else f"accuracy-{reference}"
+
+
+def error_plot_name(reference: str) -> str:
+    return ERROR_PLOT.replace("accuracy", accuracy_stem(reference), 1)
+
+
 # ----- files ------------------------------------------------------------------------------------
 
 
@@ -69,14 +78,17 @@ def write_reports(
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     if accuracy is not None:
-        written.append(_write_json(folder / "accuracy.json", accuracy.to_dict()))
-        written.append(_atomic(folder / ERROR_PLOT, lambda p: plot_error_by_position(accuracy, p)))
-        written.append(_write_text(folder / "accuracy.md", accuracy_markdown(accuracy)))
+        stem = accuracy_stem(accuracy.reference)
+        written.append(_write_json(folder / f"{stem}.json", accuracy.to_dict()))
+        plot = folder / error_plot_name(accuracy.reference)
+        written.append(_atomic(plot, lambda p: plot_error_by_position(accuracy, p)))
+        written.append(_write_text(folder / f"{stem}.md", accuracy_markdown(accuracy)))
     if latency is not None:
         written.append(_write_json(folder / "latency.json", latency.to_dict()))
         written.append(_atomic(folder / LATENCY_PLOT, lambda p: plot_decode_latency(latency, p)))
         written.append(_write_text(folder / "latency.md", latency_markdown(latency)))
-    summary = summary_markdown(_read_json(folder / "accuracy.json"), _read_json(folder / "latency.json"))
+    accuracies = [a for f in sorted(folder.glob("accuracy*.json")) if (a := _read_json(f))]
+    summary = summary_markdown(accuracies, _read_json(folder / "latency.json"))
     written.append(_write_text(folder / "summary.md", summary))
     return written
 
@@ -113,6 +125,10 @@ def tolerance_rows(t: Any) -> list[list[str]]:
         ["greedy decode", "must match (or part on a near-tie)" if t.greedy_exact else "reported only"],
         ["MoE routing agreement", "≥ " + _pct(t.routing) if t.routing is not None else "reported only"],
         ["divergent layer", f"relative hidden-state error > {_g(t.layer_rel)}"],
+        [
+            "drift gate (replaces the max abs / KL limit when the reference also ran one precision up)",
+            f"backend's distance ≤ max({_g(t.drift_floor)}, {_g(t.drift_factor)} × the reference's own)",
+        ],
     ]
 
 
@@ -168,7 +184,8 @@ def accuracy_markdown(r: AccuracyReport) -> str:
         ]
         for c in r.cases
     ]
-    lines += [*_table(header, rows), "", f"![logit error by position]({ERROR_PLOT})", ""]
+    lines += [*_table(header, rows), "", f"![logit error by position]({error_plot_name(r.reference)})", ""]
+    lines += _drift_md(r)
     failed = [c for c in r.cases if not c.passed]
     if failed:
         lines += ["## Failures", "", *(f"- {c.message()}" for c in failed), ""]
@@ -206,6 +223,39 @@ def _localization_md(failed: list[Any], kinds: list[str]) -> list[str]:
         ]
         lines += [*_table(["layer", "kind", "rel. error", "growth", ""], rows), ""]
     return lines
+
+
+def _drift_md(r: AccuracyReport) -> list[str]:
+    """The reference's own error beside the backend's, both measured against the reference one precision up."""
+    drifts = [(c, c.drift) for c in r.cases if c.drift is not None]
+    if not drifts:
+        return []
+    exact, metric = drifts[0][1].exact, drifts[0][1].metric
+    rows = [
+        [
+            c.name,
+            w,
+            _g(ref),
+            _g(b),
+            _g(b / ref if ref > 0 else float("inf")),
+            _g(g),
+            _pct(d.routing),
+            "ok" if b <= g else "**over**",
+        ]
+        for c, d in drifts
+        for w, ref, b, g in zip(d.where, d.reference, d.backend, d.gate)
+    ]
+    return [
+        f"## The reference's own error ({metric} to the reference in {exact})",
+        "",
+        f"Reference {r.precision} vs {exact} is the model's own numerical noise at {r.precision}; a backend "
+        "far beyond it computes something else, one near it is as faithful as the reference.",
+        "",
+        *_table(
+            ["case", "where", "reference", "backend", "backend / reference", "gate", "ref. routing", ""], rows
+        ),
+        "",
+    ]
 
 
 def _overflow_md(r: AccuracyReport) -> list[str]:
@@ -276,29 +326,36 @@ def latency_markdown(r: LatencyReport) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(accuracy: dict[str, Any] | None, latency: dict[str, Any] | None) -> str:
-    """One page from the JSON reports (either may be missing)."""
+def summary_markdown(
+    accuracy: dict[str, Any] | list[dict[str, Any]] | None, latency: dict[str, Any] | None
+) -> str:
+    """One page from the JSON reports (either may be missing; one accuracy report per reference)."""
     lines = ["# gemma4-compile summary", ""]
-    if accuracy:
-        verdict = "PASSED" if accuracy.get("passed") else "FAILED"
-        cases = accuracy.get("cases", [])
-        worst = max((c["max_abs"] for c in cases if isinstance(c["max_abs"], (int, float))), default=0.0)
-        top1 = min((c["top1"] for c in cases), default=1.0)
-        lines += [
-            f"## Accuracy — {verdict}",
-            "",
-            f"{accuracy['backend']} vs {accuracy['reference']} ({accuracy['precision']}), {len(cases)} cases: "
-            f"max |Δlogit| {_g(worst)}, lowest top-1 agreement {_pct(top1)}. Details: accuracy.md.",
-            "",
-        ]
-        lines += [f"- {c['name']}: " + "; ".join(c["failures"]) for c in cases if c["failures"]]
-        lines += [f"- warning: {w}" for w in accuracy.get("warnings", [])]
-        lines += [""]
+    for acc in accuracy if isinstance(accuracy, list) else [accuracy] * bool(accuracy):
+        lines += _accuracy_summary(acc)
     if latency:
         lines += ["## Latency", "", *_latency_summary_rows(latency), "", "Details: latency.md.", ""]
     if not accuracy and not latency:
         lines += ["No reports yet: run `gemma4-compile validate` and `gemma4-compile bench`.", ""]
     return "\n".join(lines)
+
+
+def _accuracy_summary(accuracy: dict[str, Any]) -> list[str]:
+    verdict = "PASSED" if accuracy.get("passed") else "FAILED"
+    cases = accuracy.get("cases", [])
+    worst = max((c["max_abs"] for c in cases if isinstance(c["max_abs"], (int, float))), default=0.0)
+    top1 = min((c["top1"] for c in cases), default=1.0)
+    return [
+        f"## Accuracy — {verdict}",
+        "",
+        f"{accuracy['backend']} vs {accuracy['reference']} ({accuracy['precision']}), {len(cases)} cases: "
+        f"max |Δlogit| {_g(worst)}, lowest top-1 agreement {_pct(top1)}. "
+        f"Details: {accuracy_stem(accuracy['reference'])}.md.",
+        "",
+        *(f"- {c['name']}: " + "; ".join(c["failures"]) for c in cases if c["failures"]),
+        *(f"- warning: {w}" for w in accuracy.get("warnings", [])),
+        "",
+    ]
 
 
 def _latency_summary_rows(latency: dict[str, Any]) -> list[str]:

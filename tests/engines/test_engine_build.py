@@ -77,7 +77,8 @@ def test_capability_reports_every_custom_node_inlined(fresh_export):
     for node in report["nodes"]:
         assert node["path"] == "inlined" and node["op_type"] == "SlidingWindowAttention"
         assert node["trt_layer_type"] not in ("PLUGIN_V3", "PLUGIN_V2") and "note" not in node
-    assert report["graph_edits"] == {"renamed": {}, "folded_constants": 0, "split_moe": 0, "aot": 0}
+    edits = {"renamed": {}, "folded_constants": 0, "split_moe": 0, "aot": 0, "static_moe_body": False}
+    assert report["graph_edits"] == edits
     assert art.manifest.capability == {"inlined": 3}
 
 

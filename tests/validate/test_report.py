@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -115,3 +116,17 @@ def test_bench_contexts_straddle_the_window_and_fit_the_cache():
     assert BenchConfig().contexts(spec, 4096) == (4, 8, 16, 32)
     config = BenchConfig(decode_steps=8, warmup=1)
     assert config.contexts(spec, 40) == (4, 8, 16, 30)  # 30 + 8 steps + 1 warm-up + 1 <= 40
+
+
+def test_a_second_reference_writes_its_own_files(tmp_path, reports):
+    """`--reference hf` must not overwrite the torch report; the summary lists both."""
+    accuracy, _ = reports
+    write_reports(tmp_path, accuracy=accuracy)
+    other = dataclasses.replace(accuracy, reference="hf", backend="ort")
+    written = {p.name for p in write_reports(tmp_path, accuracy=other)}
+    assert {"accuracy-hf.json", "accuracy-hf.md", "accuracy-hf_error_by_position.png"} <= written
+    folder = tmp_path / "reports"
+    assert json.loads((folder / "accuracy.json").read_text())["reference"] == "torch"
+    assert "(accuracy-hf_error_by_position.png)" in (folder / "accuracy-hf.md").read_text()
+    summary = (folder / "summary.md").read_text()
+    assert "Details: accuracy.md." in summary and "Details: accuracy-hf.md." in summary

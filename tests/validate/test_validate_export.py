@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -73,3 +74,51 @@ def test_bench_export(tmp_path, make_export, make_checkpoint):
     assert {r.backend for r in report.rows} == {"torch", "hf", "ort"}
     assert all(r.vs_torch is not None for r in report.rows)
     assert (tmp_path / "reports" / "latency.md").is_file() and (tmp_path / "reports" / "summary.md").is_file()
+
+
+def test_hf_reference_keeps_the_torch_reports_and_stale_polygraphy_files_go(
+    tmp_path, make_export, make_checkpoint, monkeypatch
+):
+    from gemma4_compile.errors import BackendUnavailable
+    from gemma4_compile.validate import polygraphy_io
+
+    export, ckpt = make_export("tiny-31b"), make_checkpoint("tiny-31b")
+    validate(export, checkpoint=ckpt, steps=2, out_dir=tmp_path)
+    validate(export, reference="hf", checkpoint=ckpt, steps=2, out_dir=tmp_path)
+    folder = tmp_path / "reports"
+    assert json.loads((folder / "accuracy.json").read_text())["reference"] == "torch"
+    assert json.loads((folder / "accuracy-hf.json").read_text())["reference"] == "hf"
+    assert (folder / "polygraphy_ref.json").is_file()  # the torch run's files, still valid
+
+    def unavailable(*args, **kwargs):
+        raise BackendUnavailable("polygraphy: not installed")
+
+    monkeypatch.setattr(polygraphy_io, "save_decoder_reference", unavailable)
+    report = validate(export, checkpoint=ckpt, steps=2, out_dir=tmp_path)
+    assert not (folder / "polygraphy_ref.json").exists() and not (folder / "polygraphy_inputs.json").exists()
+    assert any("polygraphy files not written" in w for w in report.warnings)
+
+
+def test_bench_fails_on_a_missing_backend_before_timing_cpu_baselines(
+    make_export, make_checkpoint, monkeypatch
+):
+    bench_module = importlib.import_module("gemma4_compile.validate.bench")
+
+    def never(*args, **kwargs):
+        raise AssertionError("a CPU baseline was timed before the requested backend was checked")
+
+    monkeypatch.setattr(bench_module, "time_runner", never)
+    from gemma4_compile.errors import BackendUnavailable
+
+    validate_module = importlib.import_module(
+        "gemma4_compile.validate.validate"
+    )  # the module, not the function
+
+    def make(name, *args, **kwargs):
+        if name == "trt":
+            raise BackendUnavailable("trt: no CUDA GPU")
+        return object()
+
+    monkeypatch.setattr(validate_module, "make_runner", make)
+    with pytest.raises(Gemma4CompileError, match="trt: no CUDA GPU"):
+        bench(make_export("tiny-31b"), backends=["trt"], checkpoint=make_checkpoint("tiny-31b"), write=False)

@@ -1,7 +1,11 @@
 """`gemma4::MoE`: routing (softmax over all experts, top-k, renormalize, x per_expert_scale) + GELU-tanh experts.
 
-Semantics: `gemma4_compile.model.ops.moe`. The body gathers the selected experts' weights per token, which
-costs T*K*2I*H scratch: fine for validation-sized graphs, the TensorRT plugin does the real grouped GEMM.
+Semantics: `gemma4_compile.model.ops.moe`. `BODY` loops over experts, so scratch is independent of the token
+count and matmul work is proportional to the routed tokens (benchmarks/moe_body.py). `BODY_GATHER`, the
+previous body, gathered the chosen experts' weights per token (T*K*2I*H scratch, ~0.2 GB per token at
+26B-A4B size); it stays for the equality test and the benchmark. `BODY_STATIC` is `BODY` without
+data-dependent shapes, which the engine builder inlines for TensorRT (engines/prepare.py); the TensorRT plugin
+does the real grouped GEMM.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ CONTRACT = MOE
 OP_TYPE = CONTRACT.op_type
 SCHEMA = CONTRACT.schema()
 
-BODY = """
+BODY_GATHER = """
 <domain: "gemma4", opset_import: ["" : 20]>
 MoE <top_k> (x, router_logits, per_expert_scale, gate_up, down) => (y)
 {
@@ -54,9 +58,91 @@ MoE <top_k> (x, router_logits, per_expert_scale, gate_up, down) => (y)
 }
 """
 
+# Per expert e (a Loop over E): pick its (token, slot) pairs, run its GLU on those tokens only, scatter-add the
+# weighted rows into an fp32 accumulator. Scratch is [n_e, 2I] activations, never a copy of weights per token,
+# and the matmuls touch only routed tokens. Accumulates in expert order, as the torch reference does.
+BODY = """
+<domain: "gemma4", opset_import: ["" : 20]>
+MoE <top_k> (x, router_logits, per_expert_scale, gate_up, down) => (y)
+{
+  k0 = Constant <value_int: int = @top_k> ()
+  ax0 = Constant <value_ints: ints = [0]> ()
+  ax1 = Constant <value_ints: ints = [1]> ()
+  last = Constant <value_ints: ints = [-1]> ()
+  first = Constant <value_int: int = 0> ()
+  zero = Constant <value_float: float = 0.0> ()
+  one = Constant <value_int: int = 1> ()
+  go = Cast <to = 9> (one)
+  K = Unsqueeze (k0, ax0)
+  logits32 = Cast <to = 1> (router_logits)
+  probs = Softmax <axis = -1> (logits32)
+  w0, idx = TopK <axis = -1> (probs, K)
+  wsum = ReduceSum <keepdims = 1> (w0, last)
+  w1 = Div (w0, wsum)
+  pes32 = Cast <to = 1> (per_expert_scale)
+  pes = Gather (pes32, idx)
+  w = Mul (w1, pes)
+  TH = Shape (x)
+  acc0 = Expand (zero, TH)
+  E1 = Shape <start = 0, end = 1> (gate_up)
+  E = Squeeze (E1, ax0)
+  acc = Loop (E, go, acc0) <body = expert (int64 e, bool c_in, float[T,H] acc_in) => (bool c_out, float[T,H] acc_out) {
+    c_out = Identity (c_in)
+    hit = Equal (idx, e)
+    pairs = NonZero (hit)
+    tok = Gather <axis = 0> (pairs, first)
+    xe = Gather <axis = 0> (x, tok)
+    gu = Gather <axis = 0> (gate_up, e)
+    h = Gemm <transB = 1> (xe, gu)
+    gate, up = Split <axis = -1, num_outputs = 2> (h)
+    act = Gelu <approximate = "tanh"> (gate)
+    a = Mul (act, up)
+    dn = Gather <axis = 0> (down, e)
+    ye = Gemm <transB = 1> (a, dn)
+    ye32 = Cast <to = 1> (ye)
+    pt = Transpose <perm = [1, 0]> (pairs)
+    we = GatherND (w, pt)
+    we1 = Unsqueeze (we, ax1)
+    rows = Mul (ye32, we1)
+    tok1 = Unsqueeze (tok, ax1)
+    acc_out = ScatterND <reduction = "add"> (acc_in, tok1, rows)
+  }>
+  y = CastLike (acc, x)
+}
+"""
 
-def function() -> onnx.FunctionProto:
-    return onnx.parser.parse_function(BODY)
+# The same Loop without data-dependent shapes, for TensorRT inlining (TensorRT-RTX has no NonZero): each expert
+# runs on every token and its rows are weighted by the token's routing weight for it (0 where not chosen).
+# Scratch stays [T, 2I]; work is E/K times the routed work, acceptable where the plugin is the real path.
+BODY_STATIC = BODY.replace(
+    """    hit = Equal (idx, e)
+    pairs = NonZero (hit)
+    tok = Gather <axis = 0> (pairs, first)
+    xe = Gather <axis = 0> (x, tok)
+""",
+    """    hit = Equal (idx, e)
+    hitf = Cast <to = 1> (hit)
+    wk = Mul (w, hitf)
+    we1 = ReduceSum <keepdims = 1> (wk, last)
+    xe = Identity (x)
+""",
+).replace(
+    """    pt = Transpose <perm = [1, 0]> (pairs)
+    we = GatherND (w, pt)
+    we1 = Unsqueeze (we, ax1)
+    rows = Mul (ye32, we1)
+    tok1 = Unsqueeze (tok, ax1)
+    acc_out = ScatterND <reduction = "add"> (acc_in, tok1, rows)
+""",
+    """    rows = Mul (ye32, we1)
+    acc_out = Add (acc_in, rows)
+""",
+)
+
+
+def function(body: str = BODY) -> onnx.FunctionProto:
+    """The function proto; `body=BODY_GATHER` gives the previous per-token gather body (tests, benchmark)."""
+    return onnx.parser.parse_function(body)
 
 
 def translation():

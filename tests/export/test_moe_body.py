@@ -1,0 +1,98 @@
+"""The per-expert MoE bodies (`BODY`, and `BODY_STATIC` for TensorRT inlining) against the previous per-token
+gather body and the torch reference, run by onnxruntime, in fp32 and fp16, including experts no token picks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from gemma4_compile.model import ops
+from gemma4_compile.ops.moe import body
+from gemma4_compile.ops.onnx_domain import plugin_attributes
+
+NAMES = ("x", "r", "s", "gu", "dn")
+
+
+def _session(fn: onnx.FunctionProto, shapes: dict[str, tuple[int, ...]], elem: int, K: int):
+    node = helper.make_node("MoE", list(NAMES), ["y"], domain="gemma4", top_k=K, **plugin_attributes())
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info(n, elem, list(s)) for n, s in shapes.items()],
+        [helper.make_tensor_value_info("y", elem, list(shapes["x"]))],
+    )
+    opsets = [helper.make_opsetid("", 20), helper.make_opsetid("gemma4", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, functions=[fn])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _inputs(T, H, I, E, K, seed=3):  # noqa: E741
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(T, H, generator=g),
+        torch.randn(T, E, generator=g) * 3,
+        torch.rand(E, generator=g) + 0.5,
+        torch.randn(E, 2 * I, H, generator=g) / 4,
+        torch.randn(E, H, I, generator=g) / 4,
+    )
+
+
+def _run(text: str, tensors, K: int, dtype=np.float32) -> np.ndarray:
+    feeds = {n: t.numpy().astype(dtype) for n, t in zip(NAMES, tensors)}
+    elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
+    sess = _session(body.function(text), {n: a.shape for n, a in feeds.items()}, elem, K)
+    return sess.run(None, feeds)[0]
+
+
+@pytest.mark.parametrize(
+    ("T", "H", "I", "E", "K"),
+    [(1, 16, 8, 8, 1), (9, 16, 8, 8, 2), (40, 32, 16, 16, 4), (3, 16, 8, 128, 8)],  # last: most experts idle
+)
+@pytest.mark.parametrize("text", ["BODY", "BODY_STATIC"])
+def test_loop_body_equals_gather_body_and_torch(T, H, I, E, K, text):  # noqa: E741
+    tensors = _inputs(T, H, I, E, K)
+    new, old = _run(getattr(body, text), tensors, K), _run(body.BODY_GATHER, tensors, K)
+    ref = ops.moe_reference(*tensors, K).numpy()
+    np.testing.assert_allclose(new, old, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_loop_body_in_fp16():
+    tensors = _inputs(12, 32, 16, 16, 4)
+    new = _run(body.BODY, tensors, 4, np.float16).astype(np.float32)
+    old = _run(body.BODY_GATHER, tensors, 4, np.float16).astype(np.float32)
+    np.testing.assert_allclose(new, old, rtol=2e-2, atol=2e-2)
+
+
+def test_a_wrong_top_k_is_detected():
+    """The comparison can fail: top-2 routing differs from top-3."""
+    tensors = _inputs(9, 16, 8, 8, 3)
+    assert np.abs(_run(body.BODY, tensors, 2) - ops.moe_reference(*tensors, 3).numpy()).max() > 1e-2
+
+
+def test_loop_body_has_no_per_token_weight_gather():
+    """The scaling property in the graph: weights are gathered by a scalar expert id, never by [T, K] ids."""
+    fn = body.function()
+    loop = next(n for n in fn.node if n.op_type == "Loop")
+    inner = loop.attribute[0].g
+    weight_gathers = [n for n in inner.node if n.op_type == "Gather" and n.input[0] in ("gate_up", "down")]
+    assert [n.input[1] for n in weight_gathers] == ["e", "e"]
+    assert not any(n.op_type == "Gather" and n.input[0] in ("gate_up", "down") for n in fn.node)
+
+
+def test_static_body_has_no_data_dependent_shapes():
+    """TensorRT-RTX imports no NonZero; the static twin must really be a different graph."""
+
+    def loop_ops(text: str) -> set[str]:
+        loop = next(n for n in body.function(text).node if n.op_type == "Loop")
+        return {n.op_type for n in loop.attribute[0].g.node}
+
+    ops_of = {t: loop_ops(t) for t in (body.BODY, body.BODY_STATIC)}
+    assert {"NonZero", "ScatterND"} <= ops_of[body.BODY]
+    assert not {"NonZero", "ScatterND", "GatherND"} & ops_of[body.BODY_STATIC]
