@@ -114,19 +114,9 @@ def main() -> None:
         for name, r in results.items()
     ]
     report(
-        f"weight-only quantization on onnxruntime CPU (mid-size E2B-like, random weights, {args.threads} threads; "
-        f"decode = {args.steps} tokens after a {args.prompt}-token prompt incl. prefill)",
-        [
-            "export",
-            "weights MiB",
-            "size vs fp32",
-            "export s",
-            "peak RSS MiB",
-            "tokens/s",
-            "speed vs fp32",
-            "KL",
-            "top-1",
-        ],
+        f"weight-only quant, ORT CPU, mid E2B-like random, {args.threads} threads: "
+        f"{args.steps} tokens after {args.prompt} (x = vs fp32; RSS = VmHWM)",
+        ["export", "MiB", "size x", "export s", "RSS MiB", "tok/s", "speed x", "KL", "top-1"],
         rows,
         {"benchmark": "quant_memory", "prompt": args.prompt, "steps": args.steps, "results": results},
     )

@@ -4,6 +4,7 @@ the default cases: prompts up to 3W + 3 with decode past the sliding window)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -33,6 +34,7 @@ def test_every_quantized_tensor_is_one_matmulnbits_and_no_float_copy_is_left(
     out = make_quant_export("tiny-e2b", "int4")
     m = ExportManifest.load(out)
     assert m.weight_format == "int4" and m.quant.block_size == 32 and m.quant.method == "rtn"
+    assert json.loads((out / "export.json").read_text()) == m.to_json()  # the quantization record round-trips
     nodes, proto = _nbits_nodes(out)
     assert len(nodes) == len(m.quant.tensors)
     bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nodes)
