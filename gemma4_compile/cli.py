@@ -16,6 +16,7 @@ from .engines.profiles import DEFAULT_MAX_BATCH
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Gemma4CompileError, UsageError, ValidationFailed
 from .model.presets import DEFAULT_PRESET, PRESETS
 from .passes.lowerings import LOWERINGS
+from .quant.formats import BLOCK_SIZES, DEFAULT_BLOCK, KEPT_BY_DEFAULT, QUANT_CHOICES, ROLES
 
 console = Console(stderr=True)
 out = Console()
@@ -165,6 +166,35 @@ def _print_export(manifest) -> None:
     type=click.Choice(list(LOWERINGS)),
     help="; ".join(f"{n}: {lw.description}" for n, lw in LOWERINGS.items()),
 )
+@click.option(
+    "--quant",
+    default="none",
+    show_default=True,
+    type=click.Choice(QUANT_CHOICES),
+    help="Weight-only quantization (RTN symmetric per block; onnxruntime MatMulNBits, needs --dtype fp32). "
+    "The LM head goes int8; fp8/nvfp4 are not supported yet.",
+)
+@click.option(
+    "--block-size",
+    default=str(DEFAULT_BLOCK),
+    show_default=True,
+    type=click.Choice([str(b) for b in BLOCK_SIZES]),
+    help="Quantization block along each weight's input dimension.",
+)
+@click.option(
+    "--quant-keep",
+    multiple=True,
+    type=click.Choice(ROLES),
+    help=f"Leave this role in --dtype (repeatable). Always kept: {', '.join(KEPT_BY_DEFAULT)}.",
+)
+@click.option(
+    "--accuracy-level",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 4),
+    help="MatMulNBits accuracy_level: 0 keeps fp32 activations (what validate checks); 4 uses int8 activations "
+    "(faster on CPU, not exact).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def export(
     checkpoint: Path,
@@ -173,10 +203,15 @@ def export(
     max_seq_len: int | None,
     debug_outputs: bool,
     lowering: str | None,
+    quant: str,
+    block_size: str,
+    quant_keep: tuple[str, ...],
+    accuracy_level: int,
     force: bool,
 ) -> None:
     """Export a checkpoint to ONNX: embed.onnx, decoder.onnx (gemma4 custom nodes), weights.data, export.json."""
     from .export import export_checkpoint
+    from .quant.formats import QuantRequest
 
     with console.status("exporting") as status:
         result = export_checkpoint(
@@ -188,10 +223,12 @@ def export(
             debug=debug_outputs,
             lowering=lowering,
             progress=lambda stage: status.update(f"export: {stage}"),
+            quant=QuantRequest(quant, int(block_size), quant_keep, accuracy_level),
         )
     m = result.manifest
+    weights = f", weights {m.weight_format} b{m.quant.block_size}" if m.quant is not None else ""
     out.print(
-        f"exported {m.spec.num_hidden_layers} layers ({m.dtype}) to {result.path}: "
+        f"exported {m.spec.num_hidden_layers} layers ({m.dtype}{weights}) to {result.path}: "
         f"{len(m.custom_nodes)} gemma4 nodes, {len(m.caches)} caches"
     )
 

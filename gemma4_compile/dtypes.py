@@ -110,9 +110,10 @@ _ALIASES: dict[str, DType] = {
 
 FLOAT_CHOICES = ("fp32", "fp16", "bf16")  # what --dtype accepts
 
-# How weights are stored. Today a weight format is one of the float dtypes (weights in the activation dtype);
-# quantized formats (int4, int8, fp8, nvfp4) join this table with their block layout.
-WEIGHT_FORMATS = FLOAT_CHOICES
+# How weights are stored: one of the float dtypes (weights in the activation dtype), or a weight-only quantized
+# format (int4, int8: symmetric blockwise, quant/formats.py; export.json "quantization" has the block layout and
+# which roles it covers). Next: fp8, nvfp4.
+WEIGHT_FORMATS = (*FLOAT_CHOICES, "int4", "int8")
 
 
 def weight_format_for(dtype: DType | str) -> str:

@@ -30,7 +30,8 @@ from ..model.vision_config import VisionSpec
 from ..model.vision_weights import resolve_vision_weights
 from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
 from ..ops import UnknownOpError
-from ..passes import LOWERINGS, export_cleanup, run_on_proto, run_passes
+from ..passes import LOWERINGS, QuantizeMatMuls, export_cleanup, run_on_proto, run_passes
+from ..quant.formats import LM_HEAD, QuantRequest, QuantSpec, plan_quant, quant_refusal
 from . import custom_ops
 from .bundle import copy_runtime_files
 from .graphs import DecoderGraph, EmbedGraph, VisionGraph
@@ -55,7 +56,7 @@ from .manifest import (
     TensorSpec,
     cache_spec,
 )
-from .weights import DATA_FILE, attach_weights, write_weight_file
+from .weights import DATA_FILE, attach_weights, quantized_weights, write_weight_file
 
 OPSET = 20
 Progress = Callable[[str], None]
@@ -79,13 +80,16 @@ def export_checkpoint(
     debug: bool = False,
     lowering: str | None = None,
     progress: Progress | None = None,
+    quant: QuantRequest | None = None,
 ) -> ExportedModel:
     """Export a Hugging Face Gemma 4 checkpoint (config.json + safetensors) to ONNX.
 
-    `lowering="gqa"` makes an onnxruntime-only variant (see passes/lowerings.py)."""
+    `lowering="gqa"` makes an onnxruntime-only variant (see passes/lowerings.py); `quant` a weight-only
+    quantized one (see quant/formats.py)."""
     if dtype not in FLOAT_CHOICES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_CHOICES)}")
     spec = Gemma4Spec.from_pretrained(checkpoint_dir)
+    _check_quant(quant, dtype, spec)
     vision = VisionSpec.from_pretrained(checkpoint_dir)  # None: no vision tower, the text graphs only
     reader = CheckpointReader(checkpoint_dir)
     entries = resolve_text_weights(reader, spec)
@@ -103,7 +107,16 @@ def export_checkpoint(
         progress=progress,
         checkpoint=Path(checkpoint_dir).resolve(),
         vision=vision,
+        quant=quant,
     )
+
+
+def _check_quant(quant: QuantRequest | None, dtype: str, spec: Gemma4Spec) -> None:
+    """Refuse an impossible --quant in one line before any work."""
+    if quant is not None and quant.enabled:
+        refusal = quant_refusal(quant.format, dtype, spec.enable_moe_block, quant.block_size)
+        if refusal:
+            raise ExportError(refusal)
 
 
 def export_spec(
@@ -119,10 +132,12 @@ def export_spec(
     progress: Progress | None = None,
     checkpoint: Path | None = None,
     vision: VisionSpec | None = None,
+    quant: QuantRequest | None = None,
 ) -> ExportedModel:
     """Export a spec; without `entries` only the graphs are written (weights laid out but not copied).
 
     With `vision`, the export also holds the vision tower's graph (role "vision")."""
+    _check_quant(quant, dtype, spec)
     out = Path(out_dir)
     if out.exists() and not force:
         raise ExportError(f"output directory {out} already exists (use --force to replace it)")
@@ -143,6 +158,7 @@ def export_spec(
             progress or (lambda s: None),
             checkpoint,
             vision,
+            quant if quant is not None and quant.enabled else None,
         )
     manifest = ExportManifest.load(out)
     return ExportedModel(out, manifest)
@@ -194,6 +210,7 @@ def _export_into(
     progress: Progress,
     checkpoint: Path | None,
     vision: VisionSpec | None = None,
+    quant_request: QuantRequest | None = None,
 ) -> ExportManifest:
     act = DType.parse(dtype)
     with torch.device("meta"):
@@ -213,12 +230,23 @@ def _export_into(
     params = set(state)  # everything else the exporter lifted (scalars) carries real data
     used = {names[n] for g in traced.values() for n in g.graph.initializers} & params - set(computed)
     layout = entries if entries is not None else _meta_entries(state, used)
-    placed = write_weight_file(tmp, {n: layout[n] for n in used}, act.torch, write_data=entries is not None)
-    for graph in traced.values():
-        attach_weights(graph, names, placed, act.torch, tmp, computed)
+    layout = {n: layout[n] for n in used}
+    quant = None
+    graph_names = {role: names for role in traced}
+    if quant_request is not None:
+        quant, layout, graph_names[DECODER] = _plan_quant(quant_request, traced, names, layout, act)
+    placed = write_weight_file(tmp, layout, act.torch, write_data=entries is not None, quant=quant)
+    for role, graph in traced.items():
+        attach_weights(graph, graph_names[role], placed, act.torch, tmp, computed)
+    if quant is not None:
+        weights = quantized_weights(traced[DECODER], graph_names[DECODER], placed, tmp, quant.accuracy_level)
+        traced[DECODER] = run_passes(traced[DECODER], [QuantizeMatMuls(weights)])
     progress("save graphs")
     for p in producers:
-        _save(traced[p.role], tmp / p.file, check=entries is not None, edit=p.edit)
+        check = entries is not None and (
+            quant is None or p.role != DECODER
+        )  # onnx has no com.microsoft schemas
+        _save(traced[p.role], tmp / p.file, check=check, edit=p.edit)
     copy_runtime_files(checkpoint, tmp)  # tokenizer, chat template, generation config (hashed below)
     progress("hash files")
     files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
@@ -247,10 +275,34 @@ def _export_into(
             CACHE_LEN: f"dynamic, >= past_len + sequence, <= {max_seq_len}",
             **(_vision_dims(vision) if vision else {}),
         },
-        weight_format=act.value,
+        weight_format=quant.format if quant is not None else act.value,
+        quant=quant,
     )
     manifest.save(tmp)
     return manifest
+
+
+def _plan_quant(
+    request: QuantRequest,
+    traced: dict[str, ir.Model],
+    names: dict[str, str],
+    layout: dict[str, TensorEntry],
+    act: DType,
+) -> tuple[QuantSpec, dict[str, TensorEntry], dict[str, str]]:
+    """The quantization of the decoder's weights, the writer's entries with the LM head's quantized copy of the
+    tied embedding (`lm_head`), and the decoder's initializer -> tensor names pointing at that copy."""
+    quant = plan_quant(
+        request.format, request.block_size, request.keep, sorted(layout), act.value, request.accuracy_level
+    )
+    for role, graph in traced.items():  # only the decoder's MatMuls are rewritten; other graphs read floats
+        shared = {names[n] for n in graph.graph.initializers} & set(quant.tensors)
+        if role != DECODER and shared:
+            raise ExportError(f"the {role} graph reads '{min(shared)}', which --quant would quantize")
+    decoder_map = dict(names)
+    if LM_HEAD in quant.tensors:
+        layout = {**layout, LM_HEAD: layout["embed_tokens.weight"]}
+        decoder_map.update({i: LM_HEAD for i, n in names.items() if n == "embed_tokens.weight"})
+    return quant, layout, decoder_map
 
 
 def _trace(module: torch.nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> ir.Model:

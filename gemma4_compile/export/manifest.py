@@ -15,6 +15,7 @@ from ..dtypes import DType, weight_format_for
 from ..errors import ExportError, Gemma4CompileError
 from ..fsutil import EXPORT_FORMAT, EXPORT_MANIFEST, sha256_file
 from ..model.config import Gemma4Spec, LayerPlan
+from ..quant.formats import QuantSpec
 
 FORMAT, VERSION = EXPORT_FORMAT, 1
 MANIFEST = EXPORT_MANIFEST
@@ -139,6 +140,9 @@ class ExportManifest:
     checkpoint: str | None = None  # absolute path of the source checkpoint (provenance; reference runners)
     dims: dict[str, Any] = field(default_factory=dict)
     weight_format: str = ""  # how weights are stored (dtypes.WEIGHT_FORMATS); "" = as the activations
+    quant: QuantSpec | None = (
+        None  # weight-only quantization (export.json "quantization"); None = float weights
+    )
     sha256: str = field(default="", compare=False)  # of export.json itself: one fingerprint for the export
 
     def __post_init__(self) -> None:
@@ -182,6 +186,7 @@ class ExportManifest:
             "lowering": self.lowering,
             "checkpoint": self.checkpoint,
             "dims": self.dims,
+            "quantization": self.quant.to_dict() if self.quant is not None else None,
         }
 
     def save(self, directory: Path) -> None:
@@ -213,6 +218,7 @@ class ExportManifest:
                 lowering=d.get("lowering"),
                 dims=dict(d.get("dims", {})),
                 weight_format=d.get("weight_format", ""),
+                quant=QuantSpec.from_dict(d["quantization"]) if d.get("quantization") else None,
                 sha256=sha256_file(file),
             )
         except (KeyError, TypeError, ValueError) as e:

@@ -3,6 +3,11 @@
 Peak memory is one chunk, not one model: tensors are read with plain reads (mapped pages would count against
 RSS), converted to the export dtype chunk by chunk and appended. The tied embedding is written once and
 referenced by the embed graph (gather) and the decoder (LM head).
+
+With `--quant`, a quantized tensor is written as MatMulNBits codes and then its scales (quant/rtn.py), row chunk
+by row chunk, instead of its float bytes; only the scales of one tensor are held until it ends. The decoder's
+quantized LM head is a second copy of the tied embedding under the name `lm_head` (the embed graph's gather
+keeps the float table).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import torch
 from ..dtypes import DType
 from ..errors import ExportError
 from ..model.weights import TensorEntry
+from ..passes.quantize_matmul import NBitsWeight
+from ..quant.formats import BITS, QuantSpec
+from ..quant.rtn import num_blocks, pack_matmulnbits, quantize_rows
 
 DATA_FILE = "weights.data"
 ALIGN = 64
@@ -28,6 +36,22 @@ CHUNK_BYTES = 64 << 20
 class Placed:
     offset: int
     length: int
+
+
+@dataclass(frozen=True)
+class QuantPlaced:
+    """A quantized tensor in the data file: MatMulNBits codes [N, blocks, blob] then fp32 scales [N, blocks]."""
+
+    codes: Placed
+    scales: Placed
+    bits: int
+    block_size: int
+    n: int
+    k: int
+
+    @property
+    def blocks(self) -> int:
+        return num_blocks(self.k, self.block_size)
 
 
 def _write_converted(src: TensorEntry, dst, dtype: torch.dtype) -> int:
@@ -53,26 +77,91 @@ def _write_converted(src: TensorEntry, dst, dtype: torch.dtype) -> int:
     return written
 
 
+def _read_rows(src: TensorEntry, rows: int):
+    """Yield float32 row chunks [rows, K] of a 2-D tensor, read with plain reads."""
+    n, k = src.shape
+    in_size = torch.empty((), dtype=src.dtype).element_size()
+    with open(src.file, "rb") as f:
+        f.seek(src.offset)
+        for start in range(0, n, rows):
+            want = min(rows, n - start) * k * in_size
+            raw = f.read(want)
+            if len(raw) != want:
+                raise ExportError(f"{src.file.name}: truncated while reading tensor '{src.key}'")
+            chunk = torch.frombuffer(bytearray(raw), dtype=src.dtype).reshape(-1, k)
+            yield chunk.to(torch.float32).numpy()
+
+
+def _write_quantized(src: TensorEntry, dst, bits: int, block_size: int) -> tuple[int, bytes]:
+    """Append the MatMulNBits codes of `src` chunk by chunk; returns (bytes written, the scales' bytes)."""
+    k = src.shape[1]
+    in_size = torch.empty((), dtype=src.dtype).element_size()
+    rows = max(1, CHUNK_BYTES // (k * max(in_size, 4)))
+    written, scales = 0, []
+    for w in _read_rows(src, rows):
+        codes, s = quantize_rows(w, bits, block_size)
+        data = pack_matmulnbits(codes, bits).tobytes()
+        dst.write(data)
+        written += len(data)
+        scales.append(s)
+    return written, np.concatenate(scales).astype(np.float32).tobytes()
+
+
+def _quant_layout(entry: TensorEntry, bits: int, block_size: int, offset: int) -> QuantPlaced:
+    """Where the codes and scales of `entry` go when the codes start at `offset` (scales follow, aligned)."""
+    if len(entry.shape) != 2:
+        raise ExportError(
+            f"cannot quantize '{entry.key}': expected a 2-D weight, got shape {list(entry.shape)}"
+        )
+    n, k = entry.shape
+    blocks = num_blocks(k, block_size)
+    codes = Placed(offset, n * blocks * block_size * bits // 8)
+    end = codes.offset + codes.length
+    scales = Placed(end + (-end % ALIGN), n * blocks * 4)
+    return QuantPlaced(codes, scales, bits, block_size, n, k)
+
+
 def write_weight_file(
-    out_dir: Path, entries: dict[str, TensorEntry], dtype: torch.dtype, write_data: bool = True
-) -> dict[str, Placed]:
-    """Lay out (and, with write_data, write) every tensor in name order; returns name -> placement."""
-    placed: dict[str, Placed] = {}
+    out_dir: Path,
+    entries: dict[str, TensorEntry],
+    dtype: torch.dtype,
+    write_data: bool = True,
+    quant: QuantSpec | None = None,
+) -> dict[str, Placed | QuantPlaced]:
+    """Lay out (and, with write_data, write) every tensor in name order; returns name -> placement.
+    Tensors `quant` names are written quantized (codes, then scales)."""
+    placed: dict[str, Placed | QuantPlaced] = {}
     itemsize = torch.empty((), dtype=dtype).element_size()
     offset = 0
+
+    def pad_to(target: int, dst) -> None:
+        if dst is not None and target > offset:
+            dst.write(b"\0" * (target - offset))
+
     try:
         with open(out_dir / DATA_FILE, "wb") if write_data else contextlib.nullcontext() as dst:
             for name in sorted(entries):
                 entry = entries[name]
-                pad = -offset % ALIGN
-                if dst is not None and pad:
-                    dst.write(b"\0" * pad)
-                offset += pad
+                start = offset + (-offset % ALIGN)
+                pad_to(start, dst)
+                fmt = quant.format_of(name) if quant is not None else None
+                if fmt is not None:
+                    q = _quant_layout(entry, BITS[fmt], quant.block_size, start)
+                    if dst is not None:
+                        written, scales = _write_quantized(entry, dst, q.bits, q.block_size)
+                        offset = start + written
+                        pad_to(q.scales.offset, dst)
+                        dst.write(scales)
+                        if written != q.codes.length or len(scales) != q.scales.length:
+                            raise ExportError(f"tensor '{entry.key}' did not quantize to its layout")
+                    placed[name] = q
+                    offset = q.scales.offset + q.scales.length
+                    continue
                 length = int(np.prod(entry.shape, dtype=np.int64)) * itemsize
                 if dst is not None and _write_converted(entry, dst, dtype) != length:
                     raise ExportError(f"tensor '{entry.key}' did not convert to {length} bytes")
-                placed[name] = Placed(offset, length)
-                offset += length
+                placed[name] = Placed(start, length)
+                offset = start + length
     except OSError as e:
         raise ExportError(f"cannot write {DATA_FILE}: {e.strerror or e}") from None
     return placed
@@ -92,6 +181,8 @@ def attach_weights(
         if name in computed:
             value.const_value = ir.tensor(computed[name].numpy(), name=init_name)
             continue
+        if isinstance(placed.get(name), QuantPlaced):
+            continue  # the quantize pass replaces it (quantized_weights)
         if name not in placed:
             raw = getattr(value.const_value, "raw", None)
             if isinstance(raw, torch.Tensor) and raw.device.type != "meta":
@@ -107,3 +198,41 @@ def attach_weights(
             name=init_name,
             base_dir=out_dir,
         )
+
+
+def _external(init_name: str, suffix: str, p: Placed, dtype: ir.DataType, shape, out_dir: Path):
+    return ir.ExternalTensor(
+        DATA_FILE,
+        p.offset,
+        p.length,
+        dtype,
+        shape=ir.Shape(shape),
+        name=f"{init_name}_{suffix}",
+        base_dir=out_dir,
+    )
+
+
+def quantized_weights(
+    model: ir.Model,
+    names: dict[str, str],
+    placed: dict[str, Placed | QuantPlaced],
+    out_dir: Path,
+    accuracy_level: int,
+) -> dict[str, NBitsWeight]:
+    """initializer name -> its MatMulNBits inputs in the data file, for every quantized initializer of `model`."""
+    out = {}
+    for init_name in model.graph.initializers:
+        q = placed.get(names.get(init_name, init_name))
+        if not isinstance(q, QuantPlaced):
+            continue
+        blob = q.block_size * q.bits // 8
+        out[init_name] = NBitsWeight(
+            _external(init_name, f"Q{q.bits}", q.codes, ir.DataType.UINT8, (q.n, q.blocks, blob), out_dir),
+            _external(init_name, "scales", q.scales, ir.DataType.FLOAT, (q.n, q.blocks), out_dir),
+            k=q.k,
+            n=q.n,
+            bits=q.bits,
+            block_size=q.block_size,
+            accuracy_level=accuracy_level,
+        )
+    return out

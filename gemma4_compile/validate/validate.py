@@ -770,6 +770,12 @@ def validate(
     if steps < 1:
         raise ValidateError(f"steps must be at least 1, got {steps}")
     ref = make_runner(reference, export_dir, ckpt, precision)
+    if manifest.quant is not None:  # the quantized export computes with the dequantized weights: so does ref
+        if reference != "torch":
+            raise ValidateError("a quantized export validates against --reference torch (fake-quant weights)")
+        from ..quant.reference import apply_fake_quant
+
+        apply_fake_quant(ref.model, manifest.quant)
     be = make_runner(backend, export_dir, ckpt, precision, target)
     spec = ref.spec
     exact, why_not = _exact_runner(

@@ -1,0 +1,116 @@
+"""Replace `MatMul(x, Transpose(W))` by `com.microsoft.MatMulNBits(x, B, scales)` for quantized initializers W.
+
+The exporter traces torch's `x @ W.T` as a Transpose of the [N, K] weight initializer feeding a MatMul; the
+quantized codes are stored in that same [N, K] row order (MatMulNBits' B is [N, blocks, blob]), so the Transpose
+goes away with the float weight. Every use of a quantized initializer must be such a Transpose -> MatMul: any
+other use would still need the float tensor, which the quantized export does not write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+__all__ = ["MS_DOMAIN", "NBitsWeight", "QuantizeMatMuls"]
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class NBitsWeight:
+    """The MatMulNBits inputs that replace one [N, K] weight initializer."""
+
+    b: ir.TensorProtocol  # uint8 [N, blocks, block_size * bits / 8]
+    scales: ir.TensorProtocol  # float [N, blocks]
+    k: int
+    n: int
+    bits: int
+    block_size: int
+    accuracy_level: int = 0
+
+
+class QuantizeMatMuls(ir.passes.InPlacePass):
+    """`weights`: initializer name -> its quantized form. `replaced` after a run: how many MatMuls changed."""
+
+    def __init__(self, weights: dict[str, NBitsWeight]) -> None:
+        super().__init__()
+        self.weights = weights
+        self.replaced = 0
+
+    def requires(self, model: ir.Model) -> None:
+        for name in self.weights:
+            value = model.graph.initializers.get(name)
+            if value is None:
+                raise ir.passes.PreconditionError(f"quantized weight '{name}' is not an initializer")
+            for use in value.uses():
+                bad = _not_weight_transpose(use.node)
+                if bad is not None:
+                    raise ir.passes.PreconditionError(
+                        f"quantized weight '{name}' feeds {bad.op_type} ({bad.name}); only "
+                        "MatMul(x, Transpose(W)) can be quantized"
+                    )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        self.replaced = 0
+        for name, q in self.weights.items():
+            value = graph.initializers[name]
+            b = _initializer(graph, q.b)
+            scales = _initializer(graph, q.scales)
+            for transpose in list(value.consumers()):
+                for matmul in _consumers(transpose):
+                    _replace(graph, matmul, b, scales, q)
+                    self.replaced += 1
+                graph.remove(transpose, safe=True)
+            graph.initializers.pop(name)
+        if self.replaced:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return ir.passes.PassResult(model, modified=self.replaced > 0)
+
+    def ensures(self, model: ir.Model) -> None:
+        left = [n for n in self.weights if n in model.graph.initializers]
+        if left:
+            raise ir.passes.PostconditionError(f"quantized weights still in the graph: {left}")
+
+
+def _not_weight_transpose(node: ir.Node) -> ir.Node | None:
+    """None when `node` is a [1, 0] Transpose read only as MatMul's B; else the node that breaks that."""
+    perm = node.attributes.get("perm")
+    if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+        return node
+    if perm is not None and list(perm.as_ints()) != [1, 0]:
+        return node
+    for use in node.outputs[0].uses():
+        if use.node.op_type != "MatMul" or use.node.domain not in ("", "ai.onnx") or use.idx != 1:
+            return use.node
+    return None
+
+
+def _consumers(node: ir.Node) -> list[ir.Node]:
+    return [u.node for u in node.outputs[0].uses()]
+
+
+def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+    value = ir.Value(
+        name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def _replace(graph: ir.Graph, matmul: ir.Node, b: ir.Value, scales: ir.Value, q: NBitsWeight) -> None:
+    attributes = {"K": q.k, "N": q.n, "bits": q.bits, "block_size": q.block_size}
+    node = ir.node(
+        "MatMulNBits",
+        [matmul.inputs[0], b, scales],
+        attributes={**attributes, "accuracy_level": q.accuracy_level},
+        domain=MS_DOMAIN,
+        name=f"{matmul.name}_nbits" if matmul.name else None,
+    )
+    graph.insert_before(matmul, node)
+    old, new = matmul.outputs[0], node.outputs[0]
+    name, new.shape, new.type = old.name, old.shape, old.type
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    graph.remove(matmul, safe=True)
+    new.name = name

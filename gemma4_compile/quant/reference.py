@@ -1,0 +1,51 @@
+"""The fake-quant reference: our PyTorch model with every quantized weight replaced by its dequantized values.
+
+A quantized export computes with exactly these weights, so on random weights it must match this reference at
+the unquantized tolerances (docs/quantization.md section 2.7: a packing bug is off by ~100%, rounding is not
+modelled at all). The codes come from the same `quantize_rows` the writer uses; what the gate checks is
+everything after it (packing, layout, scales, the graph rewrite, the kernel).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from .formats import BITS, LM_HEAD, QuantSpec
+from .rtn import fake_quantize
+
+
+def _dequantized(weight: torch.Tensor, fmt: str, block_size: int) -> torch.nn.Parameter:
+    w = fake_quantize(weight.detach().float().numpy(), BITS[fmt], block_size)
+    return torch.nn.Parameter(torch.from_numpy(w).to(weight.dtype), requires_grad=False)
+
+
+def apply_fake_quant(model: torch.nn.Module, quant: QuantSpec) -> torch.nn.Module:
+    """Replace, in place, each weight `quant` quantizes by its dequantized copy; returns `model`.
+
+    The LM head is the tied embedding: only the logits projection sees the dequantized copy (the export's
+    embed graph gathers the float table)."""
+    for name, fmt in quant.tensors.items():
+        if name == LM_HEAD:
+            _fake_quant_lm_head(model, _dequantized(model.embed_tokens.weight, fmt, quant.block_size))
+            continue
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._parameters[attr] = _dequantized(getattr(module, attr), fmt, quant.block_size)
+    return model
+
+
+def _fake_quant_lm_head(model: torch.nn.Module, head: torch.nn.Parameter) -> None:
+    """Point the instance's `logits` at `head` for the duration of each call (the class method is untouched)."""
+    logits = type(model).logits
+
+    def quantized_logits(self, h: torch.Tensor) -> torch.Tensor:
+        table = self.embed_tokens.weight
+        self.embed_tokens.weight = head
+        try:
+            return logits(self, h)
+        finally:
+            self.embed_tokens.weight = table
+
+    model.logits = types.MethodType(quantized_logits, model)

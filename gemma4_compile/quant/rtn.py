@@ -1,0 +1,54 @@
+"""Round-to-nearest symmetric per-block quantization, and packing in com.microsoft.MatMulNBits layout.
+
+A torch Linear weight W is [N, K] (out, in); blocks run along K, so a row chunk of W quantizes on its own and
+the writer can stream. Codes are signed (int4: -8..7, int8: -128..127), no zero point, and the scale of a block
+is its signed absmax divided by the most negative code (ggml Q4_0's and onnxruntime's rule: the largest
+magnitude lands exactly on the grid's -8 end). K is padded with zeros to whole blocks.
+
+MatMulNBits stores the codes unsigned with an implied zero point of 2^(bits-1): u = q + 8 (int4) or q + 128
+(int8); int4 packs two codes per byte, the lower k in the low nibble.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def num_blocks(k: int, block_size: int) -> int:
+    return -(-k // block_size)
+
+
+def quantize_rows(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """w float [N, K] -> (codes int8 [N, blocks, block_size], scales float32 [N, blocks])."""
+    n, k = w.shape
+    nb = num_blocks(k, block_size)
+    padded = np.zeros((n, nb * block_size), dtype=np.float32)
+    padded[:, :k] = w
+    blocks = padded.reshape(n, nb, block_size)
+    idx = np.abs(blocks).argmax(axis=2)[..., None]
+    signed_max = np.take_along_axis(blocks, idx, axis=2)[..., 0]
+    lo = -(1 << (bits - 1))
+    scales = (signed_max / lo).astype(np.float32)
+    safe = np.where(scales == 0, 1.0, scales)[..., None]  # an all-zero block: codes 0, scale 0
+    codes = np.clip(np.rint(blocks / safe), lo, -lo - 1).astype(np.int8)
+    return codes, scales
+
+
+def dequantize_rows(codes: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
+    """The fake-quant weight: codes * scales, [N, K] float32 (the inverse of quantize_rows up to rounding)."""
+    n = codes.shape[0]
+    return (codes.astype(np.float32) * scales[..., None]).reshape(n, -1)[:, :k]
+
+
+def pack_matmulnbits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Signed codes [N, blocks, block_size] -> MatMulNBits B, uint8 [N, blocks, block_size * bits / 8]."""
+    u = (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    if bits == 8:
+        return u
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def fake_quantize(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """w [N, K] -> the weight the quantized graph computes with."""
+    codes, scales = quantize_rows(w, bits, block_size)
+    return dequantize_rows(codes, scales, w.shape[1])

@@ -1,0 +1,102 @@
+"""Quantized exports of tiny presets: the graph, the manifest, the data file, the refusals, and the
+correctness gate (onnxruntime at accuracy level 0 vs the fake-quant PyTorch reference, at fp32 tolerances, on
+the default cases: prompts up to 3W + 3 with decode past the sliding window)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from gemma4_compile.errors import ExportError
+from gemma4_compile.export import ExportManifest, export_checkpoint
+from gemma4_compile.export.weights import DATA_FILE, write_weight_file
+from gemma4_compile.model.weights import TensorEntry
+from gemma4_compile.quant import rtn
+from gemma4_compile.quant.formats import LM_HEAD, QuantRequest, plan_quant
+from gemma4_compile.validate.validate import validate
+
+STEPS = 4  # decode steps after each prompt; the long prompt already wraps the sliding window three times
+
+
+def _nbits_nodes(export) -> list[onnx.NodeProto]:
+    proto = onnx.load(str(export / "decoder.onnx"), load_external_data=False)
+    return [n for n in proto.graph.node if n.op_type == "MatMulNBits"], proto
+
+
+def test_every_quantized_tensor_is_one_matmulnbits_and_no_float_copy_is_left(
+    make_quant_export, make_checkpoint
+):
+    out = make_quant_export("tiny-e2b", "int4")
+    m = ExportManifest.load(out)
+    assert m.weight_format == "int4" and m.quant.block_size == 32 and m.quant.method == "rtn"
+    assert json.loads((out / "export.json").read_text()) == m.to_json()  # the quantization record round-trips
+    nodes, proto = _nbits_nodes(out)
+    assert len(nodes) == len(m.quant.tensors)
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nodes)
+    assert bits.count(8) == 1 and bits.count(4) == len(nodes) - 1  # the LM head is int8
+    inits = {i.name for i in proto.graph.initializer}
+    assert not any(n.endswith("proj.weight") and "self_attn" in n for n in inits)  # no float q/k/v/o left
+    assert "model.embed_tokens.weight" not in inits  # the decoder's LM head is the quantized copy
+    assert any("per_layer_projection.weight" in n for n in inits)  # PLE projections stay float
+    fp32_checkpoint = (make_checkpoint("tiny-e2b") / "model.safetensors").stat().st_size
+    assert (out / "weights.data").stat().st_size < 0.6 * fp32_checkpoint
+    assert m.quant.tensors[LM_HEAD] == "int8"
+
+
+def test_graph_only_layout_matches_the_written_one(tmp_path):
+    """The placements a graph-only export records are the ones the writer produces, codes then scales."""
+    w = np.random.default_rng(0).standard_normal((8, 40)).astype(np.float32)
+    (tmp_path / "t.bin").write_bytes(w.tobytes())
+    entries = {
+        name: TensorEntry(name, tmp_path / "t.bin", 0, w.nbytes, torch.float32, w.shape)
+        for name in ("a.weight", "layers.0.mlp.up_proj.weight", "z.weight")
+    }
+    quant = plan_quant("int4", 32, (), sorted(entries), "fp32")
+    (tmp_path / "out").mkdir()
+    written = write_weight_file(tmp_path / "out", entries, torch.float32, quant=quant)
+    assert written == write_weight_file(tmp_path, entries, torch.float32, write_data=False, quant=quant)
+    q = written["layers.0.mlp.up_proj.weight"]
+    data = (tmp_path / "out" / DATA_FILE).read_bytes()
+    assert len(data) == written["z.weight"].offset + w.nbytes
+    codes, scales = rtn.quantize_rows(w, 4, 32)
+    assert data[q.codes.offset : q.codes.offset + q.codes.length] == rtn.pack_matmulnbits(codes, 4).tobytes()
+    assert data[q.scales.offset : q.scales.offset + q.scales.length] == scales.tobytes()
+
+
+def test_moe_presets_and_bf16_are_refused_in_one_line_before_any_work(make_checkpoint, tmp_path):
+    with pytest.raises(ExportError, match="cannot quantize MoE experts yet"):
+        export_checkpoint(make_checkpoint("tiny-26b-a4b"), tmp_path / "moe", quant=QuantRequest("int4"))
+    with pytest.raises(ExportError, match="needs --dtype fp32"):
+        export_checkpoint(
+            make_checkpoint("tiny-e2b"), tmp_path / "bf16", dtype="bf16", quant=QuantRequest("int8")
+        )
+    assert not (tmp_path / "moe").exists() and not (tmp_path / "bf16").exists()
+
+
+@pytest.mark.parametrize("preset", ["tiny-e2b", "tiny-31b"])
+@pytest.mark.parametrize("fmt,block", [("int4", 32), ("int4", 128), ("int8", 32)])
+def test_ort_matches_the_fake_quant_reference_at_fp32_tolerances(make_quant_export, preset, fmt, block):
+    report = validate(make_quant_export(preset, fmt, block), steps=STEPS, write=False)
+    assert report.passed, report.failure_message()
+
+
+def test_swapped_nibbles_fail_the_gate(make_quant_export, tmp_path):
+    """The same export with the two int4 codes of every byte swapped (the packing bug a layout change makes)."""
+    out = tmp_path / "broken"
+    shutil.copytree(make_quant_export("tiny-e2b", "int4"), out)
+    _, proto = _nbits_nodes(out)
+    with open(out / DATA_FILE, "r+b") as f:
+        for init in proto.graph.initializer:
+            if init.name.endswith("_Q4"):
+                where = {e.key: e.value for e in init.external_data}
+                f.seek(int(where["offset"]))
+                codes = np.frombuffer(f.read(int(where["length"])), dtype=np.uint8)
+                f.seek(int(where["offset"]))
+                f.write(((codes >> 4) | (codes << 4)).astype(np.uint8).tobytes())
+    report = validate(out, steps=STEPS, write=False)
+    assert not report.passed

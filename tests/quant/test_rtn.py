@@ -1,0 +1,43 @@
+"""Round-to-nearest symmetric block quantization and MatMulNBits packing, on small hand-checkable tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gemma4_compile.quant.rtn import dequantize_rows, fake_quantize, pack_matmulnbits, quantize_rows
+
+
+def test_int4_scale_puts_the_largest_magnitude_on_minus_eight_and_codes_round_to_nearest():
+    w = np.array([[-4.0, 1.0, 2.1, 0.0], [0.5, -0.25, 1.0, 0.0]], dtype=np.float32)
+    codes, scales = quantize_rows(w, 4, 4)
+    np.testing.assert_array_equal(scales, [[0.5], [-0.125]])  # signed absmax / -8
+    np.testing.assert_array_equal(codes[:, 0], [[-8, 2, 4, 0], [-4, 2, -8, 0]])
+    np.testing.assert_allclose(dequantize_rows(codes, scales, 4), [[-4, 1, 2, 0], [0.5, -0.25, 1, 0]])
+
+
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 128), (8, 32)])
+def test_error_is_at_most_half_a_step_and_requantizing_is_exact(bits, block):
+    w = np.random.default_rng(0).standard_normal((16, 96)).astype(np.float32)
+    codes, scales = quantize_rows(w, bits, block)
+    lo = -(1 << (bits - 1))
+    assert codes.min() >= lo and codes.max() <= -lo - 1 and codes.shape == (16, -(-96 // block), block)
+    dq = dequantize_rows(codes, scales, 96)
+    step = np.repeat(np.abs(scales), block, axis=1)[:, :96]
+    clipped = codes.reshape(16, -1)[:, :96] == -lo - 1  # the grid's short end: |w| up to one step past it
+    assert np.all(np.abs(dq - w) <= np.where(clipped, step, step / 2) + 1e-6)
+    np.testing.assert_array_equal(
+        fake_quantize(dq, bits, block), dq
+    )  # the grid maps onto itself (QAT weights)
+    assert np.all(codes.reshape(16, -1)[:, 96:] == 0)  # K padded to whole blocks with zero codes
+
+
+def test_an_all_zero_block_has_zero_scale_and_codes():
+    codes, scales = quantize_rows(np.zeros((2, 32), dtype=np.float32), 4, 32)
+    assert not codes.any() and not scales.any()
+
+
+def test_matmulnbits_packing_offsets_codes_and_puts_the_lower_k_in_the_low_nibble():
+    codes = np.array([[[-8, 7, 0, -1]]], dtype=np.int8)
+    np.testing.assert_array_equal(pack_matmulnbits(codes, 4), [[[0xF0, 0x78]]])  # u = q + 8
+    np.testing.assert_array_equal(pack_matmulnbits(codes, 8), [[[120, 135, 128, 127]]])  # u = q + 128
