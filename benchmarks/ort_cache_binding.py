@@ -26,13 +26,15 @@ from gemma4_compile.runners.ort import OrtRunner
 def decode_seconds(runner: OrtRunner, ids: np.ndarray, steps: int) -> tuple[float, np.ndarray]:
     """Seconds for `steps` greedy decode steps after the prefill (prefill excluded), and the tokens."""
     state = runner.start(ids.shape[0], ids.shape[1] + steps)
-    logits = runner.step(state, ids)
+    batch = ids.shape[0]
+    logits = runner.step(state, ids, np.full(batch, ids.shape[1], np.int64))
+    one = np.ones(batch, np.int64)
     tokens = []
     t0 = time.perf_counter()
     for _ in range(steps):
         nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
         tokens.append(nxt)
-        logits = runner.step(state, nxt)
+        logits = runner.step(state, nxt, one)
     return time.perf_counter() - t0, np.concatenate(tokens, axis=1)
 
 

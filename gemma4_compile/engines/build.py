@@ -509,6 +509,13 @@ def read_export(export_dir: str | Path) -> ExportManifest:
         raise BuildError(
             f"{export.path / 'export.json'} has no graphs.{DECODER}; re-run gemma4-compile export"
         )
+    if (
+        export.quant is not None
+    ):  # MatMulNBits is onnxruntime's; the TensorRT form (DequantizeLinear) is not written yet
+        raise BuildError(
+            f"{export.path} is a {export.weight_format} export for onnxruntime; TensorRT engines need an "
+            "unquantized export (export without --quant)"
+        )
     return export
 
 

@@ -140,9 +140,8 @@ class ExportManifest:
     checkpoint: str | None = None  # absolute path of the source checkpoint (provenance; reference runners)
     dims: dict[str, Any] = field(default_factory=dict)
     weight_format: str = ""  # how weights are stored (dtypes.WEIGHT_FORMATS); "" = as the activations
-    quant: QuantSpec | None = (
-        None  # weight-only quantization (export.json "quantization"); None = float weights
-    )
+    # weight-only quantization (export.json "quantization"); None = float weights
+    quant: QuantSpec | None = None
     sha256: str = field(default="", compare=False)  # of export.json itself: one fingerprint for the export
 
     def __post_init__(self) -> None:

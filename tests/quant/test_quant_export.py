@@ -100,3 +100,13 @@ def test_swapped_nibbles_fail_the_gate(make_quant_export, tmp_path):
                 f.write(((codes >> 4) | (codes << 4)).astype(np.uint8).tobytes())
     report = validate(out, steps=STEPS, write=False)
     assert not report.passed
+
+
+def test_engine_build_of_a_quantized_export_is_refused_in_one_line(make_quant_export):
+    from gemma4_compile.engines import read_export
+    from gemma4_compile.errors import BuildError
+
+    with pytest.raises(
+        BuildError, match=r"is a int4 export for onnxruntime; TensorRT engines need an unquantized"
+    ):
+        read_export(make_quant_export("tiny-e2b", "int4"))
