@@ -21,6 +21,7 @@ from ..model.config import Gemma4Spec, LayerPlan
 FORMAT, VERSION = "gemma4-compile/export", 1
 MANIFEST = "export.json"
 SEAL = "manifest_sha256"  # sha256 of export.json's canonical JSON without this field (see `seal_of`)
+UNSEALED = (SEAL, "checkpoint")  # where the source checkpoint lives is provenance a user may repoint
 
 # The graphs an export holds, by role, in pipeline order; the exporter's producers create them.
 EMBED, DECODER = "embed", "decoder"
@@ -233,7 +234,7 @@ class ExportManifest:
             )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": FORMAT,
             "version": VERSION,
             "dtype": self.dtype,
@@ -252,11 +253,10 @@ class ExportManifest:
             "checkpoint": self.checkpoint,
             "dims": self.dims,
         }
+        return {**d, SEAL: seal_of(d)}
 
     def save(self, directory: Path) -> None:
-        d = self.to_json()
-        d[SEAL] = seal_of(d)
-        (directory / MANIFEST).write_text(json.dumps(d, indent=2, sort_keys=False) + "\n")
+        (directory / MANIFEST).write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
 
     @classmethod
     def load(cls, export_dir: str | Path, *, lenient: bool = False) -> ExportManifest:
@@ -342,9 +342,9 @@ def read_manifest_json(export_dir: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def seal_of(d: dict[str, Any]) -> str:
-    """sha256 of export.json's content without its seal, in canonical JSON (sorted keys, no spaces), so that
-    reformatting the file keeps the seal and editing any value breaks it."""
-    body = {k: v for k, v in d.items() if k != SEAL}
+    """sha256 of export.json's content but UNSEALED fields, in canonical JSON (sorted keys, no spaces), so that
+    reformatting the file keeps the seal and editing any other value breaks it."""
+    body = {k: v for k, v in d.items() if k not in UNSEALED}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
