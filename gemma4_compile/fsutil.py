@@ -40,6 +40,7 @@ def check_output_path(
     """Refuse, in one line, an output whose replacement would delete an input or a directory nobody means to
     lose: the input itself, one containing it or inside it, the working directory, home or a root."""
     target = Path(out).expanduser().resolve()
+    _check_is_directory_path(out, target, error)
     protected = {
         "a filesystem root": Path(target.anchor),
         "the home directory": Path.home().resolve(),
@@ -58,6 +59,16 @@ def check_output_path(
             raise error(f"output {out} contains the input {given}; choose another output directory")
         if target.is_relative_to(source):
             raise error(f"output {out} is inside the input {given}; choose a directory outside it")
+
+
+def _check_is_directory_path(out: Path, target: Path, error: type[Gemma4CompileError]) -> None:
+    """An output is a directory: refuse a path that is a file, or lies under one."""
+    for path in (target, *target.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == target else f"is inside {path}, which is a file"
+            raise error(f"output {out} {where}; give a directory")
+        if path.exists():
+            return
 
 
 def is_project_output(path: Path) -> bool:
