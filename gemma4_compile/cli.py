@@ -82,7 +82,10 @@ def init_random(
 ) -> None:
     """Write a random-weight checkpoint in the released Hugging Face layout (deterministic for a seed)."""
 
+    from .fsutil import check_output_path
     from .model.checkpoint import write_random_checkpoint
+
+    check_output_path(output, error=UsageError)  # before the writer looks inside it
 
     info = write_random_checkpoint(
         PRESETS[preset],
