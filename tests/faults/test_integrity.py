@@ -181,3 +181,34 @@ def test_an_engine_built_from_another_export_is_refused(tmp_path):
         BuildError, match=r"built from export aaaaaaaaaaaa, this export is bbbbbbbbbbbb; rebuild"
     ):
         check_built_from(tmp_path, engine, "b" * 64)
+
+
+def test_opening_an_engine_of_another_export_is_refused(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from gemma4_compile.engines import load
+
+    monkeypatch.setattr(load, "read_manifest", lambda d: SimpleNamespace(export_sha256="a" * 64))
+    with pytest.raises(BuildError, match="rebuild with build --force"):
+        load.open_engine(tmp_path, None, None, "b" * 64)
+
+
+@pytest.mark.rtx
+def test_the_trt_runner_checks_the_export_and_its_engine(export, monkeypatch):
+    """No GPU needed: the checks come before anything touches a TensorRT runtime."""
+    from types import SimpleNamespace
+
+    from gemma4_compile.engines import load
+    from gemma4_compile.runners import trt
+
+    engine = SimpleNamespace(export_sha256="0" * 64, flavour="tensorrt_rtx")
+    monkeypatch.setattr(trt, "local_device_sm", lambda: 89)
+    monkeypatch.setattr(trt, "read_manifest", lambda d: engine)
+    monkeypatch.setattr(load, "read_manifest", lambda d: engine)
+    with pytest.raises(
+        BuildError, match=r"built from export 000000000000, this export is [0-9a-f]{12}; rebuild"
+    ):
+        trt.TrtRunner(export, "sm89")
+    zero_weights(export)
+    with pytest.raises(ExportError, match="weights.data does not match"):
+        trt.TrtRunner(export, "sm89")
