@@ -74,7 +74,7 @@ def third_party_output(verbose: bool) -> None:
 @click.option(
     "--text-only",
     is_flag=True,
-    help="Write a gemma4_text config with 'model.' names instead of the released layout.",
+    help="Write a gemma4_text config with 'model.' names and no vision tower instead of the released layout.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def init_random(
@@ -84,6 +84,7 @@ def init_random(
 
     from .fsutil import check_output_path
     from .model.checkpoint import write_random_checkpoint
+    from .model.presets import VISION_PRESETS
 
     check_output_path(output, error=UsageError)  # before the writer looks inside it
 
@@ -94,6 +95,7 @@ def init_random(
         dtype=DType.parse(dtype).torch,
         max_shard_bytes=_parse_size(max_shard_size),
         multimodal=not text_only,
+        vision=None if text_only else VISION_PRESETS[preset],
         force=force,
     )
     out.print(

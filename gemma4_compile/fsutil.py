@@ -23,6 +23,9 @@ from pathlib import Path
 
 from .errors import Gemma4CompileError
 
+# The manifests' formats, here so that this low-level module recognizes our outputs without importing a stage
+EXPORT_FORMAT, EXPORT_MANIFEST = "gemma4-compile/export", "export.json"
+ENGINE_FORMAT, ENGINE_MANIFEST = "gemma4-compile/engine", "manifest.json"
 MARKER = ".gemma4-compile"  # {"kind": ...}: written into a checkpoint or compile output this project made
 TMP, OLD, LOCK = "tmp", "old", "lock"  # sibling names: .NAME.tmp.*, .NAME.old.*, .NAME.lock
 
@@ -100,15 +103,11 @@ def _read_json(file: Path) -> dict:
 
 
 def _is_export(path: Path) -> bool:
-    from .export.manifest import FORMAT, MANIFEST
-
-    return _read_json(path / MANIFEST).get("format") == FORMAT
+    return _read_json(path / EXPORT_MANIFEST).get("format") == EXPORT_FORMAT
 
 
 def _is_engine(path: Path) -> bool:
-    from .engines.manifest import MANIFEST_FORMAT, MANIFEST_NAME
-
-    return _read_json(path / MANIFEST_NAME).get("format") == MANIFEST_FORMAT
+    return _read_json(path / ENGINE_MANIFEST).get("format") == ENGINE_FORMAT
 
 
 def _is_compile_output(path: Path) -> bool:

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, BuildError
+from ..fsutil import ENGINE_FORMAT, ENGINE_MANIFEST
 from ..targets import TARGETS, GpuTarget
 from .profiles import ShapeProfile
 from .seam import TITLES, TrtFlavour
 
-MANIFEST_FORMAT = "gemma4-compile/engine"
+MANIFEST_FORMAT = ENGINE_FORMAT
 MANIFEST_NAME, ENGINE_NAME, CAPABILITY_NAME, LOG_NAME = (
-    "manifest.json",
+    ENGINE_MANIFEST,
     "decoder.engine",
     "capability.json",
     "build.log",

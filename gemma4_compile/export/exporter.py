@@ -1,4 +1,4 @@
-"""Checkpoint -> embed.onnx + decoder.onnx + weights.data + export.json.
+"""Checkpoint -> embed.onnx + decoder.onnx (+ vision.onnx) + weights.data + export.json.
 
 The model is never materialized: it is built and traced on the meta device, and the weights are streamed
 from the safetensors files into one external-data file, so peak memory stays flat in model size.
@@ -25,13 +25,26 @@ from ..errors import ExportError, Gemma4CompileError
 from ..fsutil import atomic_directory, sha256_file
 from ..model.config import Gemma4Spec
 from ..model.model import Gemma4TextModel
+from ..model.vision import Gemma4Vision
+from ..model.vision_config import VisionSpec
+from ..model.vision_weights import resolve_vision_weights
 from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
 from ..ops import UnknownOpError
 from ..passes import LOWERINGS, export_cleanup, run_on_proto, run_passes
 from . import custom_ops
 from .bundle import copy_runtime_files
-from .graphs import DecoderGraph, EmbedGraph
-from .io_spec import decoder_io, dynamic_shapes, embed_io, example_tensor
+from .graphs import DecoderGraph, EmbedGraph, VisionGraph
+from .io_spec import (
+    IMAGES,
+    PATCHES,
+    SOFT_TOKENS,
+    VISION,
+    decoder_io,
+    dynamic_shapes,
+    embed_io,
+    example_tensor,
+    vision_io,
+)
 from .manifest import (
     CACHE_LEN,
     DECODER,
@@ -73,7 +86,11 @@ def export_checkpoint(
     if dtype not in FLOAT_CHOICES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_CHOICES)}")
     spec = Gemma4Spec.from_pretrained(checkpoint_dir)
-    entries = resolve_text_weights(CheckpointReader(checkpoint_dir), spec)
+    vision = VisionSpec.from_pretrained(checkpoint_dir)  # None: no vision tower, the text graphs only
+    reader = CheckpointReader(checkpoint_dir)
+    entries = resolve_text_weights(reader, spec)
+    if vision is not None:
+        entries.update(resolve_vision_weights(reader, vision))
     return export_spec(
         spec,
         out_dir,
@@ -85,6 +102,7 @@ def export_checkpoint(
         lowering=lowering,
         progress=progress,
         checkpoint=Path(checkpoint_dir).resolve(),
+        vision=vision,
     )
 
 
@@ -100,8 +118,11 @@ def export_spec(
     lowering: str | None = None,
     progress: Progress | None = None,
     checkpoint: Path | None = None,
+    vision: VisionSpec | None = None,
 ) -> ExportedModel:
-    """Export a spec; without `entries` only the graphs are written (weights laid out but not copied)."""
+    """Export a spec; without `entries` only the graphs are written (weights laid out but not copied).
+
+    With `vision`, the export also holds the vision tower's graph (role "vision")."""
     out = Path(out_dir)
     if out.exists() and not force:
         raise ExportError(f"output directory {out} already exists (use --force to replace it)")
@@ -112,7 +133,16 @@ def export_spec(
         raise ExportError(f"unknown lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
     with atomic_directory(out, ExportError, force=force, inputs=[checkpoint] if checkpoint else []) as tmp:
         _export_into(
-            tmp, spec, entries, dtype, max_seq_len, debug, lowering, progress or (lambda s: None), checkpoint
+            tmp,
+            spec,
+            entries,
+            dtype,
+            max_seq_len,
+            debug,
+            lowering,
+            progress or (lambda s: None),
+            checkpoint,
+            vision,
         )
     manifest = ExportManifest.load(out)
     return ExportedModel(out, manifest)
@@ -134,12 +164,20 @@ class GraphProducer:
 
 
 def _producers(
-    model: Gemma4TextModel, dtype: DType, debug: bool, lowering: str | None
+    model: Gemma4TextModel,
+    dtype: DType,
+    debug: bool,
+    lowering: str | None,
+    vision: Gemma4Vision | None = None,
 ) -> list[GraphProducer]:
     """The export's graphs in pipeline order; adding a graph is adding its producer here."""
     spec = model.spec
     edit = (lambda proto: run_on_proto(proto, [LOWERINGS[lowering].make(spec)])) if lowering else None
+    vision_graphs = (
+        [GraphProducer(VISION, VisionGraph(vision), *vision_io(vision.spec, dtype))] if vision else []
+    )
     return [
+        *vision_graphs,  # first: its soft tokens feed the embedding stage
         GraphProducer(EMBED, EmbedGraph(model), *embed_io(spec, dtype)),
         GraphProducer(DECODER, DecoderGraph(model, debug), *decoder_io(spec, dtype, debug), edit=edit),
     ]
@@ -155,12 +193,14 @@ def _export_into(
     lowering: str | None,
     progress: Progress,
     checkpoint: Path | None,
+    vision: VisionSpec | None = None,
 ) -> ExportManifest:
     act = DType.parse(dtype)
     with torch.device("meta"):
         model = Gemma4TextModel(spec).to(act.torch)
+        vision_model = Gemma4Vision(vision).to(act.torch) if vision else None
     model.reset_rope_buffers()
-    producers = _producers(model, act, debug, lowering)
+    producers = _producers(model, act, debug, lowering, vision_model)
     traced = {}
     for p in producers:
         progress(f"trace {p.role} graph")
@@ -168,9 +208,11 @@ def _export_into(
     progress("write weights" if entries is not None else "lay out weights (graph only)")
     names = {n: n.removeprefix("model.") for g in traced.values() for n in g.graph.initializers}
     computed = {k: v for k, v in model.rope_buffers().items()}
-    params = set(model.state_dict())  # everything else the exporter lifted (scalars) carries real data
+    # our names of every module traced; both models use checkpoint names, and the vision ones never clash
+    state = {**model.state_dict(), **(vision_model.state_dict() if vision_model else {})}
+    params = set(state)  # everything else the exporter lifted (scalars) carries real data
     used = {names[n] for g in traced.values() for n in g.graph.initializers} & params - set(computed)
-    layout = entries if entries is not None else _meta_entries(model, used)
+    layout = entries if entries is not None else _meta_entries(state, used)
     placed = write_weight_file(tmp, {n: layout[n] for n in used}, act.torch, write_data=entries is not None)
     for graph in traced.values():
         attach_weights(graph, names, placed, act.torch, tmp, computed)
@@ -203,6 +245,7 @@ def _export_into(
             "sequence": "dynamic",
             SLIDING_SLOTS: spec.sliding_window,
             CACHE_LEN: f"dynamic, >= past_len + sequence, <= {max_seq_len}",
+            **(_vision_dims(vision) if vision else {}),
         },
         weight_format=act.value,
     )
@@ -257,9 +300,17 @@ def _save(
         onnx.checker.check_model(str(path), full_check=True)
 
 
-def _meta_entries(model: Gemma4TextModel, used: set[str]) -> dict[str, TensorEntry]:
+def _vision_dims(vision: VisionSpec) -> dict[str, str]:
+    k2 = vision.patches_per_token
+    return {
+        IMAGES: "dynamic",
+        PATCHES: f"dynamic, a multiple of {k2} (one soft token per {k2} patches)",
+        SOFT_TOKENS: f"patches / {k2}",
+    }
+
+
+def _meta_entries(state: dict[str, torch.Tensor], used: set[str]) -> dict[str, TensorEntry]:
     """Shapes only, for graph-only exports of models too large for this machine."""
-    state = model.state_dict()
     return {n: TensorEntry(n, Path(DATA_FILE), 0, 0, state[n].dtype, tuple(state[n].shape)) for n in used}
 
 

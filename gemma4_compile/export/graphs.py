@@ -1,6 +1,6 @@
-"""The two traced graphs as thin modules over `Gemma4TextModel` with flat tensor I/O in io_spec order.
+"""The traced graphs as thin modules over `Gemma4TextModel` and `Gemma4Vision` with flat tensor I/O in io_spec order.
 
-Both take `*flat` so one tracing routine serves both (dynamic shapes are given for the varargs tuple).
+All take `*flat` so one tracing routine serves all (dynamic shapes are given for the varargs tuple).
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..model.model import Gemma4TextModel
+from ..model.vision import Gemma4Vision
 
 
 class EmbedGraph(nn.Module):
@@ -39,3 +40,18 @@ class DecoderGraph(nn.Module):
             inputs_embeds, per_layer_tokens, past_len, seq_len, caches, self.debug
         )
         return (logits, *[t for kv in presents for t in kv], *extra)
+
+
+class VisionGraph(nn.Module):
+    """(pixel_values, image_position_ids) -> (image_soft_tokens, image_soft_len).
+
+    The real soft tokens of image i are rows [0, image_soft_len[i]) (for well-formed position grids the
+    valid pooling bins are a prefix); the rows after them are zero, like right padding after `seq_len`."""
+
+    def __init__(self, model: Gemma4Vision):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *flat: Tensor) -> tuple[Tensor, Tensor]:
+        soft, valid = self.model(flat[0], flat[1])
+        return soft, valid.sum(dim=-1)

@@ -12,9 +12,26 @@ from torch.export import Dim
 from ..dtypes import DType
 from ..model.config import Gemma4Spec, LayerPlan
 from ..model.model import debug_output_names
-from .manifest import BATCH, CACHE_LEN, SEQUENCE, SLIDING_SLOTS, TensorSpec, cache_names
+from ..model.vision_config import VisionSpec
+from .manifest import BATCH, CACHE_LEN, SEQUENCE, SLIDING_SLOTS, VISION, TensorSpec, cache_names
 
-__all__ = ["BATCH", "CACHE_LEN", "SEQUENCE", "SLIDING_SLOTS", "cache_names", "decoder_io", "embed_io"]
+__all__ = [
+    "BATCH",
+    "CACHE_LEN",
+    "IMAGES",
+    "PATCHES",
+    "SEQUENCE",
+    "SLIDING_SLOTS",
+    "SOFT_TOKENS",
+    "VISION",
+    "cache_names",
+    "decoder_io",
+    "embed_io",
+    "vision_io",
+]
+
+# The vision graph's symbolic dims (docs/export-format.md, Vision I/O).
+IMAGES, PATCHES, SOFT_TOKENS = "images", "patches", "soft_tokens"
 
 
 def cache_shape(plan: LayerPlan) -> tuple[int | str, ...]:
@@ -57,10 +74,25 @@ def decoder_io(
     return inputs, outputs
 
 
+def vision_io(spec: VisionSpec, dtype: DType | str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Patches in the processor's layout -> padded soft tokens in the text width, and how many are real."""
+    act = DType.parse(dtype).onnx_name
+    inputs = [
+        TensorSpec("pixel_values", act, (IMAGES, PATCHES, spec.patch_dim)),
+        TensorSpec("image_position_ids", "int64", (IMAGES, PATCHES, 2)),
+    ]
+    outputs = [
+        TensorSpec("image_soft_tokens", act, (IMAGES, SOFT_TOKENS, spec.text_hidden_size)),
+        TensorSpec("image_soft_len", "int64", (IMAGES,)),
+    ]
+    return inputs, outputs
+
+
 # ----- tracing -----------------------------------------------------------------------------------
 
 # Example sizes: all distinct and > 1, so torch.export neither specializes nor unifies the dims.
-_EXAMPLE = {BATCH: 2, SEQUENCE: 3, SLIDING_SLOTS: 5, CACHE_LEN: 7}
+# The vision graph derives soft_tokens = patches / 9 itself; only its inputs' dims are traced as dynamic.
+_EXAMPLE = {BATCH: 2, SEQUENCE: 3, SLIDING_SLOTS: 5, CACHE_LEN: 7, IMAGES: 4, PATCHES: 27}
 
 
 def example_tensor(t: TensorSpec, device: str = "meta") -> torch.Tensor:

@@ -15,16 +15,16 @@ from typing import Any
 
 from ..dtypes import DType, weight_format_for
 from ..errors import ExportError, Gemma4CompileError
-from ..fsutil import sha256_file, sha256_files
+from ..fsutil import EXPORT_FORMAT, EXPORT_MANIFEST, sha256_file, sha256_files
 from ..model.config import Gemma4Spec, LayerPlan
 
-FORMAT, VERSION = "gemma4-compile/export", 1
-MANIFEST = "export.json"
+FORMAT, VERSION = EXPORT_FORMAT, 1
+MANIFEST = EXPORT_MANIFEST
 SEAL = "manifest_sha256"  # sha256 of export.json's canonical JSON without this field (see `seal_of`)
 UNSEALED = (SEAL, "checkpoint")  # where the source checkpoint lives is provenance a user may repoint
 
 # The graphs an export holds, by role, in pipeline order; the exporter's producers create them.
-EMBED, DECODER = "embed", "decoder"
+EMBED, DECODER, VISION = "embed", "decoder", "vision"
 # Symbolic dims of graph I/O (export.json "dims").
 BATCH, SEQUENCE, SLIDING_SLOTS, CACHE_LEN = "batch", "sequence", "sliding_cache_len", "cache_len"
 

@@ -2,7 +2,9 @@
 
 Values are deterministic for a seed and independent of write order: every chunk of every tensor draws from
 its own generator seeded by (seed, tensor name, chunk). Scales that default to 1.0 in transformers (norm
-weights, `layer_scalar`, router `scale` and `per_expert_scale`) are drawn from 1 ± U(0.1, 0.5), so tests see them.
+weights, `layer_scalar`, router `scale` and `per_expert_scale`, the vision `std_scale`) are drawn from
+1 ± U(0.1, 0.5), so tests see them. Vision clip bounds (±inf in transformers) are drawn at ±U(1.5, 3), tight
+enough that random activations hit them.
 Large tensors are generated in row chunks, so peak memory stays far below the model size.
 """
 
@@ -22,6 +24,9 @@ from ..errors import CheckpointError
 from ..fsutil import atomic_directory
 from .config import Gemma4Spec
 from .tokenizer import write_tokenizer
+from .vision import CLIP_BOUNDS
+from .vision_config import VisionSpec
+from .vision_weights import VISION_PREFIX, vision_shapes
 from .weights import ST_NAMES, TEXT_PREFIXES, expected_shapes, leftover_shapes
 
 CHUNK_ELEMENTS = 1 << 24  # 16M values (64 MiB in fp32) per generated chunk
@@ -39,7 +44,13 @@ class CheckpointInfo:
 
 
 def _is_unit_scale(name: str) -> bool:
-    return name.endswith(("norm.weight", "layer_scalar", "router.scale", "router.per_expert_scale"))
+    return name.endswith(
+        ("norm.weight", "layer_scalar", "router.scale", "router.per_expert_scale", "std_scale")
+    )
+
+
+def _is_clip_bound(name: str) -> bool:
+    return name.endswith(CLIP_BOUNDS)
 
 
 def _generator(seed: int, name: str, chunk: int) -> torch.Generator:
@@ -66,6 +77,9 @@ def random_chunks(
             if _is_unit_scale(name):  # 1 ± U(0.1, 0.5): never close to 1, so a dropped scale is visible
                 sign = torch.randint(0, 2, sub, generator=g) * 2 - 1
                 t = 1 + sign * (0.1 + 0.4 * torch.rand(sub, generator=g))
+            elif _is_clip_bound(name):  # min < 0 < max, about 1.5-3 sigma of the activations they clamp
+                sign = -1 if name.endswith("min") else 1
+                t = sign * (1.5 + 1.5 * torch.rand(sub, generator=g))
             else:
                 fan_in = shape[-1] if len(shape) >= 2 else 1
                 t = torch.randn(sub, generator=g) * fan_in**-0.5
@@ -104,8 +118,8 @@ def _write_safetensors(
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for _, _, chunks in tensors:
-            for t in chunks():
-                f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+            for t in chunks():  # flattened first: a 0-d scalar (a clip bound) cannot be viewed as bytes
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return offset
 
 
@@ -118,15 +132,30 @@ def write_random_checkpoint(
     multimodal: bool = True,
     force: bool = False,
     with_leftovers: bool = True,
+    vision: VisionSpec | None = None,
 ) -> CheckpointInfo:
-    """Write config.json + safetensors (sharded above `max_shard_bytes`) into `out_dir`, atomically."""
+    """Write config.json + safetensors (sharded above `max_shard_bytes`) into `out_dir`, atomically.
+
+    With `vision`, the checkpoint also holds the vision tower (`model.vision_tower.*`, `model.embed_vision.*`)
+    and config.json its `vision_config`; without it, the text weights are written exactly as before."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"output directory {out} exists and is not empty (use --force to replace it)")
-    prefix = TEXT_PREFIXES[0] if multimodal else TEXT_PREFIXES[1]
+    if vision is not None and not multimodal:
+        raise CheckpointError("a vision tower needs the multimodal layout (drop --text-only)")
+    if vision is not None and vision.text_hidden_size != spec.hidden_size:
+        raise CheckpointError(
+            f"vision projector width {vision.text_hidden_size} != text hidden size {spec.hidden_size}"
+        )
+    text_prefix = TEXT_PREFIXES[0] if multimodal else TEXT_PREFIXES[1]
     shapes = dict(expected_shapes(spec))
     if with_leftovers:
         shapes.update(leftover_shapes(spec))
+    prefixes = dict.fromkeys(shapes, text_prefix)  # our name -> checkpoint key prefix
+    if vision is not None:
+        tower = vision_shapes(vision)  # names start with vision_tower. / embed_vision.: no clash with text
+        shapes.update(tower)
+        prefixes.update(dict.fromkeys(tower, VISION_PREFIX))
     itemsize = torch.empty((), dtype=dtype).element_size()
     names = sorted(shapes)
     sizes = [(n, itemsize * _numel(shapes[n])) for n in names]
@@ -141,10 +170,10 @@ def write_random_checkpoint(
                 if len(shards) == 1
                 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             )
-            tensors = [(prefix + n, shapes[n], random_chunks(n, shapes[n], seed, dtype)) for n in shard]
+            tensors = [(prefixes[n] + n, shapes[n], random_chunks(n, shapes[n], seed, dtype)) for n in shard]
             total += _write_safetensors(tmp / fname, tensors, dtype)
             files.append(fname)
-            weight_map.update({prefix + n: fname for n in shard})
+            weight_map.update({prefixes[n] + n: fname for n in shard})
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
@@ -153,6 +182,8 @@ def write_random_checkpoint(
         config["dtype"] = dtype_name
         if multimodal:
             config["text_config"]["dtype"] = dtype_name
+        if vision is not None:
+            config["vision_config"] = {**vision.to_hf_dict(), "dtype": dtype_name}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer(spec, tmp)
     return CheckpointInfo(out, spec, dtype, tuple(files), total, len(names))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..errors import Gemma4CompileError
 from .config import FULL, SLIDING, Gemma4Spec
+from .vision_config import VisionSpec
 
 
 def _pattern(sliding_per_block: int, blocks: int) -> tuple[str, ...]:
@@ -180,3 +181,49 @@ def get_preset(name: str) -> Gemma4Spec:
         return PRESETS[name]
     except KeyError:
         raise Gemma4CompileError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+# ----- vision towers (docs/architecture.md, vision), keyed like PRESETS ------------------------------
+# E2B/E4B share one tower with clipped linears; 26B/31B share a wider one that standardises its soft tokens.
+# Tiny twins keep those features, a head size divisible by 4 but not 8 on the 26B/31B side (72 = 4 x 18).
+_VISION_E = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12, head_dim=64
+)
+_VISION_BIG = dict(
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, head_dim=72
+)
+_TINY_VISION_E = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    head_dim=16,
+    position_embedding_size=64,
+)
+_TINY_VISION_BIG = dict(
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    head_dim=12,
+    position_embedding_size=64,
+)
+_VISION_SHAPES = {
+    "e2b": (_VISION_E, True),
+    "e4b": (_VISION_E, True),
+    "26b-a4b": (_VISION_BIG, False),
+    "31b": (_VISION_BIG, False),
+    "tiny-e2b": (_TINY_VISION_E, True),
+    "tiny-e4b": (_TINY_VISION_E, True),
+    "tiny-26b-a4b": (_TINY_VISION_BIG, False),
+    "tiny-31b": (_TINY_VISION_BIG, False),
+}
+VISION_PRESETS: dict[str, VisionSpec] = {
+    name: VisionSpec(
+        **shape,
+        text_hidden_size=PRESETS[name].hidden_size,
+        use_clipped_linears=small,
+        standardize=not small,
+    )
+    for name, (shape, small) in _VISION_SHAPES.items()
+}

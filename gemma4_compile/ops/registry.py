@@ -13,7 +13,7 @@ from typing import Any
 
 from .attention import SLIDING_WINDOW_ATTENTION
 from .contract import OpContract, UnknownOpError
-from .moe import MOE, STAGES
+from .moe import MOE, STAGE_KERNELS, STAGES
 
 _OPS = "gemma4_compile.ops"
 _KERNELS = "gemma4_compile.plugins.kernels"
@@ -36,16 +36,6 @@ class OpEntry:
         return self.contract.op_type
 
 
-_STAGE_KERNELS = (
-    "moe_route",
-    "moe_count",
-    "moe_offsets",
-    "moe_scatter",
-    "moe_gate_up",
-    "moe_down",
-    "moe_combine",
-)
-
 OPS: dict[str, OpEntry] = {
     e.op_type: e
     for e in (
@@ -66,7 +56,7 @@ OPS: dict[str, OpEntry] = {
             kernel=f"{_KERNELS}.moe:moe",
             plugins=("rtx",),
         ),
-        *(OpEntry(c, aot_kernel=k, plugins=("qdp",)) for c, k in zip(STAGES, _STAGE_KERNELS, strict=True)),
+        *(OpEntry(c, aot_kernel=k, plugins=("qdp",)) for c, k in zip(STAGES, STAGE_KERNELS, strict=True)),
     )
 }
 

@@ -112,13 +112,18 @@ def test_stage_contract_is_its_kernels_signature(stage):
 
 
 def test_stage_nodes_carry_exactly_the_contracts_attributes():
-    from onnx import helper
+    import onnx_ir as ir
 
-    node = helper.make_node("MoE", ["x", "r", "s", "gu", "d"], ["y"], name="m", domain="gemma4", top_k=2)
-    for stage_node in ms.stage_nodes(node, num_experts=8, tokens_hint=4):
+    from gemma4_compile.passes.split_moe import stage_fields, stage_nodes
+
+    inputs = [ir.Value(name=n) for n in ("x", "r", "s", "gu", "d")]
+    node = ir.node("MoE", inputs, attributes={"top_k": 2}, domain="gemma4", name="m")
+    nodes, _ = stage_nodes(node, stage_fields(node, num_experts=8, tokens_hint=4))
+    assert len(nodes) == len(ms.STAGES)
+    for stage_node in nodes:
         c = ops.contract(stage_node.op_type)
-        assert sorted(a.name for a in stage_node.attribute) == sorted(a.name for a in c.attributes)
-        assert len(stage_node.input) == len(c.inputs) and len(stage_node.output) == len(c.outputs)
+        assert sorted(stage_node.attributes) == sorted(a.name for a in c.attributes)
+        assert len(stage_node.inputs) == len(c.inputs) and len(stage_node.outputs) == len(c.outputs)
 
 
 # ----- the registry -------------------------------------------------------------------------------------

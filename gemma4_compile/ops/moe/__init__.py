@@ -8,6 +8,8 @@ named after the kernels' pointer arguments ('SortedPairs_ptr' -> 'sorted_pairs')
 
 from __future__ import annotations
 
+import re
+
 from ..contract import ACTIVATIONS, FLOAT32, INT32, PLUGIN_ATTRS, Attr, OpContract, Param
 
 MOE = OpContract(
@@ -110,4 +112,9 @@ STAGES = (
         ("out",),
     ),
     _stage("Combine", "sum of each token's expert rows", ("out", "pair_rows"), ("y",)),
+)
+
+# The Triton kernel (plugins/kernels/moe.py) that runs each stage, in the same order.
+STAGE_KERNELS = tuple(
+    "moe" + re.sub(r"([A-Z])", r"_\1", c.op_type.removeprefix("MoE")).lower() for c in STAGES
 )

@@ -39,6 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...errors import Gemma4CompileError
+from ...ops.moe import STAGE_KERNELS
 from ...targets import native_target
 from ..shapes import cdiv
 
@@ -338,15 +339,7 @@ def sort_by_expert(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
     return sorted_pairs, pair_rows, expert_offsets, tile_offsets
 
 
-MOE_STAGES = (
-    "moe_route",
-    "moe_count",
-    "moe_offsets",
-    "moe_scatter",
-    "moe_gate_up",
-    "moe_down",
-    "moe_combine",
-)
+MOE_STAGES = STAGE_KERNELS  # the @triton.jit functions below, by name
 
 
 def aot_configs(

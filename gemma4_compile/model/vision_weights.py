@@ -1,0 +1,75 @@
+"""Vision-tower tensors of a multimodal checkpoint: the names a VisionSpec expects, resolved and loaded.
+
+Checkpoint keys are `model.` + our names (`model.vision_tower.*`, `model.embed_vision.*`), as in the
+released Gemma 4 checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .vision_config import VisionSpec
+from .weights import CheckpointReader, TensorEntry
+
+VISION_PREFIX = "model."
+VISION_ROOTS = ("vision_tower.", "embed_vision.")
+
+
+def vision_shapes(spec: VisionSpec) -> dict[str, tuple[int, ...]]:
+    """Our tensor names (no `model.` prefix) -> shape, read off the tower built on the meta device."""
+    from .vision import Gemma4Vision
+
+    with torch.device("meta"):
+        model = Gemma4Vision(spec)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def resolve_vision_weights(reader: CheckpointReader, spec: VisionSpec) -> dict[str, TensorEntry]:
+    """Our names -> checkpoint entries; error on a missing, unexpected or mis-shaped vision tensor."""
+    expected = vision_shapes(spec)
+    found: dict[str, TensorEntry] = {}
+    for key, entry in reader.entries.items():
+        name = key.removeprefix(VISION_PREFIX)
+        if not (key.startswith(VISION_PREFIX) and name.startswith(VISION_ROOTS)):
+            continue
+        if name not in expected:
+            raise CheckpointError(
+                f"unexpected tensor '{key}' in {entry.file.name}: the vision_config has no such weight"
+            )
+        if entry.shape != expected[name]:
+            raise CheckpointError(
+                f"tensor '{key}' in {entry.file.name} has shape {list(entry.shape)}, "
+                f"vision_config expects {list(expected[name])}"
+            )
+        found[name] = entry
+    missing = [n for n in expected if n not in found]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"missing tensor '{VISION_PREFIX}{missing[0]}'{more} in {reader.dir}")
+    return found
+
+
+def load_vision_model(
+    checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, spec: VisionSpec | None = None
+):
+    """Build `Gemma4Vision` on the meta device and fill it tensor by tensor."""
+    from .vision import Gemma4Vision
+
+    spec = spec or VisionSpec.from_pretrained(checkpoint_dir)
+    if spec is None:
+        raise CheckpointError(f"{checkpoint_dir} has no vision tower (config.json vision_config is null)")
+    reader = CheckpointReader(checkpoint_dir)
+    with torch.device("meta"):
+        model = Gemma4Vision(spec)
+    for name, entry in resolve_vision_weights(reader, spec).items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        tensor = reader.load(entry).to(dtype)
+        if attr in module._buffers:
+            module._buffers[attr] = tensor
+        else:
+            module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+    return model.eval()
