@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,13 +30,33 @@ TARGET_HELP = "GPU target: sm75..sm121, a GPU name (h100, l4, rtx4090, ...) or '
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="gemma4-compile")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
-def cli(debug: bool) -> None:
+@click.option(
+    "--verbose", is_flag=True, help="Show third-party warnings (torch, transformers, onnx) [default: hidden]."
+)
+def cli(debug: bool, verbose: bool) -> None:
     """Compile Gemma 4 checkpoints to ONNX and TensorRT engines, with proof they compute what PyTorch computes.
 
     \b
     Pipeline:  export -> build (TensorRT, per GPU target) -> validate -> bench
                `compile` runs all of it; `init-random` makes test checkpoints.
     """
+    third_party_output(verbose)
+
+
+THIRD_PARTY = ("torch", "transformers", "onnx", "onnxscript", "onnx_ir", "onnxruntime", "triton", "tensorrt")
+
+
+def third_party_output(verbose: bool) -> None:
+    """Hide other libraries' warnings and log lines (torch.onnx's "Skipping torchvision::nms", transformers'
+    notices) unless --verbose; our own log lines and errors are unaffected."""
+    level = logging.WARNING if verbose else logging.ERROR
+    if not verbose:
+        for var, value in (("TORCH_LOGS", "-onnx"), ("TRANSFORMERS_VERBOSITY", "error")):
+            if not os.environ.get(var):  # torch resets its loggers' levels when it is imported
+                os.environ[var] = value
+        warnings.filterwarnings("ignore", module="|".join(rf"{m}(\.|$)" for m in THIRD_PARTY))
+    for name in ("torch.onnx", "transformers", "onnxscript", "onnx_ir"):  # those imported already
+        logging.getLogger(name).setLevel(level)
 
 
 # ----- checkpoints --------------------------------------------------------------------------------
@@ -60,8 +83,11 @@ def init_random(
 ) -> None:
     """Write a random-weight checkpoint in the released Hugging Face layout (deterministic for a seed)."""
 
+    from .fsutil import check_output_path
     from .model.checkpoint import write_random_checkpoint
     from .model.presets import VISION_PRESETS
+
+    check_output_path(output, error=UsageError)  # before the writer looks inside it
 
     info = write_random_checkpoint(
         PRESETS[preset],
@@ -213,6 +239,8 @@ def export(
     from .export import export_checkpoint
     from .quant.formats import QuantRequest
 
+    _check_max_seq_len(checkpoint, max_seq_len)
+
     with console.status("exporting") as status:
         result = export_checkpoint(
             checkpoint,
@@ -231,6 +259,17 @@ def export(
         f"exported {m.spec.num_hidden_layers} layers ({m.dtype}{weights}) to {result.path}: "
         f"{len(m.custom_nodes)} gemma4 nodes, {len(m.caches)} caches"
     )
+
+
+def _check_max_seq_len(checkpoint: Path, max_seq_len: int | None) -> None:
+    """--max-seq-len within what the checkpoint's RoPE and int32 shapes allow, before any work."""
+    if max_seq_len is None:
+        return
+    from .model.config import Gemma4Spec, check_max_seq_len
+
+    problem = check_max_seq_len(Gemma4Spec.from_pretrained(checkpoint), max_seq_len)
+    if problem:
+        raise UsageError(problem)
 
 
 @cli.command()
@@ -338,6 +377,8 @@ def validate(
     """Compare a backend with the PyTorch reference; write reports; exit non-zero if any case fails."""
     from .validate import validate as run_validate
 
+    _check_steps(export_dir, steps)
+
     report = run_validate(
         export_dir,
         backend=backend,
@@ -350,6 +391,19 @@ def validate(
     click.echo(report.summary())
     if not report.passed:
         raise ValidationFailed(report.failure_message())
+
+
+def _check_steps(export_dir: Path, steps: int | None) -> None:
+    """--steps leaves room for a prompt in the export's max_seq_len."""
+    if steps is None:
+        return
+    from .export.manifest import ExportManifest
+
+    limit = ExportManifest.load(export_dir).max_seq_len - 1
+    if not 1 <= steps <= limit:
+        raise UsageError(
+            f"--steps must be in [1, {limit}] (the export's max_seq_len is {limit + 1}), got {steps}"
+        )
 
 
 @cli.command()
@@ -503,6 +557,46 @@ def serve(export_dir: Path, host: str, port: int, max_batch: int, provider: str,
     )
 
 
+# ----- --help states every default ------------------------------------------------------------------
+
+# Options whose default is computed or absent, in words (command, option name) -> help suffix.
+DEFAULT_WORDS = {
+    ("validate", "prompts"): "[default: the built-in cases]",
+    ("validate", "steps"): "[default: 16]",  # validate.cases.DEFAULT_STEPS (importing it would import torch)
+    ("validate", "target"): "[default: native]",
+    ("bench", "target"): "[default: native]",
+    ("compile", "targets"): "[default: the first target an installed TensorRT can build, else none]",
+    ("compile", "checkpoint"): "[default: the --preset model]",
+    ("generate", "seed"): "[default: random]",
+    ("generate", "threads"): "[default: onnxruntime's choice]",
+    ("serve", "threads"): "[default: onnxruntime's choice]",
+    ("inspect", "preset"): "[default: none: inspect PATH]",
+    ("export", "lowering"): "[default: none: the standard graphs]",
+}
+
+
+def state_defaults(group: click.Group) -> None:
+    """Append its default to every option whose help does not state one: flags are off, required options say so,
+    the rest come from DEFAULT_WORDS (or 'none')."""
+    for name, command in group.commands.items():
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.hidden or param.name == "help":
+                continue
+            help_ = param.help or ""
+            if "default:" in help_ or (param.show_default and param.default is not None):
+                continue
+            if param.required:
+                suffix = "[required]"
+            elif param.is_flag:
+                suffix = "[default: off]"
+            else:
+                suffix = DEFAULT_WORDS.get((name, param.name), "[default: none]")
+            param.help = f"{help_} {suffix}".strip()
+
+
+state_defaults(cli)
+
+
 # ----- entry point ---------------------------------------------------------------------------------
 
 
@@ -530,6 +624,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         return e.exit_code
+    except (
+        OSError
+    ) as e:  # the file system refused (read-only, full, a file where a directory goes): not a bug
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        console.print(f"error: {where}{e.strerror or e}", markup=False, highlight=False, soft_wrap=True)
+        return EXIT_ERROR
     except KeyboardInterrupt:  # outputs are built beside their final path, so the previous ones are intact
         console.print("error: interrupted", markup=False)
         return EXIT_INTERRUPTED

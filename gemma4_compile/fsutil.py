@@ -43,6 +43,7 @@ def check_output_path(
     """Refuse, in one line, an output whose replacement would delete an input or a directory nobody means to
     lose: the input itself, one containing it or inside it, the working directory, home or a root."""
     target = Path(out).expanduser().resolve()
+    _check_is_directory_path(out, target, error)
     protected = {
         "a filesystem root": Path(target.anchor),
         "the home directory": Path.home().resolve(),
@@ -61,6 +62,16 @@ def check_output_path(
             raise error(f"output {out} contains the input {given}; choose another output directory")
         if target.is_relative_to(source):
             raise error(f"output {out} is inside the input {given}; choose a directory outside it")
+
+
+def _check_is_directory_path(out: Path, target: Path, error: type[Gemma4CompileError]) -> None:
+    """An output is a directory: refuse a path that is a file, or lies under one."""
+    for path in (target, *target.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == target else f"is inside {path}, which is a file"
+            raise error(f"output {out} {where}; give a directory")
+        if path.exists():
+            return
 
 
 def is_project_output(path: Path) -> bool:
@@ -279,3 +290,43 @@ def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# ----- hashing with a fast path ----------------------------------------------------------------------
+
+HASH_CACHE = (
+    ".gemma4-hashes.json"  # {name: {"sha256", "size", "mtime_ns", "ctime_ns", "ino"}}; never in `files`
+)
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    """What must be unchanged for a cached hash to stand: size, mtime and (unsettable by utime) ctime, inode."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+
+def sha256_files(directory: Path, names: Iterable[str]) -> dict[str, str]:
+    """sha256 of each named file of `directory`. A hash in the sidecar cache (HASH_CACHE) is reused while the
+    file's size, mtime, ctime and inode are what the cache recorded; any other file is rehashed and the cache
+    rewritten, atomically and best effort (a read-only directory just rehashes every time)."""
+    cache_file = directory / HASH_CACHE
+    cache = _read_json(cache_file)
+    hashes, changed = {}, False
+    for name in names:
+        path = directory / name
+        stamp = _stamp(path)
+        entry = cache.get(name)
+        if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and entry.get("sha256"):
+            hashes[name] = entry["sha256"]
+            continue
+        hashes[name] = sha256_file(path)
+        cache[name] = {"sha256": hashes[name], **stamp}
+        changed = True
+    if changed:
+        try:
+            with atomic_file(cache_file) as tmp:
+                tmp.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+                tmp.chmod(0o644)  # mkstemp makes it private; other readers of the export may reuse it
+        except OSError:
+            pass  # the cache only saves time; a directory we may not write is hashed in full each call
+    return hashes

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from .errors import BackendUnavailable, BuildError, UsageError
+from .errors import BackendUnavailable, BuildError, Gemma4CompileError, UsageError
 from .fsutil import check_output_path, check_replaceable, output_lock, write_marker
 
 
@@ -38,12 +38,26 @@ def run_pipeline(
     """Run every stage into `out_dir` (refused if it is the checkpoint or holds it, if another run writes it, or
     if it exists and is not a compile output this project wrote, or without `force`)."""
     out_dir = Path(out_dir)
+    check_targets(targets or [])
     check_output_path(out_dir, [checkpoint] if checkpoint else [], UsageError)
     with output_lock(out_dir, UsageError):
         check_replaceable(out_dir, force, UsageError)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_marker(out_dir, "compile")  # first: --force may later replace what this run leaves
         return _run(checkpoint, out_dir, targets, dtype, preset, console)
+
+
+def check_targets(targets: list[str]) -> None:
+    """Unknown target names fail before the export starts, not after it ('native' depends on the GPU here: a
+    machine without one records the build as skipped, as for a target no installed TensorRT can build)."""
+    from .targets import resolve_target
+
+    for name in targets:
+        if name.strip().lower() != "native":
+            try:
+                resolve_target(name)
+            except Gemma4CompileError as e:
+                raise UsageError(str(e)) from None
 
 
 def _run(

@@ -509,6 +509,7 @@ def read_export(export_dir: str | Path) -> ExportManifest:
         raise BuildError(
             f"{export.path / 'export.json'} has no graphs.{DECODER}; re-run gemma4-compile export"
         )
+    _checked(export.verify)  # hashes of every graph and weight file, export.json's seal and consistency
     if (
         export.quant is not None
     ):  # MatMulNBits is onnxruntime's; the TensorRT form (DequantizeLinear) is not written yet

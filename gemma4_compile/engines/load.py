@@ -35,10 +35,26 @@ def verify_files(directory: Path, manifest: EngineManifest) -> None:
             raise BuildError(f"{path} does not match its sha256 in the manifest; rebuild with --force")
 
 
-def open_engine(directory: str | Path, trt_flavour: TrtFlavour | None, device_sm: int | None) -> EngineFile:
-    """Check manifest vs the TensorRT and GPU at hand, then the files; -> EngineFile (nothing deserialized)."""
+def check_built_from(directory: Path, manifest: EngineManifest, export_sha256: str) -> None:
+    """Refuse an engine built from another export (another export.json: other graphs, weights or dims)."""
+    if manifest.export_sha256 and export_sha256 and manifest.export_sha256 != export_sha256:
+        raise BuildError(
+            f"engine {directory} was built from export {manifest.export_sha256[:12]}, this export is "
+            f"{export_sha256[:12]}; rebuild with build --force"
+        )
+
+
+def open_engine(
+    directory: str | Path,
+    trt_flavour: TrtFlavour | None,
+    device_sm: int | None,
+    export_sha256: str = "",
+) -> EngineFile:
+    """Check manifest vs the export (its export.json sha256, when given), the TensorRT and GPU at hand, then
+    the files; -> EngineFile (nothing deserialized)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
+    check_built_from(directory, manifest, export_sha256)
     check_engine(manifest, trt_flavour, device_sm)
     verify_files(directory, manifest)
     return EngineFile(directory, manifest, directory / manifest.engine_file)

@@ -6,19 +6,23 @@ One loader, `ExportManifest.load`, serves every stage. `lenient=True` takes grap
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..dtypes import DType, weight_format_for
 from ..errors import ExportError, Gemma4CompileError
-from ..fsutil import EXPORT_FORMAT, EXPORT_MANIFEST, sha256_file
+from ..fsutil import EXPORT_FORMAT, EXPORT_MANIFEST, sha256_file, sha256_files
 from ..model.config import Gemma4Spec, LayerPlan
 from ..quant.formats import QuantSpec
 
 FORMAT, VERSION = EXPORT_FORMAT, 1
 MANIFEST = EXPORT_MANIFEST
+SEAL = "manifest_sha256"  # sha256 of export.json's canonical JSON without this field (see `seal_of`)
+UNSEALED = (SEAL, "checkpoint")  # where the source checkpoint lives is provenance a user may repoint
 
 # The graphs an export holds, by role, in pipeline order; the exporter's producers create them.
 EMBED, DECODER, VISION = "embed", "decoder", "vision"
@@ -161,13 +165,79 @@ class ExportManifest:
         return self.path / self.graphs[role].file
 
     def check_graph_file(self, role: str) -> None:
-        """The graph file of `role` (weights live in external data) still matches its sha256 in export.json."""
-        g, path = self.graphs[role], self.graph_path(role)
-        if g.sha256 and sha256_file(path) != g.sha256:
-            raise ExportError(f"{path} does not match its sha256 in export.json; re-run the export")
+        """The graph file of `role` and its external data still match export.json (see `verify`)."""
+        self.verify([role])
+
+    # ----- integrity (docs/export-format.md, "Integrity") ---------------------------------------
+    def verify(self, roles: Iterable[str] | None = None) -> None:
+        """Refuse, with an ExportError naming the file, an export changed since it was written: export.json
+        edited (its seal, its own consistency), or a graph file or external data file of `roles` (default: all)
+        missing or not matching its sha256. Hashes come from the sidecar cache while the files are untouched."""
+        check_seal(self.path)
+        self.check_consistency()
+        expected = self._expected_hashes(list(self.graphs) if roles is None else roles)
+        actual = sha256_files(self.path, expected)
+        for name, sha in expected.items():
+            if actual[name] != sha:
+                raise ExportError(
+                    f"{self.path / name} does not match its sha256 in export.json (changed after export); "
+                    "re-run the export"
+                )
+
+    def _expected_hashes(self, roles: Iterable[str]) -> dict[str, str]:
+        """File name -> recorded sha256 of the graph files and external data of `roles`; every one must exist.
+        Files without a recorded hash (hand-made lenient exports) are checked for presence only."""
+        expected: dict[str, str] = {}
+        for role in roles:
+            g = self.graphs[role]
+            for name in (g.file, *g.external_data):
+                path = self.path / name
+                if not path.is_file():
+                    what = "graph" if name == g.file else f"external data of {g.file}"
+                    raise ExportError(f"{path} is missing ({what}, listed in export.json graphs.{role})")
+                recorded = {h for h in (self.files.get(name), g.sha256 if name == g.file else "") if h}
+                if len(recorded) > 1:
+                    raise ExportError(
+                        f"{self.path / MANIFEST}: graphs.{role}.sha256 and files.{name} disagree; re-run the export"
+                    )
+                if recorded:
+                    expected[name] = recorded.pop()
+        return expected
+
+    def check_consistency(self) -> None:
+        """export.json agrees with itself: the dtype with the decoder's I/O, the sliding window of the spec with
+        the caches and dims, the caches with the spec's layer plan. Catches a hand edit of one field, sealed or not."""
+        where = self.path / MANIFEST
+        try:
+            act = self.activation_dtype.onnx_name
+        except Gemma4CompileError:
+            raise ExportError(f"{where}: dtype {self.dtype!r} is not an export dtype") from None
+        decoder = self.graphs.get(DECODER)
+        embeds = [t for t in decoder.inputs if t.name == "inputs_embeds"] if decoder else []
+        if embeds and embeds[0].dtype != act:
+            raise ExportError(
+                f"{where}: dtype {self.dtype!r} but graphs.decoder input inputs_embeds is {embeds[0].dtype}"
+            )
+        if self.spec is None:
+            return
+        window = self.dims.get(SLIDING_SLOTS)
+        if window is not None and window != self.spec.sliding_window:
+            raise ExportError(
+                f"{where}: dims.{SLIDING_SLOTS} is {window!r} but spec.sliding_window is {self.spec.sliding_window}"
+            )
+        if self.caches and [c.to_dict() for c in self.caches] != [
+            cache_spec(self.spec, p).to_dict() for p in self.spec.cache_layers
+        ]:
+            raise ExportError(
+                f"{where}: caches do not match the spec's layer plan (window, heads or head_dim)"
+            )
+        if not 1 <= self.max_seq_len <= max(self.spec.max_position_embeddings, 1):
+            raise ExportError(
+                f"{where}: max_seq_len {self.max_seq_len} is outside [1, {self.spec.max_position_embeddings}]"
+            )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": FORMAT,
             "version": VERSION,
             "dtype": self.dtype,
@@ -187,6 +257,7 @@ class ExportManifest:
             "dims": self.dims,
             "quantization": self.quant.to_dict() if self.quant is not None else None,
         }
+        return {**d, SEAL: seal_of(d)}
 
     def save(self, directory: Path) -> None:
         (directory / MANIFEST).write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
@@ -273,6 +344,21 @@ def read_manifest_json(export_dir: Path) -> tuple[Path, dict[str, Any]]:
         )
         raise ExportError(f"{file}: expected format {FORMAT!r} version {VERSION}, found {found}")
     return file, d
+
+
+def seal_of(d: dict[str, Any]) -> str:
+    """sha256 of export.json's content but UNSEALED fields, in canonical JSON (sorted keys, no spaces), so that
+    reformatting the file keeps the seal and editing any other value breaks it."""
+    body = {k: v for k, v in d.items() if k not in UNSEALED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_seal(export_dir: Path) -> None:
+    """export.json still holds what the exporter wrote (exports without a seal, from before it or hand-made,
+    pass: `check_consistency` still applies to them)."""
+    file, d = read_manifest_json(export_dir)
+    if SEAL in d and d[SEAL] != seal_of(d):
+        raise ExportError(f"{file} was edited after export (its {SEAL} does not match); re-run the export")
 
 
 def tensor_specs(entries: list[dict[str, Any]], where: str) -> list[TensorSpec]:

@@ -153,6 +153,8 @@ class Gemma4Spec:
             config = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise SpecError("<root>", f"{path} is not valid JSON ({e})") from None
+        except UnicodeDecodeError:
+            raise SpecError("<root>", f"{path} is not UTF-8 text (a binary file?)") from None
         return cls.from_hf_dict(config)
 
     def to_hf_text_config(self) -> dict[str, Any]:
@@ -252,19 +254,30 @@ def _rope(text: dict[str, Any]) -> tuple[float, float, float]:
         raise SpecError("rope_parameters", "expected an object keyed by layer type")
     sliding = rope.get(SLIDING, {}) or {}
     full = rope.get(FULL, {}) or {}
+    for kind, value in ((SLIDING, sliding), (FULL, full)):
+        if not isinstance(value, dict):
+            raise SpecError(f"rope_parameters.{kind}", f"expected an object, got {value!r}")
     if full.get("rope_type", "proportional") != "proportional":
         raise SpecError("rope_parameters.full_attention.rope_type", f"unsupported {full.get('rope_type')!r}")
     if sliding.get("rope_type", "default") != "default":
         raise SpecError(
             "rope_parameters.sliding_attention.rope_type", f"unsupported {sliding.get('rope_type')!r}"
         )
-    if float(full.get("factor", 1.0)) != 1.0:
+    if _number(full, "factor", 1.0, f"rope_parameters.{FULL}") != 1.0:
         raise SpecError("rope_parameters.full_attention.factor", "RoPE scaling factors are not supported")
     return (
-        float(sliding.get("rope_theta", 10_000.0)),
-        float(full.get("rope_theta", 1_000_000.0)),
-        float(full.get("partial_rotary_factor", 0.25)),
+        _number(sliding, "rope_theta", 10_000.0, f"rope_parameters.{SLIDING}"),
+        _number(full, "rope_theta", 1_000_000.0, f"rope_parameters.{FULL}"),
+        _number(full, "partial_rotary_factor", 0.25, f"rope_parameters.{FULL}"),
     )
+
+
+def _number(d: dict[str, Any], key: str, default: float, where: str) -> float:
+    """A JSON number (not a bool, not a string) that is finite, as float."""
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SpecError(f"{where}.{key}", f"expected a finite number, got {value!r}")
+    return float(value)
 
 
 def _per_layer_overrides(text: dict[str, Any], layer_types: list[str]) -> tuple[tuple[int, int, int], ...]:
@@ -323,9 +336,13 @@ def _spec_from_text_config(text: dict[str, Any]) -> Gemma4Spec:
         raise SpecError("num_global_key_value_heads", f"expected int or null, got {n_global_kv!r}")
     eos = text.get("eos_token_id", 1)
     eos = tuple(eos) if isinstance(eos, list) else (eos,)
+    if not eos or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos):
+        raise SpecError(
+            "eos_token_id", f"expected a token id or a list of them, got {text.get('eos_token_id')!r}"
+        )
     theta_s, theta_g, partial = _rope(text)
     softcap = text.get("final_logit_softcapping")
-    if softcap is not None and not isinstance(softcap, (int, float)):
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))):
         raise SpecError("final_logit_softcapping", f"expected a number or null, got {softcap!r}")
     bidir = text.get("use_bidirectional_attention")
     if bidir == "all":
@@ -417,8 +434,9 @@ def _validate(s: Gemma4Spec) -> None:
                 "num_key_value_heads" if s.layer_types[idx] == SLIDING else "num_global_key_value_heads",
                 f"layer {idx}: {s.num_attention_heads} query heads are not a multiple of {n} KV heads",
             )
-    if s.final_logit_softcapping is not None and s.final_logit_softcapping <= 0:
+    if s.final_logit_softcapping is not None and not 0 < s.final_logit_softcapping < math.inf:
         raise SpecError("final_logit_softcapping", "must be positive or null")
+    _validate_numerics(s)
     if not 0.0 < s.partial_rotary_factor_global <= 1.0:
         raise SpecError("rope_parameters.full_attention.partial_rotary_factor", "must be in (0, 1]")
     if s.enable_moe_block:
@@ -430,6 +448,45 @@ def _validate(s: Gemma4Spec) -> None:
                 )
         if s.top_k_experts > s.num_experts:
             raise SpecError("top_k_experts", f"{s.top_k_experts} exceeds num_experts {s.num_experts}")
+
+
+MAX_POSITIONS = 2**31 - 1  # positions, cache lengths and shapes are int32 in TensorRT engines
+
+
+def _validate_numerics(s: Gemma4Spec) -> None:
+    """Values the math cannot use: a non-positive epsilon or RoPE base, odd head sizes (RoPE rotates pairs),
+    positions beyond int32, token ids outside the vocabulary."""
+    if not 0 < s.rms_norm_eps < 1:
+        raise SpecError("rms_norm_eps", f"must be in (0, 1), got {s.rms_norm_eps!r}")
+    for name in ("rope_theta_sliding", "rope_theta_global"):
+        if not 1 < getattr(s, name) < math.inf:
+            kind = SLIDING if name.endswith("sliding") else FULL
+            raise SpecError(f"rope_parameters.{kind}.rope_theta", f"must be > 1, got {getattr(s, name)!r}")
+    if not 1 <= s.max_position_embeddings <= MAX_POSITIONS:
+        raise SpecError(
+            "max_position_embeddings", f"must be in [1, {MAX_POSITIONS}], got {s.max_position_embeddings}"
+        )
+    for name in ("pad_token_id", "bos_token_id"):
+        if not 0 <= getattr(s, name) < s.vocab_size:
+            raise SpecError(name, f"must be a token id in [0, {s.vocab_size}), got {getattr(s, name)}")
+    for p in _plan_layers(s):
+        if p.head_dim <= 0 or p.head_dim % 2:
+            field_ = "head_dim" if p.kind == "sliding" else "global_head_dim"
+            raise SpecError(
+                field_,
+                f"layer {p.index}: head_dim {p.head_dim} must be a positive even number (RoPE rotates pairs)",
+            )
+
+
+def check_max_seq_len(spec: Gemma4Spec, max_seq_len: int) -> str | None:
+    """Why `max_seq_len` cannot be exported for `spec` (None when it can): positions beyond the config's
+    max_position_embeddings are outside what its RoPE was made for, and shapes are int32."""
+    limit = min(spec.max_position_embeddings, MAX_POSITIONS)
+    if not 1 <= max_seq_len <= limit:
+        return (
+            f"--max-seq-len must be in [1, {limit}] (the config's max_position_embeddings), got {max_seq_len}"
+        )
+    return None
 
 
 def _plan_layers(s: Gemma4Spec) -> tuple[LayerPlan, ...]:

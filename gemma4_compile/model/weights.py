@@ -7,10 +7,12 @@ the bytes its header promises, and loads one tensor at a time.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,7 +74,13 @@ class TensorEntry:
     shape: tuple[int, ...]
 
 
+# dtypes the model computes in; anything else (int8, bool, ...) is not a weight it can use
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """Every tensor of a safetensors file, after checking the header: JSON object, known dtypes, shapes and byte
+    ranges that agree, inside the file and not overlapping. A CheckpointError names the file and tensor."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -86,22 +94,64 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
     except OSError as e:
         raise CheckpointError(f"{path.name}: cannot read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path.name}: corrupt safetensors header") from None
-    base = 8 + n
-    entries = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = ST_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path.name}: tensor '{key}' has unsupported dtype {info.get('dtype')!r}")
-        a, b = info["data_offsets"]
-        if base + b > size:
-            raise CheckpointError(
-                f"{path.name}: truncated: tensor '{key}' ends at byte {base + b} but the file has {size}"
-            )
-        entries[key] = TensorEntry(key, path, base + a, b - a, dtype, tuple(info["shape"]))
+        raise CheckpointError(f"{path.name}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: corrupt safetensors header (not a JSON object)")
+    entries = {
+        key: _entry(path, key, info, 8 + n, size) for key, info in header.items() if key != "__metadata__"
+    }
+    _check_no_overlap(path, entries)
     return entries
+
+
+def _entry(path: Path, key: str, info: Any, base: int, size: int) -> TensorEntry:
+    """One header entry -> TensorEntry; its dtype is known, its shape and byte range agree and fit the file."""
+    where = f"{path.name}: tensor '{key}'"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: header entry is not an object")
+    dtype = ST_DTYPES.get(info.get("dtype"))
+    if dtype is None:
+        raise CheckpointError(f"{where} has unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not _ints(shape):
+        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if not _ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise CheckpointError(
+            f"{where}: data_offsets must be [begin, end] with begin <= end, got {offsets!r}"
+        )
+    a, b = offsets
+    if base + b > size:
+        raise CheckpointError(
+            f"{path.name}: truncated: tensor '{key}' ends at byte {base + b} but the file has {size}"
+        )
+    expected = math.prod(shape) * dtype.itemsize
+    if b - a != expected:
+        raise CheckpointError(
+            f"{where}: {b - a} bytes for shape {shape} of {info['dtype']} ({expected} expected)"
+        )
+    return TensorEntry(key, path, base + a, b - a, dtype, tuple(shape))
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
+
+
+def _check_no_overlap(path: Path, entries: dict[str, TensorEntry]) -> None:
+    """Two tensors sharing bytes would alias each other: a corrupt or hand-made file."""
+    spans = sorted((e.offset, e.offset + e.nbytes, e.key) for e in entries.values() if e.nbytes)
+    end, last = 0, ""
+    for begin, stop, key in spans:  # sorted by start: an overlap starts before the furthest end so far
+        if begin < end:
+            raise CheckpointError(f"{path.name}: tensors '{last}' and '{key}' overlap (byte {begin} of both)")
+        end, last = stop, key
+
+
+def check_finite(entry: TensorEntry, values: torch.Tensor) -> None:
+    """Refuse a weight (or a chunk of one, while streaming) holding NaN or Inf."""
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        raise CheckpointError(f"tensor '{entry.key}' in {entry.file.name} holds NaN or Inf values")
 
 
 class CheckpointReader:
@@ -141,7 +191,9 @@ class CheckpointReader:
             raise CheckpointError(f"{entry.file.name}: truncated while reading tensor '{entry.key}'")
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
-        return torch.frombuffer(data, dtype=entry.dtype).reshape(entry.shape)
+        tensor = torch.frombuffer(data, dtype=entry.dtype).reshape(entry.shape)
+        check_finite(entry, tensor)
+        return tensor
 
 
 def resolve_text_weights(reader: CheckpointReader, spec: Gemma4Spec) -> dict[str, TensorEntry]:
@@ -163,6 +215,11 @@ def resolve_text_weights(reader: CheckpointReader, spec: Gemma4Spec) -> dict[str
         if name not in expected:
             raise CheckpointError(
                 f"unexpected tensor '{key}' in {entry.file.name}: the config has no such weight"
+            )
+        if entry.dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(
+                f"tensor '{key}' in {entry.file.name} has dtype {ST_NAMES[entry.dtype]}; "
+                "the model needs F32, F16 or BF16 weights"
             )
         if entry.shape != expected[name]:
             raise CheckpointError(

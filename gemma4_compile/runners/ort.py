@@ -27,6 +27,7 @@ class OrtRunner(BaseRunner):
         except ImportError:
             raise BackendUnavailable("ort: onnxruntime is not installed") from None
         self.manifest = ExportManifest.load(export_dir)
+        self.manifest.verify()  # hashes of graphs and weights, export.json's seal (docs/export-format.md)
         if not self.manifest.weights:
             raise BackendUnavailable(f"ort: {export_dir} is a graph-only export (no weights)")
         if self.manifest.activation_dtype is DType.BF16:
@@ -37,16 +38,20 @@ class OrtRunner(BaseRunner):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.sessions = {
-            role: ort.InferenceSession(
-                str(self.manifest.graph_path(role)), options, providers=providers or ["CPUExecutionProvider"]
-            )
-            for role in self.manifest.graphs
-        }
+        providers = providers or ["CPUExecutionProvider"]
+        self.sessions = {role: self._session(ort, role, options, providers) for role in self.manifest.graphs}
         decoder = self.manifest.graphs[DECODER]
         self._act = self.manifest.activation_dtype.numpy
         self._outputs = [t.name for t in decoder.outputs]
         self._embed_outputs = [t.name for t in self.manifest.graphs[EMBED].outputs]
+
+    def _session(self, ort, role: str, options, providers: list[str]):
+        path = self.manifest.graph_path(role)
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime's Fail / InvalidGraph / NoSuchFile...: a file it cannot load
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunnerError(f"ort: cannot load {path}: {reason}") from None
 
     def _new_caches(self, batch: int, max_len: int) -> dict[str, np.ndarray]:
         return {

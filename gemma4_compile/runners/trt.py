@@ -101,13 +101,16 @@ class TrtRunner(BaseRunner):
         import torch
 
         self.export = ExportManifest.load(export_dir, lenient=True)
+        self.export.verify()  # the embed graph runs from the export; its files must be what was exported
         directory = engine_dir(export_dir, target)
         manifest = read_manifest(directory)
         try:
             flavour = load_trt(manifest.flavour)
         except Gemma4CompileError as e:
             raise BackendUnavailable(f"trt: the engine needs {manifest.trt_title}: {e}") from None
-        self.engine_file = open_engine(directory, flavour, device_sm)  # refuses another TensorRT or GPU
+        self.engine_file = open_engine(  # refuses another export, TensorRT or GPU
+            directory, flavour, device_sm, self.export.sha256
+        )
         self.manifest = self.engine_file.manifest
         self.logger = make_logger(flavour, "WARNING")
         self.runtime, self.engine = deserialize(self.engine_file, flavour, device_sm, self.logger)

@@ -300,6 +300,7 @@ def bench(
 
     export_dir = Path(export_dir)
     manifest = ExportManifest.load(export_dir)
+    manifest.verify()  # graphs and weights match export.json before anything runs
     precision, spec = manifest.dtype, manifest.spec
     ckpt = source_checkpoint(manifest, checkpoint)
     factories: dict[str, RunnerFactory] = {}

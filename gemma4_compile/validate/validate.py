@@ -764,6 +764,7 @@ def validate(
     from ..export.manifest import ExportManifest
 
     manifest = ExportManifest.load(export_dir)
+    manifest.verify()  # graphs and weights match export.json before anything runs
     precision = manifest.dtype
     ckpt = source_checkpoint(manifest, checkpoint)
     steps = DEFAULT_STEPS if steps is None else steps

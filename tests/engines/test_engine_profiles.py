@@ -46,7 +46,7 @@ def test_max_seq_defaults_to_the_export_and_is_bounded_by_it(synthetic_exports):
 def test_undefined_symbolic_dim_is_refused(synthetic_exports, tmp_path):
     raw = json.loads((synthetic_exports["fp16"] / "export.json").read_text())
     raw["graphs"]["decoder"]["inputs"][0]["shape"] = ["batch", "sequence", "hidden"]
-    for name in ("embed.onnx", "decoder.onnx"):
+    for name in ("embed.onnx", "decoder.onnx", "embed.onnx.data", "decoder.onnx.data"):
         (tmp_path / name).write_bytes((synthetic_exports["fp16"] / name).read_bytes())
     (tmp_path / "export.json").write_text(json.dumps(raw))
     with pytest.raises(BuildError, match="decoder input 'inputs_embeds' has dimension 'hidden'"):

@@ -163,7 +163,7 @@ def test_unsupported_dtype_and_existing_output(make_checkpoint, make_export, tmp
 def test_unwritable_output(make_checkpoint, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(ExportError, match="cannot create"):
+    with pytest.raises(ExportError, match="which is a file; give a directory"):
         export_checkpoint(make_checkpoint("tiny-31b"), blocker / "out")
 
 

@@ -55,3 +55,24 @@ def fake_export(path: Path) -> Path:
     )
     (path / "decoder.onnx").write_bytes(b"previous output")
     return path
+
+
+def copy_export(source: Path, dest: Path) -> Path:
+    """A private copy of a session export, to damage."""
+    import shutil
+
+    return Path(shutil.copytree(source, dest))
+
+
+def reseal(export: Path) -> None:
+    """Record the current files in export.json as a (buggy) exporter would have written them: fresh hashes and
+    seal, so that what a test damaged is no longer caught by the integrity check."""
+    import dataclasses
+
+    from gemma4_compile.export.manifest import ExportManifest
+    from gemma4_compile.fsutil import sha256_file
+
+    m = ExportManifest.load(export)
+    files = {name: sha256_file(export / name) for name in m.files}
+    graphs = {r: dataclasses.replace(g, sha256=files[g.file]) for r, g in m.graphs.items()}
+    dataclasses.replace(m, files=files, graphs=graphs).save(export)

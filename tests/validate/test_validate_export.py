@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 
 import pytest
 
@@ -48,11 +49,12 @@ def test_validate_user_errors(tmp_path, make_export):
         validate(tmp_path)
     with pytest.raises(Gemma4CompileError, match="unknown reference 'jax'"):
         validate(make_export("tiny-31b"), reference="jax")
-    manifest = json.loads((make_export("tiny-31b") / "export.json").read_text())
+    export = shutil.copytree(make_export("tiny-31b"), tmp_path / "export")
+    manifest = json.loads((export / "export.json").read_text())
     manifest.pop("checkpoint")  # an export that names no checkpoint
-    (tmp_path / "export.json").write_text(json.dumps(manifest))
+    (export / "export.json").write_text(json.dumps(manifest))
     with pytest.raises(Gemma4CompileError, match="needs the source checkpoint"):
-        validate(tmp_path, write=False)
+        validate(export, write=False)
 
 
 def test_validate_finds_the_recorded_checkpoint(make_export):
