@@ -22,7 +22,7 @@ import torch
 
 from ..dtypes import DType
 from ..errors import ExportError
-from ..model.weights import TensorEntry
+from ..model.weights import TensorEntry, check_finite
 from ..passes.quantize_matmul import NBitsWeight
 from ..quant.formats import BITS, QuantSpec
 from ..quant.rtn import num_blocks, pack_matmulnbits, quantize_rows
@@ -67,11 +67,17 @@ def _write_converted(src: TensorEntry, dst, dtype: torch.dtype) -> int:
             if not raw:
                 raise ExportError(f"{src.file.name}: truncated while reading tensor '{src.key}'")
             remaining -= len(raw)
+            chunk = torch.frombuffer(bytearray(raw), dtype=src.dtype)
+            check_finite(src, chunk)
             if src.dtype == dtype:
                 data = raw
             else:
-                chunk = torch.frombuffer(bytearray(raw), dtype=src.dtype)
-                data = chunk.to(dtype).view(torch.uint8).numpy().tobytes()
+                converted = chunk.to(dtype)
+                if not bool(torch.isfinite(converted).all()):
+                    raise ExportError(
+                        f"tensor '{src.key}' overflows {DType.parse(dtype).value}; export in fp32 or bf16"
+                    )
+                data = converted.view(torch.uint8).numpy().tobytes()
             dst.write(data)
             written += len(data)
     return written

@@ -131,6 +131,26 @@ def test_a_non_finite_weight_is_refused_by_the_reader(ckpt):
         reader.load(reader.entries[name])
 
 
+def test_export_of_a_poisoned_checkpoint_names_the_tensor_and_writes_nothing(ckpt, tmp_path, capsys):
+    name = poison(ckpt)
+    err = export_refused(ckpt, tmp_path, capsys)
+    assert f"tensor '{name}'" in err and "NaN or Inf" in err
+
+
+def test_a_weight_that_overflows_fp16_is_refused(ckpt, tmp_path, capsys):
+    header, data = read_st(ckpt / SHARD)
+    name = float_tensor(header)
+    start = header[name]["data_offsets"][0]
+    data = bytearray(data)
+    data[start : start + 4] = np.array([1e6], np.float32).tobytes()  # finite in fp32, inf in fp16
+    write_st(ckpt / SHARD, header, bytes(data))
+    out = tmp_path / "out"
+    assert main(["export", str(ckpt), "-o", str(out), "--dtype", "fp16"]) == EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"tensor '{name}' overflows fp16" in err[0], err
+    assert not out.exists()
+
+
 def test_validate_against_a_poisoned_reference_checkpoint_names_the_tensor(make_export, ckpt, capsys):
     name = poison(ckpt)
     export = make_export("tiny-e2b")
