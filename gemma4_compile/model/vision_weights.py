@@ -12,7 +12,7 @@ import torch
 
 from ..errors import CheckpointError
 from .vision_config import VisionSpec
-from .weights import CheckpointReader, TensorEntry
+from .weights import CheckpointReader, TensorEntry, check_complete, check_entry
 
 VISION_PREFIX = "model."
 VISION_ROOTS = ("vision_tower.", "embed_vision.")
@@ -39,16 +39,9 @@ def resolve_vision_weights(reader: CheckpointReader, spec: VisionSpec) -> dict[s
             raise CheckpointError(
                 f"unexpected tensor '{key}' in {entry.file.name}: the vision_config has no such weight"
             )
-        if entry.shape != expected[name]:
-            raise CheckpointError(
-                f"tensor '{key}' in {entry.file.name} has shape {list(entry.shape)}, "
-                f"vision_config expects {list(expected[name])}"
-            )
+        check_entry(entry, expected[name], "vision_config")
         found[name] = entry
-    missing = [n for n in expected if n not in found]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"missing tensor '{VISION_PREFIX}{missing[0]}'{more} in {reader.dir}")
+    check_complete(expected, found, VISION_PREFIX, reader)
     return found
 
 

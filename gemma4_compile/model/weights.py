@@ -216,24 +216,31 @@ def resolve_text_weights(reader: CheckpointReader, spec: Gemma4Spec) -> dict[str
             raise CheckpointError(
                 f"unexpected tensor '{key}' in {entry.file.name}: the config has no such weight"
             )
-        if entry.dtype not in WEIGHT_DTYPES:
-            raise CheckpointError(
-                f"tensor '{key}' in {entry.file.name} has dtype {ST_NAMES[entry.dtype]}; "
-                "the model needs F32, F16 or BF16 weights"
-            )
-        if entry.shape != expected[name]:
-            raise CheckpointError(
-                f"tensor '{key}' in {entry.file.name} has shape {list(entry.shape)}, "
-                f"config expects {list(expected[name])}"
-            )
+        check_entry(entry, expected[name], "config")
         if name in found:
             raise CheckpointError(f"tensor '{name}' appears twice ('{found[name].key}' and '{key}')")
         found[name] = entry
+    check_complete(expected, found, TEXT_PREFIXES[0], reader)
+    return found
+
+
+def check_entry(entry: TensorEntry, shape: tuple[int, ...], source: str) -> None:
+    """A checkpoint tensor the model will use: a float dtype, and the shape `source` (a config) expects."""
+    where = f"tensor '{entry.key}' in {entry.file.name}"
+    if entry.dtype not in WEIGHT_DTYPES:
+        raise CheckpointError(
+            f"{where} has dtype {ST_NAMES[entry.dtype]}; the model needs F32, F16 or BF16 weights"
+        )
+    if entry.shape != shape:
+        raise CheckpointError(f"{where} has shape {list(entry.shape)}, {source} expects {list(shape)}")
+
+
+def check_complete(expected: dict, found: dict, prefix: str, reader: CheckpointReader) -> None:
+    """Every expected tensor was found; the error names the first missing one."""
     missing = [n for n in expected if n not in found]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"missing tensor '{TEXT_PREFIXES[0]}{missing[0]}'{more} in {reader.dir}")
-    return found
+        raise CheckpointError(f"missing tensor '{prefix}{missing[0]}'{more} in {reader.dir}")
 
 
 def iter_text_weights(
