@@ -320,6 +320,30 @@ def run_case(runner: BaseRunner, case: Case, steps: int, feed: np.ndarray | None
     return _Run(rows, np.stack(choices, 1) if choices else np.zeros((B, 0), np.int64))
 
 
+def _check_same_model(exported: Gemma4Spec | None, checkpoint: Gemma4Spec, ckpt: Path | None) -> None:
+    """The reference checkpoint must be the model that was exported: name the first differing config field."""
+    if exported is None or exported == checkpoint:
+        return
+    a, b = exported.to_dict(), checkpoint.to_dict()
+    field = next(k for k in a if a[k] != b.get(k))
+    raise ValidateError(
+        f"the reference checkpoint {ckpt or '(reference)'} is not the exported model: {field} is {b.get(field)!r} "
+        f"there, {a[field]!r} in export.json"
+    )
+
+
+def _check_finite_reference(reference: BaseRunner, ref: _Run, case: Case) -> None:
+    """A reference that produces NaN/Inf cannot judge a backend: say so rather than blame the backend."""
+    for b, row in enumerate(ref.rows):
+        bad = ~np.isfinite(row).all(axis=-1)
+        if bad.any():
+            raise ValidateError(
+                f"the reference ({reference.name}) produced non-finite logits in case '{case.name}' row {b} from "
+                f"position {int(np.argmax(bad))}: the checkpoint or the reference precision is at fault, not the "
+                "backend"
+            )
+
+
 def _position_metrics(ref: np.ndarray, out: np.ndarray, tol: Tolerance) -> dict[str, np.ndarray]:
     """Per-position metrics of one row, computed in chunks."""
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("abs", "mean", "cos", "top1", "top5", "kl", "bad")}
@@ -549,6 +573,7 @@ def compare_case(
     localization (None if the reference cannot give them). `exact`: the reference one precision up."""
     W = spec.sliding_window
     ref = run_case(reference, case, steps)
+    _check_finite_reference(reference, ref, case)
     out = run_case(backend, case, steps, feed=ref.choices)
     inside = np.concatenate([np.arange(len(r)) for r in ref.rows]) < W
     regions = (inside, ~inside)
@@ -779,6 +804,7 @@ def validate(
         apply_fake_quant(ref.model, manifest.quant)
     be = make_runner(backend, export_dir, ckpt, precision, target)
     spec = ref.spec
+    _check_same_model(manifest.spec, spec, ckpt)
     exact, why_not = _exact_runner(
         export_dir, ckpt, spec, precision
     )  # our model one precision up: drift gate

@@ -218,3 +218,33 @@ def export_refused_with(ckpt: Path, tmp_path: Path, capsys, max_seq_len: str) ->
 def test_an_intact_header_reads(tiny_checkpoint):
     entries = read_safetensors_header(tiny_checkpoint / SHARD)
     assert entries and all(e.nbytes for e in entries.values())
+
+
+def test_validate_against_another_models_checkpoint_names_the_differing_field(
+    make_export, make_checkpoint, capsys
+):
+    export, other = make_export("tiny-e2b"), make_checkpoint("tiny-e4b")
+    assert main(["validate", str(export), "--checkpoint", str(other), "--steps", "1"]) == EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not the exported model:" in err[0] and "in export.json" in err[0], err
+
+
+def test_non_finite_reference_logits_are_blamed_on_the_reference_not_the_backend():
+    from gemma4_compile.errors import ValidateError
+    from gemma4_compile.validate.cases import Case
+    from gemma4_compile.validate.validate import _check_finite_reference, _Run
+
+    rows = [np.zeros((5, 8), np.float32), np.zeros((5, 8), np.float32)]
+    rows[1][3, 2] = np.inf
+    case = Case("long", np.zeros((2, 5), np.int64), np.array([5, 5]))
+
+    class Reference:
+        name = "torch"
+
+    _check_finite_reference(Reference(), _Run(rows[:1], np.zeros((1, 0), np.int64)), case)
+    with pytest.raises(
+        ValidateError,
+        match=r"reference \(torch\) produced non-finite logits in case 'long' row 1 "
+        r"from position 3: the checkpoint or the reference precision is at fault",
+    ):
+        _check_finite_reference(Reference(), _Run(rows, np.zeros((2, 0), np.int64)), case)
