@@ -94,3 +94,22 @@ def make_export(tmp_path_factory, make_checkpoint):
 @pytest.fixture(params=TINY_PRESETS)
 def tiny_preset(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def reseal():
+    """reseal(export_dir): record an export's current files in its export.json, as a buggy exporter would have
+    written them, so the integrity check passes and a test must find the damage by numbers."""
+
+    def seal(export: Path) -> None:
+        import dataclasses
+
+        from gemma4_compile.export.manifest import ExportManifest
+        from gemma4_compile.fsutil import sha256_file
+
+        m = ExportManifest.load(export)
+        files = {name: sha256_file(export / name) for name in m.files}
+        graphs = {r: dataclasses.replace(g, sha256=files[g.file]) for r, g in m.graphs.items()}
+        dataclasses.replace(m, files=files, graphs=graphs).save(export)
+
+    return seal

@@ -796,11 +796,11 @@ def validate(
     if steps < 1:
         raise ValidateError(f"steps must be at least 1, got {steps}")
     ref = make_runner(reference, export_dir, ckpt, precision)
+    from ..quant.reference import apply_fake_quant
+
     if manifest.quant is not None:  # the quantized export computes with the dequantized weights: so does ref
         if reference != "torch":
             raise ValidateError("a quantized export validates against --reference torch (fake-quant weights)")
-        from ..quant.reference import apply_fake_quant
-
         apply_fake_quant(ref.model, manifest.quant)
     be = make_runner(backend, export_dir, ckpt, precision, target)
     spec = ref.spec
@@ -808,6 +808,8 @@ def validate(
     exact, why_not = _exact_runner(
         export_dir, ckpt, spec, precision
     )  # our model one precision up: drift gate
+    if manifest.quant is not None and exact is not None:  # the drift gate's run must use the same weights
+        apply_fake_quant(exact.model, manifest.quant)
     max_len = manifest.max_seq_len - steps
     cases = load_prompts(prompts, spec, max_len) if prompts else default_cases(spec, seed, max_len)
     report = compare_runners(be, ref, cases, spec, precision, steps, tolerance, exact=exact)

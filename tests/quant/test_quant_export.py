@@ -85,7 +85,7 @@ def test_ort_matches_the_fake_quant_reference_at_fp32_tolerances(make_quant_expo
     assert report.passed, report.failure_message()
 
 
-def test_swapped_nibbles_fail_the_gate(make_quant_export, tmp_path):
+def test_swapped_nibbles_fail_the_gate(make_quant_export, reseal, tmp_path):
     """The same export with the two int4 codes of every byte swapped (the packing bug a layout change makes)."""
     out = tmp_path / "broken"
     shutil.copytree(make_quant_export("tiny-e2b", "int4"), out)
@@ -98,6 +98,7 @@ def test_swapped_nibbles_fail_the_gate(make_quant_export, tmp_path):
                 codes = np.frombuffer(f.read(int(where["length"])), dtype=np.uint8)
                 f.seek(int(where["offset"]))
                 f.write(((codes >> 4) | (codes << 4)).astype(np.uint8).tobytes())
+    reseal(out)  # as a buggy packer would have recorded it: the integrity check passes, the gate must not
     report = validate(out, steps=STEPS, write=False)
     assert not report.passed
 
