@@ -5,7 +5,7 @@ against the fp32 export, for fp32 / int8 / int4 exports of one random mid-size E
 
 Each export decodes in its own process, so VmHWM (the process's peak RSS: interpreter, onnxruntime, weights,
 caches) is that export's alone. Quality is reported, not judged: on random weights even correct quantization
-moves logits a lot (docs/quantization.md section 2.7); `validate` is the correctness check.
+moves logits a lot; `validate` against the fake-quant reference is the correctness check.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Pure Python (no torch, no numpy): the CLI, the manifest and the exporter read th
 
 Defaults (docs/export-format.md, "Quantization"): attention q/k/v/o and MLP gate/up/down take `--quant`; the
 LM head (the tied embedding used as a GEMM) takes int8, because peers found Gemma's tied head the most sensitive
-linear (docs/quantization.md section 1.6); norms, the router and the PLE projections stay in the export dtype
+linear (docs/export-format.md, "Quantization", the role table); norms, the router and the PLE projections stay in the export dtype
 (tiny, and quantizing them costs far more accuracy than it saves bytes). The token embedding and the PLE table
 stay in the export dtype in this version: they are gathers, not MatMuls, and their int8 form (a host-side row
 reader) is future work. MoE experts are refused rather than silently left in 16 bits.

@@ -1,7 +1,7 @@
 """The fake-quant reference: our PyTorch model with every quantized weight replaced by its dequantized values.
 
 A quantized export computes with exactly these weights, so on random weights it must match this reference at
-the unquantized tolerances (docs/quantization.md section 2.7: a packing bug is off by ~100%, rounding is not
+the unquantized tolerances (a packing bug moves logits by ~100% of their size, while rounding is not
 modelled at all). The codes come from the same `quantize_rows` the writer uses; what the gate checks is
 everything after it (packing, layout, scales, the graph rewrite, the kernel).
 """
