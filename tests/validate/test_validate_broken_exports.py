@@ -15,20 +15,6 @@ import pytest
 from gemma4_compile.cli import main
 
 
-def _reseal(export) -> None:
-    """Record the damaged files in export.json, as the buggy exporter would have: the integrity check
-    (export.json hashes) passes and validate must find the damage numerically."""
-    import dataclasses
-
-    from gemma4_compile.export.manifest import ExportManifest
-    from gemma4_compile.fsutil import sha256_file
-
-    m = ExportManifest.load(export)
-    files = {name: sha256_file(export / name) for name in m.files}
-    graphs = {r: dataclasses.replace(g, sha256=files[g.file]) for r, g in m.graphs.items()}
-    dataclasses.replace(m, files=files, graphs=graphs).save(export)
-
-
 def _external(model: onnx.ModelProto, name: str) -> tuple[int, int]:
     init = next(i for i in model.graph.initializer if i.name == name)
     info = {e.key: e.value for e in init.external_data}
@@ -66,13 +52,13 @@ def drop_layer_scalar(export) -> None:
 
 
 @pytest.mark.parametrize("damage", [scale_gate_weight, window_off_by_one, drop_layer_scalar])
-def test_validate_fails_on_a_broken_export(damage, make_export, make_checkpoint, tmp_path, capsys):
+def test_validate_fails_on_a_broken_export(damage, make_export, make_checkpoint, reseal, tmp_path, capsys):
     export = tmp_path / "export"
     shutil.copytree(make_export("tiny-e2b"), export)
     ckpt = str(make_checkpoint("tiny-e2b"))
     assert main(["validate", str(export), "--checkpoint", ckpt, "--steps", "4"]) == 0  # intact: passes
     damage(export)
-    _reseal(export)
+    reseal(export)  # as a buggy exporter would have recorded it: the numbers must find the damage
     code = main(["validate", str(export), "--checkpoint", ckpt, "--steps", "4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
