@@ -317,6 +317,11 @@ def main() -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1)",
     }
+    if device == "cuda":  # targets.local_device_sm asks libcuda through ctypes: check it against torch here
+        from gemma4_compile.targets import local_device_sm
+
+        major, minor = torch.cuda.get_device_capability()
+        env["local_device_sm"] = f"{local_device_sm()} (torch: {major * 10 + minor})"
     print(f"gpu_kernels: {env}", flush=True)
     t0 = time.perf_counter()
     jobs: list[tuple[str, Callable[[], Row]]] = []

@@ -313,6 +313,7 @@ def build(
 ) -> None:
     """Build a TensorRT engine per GPU target from an export (TensorRT or TensorRT-RTX)."""
     from .engines import BuildOptions, build_engines
+    from .validate.report import device_memory_text
 
     options = BuildOptions(
         plugins=plugins,
@@ -324,7 +325,8 @@ def build(
         force=force,
     )
     for art in build_engines(export_dir, list(targets), options):
-        out.print(f"{'reused' if art.reused else 'built'} {art.target}: {art.engine_path}")
+        memory = device_memory_text(art.manifest.device_memory)
+        out.print(f"{'reused' if art.reused else 'built'} {art.target}: {art.engine_path} ({memory})")
 
 
 @cli.command()

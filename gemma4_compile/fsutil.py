@@ -230,7 +230,7 @@ def atomic_directory(
             yield tmp
             if marker is not None:
                 write_marker(tmp, marker)
-            tmp.chmod(0o755)  # mkdtemp makes it private
+            tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private
             replace_directory(tmp, out)
         except OSError as e:
             _remove(tmp)
@@ -264,11 +264,25 @@ def _remove(path: Path) -> None:
 # ----- files ---------------------------------------------------------------------------------------------
 
 
+def umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask alone must set one to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write; it replaces `path` only if the block completes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it private; export files get what open() gives
     os.close(fd)
     tmp = Path(name)
     try:
@@ -326,7 +340,6 @@ def sha256_files(directory: Path, names: Iterable[str]) -> dict[str, str]:
         try:
             with atomic_file(cache_file) as tmp:
                 tmp.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
-                tmp.chmod(0o644)  # mkstemp makes it private; other readers of the export may reuse it
         except OSError:
             pass  # the cache only saves time; a directory we may not write is hashed in full each call
     return hashes

@@ -144,5 +144,10 @@ def _build(export_dir: Path, targets: list[str] | None) -> str:
 
 def _append_notes(summary: Path, notes: list[str]) -> None:
     if summary.is_file():
-        text = summary.read_text().rstrip() + "\n\n## Engines\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+        text = (
+            summary.read_text().rstrip()
+            + "\n\n## Build stage\n\n"
+            + "\n".join(f"- {n}" for n in notes)
+            + "\n"
+        )
         summary.write_text(text)

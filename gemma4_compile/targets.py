@@ -6,6 +6,8 @@ compute-capability tables; kernels and engine builds check their variants agains
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from dataclasses import dataclass
 
 from .errors import Gemma4CompileError
@@ -75,16 +77,26 @@ def resolve_target(name: str) -> GpuTarget:
 def local_device_sm() -> int | None:
     """Compute capability of this machine's first CUDA GPU as an int (90 for 9.0), or None without one.
 
-    Asks torch, never TensorRT: a TensorRT runtime created without a usable GPU can segfault.
+    Asks the CUDA driver (libcuda, through ctypes), never TensorRT: a TensorRT runtime created without a usable
+    GPU can segfault. Nor torch: what runs an export must not import it (docs/architecture.md).
     """
     try:
-        import torch
-    except ImportError:
+        cuda = ctypes.CDLL("libcuda.so.1" if sys.platform != "win32" else "nvcuda.dll")
+    except OSError:
         return None
-    if not torch.cuda.is_available():
-        return None
-    major, minor = torch.cuda.get_device_capability()
-    return major * 10 + minor
+    count, device, major, minor = (ctypes.c_int() for _ in range(4))
+    ok = (
+        cuda.cuInit(0) == 0
+        and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0
+        and count.value > 0
+        and cuda.cuDeviceGet(ctypes.byref(device), 0) == 0
+        and cuda.cuDeviceGetAttribute(ctypes.byref(major), _CC_MAJOR, device) == 0
+        and cuda.cuDeviceGetAttribute(ctypes.byref(minor), _CC_MINOR, device) == 0
+    )
+    return major.value * 10 + minor.value if ok else None
+
+
+_CC_MAJOR, _CC_MINOR = 75, 76  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR (cuda.h)
 
 
 def native_target() -> GpuTarget:

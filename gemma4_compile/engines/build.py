@@ -164,6 +164,7 @@ class BuildRecord:
     seconds: dict[str, float] = field(default_factory=dict)
     memory: MemoryUsage | None = None
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # written file -> {"sha256", "bytes"}
+    device_memory: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final(self) -> Path:
@@ -203,6 +204,7 @@ class BuildRecord:
             trt_version=self.flavour.version,
             precision=self.export.dtype,
             weight_format=self.export.weight_format,
+            device_memory=self.device_memory,
             export_sha256=self.export.sha256,
             decoder_sha256=self.export.graphs[DECODER].sha256,
             profiles=self.profiles,
@@ -376,6 +378,25 @@ def engine_from_network(
     return PlanFile(path, digest.hexdigest(), size)
 
 
+def device_memory(record: BuildRecord, plan: Path, device_sm: int | None) -> dict[str, Any]:
+    """The activation memory the engine allocates per execution context (ICudaEngine.device_memory_size_v2),
+    read by deserializing the plan, which needs a GPU of the target's SM (a driverless runtime can crash)."""
+    if device_sm != record.target.sm:
+        return {
+            "bytes": None,
+            "how": f"not measured: reading it deserializes the plan, which needs an sm{record.target.sm} GPU "
+            "on the build host",
+        }
+    engine = record.flavour.module.Runtime(record.parsed.logger).deserialize_cuda_engine(plan.read_bytes())
+    if engine is None:
+        return {"bytes": None, "how": "not measured: the plan did not deserialize on the build GPU"}
+    size = getattr(engine, "device_memory_size_v2", None)
+    return {
+        "bytes": int(engine.device_memory_size if size is None else size),
+        "how": "deserialized on the build GPU",
+    }
+
+
 def _save_timing_cache(record: BuildRecord, config: Any) -> None:
     """Write the (possibly grown) timing cache back for the next build of this target."""
     if record.timing_cache.path is not None:
@@ -465,6 +486,7 @@ def build_engine(
         with PeakRss() as memory:
             _build_into(record, staging)
         record.memory = memory.usage
+        record.device_memory = device_memory(record, staging / ENGINE_NAME, local_device_sm())
         record.write(staging, CAPABILITY_NAME, json.dumps(record.report.to_dict(), indent=2) + "\n")
         record.write(staging, LOG_NAME, record.parsed.logger.text())
         manifest = record.manifest()

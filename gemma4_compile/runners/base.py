@@ -52,6 +52,7 @@ class BaseRunner(abc.ABC):
     name = "base"
     spec: Any  # Gemma4Spec
     max_seq_len: int
+    engine_target: str | None = None  # the TensorRT engine (engines/<target>/) this runner executes, if any
 
     def __init__(self) -> None:
         self.last_latency_s = 0.0

@@ -95,9 +95,7 @@ class TrtRunner(BaseRunner):
         super().__init__()
         device_sm = local_device_sm()
         if device_sm is None:
-            raise BackendUnavailable(
-                "trt: needs a CUDA GPU (torch.cuda.is_available() is False on this machine)"
-            )
+            raise BackendUnavailable("trt: needs a CUDA GPU (the CUDA driver reports none on this machine)")
         import torch
 
         self.export = ExportManifest.load(export_dir, lenient=True)
@@ -112,6 +110,7 @@ class TrtRunner(BaseRunner):
             directory, flavour, device_sm, self.export.sha256
         )
         self.manifest = self.engine_file.manifest
+        self.engine_target = self.manifest.target
         self.logger = make_logger(flavour, "WARNING")
         self.runtime, self.engine = deserialize(self.engine_file, flavour, device_sm, self.logger)
         self.profiles = self.manifest.profiles

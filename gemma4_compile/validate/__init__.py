@@ -4,7 +4,8 @@
     report.raise_if_failed()                       # ValidationFailed (exit code 2) with the first failing case
     latency = bench(OUT, backends=["ort"])         # LatencyReport next to torch and transformers eager
 
-`OrtRunner` and `TrtRunner` are imported on first use, so this package imports without onnxruntime/TensorRT.
+The runners are imported on first use: this package imports without torch, transformers, onnxruntime or
+TensorRT, so `validate --backend ort` and bench's own-process memory probes carry only what their backend needs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Any
 from ..runners.base import BaseRunner
 from .bench import BenchConfig, LatencyReport, bench, bench_runners
 from .cases import Case, default_cases, load_prompts
-from .reference import HFRunner, TorchRunner
 from .report import write_reports
 from .validate import TOLERANCES, AccuracyReport, Tolerance, compare_runners, validate
 
@@ -39,7 +39,12 @@ __all__ = [
     "write_reports",
 ]
 
-_LAZY = {"OrtRunner": "..runners.ort", "TrtRunner": "..runners.trt"}
+_LAZY = {
+    "OrtRunner": "..runners.ort",
+    "TrtRunner": "..runners.trt",
+    "HFRunner": ".reference",
+    "TorchRunner": ".reference",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -12,10 +12,10 @@ import gc
 import json
 import os
 import platform
-import resource
+import sys
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from ..errors import BackendUnavailable, Gemma4CompileError
 from ..model.config import Gemma4Spec
 from ..runners.base import BaseRunner
 from .cases import FIRST_ID
+from .memory import ProbeRequest, own_process_memory
 from .report import jsonable, write_reports
 
 RunnerFactory = Callable[[], BaseRunner]
@@ -67,10 +68,13 @@ class LatencyRow:
 class BackendSummary:
     backend: str
     load_s: float | None
-    rss_before_mb: float  # process RSS before this backend was built
-    peak_rss_mb: float  # max process RSS sampled while it loaded and ran
     device_peak_mb: float | None  # runner's `peak_memory_bytes()`, else CUDA memory in use (whole device)
     error: str | None = None  # why it did not run (unavailable backend); then it has no rows
+    # measured in a process of its own (validate/memory.py); None with `memory_note` saying why not
+    base_rss_mb: float | None = None  # that process before the backend was built
+    peak_rss_mb: float | None = None  # its lifetime peak, running the largest (batch, context) timed here
+    memory_note: str | None = None
+    engine_target: str | None = None  # the engine a trt backend executed
 
 
 @dataclass(frozen=True)
@@ -128,15 +132,6 @@ class LatencyReport:
 # ----- measurement ------------------------------------------------------------------------------
 
 
-def _rss_mb() -> float:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:  # psutil is a dependency, but keep benchmarks running without it
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def quantiles_ms(samples_s: list[float]) -> tuple[float, float, float, float]:
     """p50, p90, p99 and mean of latencies given in seconds, in milliseconds."""
     a = np.asarray(samples_s, dtype=np.float64) * 1e3
@@ -153,10 +148,10 @@ def _row(backend: str, phase: str, batch: int, context: int, samples: list[float
 
 
 def _device_used_mb() -> float | None:
-    """Memory in use on the current CUDA device (all processes), or None without CUDA."""
-    import torch
-
-    if not torch.cuda.is_available():
+    """Memory in use on the current CUDA device (all processes), or None without CUDA or without torch loaded
+    (importing it here would put torch into every ORT benchmark)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
         return None
     try:
         free, total = torch.cuda.mem_get_info()
@@ -166,14 +161,13 @@ def _device_used_mb() -> float | None:
 
 
 class _Meter:
-    """Times steps; samples process RSS and device memory after each one (outside the timed region)."""
+    """Times steps; samples device memory after each one (outside the timed region). Host memory is measured
+    per backend in a process of its own (memory.py), not here, where all backends share one process."""
 
     def __init__(self) -> None:
-        self.peak = _rss_mb()
         self.device_peak = _device_used_mb()
 
     def sample(self) -> None:
-        self.peak = max(self.peak, _rss_mb())
         device = _device_used_mb()
         if device is not None:
             self.device_peak = max(self.device_peak or 0.0, device)
@@ -228,15 +222,18 @@ def _with_ratios(rows: list[LatencyRow]) -> list[LatencyRow]:
 
 
 def environment() -> dict[str, Any]:
-    import torch
-
-    return {
+    """Versions of what was timed; torch's thread count only where a torch runner loaded it."""
+    env: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
     }
+    for module in ("onnxruntime", "torch", "transformers", "tensorrt", "tensorrt_rtx"):
+        if module in sys.modules:
+            env[module] = getattr(sys.modules[module], "__version__", "?")
+    if "torch" in sys.modules:
+        env["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return env
 
 
 def bench_runners(
@@ -259,13 +256,13 @@ def bench_runners(
     for name, item in runners.items():
         gc.collect()
         meter = _Meter()
-        before, t0 = meter.peak, time.perf_counter()
+        t0 = time.perf_counter()
         try:
             runner = item() if callable(item) and not isinstance(item, BaseRunner) else item
         except BackendUnavailable as e:
             if name in required:
                 raise
-            summaries.append(BackendSummary(name, None, before, before, None, error=str(e)))
+            summaries.append(BackendSummary(name, None, None, error=str(e)))
             continue
         load_s = time.perf_counter() - t0 if runner is not item else None
         meter.sample()
@@ -275,7 +272,11 @@ def bench_runners(
         ]
         own = getattr(runner, "peak_memory_bytes", None)  # a runner that knows its own device memory wins
         device_mb = own() / 2**20 if callable(own) else meter.device_peak
-        summaries.append(BackendSummary(name, load_s, before, meter.peak, device_mb))
+        summaries.append(
+            BackendSummary(
+                name, load_s, device_mb, memory_note="not measured", engine_target=runner.engine_target
+            )
+        )
         del runner
     return LatencyReport(spec.sliding_window, precision, config, _with_ratios(rows), summaries, environment())
 
@@ -289,11 +290,13 @@ def bench(
     out_dir: str | Path | None = None,
     target: str | None = None,
     write: bool = True,
+    memory: bool = True,
 ) -> LatencyReport:
     """Benchmark an export's backends next to torch eager and transformers eager; reports to out_dir/reports.
 
     `compare` runners need the source checkpoint (`checkpoint`, or export.json's "checkpoint"); one that cannot
     be built is listed with its reason instead of failing the run. Requested `backends` must be available.
+    `memory`: measure each backend's peak RSS in a process of its own (validate/memory.py).
     """
     from ..export.manifest import ExportManifest
     from .validate import make_runner, source_checkpoint
@@ -311,10 +314,30 @@ def bench(
         if name not in factories:
             factories[name] = lambda name=name: _optional(make_runner, name, export_dir, ckpt, precision)
     report = bench_runners(factories, spec, config, precision, manifest.max_seq_len, required=backends)
-    report = LatencyReport(**{**report.__dict__, "export_dir": str(export_dir)})
+    summaries = report.backends
+    if memory:
+        probe = ProbeRequest("", str(export_dir), str(ckpt) if ckpt else None, precision, target, 1, 1, 0)
+        summaries = [_with_memory(s, report, probe) for s in summaries]
+    report = replace(report, backends=summaries, export_dir=str(export_dir))
     if write:
         write_reports(Path(out_dir) if out_dir else export_dir, latency=report)
     return report
+
+
+def _with_memory(summary: BackendSummary, report: LatencyReport, probe: ProbeRequest) -> BackendSummary:
+    """The backend's own-process memory at the largest batch and context it was timed at."""
+    if summary.error:
+        return summary
+    rows = [r for r in report.rows if r.backend == summary.backend]
+    batch, context = max(r.batch for r in rows), max(r.context for r in rows)
+    steps = report.config.decode_steps
+    got = own_process_memory(
+        replace(probe, backend=summary.backend, batch=batch, context=context, steps=steps)
+    )
+    if isinstance(got, str):
+        return replace(summary, memory_note=got)
+    note = f"own process, batch {batch}, {context}-token prompt + {steps} decode steps"
+    return replace(summary, base_rss_mb=got.base_mb, peak_rss_mb=got.peak_mb, memory_note=note)
 
 
 def _optional(make: Callable[..., BaseRunner], name: str, *args: Any) -> BaseRunner:

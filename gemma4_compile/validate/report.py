@@ -104,6 +104,10 @@ def _g(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def _mb(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0f}"
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f} %"
 
@@ -289,14 +293,21 @@ def latency_markdown(r: LatencyReport) -> str:
         [
             s.backend,
             _g(s.load_s),
-            f"{s.rss_before_mb:.0f}",
-            f"{s.peak_rss_mb:.0f}",
+            _mb(s.base_rss_mb),
+            _mb(s.peak_rss_mb),
             _g(s.device_peak_mb),
-            s.error or "",
+            s.error or s.memory_note or "",
         ]
         for s in r.backends
     ]
-    lines += _table(["backend", "load s", "RSS before MB", "peak RSS MB", "device peak MB", "note"], rows)
+    header = ["backend", "load s", "process base MB", "peak RSS MB", "device peak MB", "note"]
+    lines += _table(header, rows)
+    lines += [
+        "",
+        "Host memory is measured per backend in a fresh process of its own (validate/memory.py): `process base` is",
+        "that interpreter with gemma4_compile imported, `peak RSS` its lifetime peak with the backend's libraries,",
+        "model and the largest (batch, context) timed below.",
+    ]
     lines += ["", "## Rows", ""]
     rows = [
         [
@@ -318,7 +329,8 @@ def latency_markdown(r: LatencyReport) -> str:
     lines += [
         "",
         "Prefill p50 at batch 1 is the time to first token; decode rows are labelled by the context",
-        "at which their steps start. `× torch` is p50 over torch eager's p50 on the same row.",
+        "at which their steps start. `× torch` is this row's p50 / torch eager's p50 on the same row",
+        "(below 1: faster than torch eager).",
         "",
         f"![decode latency by context length]({LATENCY_PLOT})",
         "",
@@ -335,6 +347,9 @@ def summary_markdown(
         lines += _accuracy_summary(acc)
     if latency:
         lines += ["## Latency", "", *_latency_summary_rows(latency), "", "Details: latency.md.", ""]
+    lines += _engines_summary(
+        accuracy if isinstance(accuracy, list) else [accuracy] * bool(accuracy), latency
+    )
     if not accuracy and not latency:
         lines += ["No reports yet: run `gemma4-compile validate` and `gemma4-compile bench`.", ""]
     return "\n".join(lines)
@@ -359,30 +374,97 @@ def _accuracy_summary(accuracy: dict[str, Any]) -> list[str]:
 
 
 def _latency_summary_rows(latency: dict[str, Any]) -> list[str]:
-    rows = []
+    """One row per backend; every figure of a row comes from one context, named in the header."""
+    rows: list[list[str]] = []
+    ok = [s for s in latency.get("backends", []) if not s.get("error")]
+    timed = [r for r in latency["rows"] if any(r["backend"] == s["backend"] for s in ok)]
+    if not timed:
+        return [f"- {s['backend']}: not run ({s['error']})" for s in latency.get("backends", [])]
+    prompt = max(r["context"] for r in timed if r["phase"] == "prefill")
+    context = max(r["context"] for r in timed if r["phase"] == "decode")
+    big = max(r["batch"] for r in timed)
+    torch_p50 = _find(timed, "torch", "decode", 1, context)
     for s in latency.get("backends", []):
         name = s["backend"]
         if s.get("error"):
-            rows.append([name, "–", "–", "–", "–", s["error"]])
+            rows.append([name, "–", "–", "–", "–", "–", s["error"]])
             continue
-        mine = [r for r in latency["rows"] if r["backend"] == name]
-        ttft = [r for r in mine if r["phase"] == "prefill" and r["batch"] == 1]
-        dec1 = [r for r in mine if r["phase"] == "decode" and r["batch"] == 1]
-        dec8 = [r for r in mine if r["phase"] == "decode" and r["batch"] == max(x["batch"] for x in mine)]
+        ttft = _find(timed, name, "prefill", 1, prompt)
+        dec1, decb = _find(timed, name, "decode", 1, context), _find(timed, name, "decode", big, context)
+        ratio = torch_p50["p50_ms"] / dec1["p50_ms"] if torch_p50 and dec1 else None
         rows.append(
             [
                 name,
-                _g(max(ttft, key=lambda r: r["context"])["p50_ms"]) if ttft else "–",
-                _g(max(dec1, key=lambda r: r["context"])["p50_ms"]) if dec1 else "–",
-                f"{max(r['tokens_per_s'] for r in dec1):.0f}" if dec1 else "–",
-                f"{max(r['tokens_per_s'] for r in dec8):.0f} (batch {dec8[0]['batch']})" if dec8 else "–",
-                f"peak RSS {s['peak_rss_mb']:.0f} MB",
+                _g(ttft and ttft["p50_ms"]),
+                _g(dec1 and dec1["p50_ms"]),
+                f"{dec1['tokens_per_s']:.0f}" if dec1 else "–",
+                *([f"{decb['tokens_per_s']:.0f}" if decb else "–"] * (big > 1)),
+                f"{ratio:.2f}×" if ratio else "–",
+                f"peak RSS {_mb(s.get('peak_rss_mb'))} MB (own process)"
+                if s.get("peak_rss_mb")
+                else s.get("memory_note") or "",
             ]
         )
-    return _table(
-        ["backend", "TTFT ms (longest prompt)", "decode p50 ms (longest ctx)", "tok/s b1", "tok/s", "memory"],
-        rows,
+    header = [
+        "backend",
+        f"TTFT ms ({prompt}-token prompt)",
+        f"decode p50 ms (context {context})",
+        f"tok/s batch 1 (context {context})",
+        *([f"tok/s batch {big} (context {context})"] * (big > 1)),
+        "decode speed-up vs torch (torch p50 / p50)",
+        "memory",
+    ]
+    return _table(header, rows)
+
+
+def _find(rows: list[dict[str, Any]], backend: str, phase: str, batch: int, context: int) -> dict | None:
+    return next(
+        (
+            r
+            for r in rows
+            if (r["backend"], r["phase"], r["batch"], r["context"]) == (backend, phase, batch, context)
+        ),
+        None,
     )
+
+
+def device_memory_text(device_memory: dict[str, Any]) -> str:
+    """'device memory 812 MiB' from an engine manifest's record, or why it was not measured."""
+    size = device_memory.get("bytes")
+    if size is not None:
+        return f"device memory {size / 2**20:.0f} MiB"
+    return f"device memory {device_memory.get('how', 'not recorded (engine built before it was measured)')}"
+
+
+def _engines_summary(accuracies: list[dict[str, Any]], latency: dict[str, Any] | None) -> list[str]:
+    """Every engine under the reported export, and whether validate or bench executed it here."""
+    reports = [*accuracies, *([latency] if latency else [])]
+    exports = sorted({r["export_dir"] for r in reports if r.get("export_dir")})
+    ran = {(a.get("engine_target"), "validate") for a in accuracies}
+    ran |= {
+        (s.get("engine_target"), "bench") for s in (latency or {}).get("backends", []) if not s.get("error")
+    }
+    rows = []
+    for export in exports:
+        for path in sorted(Path(export).glob("engines/*/manifest.json")):
+            m = _read_json(path) or {}
+            target = m.get("target", path.parent.name)
+            by = [stage for t, stage in sorted(ran) if t == target]
+            engine = path.parent / m.get("engine_file", "decoder.engine")
+            rows.append(
+                [
+                    target,
+                    f"{m.get('flavour', '?')} {m.get('trt_version', '')}".strip(),
+                    f"{engine.stat().st_size / 2**20:.1f}" if engine.is_file() else "missing",
+                    _g(m.get("build_seconds")),
+                    device_memory_text(m.get("device_memory") or {}),
+                    f"yes ({', '.join(by)})" if by else "no: built but never executed here",
+                ]
+            )
+    if not rows:
+        return []
+    header = ["target", "TensorRT", "engine MB", "build s", "device memory", "executed"]
+    return ["## Engines", "", *_table(header, rows), ""]
 
 
 # ----- plots ------------------------------------------------------------------------------------
@@ -433,8 +515,9 @@ def plot_decode_latency(r: LatencyReport, path: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{backend}, batch {batch}")
     ax.axvline(r.sliding_window, color="k", linestyle="--", label=f"W = {r.sliding_window}")
     ax.set(
+        yscale="log",  # backends differ by orders of magnitude; on a linear axis the fast ones lie flat at 0
         xlabel="context length (tokens cached)",
-        ylabel="decode step p50 (ms)",
+        ylabel="decode step p50 (ms, log scale)",
         title=f"Decode latency ({r.precision})",
     )
     ax.legend(fontsize="small")

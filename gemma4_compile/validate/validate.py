@@ -250,6 +250,7 @@ class AccuracyReport:
     overflow: M.OverflowScan | None
     warnings: list[str] = field(default_factory=list)
     export_dir: str | None = None
+    engine_target: str | None = None  # the engine the backend executed (trt), for the summary's engine list
     polygraphy: dict[str, Any] | None = None  # files and the command that reproduces the decoder comparison
 
     @property
@@ -813,7 +814,12 @@ def validate(
     max_len = manifest.max_seq_len - steps
     cases = load_prompts(prompts, spec, max_len) if prompts else default_cases(spec, seed, max_len)
     report = compare_runners(be, ref, cases, spec, precision, steps, tolerance, exact=exact)
-    report = replace(report, export_dir=str(export_dir), warnings=report.warnings + [why_not] * bool(why_not))
+    report = replace(
+        report,
+        export_dir=str(export_dir),
+        engine_target=be.engine_target,
+        warnings=report.warnings + [why_not] * bool(why_not),
+    )
     out = Path(out_dir) if out_dir else export_dir
     if write:
         if DECODER in manifest.graphs:

@@ -31,3 +31,7 @@ def test_opening_a_runner_imports_neither_torch_nor_transformers(export_dir):
         _loaded_after(f"from gemma4_compile.runtime import open_runner; open_runner({str(export_dir)!r})")
         == []
     )
+
+
+def test_the_validate_package_and_the_memory_probe_import_neither():
+    assert _loaded_after("import gemma4_compile.validate, gemma4_compile.validate.memory") == []

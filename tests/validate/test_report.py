@@ -130,3 +130,52 @@ def test_a_second_reference_writes_its_own_files(tmp_path, reports):
     assert "(accuracy-hf_error_by_position.png)" in (folder / "accuracy-hf.md").read_text()
     summary = (folder / "summary.md").read_text()
     assert "Details: accuracy.md." in summary and "Details: accuracy-hf.md." in summary
+
+
+def test_reports_get_the_mode_a_plain_write_gets(tmp_path, reports):
+    """mkstemp makes private files; reports must be as readable as the export beside them."""
+    accuracy, latency = reports
+    plain = tmp_path / "export.json"
+    plain.write_text("{}")
+    for path in write_reports(tmp_path, accuracy=accuracy, latency=latency):
+        assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777, path
+
+
+def test_summary_rows_come_from_one_context_and_name_it(tmp_path, reports):
+    _, latency = reports
+    write_reports(tmp_path, latency=latency)
+    summary = (tmp_path / "reports" / "summary.md").read_text()
+    assert "TTFT ms (12-token prompt)" in summary and "decode p50 ms (context 12)" in summary
+    assert "tok/s batch 2 (context 12)" in summary and "(torch p50 / p50)" in summary
+    row = next(line for line in summary.splitlines() if line.startswith("| hf |"))
+    hf_b1 = latency.row("hf", "decode", 1, 12)
+    assert f"| {hf_b1.tokens_per_s:.0f} |" in row  # tok/s of the same row whose p50 is shown
+
+
+def _engine(export, target, device_memory):
+    folder = export / "engines" / target
+    folder.mkdir(parents=True)
+    (folder / "decoder.engine").write_bytes(b"\0" * 2**20)
+    manifest = {"target": target, "flavour": "tensorrt_rtx", "trt_version": "1.3", "build_seconds": 21.0}
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "device_memory": device_memory}))
+
+
+def test_summary_lists_engines_never_executed(tmp_path, reports):
+    accuracy, _ = reports
+    export = tmp_path / "export"
+    _engine(export, "sm89", {"bytes": None, "how": "not measured: needs an sm89 GPU"})
+    _engine(export, "sm120", {"bytes": 812 * 2**20, "how": "deserialized on the build GPU"})
+    write_reports(tmp_path, accuracy=dataclasses.replace(accuracy, export_dir=str(export)))
+    summary = (tmp_path / "reports" / "summary.md").read_text()
+    assert "## Engines" in summary
+    assert (
+        "| sm89 | tensorrt_rtx 1.3 | 1.0 | 21 | device memory not measured: needs an sm89 GPU | no: built"
+        in summary
+    )
+    assert "| sm120 |" in summary and "device memory 812 MiB" in summary
+    ran = dataclasses.replace(accuracy, export_dir=str(export), backend="trt", engine_target="sm120")
+    write_reports(tmp_path, accuracy=ran)
+    sm120 = next(
+        line for line in (tmp_path / "reports" / "summary.md").read_text().splitlines() if "| sm120 |" in line
+    )
+    assert sm120.endswith("| yes (validate) |")

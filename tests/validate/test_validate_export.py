@@ -76,6 +76,12 @@ def test_bench_export(tmp_path, make_export, make_checkpoint):
     assert {r.backend for r in report.rows} == {"torch", "hf", "ort"}
     assert all(r.vs_torch is not None for r in report.rows)
     assert (tmp_path / "reports" / "latency.md").is_file() and (tmp_path / "reports" / "summary.md").is_file()
+    # host memory per backend from a process of its own: ORT's peak no longer carries torch + transformers
+    memory = {s.backend: s for s in report.backends}
+    assert all(s.peak_rss_mb and s.base_rss_mb < s.peak_rss_mb for s in memory.values()), memory
+    assert all("own process, batch 1, 32-token prompt" in s.memory_note for s in memory.values())
+    assert memory["ort"].peak_rss_mb < 0.8 * memory["torch"].peak_rss_mb, memory
+    assert "peak RSS" in (tmp_path / "reports" / "summary.md").read_text()
 
 
 def test_hf_reference_keeps_the_torch_reports_and_stale_polygraphy_files_go(
@@ -124,3 +130,22 @@ def test_bench_fails_on_a_missing_backend_before_timing_cpu_baselines(
     monkeypatch.setattr(validate_module, "make_runner", make)
     with pytest.raises(Gemma4CompileError, match="trt: no CUDA GPU"):
         bench(make_export("tiny-31b"), backends=["trt"], checkpoint=make_checkpoint("tiny-31b"), write=False)
+
+
+def test_the_hf_reference_loads_and_runs_without_deprecation_warnings(make_checkpoint):
+    """`validate --reference hf` must not print transformers' deprecation notices (their cause is fixed, not
+    filtered: this catches every warning, whatever the CLI's filters)."""
+    import warnings
+
+    import numpy as np
+
+    from gemma4_compile.validate import HFRunner
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner = HFRunner(make_checkpoint("tiny-31b"))
+        state = runner.start(1, 24)
+        runner.step(state, np.arange(3, 23, dtype=np.int64)[None], np.array([20]))
+        runner.step(state, np.array([[5]]), np.array([1]))
+    deprecations = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert not deprecations, [f"{w.filename}:{w.lineno}: {w.message}" for w in deprecations]
