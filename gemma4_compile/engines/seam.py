@@ -148,6 +148,10 @@ _QUIET = ("has Int64 binding",)
 # Errors TensorRT-RTX logs on every CPU-only build, next to the real cause: never the reason for a failure.
 _NO_GPU_NOISE = ("cudaError 35", "CUDA driver version is insufficient", "CUDA initialization failure")
 _ORDER = ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE")
+# The parser names an unnamed node "node_of_<first output>", and inlining a model-local function reuses its
+# body's names at every call (every layer), so it warns once per node per extra call. Harmless (we query no
+# inner tensor of a body) and not ours to rename: counted into one line of build.log instead of dozens.
+_REPEATED_NAME = "already exists, the output tensors of this new instance will not be queryable"
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,7 @@ def make_logger(flavour: TrtFlavour, min_severity: str = "INFO"):
             trt.ILogger.__init__(self)
             self.keep = set(_ORDER[: _ORDER.index(min_severity) + 1])  # TensorRT calls us for every severity
             self.records: list[LogRecord] = []
+            self.repeated_names = 0
             self._lock = threading.Lock()
 
         def log(self, severity, msg):  # called from TensorRT's threads
@@ -179,6 +184,9 @@ def make_logger(flavour: TrtFlavour, min_severity: str = "INFO"):
             if name not in self.keep:
                 return
             with self._lock:
+                if _REPEATED_NAME in msg:
+                    self.repeated_names += 1
+                    return
                 self.records.append(LogRecord(name, msg))
             if not any(
                 q in msg for q in _QUIET
@@ -195,7 +203,13 @@ def make_logger(flavour: TrtFlavour, min_severity: str = "INFO"):
             ]
 
         def text(self) -> str:
-            return "".join(f"[{r.severity}] {r.message}\n" for r in self.records)
+            lines = [f"[{r.severity}] {r.message}\n" for r in self.records]
+            if self.repeated_names:
+                lines.append(
+                    f"[WARNING] {self.repeated_names}x 'A node named node_of_... already exists': nodes of "
+                    "inlined function bodies reuse their names at every call (harmless; counted, not listed)\n"
+                )
+            return "".join(lines)
 
     return RecordingLogger()
 

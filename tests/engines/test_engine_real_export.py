@@ -31,3 +31,5 @@ def test_tiny_e2b_builds_inline(real_exports, dtype, target):
     io = {t["name"]: t for t in art.manifest.io}
     assert set(io) == {t["name"] for g in ("inputs", "outputs") for t in export["graphs"]["decoder"][g]}
     assert art.manifest.files["decoder.engine"]["bytes"] > 1_000_000
+    log = (art.dir / "build.log").read_text()  # inlined bodies' repeated node names: one counted line
+    assert len([line for line in log.splitlines() if "already exists" in line]) <= 1
