@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import platform
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -378,23 +379,24 @@ def engine_from_network(
     return PlanFile(path, digest.hexdigest(), size)
 
 
-def device_memory(record: BuildRecord, plan: Path, device_sm: int | None) -> dict[str, Any]:
-    """The activation memory the engine allocates per execution context (ICudaEngine.device_memory_size_v2),
-    read by deserializing the plan, which needs a GPU of the target's SM (a driverless runtime can crash)."""
-    if device_sm != record.target.sm:
-        return {
-            "bytes": None,
-            "how": f"not measured: reading it deserializes the plan, which needs an sm{record.target.sm} GPU "
-            "on the build host",
-        }
-    engine = record.flavour.module.Runtime(record.parsed.logger).deserialize_cuda_engine(plan.read_bytes())
-    if engine is None:
-        return {"bytes": None, "how": "not measured: the plan did not deserialize on the build GPU"}
-    size = getattr(engine, "device_memory_size_v2", None)
+def device_memory(log_text: str) -> dict[str, Any]:
+    """The device memory the engine asks for, as the builder reports it in its log: the largest "Total
+    Activation Memory" over the profiles (what one execution context allocates) and "Total Weights Memory".
+    Read from the log because reading it from the engine means deserializing the plan, which needs a GPU of
+    the target's SM; the builder prints these on CPU-only TensorRT-RTX builds too."""
+    activation = [int(n) for n in _ACTIVATION.findall(log_text)]
+    weights = [int(n) for n in _WEIGHTS.findall(log_text)]
+    if not activation:
+        return {"activation_bytes": None, "weights_bytes": None, "how": "not in the builder's log"}
     return {
-        "bytes": int(engine.device_memory_size if size is None else size),
-        "how": "deserialized on the build GPU",
+        "activation_bytes": max(activation),
+        "weights_bytes": weights[-1] if weights else None,
+        "how": "the builder's log: largest Total Activation Memory over the profiles, Total Weights Memory",
     }
+
+
+_ACTIVATION = re.compile(r"Total Activation Memory: (\d+) bytes")
+_WEIGHTS = re.compile(r"Total Weights Memory: (\d+) bytes")
 
 
 def _save_timing_cache(record: BuildRecord, config: Any) -> None:
@@ -486,7 +488,7 @@ def build_engine(
         with PeakRss() as memory:
             _build_into(record, staging)
         record.memory = memory.usage
-        record.device_memory = device_memory(record, staging / ENGINE_NAME, local_device_sm())
+        record.device_memory = device_memory(record.parsed.logger.text())
         record.write(staging, CAPABILITY_NAME, json.dumps(record.report.to_dict(), indent=2) + "\n")
         record.write(staging, LOG_NAME, record.parsed.logger.text())
         manifest = record.manifest()

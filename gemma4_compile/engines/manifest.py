@@ -50,7 +50,7 @@ class EngineManifest:
     tools: dict[str, str] = field(default_factory=dict)
     created_at: str = ""
     weight_format: str = ""  # the export's (dtypes.WEIGHT_FORMATS); "" in manifests written before it existed
-    # {"bytes": activation memory the engine allocates per context, or None, "how": how measured / why not}
+    # {"activation_bytes": per execution context, "weights_bytes", "how"} (build.device_memory); {} if older
     device_memory: dict[str, Any] = field(default_factory=dict)
 
     @property

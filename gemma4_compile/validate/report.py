@@ -429,11 +429,12 @@ def _find(rows: list[dict[str, Any]], backend: str, phase: str, batch: int, cont
 
 
 def device_memory_text(device_memory: dict[str, Any]) -> str:
-    """'device memory 812 MiB' from an engine manifest's record, or why it was not measured."""
-    size = device_memory.get("bytes")
-    if size is not None:
-        return f"device memory {size / 2**20:.0f} MiB"
-    return f"device memory {device_memory.get('how', 'not recorded (engine built before it was measured)')}"
+    """'device memory: activation 150 MiB + weights 1.7 MiB' from an engine manifest, or why it is missing."""
+    activation, weights = device_memory.get("activation_bytes"), device_memory.get("weights_bytes")
+    if activation is None:
+        return f"device memory {device_memory.get('how', 'not recorded (built before it was recorded)')}"
+    text = f"device memory: activation {activation / 2**20:.1f} MiB"
+    return text + (f" + weights {weights / 2**20:.1f} MiB" if weights is not None else "")
 
 
 def _engines_summary(accuracies: list[dict[str, Any]], latency: dict[str, Any] | None) -> list[str]:

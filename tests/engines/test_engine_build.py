@@ -6,7 +6,6 @@ import json
 import threading
 
 import pytest
-from engines_support import DEVICE_SM
 from engines_synthetic import write_synthetic_export
 
 from gemma4_compile.engines import build_engines, check_engine, load_trt, open_engine, read_manifest
@@ -39,10 +38,9 @@ def test_builds_sm89_and_sm120_inline(fresh_export, dtype):
             dtype,
         )
         assert m.sm == int(art.target.removeprefix("sm"))
-        if m.sm != DEVICE_SM:  # reading it deserializes the plan: only on a GPU of the target's SM
-            assert m.device_memory["bytes"] is None and f"needs an {art.target} GPU" in m.device_memory["how"]
-        else:
-            assert m.device_memory["bytes"] > 0, m.device_memory
+        log = (art.dir / "build.log").read_text()  # the builder's own figures, recorded from its log
+        assert m.device_memory["activation_bytes"] > 0 and m.device_memory["weights_bytes"] > 0
+        assert f"Total Activation Memory: {m.device_memory['activation_bytes']} bytes" in log
         assert m.export_sha256 == sha256_file(out / "export.json")
         assert m.decoder_sha256 == export["graphs"]["decoder"]["sha256"]
         assert m.files["decoder.engine"] == {

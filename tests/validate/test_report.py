@@ -163,16 +163,16 @@ def _engine(export, target, device_memory):
 def test_summary_lists_engines_never_executed(tmp_path, reports):
     accuracy, _ = reports
     export = tmp_path / "export"
-    _engine(export, "sm89", {"bytes": None, "how": "not measured: needs an sm89 GPU"})
-    _engine(export, "sm120", {"bytes": 812 * 2**20, "how": "deserialized on the build GPU"})
+    _engine(export, "sm89", {})  # a manifest from before device memory was recorded
+    _engine(export, "sm120", {"activation_bytes": 812 * 2**20, "weights_bytes": 3 * 2**20, "how": "log"})
     write_reports(tmp_path, accuracy=dataclasses.replace(accuracy, export_dir=str(export)))
     summary = (tmp_path / "reports" / "summary.md").read_text()
     assert "## Engines" in summary
     assert (
-        "| sm89 | tensorrt_rtx 1.3 | 1.0 | 21 | device memory not measured: needs an sm89 GPU | no: built"
+        "| sm89 | tensorrt_rtx 1.3 | 1.0 | 21 | device memory not recorded (built before it was recorded) | no: built"
         in summary
     )
-    assert "| sm120 |" in summary and "device memory 812 MiB" in summary
+    assert "| sm120 |" in summary and "device memory: activation 812.0 MiB + weights 3.0 MiB" in summary
     ran = dataclasses.replace(accuracy, export_dir=str(export), backend="trt", engine_target="sm120")
     write_reports(tmp_path, accuracy=ran)
     sm120 = next(
