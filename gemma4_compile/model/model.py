@@ -26,7 +26,8 @@ Cache = list[tuple[Tensor, Tensor]]
 
 
 class RMSNorm(nn.Module):
-    """Gemma 4 RMSNorm: y = x * (mean(x^2) + eps)^-0.5 * w, all in fp32; the weight is used as is (not 1 + w)."""
+    """Gemma 4 RMSNorm: y = x * (mean(x^2) + eps)^-0.5 * w, in fp32 or wider (the fp64 drift-gate run stays
+    fp64); the weight is used as is (not 1 + w)."""
 
     def __init__(self, dim: int, eps: float, with_scale: bool = True):
         super().__init__()
@@ -34,11 +35,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
+        h = x.to(at_least_fp32(x.dtype))
         h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         if self.weight is not None:
-            h = h * self.weight.float()
+            h = h * self.weight.to(h.dtype)
         return h.to(x.dtype)
+
+
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """Where the model upcasts half precision: to fp32, but never down from fp64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def rope_inv_freq(plan: LayerPlan) -> Tensor:
@@ -49,8 +55,9 @@ def rope_inv_freq(plan: LayerPlan) -> Tensor:
 
 
 def rope_tables(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin [B, 1, S, D] for rotate-half RoPE, computed in fp32 and cast to the activation dtype."""
-    freqs = positions[..., None].float() * inv_freq.float()  # [B, S, D/2]
+    """cos, sin [B, 1, S, D] for rotate-half RoPE, computed in fp32 (or wider) and cast to the activation dtype."""
+    compute = at_least_fp32(dtype)
+    freqs = positions[..., None].to(compute) * inv_freq.to(compute)  # [B, S, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, S, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
