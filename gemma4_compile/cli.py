@@ -197,8 +197,8 @@ def _print_export(manifest) -> None:
     default="none",
     show_default=True,
     type=click.Choice(QUANT_CHOICES),
-    help="Weight-only quantization (RTN symmetric per block; onnxruntime MatMulNBits, needs --dtype fp32). "
-    "The LM head goes int8; fp8/nvfp4 are not supported yet.",
+    help="Weight-only quantization, RTN symmetric per block. --dtype fp32: onnxruntime's MatMulNBits; "
+    "fp16/bf16: DequantizeLinear for TensorRT. The LM head goes int8; fp8/nvfp4 are not supported yet.",
 )
 @click.option(
     "--block-size",

@@ -28,6 +28,7 @@ from .. import __version__
 from ..errors import BuildError, ExportError
 from ..export.manifest import DECODER, ExportManifest
 from ..fsutil import atomic_directory, write_atomic
+from ..quant.formats import GRAPH_NBITS
 from ..targets import GpuTarget, local_device_sm, resolve_target
 from .load import verify_files
 from .manifest import (
@@ -534,12 +535,10 @@ def read_export(export_dir: str | Path) -> ExportManifest:
             f"{export.path / 'export.json'} has no graphs.{DECODER}; re-run gemma4-compile export"
         )
     _checked(export.verify)  # hashes of every graph and weight file, export.json's seal and consistency
-    if (
-        export.quant is not None
-    ):  # MatMulNBits is onnxruntime's; the TensorRT form (DequantizeLinear) is not written yet
+    if export.quant is not None and export.quant.graph == GRAPH_NBITS:  # onnxruntime's contrib op
         raise BuildError(
-            f"{export.path} is a {export.weight_format} export for onnxruntime; TensorRT engines need an "
-            "unquantized export (export without --quant)"
+            f"{export.path} is a {export.weight_format} export for onnxruntime (com.microsoft.MatMulNBits); "
+            f"for TensorRT export with --dtype bf16 or fp16 --quant {export.quant.format} (DequantizeLinear)"
         )
     return export
 

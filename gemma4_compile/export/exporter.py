@@ -30,8 +30,8 @@ from ..model.vision_config import VisionSpec
 from ..model.vision_weights import resolve_vision_weights
 from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
 from ..ops import UnknownOpError
-from ..passes import LOWERINGS, QuantizeMatMuls, export_cleanup, run_on_proto, run_passes
-from ..quant.formats import LM_HEAD, QuantRequest, QuantSpec, plan_quant, quant_refusal
+from ..passes import LOWERINGS, DequantizeWeights, QuantizeMatMuls, export_cleanup, run_on_proto, run_passes
+from ..quant.formats import GRAPH_NBITS, LM_HEAD, QuantRequest, QuantSpec, plan_quant, quant_refusal
 from . import custom_ops
 from .bundle import copy_runtime_files
 from .graphs import DecoderGraph, EmbedGraph, VisionGraph
@@ -240,11 +240,12 @@ def _export_into(
         attach_weights(graph, graph_names[role], placed, act.torch, tmp, computed)
     if quant is not None:
         weights = quantized_weights(traced[DECODER], graph_names[DECODER], placed, tmp, quant.accuracy_level)
-        traced[DECODER] = run_passes(traced[DECODER], [QuantizeMatMuls(weights)])
+        encode = QuantizeMatMuls if quant.graph == GRAPH_NBITS else DequantizeWeights
+        traced[DECODER] = run_passes(traced[DECODER], [encode(weights)])
     progress("save graphs")
     for p in producers:
         check = entries is not None and (
-            quant is None or p.role != DECODER
+            quant is None or quant.graph != GRAPH_NBITS or p.role != DECODER
         )  # onnx has no com.microsoft schemas
         _save(traced[p.role], tmp / p.file, check=check, edit=p.edit)
     copy_runtime_files(checkpoint, tmp)  # tokenizer, chat template, generation config (hashed below)
@@ -256,7 +257,9 @@ def _export_into(
     manifest = ExportManifest(
         path=tmp,
         dtype=act.value,
-        opset=OPSET,
+        opset=max(
+            g.opset_imports.get("", OPSET) for g in traced.values()
+        ),  # 21 with DequantizeLinear weights
         max_seq_len=max_seq_len,
         spec=spec,
         graphs=graphs,
@@ -337,6 +340,7 @@ def _save(
     proto = ir.serde.serialize_model(model)
     used = {n.op_type for n in proto.graph.node if n.domain == custom_ops.DOMAIN}
     proto.functions.extend(custom_ops.functions(used))
+    _align_function_opsets(proto)
     if used and not any(o.domain == custom_ops.DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(custom_ops.DOMAIN, custom_ops.DOMAIN_VERSION))
     proto.producer_name, proto.producer_version = "gemma4-compile", __version__
@@ -350,6 +354,16 @@ def _save(
         check and edit is None
     ):  # a lowered graph uses com.microsoft ops onnx has no schemas for (ORT checks it)
         onnx.checker.check_model(str(path), full_check=True)
+
+
+def _align_function_opsets(proto: onnx.ModelProto) -> None:
+    """The ops' bodies are written for opset 20; a graph raised to 21 (DequantizeLinear weights) must have its
+    functions import 21 too (the checker's rule). 20 -> 21 only added types (INT4, ...) to the ops they use."""
+    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), OPSET)
+    for function in proto.functions:
+        for opset in function.opset_import:
+            if opset.domain in ("", "ai.onnx") and opset.version < version:
+                opset.version = version
 
 
 def _vision_dims(vision: VisionSpec) -> dict[str, str]:

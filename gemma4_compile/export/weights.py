@@ -4,8 +4,9 @@ Peak memory is one chunk, not one model: tensors are read with plain reads (mapp
 RSS), converted to the export dtype chunk by chunk and appended. The tied embedding is written once and
 referenced by the embed graph (gather) and the decoder (LM head).
 
-With `--quant`, a quantized tensor is written as MatMulNBits codes and then its scales (quant/rtn.py), row chunk
-by row chunk, instead of its float bytes; only the scales of one tensor are held until it ends. The decoder's
+With `--quant`, a quantized tensor is written as its codes and then its scales (quant/rtn.py), row chunk by row
+chunk, instead of its float bytes (MatMulNBits codes and fp32 scales for an fp32 export, ONNX INT4/INT8 codes and
+scales in the export dtype for DequantizeLinear in fp16/bf16 exports); only the scales of one tensor are held until it ends. The decoder's
 quantized LM head is a second copy of the tied embedding under the name `lm_head` (the embed graph's gather
 keeps the float table).
 """
@@ -23,9 +24,9 @@ import torch
 from ..dtypes import DType
 from ..errors import ExportError
 from ..model.weights import TensorEntry, check_finite
-from ..passes.quantize_matmul import NBitsWeight
-from ..quant.formats import BITS, QuantSpec
-from ..quant.rtn import num_blocks, pack_matmulnbits, quantize_rows
+from ..passes.quantize_matmul import DQWeight, NBitsWeight
+from ..quant.formats import BITS, GRAPH_NBITS, QuantSpec
+from ..quant.rtn import num_blocks, pack_matmulnbits, pack_signed, quantize_rows
 
 DATA_FILE = "weights.data"
 ALIGN = 64
@@ -40,7 +41,8 @@ class Placed:
 
 @dataclass(frozen=True)
 class QuantPlaced:
-    """A quantized tensor in the data file: MatMulNBits codes [N, blocks, blob] then fp32 scales [N, blocks]."""
+    """A quantized tensor in the data file: codes [N, blocks, blob] then scales [N, blocks] (`graph` says which
+    encoding: MatMulNBits with fp32 scales, or DequantizeLinear with scales in the export dtype)."""
 
     codes: Placed
     scales: Placed
@@ -48,6 +50,8 @@ class QuantPlaced:
     block_size: int
     n: int
     k: int
+    graph: str
+    scale_dtype: torch.dtype
 
     @property
     def blocks(self) -> int:
@@ -98,33 +102,41 @@ def _read_rows(src: TensorEntry, rows: int):
             yield chunk.to(torch.float32).numpy()
 
 
-def _write_quantized(src: TensorEntry, dst, bits: int, block_size: int) -> tuple[int, bytes]:
-    """Append the MatMulNBits codes of `src` chunk by chunk; returns (bytes written, the scales' bytes)."""
+def _write_quantized(src: TensorEntry, dst, q: QuantPlaced) -> tuple[int, bytes]:
+    """Append the codes of `src` chunk by chunk; returns (bytes written, the scales' bytes)."""
     k = src.shape[1]
     in_size = torch.empty((), dtype=src.dtype).element_size()
     rows = max(1, CHUNK_BYTES // (k * max(in_size, 4)))
+    pack = pack_matmulnbits if q.graph == GRAPH_NBITS else pack_signed
     written, scales = 0, []
     for w in _read_rows(src, rows):
-        codes, s = quantize_rows(w, bits, block_size)
-        data = pack_matmulnbits(codes, bits).tobytes()
+        codes, s = quantize_rows(w, q.bits, q.block_size, positive=q.graph != GRAPH_NBITS)
+        data = pack(codes, q.bits).tobytes()
         dst.write(data)
         written += len(data)
         scales.append(s)
-    return written, np.concatenate(scales).astype(np.float32).tobytes()
+    stored = torch.from_numpy(np.concatenate(scales)).to(
+        q.scale_dtype
+    )  # the graph's scale type, rounded once
+    return written, stored.view(torch.uint8).numpy().tobytes()
 
 
-def _quant_layout(entry: TensorEntry, bits: int, block_size: int, offset: int) -> QuantPlaced:
+def _quant_layout(
+    entry: TensorEntry, quant: QuantSpec, fmt: str, dtype: torch.dtype, offset: int
+) -> QuantPlaced:
     """Where the codes and scales of `entry` go when the codes start at `offset` (scales follow, aligned)."""
     if len(entry.shape) != 2:
         raise ExportError(
             f"cannot quantize '{entry.key}': expected a 2-D weight, got shape {list(entry.shape)}"
         )
     n, k = entry.shape
+    bits, block_size = BITS[fmt], quant.block_size
+    scale_dtype = torch.float32 if quant.graph == GRAPH_NBITS else dtype
     blocks = num_blocks(k, block_size)
     codes = Placed(offset, n * blocks * block_size * bits // 8)
     end = codes.offset + codes.length
-    scales = Placed(end + (-end % ALIGN), n * blocks * 4)
-    return QuantPlaced(codes, scales, bits, block_size, n, k)
+    scales = Placed(end + (-end % ALIGN), n * blocks * scale_dtype.itemsize)
+    return QuantPlaced(codes, scales, bits, block_size, n, k, quant.graph, scale_dtype)
 
 
 def write_weight_file(
@@ -152,9 +164,9 @@ def write_weight_file(
                 pad_to(start, dst)
                 fmt = quant.format_of(name) if quant is not None else None
                 if fmt is not None:
-                    q = _quant_layout(entry, BITS[fmt], quant.block_size, start)
+                    q = _quant_layout(entry, quant, fmt, dtype, start)
                     if dst is not None:
-                        written, scales = _write_quantized(entry, dst, q.bits, q.block_size)
+                        written, scales = _write_quantized(entry, dst, q)
                         offset = start + written
                         pad_to(q.scales.offset, dst)
                         dst.write(scales)
@@ -224,12 +236,15 @@ def quantized_weights(
     placed: dict[str, Placed | QuantPlaced],
     out_dir: Path,
     accuracy_level: int,
-) -> dict[str, NBitsWeight]:
-    """initializer name -> its MatMulNBits inputs in the data file, for every quantized initializer of `model`."""
-    out = {}
+) -> dict[str, NBitsWeight | DQWeight]:
+    """initializer name -> its quantized form in the data file, for every quantized initializer of `model`."""
+    out: dict[str, NBitsWeight | DQWeight] = {}
     for init_name in model.graph.initializers:
         q = placed.get(names.get(init_name, init_name))
         if not isinstance(q, QuantPlaced):
+            continue
+        if q.graph != GRAPH_NBITS:
+            out[init_name] = _dq_weight(init_name, q, out_dir)
             continue
         blob = q.block_size * q.bits // 8
         out[init_name] = NBitsWeight(
@@ -242,3 +257,14 @@ def quantized_weights(
             accuracy_level=accuracy_level,
         )
     return out
+
+
+def _dq_weight(init_name: str, q: QuantPlaced, out_dir: Path) -> DQWeight:
+    code_type = ir.DataType.INT4 if q.bits == 4 else ir.DataType.INT8
+    scale_type = ir.DataType(DType.parse(q.scale_dtype).onnx_elem_type)
+    return DQWeight(
+        _external(init_name, f"Q{q.bits}", q.codes, code_type, (q.n, q.blocks * q.block_size), out_dir),
+        _external(init_name, "scales", q.scales, scale_type, (q.n, q.blocks), out_dir),
+        k=q.k,
+        block_size=q.block_size,
+    )

@@ -4,7 +4,7 @@
     model = passes.run_passes(model, passes.export_cleanup())   # what the exporter does after tracing
 
 Passes: FoldConstants (fold_constants.py), RenameShadowedOps (rename_shadowed.py), SplitMoE (split_moe.py),
-MarkAot (mark_aot.py), QuantizeMatMuls (quantize_matmul.py), and the lowerings in `LOWERINGS` (lowerings.py; the gqa pass in lower_gqa.py).
+MarkAot (mark_aot.py), QuantizeMatMuls and DequantizeWeights (quantize_matmul.py), and the lowerings in `LOWERINGS` (lowerings.py; the gqa pass in lower_gqa.py).
 Importing this package imports no torch and no TensorRT.
 """
 
@@ -21,12 +21,14 @@ from .fold_constants import FoldConstants
 from .lowerings import LOWERINGS, Lowering, lowering_refusal
 from .mark_aot import MarkAot
 from .plugin_nodes import plugin_lookup
-from .quantize_matmul import NBitsWeight, QuantizeMatMuls
+from .quantize_matmul import DequantizeWeights, DQWeight, NBitsWeight, QuantizeMatMuls
 from .rename_shadowed import RenameShadowedOps
 from .split_moe import SplitMoE
 
 __all__ = [
     "LOWERINGS",
+    "DQWeight",
+    "DequantizeWeights",
     "FoldConstants",
     "Lowering",
     "MarkAot",

@@ -1,5 +1,10 @@
-"""Replace `MatMul(x, Transpose(W))` by `com.microsoft.MatMulNBits(x, B, scales)` for quantized initializers W.
+"""Quantized weights in the graph, two encodings of one code stream (quant/formats.py):
 
+* QuantizeMatMuls (onnxruntime, fp32 exports): `MatMul(x, Transpose(W))` -> `com.microsoft.MatMulNBits(x, B, scales)`.
+* DequantizeWeights (TensorRT, fp16/bf16 exports): W -> `DequantizeLinear(codes, scales, axis=1, block_size)`, a
+  standard opset-21 blockwise DQ with no zero point, read by the graph's existing Transpose -> MatMul.
+
+QuantizeMatMuls:
 The exporter traces torch's `x @ W.T` as a Transpose of the [N, K] weight initializer feeding a MatMul; the
 quantized codes are stored in that same [N, K] row order (MatMulNBits' B is [N, blocks, blob]), so the Transpose
 goes away with the float weight. Every use of a quantized initializer must be such a Transpose -> MatMul: any
@@ -10,11 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
-__all__ = ["MS_DOMAIN", "NBitsWeight", "QuantizeMatMuls"]
+__all__ = ["MS_DOMAIN", "DQWeight", "DequantizeWeights", "NBitsWeight", "QuantizeMatMuls"]
 
 MS_DOMAIN = "com.microsoft"
+DQ_OPSET = 21  # blockwise DequantizeLinear and the INT4 type
 
 
 @dataclass(frozen=True)
@@ -114,3 +121,63 @@ def _replace(graph: ir.Graph, matmul: ir.Node, b: ir.Value, scales: ir.Value, q:
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
     graph.remove(matmul, safe=True)
     new.name = name
+
+
+@dataclass(frozen=True)
+class DQWeight:
+    """The DequantizeLinear inputs that replace one [N, K] weight initializer."""
+
+    codes: ir.TensorProtocol  # INT4 | INT8 [N, K rounded up to whole blocks]
+    scales: ir.TensorProtocol  # export dtype [N, blocks]
+    k: int
+    block_size: int
+
+
+class DequantizeWeights(ir.passes.InPlacePass):
+    """`weights`: initializer name -> its codes and scales; every use of W reads the dequantized tensor instead
+    (sliced back to K columns where K is not a whole number of blocks). Raises the default opset to 21."""
+
+    def __init__(self, weights: dict[str, DQWeight]) -> None:
+        super().__init__()
+        self.weights = weights
+        self.replaced = 0
+
+    def requires(self, model: ir.Model) -> None:
+        missing = [n for n in self.weights if n not in model.graph.initializers]
+        if missing:
+            raise ir.passes.PreconditionError(f"quantized weight '{missing[0]}' is not an initializer")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        self.replaced = 0
+        first = graph.node(0) if len(graph) else None
+        for name, q in self.weights.items():
+            value = graph.initializers.pop(name)
+            codes, scales = _initializer(graph, q.codes), _initializer(graph, q.scales)
+            nodes = [ir.node("DequantizeLinear", [codes, scales], {"axis": 1, "block_size": q.block_size})]
+            if q.codes.shape[1] != q.k:
+                bounds = [_initializer(graph, _int64(f"{name}_{n}", v)) for n, v in _slice_bounds(q.k)]
+                nodes.append(ir.node("Slice", [nodes[0].outputs[0], *bounds]))
+            for node in nodes:  # before every use: the top of the graph
+                if first is not None:
+                    graph.insert_before(first, node)
+                else:
+                    graph.append(node)
+            out = nodes[-1].outputs[0]
+            out.shape, out.type = value.shape, value.type
+            ir.convenience.replace_all_uses_with(value, out, replace_graph_outputs=True)
+            out.name = name
+            self.replaced += 1
+        if self.replaced:  # the model-local functions must import the model's version (ONNX checker rule)
+            for opsets in (model.opset_imports, *(f.opset_imports for f in model.functions.values())):
+                if opsets.get("", DQ_OPSET) < DQ_OPSET:  # 20 -> 21 added types only (INT4...), no semantics
+                    opsets[""] = DQ_OPSET
+        return ir.passes.PassResult(model, modified=self.replaced > 0)
+
+
+def _slice_bounds(k: int) -> list[tuple[str, int]]:
+    return [("starts", 0), ("ends", k), ("axes", 1)]
+
+
+def _int64(name: str, v: int) -> ir.TensorProtocol:
+    return ir.tensor(np.array([v], dtype=np.int64), name=name)

@@ -25,6 +25,15 @@ QUANT_CHOICES = ("none", *BITS, *NOT_YET)
 BLOCK_SIZES = (32, 64, 128)
 DEFAULT_BLOCK = 32  # ggml Q4_0 / ORT-GenAI default; the grid Google's QAT checkpoints were trained on
 LM_HEAD_FORMAT = "int8"
+# One quantized weight stream, two graph encodings (docs/export-format.md, "Quantization"): fp32 exports are
+# onnxruntime's (MatMulNBits, 0.7 GiB less than ORT's own DQ fusion on E2B); fp16/bf16 exports are TensorRT's
+# (standard opset-21 blockwise DequantizeLinear before the Transpose -> MatMul), which ORT runs too (fp16).
+GRAPH_NBITS, GRAPH_DQ = "com.microsoft.MatMulNBits", "DequantizeLinear"
+
+
+def graph_form(dtype: str) -> str:
+    return GRAPH_NBITS if dtype == "fp32" else GRAPH_DQ
+
 
 # Every role a weight can have; `role_of` maps tensor names to them.
 LINEAR_ROLES = ("attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down")
@@ -66,6 +75,12 @@ class QuantSpec:
     method: str = METHOD
     accuracy_level: int = 0  # MatMulNBits: 0 = activations stay fp32 (exact), 4 = int8 activations (faster)
     tensors: dict[str, str] = field(default_factory=dict)  # checkpoint name -> format, for the quantized ones
+    graph: str = GRAPH_NBITS  # the graph encoding (graph_form); scales are stored in the export dtype for DQ
+
+    @property
+    def positive_scales(self) -> bool:
+        """TensorRT's DequantizeLinear takes positive scales only (quant/rtn.py, quantize_rows)."""
+        return self.graph != GRAPH_NBITS
 
     def format_of(self, name: str) -> str | None:
         """The quantized format of tensor `name`, or None when it stays in the export dtype."""
@@ -78,7 +93,8 @@ class QuantSpec:
             "method": self.method,
             "block_size": self.block_size,
             "accuracy_level": self.accuracy_level,
-            "graph": "com.microsoft.MatMulNBits",
+            "graph": self.graph,
+            "scales": "positive absmax/qmax" if self.positive_scales else "signed absmax/qmin",
             "roles": dict(self.roles),
             "tensors": dict(self.tensors),
         }
@@ -93,6 +109,7 @@ class QuantSpec:
             method=d.get("method", METHOD),
             accuracy_level=int(d.get("accuracy_level", 0)),
             tensors=dict(d.get("tensors", {})),
+            graph=d.get("graph", GRAPH_NBITS),
         )
 
 
@@ -118,11 +135,6 @@ def quant_refusal(quant: str, dtype: str, has_moe: bool, block_size: int) -> str
         return f"unknown --quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}"
     if block_size not in BLOCK_SIZES:
         return f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}"
-    if dtype != "fp32":
-        return (
-            f"--quant {quant} makes onnxruntime exports (com.microsoft.MatMulNBits) and needs --dtype fp32; "
-            "the TensorRT (DequantizeLinear) form is not supported yet"
-        )
     if has_moe:
         return (
             f"--quant {quant} cannot quantize MoE experts yet; refusing rather than leaving most of this "
@@ -152,4 +164,6 @@ def plan_quant(
         role = role_of(name)
         if role is not None and roles[role] in BITS:
             tensors[LM_HEAD if role == "lm_head" else name] = roles[role]
-    return QuantSpec(quant, block_size, roles, accuracy_level=accuracy_level, tensors=tensors)
+    return QuantSpec(
+        quant, block_size, roles, accuracy_level=accuracy_level, tensors=tensors, graph=graph_form(dtype)
+    )

@@ -12,13 +12,19 @@ import types
 
 import torch
 
-from .formats import BITS, LM_HEAD, QuantSpec
-from .rtn import fake_quantize
+from .formats import BITS, GRAPH_NBITS, LM_HEAD, QuantSpec
+from .rtn import dequantize_rows, quantize_rows
 
 
-def _dequantized(weight: torch.Tensor, fmt: str, block_size: int) -> torch.nn.Parameter:
-    w = fake_quantize(weight.detach().float().numpy(), BITS[fmt], block_size)
-    return torch.nn.Parameter(torch.from_numpy(w).to(weight.dtype), requires_grad=False)
+def _dequantized(weight: torch.Tensor, fmt: str, quant: QuantSpec) -> torch.nn.Parameter:
+    """codes x scales as the graph computes them: DequantizeLinear's scales are stored in the export dtype, so
+    they are rounded to it first (the product of a code and a half-precision scale then rounds once, as in DQ)."""
+    w = weight.detach().float().numpy()
+    codes, scales = quantize_rows(w, BITS[fmt], quant.block_size, quant.positive_scales)
+    if quant.graph != GRAPH_NBITS:
+        scales = torch.from_numpy(scales).to(weight.dtype).float().numpy()
+    deq = dequantize_rows(codes, scales, w.shape[1])
+    return torch.nn.Parameter(torch.from_numpy(deq).to(weight.dtype), requires_grad=False)
 
 
 def apply_fake_quant(model: torch.nn.Module, quant: QuantSpec) -> torch.nn.Module:
@@ -28,11 +34,11 @@ def apply_fake_quant(model: torch.nn.Module, quant: QuantSpec) -> torch.nn.Modul
     embed graph gathers the float table)."""
     for name, fmt in quant.tensors.items():
         if name == LM_HEAD:
-            _fake_quant_lm_head(model, _dequantized(model.embed_tokens.weight, fmt, quant.block_size))
+            _fake_quant_lm_head(model, _dequantized(model.embed_tokens.weight, fmt, quant))
             continue
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        module._parameters[attr] = _dequantized(getattr(module, attr), fmt, quant.block_size)
+        module._parameters[attr] = _dequantized(getattr(module, attr), fmt, quant)
     return model
 
 

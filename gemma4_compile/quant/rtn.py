@@ -6,7 +6,9 @@ is its signed absmax divided by the most negative code (ggml Q4_0's and onnxrunt
 magnitude lands exactly on the grid's -8 end). K is padded with zeros to whole blocks.
 
 MatMulNBits stores the codes unsigned with an implied zero point of 2^(bits-1): u = q + 8 (int4) or q + 128
-(int8); int4 packs two codes per byte, the lower k in the low nibble.
+(int8); int4 packs two codes per byte, the lower k in the low nibble. ONNX INT4 / INT8 (DequantizeLinear, the
+TensorRT form) stores the signed codes themselves, packed the same way: for int4 the two streams differ by
+XOR 0x88 per byte (q + 8 and q's two's complement nibble differ in the top bit only).
 """
 
 from __future__ import annotations
@@ -18,17 +20,24 @@ def num_blocks(k: int, block_size: int) -> int:
     return -(-k // block_size)
 
 
-def quantize_rows(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """w float [N, K] -> (codes int8 [N, blocks, block_size], scales float32 [N, blocks])."""
+def quantize_rows(
+    w: np.ndarray, bits: int, block_size: int, positive: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """w float [N, K] -> (codes int8 [N, blocks, block_size], scales float32 [N, blocks]).
+
+    `positive`: TensorRT's DequantizeLinear refuses negative scales, so its rule is absmax / (2^(bits-1) - 1),
+    a grid of -7..7 (int4) that leaves -8 unused; otherwise the signed-absmax rule of the module docstring."""
     n, k = w.shape
     nb = num_blocks(k, block_size)
     padded = np.zeros((n, nb * block_size), dtype=np.float32)
     padded[:, :k] = w
     blocks = padded.reshape(n, nb, block_size)
-    idx = np.abs(blocks).argmax(axis=2)[..., None]
-    signed_max = np.take_along_axis(blocks, idx, axis=2)[..., 0]
     lo = -(1 << (bits - 1))
-    scales = (signed_max / lo).astype(np.float32)
+    if positive:
+        scales = (np.abs(blocks).max(axis=2) / (-lo - 1)).astype(np.float32)
+    else:
+        idx = np.abs(blocks).argmax(axis=2)[..., None]
+        scales = (np.take_along_axis(blocks, idx, axis=2)[..., 0] / lo).astype(np.float32)
     safe = np.where(scales == 0, 1.0, scales)[..., None]  # an all-zero block: codes 0, scale 0
     codes = np.clip(np.rint(blocks / safe), lo, -lo - 1).astype(np.int8)
     return codes, scales
@@ -45,6 +54,15 @@ def pack_matmulnbits(codes: np.ndarray, bits: int) -> np.ndarray:
     u = (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
     if bits == 8:
         return u
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def pack_signed(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Signed codes [N, blocks, block_size] -> ONNX INT8 bytes, or INT4 two's complement nibbles (low first)."""
+    u = codes.astype(np.int8).view(np.uint8)
+    if bits == 8:
+        return u
+    u = u & 0x0F
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
 
 

@@ -498,7 +498,7 @@ def _case_failures(r: CaseResult, tol: Tolerance, W: int) -> list[str]:
     if r.nonfinite:
         fails.append(f"{r.nonfinite} positions with non-finite backend logits")
     fails += _gate_failures(r, tol, W)
-    if not r.top1 >= tol.top1:
+    if not r.top1 >= tol.top1 and not _nearer_truth_than_reference(r.drift, tol):
         regions = ", ".join(f"{_pct(t)} {w}" for w, t in zip(REGIONS, r.top1_regions) if t is not None)
         fails.append(f"top-1 agreement {r.top1:.2%} < {tol.top1:.0%} ({regions})")
     if tol.greedy_exact:
@@ -508,6 +508,15 @@ def _case_failures(r: CaseResult, tol: Tolerance, W: int) -> list[str]:
     if tol.routing is not None and r.routing is not None and not r.routing >= tol.routing:
         fails.append(f"MoE routing agreement {r.routing:.2%} < {tol.routing:.0%}")
     return fails
+
+
+def _nearer_truth_than_reference(d: Drift | None, tol: Tolerance) -> bool:
+    """Half precision: a backend whose KL to the run one precision up is no larger than the reference's own, in
+    every region, disagrees on top-1 with a noisy reference, not with the model (an fp16 reference of a
+    fake-quant model flips near-ties that the exact run and the backend agree on). Top-1 is still reported."""
+    if d is None or tol.precision == "fp32":
+        return False
+    return all(b <= ref for b, ref in zip(d.backend, d.reference))
 
 
 def _per_row(rows_a: list[np.ndarray], rows_b: list[np.ndarray], fn) -> np.ndarray:

@@ -43,7 +43,7 @@ def test_defaults_quantize_attention_and_mlp_lm_head_int8_and_keep_the_rest():
 def test_refusals_are_one_line_and_come_before_any_work():
     assert "not supported yet" in quant_refusal("fp8", "fp32", False, 32)
     assert "not supported yet" in quant_refusal("nvfp4", "fp32", False, 32)
-    assert "needs --dtype fp32" in quant_refusal("int4", "bf16", False, 32)
+    assert quant_refusal("int4", "bf16", False, 32) is None  # the TensorRT form (DequantizeLinear)
     assert "MoE experts" in quant_refusal("int4", "fp32", True, 32)
     assert "--block-size" in quant_refusal("int8", "fp32", False, 48)
     assert quant_refusal("int4", "fp32", False, 128) is None

@@ -13,7 +13,7 @@ from gemma4_compile.errors import EXIT_ERROR
     [
         ("tiny-e2b", ["--quant", "fp8"], "--quant fp8 is not supported yet"),
         ("tiny-e2b", ["--quant", "nvfp4"], "--quant nvfp4 is not supported yet"),
-        ("tiny-e2b", ["--quant", "int4", "--dtype", "bf16"], "needs --dtype fp32"),
+        ("tiny-e2b", ["--quant", "int4", "--block-size", "48"], "Invalid value for '--block-size'"),
         ("tiny-26b-a4b", ["--quant", "int8"], "cannot quantize MoE experts yet"),
     ],
 )

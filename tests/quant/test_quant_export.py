@@ -68,14 +68,10 @@ def test_graph_only_layout_matches_the_written_one(tmp_path):
     assert data[q.scales.offset : q.scales.offset + q.scales.length] == scales.tobytes()
 
 
-def test_moe_presets_and_bf16_are_refused_in_one_line_before_any_work(make_checkpoint, tmp_path):
+def test_moe_presets_are_refused_in_one_line_before_any_work(make_checkpoint, tmp_path):
     with pytest.raises(ExportError, match="cannot quantize MoE experts yet"):
         export_checkpoint(make_checkpoint("tiny-26b-a4b"), tmp_path / "moe", quant=QuantRequest("int4"))
-    with pytest.raises(ExportError, match="needs --dtype fp32"):
-        export_checkpoint(
-            make_checkpoint("tiny-e2b"), tmp_path / "bf16", dtype="bf16", quant=QuantRequest("int8")
-        )
-    assert not (tmp_path / "moe").exists() and not (tmp_path / "bf16").exists()
+    assert not (tmp_path / "moe").exists()
 
 
 @pytest.mark.parametrize("preset", ["tiny-e2b", "tiny-31b"])
@@ -103,11 +99,87 @@ def test_swapped_nibbles_fail_the_gate(make_quant_export, reseal, tmp_path):
     assert not report.passed
 
 
-def test_engine_build_of_a_quantized_export_is_refused_in_one_line(make_quant_export):
+def test_engine_build_of_an_onnxruntime_quantized_export_names_the_tensorrt_form(make_quant_export):
     from gemma4_compile.engines import read_export
     from gemma4_compile.errors import BuildError
 
-    with pytest.raises(
-        BuildError, match=r"is a int4 export for onnxruntime; TensorRT engines need an unquantized"
-    ):
+    with pytest.raises(BuildError, match=r"for TensorRT export with --dtype bf16 or fp16 --quant int4"):
         read_export(make_quant_export("tiny-e2b", "int4"))
+
+
+# ----- the TensorRT form: fp16/bf16 exports with DequantizeLinear weights -------------------------------------
+
+
+def _dq_nodes(export) -> tuple[list[onnx.NodeProto], onnx.ModelProto]:
+    proto = onnx.load(str(export / "decoder.onnx"), load_external_data=False)
+    return [n for n in proto.graph.node if n.op_type == "DequantizeLinear"], proto
+
+
+def test_every_quantized_tensor_is_one_blockwise_dequantize_with_positive_scales(make_quant_export):
+    out = make_quant_export("tiny-e2b", "int4", dtype="fp16")
+    m = ExportManifest.load(out)
+    assert m.quant.graph == "DequantizeLinear" and m.opset == 21 and m.weight_format == "int4"
+    nodes, proto = _dq_nodes(out)
+    assert len(nodes) == len(m.quant.tensors) and not any(
+        n.op_type == "MatMulNBits" for n in proto.graph.node
+    )
+    assert {o.version for o in proto.opset_import if o.domain == ""} == {21}
+    onnx.checker.check_model(str(out / "decoder.onnx"))  # standard ONNX: no contrib op, functions at 21
+    inits = {i.name: i for i in proto.graph.initializer}
+    kinds = []
+    for node in nodes:
+        attrs = {a.name: a.i for a in node.attribute}
+        assert attrs == {"axis": 1, "block_size": 32} and len(node.input) == 2  # symmetric: no zero point
+        codes, scales = inits[node.input[0]], inits[node.input[1]]
+        kinds.append(codes.data_type)
+        assert scales.data_type == onnx.TensorProto.FLOAT16
+        assert list(scales.dims) == [codes.dims[0], codes.dims[1] // 32]
+        scale_values = onnx.numpy_helper.to_array(scales, base_dir=str(out))
+        assert (scale_values > 0).all()  # TensorRT refuses negative DequantizeLinear scales
+    assert kinds.count(onnx.TensorProto.INT8) == 1  # the LM head
+    assert kinds.count(onnx.TensorProto.INT4) == len(nodes) - 1
+
+
+@pytest.mark.parametrize(
+    "preset,fmt,block", [("tiny-e2b", "int4", 32), ("tiny-31b", "int4", 128), ("tiny-e2b", "int8", 32)]
+)
+def test_ort_runs_the_tensorrt_form_and_matches_the_fake_quant_reference(
+    make_quant_export, preset, fmt, block
+):
+    """onnxruntime runs the fp16 DequantizeLinear graph unfused, so it checks the same codes and scales the
+    engines get, at the fp16 tolerances, against the reference with fp16-rounded positive scales."""
+    report = validate(make_quant_export(preset, fmt, block, dtype="fp16"), steps=STEPS, write=False)
+    assert report.passed, report.failure_message()
+
+
+def test_swapped_int4_nibbles_fail_the_gate_in_the_tensorrt_form(make_quant_export, reseal, tmp_path):
+    out = tmp_path / "broken-dq"
+    shutil.copytree(make_quant_export("tiny-e2b", "int4", dtype="fp16"), out)
+    nodes, proto = _dq_nodes(out)
+    codes = {n.input[0] for n in nodes}
+    with open(out / DATA_FILE, "r+b") as f:
+        for init in proto.graph.initializer:
+            if init.name in codes and init.data_type == onnx.TensorProto.INT4:
+                where = {e.key: e.value for e in init.external_data}
+                f.seek(int(where["offset"]))
+                raw = np.frombuffer(f.read(int(where["length"])), dtype=np.uint8)
+                f.seek(int(where["offset"]))
+                f.write(((raw >> 4) | (raw << 4)).astype(np.uint8).tobytes())
+    reseal(out)
+    assert not validate(out, steps=STEPS, write=False).passed
+
+
+@pytest.mark.rtx
+@pytest.mark.parametrize("dtype,target", [("fp16", "sm89"), ("bf16", "sm120")])
+def test_tensorrt_rtx_builds_int4_engines_with_smaller_weights(make_quant_export, make_export, dtype, target):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed")
+    from gemma4_compile.engines import build_engines
+
+    (art,) = build_engines(
+        make_quant_export("tiny-e2b", "int4", dtype=dtype), [target], max_batch=1, max_seq=64
+    )
+    assert art.manifest.weight_format == "int4" and art.engine_path.stat().st_size > 100_000
+    log = (art.dir / "build.log").read_text()
+    quantized = art.manifest.device_memory["weights_bytes"]
+    (plain,) = build_engines(make_export("tiny-e2b", dtype), [target], max_batch=1, max_seq=64)
+    assert quantized < 0.5 * plain.manifest.device_memory["weights_bytes"], log[-2000:]

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gemma4_compile.quant.rtn import dequantize_rows, fake_quantize, pack_matmulnbits, quantize_rows
+from gemma4_compile.quant.rtn import (
+    dequantize_rows,
+    fake_quantize,
+    pack_matmulnbits,
+    pack_signed,
+    quantize_rows,
+)
 
 
 def test_int4_scale_puts_the_largest_magnitude_on_minus_eight_and_codes_round_to_nearest():
@@ -41,3 +47,21 @@ def test_matmulnbits_packing_offsets_codes_and_puts_the_lower_k_in_the_low_nibbl
     codes = np.array([[[-8, 7, 0, -1]]], dtype=np.int8)
     np.testing.assert_array_equal(pack_matmulnbits(codes, 4), [[[0xF0, 0x78]]])  # u = q + 8
     np.testing.assert_array_equal(pack_matmulnbits(codes, 8), [[[120, 135, 128, 127]]])  # u = q + 128
+
+
+@pytest.mark.parametrize("bits,flip", [(4, 0x88), (8, 0x80)])
+def test_the_two_encodings_of_one_code_stream_differ_by_the_sign_bit(bits, flip):
+    """ONNX INT4/INT8 (DequantizeLinear) holds the signed codes, MatMulNBits them plus 2^(bits-1): per byte the
+    two streams differ by XOR of each code's top bit, nibble order and row layout being the same."""
+    codes, _ = quantize_rows(np.random.default_rng(1).standard_normal((6, 64)).astype(np.float32), bits, 32)
+    np.testing.assert_array_equal(pack_signed(codes, bits) ^ flip, pack_matmulnbits(codes, bits))
+    if bits == 4:  # two's complement nibbles, the lower k in the low nibble (ONNX INT4 packing)
+        low = pack_signed(codes, 4) & 0x0F
+        np.testing.assert_array_equal(np.where(low > 7, low.astype(int) - 16, low), codes[..., 0::2])
+
+
+def test_positive_scales_for_tensorrt_use_absmax_over_seven():
+    w = np.array([[4.0, -1.0, 2.1, 0.0]], dtype=np.float32)
+    codes, scales = quantize_rows(w, 4, 4, positive=True)
+    np.testing.assert_allclose(scales, [[4.0 / 7]])
+    np.testing.assert_array_equal(codes[0, 0], [7, -2, 4, 0])
