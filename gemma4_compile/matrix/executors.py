@@ -109,7 +109,10 @@ class LocalExecutor:
                     argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
                 ).returncode
             if result.is_file():
-                return json.loads(result.read_text())
+                record = json.loads(result.read_text())
+                spec.unlink()
+                result.unlink()
+                return record
             why = signal.Signals(-code).name if code < 0 else f"exit code {code}"
         return _crash_record(self.root, job, why)
 
@@ -161,10 +164,12 @@ class RayExecutor:
         if self.owns:  # a cluster at `address`, or a local one for this run
             ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         self.resources = ray.cluster_resources()
+        self.nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         self.task = ray.remote(max_calls=1)(_ray_execute)  # a fresh worker per job: its own peak RSS
         self.jobs: dict[Any, Job] = {}  # ObjectRef -> its job, to name a crashed one
 
     def accelerator(self, target: str) -> str | None:
+        """A Ray accelerator type of the target's GPUs that some node of the cluster has, else None."""
         if self.resources.get("GPU", 0) < 1:
             return None
         return next(
@@ -172,14 +177,21 @@ class RayExecutor:
         )
 
     def refusal(self, job: Job) -> str | None:
-        if job.resources.gpu is None or self.accelerator(job.resources.gpu):
-            return None
-        where = "the Ray cluster has none"
-        if job.kind == "build":
-            return gpu_builder_refusal(job.resources.gpu, where)
+        """Decided up front, so that no task waits forever for a node the cluster does not have."""
         from ..targets import TARGETS
 
-        return f"not executed: needs a GPU of {TARGETS[job.resources.gpu].describe()}; {where}"
+        r, where = job.resources, "the Ray cluster has none"
+        if r.gpu and not self.accelerator(r.gpu):
+            if job.kind == "build":
+                return gpu_builder_refusal(r.gpu, where)
+            return f"not executed: needs a GPU of {TARGETS[r.gpu].describe()}; {where}"
+        accelerator = f"accelerator_type:{self.accelerator(r.gpu)}" if r.gpu else None
+        if not any(_fits(node, r, accelerator) for node in self.nodes):
+            gib = r.memory / 2**30
+            return (
+                f"declares a {gib:.0f} GiB peak and {r.cpus:g} CPU; no node of the Ray cluster has that room"
+            )
+        return None
 
     def capacity(self) -> str:
         gpus = sorted(k for k in self.resources if k.startswith("accelerator_type:"))
@@ -202,16 +214,25 @@ class RayExecutor:
         ready, _ = self.ray.wait(handles, num_returns=1)
         out = []
         for ref in ready:
+            job = self.jobs.pop(ref)
             try:
                 record = self.ray.get(ref)
             except self.ray.exceptions.RayError as e:  # the worker or its node died, after the last retry
-                record = _crash_record(self.root, self.jobs.pop(ref), type(e).__name__)
+                record = _crash_record(self.root, job, type(e).__name__)
             out.append((ref, record))
         return out
 
     def close(self) -> None:
+        for ref in self.jobs:  # still running: an interrupted matrix leaves no task behind
+            self.ray.cancel(ref, force=True)
         if self.owns:
             self.ray.shutdown()
+
+
+def _fits(node: dict[str, float], r: Any, accelerator: str | None) -> bool:
+    """Whether one node's total resources hold a job's request."""
+    room = node.get("CPU", 0) >= r.cpus and node.get("memory", 0) >= r.memory
+    return room and (accelerator is None or (node.get("GPU", 0) >= 1 and node.get(accelerator, 0) > 0))
 
 
 def _ray_execute(job: dict[str, Any], out: str) -> dict[str, Any]:
@@ -220,11 +241,16 @@ def _ray_execute(job: dict[str, Any], out: str) -> dict[str, Any]:
     return execute(job, out)
 
 
+def check_executor(name: str, address: str | None) -> None:
+    """Refuse an impossible executor request before any output is touched."""
+    if name not in ("local", "ray"):
+        raise UsageError(f"unknown executor {name!r}; choose local or ray")
+    if address and name != "ray":
+        raise UsageError("--address is for --executor ray")
+
+
 def make_executor(name: str, root: Path, concurrency: int, retries: int, address: str | None = None):
+    check_executor(name, address)
     if name == "local":
-        if address:
-            raise UsageError("--address is for --executor ray")
         return LocalExecutor(root, concurrency, retries)
-    if name == "ray":
-        return RayExecutor(root, retries, address)
-    raise UsageError(f"unknown executor {name!r}; choose local or ray")
+    return RayExecutor(root, retries, address)

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import UsageError
 from ..fsutil import check_output_path, marker_kind, output_lock, write_marker
 from . import index
-from .executors import make_executor
+from .executors import check_executor, make_executor
 from .jobs import attempts_file, fingerprint, store, stored
 from .plan import Job, Plan, expand, load_plan
 
@@ -51,6 +51,7 @@ def run_matrix(
     on_record: Callable[[Job, dict[str, Any]], None] | None = None,
 ) -> MatrixResult:
     """Run the plan into `out` (created, or an earlier matrix output to resume) and write OUT/index.{json,md}."""
+    check_executor(executor, address)
     plan = load_plan(plan_path)
     out = Path(out).resolve()
     check_output_path(out, [c.path for c in plan.checkpoints if c.path], UsageError)
@@ -105,7 +106,7 @@ def schedule(jobs: list[Job], ex: Any, out: Path, on_record: Callable[[Job, dict
             continue  # everything ready was decided without running; its dependents are ready now
         for handle, record in ex.wait(list(running)):
             job, fp = running.pop(handle)
-            if record["status"] != "failed":  # done, or 'not executed' here: both stand until inputs change
+            if record["status"] == "done" or job.resources.gpu:  # 'not executed' stands while the GPUs do
                 store(out, job, fp, record)
             finish(job, record)
     return records
