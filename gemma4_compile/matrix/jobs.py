@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import BackendUnavailable, Gemma4CompileError
 from ..fsutil import sha256_files, write_atomic
-from .plan import GPU_BUILDER, Job
+from .plan import GPU_BUILDER, Job, slug
 
 JOBS_DIR = "jobs"  # OUT/jobs/<slug>.json: the record of each finished job, with its fingerprint
 
@@ -63,7 +63,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def attempts_file(root: Path, job_id: str) -> Path:
-    return root / JOBS_DIR / (job_id.replace(":", "_").replace("/", "_") + ".attempts")
+    return root / JOBS_DIR / f"{slug(job_id)}.attempts"
 
 
 def _count_attempt(root: Path, job: dict[str, Any]) -> int:

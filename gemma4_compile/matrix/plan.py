@@ -122,7 +122,9 @@ class _PlanReader:
         unknown = sorted(set(self.data) - set(SECTIONS))
         if unknown:
             raise self.fail(unknown[0], f"unknown section; known: {', '.join(SECTIONS)}")
-        self.section("testing")
+        kill_once = self.get("testing", "kill_once", list, [])
+        if not all(isinstance(i, str) for i in kill_once):
+            raise self.fail("testing.kill_once", f"expected a list of job ids, got {kill_once!r}")
         return Plan(
             source=self.path,
             checkpoints=self.checkpoints(),
@@ -237,7 +239,12 @@ class Job:
 
     @property
     def slug(self) -> str:
-        return self.id.replace(":", "_").replace("/", "_")
+        return slug(self.id)
+
+
+def slug(job_id: str) -> str:
+    """A job id as a file name: build:m/bf16/sm89 -> build_m_bf16_sm89."""
+    return job_id.replace(":", "_").replace("/", "_")
 
 
 ORT_TARGET = "onnxruntime"  # the row of an export itself: its onnxruntime validation runs on any CPU
