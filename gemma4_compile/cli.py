@@ -469,8 +469,8 @@ def compile_(
 )
 @click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]))
 @click.option("--address", help="Ray cluster address for --executor ray (e.g. ray://head:10001).")
-@click.option("--concurrency", type=int, help="Jobs at a time for --executor local.")
-@click.option("--retries", type=int, help="Retries of a job whose worker died.")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Jobs at a time for --executor local.")
+@click.option("--retries", type=click.IntRange(min=0), help="Retries of a job whose worker died.")
 def matrix(
     plan: Path, output: Path, executor: str, address: str | None, concurrency: int | None, retries: int | None
 ) -> None:

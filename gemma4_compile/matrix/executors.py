@@ -16,6 +16,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,9 @@ from .plan import CPU_BUILDER, Job
 
 
 def _crash_record(root: Path, job: Job, why: str) -> dict[str, Any]:
-    attempts = (
-        len(attempts_file(root, job.id).read_text().splitlines())
-        if attempts_file(root, job.id).exists()
-        else 0
-    )
+    """The record of a job whose process died on its last attempt (it could not write one itself)."""
+    path = attempts_file(root, job.id)
+    attempts = len(path.read_text().splitlines()) if path.exists() else 0
     return {"status": "failed", "reason": f"worker died ({why}) on every attempt", "attempts": attempts}
 
 
@@ -59,6 +58,7 @@ class LocalExecutor:
         self.root, self.concurrency, self.retries = root, concurrency, retries
         self.memory = psutil.virtual_memory().total
         self.pool = cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="matrix")
+        self.stopping = threading.Event()  # set on close: after Ctrl-C, a child that died is not run again
 
     def refusal(self, job: Job) -> str | None:
         if needs_gpu_builder(job):
@@ -93,8 +93,10 @@ class LocalExecutor:
         folder.mkdir(parents=True, exist_ok=True)
         spec, result, log = (folder / f"{job.slug}.{ext}" for ext in ("job.json", "result.json", "log"))
         spec.write_text(json.dumps(job_to_dict(job)))
-        why = ""
+        why = "interrupted"
         for _ in range(self.retries + 1):
+            if self.stopping.is_set():
+                break
             result.unlink(missing_ok=True)
             with open(log, "a") as out:
                 argv = [
@@ -121,7 +123,8 @@ class LocalExecutor:
         return [(f, f.result()) for f in done]
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        self.stopping.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 @functools.cache

@@ -141,7 +141,7 @@ class _PlanReader:
             validate_steps=self.positive("validate", "steps", None),
             validate_engines=self.get("validate", "engines", bool, True),
             bench=self.get("bench", "enabled", bool, False),
-            retries=self.get("run", "retries", int, 2),
+            retries=self.retries(),
             concurrency=self.positive("run", "concurrency", 2),
             testing=dict(self.section("testing")),
         )
@@ -150,6 +150,12 @@ class _PlanReader:
         value = self.get(section, key, int, default)
         if value is not None and value < 1:
             raise self.fail(f"{section}.{key}", f"expected a positive integer, got {value}")
+        return value
+
+    def retries(self) -> int:
+        value = self.get("run", "retries", int, 2)
+        if value < 0:
+            raise self.fail("run.retries", f"expected 0 or more, got {value}")
         return value
 
     def modalities(self) -> tuple[str, ...]:
