@@ -134,16 +134,20 @@ def test_ray_without_a_gpu_node_skips_full_tensorrt_targets_up_front(ray_cluster
     assert ex.accelerator("sm120") == "GeForce-RTX-5090"
 
 
-def _kill_plan(plans: dict[str, Path], target: str) -> tuple[Path, str]:
-    """The tiny plan cut to tiny-31b fp32 (up to date in a copy of a run) and one new target whose build kills
-    its worker once."""
-    killed = f"build:tiny-31b/fp32/{target}"
+def _one_export_plan(plans: dict[str, Path], name: str, target: str, extra: str) -> Path:
+    """The tiny plan cut to tiny-31b fp32 (up to date in a copy of a run), with `target` and `extra` TOML."""
     text = plans["tiny"].read_text().replace('targets = ["sm89", "sm120"]', f'targets = ["{target}"]')
     text = text.replace('[[checkpoints]]\npreset = "tiny-e2b"\n', "").replace('"fp32", "fp16"', '"fp32"')
     assert text.count("[[checkpoints]]") == 1 and 'dtypes = ["fp32"]' in text
-    plan = plans["root"] / f"kill-{target}.toml"
-    plan.write_text(text + f'\n[testing]\nkill_once = ["{killed}"]\n')
-    return plan, killed
+    plan = plans["root"] / f"{name}.toml"
+    plan.write_text(text + "\n" + extra)
+    return plan
+
+
+def _kill_plan(plans: dict[str, Path], target: str) -> tuple[Path, str]:
+    """One new target whose build kills its worker once."""
+    killed = f"build:tiny-31b/fp32/{target}"
+    return _one_export_plan(plans, f"kill-{target}", target, f'[testing]\nkill_once = ["{killed}"]\n'), killed
 
 
 def _assert_survived(result, out: Path, killed: str, target: str) -> None:
@@ -179,3 +183,15 @@ def test_local_executor_retries_a_killed_child(local_run, plans, tmp_path):
     plan, killed = _kill_plan(plans, "sm80")
     result = run_matrix(plan, out, executor="local", retries=1)
     _assert_survived(result, out, killed, "sm80")
+
+
+def test_bench_rows_carry_latency(local_run, plans, tmp_path):
+    out = _copy(local_run, tmp_path)
+    plan = _one_export_plan(plans, "bench", "sm89", "[bench]\nenabled = true\n")
+    result = run_matrix(plan, out, executor="local")
+    assert result.records["build:tiny-31b/fp32/sm89"]["status"] == "up-to-date"
+    row = next(r for r in result.rows if r["target"] == "onnxruntime")
+    assert row["decode_tok_s"] > 0 and row["prefill_ms"] > 0 and row["status"] == "done"
+    assert (out / "reports" / "tiny-31b-fp32" / "reports" / "latency.json").is_file()
+    engine = result.records["bench:tiny-31b/fp32/sm89"]
+    assert engine["status"] == "skipped" and engine["reason"].startswith("not executed: needs a GPU of sm89")
