@@ -135,7 +135,7 @@ class _PlanReader:
             targets=self.targets(),
             builder=self.builder(),
             max_batch=self.positive("build", "max_batch", 1),
-            opt_level=self.get("build", "opt_level", int, 3),
+            opt_level=self.opt_level(),
             plugins=self.get("build", "plugins", bool, False),
             validate=self.get("validate", "enabled", bool, True),
             validate_steps=self.positive("validate", "steps", None),
@@ -150,6 +150,14 @@ class _PlanReader:
         value = self.get(section, key, int, default)
         if value is not None and value < 1:
             raise self.fail(f"{section}.{key}", f"expected a positive integer, got {value}")
+        return value
+
+    def opt_level(self) -> int:
+        value = self.get("build", "opt_level", int, 3)
+        if not 0 <= value <= 5:
+            raise self.fail(
+                "build.opt_level", f"expected 0..5 (TensorRT's builder optimization level), got {value}"
+            )
         return value
 
     def retries(self) -> int:

@@ -73,6 +73,7 @@ def test_tiny_plan_is_two_presets_two_dtypes_two_rtx_targets():
             r"build\.max_batch: expected a positive",
         ),
         ("[[checkpoints]]\npreset='tiny-31b'\n[build]\nopt_levl=1\n", r"build\.opt_levl: unknown key"),
+        ("[[checkpoints]]\npreset='tiny-31b'\n[build]\nopt_level=7\n", r"build\.opt_level: expected 0\.\.5"),
         ("[[checkpoints]]\npreset='tiny-31b'\n[bild]\n", r"bild: unknown section"),
         ("[[checkpoints]\n", r"not valid TOML"),
     ],
