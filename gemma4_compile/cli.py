@@ -464,6 +464,51 @@ def compile_(
         raise ValidationFailed(f"validation failed; see {result.summary_path}")
 
 
+@cli.command()
+@click.argument("plan", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output directory."
+)
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]))
+@click.option("--address", help="Ray cluster address for --executor ray (e.g. ray://head:10001).")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Jobs at a time for --executor local.")
+@click.option("--retries", type=click.IntRange(min=0), help="Retries of a job whose worker died.")
+def matrix(
+    plan: Path, output: Path, executor: str, address: str | None, concurrency: int | None, retries: int | None
+) -> None:
+    """Every (checkpoint, precision, target) of a plan file: exports, builds, validations -> OUT/index.md."""
+    from .matrix import run_matrix
+    from .matrix.index import TERMINAL_COLUMNS, cell
+
+    def progress(job, record) -> None:
+        why = f": {record['reason']}" if record.get("reason") else ""
+        console.print(f"{record['status']:>10}  {job.id}{why}", markup=False, highlight=False)
+
+    result = run_matrix(
+        plan,
+        output,
+        executor=executor,
+        address=address,
+        concurrency=concurrency,
+        retries=retries,
+        on_record=progress,
+    )
+    table = Table(title=f"{result.out / 'index.md'}")
+    for _, title in TERMINAL_COLUMNS:
+        table.add_column(title, overflow="fold")
+    for row in result.rows:
+        table.add_row(*(cell(row, key) for key, _ in TERMINAL_COLUMNS))
+    out.print(table)
+    if result.failed:
+        raise Gemma4CompileError(
+            f"{len(result.failed)} of {len(result.jobs)} jobs failed (first: {result.failed[0]}); "
+            f"see {result.out / 'index.md'}"
+        )
+    if result.failed_validations:
+        row = result.failed_validations[0]
+        raise ValidationFailed(f"{row['model']} {row['precision']} {row['target']}: {row['reason']}")
+
+
 # ----- run an export ------------------------------------------------------------------------------
 
 
@@ -569,6 +614,9 @@ DEFAULT_WORDS = {
     ("bench", "target"): "[default: native]",
     ("compile", "targets"): "[default: the first target an installed TensorRT can build, else none]",
     ("compile", "checkpoint"): "[default: the --preset model]",
+    ("matrix", "address"): "[default: a local Ray cluster for this run]",
+    ("matrix", "concurrency"): "[default: the plan's run.concurrency]",
+    ("matrix", "retries"): "[default: the plan's run.retries]",
     ("generate", "seed"): "[default: random]",
     ("generate", "threads"): "[default: onnxruntime's choice]",
     ("serve", "threads"): "[default: onnxruntime's choice]",

@@ -116,6 +116,11 @@ def _is_compile_output(path: Path) -> bool:
     return (path / "reports").is_dir() and _is_export(path / "export")
 
 
+def marker_kind(directory: Path) -> str | None:
+    """The kind in a directory's marker file ('compile', 'matrix', ...), None without one."""
+    return _read_json(directory / MARKER).get("kind")
+
+
 def write_marker(directory: Path, kind: str) -> None:
     (directory / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
 

@@ -12,5 +12,5 @@ log="$VENV/pip.log"
 {
   python -m pip install -q --upgrade pip
   python -m pip install -q torch==2.13.0
-  python -m pip install -q -c constraints.txt -e ".[test,rtx]"
+  python -m pip install -q -c constraints.txt -e ".[test,rtx,ray]"
 } >"$log" 2>&1 || { cat "$log" >&2; echo "error: installing dependencies failed (log: $log)" >&2; exit 1; }

@@ -11,7 +11,7 @@ import pytest
 from gemma4_compile.cli import main
 from gemma4_compile.errors import EXIT_ERROR, EXIT_VALIDATION_FAILED
 
-VERBS = ["init-random", "export", "build", "kernels", "validate", "bench", "compile", "inspect"]
+VERBS = ["init-random", "export", "build", "kernels", "validate", "bench", "compile", "inspect", "matrix"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

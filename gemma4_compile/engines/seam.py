@@ -132,11 +132,11 @@ def choose_flavour(target: GpuTarget, flavours: tuple[TrtFlavour, ...], device_s
         reasons.append("full TensorRT is not installed")
     if not any(f.name == RTX for f in flavours):
         reasons.append("TensorRT-RTX is not installed")
-    need = INSTALL_HINTS[FULL] if target.sm not in _rtx_sms_or_known(flavours) else INSTALL_HINTS[RTX]
+    need = INSTALL_HINTS[FULL] if target.sm not in rtx_sms_or_known(flavours) else INSTALL_HINTS[RTX]
     raise BuildError(f"cannot build {target.describe()}: {'; '.join(reasons)}; needed: {need}")
 
 
-def _rtx_sms_or_known(flavours: tuple[TrtFlavour, ...]) -> tuple[int, ...]:
+def rtx_sms_or_known(flavours: tuple[TrtFlavour, ...]) -> tuple[int, ...]:
     rtx = [f for f in flavours if f.is_rtx]
     return rtx[0].aot_sms if rtx else (75, 80, 86, 89, 120, 121)  # TensorRT-RTX 1.7's list
 

@@ -81,16 +81,18 @@ def export_checkpoint(
     lowering: str | None = None,
     progress: Progress | None = None,
     quant: QuantRequest | None = None,
+    text_only: bool = False,
 ) -> ExportedModel:
     """Export a Hugging Face Gemma 4 checkpoint (config.json + safetensors) to ONNX.
 
     `lowering="gqa"` makes an onnxruntime-only variant (see passes/lowerings.py); `quant` a weight-only
-    quantized one (see quant/formats.py)."""
+    quantized one (see quant/formats.py); `text_only` leaves a checkpoint's vision tower out."""
     if dtype not in FLOAT_CHOICES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_CHOICES)}")
     spec = Gemma4Spec.from_pretrained(checkpoint_dir)
     _check_quant(quant, dtype, spec)
-    vision = VisionSpec.from_pretrained(checkpoint_dir)  # None: no vision tower, the text graphs only
+    # None: no vision tower (or text_only), the text graphs only
+    vision = None if text_only else VisionSpec.from_pretrained(checkpoint_dir)
     reader = CheckpointReader(checkpoint_dir)
     entries = resolve_text_weights(reader, spec)
     if vision is not None:
