@@ -3,7 +3,7 @@
 Worker side: `execute(job, out)` runs one job in the calling process and returns a small JSON-able record:
 {"status": "done" | "skipped" | "failed", "reason" (one line, unless done), "seconds", "peak_rss_bytes",
 "attempts", "output" (the fingerprint dependents build on), kind fields}. Every executor runs it in a fresh
-process (a subprocess, or a Ray worker with max_calls=1), so `peak_rss_bytes` (ru_maxrss) is that job's peak,
+process (a subprocess, or a Ray worker with max_calls=1), so `peak_rss_bytes` (VmHWM) is that job's peak,
 interpreter and imports included. A crash never returns: the executor sees the process die and retries.
 
 Driver side: `fingerprint` (the job's parameters plus its inputs' output fingerprints: the checkpoint's files,
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import signal
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 from ..errors import BackendUnavailable, Gemma4CompileError
 from ..fsutil import sha256_files, write_atomic
+from ..validate.memory import peak_rss_bytes
 from .plan import GPU_BUILDER, Job, slug
 
 JOBS_DIR = "jobs"  # OUT/jobs/<slug>.json: the record of each finished job, with its fingerprint
@@ -52,7 +52,7 @@ def execute(job: dict[str, Any], out: str) -> dict[str, Any]:
     except Exception as e:
         record = {"status": "failed", "reason": _one_line(e)}
     record["seconds"] = round(time.perf_counter() - t0, 3)
-    record["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    record["peak_rss_bytes"] = peak_rss_bytes()  # VmHWM: ru_maxrss would carry the parent's peak over exec
     record["attempts"] = attempts
     return record
 

@@ -76,19 +76,19 @@ def _probe(request: ProbeRequest) -> ProcessMemory:
     for _ in range(request.steps):
         token = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
         logits = runner.step(state, token, np.ones(b, dtype=np.int64))
-    return ProcessMemory(base, max(_high_water_mb(), _rss_mb()))
+    return ProcessMemory(base, max(peak_rss_bytes() / 2**20, _rss_mb()))
 
 
-def _high_water_mb() -> float:
+def peak_rss_bytes() -> int:
     """This process image's peak RSS: VmHWM. Not getrusage's ru_maxrss, which Linux carries over from the
-    parent through fork + exec (the probe would report the benchmark process's size)."""
+    parent through fork + exec (a child would report its parent's size)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
+                return int(line.split()[1]) * 1024  # kB
     except (OSError, ValueError):
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: the best there is
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # elsewhere: the best there is
 
 
 if __name__ == "__main__":
