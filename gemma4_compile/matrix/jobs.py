@@ -190,6 +190,7 @@ def _bench(job: dict, root: Path) -> dict:
         compare=(),
         out_dir=root / p["reports"],
         target=p["target"],
+        memory=False,  # this job runs in a process of its own already: its peak is the record's
     )
     rows = [r for r in report.rows if r.backend == p["backend"] and r.batch == 1]
     decode = max((r for r in rows if r.phase == "decode"), key=lambda r: r.context, default=None)
