@@ -13,6 +13,7 @@ from ..export.manifest import DECODER, EMBED, ExportManifest
 from ..passes.lowerings import lowering_refusal
 from .base import BaseRunner, DecodeState, lengths_of
 from .ort_binding import BoundRunner, CacheBinding
+from .ort_cache import optimized_graph
 
 
 class OrtRunner(BaseRunner):
@@ -27,9 +28,11 @@ class OrtRunner(BaseRunner):
         providers: list[str] | None = None,
         options: Any = None,
         io_binding: bool = True,
+        session_cache: str | Path | None = None,
     ):
         """`options`: an onnxruntime SessionOptions to start from (profiling, logging); threads apply on top.
-        `io_binding`: keep caches in reused bound buffers (ort_binding.py); False feeds numpy per call."""
+        `io_binding`: keep caches in reused bound buffers (ort_binding.py); False feeds numpy per call.
+        `session_cache`: a folder for the decoder graph as onnxruntime optimized it (ort_cache.py)."""
         super().__init__()
         try:
             import onnxruntime as ort
@@ -48,6 +51,7 @@ class OrtRunner(BaseRunner):
         if threads:
             options.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
+        self._session_cache = Path(session_cache) if session_cache else None
         self.sessions = {role: self._session(ort, role, options, providers) for role in self.manifest.graphs}
         decoder = self.manifest.graphs[DECODER]
         self._act = self.manifest.activation_dtype.numpy
@@ -61,6 +65,8 @@ class OrtRunner(BaseRunner):
     def _session(self, ort, role: str, options, providers: list[str]):
         path = self.manifest.graph_path(role)
         try:
+            if self._session_cache and role == DECODER:  # the graph whose optimization takes the time
+                path = optimized_graph(ort, self.manifest, role, providers, self._session_cache)
             return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime's Fail / InvalidGraph / NoSuchFile...: a file it cannot load
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

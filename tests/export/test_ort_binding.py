@@ -65,3 +65,20 @@ def test_caches_sliced_by_the_caller_are_adopted(runners):
         state.past_len = state.past_len[keep]
         out.append([r.step(state, np.array([[9], [10]]), np.ones(2, np.int64)) for _ in range(3)])
     np.testing.assert_array_equal(np.stack(out[0]), np.stack(out[1]))
+
+
+def test_session_cache_writes_the_optimized_decoder_once_and_computes_the_same_bits(
+    runners, make_export, tmp_path
+):
+    plain, _ = runners("tiny-26b-a4b")
+    export = make_export("tiny-26b-a4b")
+    first = OrtRunner(export, session_cache=tmp_path)
+    (entry,) = [p for p in tmp_path.iterdir()]  # one entry: the decoder, keyed by its sha256
+    graph = entry / "model.onnx"
+    stamp = graph.stat().st_mtime_ns
+    second = OrtRunner(export, session_cache=tmp_path)
+    assert graph.stat().st_mtime_ns == stamp and [p for p in tmp_path.iterdir()] == [entry]
+    ids = np.random.default_rng(6).integers(3, plain.spec.vocab_size, (1, 40))
+    want = plain.generate_with_logits(ids, 6)[1]
+    for runner in (first, second):
+        np.testing.assert_array_equal(runner.generate_with_logits(ids, 6)[1], want)
