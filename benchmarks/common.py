@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -81,7 +82,12 @@ MID_DENSE = Gemma4Spec(
     dtype="float32",
 )
 
-MID_SPECS = {"e2b": MID_E2B, "moe": MID_MOE, "dense": MID_DENSE}
+# llama.cpp (0.3.36) maps a KV-shared layer to layer n_kv_from_start - 1 (global) or - 2 (sliding): it assumes
+# the last cache-owning layer is global, as in the released E2B/E4B. MID_E2B's is sliding (4 shared layers of 10)
+# and llama.cpp aborts on it (GGML_ASSERT in llama-kv-cache.cpp:268), so the comparisons use 5 shared layers.
+MID_E2B_SHARED5 = dataclasses.replace(MID_E2B, num_kv_shared_layers=5)
+
+MID_SPECS = {"e2b": MID_E2B_SHARED5, "moe": MID_MOE, "dense": MID_DENSE}
 
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> dict[str, float]:

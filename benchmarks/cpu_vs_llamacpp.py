@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -97,10 +98,13 @@ def worker(job: dict) -> dict:
     return {**out, "load_s": load, "vmhwm_mib": _vmhwm_mib()}
 
 
-def run_cell(cell: Cell, path: Path, ids_file: Path, steps: int) -> dict:
-    job = {**asdict(cell), "path": str(path), "ids": str(ids_file), "steps": steps}
+def run_cell(cell: Cell, path: Path, ids_file: Path, args: argparse.Namespace) -> dict:
+    job = {**asdict(cell), "path": str(path), "ids": str(ids_file), "steps": args.steps}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+    # llama.cpp's OpenMP threads spin at every barrier by default; on a CPU shared with other jobs that turns
+    # 2-thread decode 10-20x slower (measured here), so its best setting here is passive waiting
+    env = {**os.environ, "OMP_WAIT_POLICY": args.omp_wait_policy} if cell.side == "llama" else None
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
     if done.returncode:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return {"error": " | ".join(tail)}
@@ -198,7 +202,7 @@ def measure(cfg: str, paths: dict, ids_file: Path, args: argparse.Namespace) -> 
     todo = [c for c in cells(args) if isinstance(paths.get((c.side, c.variant)), Path)]
     for _ in range(args.repeat):
         for c in todo:
-            r = run_cell(c, paths[c.side, c.variant], ids_file, args.steps)
+            r = run_cell(c, paths[c.side, c.variant], ids_file, args)
             if "error" in r:
                 best.setdefault(c, r)
                 continue
@@ -283,6 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--thread-list", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for llama.cpp's threads")
     ap.add_argument(
         "--work", type=Path, help="keep checkpoints, exports and GGUFs here (default: a temp dir)"
     )
@@ -332,6 +337,7 @@ def _meta(args: argparse.Namespace) -> dict:
         "prompt": args.prompt,
         "steps": args.steps,
         "repeat": args.repeat,
+        "llama_omp_wait_policy": args.omp_wait_policy,
         "onnxruntime": onnxruntime.__version__,
         "llama_cpp_python": llama_cpp.__version__,
     }

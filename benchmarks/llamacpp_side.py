@@ -36,10 +36,11 @@ def sentencepiece_style_tokenizer(vocab_size: int) -> Tokenizer:
     a Sequence decoder); init-random writes a byte-level BPE. The benchmark feeds token ids, never text, so
     only the vocabulary size and the special ids matter."""
     specials = special_tokens(vocab_size)
-    pieces = specials + [f"<0x{b:02X}>" for b in range(256)]
+    pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581", "t", "\u2581t"]
     pieces += [f"\u2581t{i}" for i in range(vocab_size - len(pieces))]
     vocab = {p: i for i, p in enumerate(pieces)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    merges = [("\u2581", "t")]  # llama.cpp refuses a BPE vocabulary without merges
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     tok.decoder = decoders.Sequence(
         [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -89,7 +90,6 @@ class LlamaDecoder:
         import llama_cpp as lc
 
         self.lc = lc
-        _silence(lc)
         lc.llama_backend_init()
         self.model = lc.llama_model_load_from_file(str(gguf).encode(), lc.llama_model_default_params())
         if not self.model:
@@ -125,16 +125,6 @@ class LlamaDecoder:
             raise RuntimeError(f"llama_decode returned {rc}")
         rows = [self.lc.llama_get_logits_ith(self.ctx, r * S + S - 1) for r in range(B)]
         return np.stack([np.ctypeslib.as_array(p, shape=(self.n_vocab,)).copy() for p in rows])
-
-
-def _silence(lc) -> None:
-    """llama.cpp logs every load to stderr; keep only what the caller asks for."""
-    global _LOG_CB
-    _LOG_CB = lc.ggml_log_callback(lambda level, text, data: None)
-    lc.llama_log_set(_LOG_CB, ctypes.c_void_p())
-
-
-_LOG_CB = None
 
 
 def version() -> str:
