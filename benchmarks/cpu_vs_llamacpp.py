@@ -12,6 +12,10 @@ each side in a process of its own (peak RSS is that side's alone), alternating t
 keeping the best. Greedy tokens of row 0 are compared with transformers (fp32) or, for int4, with our PyTorch
 model on the same dequantized weights (the validate gate); llama.cpp's are reported as they are.
 Prints a table and one JSON line; exits 1 with one line when llama_cpp is not installed.
+
+On a CPU shared with other jobs, threads that spin at barriers collapse (llama.cpp's OpenMP threads: 2-thread
+decode 10-20x slower than 1 thread); llama.cpp runs with OMP_WAIT_POLICY=PASSIVE (`--omp-wait-policy`) and
+`--no-ort-spin` gives onnxruntime the same. On such a machine the 1-thread rows are the ones to trust.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,10 +54,15 @@ def _vmhwm_mib() -> float:
     return int(line.split()[1]) / 1024
 
 
-def _ours(path: Path, batch: int, max_len: int, threads: int):
+def _ours(path: Path, batch: int, max_len: int, threads: int, spin: bool = True):
+    import onnxruntime as ort
+
     from gemma4_compile.runners.ort import OrtRunner
 
-    runner = OrtRunner(path, threads=threads)
+    options = ort.SessionOptions()
+    if not spin:  # onnxruntime's counterpart of OMP_WAIT_POLICY=PASSIVE
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    runner = OrtRunner(path, threads=threads, options=options)
     holder = {}
 
     def reset() -> None:
@@ -91,7 +101,10 @@ def worker(job: dict) -> dict:
     ids = np.load(job["ids"])[: job["batch"]]
     t0 = time.perf_counter()
     args = (Path(job["path"]), job["batch"], ids.shape[1] + job["steps"], job["threads"])
-    reset, step = _ours(*args) if job["side"] == "ours" else _llama(*args, job["variant"] == "f32")
+    if job["side"] == "ours":
+        reset, step = _ours(*args, spin=job.get("ort_spin", True))
+    else:
+        reset, step = _llama(*args, job["variant"] == "f32")
     load = time.perf_counter() - t0
     greedy(reset, step, ids[:, :8], 3)  # warm-up: first-call allocations, thread pools
     out = greedy(reset, step, ids, job["steps"])
@@ -99,12 +112,22 @@ def worker(job: dict) -> dict:
 
 
 def run_cell(cell: Cell, path: Path, ids_file: Path, args: argparse.Namespace) -> dict:
-    job = {**asdict(cell), "path": str(path), "ids": str(ids_file), "steps": args.steps}
+    job = {
+        **asdict(cell),
+        "path": str(path),
+        "ids": str(ids_file),
+        "steps": args.steps,
+        "ort_spin": args.ort_spin,
+    }
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
     # llama.cpp's OpenMP threads spin at every barrier by default; on a CPU shared with other jobs that turns
     # 2-thread decode 10-20x slower (measured here), so its best setting here is passive waiting
     env = {**os.environ, "OMP_WAIT_POLICY": args.omp_wait_policy} if cell.side == "llama" else None
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
+    if done.returncode < 0:  # llama.cpp segfaults on some models: say so, not its last log line
+        return {
+            "error": f"worker killed by signal {-done.returncode} ({signal.Signals(-done.returncode).name})"
+        }
     if done.returncode:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return {"error": " | ".join(tail)}
@@ -203,6 +226,9 @@ def measure(cfg: str, paths: dict, ids_file: Path, args: argparse.Namespace) -> 
     for _ in range(args.repeat):
         for c in todo:
             r = run_cell(c, paths[c.side, c.variant], ids_file, args)
+            if args.log:  # one line per run as it ends, so a long run that is stopped keeps what it measured
+                with args.log.open("a") as f:
+                    f.write(json.dumps({"config": cfg, **asdict(c), **r}) + "\n")
             if "error" in r:
                 best.setdefault(c, r)
                 continue
@@ -287,6 +313,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--thread-list", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--log", type=Path, help="append each run's result to this JSON-lines file as it ends")
+    ap.add_argument(
+        "--no-ort-spin",
+        dest="ort_spin",
+        action="store_false",
+        help="onnxruntime threads wait without spinning",
+    )
     ap.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for llama.cpp's threads")
     ap.add_argument(
         "--work", type=Path, help="keep checkpoints, exports and GGUFs here (default: a temp dir)"
@@ -338,6 +371,7 @@ def _meta(args: argparse.Namespace) -> dict:
         "steps": args.steps,
         "repeat": args.repeat,
         "llama_omp_wait_policy": args.omp_wait_policy,
+        "ort_allow_spinning": args.ort_spin,
         "onnxruntime": onnxruntime.__version__,
         "llama_cpp_python": llama_cpp.__version__,
     }

@@ -91,7 +91,11 @@ class LlamaDecoder:
 
         self.lc = lc
         lc.llama_backend_init()
-        self.model = lc.llama_model_load_from_file(str(gguf).encode(), lc.llama_model_default_params())
+        mp = lc.llama_model_default_params()
+        # the CPU "extra" buffer types (AMX / repacked q4_0, q8_0 weights) segfault in the first llama_decode on
+        # this machine (Xeon with AMX, in a VM; llama-cpp-python 0.3.36); f32 and f16 never use them
+        mp.use_extra_bufts = False
+        self.model = lc.llama_model_load_from_file(str(gguf).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp cannot load {gguf}")
         cp = lc.llama_context_default_params()
