@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -38,6 +39,55 @@ MID_E2B = Gemma4Spec(
     max_position_embeddings=4096,
     dtype="float32",
 )
+
+# 26B-A4B-shaped (K=V global layers with fewer KV heads, dense MLP beside a top-k MoE, 5:1 pattern).
+MID_MOE = Gemma4Spec(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=512,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    global_head_dim=128,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    sliding_window=64,
+    layer_types=tuple(([SLIDING] * 5 + [FULL]) * 2),
+    enable_moe_block=True,
+    num_experts=16,
+    top_k_experts=4,
+    moe_intermediate_size=256,
+    final_logit_softcapping=30.0,
+    max_position_embeddings=4096,
+    dtype="float32",
+)
+
+# 31B-shaped (K=V global layers, plain MLP, 5:1 pattern).
+MID_DENSE = Gemma4Spec(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    global_head_dim=128,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    sliding_window=64,
+    layer_types=tuple(([SLIDING] * 5 + [FULL]) * 2),
+    final_logit_softcapping=30.0,
+    max_position_embeddings=4096,
+    dtype="float32",
+)
+
+# llama.cpp (0.3.36) maps a KV-shared layer to layer n_kv_from_start - 1 (global) or - 2 (sliding): it assumes
+# the last cache-owning layer is global, as in the released E2B/E4B. MID_E2B's is sliding (4 shared layers of 10)
+# and llama.cpp aborts on it (GGML_ASSERT in llama-kv-cache.cpp:268), so the comparisons use 5 shared layers.
+MID_E2B_SHARED5 = dataclasses.replace(MID_E2B, num_kv_shared_layers=5)
+
+MID_SPECS = {"e2b": MID_E2B_SHARED5, "moe": MID_MOE, "dense": MID_DENSE}
 
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> dict[str, float]:

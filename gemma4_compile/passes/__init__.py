@@ -3,8 +3,9 @@
     from gemma4_compile import passes
     model = passes.run_passes(model, passes.export_cleanup())   # what the exporter does after tracing
 
-Passes: FoldConstants (fold_constants.py), RenameShadowedOps (rename_shadowed.py), SplitMoE (split_moe.py),
-MarkAot (mark_aot.py), QuantizeMatMuls and DequantizeWeights (quantize_matmul.py), and the lowerings in `LOWERINGS` (lowerings.py; the gqa pass in lower_gqa.py).
+Passes: FoldConstants (fold_constants.py), RMSNormAsDiv (rms_norm_div.py), RenameShadowedOps
+(rename_shadowed.py), SplitMoE (split_moe.py), MarkAot (mark_aot.py), QuantizeMatMuls and DequantizeWeights
+(quantize_matmul.py), and the lowerings in `LOWERINGS` (lowerings.py; the gqa pass in lower_gqa.py).
 Importing this package imports no torch and no TensorRT.
 """
 
@@ -23,6 +24,7 @@ from .mark_aot import MarkAot
 from .plugin_nodes import plugin_lookup
 from .quantize_matmul import DequantizeWeights, DQWeight, NBitsWeight, QuantizeMatMuls
 from .rename_shadowed import RenameShadowedOps
+from .rms_norm_div import RMSNormAsDiv
 from .split_moe import SplitMoE
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "MarkAot",
     "NBitsWeight",
     "QuantizeMatMuls",
+    "RMSNormAsDiv",
     "RemoveUnusedNodesPass",
     "RenameShadowedOps",
     "SplitMoE",
@@ -46,8 +49,9 @@ __all__ = [
 
 
 def export_cleanup() -> list[ir.passes.PassBase]:
-    """After tracing: fold constant shape arithmetic, then drop the Constants nothing reads any more."""
-    return [FoldConstants(), RemoveUnusedNodesPass()]
+    """After tracing: fold constant shape arithmetic, write RMSNorms in the form onnxruntime fuses, then drop
+    the Constants nothing reads any more."""
+    return [FoldConstants(), RMSNormAsDiv(), RemoveUnusedNodesPass()]
 
 
 def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> ir.Model:

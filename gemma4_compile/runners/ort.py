@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -11,6 +12,8 @@ from ..errors import BackendUnavailable, RunnerError
 from ..export.manifest import DECODER, EMBED, ExportManifest
 from ..passes.lowerings import lowering_refusal
 from .base import BaseRunner, DecodeState, lengths_of
+from .ort_binding import BoundRunner, CacheBinding
+from .ort_cache import optimized_graph
 
 
 class OrtRunner(BaseRunner):
@@ -19,8 +22,17 @@ class OrtRunner(BaseRunner):
     name = "ort"
 
     def __init__(
-        self, export_dir: str | Path, threads: int | None = None, providers: list[str] | None = None
+        self,
+        export_dir: str | Path,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        options: Any = None,
+        io_binding: bool = True,
+        session_cache: str | Path | None = None,
     ):
+        """`options`: an onnxruntime SessionOptions to start from (profiling, logging); threads apply on top.
+        `io_binding`: keep caches in reused bound buffers (ort_binding.py); False feeds numpy per call.
+        `session_cache`: a folder for the decoder graph as onnxruntime optimized it (ort_cache.py)."""
         super().__init__()
         try:
             import onnxruntime as ort
@@ -35,19 +47,28 @@ class OrtRunner(BaseRunner):
                 "ort: onnxruntime's CPU provider has no bf16 MatMul; validate a fp32 export"
             )
         self.spec, self.max_seq_len = self.manifest.spec, self.manifest.max_seq_len
-        options = ort.SessionOptions()
+        if options is None:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3  # errors only: its graph-optimizer notices are not the user's to act on
         if threads:
             options.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
+        self._session_cache = Path(session_cache) if session_cache else None
         self.sessions = {role: self._session(ort, role, options, providers) for role in self.manifest.graphs}
         decoder = self.manifest.graphs[DECODER]
         self._act = self.manifest.activation_dtype.numpy
         self._outputs = [t.name for t in decoder.outputs]
         self._embed_outputs = [t.name for t in self.manifest.graphs[EMBED].outputs]
+        # host buffers bound in place suit the CPU provider; debug exports have outputs the binding leaves out
+        cpu_only = providers == ["CPUExecutionProvider"]
+        bind = io_binding and cpu_only and not self.manifest.debug
+        self._bound = BoundRunner(ort, self.sessions, self.manifest) if bind else None
 
     def _session(self, ort, role: str, options, providers: list[str]):
         path = self.manifest.graph_path(role)
         try:
+            if self._session_cache and role == DECODER:  # the graph whose optimization takes the time
+                path = optimized_graph(ort, self.manifest, role, providers, self._session_cache)
             return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime's Fail / InvalidGraph / NoSuchFile...: a file it cannot load
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -60,11 +81,14 @@ class OrtRunner(BaseRunner):
             for name in c.past
         }
 
-    def _run(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> dict[str, np.ndarray]:
+    def _refuse(self, state: DecodeState, input_ids: np.ndarray) -> None:
         B, S = input_ids.shape
         refusal = lowering_refusal(self.manifest.lowering, B, S, bool(state.past_len.any()))
         if refusal:
             raise RunnerError(f"ort: {refusal}")
+
+    def _run(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> dict[str, np.ndarray]:
+        self._refuse(state, input_ids)
         embedded = dict(
             zip(self._embed_outputs, self.sessions[EMBED].run(self._embed_outputs, {"input_ids": input_ids}))
         )
@@ -76,7 +100,14 @@ class OrtRunner(BaseRunner):
         return out
 
     def _step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
-        return self._run(state, input_ids, seq_len)["logits"]
+        if self._bound is None:
+            return self._run(state, input_ids, seq_len)["logits"]
+        self._refuse(state, input_ids)
+        binding = state.extra.get("io")
+        if binding is None or not binding.owns(state.caches):  # a new state, or rows sliced by the caller
+            binding = state.extra["io"] = CacheBinding.adopt(state.caches)
+        logits, state.caches = self._bound.run(binding, input_ids, state.past_len, seq_len)
+        return logits
 
     def debug_outputs(
         self, input_ids: np.ndarray, lengths: np.ndarray | None = None

@@ -1,0 +1,58 @@
+"""onnxruntime's optimized graphs saved once and reused, so that a session starts without re-optimizing.
+
+Creating the decoder session spends most of its time inlining the `gemma4::` function bodies and running the
+graph optimizers. The first session of an export writes the graph as onnxruntime optimized it
+(`optimized_model_filepath`, level EXTENDED: no hardware-specific layout, so the file is portable) with its
+weights beside it; later sessions load that file and only run the cheap layout passes on top. Entries are keyed
+by the graph's sha256 from export.json (which `ExportManifest.verify` has just checked), the onnxruntime version
+and the providers, and are written to a temporary folder and renamed, so concurrent starts never see half a
+file. The cost is disk: a copy of the graph's weights per entry.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..export.manifest import ExportManifest
+
+GRAPH, DATA = "model.onnx", "model.data"
+
+
+def cache_key(ort: Any, manifest: ExportManifest, role: str, providers: list[str]) -> str:
+    names = "+".join(p.removesuffix("ExecutionProvider").lower() for p in providers)
+    return f"{manifest.graphs[role].sha256[:24]}-{role}-ort{ort.__version__}-{names}"
+
+
+def optimized_graph(
+    ort: Any, manifest: ExportManifest, role: str, providers: list[str], cache_dir: Path
+) -> Path:
+    """The cached optimized graph of `role`, made now if missing."""
+    folder = Path(cache_dir) / cache_key(ort, manifest, role, providers)
+    if (folder / GRAPH).is_file():
+        return folder / GRAPH
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        ort.InferenceSession(str(manifest.graph_path(role)), _save_options(ort, tmp), providers=providers)
+        os.rename(tmp, folder)
+    except OSError:  # another process renamed its copy first: use that one
+        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder / GRAPH
+
+
+def _save_options(ort: Any, folder: Path) -> Any:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(folder / GRAPH)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA)
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+    )
+    return options
