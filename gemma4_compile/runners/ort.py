@@ -49,7 +49,7 @@ class OrtRunner(BaseRunner):
         self.spec, self.max_seq_len = self.manifest.spec, self.manifest.max_seq_len
         if options is None:
             options = ort.SessionOptions()
-            options.log_severity_level = 3  # errors only: its graph-optimizer notices are not the user's to act on
+            options.log_severity_level = 3  # errors only: optimizer notices are not for users
         if threads:
             options.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
