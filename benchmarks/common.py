@@ -40,29 +40,6 @@ MID_E2B = Gemma4Spec(
     dtype="float32",
 )
 
-# 26B-A4B-shaped (K=V global layers with fewer KV heads, dense MLP beside a top-k MoE, 5:1 pattern).
-MID_MOE = Gemma4Spec(
-    vocab_size=8192,
-    hidden_size=512,
-    intermediate_size=512,
-    num_hidden_layers=12,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=64,
-    global_head_dim=128,
-    num_global_key_value_heads=1,
-    attention_k_eq_v=True,
-    sliding_window=64,
-    layer_types=tuple(([SLIDING] * 5 + [FULL]) * 2),
-    enable_moe_block=True,
-    num_experts=16,
-    top_k_experts=4,
-    moe_intermediate_size=256,
-    final_logit_softcapping=30.0,
-    max_position_embeddings=4096,
-    dtype="float32",
-)
-
 # 31B-shaped (K=V global layers, plain MLP, 5:1 pattern).
 MID_DENSE = Gemma4Spec(
     vocab_size=8192,
@@ -80,6 +57,16 @@ MID_DENSE = Gemma4Spec(
     final_logit_softcapping=30.0,
     max_position_embeddings=4096,
     dtype="float32",
+)
+
+# 26B-A4B-shaped: the dense layout with a narrower dense MLP beside a top-k MoE.
+MID_MOE = dataclasses.replace(
+    MID_DENSE,
+    intermediate_size=512,
+    enable_moe_block=True,
+    num_experts=16,
+    top_k_experts=4,
+    moe_intermediate_size=256,
 )
 
 # llama.cpp (0.3.36) maps a KV-shared layer to layer n_kv_from_start - 1 (global) or - 2 (sliding): it assumes
