@@ -199,7 +199,7 @@ def reference_tokens(name: str, work: Path, ids: np.ndarray, steps: int) -> dict
     refs = {"fp32": HFRunner(ckpt).generate(ids[:1], steps)[0].tolist()}
     if int4.exists():
         torch_ref = TorchRunner(ckpt)
-        apply_fake_quant(torch_ref.model, ExportManifest.load(int4).quant)
+        apply_fake_quant(torch_ref.model, ExportManifest.load(int4).quant, "fp32")
         refs["int4"] = torch_ref.generate(ids[:1], steps)[0].tolist()
     return refs
 

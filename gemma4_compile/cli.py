@@ -8,6 +8,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -19,7 +20,7 @@ from .engines.profiles import DEFAULT_MAX_BATCH
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Gemma4CompileError, UsageError, ValidationFailed
 from .model.presets import DEFAULT_PRESET, PRESETS
 from .passes.lowerings import LOWERINGS
-from .quant.formats import BLOCK_SIZES, DEFAULT_BLOCK, KEPT_BY_DEFAULT, QUANT_CHOICES, ROLES
+from .quant.formats import BLOCK_SIZES, KEPT_BY_DEFAULT, OVERRIDABLE, QUANT_CHOICES, ROLES
 
 console = Console(stderr=True)
 out = Console()
@@ -117,11 +118,80 @@ def _parse_size(text: str) -> int:
     return value
 
 
+_QUANT_OPTIONS = [
+    click.option(
+        "--quant",
+        default="none",
+        show_default=True,
+        type=click.Choice(QUANT_CHOICES),
+        help="Weight-only quantization, symmetric per block. int4/int8 with --dtype fp32: onnxruntime's "
+        "MatMulNBits; otherwise DequantizeLinear for TensorRT (fp8: sm89+, nvfp4: sm120+). The LM head goes int8.",
+    ),
+    click.option(
+        "--block-size",
+        type=click.Choice([str(b) for b in BLOCK_SIZES]),
+        help="Quantization block along each weight's input dimension [default: 32; fp8 128; nvfp4 is fixed at 16].",
+    ),
+    click.option(
+        "--quant-keep",
+        multiple=True,
+        type=click.Choice(ROLES),
+        help=f"Leave this role in --dtype (repeatable). Always kept: {', '.join(KEPT_BY_DEFAULT)}.",
+    ),
+    click.option(
+        "--quant-override",
+        multiple=True,
+        metavar="ROLE=FORMAT",
+        help=f"Give one role its own format (repeatable), e.g. lm_head=int4. Roles: {', '.join(OVERRIDABLE)}.",
+    ),
+    click.option(
+        "--accuracy-level",
+        default=0,
+        show_default=True,
+        type=click.IntRange(0, 4),
+        help="MatMulNBits accuracy_level: 0 keeps fp32 activations (what validate checks); 4 uses int8 activations "
+        "(faster on CPU, not exact).",
+    ),
+]
+
+
+def quant_options(command):
+    """export's and inspect's --quant, --block-size, --quant-keep, --quant-override, --accuracy-level."""
+    for option in reversed(_QUANT_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _quant_request(
+    quant: str,
+    block_size: str | None,
+    quant_keep: tuple[str, ...],
+    quant_override: tuple[str, ...],
+    accuracy_level: int,
+):
+    """The QuantRequest the options ask for; bad overrides are one-line errors."""
+    from .quant.formats import QuantRequest, parse_override
+
+    if quant_override and quant == "none":
+        raise UsageError("--quant-override needs --quant")
+    overrides = tuple(parse_override(o) for o in quant_override)
+    return QuantRequest(quant, int(block_size) if block_size else None, quant_keep, accuracy_level, overrides)
+
+
 @cli.command()
 @click.argument("path", required=False, type=click.Path(path_type=Path))
 @click.option("--preset", type=click.Choice(list(PRESETS)), help="Inspect a preset instead of a directory.")
-def inspect(path: Path | None, preset: str | None) -> None:
-    """Show the spec and per-layer plan of a checkpoint, an export (export.json) or a preset."""
+@click.option(
+    "--dtype",
+    default="fp32",
+    show_default=True,
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    help="The export dtype --quant sizes are for.",
+)
+@quant_options
+def inspect(path: Path | None, preset: str | None, dtype: str, **quant: Any) -> None:
+    """Show the spec and per-layer plan of a checkpoint, an export (export.json) or a preset; with --quant, what
+    each weight role would weigh in that export, before any work."""
     from .export.manifest import MANIFEST, ExportManifest
     from .model.config import Gemma4Spec
 
@@ -136,6 +206,32 @@ def inspect(path: Path | None, preset: str | None) -> None:
     else:
         spec = Gemma4Spec.from_pretrained(path)
     _print_spec(spec)
+    request = _quant_request(**quant)
+    if request.enabled:
+        _print_quant_sizes(spec, request, dtype)
+
+
+def _print_quant_sizes(spec, request, dtype: str) -> None:
+    from .export.exporter import check_quant
+    from .model.weights import expected_shapes
+    from .quant.formats import plan_quant
+    from .quant.sizes import role_sizes
+
+    check_quant(request, spec)
+    quant = plan_quant(request, sorted(expected_shapes(spec)), dtype)
+    rows = role_sizes(expected_shapes(spec), quant, dtype)
+    table = Table(title=f"--quant {request.format} at {dtype} ({quant.graph}, min sm{quant.min_sm or 75})")
+    for col in ("role", "format", "tensors", "params", f"{dtype} MiB", "exported MiB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r.role, r.format, str(r.tensors), f"{r.params:,}", _mib(r.before), _mib(r.after))
+    before, after = sum(r.before for r in rows), sum(r.after for r in rows)
+    table.add_row("total", "", "", f"{sum(r.params for r in rows):,}", _mib(before), _mib(after))
+    out.print(table)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
 
 
 def _print_spec(spec) -> None:
@@ -192,35 +288,7 @@ def _print_export(manifest) -> None:
     type=click.Choice(list(LOWERINGS)),
     help="; ".join(f"{n}: {lw.description}" for n, lw in LOWERINGS.items()),
 )
-@click.option(
-    "--quant",
-    default="none",
-    show_default=True,
-    type=click.Choice(QUANT_CHOICES),
-    help="Weight-only quantization, RTN symmetric per block. --dtype fp32: onnxruntime's MatMulNBits; "
-    "fp16/bf16: DequantizeLinear for TensorRT. The LM head goes int8; fp8/nvfp4 are not supported yet.",
-)
-@click.option(
-    "--block-size",
-    default=str(DEFAULT_BLOCK),
-    show_default=True,
-    type=click.Choice([str(b) for b in BLOCK_SIZES]),
-    help="Quantization block along each weight's input dimension.",
-)
-@click.option(
-    "--quant-keep",
-    multiple=True,
-    type=click.Choice(ROLES),
-    help=f"Leave this role in --dtype (repeatable). Always kept: {', '.join(KEPT_BY_DEFAULT)}.",
-)
-@click.option(
-    "--accuracy-level",
-    default=0,
-    show_default=True,
-    type=click.IntRange(0, 4),
-    help="MatMulNBits accuracy_level: 0 keeps fp32 activations (what validate checks); 4 uses int8 activations "
-    "(faster on CPU, not exact).",
-)
+@quant_options
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def export(
     checkpoint: Path,
@@ -230,16 +298,17 @@ def export(
     debug_outputs: bool,
     lowering: str | None,
     quant: str,
-    block_size: str,
+    block_size: str | None,
     quant_keep: tuple[str, ...],
+    quant_override: tuple[str, ...],
     accuracy_level: int,
     force: bool,
 ) -> None:
     """Export a checkpoint to ONNX: embed.onnx, decoder.onnx (gemma4 custom nodes), weights.data, export.json."""
     from .export import export_checkpoint
-    from .quant.formats import QuantRequest
 
     _check_max_seq_len(checkpoint, max_seq_len)
+    request = _quant_request(quant, block_size, quant_keep, quant_override, accuracy_level)
 
     with console.status("exporting") as status:
         result = export_checkpoint(
@@ -251,10 +320,12 @@ def export(
             debug=debug_outputs,
             lowering=lowering,
             progress=lambda stage: status.update(f"export: {stage}"),
-            quant=QuantRequest(quant, int(block_size), quant_keep, accuracy_level),
+            quant=request,
         )
     m = result.manifest
-    weights = f", weights {m.weight_format} b{m.quant.block_size}" if m.quant is not None else ""
+    weights = (
+        f", weights {m.weight_format} b{m.quant.block_of(m.quant.format)}" if m.quant is not None else ""
+    )
     out.print(
         f"exported {m.spec.num_hidden_layers} layers ({m.dtype}{weights}) to {result.path}: "
         f"{len(m.custom_nodes)} gemma4 nodes, {len(m.caches)} caches"

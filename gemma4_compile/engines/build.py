@@ -28,7 +28,7 @@ from .. import __version__
 from ..errors import BuildError, ExportError
 from ..export.manifest import DECODER, ExportManifest
 from ..fsutil import atomic_directory, write_atomic
-from ..quant.formats import GRAPH_NBITS
+from ..quant.formats import GRAPH_NBITS, MIN_SM
 from ..targets import GpuTarget, local_device_sm, resolve_target
 from .load import verify_files
 from .manifest import (
@@ -543,6 +543,22 @@ def read_export(export_dir: str | Path) -> ExportManifest:
     return export
 
 
+def _check_weight_formats(export: ExportManifest, targets: list[GpuTarget]) -> None:
+    """fp8 needs sm89+, nvfp4 sm120+ (quant/formats.py MIN_SM): refused in one line before any build."""
+    if export.quant is None:
+        return
+    for target in targets:
+        if target.sm < export.quant.min_sm:
+            needs = {
+                f: MIN_SM[f] for f in sorted(export.quant.formats) if f in MIN_SM and target.sm < MIN_SM[f]
+            }
+            fmt, sm = next(iter(needs.items()))
+            raise BuildError(
+                f"{target.name} cannot run {fmt} weights (TensorRT has {fmt} from sm{sm}); build this export "
+                f"for sm{sm} or newer, or export with --quant int4|int8"
+            )
+
+
 def _checked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     try:
         return fn(*args, **kwargs)
@@ -562,6 +578,7 @@ def build_engines(
     """
     options = dataclasses.replace(options or BuildOptions(), **overrides)
     export = read_export(export_dir)  # the one read of export.json for a build
+    _check_weight_formats(export, resolve_targets(targets))
     plan = plan_builds(targets, options.flavour, local_device_sm())
     kernels = KernelsFile.find(export.path)  # hashed once for all targets
     return [build_engine(export, target, flavour, options, kernels) for target, flavour in plan]

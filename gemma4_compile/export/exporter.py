@@ -90,7 +90,7 @@ def export_checkpoint(
     if dtype not in FLOAT_CHOICES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_CHOICES)}")
     spec = Gemma4Spec.from_pretrained(checkpoint_dir)
-    _check_quant(quant, dtype, spec)
+    check_quant(quant, spec)
     # None: no vision tower (or text_only), the text graphs only
     vision = None if text_only else VisionSpec.from_pretrained(checkpoint_dir)
     reader = CheckpointReader(checkpoint_dir)
@@ -113,10 +113,10 @@ def export_checkpoint(
     )
 
 
-def _check_quant(quant: QuantRequest | None, dtype: str, spec: Gemma4Spec) -> None:
-    """Refuse an impossible --quant in one line before any work."""
-    if quant is not None and quant.enabled:
-        refusal = quant_refusal(quant.format, dtype, spec.enable_moe_block, quant.block_size)
+def check_quant(quant: QuantRequest | None, spec: Gemma4Spec) -> None:
+    """Refuse an impossible --quant in one line (ExportError) before any work."""
+    if quant is not None:
+        refusal = quant_refusal(quant, spec.enable_moe_block)
         if refusal:
             raise ExportError(refusal)
 
@@ -139,7 +139,7 @@ def export_spec(
     """Export a spec; without `entries` only the graphs are written (weights laid out but not copied).
 
     With `vision`, the export also holds the vision tower's graph (role "vision")."""
-    _check_quant(quant, dtype, spec)
+    check_quant(quant, spec)
     out = Path(out_dir)
     if out.exists() and not force:
         raise ExportError(f"output directory {out} already exists (use --force to replace it)")
@@ -241,7 +241,9 @@ def _export_into(
     for role, graph in traced.items():
         attach_weights(graph, graph_names[role], placed, act.torch, tmp, computed)
     if quant is not None:
-        weights = quantized_weights(traced[DECODER], graph_names[DECODER], placed, tmp, quant.accuracy_level)
+        weights = quantized_weights(
+            traced[DECODER], graph_names[DECODER], placed, tmp, quant.accuracy_level, act.torch
+        )
         encode = QuantizeMatMuls if quant.graph == GRAPH_NBITS else DequantizeWeights
         traced[DECODER] = run_passes(traced[DECODER], [encode(weights)])
     progress("save graphs")
@@ -296,9 +298,7 @@ def _plan_quant(
 ) -> tuple[QuantSpec, dict[str, TensorEntry], dict[str, str]]:
     """The quantization of the decoder's weights, the writer's entries with the LM head's quantized copy of the
     tied embedding (`lm_head`), and the decoder's initializer -> tensor names pointing at that copy."""
-    quant = plan_quant(
-        request.format, request.block_size, request.keep, sorted(layout), act.value, request.accuracy_level
-    )
+    quant = plan_quant(request, sorted(layout), act.value)
     for role, graph in traced.items():  # only the decoder's MatMuls are rewritten; other graphs read floats
         shared = {names[n] for n in graph.graph.initializers} & set(quant.tensors)
         if role != DECODER and shared:

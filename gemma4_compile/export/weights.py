@@ -4,9 +4,11 @@ Peak memory is one chunk, not one model: tensors are read with plain reads (mapp
 RSS), converted to the export dtype chunk by chunk and appended. The tied embedding is written once and
 referenced by the embed graph (gather) and the decoder (LM head).
 
-With `--quant`, a quantized tensor is written as its codes and then its scales (quant/rtn.py), row chunk by row
-chunk, instead of its float bytes (MatMulNBits codes and fp32 scales for an fp32 export, ONNX INT4/INT8 codes and
-scales in the export dtype for DequantizeLinear in fp16/bf16 exports); only the scales of one tensor are held until it ends. The decoder's
+With `--quant`, a quantized tensor is written as its codes and then its scales (quant/encode.py), row chunk by
+row chunk, instead of its float bytes (MatMulNBits codes and fp32 scales for an fp32 integer export; for
+DequantizeLinear, ONNX INT4/INT8/FLOAT8E4M3FN/FLOAT4E2M1 codes and scales in the export dtype, E4M3 for nvfp4,
+whose tensor-wide scale takes one more read of the tensor); only the scales of one tensor are held until it
+ends. The decoder's
 quantized LM head is a second copy of the tied embedding under the name `lm_head` (the embed graph's gather
 keeps the float table).
 """
@@ -25,8 +27,10 @@ from ..dtypes import DType
 from ..errors import ExportError
 from ..model.weights import TensorEntry, check_finite
 from ..passes.quantize_matmul import DQWeight, NBitsWeight
+from ..quant.encode import encode_rows, global_scale
 from ..quant.formats import BITS, GRAPH_NBITS, QuantSpec
-from ..quant.rtn import num_blocks, pack_matmulnbits, pack_signed, quantize_rows
+from ..quant.rtn import num_blocks
+from ..quant.sizes import quantized_nbytes
 
 DATA_FILE = "weights.data"
 ALIGN = 64
@@ -52,6 +56,8 @@ class QuantPlaced:
     k: int
     graph: str
     scale_dtype: torch.dtype
+    fmt: str
+    global_scale: float | None = None  # nvfp4: the tensor-wide scale (in the export dtype)
 
     @property
     def blocks(self) -> int:
@@ -102,16 +108,20 @@ def _read_rows(src: TensorEntry, rows: int):
             yield chunk.to(torch.float32).numpy()
 
 
+def _chunk_rows(src: TensorEntry) -> int:
+    in_size = torch.empty((), dtype=src.dtype).element_size()
+    return max(1, CHUNK_BYTES // (src.shape[1] * max(in_size, 4)))
+
+
+def _absmax(src: TensorEntry) -> float:
+    return max((float(np.abs(w).max(initial=0.0)) for w in _read_rows(src, _chunk_rows(src))), default=0.0)
+
+
 def _write_quantized(src: TensorEntry, dst, q: QuantPlaced) -> tuple[int, bytes]:
     """Append the codes of `src` chunk by chunk; returns (bytes written, the scales' bytes)."""
-    k = src.shape[1]
-    in_size = torch.empty((), dtype=src.dtype).element_size()
-    rows = max(1, CHUNK_BYTES // (k * max(in_size, 4)))
-    pack = pack_matmulnbits if q.graph == GRAPH_NBITS else pack_signed
     written, scales = 0, []
-    for w in _read_rows(src, rows):
-        codes, s = quantize_rows(w, q.bits, q.block_size, positive=q.graph != GRAPH_NBITS)
-        data = pack(codes, q.bits).tobytes()
+    for w in _read_rows(src, _chunk_rows(src)):
+        data, s = encode_rows(q.fmt, w, q.block_size, q.graph, q.global_scale)
         dst.write(data)
         written += len(data)
         scales.append(s)
@@ -121,22 +131,32 @@ def _write_quantized(src: TensorEntry, dst, q: QuantPlaced) -> tuple[int, bytes]
     return written, stored.view(torch.uint8).numpy().tobytes()
 
 
+def _scale_dtype(quant: QuantSpec, fmt: str, dtype: torch.dtype) -> torch.dtype:
+    if fmt == "nvfp4":
+        return torch.float8_e4m3fn
+    return torch.float32 if quant.graph == GRAPH_NBITS else dtype
+
+
 def _quant_layout(
-    entry: TensorEntry, quant: QuantSpec, fmt: str, dtype: torch.dtype, offset: int
+    entry: TensorEntry, quant: QuantSpec, fmt: str, dtype: torch.dtype, offset: int, read: bool
 ) -> QuantPlaced:
-    """Where the codes and scales of `entry` go when the codes start at `offset` (scales follow, aligned)."""
+    """Where the codes and scales of `entry` go when the codes start at `offset` (scales follow, aligned).
+    `read`: read the tensor for nvfp4's global scale (a graph-only export stores 1.0)."""
     if len(entry.shape) != 2:
         raise ExportError(
             f"cannot quantize '{entry.key}': expected a 2-D weight, got shape {list(entry.shape)}"
         )
     n, k = entry.shape
-    bits, block_size = BITS[fmt], quant.block_size
-    scale_dtype = torch.float32 if quant.graph == GRAPH_NBITS else dtype
-    blocks = num_blocks(k, block_size)
-    codes = Placed(offset, n * blocks * block_size * bits // 8)
+    bits, block_size = BITS[fmt], quant.block_of(fmt)
+    scale_dtype = _scale_dtype(quant, fmt, dtype)
+    code_bytes, scale_bytes = quantized_nbytes(n, k, bits, block_size, scale_dtype.itemsize)
+    codes = Placed(offset, code_bytes)
     end = codes.offset + codes.length
-    scales = Placed(end + (-end % ALIGN), n * blocks * scale_dtype.itemsize)
-    return QuantPlaced(codes, scales, bits, block_size, n, k, quant.graph, scale_dtype)
+    scales = Placed(end + (-end % ALIGN), scale_bytes)
+    g = None
+    if fmt == "nvfp4":
+        g = global_scale(_absmax(entry), DType.parse(dtype).value) if read else 1.0
+    return QuantPlaced(codes, scales, bits, block_size, n, k, quant.graph, scale_dtype, fmt, g)
 
 
 def write_weight_file(
@@ -164,7 +184,7 @@ def write_weight_file(
                 pad_to(start, dst)
                 fmt = quant.format_of(name) if quant is not None else None
                 if fmt is not None:
-                    q = _quant_layout(entry, quant, fmt, dtype, start)
+                    q = _quant_layout(entry, quant, fmt, dtype, start, dst is not None)
                     if dst is not None:
                         written, scales = _write_quantized(entry, dst, q)
                         offset = start + written
@@ -236,6 +256,7 @@ def quantized_weights(
     placed: dict[str, Placed | QuantPlaced],
     out_dir: Path,
     accuracy_level: int,
+    dtype: torch.dtype,
 ) -> dict[str, NBitsWeight | DQWeight]:
     """initializer name -> its quantized form in the data file, for every quantized initializer of `model`."""
     out: dict[str, NBitsWeight | DQWeight] = {}
@@ -244,7 +265,7 @@ def quantized_weights(
         if not isinstance(q, QuantPlaced):
             continue
         if q.graph != GRAPH_NBITS:
-            out[init_name] = _dq_weight(init_name, q, out_dir)
+            out[init_name] = _dq_weight(init_name, q, out_dir, dtype)
             continue
         blob = q.block_size * q.bits // 8
         out[init_name] = NBitsWeight(
@@ -259,12 +280,27 @@ def quantized_weights(
     return out
 
 
-def _dq_weight(init_name: str, q: QuantPlaced, out_dir: Path) -> DQWeight:
-    code_type = ir.DataType.INT4 if q.bits == 4 else ir.DataType.INT8
-    scale_type = ir.DataType(DType.parse(q.scale_dtype).onnx_elem_type)
+_CODE_TYPES = {
+    "int4": ir.DataType.INT4,
+    "int8": ir.DataType.INT8,
+    "fp8": ir.DataType.FLOAT8E4M3FN,
+    "nvfp4": ir.DataType.FLOAT4E2M1,
+}
+
+
+def _dq_weight(init_name: str, q: QuantPlaced, out_dir: Path, dtype: torch.dtype) -> DQWeight:
+    code_type = _CODE_TYPES[q.fmt]
+    if q.fmt == "nvfp4":
+        scale_type = ir.DataType.FLOAT8E4M3FN
+        g = np.array(q.global_scale, dtype=np.float32)
+        g_dtype = DType.parse(dtype)
+        glob = ir.tensor(torch.from_numpy(g).to(g_dtype.torch), name=f"{init_name}_global_scale")
+    else:
+        scale_type, glob = ir.DataType(DType.parse(q.scale_dtype).onnx_elem_type), None
     return DQWeight(
         _external(init_name, f"Q{q.bits}", q.codes, code_type, (q.n, q.blocks * q.block_size), out_dir),
         _external(init_name, "scales", q.scales, scale_type, (q.n, q.blocks), out_dir),
         k=q.k,
         block_size=q.block_size,
+        global_scale=glob,
     )

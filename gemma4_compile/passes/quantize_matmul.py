@@ -1,8 +1,10 @@
 """Quantized weights in the graph, two encodings of one code stream (quant/formats.py):
 
 * QuantizeMatMuls (onnxruntime, fp32 exports): `MatMul(x, Transpose(W))` -> `com.microsoft.MatMulNBits(x, B, scales)`.
-* DequantizeWeights (TensorRT, fp16/bf16 exports): W -> `DequantizeLinear(codes, scales, axis=1, block_size)`, a
-  standard opset-21 blockwise DQ with no zero point, read by the graph's existing Transpose -> MatMul.
+* DequantizeWeights (TensorRT, fp16/bf16 exports, and any with fp8/nvfp4): W -> `DequantizeLinear(codes, scales,
+  axis=1, block_size)`, a standard opset-21 blockwise DQ with no zero point, read by the graph's existing
+  Transpose -> MatMul. nvfp4 (FLOAT4E2M1, opset 23) first dequantizes its E4M3 block scales by the tensor-wide
+  scale: `DequantizeLinear(codes, DequantizeLinear(scales, global), axis=1, block_size=16)`.
 
 QuantizeMatMuls:
 The exporter traces torch's `x @ W.T` as a Transpose of the [N, K] weight initializer feeding a MatMul; the
@@ -22,6 +24,7 @@ __all__ = ["MS_DOMAIN", "DQWeight", "DequantizeWeights", "NBitsWeight", "Quantiz
 
 MS_DOMAIN = "com.microsoft"
 DQ_OPSET = 21  # blockwise DequantizeLinear and the INT4 type
+FP4_OPSET = 23  # the FLOAT4E2M1 type
 
 
 @dataclass(frozen=True)
@@ -127,15 +130,21 @@ def _replace(graph: ir.Graph, matmul: ir.Node, b: ir.Value, scales: ir.Value, q:
 class DQWeight:
     """The DequantizeLinear inputs that replace one [N, K] weight initializer."""
 
-    codes: ir.TensorProtocol  # INT4 | INT8 [N, K rounded up to whole blocks]
-    scales: ir.TensorProtocol  # export dtype [N, blocks]
+    codes: ir.TensorProtocol  # INT4 | INT8 | FLOAT8E4M3FN | FLOAT4E2M1 [N, K rounded up to whole blocks]
+    scales: ir.TensorProtocol  # export dtype [N, blocks]; FLOAT8E4M3FN for nvfp4
     k: int
     block_size: int
+    global_scale: ir.TensorProtocol | None = None  # nvfp4: scalar in the export dtype
+
+    @property
+    def opset(self) -> int:
+        return FP4_OPSET if self.codes.dtype == ir.DataType.FLOAT4E2M1 else DQ_OPSET
 
 
 class DequantizeWeights(ir.passes.InPlacePass):
     """`weights`: initializer name -> its codes and scales; every use of W reads the dequantized tensor instead
-    (sliced back to K columns where K is not a whole number of blocks). Raises the default opset to 21."""
+    (sliced back to K columns where K is not a whole number of blocks). Raises the default opset to 21 (23
+    with nvfp4)."""
 
     def __init__(self, weights: dict[str, DQWeight]) -> None:
         super().__init__()
@@ -154,10 +163,16 @@ class DequantizeWeights(ir.passes.InPlacePass):
         for name, q in self.weights.items():
             value = graph.initializers.pop(name)
             codes, scales = _initializer(graph, q.codes), _initializer(graph, q.scales)
-            nodes = [ir.node("DequantizeLinear", [codes, scales], {"axis": 1, "block_size": q.block_size})]
+            nodes = []
+            if q.global_scale is not None:  # the E4M3 block scales, dequantized per tensor
+                nodes.append(ir.node("DequantizeLinear", [scales, _initializer(graph, q.global_scale)]))
+                scales = nodes[0].outputs[0]
+                scales.shape, scales.type = q.scales.shape, ir.TensorType(q.global_scale.dtype)
+            attributes = {"axis": 1, "block_size": q.block_size}
+            nodes.append(ir.node("DequantizeLinear", [codes, scales], attributes))
             if q.codes.shape[1] != q.k:
                 bounds = [_initializer(graph, _int64(f"{name}_{n}", v)) for n, v in _slice_bounds(q.k)]
-                nodes.append(ir.node("Slice", [nodes[0].outputs[0], *bounds]))
+                nodes.append(ir.node("Slice", [nodes[-1].outputs[0], *bounds]))
             for node in nodes:  # before every use: the top of the graph
                 if first is not None:
                     graph.insert_before(first, node)
@@ -169,9 +184,10 @@ class DequantizeWeights(ir.passes.InPlacePass):
             out.name = name
             self.replaced += 1
         if self.replaced:  # the model-local functions must import the model's version (ONNX checker rule)
+            version = max(q.opset for q in self.weights.values())  # 20 -> 21 -> 23 added types, not semantics
             for opsets in (model.opset_imports, *(f.opset_imports for f in model.functions.values())):
-                if opsets.get("", DQ_OPSET) < DQ_OPSET:  # 20 -> 21 added types only (INT4...), no semantics
-                    opsets[""] = DQ_OPSET
+                if opsets.get("", version) < version:
+                    opsets[""] = version
         return ir.passes.PassResult(model, modified=self.replaced > 0)
 
 

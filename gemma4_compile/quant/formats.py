@@ -8,6 +8,10 @@ linear (docs/export-format.md, "Quantization", the role table); norms, the route
 (tiny, and quantizing them costs far more accuracy than it saves bytes). The token embedding and the PLE table
 stay in the export dtype in this version: they are gathers, not MatMuls, and their int8 form (a host-side row
 reader) is future work. MoE experts are refused rather than silently left in 16 bits.
+
+fp8 and nvfp4 are TensorRT formats (DequantizeLinear of FLOAT8E4M3FN / FLOAT4E2M1 codes, quant/floats.py): an
+export that uses them takes the DequantizeLinear form whatever its dtype, and its engines need the SM that has
+the type (MIN_SM).
 """
 
 from __future__ import annotations
@@ -19,11 +23,15 @@ from typing import Any
 from ..errors import ExportError
 
 SCHEME, METHOD = "symmetric", "rtn"  # signed codes, no zero point; round-to-nearest absmax per block
-BITS = {"int4": 4, "int8": 8}  # the formats this version writes
-NOT_YET = ("fp8", "nvfp4")  # accepted by the CLI only to be refused in one line
-QUANT_CHOICES = ("none", *BITS, *NOT_YET)
+BITS = {"int4": 4, "int8": 8, "fp8": 8, "nvfp4": 4}  # the formats this version writes, bits per code
+INT_FORMATS, FLOAT_FORMATS = ("int4", "int8"), ("fp8", "nvfp4")
+QUANT_CHOICES = ("none", *BITS)
 BLOCK_SIZES = (32, 64, 128)
-DEFAULT_BLOCK = 32  # ggml Q4_0 / ORT-GenAI default; the grid Google's QAT checkpoints were trained on
+NVFP4_BLOCK = 16  # fixed by the format: E4M3 block scales per 16 values
+# int4/int8: ggml Q4_0 / ORT-GenAI default, the grid Google's QAT checkpoints were trained on; fp8: the
+# 128-block of DeepSeek/TensorRT-LLM FP8_BLOCK_SCALES (one scale per 128 values costs 0.2 % of the weights)
+DEFAULT_BLOCK = {"int4": 32, "int8": 32, "fp8": 128, "nvfp4": NVFP4_BLOCK}
+MIN_SM = {"fp8": 89, "nvfp4": 120}  # TensorRT-RTX: FP8 from Ada, FP4 from Blackwell (others: any target)
 LM_HEAD_FORMAT = "int8"
 # One quantized weight stream, two graph encodings (docs/export-format.md, "Quantization"): fp32 exports are
 # onnxruntime's (MatMulNBits, 0.7 GiB less than ORT's own DQ fusion on E2B); fp16/bf16 exports are TensorRT's
@@ -31,8 +39,9 @@ LM_HEAD_FORMAT = "int8"
 GRAPH_NBITS, GRAPH_DQ = "com.microsoft.MatMulNBits", "DequantizeLinear"
 
 
-def graph_form(dtype: str) -> str:
-    return GRAPH_NBITS if dtype == "fp32" else GRAPH_DQ
+def graph_form(dtype: str, formats: set[str] | frozenset[str] = frozenset()) -> str:
+    """MatMulNBits for fp32 exports whose quantized weights are all integer; DequantizeLinear otherwise."""
+    return GRAPH_NBITS if dtype == "fp32" and set(formats) <= set(INT_FORMATS) else GRAPH_DQ
 
 
 # Every role a weight can have; `role_of` maps tensor names to them.
@@ -82,6 +91,29 @@ class QuantSpec:
         """TensorRT's DequantizeLinear takes positive scales only (quant/rtn.py, quantize_rows)."""
         return self.graph != GRAPH_NBITS
 
+    @property
+    def formats(self) -> set[str]:
+        """The formats the export's tensors use (with overrides, more than `format`)."""
+        return set(self.tensors.values())
+
+    @property
+    def min_sm(self) -> int:
+        """The oldest SM whose TensorRT has every format used (0: any)."""
+        return max((MIN_SM.get(f, 0) for f in self.formats), default=0)
+
+    def block_of(self, fmt: str) -> int:
+        """nvfp4's block is fixed; every other format uses the export's block size."""
+        return NVFP4_BLOCK if fmt == "nvfp4" else self.block_size
+
+    def scales_text(self) -> str:
+        if not self.positive_scales:
+            return "signed absmax/qmin"
+        rules = {"int4": "absmax/7", "int8": "absmax/127", "fp8": "absmax/448"}
+        text = [f"{f}: {rules[f]}" for f in sorted(self.formats) if f in rules]
+        if "nvfp4" in self.formats:
+            text.append("nvfp4: e4m3 absmax/6 per 16 x global absmax/2688")
+        return "positive, " + "; ".join(text)
+
     def format_of(self, name: str) -> str | None:
         """The quantized format of tensor `name`, or None when it stays in the export dtype."""
         return self.tensors.get(name)
@@ -94,7 +126,7 @@ class QuantSpec:
             "block_size": self.block_size,
             "accuracy_level": self.accuracy_level,
             "graph": self.graph,
-            "scales": "positive absmax/qmax" if self.positive_scales else "signed absmax/qmin",
+            "scales": self.scales_text(),
             "roles": dict(self.roles),
             "tensors": dict(self.tensors),
         }
@@ -115,26 +147,53 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class QuantRequest:
-    """What the export command line asked for (`--quant`, `--block-size`, `--quant-keep`, `--accuracy-level`)."""
+    """What the export command line asked for (`--quant`, `--block-size`, `--quant-keep`, `--quant-override`,
+    `--accuracy-level`). `block_size` None: the format's default (DEFAULT_BLOCK)."""
 
     format: str = "none"
-    block_size: int = DEFAULT_BLOCK
+    block_size: int | None = None
     keep: tuple[str, ...] = ()
     accuracy_level: int = 0
+    overrides: tuple[tuple[str, str], ...] = ()  # (role, format), in command-line order
 
     @property
     def enabled(self) -> bool:
         return self.format != "none"
 
 
-def quant_refusal(quant: str, dtype: str, has_moe: bool, block_size: int) -> str | None:
-    """Why `--quant quant` cannot be exported (one line), or None. Checked before any work."""
-    if quant in NOT_YET:
-        return f"--quant {quant} is not supported yet (this version writes int4 and int8 weight-only exports)"
+OVERRIDABLE = (
+    *LINEAR_ROLES,
+    "lm_head",
+)  # the MatMul weights; the rest are gathers or kept (module docstring)
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """'ROLE=FORMAT' -> (role, format), or ExportError naming what is wrong."""
+    role, sep, fmt = text.partition("=")
+    if not sep:
+        raise ExportError(f"--quant-override {text!r} is not ROLE=FORMAT")
+    if role not in OVERRIDABLE:
+        why = "unknown role" if role not in ROLES else "this role cannot be quantized in this version"
+        raise ExportError(f"--quant-override {text}: {why}; choose from {', '.join(OVERRIDABLE)}")
+    if fmt not in BITS:
+        raise ExportError(f"--quant-override {text}: unknown format; choose one of {', '.join(BITS)}")
+    return role, fmt
+
+
+def quant_refusal(request: QuantRequest, has_moe: bool) -> str | None:
+    """Why `request` cannot be exported (one line), or None. Checked before any work."""
+    quant, block = request.format, request.block_size
     if quant not in BITS:
+        if quant == "none" and not request.overrides:
+            return None
         return f"unknown --quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}"
-    if block_size not in BLOCK_SIZES:
-        return f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}"
+    formats = {quant, *(f for _, f in request.overrides)}
+    if block is not None and block not in BLOCK_SIZES:
+        return f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block}"
+    if block is not None and formats == {"nvfp4"}:
+        return (
+            f"--block-size does not apply to nvfp4 (its blocks are {NVFP4_BLOCK} values, fixed by the format)"
+        )
     if has_moe:
         return (
             f"--quant {quant} cannot quantize MoE experts yet; refusing rather than leaving most of this "
@@ -143,27 +202,47 @@ def quant_refusal(quant: str, dtype: str, has_moe: bool, block_size: int) -> str
     return None
 
 
-def plan_quant(
-    quant: str, block_size: int, keep: tuple[str, ...], names: list[str], dtype: str, accuracy_level: int = 0
-) -> QuantSpec:
-    """Decide the format of every decoder weight in `names` (ours, no prefix); `keep` are roles left at dtype."""
-    unknown = [r for r in keep if r not in ROLES]
+def _block_size(request: QuantRequest, formats: set[str]) -> int:
+    """The block of every format but nvfp4 (whose block is fixed)."""
+    if request.block_size is not None:
+        return request.block_size
+    base = DEFAULT_BLOCK[request.format]
+    return DEFAULT_BLOCK["int4"] if base == NVFP4_BLOCK and formats - {"nvfp4"} else base
+
+
+def plan_quant(request: QuantRequest, names: list[str], dtype: str) -> QuantSpec:
+    """Decide the format of every decoder weight in `names` (ours, no prefix) for `request` at `dtype`."""
+    unknown = [r for r in request.keep if r not in ROLES]
     if unknown:
         raise ExportError(f"unknown --quant-keep role {unknown[0]!r}; choose from {', '.join(ROLES)}")
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise ExportError(f"--accuracy-level must be 0..4, got {accuracy_level}")
-    kept = set(keep) | set(KEPT_BY_DEFAULT)
+    if request.accuracy_level not in (0, 1, 2, 3, 4):
+        raise ExportError(f"--accuracy-level must be 0..4, got {request.accuracy_level}")
+    overrides = dict(request.overrides)
+    clash = sorted(set(overrides) & set(request.keep))
+    if clash:
+        raise ExportError(f"role {clash[0]} is both kept (--quant-keep) and overridden (--quant-override)")
+    kept = set(request.keep) | set(KEPT_BY_DEFAULT)
     present = {role_of(n) for n in names} | ({"embed"} if "embed_tokens.weight" in names else set())
-    roles = {
-        r: dtype if r in kept else (LM_HEAD_FORMAT if r == "lm_head" else quant)
-        for r in ROLES
-        if r in present
-    }
+
+    def format_of(role: str) -> str:
+        if role in overrides:
+            return overrides[role]
+        if role in kept:
+            return dtype
+        return LM_HEAD_FORMAT if role == "lm_head" else request.format
+
+    roles = {r: format_of(r) for r in ROLES if r in present}
     tensors = {}
     for name in names:
         role = role_of(name)
         if role is not None and roles[role] in BITS:
             tensors[LM_HEAD if role == "lm_head" else name] = roles[role]
+    formats = set(tensors.values())
     return QuantSpec(
-        quant, block_size, roles, accuracy_level=accuracy_level, tensors=tensors, graph=graph_form(dtype)
+        request.format,
+        _block_size(request, formats),
+        roles,
+        accuracy_level=request.accuracy_level,
+        tensors=tensors,
+        graph=graph_form(dtype, formats),
     )

@@ -12,33 +12,32 @@ import types
 
 import torch
 
-from .formats import BITS, GRAPH_NBITS, LM_HEAD, QuantSpec
-from .rtn import dequantize_rows, quantize_rows
+from .encode import dequantized_rows, global_scale
+from .formats import LM_HEAD, QuantSpec
 
 
-def _dequantized(weight: torch.Tensor, fmt: str, quant: QuantSpec) -> torch.nn.Parameter:
-    """codes x scales as the graph computes them: DequantizeLinear's scales are stored in the export dtype, so
-    they are rounded to it first (the product of a code and a half-precision scale then rounds once, as in DQ)."""
+def _dequantized(weight: torch.Tensor, fmt: str, quant: QuantSpec, dtype: str) -> torch.nn.Parameter:
+    """codes x scales as the graph computes them: DequantizeLinear's scales are stored in the export dtype
+    `dtype`, so they are rounded to it first (a code times a half-precision scale then rounds once, as in DQ)."""
     w = weight.detach().float().numpy()
-    codes, scales = quantize_rows(w, BITS[fmt], quant.block_size, quant.positive_scales)
-    if quant.graph != GRAPH_NBITS:
-        scales = torch.from_numpy(scales).to(weight.dtype).float().numpy()
-    deq = dequantize_rows(codes, scales, w.shape[1])
+    g = global_scale(float(abs(w).max(initial=0.0)), dtype) if fmt == "nvfp4" else None
+    deq = dequantized_rows(fmt, w, quant.block_of(fmt), quant.graph, dtype, g)
     return torch.nn.Parameter(torch.from_numpy(deq).to(weight.dtype), requires_grad=False)
 
 
-def apply_fake_quant(model: torch.nn.Module, quant: QuantSpec) -> torch.nn.Module:
-    """Replace, in place, each weight `quant` quantizes by its dequantized copy; returns `model`.
+def apply_fake_quant(model: torch.nn.Module, quant: QuantSpec, dtype: str) -> torch.nn.Module:
+    """Replace, in place, each weight `quant` quantizes by its dequantized copy, as an export in `dtype` stores
+    it (the drift gate's fp64 model too); returns `model`.
 
     The LM head is the tied embedding: only the logits projection sees the dequantized copy (the export's
     embed graph gathers the float table)."""
     for name, fmt in quant.tensors.items():
         if name == LM_HEAD:
-            _fake_quant_lm_head(model, _dequantized(model.embed_tokens.weight, fmt, quant))
+            _fake_quant_lm_head(model, _dequantized(model.embed_tokens.weight, fmt, quant, dtype))
             continue
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        module._parameters[attr] = _dequantized(getattr(module, attr), fmt, quant)
+        module._parameters[attr] = _dequantized(getattr(module, attr), fmt, quant, dtype)
     return model
 
 

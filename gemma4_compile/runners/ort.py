@@ -14,6 +14,7 @@ from ..passes.lowerings import lowering_refusal
 from .base import BaseRunner, DecodeState, lengths_of
 from .ort_binding import BoundRunner, CacheBinding
 from .ort_cache import optimized_graph
+from .ort_fp4 import dequantized_copy
 
 
 class OrtRunner(BaseRunner):
@@ -66,7 +67,11 @@ class OrtRunner(BaseRunner):
 
     def _session(self, ort, role: str, options, providers: list[str]):
         path = self.manifest.graph_path(role)
+        quant = self.manifest.quant
         try:
+            if quant is not None and "nvfp4" in quant.formats and role == DECODER:  # ort_fp4.py
+                with dequantized_copy(path) as tmp:
+                    return ort.InferenceSession(str(Path(tmp) / path.name), options, providers=providers)
             if self._session_cache and role == DECODER:  # the graph whose optimization takes the time
                 path = optimized_graph(ort, self.manifest, role, providers, self._session_cache)
             return ort.InferenceSession(str(path), options, providers=providers)

@@ -811,7 +811,7 @@ def validate(
     if manifest.quant is not None:  # the quantized export computes with the dequantized weights: so does ref
         if reference != "torch":
             raise ValidateError("a quantized export validates against --reference torch (fake-quant weights)")
-        apply_fake_quant(ref.model, manifest.quant)
+        apply_fake_quant(ref.model, manifest.quant, manifest.dtype)
     be = make_runner(backend, export_dir, ckpt, precision, target)
     spec = ref.spec
     _check_same_model(manifest.spec, spec, ckpt)
@@ -819,7 +819,7 @@ def validate(
         export_dir, ckpt, spec, precision
     )  # our model one precision up: drift gate
     if manifest.quant is not None and exact is not None:  # the drift gate's run must use the same weights
-        apply_fake_quant(exact.model, manifest.quant)
+        apply_fake_quant(exact.model, manifest.quant, manifest.dtype)
     max_len = manifest.max_seq_len - steps
     cases = load_prompts(prompts, spec, max_len) if prompts else default_cases(spec, seed, max_len)
     report = compare_runners(be, ref, cases, spec, precision, steps, tolerance, exact=exact)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 
 from gemma4_compile.quant.formats import QuantRequest
@@ -18,7 +22,7 @@ def make_quant_export(tmp_path_factory, make_checkpoint):
     cache: dict[tuple, Path] = {}
 
     def make(
-        preset: str, fmt: str, block_size: int = 32, keep: tuple[str, ...] = (), dtype: str = "fp32"
+        preset: str, fmt: str, block_size: int | None = None, keep: tuple[str, ...] = (), dtype: str = "fp32"
     ) -> Path:
         key = (preset, fmt, block_size, keep, dtype)
         if key not in cache:
@@ -27,5 +31,33 @@ def make_quant_export(tmp_path_factory, make_checkpoint):
             export_checkpoint(make_checkpoint(preset), out, dtype=dtype, max_seq_len=128, quant=request)
             cache[key] = out
         return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def corrupt(reseal, tmp_path):
+    """corrupt(export, data_type, fn, suffix="") -> a copy of `export` whose decoder initializers of ONNX
+    `data_type` (named ...suffix) have their bytes in weights.data replaced by fn(uint8 bytes), resealed as a
+    buggy exporter would have recorded them: the integrity check passes and only the numbers can tell."""
+
+    def make(export: Path, data_type: int, fn: Callable[[np.ndarray], np.ndarray], suffix: str = "") -> Path:
+        out = tmp_path / f"broken-{export.name}"
+        shutil.copytree(export, out)
+        proto = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+        hit = 0
+        with open(out / "weights.data", "r+b") as f:
+            for init in proto.graph.initializer:
+                if init.data_type != data_type or not init.name.endswith(suffix):
+                    continue
+                where = {e.key: e.value for e in init.external_data}
+                f.seek(int(where["offset"]))
+                raw = np.frombuffer(f.read(int(where["length"])), dtype=np.uint8)
+                f.seek(int(where["offset"]))
+                f.write(fn(raw).astype(np.uint8).tobytes())
+                hit += 1
+        assert hit, f"no {onnx.TensorProto.DataType.Name(data_type)} initializer to corrupt"
+        reseal(out)
+        return out
 
     return make

@@ -7,7 +7,15 @@ import pytest
 from gemma4_compile.errors import ExportError
 from gemma4_compile.model.presets import get_preset
 from gemma4_compile.model.weights import expected_shapes
-from gemma4_compile.quant.formats import LM_HEAD, QuantSpec, plan_quant, quant_refusal, role_of
+from gemma4_compile.quant.formats import (
+    LM_HEAD,
+    QuantRequest,
+    QuantSpec,
+    parse_override,
+    plan_quant,
+    quant_refusal,
+    role_of,
+)
 
 
 def test_every_2d_weight_of_every_tiny_preset_has_a_role_and_norms_have_none():
@@ -29,25 +37,59 @@ def test_every_2d_weight_of_every_tiny_preset_has_a_role_and_norms_have_none():
 
 def test_defaults_quantize_attention_and_mlp_lm_head_int8_and_keep_the_rest():
     names = sorted(expected_shapes(get_preset("tiny-e2b")))
-    q = plan_quant("int4", 32, (), names, "fp32")
+    q = plan_quant(QuantRequest("int4"), names, "fp32")
     assert q.roles["attn_q"] == q.roles["mlp_down"] == "int4" and q.roles["lm_head"] == "int8"
     assert q.roles["ple_proj"] == q.roles["ple_table"] == q.roles["embed"] == "fp32"
     spec = get_preset("tiny-e2b")
     assert len(q.tensors) == 7 * spec.num_hidden_layers - sum(not p.owns_cache for p in spec.layers) * 2 + 1
     assert q.tensors[LM_HEAD] == "int8" and "layers.0.per_layer_projection.weight" not in q.tensors
-    kept = plan_quant("int8", 64, ("lm_head", "mlp_up"), names, "fp32")
+    kept = plan_quant(QuantRequest("int8", 64, ("lm_head", "mlp_up")), names, "fp32")
     assert LM_HEAD not in kept.tensors and kept.roles["mlp_up"] == "fp32"
     assert QuantSpec.from_dict(kept.to_dict()) == kept
 
 
+def _refusal(fmt: str, block: int | None = None, moe: bool = False, overrides=()) -> str | None:
+    return quant_refusal(QuantRequest(fmt, block, overrides=tuple(overrides)), moe)
+
+
 def test_refusals_are_one_line_and_come_before_any_work():
-    assert "not supported yet" in quant_refusal("fp8", "fp32", False, 32)
-    assert "not supported yet" in quant_refusal("nvfp4", "fp32", False, 32)
-    assert quant_refusal("int4", "bf16", False, 32) is None  # the TensorRT form (DequantizeLinear)
-    assert "MoE experts" in quant_refusal("int4", "fp32", True, 32)
-    assert "--block-size" in quant_refusal("int8", "fp32", False, 48)
-    assert quant_refusal("int4", "fp32", False, 128) is None
-    for reason in (quant_refusal(q, "fp32", True, 32) for q in ("fp8", "int4")):
+    assert _refusal("int4") is None and _refusal("fp8") is None and _refusal("nvfp4") is None
+    assert "MoE experts" in _refusal("int4", moe=True)
+    assert "--block-size" in _refusal("int8", 48)
+    assert "fixed by the format" in _refusal("nvfp4", 64)
+    assert _refusal("nvfp4", 64, overrides=[("lm_head", "int4")]) is None  # the block of the int4 override
+    assert _refusal("int4", 128) is None
+    for reason in (_refusal(q, moe=True) for q in ("fp8", "int4")):
         assert "\n" not in reason
     with pytest.raises(ExportError, match="unknown --quant-keep role 'norm'"):
-        plan_quant("int4", 32, ("norm",), [], "fp32")
+        plan_quant(QuantRequest("int4", keep=("norm",)), [], "fp32")
+
+
+def test_float_formats_take_the_dequantize_form_and_their_block_defaults():
+    names = sorted(expected_shapes(get_preset("tiny-e2b")))
+    fp8 = plan_quant(QuantRequest("fp8"), names, "fp32")
+    assert fp8.graph == "DequantizeLinear" and fp8.block_size == 128 and fp8.min_sm == 89
+    nv = plan_quant(QuantRequest("nvfp4"), names, "fp16")
+    assert nv.block_of("nvfp4") == 16 and nv.block_of("int8") == 32 and nv.min_sm == 120  # the int8 LM head
+    assert plan_quant(QuantRequest("int4"), names, "fp32").min_sm == 0
+    assert QuantSpec.from_dict(nv.to_dict()) == nv and "global" in nv.to_dict()["scales"]
+
+
+def test_overrides_give_a_role_its_own_format():
+    names = sorted(expected_shapes(get_preset("tiny-e2b")))
+    request = QuantRequest("int4", overrides=(parse_override("lm_head=int4"), parse_override("attn_v=int8")))
+    q = plan_quant(request, names, "fp32")
+    assert q.roles["lm_head"] == "int4" and q.roles["attn_v"] == "int8" and q.roles["attn_q"] == "int4"
+    assert q.tensors[LM_HEAD] == "int4" and q.graph == "com.microsoft.MatMulNBits"
+    mixed = plan_quant(QuantRequest("int4", overrides=(("mlp_down", "fp8"),)), names, "fp32")
+    assert mixed.graph == "DequantizeLinear"  # one graph form per export: MatMulNBits has no fp8
+    for bad, message in [
+        ("lm_head", "not ROLE=FORMAT"),
+        ("embed=int8", "cannot be quantized in this version"),
+        ("attn=int4", "unknown role"),
+        ("attn_q=int2", "unknown format"),
+    ]:
+        with pytest.raises(ExportError, match=message):
+            parse_override(bad)
+    with pytest.raises(ExportError, match="both kept"):
+        plan_quant(QuantRequest("int4", keep=("lm_head",), overrides=(("lm_head", "int4"),)), names, "fp32")

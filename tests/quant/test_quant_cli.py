@@ -11,8 +11,9 @@ from gemma4_compile.errors import EXIT_ERROR
 @pytest.mark.parametrize(
     "preset,args,message",
     [
-        ("tiny-e2b", ["--quant", "fp8"], "--quant fp8 is not supported yet"),
-        ("tiny-e2b", ["--quant", "nvfp4"], "--quant nvfp4 is not supported yet"),
+        ("tiny-e2b", ["--quant", "nvfp4", "--block-size", "64"], "fixed by the format"),
+        ("tiny-e2b", ["--quant-override", "lm_head=int4"], "--quant-override needs --quant"),
+        ("tiny-e2b", ["--quant", "int4", "--quant-override", "embed=int8"], "cannot be quantized"),
         ("tiny-e2b", ["--quant", "int4", "--block-size", "48"], "Invalid value for '--block-size'"),
         ("tiny-26b-a4b", ["--quant", "int8"], "cannot quantize MoE experts yet"),
     ],
@@ -23,3 +24,35 @@ def test_impossible_quant_is_refused_in_one_line(make_checkpoint, tmp_path, caps
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt,dtype", [("int4", "fp32"), ("nvfp4", "fp16")])
+def test_inspect_quant_sizes_are_the_bytes_the_export_writes(make_checkpoint, make_quant_export, fmt, dtype):
+    """`inspect --quant` predicts, before any work, the codes + scales each quantized role gets in weights.data."""
+    import onnx_ir as ir
+
+    from gemma4_compile.model.presets import get_preset
+    from gemma4_compile.model.weights import expected_shapes
+    from gemma4_compile.quant.formats import QuantRequest, plan_quant
+    from gemma4_compile.quant.sizes import role_sizes
+
+    shapes = expected_shapes(get_preset("tiny-e2b"))
+    quant = plan_quant(QuantRequest(fmt), sorted(shapes), dtype)
+    predicted = sum(r.after for r in role_sizes(shapes, quant, dtype) if r.format in ("int4", "int8", fmt))
+    model = ir.load(make_quant_export("tiny-e2b", fmt, dtype=dtype) / "decoder.onnx")
+    written = sum(
+        v.const_value.nbytes
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor) and v.name.endswith(("_Q4", "_Q8", "_scales"))
+    )
+    assert predicted == written > 0
+
+
+def test_inspect_quant_prints_a_row_per_role(make_checkpoint, capsys):
+    args = ["inspect", str(make_checkpoint("tiny-e2b")), "--quant", "fp8", "--quant-override", "lm_head=int4"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "--quant fp8 at fp32 (DequantizeLinear, min sm89)" in text
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 5}
+    assert {"attn_q", "mlp_down", "lm_head", "embed", "ple_table", "total"} <= set(rows)
+    assert "fp8" in rows["attn_q"] and "int4" in rows["lm_head"] and "fp32" in rows["ple_table"]

@@ -5,12 +5,12 @@ the default cases: prompts up to 3W + 3 with decode past the sliding window)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from quant_support import swap_nibbles
 
 from gemma4_compile.errors import ExportError
 from gemma4_compile.export import ExportManifest, export_checkpoint
@@ -81,22 +81,10 @@ def test_ort_matches_the_fake_quant_reference_at_fp32_tolerances(make_quant_expo
     assert report.passed, report.failure_message()
 
 
-def test_swapped_nibbles_fail_the_gate(make_quant_export, reseal, tmp_path):
+def test_swapped_nibbles_fail_the_gate(make_quant_export, corrupt):
     """The same export with the two int4 codes of every byte swapped (the packing bug a layout change makes)."""
-    out = tmp_path / "broken"
-    shutil.copytree(make_quant_export("tiny-e2b", "int4"), out)
-    _, proto = _nbits_nodes(out)
-    with open(out / DATA_FILE, "r+b") as f:
-        for init in proto.graph.initializer:
-            if init.name.endswith("_Q4"):
-                where = {e.key: e.value for e in init.external_data}
-                f.seek(int(where["offset"]))
-                codes = np.frombuffer(f.read(int(where["length"])), dtype=np.uint8)
-                f.seek(int(where["offset"]))
-                f.write(((codes >> 4) | (codes << 4)).astype(np.uint8).tobytes())
-    reseal(out)  # as a buggy packer would have recorded it: the integrity check passes, the gate must not
-    report = validate(out, steps=STEPS, write=False)
-    assert not report.passed
+    out = corrupt(make_quant_export("tiny-e2b", "int4"), onnx.TensorProto.UINT8, swap_nibbles, "_Q4")
+    assert not validate(out, steps=STEPS, write=False).passed
 
 
 def test_engine_build_of_an_onnxruntime_quantized_export_names_the_tensorrt_form(make_quant_export):
@@ -152,34 +140,6 @@ def test_ort_runs_the_tensorrt_form_and_matches_the_fake_quant_reference(
     assert report.passed, report.failure_message()
 
 
-def test_swapped_int4_nibbles_fail_the_gate_in_the_tensorrt_form(make_quant_export, reseal, tmp_path):
-    out = tmp_path / "broken-dq"
-    shutil.copytree(make_quant_export("tiny-e2b", "int4", dtype="fp16"), out)
-    nodes, proto = _dq_nodes(out)
-    codes = {n.input[0] for n in nodes}
-    with open(out / DATA_FILE, "r+b") as f:
-        for init in proto.graph.initializer:
-            if init.name in codes and init.data_type == onnx.TensorProto.INT4:
-                where = {e.key: e.value for e in init.external_data}
-                f.seek(int(where["offset"]))
-                raw = np.frombuffer(f.read(int(where["length"])), dtype=np.uint8)
-                f.seek(int(where["offset"]))
-                f.write(((raw >> 4) | (raw << 4)).astype(np.uint8).tobytes())
-    reseal(out)
+def test_swapped_int4_nibbles_fail_the_gate_in_the_tensorrt_form(make_quant_export, corrupt):
+    out = corrupt(make_quant_export("tiny-e2b", "int4", dtype="fp16"), onnx.TensorProto.INT4, swap_nibbles)
     assert not validate(out, steps=STEPS, write=False).passed
-
-
-@pytest.mark.rtx
-@pytest.mark.parametrize("dtype,target", [("fp16", "sm89"), ("bf16", "sm120")])
-def test_tensorrt_rtx_builds_int4_engines_with_smaller_weights(make_quant_export, make_export, dtype, target):
-    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed")
-    from gemma4_compile.engines import build_engines
-
-    (art,) = build_engines(
-        make_quant_export("tiny-e2b", "int4", dtype=dtype), [target], max_batch=1, max_seq=64
-    )
-    assert art.manifest.weight_format == "int4" and art.engine_path.stat().st_size > 100_000
-    log = (art.dir / "build.log").read_text()
-    quantized = art.manifest.device_memory["weights_bytes"]
-    (plain,) = build_engines(make_export("tiny-e2b", dtype), [target], max_batch=1, max_seq=64)
-    assert quantized < 0.5 * plain.manifest.device_memory["weights_bytes"], log[-2000:]

@@ -1,0 +1,63 @@
+"""What `--quant` does to the bytes, per role, before any work: `inspect --quant` prints it, and the weight
+writer lays out codes and scales with the same arithmetic (quantized_nbytes)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .formats import BITS, GRAPH_NBITS, LM_HEAD, ROLES, QuantSpec, role_of
+
+_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def scale_bytes(quant: QuantSpec, fmt: str, dtype: str) -> int:
+    """Bytes per block scale: E4M3 for nvfp4, fp32 for MatMulNBits, the export dtype for DequantizeLinear."""
+    if fmt == "nvfp4":
+        return 1
+    return 4 if quant.graph == GRAPH_NBITS else _DTYPE_BYTES[dtype]
+
+
+def quantized_nbytes(n: int, k: int, bits: int, block: int, scale_size: int) -> tuple[int, int]:
+    """(codes, scales) bytes of an [N, K] weight: K padded to whole blocks, one scale per block."""
+    blocks = -(-k // block)
+    return n * blocks * block * bits // 8, n * blocks * scale_size
+
+
+@dataclass(frozen=True)
+class RoleSize:
+    role: str
+    format: str  # a quantized format, or the export dtype when kept
+    tensors: int
+    params: int
+    before: int  # bytes at the export dtype (0 for the LM head: unquantized, it is the embedding's table)
+    after: int  # bytes as exported (codes + scales, or unchanged)
+
+
+def role_sizes(shapes: dict[str, tuple[int, ...]], quant: QuantSpec, dtype: str) -> list[RoleSize]:
+    """Per role, in ROLES order, for the decoder weights `shapes` (our names). The LM head is the tied
+    embedding read as a GEMM: quantized, it is a second copy (the embed graph's gather keeps the float table)."""
+    width = _DTYPE_BYTES[dtype]
+    acc: dict[str, list[int]] = {}
+    for name, shape in shapes.items():
+        role = role_of(name)
+        if name == "embed_tokens.weight":
+            _add(acc, "embed", shape, width, width * math.prod(shape))
+        if role is None or role not in quant.roles:
+            continue
+        fmt = quant.format_of(LM_HEAD if role == "lm_head" else name)
+        after = 0 if role == "lm_head" else width * math.prod(shape)
+        if fmt is not None:
+            n, k = shape
+            after = sum(
+                quantized_nbytes(n, k, BITS[fmt], quant.block_of(fmt), scale_bytes(quant, fmt, dtype))
+            )
+        _add(acc, role, shape, 0 if role == "lm_head" else width, after)
+    return [RoleSize(r, quant.roles.get(r, dtype), *acc[r]) for r in ROLES if r in acc]
+
+
+def _add(acc: dict[str, list[int]], role: str, shape: tuple[int, ...], width: int, after: int) -> None:
+    row = acc.setdefault(role, [0, 0, 0, 0])
+    params = math.prod(shape)
+    for i, v in enumerate((1, params, width * params, after)):
+        row[i] += v
