@@ -437,6 +437,12 @@ def kernels(output: Path, targets: tuple[str, ...]) -> None:
 )
 @click.option("--prompts", type=click.Path(path_type=Path), help="JSON file of token-id prompts.")
 @click.option("--steps", type=int, help="Greedy decode steps per case.")
+@click.option(
+    "--quality-gate",
+    is_flag=True,
+    help="Quantized exports: also fail when KL / top-1 against the unquantized model miss the format's "
+    "thresholds (docs/export-format.md); always reported.",
+)
 @click.option("--target", help="Engine target for --backend trt.")
 def validate(
     export_dir: Path,
@@ -445,6 +451,7 @@ def validate(
     checkpoint: Path | None,
     prompts: Path | None,
     steps: int | None,
+    quality_gate: bool,
     target: str | None,
 ) -> None:
     """Compare a backend with the PyTorch reference; write reports; exit non-zero if any case fails."""
@@ -460,8 +467,11 @@ def validate(
         prompts=prompts,
         steps=steps,
         target=target,
+        quality_gate=quality_gate,
     )
     click.echo(report.summary())
+    if report.quality is not None:
+        click.echo(report.quality.describe())
     if not report.passed:
         raise ValidationFailed(report.failure_message())
 

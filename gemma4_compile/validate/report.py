@@ -190,6 +190,7 @@ def accuracy_markdown(r: AccuracyReport) -> str:
     ]
     lines += [*_table(header, rows), "", f"![logit error by position]({error_plot_name(r.reference)})", ""]
     lines += _drift_md(r)
+    lines += _quality_md(r)
     failed = [c for c in r.cases if not c.passed]
     if failed:
         lines += ["## Failures", "", *(f"- {c.message()}" for c in failed), ""]
@@ -227,6 +228,40 @@ def _localization_md(failed: list[Any], kinds: list[str]) -> list[str]:
         ]
         lines += [*_table(["layer", "kind", "rel. error", "growth", ""], rows), ""]
     return lines
+
+
+def _quality_md(r: AccuracyReport) -> list[str]:
+    q = r.quality
+    if q is None:
+        return []
+    if q.gate is None:
+        gate = "no threshold for this format"
+    else:
+        gate = f"gate: KL mean ≤ {_g(q.gate.kl_mean)}, top-1 ≥ {_pct(q.gate.top1)}"
+        gate += "" if q.gated else " (not applied: pass --quality-gate on real weights)"
+    header = ["case", "KL mean", "KL max", "top-1", "top-5", "greedy match"]
+    rows = [
+        [
+            c.name,
+            _g(c.quality.kl_mean),
+            _g(c.quality.kl_max),
+            _pct(c.quality.top1),
+            _pct(c.quality.top5),
+            " / ".join(f"{m}/{c.steps}" for m in c.quality.greedy_match),
+        ]
+        for c in r.cases
+        if c.quality is not None
+    ]
+    verdict = "" if not q.failures else " — **FAILED**: " + "; ".join(q.failures)
+    return [
+        f"## Quantization quality ({q.format} vs the unquantized model){verdict}",
+        "",
+        "The same prompts and tokens through the float model: how far rounding moved the logits. Random-weight "
+        f"checkpoints make these numbers meaningless as quality; {gate}.",
+        "",
+        *_table(header, rows),
+        "",
+    ]
 
 
 def _drift_md(r: AccuracyReport) -> list[str]:

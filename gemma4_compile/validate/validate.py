@@ -25,6 +25,7 @@ from ..model.config import Gemma4Spec
 from ..runners.base import BaseRunner
 from . import metrics as M
 from .cases import DEFAULT_STEPS, Case, default_cases, load_prompts
+from .quality import CaseQuality, QualityReport, case_quality, quality_report
 from .report import accuracy_stem, jsonable, write_reports
 
 if TYPE_CHECKING:
@@ -223,6 +224,7 @@ class CaseResult:
     failures: list[str]
     localization: Localization | None = None
     drift: Drift | None = None  # None: no reference one precision up; the fixed max_abs / kl_mean gate
+    quality: CaseQuality | None = None  # a quantized export against the unquantized model (quality.py)
 
     @property
     def passed(self) -> bool:
@@ -252,14 +254,17 @@ class AccuracyReport:
     export_dir: str | None = None
     engine_target: str | None = None  # the engine the backend executed (trt), for the summary's engine list
     polygraphy: dict[str, Any] | None = None  # files and the command that reproduces the decoder comparison
+    quality: QualityReport | None = None  # quantized exports: against the unquantized model
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.cases)
+        return all(c.passed for c in self.cases) and not (self.quality and self.quality.failures)
 
     def failure_message(self) -> str:
         """One line: how many cases fail, and the first one in full."""
         failed = [c for c in self.cases if not c.passed]
+        if not failed and self.quality and self.quality.failures:
+            return f"quality gate: {'; '.join(self.quality.failures)} ({self.quality.describe()})"
         if not failed:
             return ""
         head = f"{self.backend} disagrees with {self.reference} ({self.precision}) in {len(failed)}/{len(self.cases)} cases"
@@ -578,9 +583,11 @@ def compare_case(
     tol: Tolerance,
     steps: int,
     exact: BaseRunner | None = None,
+    unquantized: BaseRunner | None = None,
 ) -> tuple[CaseResult, np.ndarray | None]:
     """One case, all metrics; also the reference's hidden states [L, B, S, H] for the overflow scan and
-    localization (None if the reference cannot give them). `exact`: the reference one precision up."""
+    localization (None if the reference cannot give them). `exact`: the reference one precision up;
+    `unquantized`: the float model a quantized export is measured against (quality, not correctness)."""
     W = spec.sliding_window
     ref = run_case(reference, case, steps)
     _check_finite_reference(reference, ref, case)
@@ -629,6 +636,9 @@ def compare_case(
         error_by_position=[float(x) for x in abs_err],
         failures=[],
         drift=drift,
+        quality=None
+        if unquantized is None
+        else case_quality(run_case(unquantized, case, steps, feed=ref.choices).rows, out.rows, steps),
     )
     try:
         ref_hidden = reference.hidden_states(case.input_ids, case.lengths)
@@ -675,18 +685,21 @@ def compare_runners(
     localize_failures: bool = True,
     headroom: float = 4.0,
     exact: BaseRunner | None = None,
+    unquantized: tuple[BaseRunner, str, bool] | None = None,
 ) -> AccuracyReport:
     """Run every case through both runners and judge the backend against `tolerance` (default: the table's).
 
     `exact`: the reference one precision up (`EXACT`); with it the max |Δlogit| (fp32) or KL (half) gate comes
     from the reference's own distance to it (the drift gate), without it from the fixed table.
+    `unquantized`: (float model, the export's --quant, gate?) for a quantized export's quality report.
     """
     spec = spec or reference.spec
     tol = tolerance or tolerance_for(precision)
     results, maxima = [], np.zeros(spec.num_hidden_layers)
     for case in cases:
         log.info("%s: case %s", backend.name, case.describe())
-        result, ref_hidden = compare_case(backend, reference, case, spec, tol, steps, exact)
+        float_model = unquantized[0] if unquantized else None
+        result, ref_hidden = compare_case(backend, reference, case, spec, tol, steps, exact, float_model)
         if ref_hidden is not None:
             maxima = np.maximum(maxima, M.layer_abs_maxima(_valid(ref_hidden, case)))
         if not result.passed and localize_failures:
@@ -711,6 +724,9 @@ def compare_runners(
         layer_kinds=[p.kind for p in spec.layers],
         overflow=scan,
         warnings=warnings,
+        quality=quality_report(unquantized[1], [r.quality for r in results], steps, unquantized[2])
+        if unquantized and results
+        else None,
     )
 
 
@@ -787,8 +803,12 @@ def validate(
     target: str | None = None,
     seed: int = 0,
     write: bool = True,
+    quality_gate: bool = False,
 ) -> AccuracyReport:
     """Validate an export: backend vs reference on the default cases (or `prompts`), reports to out_dir/reports.
+
+    A quantized export is judged against the fake-quant reference (correctness) and measured against the
+    unquantized model (quality, quality.py), which fails the run only with `quality_gate`.
 
     The reference runs at the export's precision. `checkpoint` defaults to export.json's "checkpoint" entry.
     Returns the report; call `report.raise_if_failed()` for a ValidationFailed (exit code 2).
@@ -822,7 +842,14 @@ def validate(
         apply_fake_quant(exact.model, manifest.quant, manifest.dtype)
     max_len = manifest.max_seq_len - steps
     cases = load_prompts(prompts, spec, max_len) if prompts else default_cases(spec, seed, max_len)
-    report = compare_runners(be, ref, cases, spec, precision, steps, tolerance, exact=exact)
+    unquantized = None
+    if manifest.quant is not None:
+        unquantized = (make_runner("torch", export_dir, ckpt, precision), manifest.quant.format, quality_gate)
+    elif quality_gate:
+        raise ValidateError("--quality-gate needs a quantized export (export --quant ...)")
+    report = compare_runners(
+        be, ref, cases, spec, precision, steps, tolerance, exact=exact, unquantized=unquantized
+    )
     report = replace(
         report,
         export_dir=str(export_dir),

@@ -79,6 +79,18 @@ def test_moe_presets_are_refused_in_one_line_before_any_work(make_checkpoint, tm
 def test_ort_matches_the_fake_quant_reference_at_fp32_tolerances(make_quant_export, preset, fmt, block):
     report = validate(make_quant_export(preset, fmt, block), steps=STEPS, write=False)
     assert report.passed, report.failure_message()
+    q = report.quality  # against the unquantized model: reported, not gated
+    assert q is not None and q.format == fmt and not q.gated and not q.failures
+    assert 0 < q.kl_mean <= q.kl_max and 0 <= q.top1 <= 1
+
+
+def test_quality_gate_fails_only_when_asked(make_quant_export):
+    """Random weights: int4 moves the logits far from the float model's (KL ~0.2 on tiny-e2b); the gate says so
+    in one line only with quality_gate, while correctness still passes."""
+    report = validate(make_quant_export("tiny-e2b", "int4"), steps=1, write=False, quality_gate=True)
+    assert all(c.passed for c in report.cases) and not report.passed
+    assert report.failure_message().startswith("quality gate: KL mean ")
+    assert "\n" not in report.failure_message()
 
 
 def test_swapped_nibbles_fail_the_gate(make_quant_export, corrupt):
