@@ -261,9 +261,3 @@ class Gemma4Audio(nn.Module):
         hidden, valid = self.audio_tower(features, mask.bool())
         soft = self.embed_audio(hidden)  # [B, T4, E]
         return torch.where(valid[..., None], soft, torch.zeros_like(soft)), valid
-
-
-def soft_token_count(frames: int) -> int:
-    """Subsampled frames (= soft tokens) of `frames` mel frames: two stride-2 convs, ceil(ceil(T / 2) / 2)."""
-    half = (frames + 1) // 2
-    return (half + 1) // 2

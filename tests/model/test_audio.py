@@ -17,8 +17,9 @@ from transformers import Gemma4ForConditionalGeneration
 
 from gemma4_compile.cli import main
 from gemma4_compile.errors import SpecError
-from gemma4_compile.model.audio import Gemma4Audio, soft_token_count
+from gemma4_compile.model.audio import Gemma4Audio
 from gemma4_compile.model.audio_config import AudioSpec
+from gemma4_compile.model.audio_preprocess import soft_token_count
 from gemma4_compile.model.audio_weights import load_audio_model
 from gemma4_compile.model.checkpoint import write_random_checkpoint
 from gemma4_compile.model.presets import AUDIO_PRESETS, PRESETS, VISION_PRESETS
