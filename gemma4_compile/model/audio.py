@@ -43,7 +43,9 @@ class SubSampleLayer(nn.Module):
         x = x * mask[:, None, :, None]  # [B, C, T, F]
         x = self.conv(x.to(self.conv.weight.dtype))  # [B, C', ceil(T/2), ceil(F/2)]
         x = F.relu(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
-        return x, mask[:, ::2]  # a subsampled frame is valid iff its centre input frame is
+        # a subsampled frame is valid iff its centre input frame is: mask[:, ::2], written as a gather of the
+        # conv's own output length, so torch.export need not prove ceil(T/2) == (T + 1) // 2 (a guard)
+        return x, mask[:, torch.arange(x.shape[2], device=mask.device) * 2]
 
 
 class SubSampleConvProjection(nn.Module):
@@ -93,12 +95,13 @@ def block_frames(spec: AudioSpec, frames: int, device: torch.device | str) -> tu
 
 
 def gather_frames(x: Tensor, index: Tensor) -> Tensor:
-    """x [B, T, ...] at frame `index` [nb, n] -> [B, nb, n, ...], zeros where the index is outside [0, T)."""
+    """x [B, T, ...] at frame `index` [nb, n] -> [B, nb, n, ...], zero (False) where the index is outside [0, T)."""
     T = x.shape[1]
-    inside = (index >= 0) & (index < T)
+    inside = ((index >= 0) & (index < T)).reshape(1, *index.shape, *[1] * (x.dim() - 2))
     picked = x[:, index.clamp(0, T - 1)]
-    shape = (1, *index.shape, *[1] * (x.dim() - 2))
-    return torch.where(inside.reshape(shape), picked, torch.zeros((), dtype=x.dtype, device=x.device))
+    if x.dtype == torch.bool:  # onnxruntime has no boolean Where
+        return picked & inside
+    return torch.where(inside, picked, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def chunk_attention_mask(spec: AudioSpec, valid: Tensor) -> Tensor:
@@ -155,7 +158,8 @@ class AudioAttention(nn.Module):
         logits = torch.tanh((q @ k + position) / cap) * cap
         logits = torch.where(allowed[:, None], logits, spec.attention_invalid_logits_value)
         out = torch.softmax(logits, dim=-1) @ v  # [B, A, nb, C, Dh]
-        out = out.permute(0, 2, 3, 1, 4).flatten(3).flatten(1, 2)[:, :T]  # [B, T, D]
+        out = out.permute(0, 2, 3, 1, 4).flatten(3).flatten(1, 2)  # [B, nb*C, D]
+        out = out[:, torch.arange(T, device=x.device)]  # the first T rows, as a gather: no nb*C >= T guard
         return self.post(out.to(x.dtype))
 
 
