@@ -24,7 +24,8 @@ from gemma4_compile.model.audio_weights import load_audio_model
 from gemma4_compile.model.checkpoint import write_random_checkpoint
 from gemma4_compile.model.presets import AUDIO_PRESETS, PRESETS, VISION_PRESETS
 from gemma4_compile.model.vision import CLIP_BOUNDS
-from gemma4_compile.model.weights import CheckpointReader
+from gemma4_compile.model.vision_merge import merge_image_soft_tokens, placeholders_to_pad
+from gemma4_compile.model.weights import CheckpointReader, load_model
 
 FP32_ATOL = 1e-5  # the issue's bound on soft tokens (values ~3); observed <= 9e-6
 AUDIO_KEYS = ("model.audio_tower.", "model.embed_audio.")
@@ -52,12 +53,19 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def towers(checkpoint):
-    """(ours, transformers' Gemma4Model), loaded once."""
+def full_hf(checkpoint):
+    """transformers' Gemma4ForConditionalGeneration (eager) and its loading info, loaded once."""
     hf, info = Gemma4ForConditionalGeneration.from_pretrained(
-        checkpoint, dtype=torch.float32, output_loading_info=True
+        checkpoint, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
     )
-    return load_audio_model(checkpoint), hf.model.eval(), info
+    return hf.eval(), info
+
+
+@pytest.fixture(scope="module")
+def towers(checkpoint, full_hf):
+    """(ours, transformers' Gemma4Model, its loading info)."""
+    hf, info = full_hf
+    return load_audio_model(checkpoint), hf.model, info
 
 
 def clips(frames: int, valid: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,3 +248,43 @@ def test_bad_audio_config_is_a_one_line_error(field, value, match):
     with pytest.raises(SpecError, match=match) as e:
         AudioSpec.from_hf_dict(config)
     assert "\n" not in str(e.value)
+
+
+# ----- the contract the embed-stage merge must honour, against transformers end to end ----------------------
+# Audio soft tokens enter the text decoder like image ones: placeholders -> pad before both embedding lookups,
+# placeholder rows <- soft tokens in prompt order, unscaled. On E2B the decoder stays causal and unchanged.
+AUDIO_TOKEN_ID = 258_881  # `audio_token_id` of every released Gemma 4 config
+LOGIT_ATOL = 1e-4  # the text parity bound (tests/model/test_parity.py)
+
+
+def _audio_prompt(n_tokens: list[int], length: int, starts: list[int]) -> torch.Tensor:
+    ids = torch.randint(
+        3, PRESETS["tiny-e2b"].vocab_size, (1, length), generator=torch.Generator().manual_seed(5)
+    )
+    for n, start in zip(n_tokens, starts, strict=True):
+        ids[0, start : start + n] = AUDIO_TOKEN_ID
+    return ids
+
+
+@pytest.mark.parametrize("scale", [1.0, 64**0.5], ids=["unscaled", "negative control: scaled by sqrt(E)"])
+def test_audio_prompt_logits_match_transformers(checkpoint, full_hf, towers, scale):
+    hf, _ = full_hf
+    ours = towers[0]
+    text = load_model(checkpoint)
+    features, mask = clips(*CASES["one block"], seed=2)  # 10 and 8 soft tokens
+    with torch.no_grad():
+        soft, valid = ours(features, mask)
+        n = valid.sum(-1)
+        ids = _audio_prompt(
+            n.tolist(), 3 * text.spec.sliding_window + 25, [3, 19]
+        )  # audio inside a 3-window prompt
+        ref = hf(input_ids=ids, input_features=features, input_features_mask=mask).logits
+        embeds, tok = text.embed(placeholders_to_pad(ids, text.spec.pad_token_id, AUDIO_TOKEN_ID))
+        embeds = merge_image_soft_tokens(embeds, ids, soft * scale, n, AUDIO_TOKEN_ID)
+        S = ids.shape[1]
+        logits, _, _ = text(embeds, tok, torch.tensor([0]), torch.tensor([S]), text.new_cache(1, S))
+    diff = (logits - ref).abs().max().item()
+    if scale == 1.0:
+        assert diff <= LOGIT_ATOL, f"max |Δlogit| {diff:.3g} exceeds {LOGIT_ATOL}"
+    else:
+        assert diff > 100 * LOGIT_ATOL
