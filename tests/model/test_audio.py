@@ -207,6 +207,8 @@ def test_init_random_writes_the_audio_tower_for_e2b_e4b_only(tmp_path, preset, t
     assert any(k.startswith(AUDIO_KEYS) for k in CheckpointReader(out).entries) == has_audio
     if has_audio:
         assert AudioSpec.from_pretrained(out) == AUDIO_PRESETS[preset]
+        _, info = Gemma4ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+        assert not any(info.values()), {k: v for k, v in info.items() if v}
 
 
 def test_audio_presets_are_e2b_and_e4b_only():
