@@ -99,7 +99,7 @@ def export_checkpoint(
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_CHOICES)}")
     spec = Gemma4Spec.from_pretrained(checkpoint_dir)
     _check_quant(quant, dtype, spec)
-    # None: no vision tower (or text_only), the text graphs only
+    # None: no such tower (or text_only); with neither, the text graphs only
     vision = None if text_only else VisionSpec.from_pretrained(checkpoint_dir)
     audio = None if text_only else AudioSpec.from_pretrained(checkpoint_dir)
     reader = CheckpointReader(checkpoint_dir)
