@@ -76,7 +76,7 @@ def third_party_output(verbose: bool) -> None:
 @click.option(
     "--text-only",
     is_flag=True,
-    help="Write a gemma4_text config with 'model.' names and no vision tower instead of the released layout.",
+    help="Write a gemma4_text config with 'model.' names and no vision or audio tower instead of the released layout.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def init_random(
@@ -86,7 +86,7 @@ def init_random(
 
     from .fsutil import check_output_path
     from .model.checkpoint import write_random_checkpoint
-    from .model.presets import VISION_PRESETS
+    from .model.presets import AUDIO_PRESETS, VISION_PRESETS
 
     check_output_path(output, error=UsageError)  # before the writer looks inside it
 
@@ -98,6 +98,7 @@ def init_random(
         max_shard_bytes=_parse_size(max_shard_size),
         multimodal=not text_only,
         vision=None if text_only else VISION_PRESETS[preset],
+        audio=None if text_only else AUDIO_PRESETS.get(preset),  # E2B / E4B only
         force=force,
     )
     out.print(

@@ -21,6 +21,7 @@ class DType(enum.Enum):
     BF16 = "bf16"
     INT64 = "int64"
     INT32 = "int32"
+    BOOL = "bool"  # masks (the audio graph's input_features_mask)
 
     @property
     def onnx_name(self) -> str:
@@ -84,6 +85,7 @@ _ONNX_NAMES = {
     DType.BF16: "bfloat16",
     DType.INT64: "int64",
     DType.INT32: "int32",
+    DType.BOOL: "bool",
 }
 _SAFETENSORS_NAMES = {
     DType.FP32: "F32",
@@ -91,14 +93,16 @@ _SAFETENSORS_NAMES = {
     DType.BF16: "BF16",
     DType.INT64: "I64",
     DType.INT32: "I32",
+    DType.BOOL: "BOOL",
 }
-_ONNX_ELEM = {DType.FP32: 1, DType.FP16: 10, DType.BF16: 16, DType.INT64: 7, DType.INT32: 6}
+_ONNX_ELEM = {DType.FP32: 1, DType.FP16: 10, DType.BF16: 16, DType.INT64: 7, DType.INT32: 6, DType.BOOL: 9}
 _TRT_NAMES = {
     DType.FP32: "FLOAT",
     DType.FP16: "HALF",
     DType.BF16: "BF16",
     DType.INT64: "INT64",
     DType.INT32: "INT32",
+    DType.BOOL: "BOOL",
 }
 _BY_ELEM = {e: d for d, e in _ONNX_ELEM.items()}
 _ALIASES: dict[str, DType] = {

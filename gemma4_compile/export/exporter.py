@@ -1,4 +1,4 @@
-"""Checkpoint -> embed.onnx + decoder.onnx (+ vision.onnx) + weights.data + export.json.
+"""Checkpoint -> embed.onnx + decoder.onnx (+ vision.onnx, audio.onnx) + weights.data + export.json.
 
 The model is never materialized: it is built and traced on the meta device, and the weights are streamed
 from the safetensors files into one external-data file, so peak memory stays flat in model size.
@@ -23,6 +23,9 @@ from .. import __version__, ops
 from ..dtypes import FLOAT_CHOICES, DType
 from ..errors import ExportError, Gemma4CompileError
 from ..fsutil import atomic_directory, sha256_file
+from ..model.audio import Gemma4Audio
+from ..model.audio_config import AudioSpec
+from ..model.audio_weights import resolve_audio_weights
 from ..model.config import Gemma4Spec
 from ..model.model import Gemma4TextModel
 from ..model.vision import Gemma4Vision
@@ -34,12 +37,17 @@ from ..passes import LOWERINGS, DequantizeWeights, QuantizeMatMuls, export_clean
 from ..quant.formats import GRAPH_NBITS, LM_HEAD, QuantRequest, QuantSpec, plan_quant, quant_refusal
 from . import custom_ops
 from .bundle import copy_runtime_files
-from .graphs import DecoderGraph, EmbedGraph, VisionGraph
+from .graphs import AudioGraph, DecoderGraph, EmbedGraph, VisionGraph
 from .io_spec import (
+    AUDIO,
+    AUDIO_TOKENS,
+    CLIPS,
+    FRAMES,
     IMAGES,
     PATCHES,
     SOFT_TOKENS,
     VISION,
+    audio_io,
     decoder_io,
     dynamic_shapes,
     embed_io,
@@ -86,17 +94,20 @@ def export_checkpoint(
     """Export a Hugging Face Gemma 4 checkpoint (config.json + safetensors) to ONNX.
 
     `lowering="gqa"` makes an onnxruntime-only variant (see passes/lowerings.py); `quant` a weight-only
-    quantized one (see quant/formats.py); `text_only` leaves a checkpoint's vision tower out."""
+    quantized one (see quant/formats.py); `text_only` leaves a checkpoint's vision and audio towers out."""
     if dtype not in FLOAT_CHOICES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_CHOICES)}")
     spec = Gemma4Spec.from_pretrained(checkpoint_dir)
     check_quant(quant, spec)
-    # None: no vision tower (or text_only), the text graphs only
+    # None: no such tower (or text_only); with neither, the text graphs only
     vision = None if text_only else VisionSpec.from_pretrained(checkpoint_dir)
+    audio = None if text_only else AudioSpec.from_pretrained(checkpoint_dir)
     reader = CheckpointReader(checkpoint_dir)
     entries = resolve_text_weights(reader, spec)
     if vision is not None:
         entries.update(resolve_vision_weights(reader, vision))
+    if audio is not None:
+        entries.update(resolve_audio_weights(reader, audio))
     return export_spec(
         spec,
         out_dir,
@@ -109,6 +120,7 @@ def export_checkpoint(
         progress=progress,
         checkpoint=Path(checkpoint_dir).resolve(),
         vision=vision,
+        audio=audio,
         quant=quant,
     )
 
@@ -135,10 +147,11 @@ def export_spec(
     checkpoint: Path | None = None,
     vision: VisionSpec | None = None,
     quant: QuantRequest | None = None,
+    audio: AudioSpec | None = None,
 ) -> ExportedModel:
     """Export a spec; without `entries` only the graphs are written (weights laid out but not copied).
 
-    With `vision`, the export also holds the vision tower's graph (role "vision")."""
+    With `vision` / `audio`, the export also holds that tower's graph (role "vision" / "audio")."""
     check_quant(quant, spec)
     out = Path(out_dir)
     if out.exists() and not force:
@@ -161,6 +174,7 @@ def export_spec(
             checkpoint,
             vision,
             quant if quant is not None and quant.enabled else None,
+            audio,
         )
     manifest = ExportManifest.load(out)
     return ExportedModel(out, manifest)
@@ -187,6 +201,7 @@ def _producers(
     debug: bool,
     lowering: str | None,
     vision: Gemma4Vision | None = None,
+    audio: Gemma4Audio | None = None,
 ) -> list[GraphProducer]:
     """The export's graphs in pipeline order; adding a graph is adding its producer here."""
     spec = model.spec
@@ -194,8 +209,10 @@ def _producers(
     vision_graphs = (
         [GraphProducer(VISION, VisionGraph(vision), *vision_io(vision.spec, dtype))] if vision else []
     )
+    audio_graphs = [GraphProducer(AUDIO, AudioGraph(audio), *audio_io(audio.spec, dtype))] if audio else []
     return [
-        *vision_graphs,  # first: its soft tokens feed the embedding stage
+        *vision_graphs,  # first: their soft tokens feed the embedding stage
+        *audio_graphs,
         GraphProducer(EMBED, EmbedGraph(model), *embed_io(spec, dtype)),
         GraphProducer(DECODER, DecoderGraph(model, debug), *decoder_io(spec, dtype, debug), edit=edit),
     ]
@@ -213,13 +230,15 @@ def _export_into(
     checkpoint: Path | None,
     vision: VisionSpec | None = None,
     quant_request: QuantRequest | None = None,
+    audio: AudioSpec | None = None,
 ) -> ExportManifest:
     act = DType.parse(dtype)
     with torch.device("meta"):
         model = Gemma4TextModel(spec).to(act.torch)
         vision_model = Gemma4Vision(vision).to(act.torch) if vision else None
+        audio_model = Gemma4Audio(audio).to(act.torch) if audio else None
     model.reset_rope_buffers()
-    producers = _producers(model, act, debug, lowering, vision_model)
+    producers = _producers(model, act, debug, lowering, vision_model, audio_model)
     traced = {}
     for p in producers:
         progress(f"trace {p.role} graph")
@@ -227,8 +246,10 @@ def _export_into(
     progress("write weights" if entries is not None else "lay out weights (graph only)")
     names = {n: n.removeprefix("model.") for g in traced.values() for n in g.graph.initializers}
     computed = {k: v for k, v in model.rope_buffers().items()}
-    # our names of every module traced; both models use checkpoint names, and the vision ones never clash
-    state = {**model.state_dict(), **(vision_model.state_dict() if vision_model else {})}
+    # our names of every module traced; all use checkpoint names, and the towers' never clash with the text's
+    state = {**model.state_dict()}
+    for tower in (vision_model, audio_model):
+        state.update(tower.state_dict() if tower else {})
     params = set(state)  # everything else the exporter lifted (scalars) carries real data
     used = {names[n] for g in traced.values() for n in g.graph.initializers} & params - set(computed)
     layout = entries if entries is not None else _meta_entries(state, used)
@@ -281,6 +302,7 @@ def _export_into(
             SLIDING_SLOTS: spec.sliding_window,
             CACHE_LEN: f"dynamic, >= past_len + sequence, <= {max_seq_len}",
             **(_vision_dims(vision) if vision else {}),
+            **(_audio_dims() if audio else {}),
         },
         weight_format=quant.format if quant is not None else act.value,
         quant=quant,
@@ -374,6 +396,14 @@ def _vision_dims(vision: VisionSpec) -> dict[str, str]:
         IMAGES: "dynamic",
         PATCHES: f"dynamic, a multiple of {k2} (one soft token per {k2} patches)",
         SOFT_TOKENS: f"patches / {k2}",
+    }
+
+
+def _audio_dims() -> dict[str, str]:
+    return {
+        CLIPS: "dynamic",
+        FRAMES: "dynamic, 1 to 3000 (30 s of 10 ms log-mel frames)",
+        AUDIO_TOKENS: "ceil(ceil(frames / 2) / 2) (one soft token per 40 ms)",
     }
 
 

@@ -1,4 +1,5 @@
-"""The traced graphs as thin modules over `Gemma4TextModel` and `Gemma4Vision` with flat tensor I/O in io_spec order.
+"""The traced graphs as thin modules over `Gemma4TextModel`, `Gemma4Vision` and `Gemma4Audio` with flat tensor I/O
+in io_spec order.
 
 All take `*flat` so one tracing routine serves all (dynamic shapes are given for the varargs tuple).
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..model.audio import Gemma4Audio
 from ..model.model import Gemma4TextModel
 from ..model.vision import Gemma4Vision
 
@@ -49,6 +51,21 @@ class VisionGraph(nn.Module):
     valid pooling bins are a prefix); the rows after them are zero, like right padding after `seq_len`."""
 
     def __init__(self, model: Gemma4Vision):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *flat: Tensor) -> tuple[Tensor, Tensor]:
+        soft, valid = self.model(flat[0], flat[1])
+        return soft, valid.sum(dim=-1)
+
+
+class AudioGraph(nn.Module):
+    """(input_features, input_features_mask) -> (audio_soft_tokens, audio_soft_len).
+
+    The real soft tokens of clip i are rows [0, audio_soft_len[i]) for a right-padded mask (as the feature
+    extractor makes it); the rows after them are zero."""
+
+    def __init__(self, model: Gemma4Audio):
         super().__init__()
         self.model = model
 

@@ -10,20 +10,26 @@ import torch
 from torch.export import Dim
 
 from ..dtypes import DType
+from ..model.audio_config import MEL_BINS, AudioSpec
 from ..model.config import Gemma4Spec, LayerPlan
 from ..model.model import debug_output_names
 from ..model.vision_config import VisionSpec
-from .manifest import BATCH, CACHE_LEN, SEQUENCE, SLIDING_SLOTS, VISION, TensorSpec, cache_names
+from .manifest import AUDIO, BATCH, CACHE_LEN, SEQUENCE, SLIDING_SLOTS, VISION, TensorSpec, cache_names
 
 __all__ = [
+    "AUDIO",
+    "AUDIO_TOKENS",
     "BATCH",
     "CACHE_LEN",
+    "CLIPS",
+    "FRAMES",
     "IMAGES",
     "PATCHES",
     "SEQUENCE",
     "SLIDING_SLOTS",
     "SOFT_TOKENS",
     "VISION",
+    "audio_io",
     "cache_names",
     "decoder_io",
     "embed_io",
@@ -32,6 +38,8 @@ __all__ = [
 
 # The vision graph's symbolic dims (docs/export-format.md, Vision I/O).
 IMAGES, PATCHES, SOFT_TOKENS = "images", "patches", "soft_tokens"
+# The audio graph's (docs/export-format.md, Audio I/O).
+CLIPS, FRAMES, AUDIO_TOKENS = "clips", "frames", "audio_tokens"
 
 
 def cache_shape(plan: LayerPlan) -> tuple[int | str, ...]:
@@ -88,11 +96,36 @@ def vision_io(spec: VisionSpec, dtype: DType | str) -> tuple[list[TensorSpec], l
     return inputs, outputs
 
 
+def audio_io(spec: AudioSpec, dtype: DType | str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The feature extractor's log-mel frames and mask -> padded soft tokens in the text width, and how many
+    are real."""
+    act = DType.parse(dtype).onnx_name
+    inputs = [
+        TensorSpec("input_features", act, (CLIPS, FRAMES, MEL_BINS)),
+        TensorSpec("input_features_mask", "bool", (CLIPS, FRAMES)),
+    ]
+    outputs = [
+        TensorSpec("audio_soft_tokens", act, (CLIPS, AUDIO_TOKENS, spec.text_hidden_size)),
+        TensorSpec("audio_soft_len", "int64", (CLIPS,)),
+    ]
+    return inputs, outputs
+
+
 # ----- tracing -----------------------------------------------------------------------------------
 
 # Example sizes: all distinct and > 1, so torch.export neither specializes nor unifies the dims.
-# The vision graph derives soft_tokens = patches / 9 itself; only its inputs' dims are traced as dynamic.
-_EXAMPLE = {BATCH: 2, SEQUENCE: 3, SLIDING_SLOTS: 5, CACHE_LEN: 7, IMAGES: 4, PATCHES: 27}
+# The vision graph derives soft_tokens = patches / 9 itself, the audio graph audio_tokens from frames; only
+# the inputs' dims are traced as dynamic. 53 frames: an odd count, two attention blocks after subsampling.
+_EXAMPLE = {
+    BATCH: 2,
+    SEQUENCE: 3,
+    SLIDING_SLOTS: 5,
+    CACHE_LEN: 7,
+    IMAGES: 4,
+    PATCHES: 27,
+    CLIPS: 6,
+    FRAMES: 53,
+}
 
 
 def example_tensor(t: TensorSpec, device: str = "meta") -> torch.Tensor:

@@ -25,7 +25,7 @@ SEAL = "manifest_sha256"  # sha256 of export.json's canonical JSON without this 
 UNSEALED = (SEAL, "checkpoint")  # where the source checkpoint lives is provenance a user may repoint
 
 # The graphs an export holds, by role, in pipeline order; the exporter's producers create them.
-EMBED, DECODER, VISION = "embed", "decoder", "vision"
+EMBED, DECODER, VISION, AUDIO = "embed", "decoder", "vision", "audio"
 # Symbolic dims of graph I/O (export.json "dims").
 BATCH, SEQUENCE, SLIDING_SLOTS, CACHE_LEN = "batch", "sequence", "sliding_cache_len", "cache_len"
 
@@ -44,7 +44,7 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """One ONNX graph of an export, by role ("embed", "decoder"; next "vision", "audio")."""
+    """One ONNX graph of an export, by role ("vision", "audio", "embed", "decoder")."""
 
     role: str
     file: str

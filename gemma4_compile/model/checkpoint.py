@@ -2,9 +2,10 @@
 
 Values are deterministic for a seed and independent of write order: every chunk of every tensor draws from
 its own generator seeded by (seed, tensor name, chunk). Scales that default to 1.0 in transformers (norm
-weights, `layer_scalar`, router `scale` and `per_expert_scale`, the vision `std_scale`) are drawn from
-1 ± U(0.1, 0.5), so tests see them. Vision clip bounds (±inf in transformers) are drawn at ±U(1.5, 3), tight
-enough that random activations hit them.
+weights, `layer_scalar`, router `scale` and `per_expert_scale`, the vision `std_scale`, the audio tower's
+`norm_*` weights) are drawn from 1 ± U(0.1, 0.5), so tests see them. Vision and audio clip bounds (±inf in
+transformers) are drawn at ±U(1.5, 3), tight enough that random activations hit them; the audio
+`per_dim_scale` (0 in transformers) is drawn N(0, 1).
 Large tensors are generated in row chunks, so peak memory stays far below the model size.
 """
 
@@ -22,6 +23,8 @@ import torch
 from ..dtypes import DType
 from ..errors import CheckpointError
 from ..fsutil import atomic_directory
+from .audio_config import AudioSpec
+from .audio_weights import audio_shapes
 from .config import Gemma4Spec
 from .tokenizer import write_tokenizer
 from .vision import CLIP_BOUNDS
@@ -46,7 +49,7 @@ class CheckpointInfo:
 def _is_unit_scale(name: str) -> bool:
     return name.endswith(
         ("norm.weight", "layer_scalar", "router.scale", "router.per_expert_scale", "std_scale")
-    )
+    ) or (name.startswith("audio_tower.layers.") and ".norm_" in name)
 
 
 def _is_clip_bound(name: str) -> bool:
@@ -133,27 +136,31 @@ def write_random_checkpoint(
     force: bool = False,
     with_leftovers: bool = True,
     vision: VisionSpec | None = None,
+    audio: AudioSpec | None = None,
 ) -> CheckpointInfo:
     """Write config.json + safetensors (sharded above `max_shard_bytes`) into `out_dir`, atomically.
 
     With `vision`, the checkpoint also holds the vision tower (`model.vision_tower.*`, `model.embed_vision.*`)
-    and config.json its `vision_config`; without it, the text weights are written exactly as before."""
+    and config.json its `vision_config`; with `audio`, likewise the audio tower (`model.audio_tower.*`,
+    `model.embed_audio.*`, `audio_config`); without them, the text weights are written exactly as before."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"output directory {out} exists and is not empty (use --force to replace it)")
-    if vision is not None and not multimodal:
-        raise CheckpointError("a vision tower needs the multimodal layout (drop --text-only)")
-    if vision is not None and vision.text_hidden_size != spec.hidden_size:
-        raise CheckpointError(
-            f"vision projector width {vision.text_hidden_size} != text hidden size {spec.hidden_size}"
-        )
+    for what, tower in (("vision", vision), ("audio", audio)):
+        if tower is not None and not multimodal:
+            raise CheckpointError(f"a {what} tower needs the multimodal layout (drop --text-only)")
+        if tower is not None and tower.text_hidden_size != spec.hidden_size:
+            raise CheckpointError(
+                f"{what} projector width {tower.text_hidden_size} != text hidden size {spec.hidden_size}"
+            )
     text_prefix = TEXT_PREFIXES[0] if multimodal else TEXT_PREFIXES[1]
     shapes = dict(expected_shapes(spec))
     if with_leftovers:
         shapes.update(leftover_shapes(spec))
     prefixes = dict.fromkeys(shapes, text_prefix)  # our name -> checkpoint key prefix
-    if vision is not None:
-        tower = vision_shapes(vision)  # names start with vision_tower. / embed_vision.: no clash with text
+    towers = [vision_shapes(vision)] if vision is not None else []
+    towers += [audio_shapes(audio)] if audio is not None else []
+    for tower in towers:  # names start with vision_tower. / embed_audio. ...: no clash with text
         shapes.update(tower)
         prefixes.update(dict.fromkeys(tower, VISION_PREFIX))
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -184,6 +191,8 @@ def write_random_checkpoint(
             config["text_config"]["dtype"] = dtype_name
         if vision is not None:
             config["vision_config"] = {**vision.to_hf_dict(), "dtype": dtype_name}
+        if audio is not None:
+            config["audio_config"] = {**audio.to_hf_dict(), "dtype": dtype_name}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer(spec, tmp)
     return CheckpointInfo(out, spec, dtype, tuple(files), total, len(names))

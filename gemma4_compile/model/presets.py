@@ -8,6 +8,7 @@ top_k < experts, final softcap 30) at a size that runs in seconds, with a slidin
 from __future__ import annotations
 
 from ..errors import Gemma4CompileError
+from .audio_config import AudioSpec
 from .config import FULL, SLIDING, Gemma4Spec
 from .vision_config import VisionSpec
 
@@ -226,4 +227,27 @@ VISION_PRESETS: dict[str, VisionSpec] = {
         standardize=not small,
     )
     for name, (shape, small) in _VISION_SHAPES.items()
+}
+
+# ----- audio towers (docs/architecture.md, audio): E2B / E4B only, one shared tower -----------------------
+# The tiny twin keeps 128 first conv channels (transformers reads them as the mel bins), clipped linears and
+# the released attention geometry (blocks of 12, 12 keys per query, logit cap 50).
+_AUDIO = dict(
+    hidden_size=1024, num_hidden_layers=12, num_attention_heads=8, subsampling_conv_channels=(128, 32)
+)
+_TINY_AUDIO = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    subsampling_conv_channels=(128, 4),
+    output_proj_dims=48,
+)
+AUDIO_PRESETS: dict[str, AudioSpec] = {
+    name: AudioSpec(**shape, text_hidden_size=PRESETS[name].hidden_size)
+    for name, shape in (
+        ("e2b", _AUDIO),
+        ("e4b", _AUDIO),
+        ("tiny-e2b", _TINY_AUDIO),
+        ("tiny-e4b", _TINY_AUDIO),
+    )
 }

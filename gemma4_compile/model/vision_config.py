@@ -100,14 +100,7 @@ class VisionSpec:
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path) -> VisionSpec | None:
-        path = Path(checkpoint_dir) / "config.json"
-        try:
-            config = json.loads(path.read_text())
-        except OSError as e:
-            raise CheckpointError(f"cannot read {path} ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise SpecError("<root>", f"{path} is not valid JSON ({e})") from None
-        return cls.from_hf_dict(config)
+        return cls.from_hf_dict(read_config_json(checkpoint_dir))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """`vision_config` as the released checkpoints write it."""
@@ -131,6 +124,17 @@ class VisionSpec:
             "attention_bias": False,
             "attention_dropout": 0.0,
         }
+
+
+def read_config_json(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """A checkpoint's config.json, for the towers' specs (the text spec reads it with more checks first)."""
+    path = Path(checkpoint_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise SpecError("<root>", f"{path} is not valid JSON ({e})") from None
 
 
 def _int(d: dict[str, Any], key: str, default: int) -> int:
