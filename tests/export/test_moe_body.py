@@ -23,7 +23,11 @@ NAMES = ("x", "r", "s", "gu", "dn")
 
 
 def _session(
-    fn: onnx.FunctionProto, shapes: dict[str, tuple[int, ...]], elem: int, K: int, options=None
+    fn: onnx.FunctionProto,
+    shapes: dict[str, tuple[int, ...]],
+    elem: int,
+    K: int,
+    options: ort.SessionOptions | None = None,
 ) -> ort.InferenceSession:
     node = helper.make_node("MoE", list(NAMES), ["y"], domain="gemma4", top_k=K, **plugin_attributes())
     graph = helper.make_graph(
@@ -106,7 +110,7 @@ def test_static_body_has_no_data_dependent_shapes():
     assert not any(n.op_type == "Unique" for n in body.function(body.BODY_STATIC).node)
 
 
-def _expert_gemms(text: str, tensors, K: int, tmp_path) -> int:
+def _expert_gemms(text: str, tensors, K: int, tmp_path: Path) -> int:
     """Gemm kernels onnxruntime ran for one call of the body (each expert run is two: gate_up, down)."""
     feeds = {n: t.numpy() for n, t in zip(NAMES, tensors)}
     options = ort.SessionOptions()
