@@ -2,6 +2,7 @@
 
     pip install -r benchmarks/requirements-llamacpp.txt      # optional: builds llama.cpp from source
     python benchmarks/cpu_vs_llamacpp.py --llama-src DIR [--configs e2b moe dense] [--repeat 3]
+        [--variants fp32] [--baseline OLD_WORK]
 
 DIR is the llama.cpp tree that llama-cpp-python vendors (`vendor/llama.cpp` of its sdist:
 `pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36`), for `convert_hf_to_gguf.py`.
@@ -9,8 +10,11 @@ DIR is the llama.cpp tree that llama-cpp-python vendors (`vendor/llama.cpp` of i
 For each mid-size config (benchmarks/common.py) it writes a random fp32 checkpoint, exports it (fp32, int4),
 converts it to GGUF (f32, f16, q8_0, q4_0), and then times a greedy decode (prompt, then `--steps` tokens) of
 each side in a process of its own (peak RSS is that side's alone), alternating the sides `--repeat` times and
-keeping the best. Greedy tokens of row 0 are compared with transformers (fp32) or, for int4, with our PyTorch
-model on the same dequantized weights (the validate gate); llama.cpp's are reported as they are.
+keeping the best. `--variants` limits our variants (and llama.cpp's to their pairs). `--baseline OLD_WORK`
+times `OLD_WORK/<config>/onnx-fp32` (written by an earlier version, e.g. before a change to an op body) as
+ours variant `fp32-base` beside every fp32 cell, so before and after alternate within one run. Greedy tokens
+of row 0 are compared with transformers (fp32) or, for int4, with our PyTorch model on the same dequantized
+weights (the validate gate); llama.cpp's are reported as they are.
 Prints a table and one JSON line; exits 1 with one line when llama_cpp is not installed.
 
 On a CPU shared with other jobs, threads that spin at barriers collapse (llama.cpp's OpenMP threads: 2-thread
@@ -155,10 +159,15 @@ def prepare(name: str, work: Path, args: argparse.Namespace) -> dict[tuple[str, 
     }
     paths: dict[tuple[str, str], Path | str] = {}
     for variant, quant in exports.items():
+        if variant not in args.variants:
+            continue
         out = root / f"onnx-{variant}"
         paths["ours", variant] = _made(
             out, lambda o=out, q=quant: export_checkpoint(ckpt, o, max_seq_len=max_len, quant=q)
         )
+    if args.baseline:
+        base = args.baseline / name / "onnx-fp32"
+        paths["ours", BASE] = base if base.is_dir() else f"--baseline: no export at {base}"
     paths.update(_ggufs(ckpt, spec, root, args))
     return paths
 
@@ -205,17 +214,27 @@ def reference_tokens(name: str, work: Path, ids: np.ndarray, steps: int) -> dict
 
 
 # ----- the comparison ------------------------------------------------------------------------------
-PAIRS = {"fp32": "f32", "int4": "q4_0", "int4-acc4": "q4_0"}  # ours -> llama.cpp at the same precision
+VARIANTS = ["fp32", "int4", "int4-acc4"]  # ours, as --variants names them
+LLAMA_VARIANTS = ("f32", "f16", "q8_0", "q4_0")
+BASE = "fp32-base"  # --baseline's fp32 export
+PAIRS = {"fp32": "f32", "int4": "q4_0", "int4-acc4": "q4_0", BASE: "f32"}  # ours -> llama.cpp, same precision
 
 
 def cells(args: argparse.Namespace) -> list[Cell]:
-    """Batch 1 at --threads for every variant, then the batch x threads grid at fp32 / f32."""
-    out = [Cell("ours", v, 1, args.threads) for v in PAIRS]
-    out += [Cell("llama", v, 1, args.threads) for v in ("f32", "f16", "q8_0", "q4_0")]
-    for threads in args.thread_list:
+    """Batch 1 at --threads for each variant (llama.cpp's: all, or the pairs of --variants), then the batch x
+    threads grid at fp32 / f32; fp32-base (--baseline) goes beside every fp32 cell."""
+    ours = [*args.variants, BASE] if args.baseline and "fp32" in args.variants else list(args.variants)
+    fp32 = [v for v in ("fp32", BASE) if v in ours]
+    llama = LLAMA_VARIANTS if args.variants == VARIANTS else dict.fromkeys(PAIRS[v] for v in args.variants)
+    out = [Cell("ours", v, 1, args.threads) for v in ours] + [
+        Cell("llama", v, 1, args.threads) for v in llama
+    ]
+    for threads in args.thread_list if fp32 else ():
         for batch in args.batches:
             if (batch, threads) != (1, args.threads):
-                out += [Cell("ours", "fp32", batch, threads), Cell("llama", "f32", batch, threads)]
+                out += [Cell("ours", v, batch, threads) for v in fp32] + [
+                    Cell("llama", "f32", batch, threads)
+                ]
     return out
 
 
@@ -313,6 +332,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--thread-list", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, help="our variants to time")
+    ap.add_argument(
+        "--baseline", type=Path, help="an earlier --work folder: time its fp32 exports as fp32-base"
+    )
     ap.add_argument("--log", type=Path, help="append each run's result to this JSON-lines file as it ends")
     ap.add_argument(
         "--no-ort-spin",

@@ -1,7 +1,12 @@
 """The per-expert MoE bodies (`BODY`, and `BODY_STATIC` for TensorRT inlining) against the previous per-token
-gather body and the torch reference, run by onnxruntime, in fp32 and fp16, including experts no token picks."""
+gather body and the torch reference, run by onnxruntime, in fp32 and fp16, including experts no token picks;
+`BODY` runs only the experts some token picked (counted in onnxruntime's profile), and a tiny MoE export keeps
+transformers' greedy tokens."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,7 +22,13 @@ from gemma4_compile.ops.onnx_domain import plugin_attributes
 NAMES = ("x", "r", "s", "gu", "dn")
 
 
-def _session(fn: onnx.FunctionProto, shapes: dict[str, tuple[int, ...]], elem: int, K: int):
+def _session(
+    fn: onnx.FunctionProto,
+    shapes: dict[str, tuple[int, ...]],
+    elem: int,
+    K: int,
+    options: ort.SessionOptions | None = None,
+) -> ort.InferenceSession:
     node = helper.make_node("MoE", list(NAMES), ["y"], domain="gemma4", top_k=K, **plugin_attributes())
     graph = helper.make_graph(
         [node],
@@ -29,7 +40,7 @@ def _session(fn: onnx.FunctionProto, shapes: dict[str, tuple[int, ...]], elem: i
     model = helper.make_model(graph, opset_imports=opsets, functions=[fn])
     model.ir_version = 10
     onnx.checker.check_model(model, full_check=True)
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _inputs(T, H, I, E, K, seed=3):  # noqa: E741
@@ -96,3 +107,45 @@ def test_static_body_has_no_data_dependent_shapes():
     ops_of = {t: loop_ops(t) for t in (body.BODY, body.BODY_STATIC)}
     assert {"NonZero", "ScatterND"} <= ops_of[body.BODY]
     assert not {"NonZero", "ScatterND", "GatherND"} & ops_of[body.BODY_STATIC]
+    assert not any(n.op_type == "Unique" for n in body.function(body.BODY_STATIC).node)
+
+
+def _expert_gemms(text: str, tensors, K: int, tmp_path: Path) -> int:
+    """Gemm kernels onnxruntime ran for one call of the body (each expert run is two: gate_up, down)."""
+    feeds = {n: t.numpy() for n, t in zip(NAMES, tensors)}
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "moe")
+    sess = _session(
+        body.function(text), {n: a.shape for n, a in feeds.items()}, TensorProto.FLOAT, K, options
+    )
+    sess.run(None, feeds)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    return sum(e.get("cat") == "Node" and e["args"].get("op_name") == "Gemm" for e in events)
+
+
+@pytest.mark.parametrize(("T", "K"), [(1, 2), (1, 4), (2, 1)])
+def test_a_decode_step_runs_only_the_routed_experts(T, K, tmp_path):
+    """The point of the loop over `Unique` ids: T tokens with top-K run at most T*K of the 16 experts."""
+    tensors = _inputs(T, 16, 8, 16, K)
+    hit = len(torch.unique(ops.route(tensors[1], tensors[2], K)[1]))
+    assert hit <= T * K < 16
+    assert _expert_gemms(body.BODY, tensors, K, tmp_path) == 2 * hit
+    assert _expert_gemms(body.BODY_STATIC, tensors, K, tmp_path) == 2 * 16  # the count can tell them apart
+
+
+@pytest.mark.slow  # the tiny MoE export (shared with other tests in a full run) is most of its ~80 s
+def test_tiny_moe_export_keeps_transformers_greedy_tokens(make_export, make_checkpoint):
+    """The whole decoder on onnxruntime against transformers (fp32): a ragged batch of two prompts, one of 3W + 3
+    tokens, then 24 one-token steps, where the body runs only the routed experts (2 of 8 per row)."""
+    from gemma4_compile.runners.ort import OrtRunner
+    from gemma4_compile.validate import HFRunner
+
+    ckpt = make_checkpoint("tiny-26b-a4b")
+    ours, hf = OrtRunner(make_export("tiny-26b-a4b")), HFRunner(ckpt)
+    W = ours.spec.sliding_window
+    ids = np.random.default_rng(7).integers(3, ours.spec.vocab_size, (2, 3 * W + 3))
+    lengths = np.array([3 * W + 3, W - 2])
+    got, want = ours.generate_with_logits(ids, 24, lengths), hf.generate_with_logits(ids, 24, lengths)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-4)

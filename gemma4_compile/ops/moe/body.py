@@ -1,11 +1,12 @@
 """`gemma4::MoE`: routing (softmax over all experts, top-k, renormalize, x per_expert_scale) + GELU-tanh experts.
 
-Semantics: `gemma4_compile.model.ops.moe`. `BODY` loops over experts, so scratch is independent of the token
-count and matmul work is proportional to the routed tokens (benchmarks/moe_body.py). `BODY_GATHER`, the
-previous body, gathered the chosen experts' weights per token (T*K*2I*H scratch, ~0.2 GB per token at
-26B-A4B size); it stays for the equality test and the benchmark. `BODY_STATIC` is `BODY` without
-data-dependent shapes, which the engine builder inlines for TensorRT (engines/prepare.py); the TensorRT plugin
-does the real grouped GEMM.
+Semantics: `gemma4_compile.model.ops.moe`. `BODY` loops over the experts that some token picked (`Unique` of
+the routed ids), so a step reads only those experts' weights and its matmuls touch only the routed tokens: a
+one-token decode step runs top_k experts, not all E (issue #18; benchmarks/cpu_vs_llamacpp.py). Scratch is
+independent of the token count. `BODY_GATHER`, an earlier body, gathered the chosen experts' weights per
+token (T*K*2I*H scratch, ~0.2 GB per token at 26B-A4B size); it stays for the equality test and
+benchmarks/moe_body.py. `BODY_STATIC` is the loop over all E experts without data-dependent shapes, which the
+engine builder inlines for TensorRT (engines/prepare.py); the TensorRT plugin does the real grouped GEMM.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ MoE <top_k> (x, router_logits, per_expert_scale, gate_up, down) => (y)
 }
 """
 
-# Per expert e (a Loop over E): pick its (token, slot) pairs, run its GLU on those tokens only, scatter-add the
-# weighted rows into an fp32 accumulator. Scratch is [n_e, 2I] activations, never a copy of weights per token,
-# and the matmuls touch only routed tokens. Accumulates in expert order, as the torch reference does.
+# Per hit expert e (a Loop over the sorted distinct routed ids): pick its (token, slot) pairs, run its GLU on
+# those tokens only, scatter-add the weighted rows into an fp32 accumulator. Scratch is one expert's weights
+# and [n_e, 2I] activations; experts no token picked cost nothing. Accumulates in ascending expert order, as
+# the torch reference does.
 BODY = """
 <domain: "gemma4", opset_import: ["" : 20]>
 MoE <top_k> (x, router_logits, per_expert_scale, gate_up, down) => (y)
@@ -84,10 +86,13 @@ MoE <top_k> (x, router_logits, per_expert_scale, gate_up, down) => (y)
   w = Mul (w1, pes)
   TH = Shape (x)
   acc0 = Expand (zero, TH)
-  E1 = Shape <start = 0, end = 1> (gate_up)
-  E = Squeeze (E1, ax0)
-  acc = Loop (E, go, acc0) <body = expert (int64 e, bool c_in, float[T,H] acc_in) => (bool c_out, float[T,H] acc_out) {
+  routed = Reshape (idx, last)
+  hit_ids = Unique <sorted = 1> (routed)
+  U1 = Shape (hit_ids)
+  U = Squeeze (U1, ax0)
+  acc = Loop (U, go, acc0) <body = expert (int64 i, bool c_in, float[T,H] acc_in) => (bool c_out, float[T,H] acc_out) {
     c_out = Identity (c_in)
+    e = Gather (hit_ids, i)
     hit = Equal (idx, e)
     pairs = NonZero (hit)
     tok = Gather <axis = 0> (pairs, first)
@@ -111,32 +116,48 @@ MoE <top_k> (x, router_logits, per_expert_scale, gate_up, down) => (y)
 }
 """
 
-# The same Loop without data-dependent shapes, for TensorRT inlining (TensorRT-RTX has no NonZero): each expert
-# runs on every token and its rows are weighted by the token's routing weight for it (0 where not chosen).
-# Scratch stays [T, 2I]; work is E/K times the routed work, acceptable where the plugin is the real path.
-BODY_STATIC = BODY.replace(
-    """    hit = Equal (idx, e)
+# The same Loop without data-dependent shapes, for TensorRT inlining (TensorRT-RTX has no NonZero or Unique):
+# it runs over all E experts, each on every token, its rows weighted by the token's routing weight for it (0
+# where not chosen). Scratch stays [T, 2I]; work is E/K times the routed work, acceptable where the plugin is
+# the real path.
+BODY_STATIC = (
+    BODY.replace(
+        """  routed = Reshape (idx, last)
+  hit_ids = Unique <sorted = 1> (routed)
+  U1 = Shape (hit_ids)
+  U = Squeeze (U1, ax0)
+""",
+        """  U1 = Shape <start = 0, end = 1> (gate_up)
+  U = Squeeze (U1, ax0)
+""",
+    )
+    .replace(
+        """    e = Gather (hit_ids, i)
+    hit = Equal (idx, e)
     pairs = NonZero (hit)
     tok = Gather <axis = 0> (pairs, first)
     xe = Gather <axis = 0> (x, tok)
 """,
-    """    hit = Equal (idx, e)
+        """    e = Identity (i)
+    hit = Equal (idx, e)
     hitf = Cast <to = 1> (hit)
     wk = Mul (w, hitf)
     we1 = ReduceSum <keepdims = 1> (wk, last)
     xe = Identity (x)
 """,
-).replace(
-    """    pt = Transpose <perm = [1, 0]> (pairs)
+    )
+    .replace(
+        """    pt = Transpose <perm = [1, 0]> (pairs)
     we = GatherND (w, pt)
     we1 = Unsqueeze (we, ax1)
     rows = Mul (ye32, we1)
     tok1 = Unsqueeze (tok, ax1)
     acc_out = ScatterND <reduction = "add"> (acc_in, tok1, rows)
 """,
-    """    rows = Mul (ye32, we1)
+        """    rows = Mul (ye32, we1)
     acc_out = Add (acc_in, rows)
 """,
+    )
 )
 
 
