@@ -227,7 +227,8 @@ def _print_quant_sizes(spec, request, dtype: str) -> None:
     for r in rows:
         table.add_row(r.role, r.format, str(r.tensors), f"{r.params:,}", _mib(r.before), _mib(r.after))
     before, after = sum(r.before for r in rows), sum(r.after for r in rows)
-    table.add_row("total", "", "", f"{sum(r.params for r in rows):,}", _mib(before), _mib(after))
+    params = sum(r.params for r in rows if r.role != "lm_head")  # the tied embedding counts once
+    table.add_row("total", "", "", f"{params:,}", _mib(before), _mib(after))
     out.print(table)
 
 
