@@ -13,12 +13,13 @@ from ..dtypes import DType
 from ..model.config import Gemma4Spec, LayerPlan
 from ..model.model import debug_output_names
 from ..model.vision_config import VisionSpec
-from .manifest import BATCH, CACHE_LEN, SEQUENCE, SLIDING_SLOTS, VISION, TensorSpec, cache_names
+from .manifest import BATCH, CACHE_LEN, IMAGE_EMBEDS, SEQUENCE, SLIDING_SLOTS, VISION, TensorSpec, cache_names
 
 __all__ = [
     "BATCH",
     "CACHE_LEN",
     "IMAGES",
+    "IMAGE_TOKENS",
     "PATCHES",
     "SEQUENCE",
     "SLIDING_SLOTS",
@@ -30,15 +31,19 @@ __all__ = [
     "vision_io",
 ]
 
-# The vision graph's symbolic dims (docs/export-format.md, Vision I/O).
+# The vision graph's symbolic dims (docs/export-format.md, Vision I/O), and the embed graph's soft-token rows.
 IMAGES, PATCHES, SOFT_TOKENS = "images", "patches", "soft_tokens"
+IMAGE_TOKENS = "image_tokens"
 
 
 def cache_shape(plan: LayerPlan) -> tuple[int | str, ...]:
     return (BATCH, plan.num_kv_heads, SLIDING_SLOTS if plan.is_sliding else CACHE_LEN, plan.head_dim)
 
 
-def embed_io(spec: Gemma4Spec, dtype: DType | str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def embed_io(
+    spec: Gemma4Spec, dtype: DType | str, images: bool = False
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """With `images` (a vision graph in the export) the embed graph also takes the soft tokens it merges."""
     act = DType.parse(dtype).onnx_name
     outputs = [TensorSpec("inputs_embeds", act, (BATCH, SEQUENCE, spec.hidden_size))]
     if spec.has_ple:
@@ -49,7 +54,10 @@ def embed_io(spec: Gemma4Spec, dtype: DType | str) -> tuple[list[TensorSpec], li
                 (BATCH, SEQUENCE, spec.num_hidden_layers, spec.hidden_size_per_layer_input),
             )
         )
-    return [TensorSpec("input_ids", "int64", (BATCH, SEQUENCE))], outputs
+    inputs = [TensorSpec("input_ids", "int64", (BATCH, SEQUENCE))]
+    if images:
+        inputs.append(TensorSpec(IMAGE_EMBEDS, act, (IMAGE_TOKENS, spec.hidden_size)))
+    return inputs, outputs
 
 
 def decoder_io(
@@ -92,7 +100,7 @@ def vision_io(spec: VisionSpec, dtype: DType | str) -> tuple[list[TensorSpec], l
 
 # Example sizes: all distinct and > 1, so torch.export neither specializes nor unifies the dims.
 # The vision graph derives soft_tokens = patches / 9 itself; only its inputs' dims are traced as dynamic.
-_EXAMPLE = {BATCH: 2, SEQUENCE: 3, SLIDING_SLOTS: 5, CACHE_LEN: 7, IMAGES: 4, PATCHES: 27}
+_EXAMPLE = {BATCH: 2, SEQUENCE: 3, SLIDING_SLOTS: 5, CACHE_LEN: 7, IMAGES: 4, PATCHES: 27, IMAGE_TOKENS: 6}
 
 
 def example_tensor(t: TensorSpec, device: str = "meta") -> torch.Tensor:

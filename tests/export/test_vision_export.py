@@ -171,13 +171,13 @@ def e2e(exported):
 
 
 def _onnx_logits(out, ids, soft, soft_len) -> np.ndarray:
-    from gemma4_compile.model.vision_merge import merge_image_soft_tokens, placeholders_to_pad
+    from gemma4_compile.runtime.images import soft_token_rows
 
     m = ExportManifest.load(out)
     session = {role: ort.InferenceSession(str(m.graph_path(role))) for role in ("embed", "decoder")}
-    text_ids = placeholders_to_pad(torch.from_numpy(ids), TEXT.pad_token_id).numpy()
-    (embeds,) = session["embed"].run(None, {"input_ids": text_ids})  # no PLE on this text model
-    merged = merge_image_soft_tokens(*map(torch.from_numpy, (embeds, ids, soft, soft_len))).numpy()
+    # the embed graph merges: placeholders -> pad, placeholder rows <- the images' real soft tokens
+    feeds = {"input_ids": ids, "image_embeds": soft_token_rows(soft, soft_len)}
+    (merged,) = session["embed"].run(None, feeds)  # no PLE on this text model
     S = ids.shape[1]
     feeds = {"inputs_embeds": merged, "past_len": np.array([0]), "seq_len": np.array([S])}
     feeds |= {name: np.zeros(c.shape(1, S), np.float32) for c in m.caches for name in c.past}
