@@ -212,7 +212,7 @@ def _end_to_end(
     hf_in: dict[str, Any],
     steps: int,
 ) -> list[Stage]:
-    hf, hf64 = models
+    hf = models[0]
     ref, ref64 = (_hf_logits(m, ids, hf_in) for m in models)
     ours = _prefill(runner, ids, rows)
     with_hf_soft = float(np.abs(_prefill(runner, ids, hf_rows.astype(rows.dtype)) - ref).max())
