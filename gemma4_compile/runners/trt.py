@@ -120,6 +120,9 @@ class TrtRunner(BaseRunner):
         self.contexts = [self._context(i) for i in range(len(self.profiles))]
         embed_inputs = {t.name: t for t in self.export.graphs[EMBED].inputs}
         self.embed = EmbedGraph(self.export.graph_path(EMBED), embed_inputs.get(IMAGE_EMBEDS))
+        if IMAGE_EMBEDS in embed_inputs and self.export.multimodal is not None:  # placeholders: none accepted
+            self.image_token_id = self.export.multimodal.tokens.image
+            self.image_refusal = "trt: image prompts run on the ort backend for now"
         self.spec = self.export.spec
         self.max_seq_len = self.export.max_seq_len or self._global_slots_max()
         self.dtype = _torch_dtype(self.export.dtype)
@@ -164,6 +167,7 @@ class TrtRunner(BaseRunner):
         if "spare" not in state.extra:  # presents are written here, then swapped in (no aliasing I/O)
             pairs = [(p, q) for c in self.export.caches for p, q in zip(c.past, c.present)]
             state.extra["spare"] = {q: torch.empty_like(state.caches[p]) for p, q in pairs}
+        self._image_rows(state, input_ids)  # a placeholder without its soft token is refused
         feeds = self._embed(input_ids)
         feeds["past_len"] = torch.from_numpy(state.past_len).cuda()
         feeds["seq_len"] = torch.from_numpy(np.asarray(seq_len, dtype=np.int64)).cuda()
