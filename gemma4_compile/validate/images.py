@@ -102,12 +102,14 @@ def image_prompt_ids(manifest: ExportManifest, counts: list[int], seed: int = 0)
 
 
 def load_reference(checkpoint: str | Path) -> Any:
-    """transformers' Gemma4ForConditionalGeneration, fp32, eager attention."""
+    """transformers' Gemma4ForConditionalGeneration, fp32, eager attention and experts."""
     import torch
     from transformers import Gemma4ForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # third-party output; the report says what ran
     model = Gemma4ForConditionalGeneration.from_pretrained(
-        checkpoint, dtype=torch.float32, attn_implementation="eager"
+        checkpoint, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
     )
     return model.eval()
 
@@ -171,7 +173,9 @@ def _preprocessing(ours: list[Any], ref: dict[str, np.ndarray], counts: list[int
             "preprocessing", np.inf, PIXEL_ATOL, f"soft tokens {counts} vs {ref_counts}, or positions"
         )
     diff = float(np.abs(pixels - ref["pixel_values"]).max())
-    return Stage("preprocessing", diff, PIXEL_ATOL, f"pixels max |Δ|; soft tokens {counts}, positions equal")
+    return Stage(
+        "preprocessing", diff, PIXEL_ATOL, f"pixels max abs Δ; soft tokens {counts}, positions equal"
+    )
 
 
 def _hf_soft_tokens(hf: Any, pixels: Any, positions: Any) -> np.ndarray | None:
@@ -199,7 +203,7 @@ def _stage(
 
 def _encoder(rows: np.ndarray, hf_rows: np.ndarray, hf64_rows: np.ndarray | None) -> Stage:
     scale = float(np.abs(hf_rows).max())
-    detail = f"soft tokens max |Δ| ({len(hf_rows)} rows, values up to {scale:.2g})"
+    detail = f"soft tokens max abs Δ ({len(hf_rows)} rows, values up to {scale:.2g})"
     return _stage("encoder", rows, hf_rows, hf64_rows, SOFT_TOKEN_ATOL, detail)
 
 
@@ -216,9 +220,7 @@ def _end_to_end(
     ref, ref64 = (_hf_logits(m, ids, hf_in) for m in models)
     ours = _prefill(runner, ids, rows)
     with_hf_soft = float(np.abs(_prefill(runner, ids, hf_rows.astype(rows.dtype)) - ref).max())
-    detail = (
-        f"prompt logits max |Δ| over {ids.shape[1]} tokens; {with_hf_soft:.2g} with transformers' soft tokens"
-    )
+    detail = f"prompt logits max abs Δ over {ids.shape[1]} tokens; {with_hf_soft:.2g} with transformers' soft tokens"
     logits = _stage("end-to-end", ours, ref, ref64, LOGIT_ATOL, detail)
     mine, theirs = _greedy(runner, ids, rows, steps), _hf_greedy(hf, ids, hf_in, steps)
     differ = int(sum(a != b for a, b in zip(mine, theirs)))
