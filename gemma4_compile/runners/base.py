@@ -63,9 +63,8 @@ class BaseRunner(abc.ABC):
     spec: Any  # Gemma4Spec
     max_seq_len: int
     engine_target: str | None = None  # the TensorRT engine (engines/<target>/) this runner executes, if any
-    image_token_id: int | None = (
-        None  # exports that merge images: the placeholder id (outside the vocab is fine)
-    )
+    # exports whose embed graph merges images: the placeholder id (it may lie outside the vocabulary)
+    image_token_id: int | None = None
     image_refusal: str | None = None  # why this export's image prompts cannot run, if they cannot
 
     def __init__(self) -> None:
