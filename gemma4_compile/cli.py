@@ -19,6 +19,7 @@ from .dtypes import DType
 from .engines.profiles import DEFAULT_MAX_BATCH
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Gemma4CompileError, UsageError, ValidationFailed
 from .model.presets import DEFAULT_PRESET, PRESETS
+from .model.vision_config import SOFT_TOKEN_BUDGETS
 from .passes.lowerings import LOWERINGS
 from .quant.formats import BLOCK_SIZES, KEPT_BY_DEFAULT, OVERRIDABLE, QUANT_CHOICES, ROLES
 
@@ -613,6 +614,20 @@ def _onnxruntime_options(command: Callable) -> Callable:
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="Text to continue (with --chat: the user's message).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the export's chat template as a user turn.")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="An image for the prompt (repeatable; exports with vision.onnx). The prompt marks where each goes "
+    "with <|image|>; without markers the images come first.",
+)
+@click.option(
+    "--image-budget",
+    default=None,
+    type=click.Choice([str(b) for b in SOFT_TOKEN_BUDGETS]),
+    help="Soft tokens per image the resize aims for.  [default: the tower's, 280]",
+)
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option(
@@ -626,6 +641,8 @@ def generate(
     export_dir: Path,
     prompt: str,
     chat: bool,
+    images: tuple[Path, ...],
+    image_budget: str | None,
     backend: str,
     provider: str,
     max_new_tokens: int,
@@ -654,6 +671,8 @@ def generate(
         backend=backend,
         provider=provider,
         threads=threads,
+        images=images,
+        image_budget=int(image_budget) if image_budget else None,
     )
     sys.stdout.write("\n")
     console.print(

@@ -113,3 +113,23 @@ def reseal():
         dataclasses.replace(m, files=files, graphs=graphs).save(export)
 
     return seal
+
+
+@pytest.fixture(scope="session")
+def make_vision_export(tmp_path_factory):
+    """make_vision_export(preset) -> (checkpoint with the preset's vision tower, its fp32 export) (cached)."""
+    from gemma4_compile.export import export_checkpoint
+    from gemma4_compile.model.presets import VISION_PRESETS
+
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def make(preset: str) -> tuple[Path, Path]:
+        if preset not in cache:
+            root = tmp_path_factory.mktemp("vision-export") / preset
+            spec, vision = PRESETS[preset], VISION_PRESETS[preset]
+            write_random_checkpoint(spec, root / "ckpt", dtype=torch.float32, vision=vision)
+            export_checkpoint(root / "ckpt", root / "out", dtype="fp32", max_seq_len=256)
+            cache[preset] = root / "ckpt", root / "out"
+        return cache[preset]
+
+    return make

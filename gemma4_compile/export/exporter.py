@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
+import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from ..model.audio_weights import resolve_audio_weights
 from ..model.config import Gemma4Spec
 from ..model.model import Gemma4TextModel
 from ..model.vision import Gemma4Vision
-from ..model.vision_config import VisionSpec
+from ..model.vision_config import ImageTokens, VisionSpec, bidirectional_image_blocks
 from ..model.vision_weights import resolve_vision_weights
 from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
 from ..ops import UnknownOpError
@@ -43,6 +44,7 @@ from .io_spec import (
     AUDIO_TOKENS,
     CLIPS,
     FRAMES,
+    IMAGE_TOKENS,
     IMAGES,
     PATCHES,
     SOFT_TOKENS,
@@ -61,6 +63,7 @@ from .manifest import (
     SLIDING_SLOTS,
     ExportManifest,
     GraphSpec,
+    MultimodalSpec,
     TensorSpec,
     cache_spec,
 )
@@ -102,6 +105,7 @@ def export_checkpoint(
     # None: no such tower (or text_only); with neither, the text graphs only
     vision = None if text_only else VisionSpec.from_pretrained(checkpoint_dir)
     audio = None if text_only else AudioSpec.from_pretrained(checkpoint_dir)
+    multimodal = _multimodal(checkpoint_dir, spec, vision) if vision is not None else None
     reader = CheckpointReader(checkpoint_dir)
     entries = resolve_text_weights(reader, spec)
     if vision is not None:
@@ -122,7 +126,16 @@ def export_checkpoint(
         vision=vision,
         audio=audio,
         quant=quant,
+        multimodal=multimodal,
     )
+
+
+def _multimodal(checkpoint_dir: str | Path, spec: Gemma4Spec, vision: VisionSpec) -> MultimodalSpec:
+    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())  # read fine by from_pretrained
+    tokens = ImageTokens.from_hf_dict(config)
+    if tokens.pad != spec.pad_token_id:
+        raise ExportError(f"pad token id {tokens.pad} != the text config's {spec.pad_token_id}")
+    return MultimodalSpec(vision, tokens, bidirectional_image_blocks(config, spec.attention_k_eq_v))
 
 
 def check_quant(quant: QuantRequest | None, spec: Gemma4Spec) -> None:
@@ -148,10 +161,17 @@ def export_spec(
     vision: VisionSpec | None = None,
     quant: QuantRequest | None = None,
     audio: AudioSpec | None = None,
+    multimodal: MultimodalSpec | None = None,
 ) -> ExportedModel:
     """Export a spec; without `entries` only the graphs are written (weights laid out but not copied).
 
-    With `vision` / `audio`, the export also holds that tower's graph (role "vision" / "audio")."""
+    With `vision` / `audio`, the export also holds that tower's graph (role "vision" / "audio"); with vision the
+    embed graph merges its soft tokens (`multimodal`: the prompt's token ids; default transformers' ids and the
+    spec's family)."""
+    if vision is not None and multimodal is None:
+        multimodal = MultimodalSpec(
+            vision, ImageTokens(pad=spec.pad_token_id), bidirectional_image_blocks({}, spec.attention_k_eq_v)
+        )
     check_quant(quant, spec)
     out = Path(out_dir)
     if out.exists() and not force:
@@ -172,7 +192,7 @@ def export_spec(
             lowering,
             progress or (lambda s: None),
             checkpoint,
-            vision,
+            multimodal,
             quant if quant is not None and quant.enabled else None,
             audio,
         )
@@ -202,6 +222,7 @@ def _producers(
     lowering: str | None,
     vision: Gemma4Vision | None = None,
     audio: Gemma4Audio | None = None,
+    image_token_id: int | None = None,
 ) -> list[GraphProducer]:
     """The export's graphs in pipeline order; adding a graph is adding its producer here."""
     spec = model.spec
@@ -210,10 +231,11 @@ def _producers(
         [GraphProducer(VISION, VisionGraph(vision), *vision_io(vision.spec, dtype))] if vision else []
     )
     audio_graphs = [GraphProducer(AUDIO, AudioGraph(audio), *audio_io(audio.spec, dtype))] if audio else []
+    embed = EmbedGraph(model, image_token_id if vision else None)
     return [
         *vision_graphs,  # first: their soft tokens feed the embedding stage
         *audio_graphs,
-        GraphProducer(EMBED, EmbedGraph(model), *embed_io(spec, dtype)),
+        GraphProducer(EMBED, embed, *embed_io(spec, dtype, images=vision is not None)),
         GraphProducer(DECODER, DecoderGraph(model, debug), *decoder_io(spec, dtype, debug), edit=edit),
     ]
 
@@ -228,17 +250,19 @@ def _export_into(
     lowering: str | None,
     progress: Progress,
     checkpoint: Path | None,
-    vision: VisionSpec | None = None,
+    multimodal: MultimodalSpec | None = None,
     quant_request: QuantRequest | None = None,
     audio: AudioSpec | None = None,
 ) -> ExportManifest:
     act = DType.parse(dtype)
+    vision = multimodal.vision if multimodal else None
     with torch.device("meta"):
         model = Gemma4TextModel(spec).to(act.torch)
         vision_model = Gemma4Vision(vision).to(act.torch) if vision else None
         audio_model = Gemma4Audio(audio).to(act.torch) if audio else None
     model.reset_rope_buffers()
-    producers = _producers(model, act, debug, lowering, vision_model, audio_model)
+    image_id = multimodal.tokens.image if multimodal else None
+    producers = _producers(model, act, debug, lowering, vision_model, audio_model, image_id)
     traced = {}
     for p in producers:
         progress(f"trace {p.role} graph")
@@ -306,6 +330,7 @@ def _export_into(
         },
         weight_format=quant.format if quant is not None else act.value,
         quant=quant,
+        multimodal=multimodal,
     )
     manifest.save(tmp)
     return manifest
@@ -396,6 +421,7 @@ def _vision_dims(vision: VisionSpec) -> dict[str, str]:
         IMAGES: "dynamic",
         PATCHES: f"dynamic, a multiple of {k2} (one soft token per {k2} patches)",
         SOFT_TOKENS: f"patches / {k2}",
+        IMAGE_TOKENS: "dynamic, >= 0: the image placeholders of an embed call (0 for text-only calls)",
     }
 
 

@@ -6,6 +6,7 @@ All take `*flat` so one tracing routine serves all (dynamic shapes are given for
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..model.audio import Gemma4Audio
@@ -14,14 +15,30 @@ from ..model.vision import Gemma4Vision
 
 
 class EmbedGraph(nn.Module):
-    """input_ids -> inputs_embeds (+ per_layer_tokens): the big tables stay out of the decoder."""
+    """input_ids -> inputs_embeds (+ per_layer_tokens): the big tables stay out of the decoder.
 
-    def __init__(self, model: Gemma4TextModel):
+    With `image_token_id` (exports with a vision graph) it also takes `image_embeds` [N, E], the images' real
+    soft tokens in prompt order, and merges them (docs/export-format.md, Multimodal): placeholders become pad
+    for both lookups, then the j-th placeholder row (row-major over the batch) is overwritten by row j, unscaled.
+    Static shapes only (cumsum, gather, where); one zero row is appended in the graph so N = 0 (a text-only
+    call) still gathers in range, and a placeholder past the N-th reads it (the host checks the counts)."""
+
+    def __init__(self, model: Gemma4TextModel, image_token_id: int | None = None):
         super().__init__()
         self.model = model
+        self.image_token_id = image_token_id
 
     def forward(self, *flat: Tensor) -> tuple[Tensor, ...]:
-        embeds, tok = self.model.embed(flat[0])
+        ids = flat[0]
+        if self.image_token_id is None:
+            embeds, tok = self.model.embed(ids)
+            return (embeds,) if tok is None else (embeds, tok)
+        is_image = ids == self.image_token_id
+        embeds, tok = self.model.embed(torch.where(is_image, self.model.spec.pad_token_id, ids))
+        rows = torch.cat([flat[1], flat[1].new_zeros(1, flat[1].shape[1])])  # [N + 1, E]
+        j = is_image.flatten().cumsum(0).view_as(ids) - 1  # index of each placeholder among all of them
+        taken = rows[torch.minimum(j.clamp(min=0), torch.full_like(j, rows.shape[0] - 1))]
+        embeds = torch.where(is_image[..., None], taken.to(embeds.dtype), embeds)
         return (embeds,) if tok is None else (embeds, tok)
 
 

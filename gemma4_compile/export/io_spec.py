@@ -14,7 +14,17 @@ from ..model.audio_config import MEL_BINS, AudioSpec
 from ..model.config import Gemma4Spec, LayerPlan
 from ..model.model import debug_output_names
 from ..model.vision_config import VisionSpec
-from .manifest import AUDIO, BATCH, CACHE_LEN, SEQUENCE, SLIDING_SLOTS, VISION, TensorSpec, cache_names
+from .manifest import (
+    AUDIO,
+    BATCH,
+    CACHE_LEN,
+    IMAGE_EMBEDS,
+    SEQUENCE,
+    SLIDING_SLOTS,
+    VISION,
+    TensorSpec,
+    cache_names,
+)
 
 __all__ = [
     "AUDIO",
@@ -24,6 +34,7 @@ __all__ = [
     "CLIPS",
     "FRAMES",
     "IMAGES",
+    "IMAGE_TOKENS",
     "PATCHES",
     "SEQUENCE",
     "SLIDING_SLOTS",
@@ -36,17 +47,21 @@ __all__ = [
     "vision_io",
 ]
 
-# The vision graph's symbolic dims (docs/export-format.md, Vision I/O).
+# The vision graph's symbolic dims (docs/export-format.md, Vision I/O), and the embed graph's soft-token rows.
 IMAGES, PATCHES, SOFT_TOKENS = "images", "patches", "soft_tokens"
 # The audio graph's (docs/export-format.md, Audio I/O).
 CLIPS, FRAMES, AUDIO_TOKENS = "clips", "frames", "audio_tokens"
+IMAGE_TOKENS = "image_tokens"
 
 
 def cache_shape(plan: LayerPlan) -> tuple[int | str, ...]:
     return (BATCH, plan.num_kv_heads, SLIDING_SLOTS if plan.is_sliding else CACHE_LEN, plan.head_dim)
 
 
-def embed_io(spec: Gemma4Spec, dtype: DType | str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def embed_io(
+    spec: Gemma4Spec, dtype: DType | str, images: bool = False
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """With `images` (a vision graph in the export) the embed graph also takes the soft tokens it merges."""
     act = DType.parse(dtype).onnx_name
     outputs = [TensorSpec("inputs_embeds", act, (BATCH, SEQUENCE, spec.hidden_size))]
     if spec.has_ple:
@@ -57,7 +72,10 @@ def embed_io(spec: Gemma4Spec, dtype: DType | str) -> tuple[list[TensorSpec], li
                 (BATCH, SEQUENCE, spec.num_hidden_layers, spec.hidden_size_per_layer_input),
             )
         )
-    return [TensorSpec("input_ids", "int64", (BATCH, SEQUENCE))], outputs
+    inputs = [TensorSpec("input_ids", "int64", (BATCH, SEQUENCE))]
+    if images:
+        inputs.append(TensorSpec(IMAGE_EMBEDS, act, (IMAGE_TOKENS, spec.hidden_size)))
+    return inputs, outputs
 
 
 def decoder_io(
@@ -125,6 +143,7 @@ _EXAMPLE = {
     PATCHES: 27,
     CLIPS: 6,
     FRAMES: 53,
+    IMAGE_TOKENS: 8,
 }
 
 

@@ -17,6 +17,7 @@ from ..dtypes import DType, weight_format_for
 from ..errors import ExportError, Gemma4CompileError
 from ..fsutil import EXPORT_FORMAT, EXPORT_MANIFEST, sha256_file, sha256_files
 from ..model.config import Gemma4Spec, LayerPlan
+from ..model.vision_config import ImageTokens, VisionSpec
 from ..quant.formats import QuantSpec
 
 FORMAT, VERSION = EXPORT_FORMAT, 1
@@ -26,6 +27,7 @@ UNSEALED = (SEAL, "checkpoint")  # where the source checkpoint lives is provenan
 
 # The graphs an export holds, by role, in pipeline order; the exporter's producers create them.
 EMBED, DECODER, VISION, AUDIO = "embed", "decoder", "vision", "audio"
+IMAGE_EMBEDS = "image_embeds"  # the embed graph's soft-token input (exports with a vision graph)
 # Symbolic dims of graph I/O (export.json "dims").
 BATCH, SEQUENCE, SLIDING_SLOTS, CACHE_LEN = "batch", "sequence", "sliding_cache_len", "cache_len"
 
@@ -125,6 +127,35 @@ def cache_spec(spec: Gemma4Spec, plan: LayerPlan) -> CacheSpec:
 
 
 @dataclass(frozen=True)
+class MultimodalSpec:
+    """export.json "multimodal": what a runtime needs to build an image prompt without the checkpoint."""
+
+    vision: VisionSpec  # the tower's spec (patch size, pooling kernel: the preprocessing and token counts)
+    tokens: ImageTokens
+    # 26B/31B: sliding layers attend both ways inside an image run; the decoder has no such input yet, so
+    # image prompts are refused on these exports (text prompts run as before)
+    bidirectional_image_blocks: bool
+    max_images: int = 8  # per prompt: bounds the vision graph's image axis (engine profiles)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "token_ids": self.tokens.to_dict(),
+            "vision": self.vision.to_dict(),
+            "bidirectional_image_blocks": self.bidirectional_image_blocks,
+            "max_images": self.max_images,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MultimodalSpec:
+        return cls(
+            VisionSpec(**d["vision"]),
+            ImageTokens(**d["token_ids"]),
+            bool(d["bidirectional_image_blocks"]),
+            int(d["max_images"]),
+        )
+
+
+@dataclass(frozen=True)
 class ExportManifest:
     """A finished export directory, as later stages see it."""
 
@@ -146,6 +177,7 @@ class ExportManifest:
     weight_format: str = ""  # how weights are stored (dtypes.WEIGHT_FORMATS); "" = as the activations
     # weight-only quantization (export.json "quantization"); None = float weights
     quant: QuantSpec | None = None
+    multimodal: MultimodalSpec | None = None  # exports with a vision graph
     sha256: str = field(default="", compare=False)  # of export.json itself: one fingerprint for the export
 
     def __post_init__(self) -> None:
@@ -257,6 +289,8 @@ class ExportManifest:
             "dims": self.dims,
             "quantization": self.quant.to_dict() if self.quant is not None else None,
         }
+        if self.multimodal is not None:  # absent from text-only exports: their export.json is unchanged
+            d["multimodal"] = self.multimodal.to_dict()
         return {**d, SEAL: seal_of(d)}
 
     def save(self, directory: Path) -> None:
@@ -289,6 +323,7 @@ class ExportManifest:
                 dims=dict(d.get("dims", {})),
                 weight_format=d.get("weight_format", ""),
                 quant=QuantSpec.from_dict(d["quantization"]) if d.get("quantization") else None,
+                multimodal=MultimodalSpec.from_dict(d["multimodal"]) if d.get("multimodal") else None,
                 sha256=sha256_file(file),
             )
         except (KeyError, TypeError, ValueError) as e:

@@ -28,7 +28,7 @@ from .audio_weights import audio_shapes
 from .config import Gemma4Spec
 from .tokenizer import write_tokenizer
 from .vision import CLIP_BOUNDS
-from .vision_config import VisionSpec
+from .vision_config import ImageTokens, VisionSpec
 from .vision_weights import VISION_PREFIX, vision_shapes
 from .weights import ST_NAMES, TEXT_PREFIXES, expected_shapes, leftover_shapes
 
@@ -191,6 +191,9 @@ def write_random_checkpoint(
             config["text_config"]["dtype"] = dtype_name
         if vision is not None:
             config["vision_config"] = {**vision.to_hf_dict(), "dtype": dtype_name}
+            config.update(
+                ImageTokens.for_vocab(spec.vocab_size).hf_config()
+            )  # the prompt's ids around images
         if audio is not None:
             config["audio_config"] = {**audio.to_hf_dict(), "dtype": dtype_name}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

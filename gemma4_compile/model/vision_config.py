@@ -13,6 +13,8 @@ from typing import Any
 
 from ..errors import CheckpointError, SpecError
 
+SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)  # the processor's `max_soft_tokens` choices
+
 
 @dataclass(frozen=True)
 class VisionSpec:
@@ -144,3 +146,53 @@ def _int(d: dict[str, Any], key: str, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(f"vision_config.{key}", f"expected int, got {type(value).__name__} {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """The prompt ids around an image (docs/export-format.md, Multimodal): `boi, image x n, eoi`; the `image`
+    placeholders become `pad` before both embedding lookups. Defaults are transformers' Gemma4Config ones."""
+
+    pad: int = 0
+    boi: int = 255_999
+    image: int = 258_880
+    eoi: int = 258_882
+
+    @classmethod
+    def from_hf_dict(cls, config: dict[str, Any]) -> ImageTokens:
+        text = config.get("text_config") or {}
+        ids = {
+            "pad": text.get("pad_token_id", cls.pad),
+            "boi": config.get("boi_token_id", cls.boi),
+            "image": config.get("image_token_id", cls.image),
+            "eoi": config.get("eoi_token_id", cls.eoi),
+        }
+        for name, value in ids.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SpecError(f"{name}_token_id", f"expected a non-negative int, got {value!r}")
+        return cls(**ids)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path) -> ImageTokens:
+        return cls.from_hf_dict(json.loads((Path(checkpoint_dir) / "config.json").read_text()))
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def for_vocab(cls, vocab_size: int) -> ImageTokens:
+        """The ids a checkpoint of `vocab_size` writes: the released ones, or, in a vocabulary too small to hold
+        boi/eoi (the tiny presets), `<unused0>`/`<unused1>` (ids 5, 6; the placeholder needs no embedding row)."""
+        return cls() if vocab_size > cls.eoi else cls(boi=5, eoi=6)
+
+    def hf_config(self) -> dict[str, int]:
+        """config.json's keys for them (top level, as Gemma4Config has them)."""
+        return {"boi_token_id": self.boi, "image_token_id": self.image, "eoi_token_id": self.eoi}
+
+
+def bidirectional_image_blocks(config: dict[str, Any], k_eq_v: bool) -> bool:
+    """Whether the text decoder lets each image run attend both ways on sliding layers (26B/31B,
+    `use_bidirectional_attention: "vision"`). The released 26B/31B configs say so; their tiny twins' configs
+    leave it null, so the family (K=V global layers, only on 26B/31B) decides too."""
+    text = config.get("text_config") or {}
+    return text.get("use_bidirectional_attention") == "vision" or k_eq_v

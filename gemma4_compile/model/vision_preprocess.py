@@ -15,9 +15,9 @@ import numpy as np
 from PIL import Image
 
 from ..errors import Gemma4CompileError
-from .vision_config import VisionSpec
+from .vision_config import SOFT_TOKEN_BUDGETS, VisionSpec
 
-SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)  # the processor's `max_soft_tokens` choices
+__all__ = ["SOFT_TOKEN_BUDGETS", "ImagePatches", "batch_patches", "image_patches", "resized_size"]
 
 
 @dataclass(frozen=True)

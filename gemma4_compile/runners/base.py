@@ -46,6 +46,16 @@ def lengths_of(input_ids: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
     return lengths
 
 
+def empty_rows(t: Any) -> np.ndarray:
+    """Zero rows of a [rows, width] input (TensorSpec): what a text-only call feeds the embed graph's
+    `image_embeds`."""
+    if t.dtype == "bfloat16":  # numpy has no bf16; onnx (a dependency) brings ml_dtypes
+        import ml_dtypes
+
+        return np.zeros((0, t.shape[1]), ml_dtypes.bfloat16)
+    return np.zeros((0, t.shape[1]), np.dtype(t.dtype))
+
+
 class BaseRunner(abc.ABC):
     """Template for backends; subclasses set `spec` and `max_seq_len` and implement `_new_caches` and `_step`."""
 
@@ -53,6 +63,9 @@ class BaseRunner(abc.ABC):
     spec: Any  # Gemma4Spec
     max_seq_len: int
     engine_target: str | None = None  # the TensorRT engine (engines/<target>/) this runner executes, if any
+    # exports whose embed graph merges images: the placeholder id (it may lie outside the vocabulary)
+    image_token_id: int | None = None
+    image_refusal: str | None = None  # why this export's image prompts cannot run, if they cannot
 
     def __init__(self) -> None:
         self.last_latency_s = 0.0
@@ -99,9 +112,36 @@ class BaseRunner(abc.ABC):
         if int((state.past_len + input_ids.shape[1]).max()) > state.max_len:
             raise RunnerError(f"{self.name}: sequence exceeds the cache length {state.max_len}")
         vocab = getattr(self.spec, "vocab_size", None)
-        if vocab and input_ids.size and (input_ids.min() < 0 or input_ids.max() >= vocab):
-            raise RunnerError(f"{self.name}: token ids must be in [0, {vocab}), got {int(input_ids.max())}")
+        bad = (input_ids < 0) | (input_ids >= (vocab or np.iinfo(np.int64).max))
+        if self.image_token_id is not None:
+            bad &= input_ids != self.image_token_id
+        if vocab and bad.any():
+            raise RunnerError(f"{self.name}: token ids must be in [0, {vocab}), got {int(input_ids[bad][0])}")
         return input_ids, seq_len
+
+    # ----- images (exports whose embed graph merges soft tokens) ----------------------------------
+    def attach_images(self, state: DecodeState, image_embeds: np.ndarray) -> None:
+        """The next `step` holds image placeholders: its soft tokens [N, E] in prompt order (vision.onnx's
+        real rows, concatenated), consumed by that step."""
+        if self.image_token_id is None:
+            raise RunnerError(
+                f"{self.name}: takes no images (no vision graph in the export, or a backend without them)"
+            )
+        if self.image_refusal:
+            raise RunnerError(self.image_refusal)
+        state.extra["image_embeds"] = image_embeds
+
+    def _image_rows(self, state: DecodeState, input_ids: np.ndarray) -> np.ndarray | None:
+        """The rows attached for this step (None: none), checked against its placeholder count."""
+        rows = state.extra.pop("image_embeds", None)
+        if self.image_token_id is None:
+            return None
+        wanted, given = int((input_ids == self.image_token_id).sum()), 0 if rows is None else len(rows)
+        if wanted != given:
+            raise RunnerError(
+                f"{self.name}: the prompt has {wanted} image placeholders but {given} image soft tokens were given"
+            )
+        return rows if given else None
 
     # ----- shared API ---------------------------------------------------------------------------
     def timed_step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:

@@ -9,9 +9,9 @@ import numpy as np
 
 from ..dtypes import DType
 from ..errors import BackendUnavailable, RunnerError
-from ..export.manifest import DECODER, EMBED, ExportManifest
+from ..export.manifest import DECODER, EMBED, IMAGE_EMBEDS, VISION, ExportManifest
 from ..passes.lowerings import lowering_refusal
-from .base import BaseRunner, DecodeState, lengths_of
+from .base import BaseRunner, DecodeState, empty_rows, lengths_of
 from .ort_binding import BoundRunner, CacheBinding
 from .ort_cache import optimized_graph
 from .ort_fp4 import dequantized_copy
@@ -60,6 +60,15 @@ class OrtRunner(BaseRunner):
         self._act = self.manifest.activation_dtype.numpy
         self._outputs = [t.name for t in decoder.outputs]
         self._embed_outputs = [t.name for t in self.manifest.graphs[EMBED].outputs]
+        embed_inputs = {t.name: t for t in self.manifest.graphs[EMBED].inputs}
+        self._no_images = empty_rows(embed_inputs[IMAGE_EMBEDS]) if IMAGE_EMBEDS in embed_inputs else None
+        mm = self.manifest.multimodal
+        if self._no_images is not None and mm is not None:
+            self.image_token_id = mm.tokens.image
+            if mm.bidirectional_image_blocks:  # never compute an image prompt with the wrong mask
+                self.image_refusal = (
+                    "ort: image runs need bidirectional sliding attention (26B/31B), not built yet"
+                )
         # host buffers bound in place suit the CPU provider; debug exports have outputs the binding leaves out
         cpu_only = providers == ["CPUExecutionProvider"]
         bind = io_binding and cpu_only and not self.manifest.debug
@@ -79,6 +88,14 @@ class OrtRunner(BaseRunner):
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RunnerError(f"ort: cannot load {path}: {reason}") from None
 
+    def encode_images(self, pixel_values: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """vision.onnx: patches [N, P, 3p²] and positions [N, P, 2] -> soft tokens [N, P/9, E], real counts [N]."""
+        if VISION not in self.sessions:
+            raise RunnerError(f"ort: {self.manifest.path} has no vision graph")
+        feeds = {"pixel_values": pixel_values.astype(self._act), "image_position_ids": positions}
+        soft, soft_len = self.sessions[VISION].run(None, feeds)
+        return soft, soft_len
+
     def _new_caches(self, batch: int, max_len: int) -> dict[str, np.ndarray]:
         return {
             name: np.zeros(c.shape(batch, max_len), dtype=self._act)
@@ -92,11 +109,18 @@ class OrtRunner(BaseRunner):
         if refusal:
             raise RunnerError(f"ort: {refusal}")
 
-    def _run(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(
+        self,
+        state: DecodeState,
+        input_ids: np.ndarray,
+        seq_len: np.ndarray,
+        images: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
         self._refuse(state, input_ids)
-        embedded = dict(
-            zip(self._embed_outputs, self.sessions[EMBED].run(self._embed_outputs, {"input_ids": input_ids}))
-        )
+        feeds = {"input_ids": input_ids}
+        if self._no_images is not None:
+            feeds[IMAGE_EMBEDS] = self._no_images if images is None else images.astype(self._act, copy=False)
+        embedded = dict(zip(self._embed_outputs, self.sessions[EMBED].run(self._embed_outputs, feeds)))
         feeds = {**embedded, "past_len": state.past_len, "seq_len": seq_len, **state.caches}
         out = dict(zip(self._outputs, self.sessions[DECODER].run(self._outputs, feeds)))
         for c in self.manifest.caches:
@@ -105,8 +129,9 @@ class OrtRunner(BaseRunner):
         return out
 
     def _step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
-        if self._bound is None:
-            return self._run(state, input_ids, seq_len)["logits"]
+        images = self._image_rows(state, input_ids)
+        if self._bound is None or images is not None:  # a prompt with images: once per sequence, unbound
+            return self._run(state, input_ids, seq_len, images)["logits"]
         self._refuse(state, input_ids)
         binding = state.extra.get("io")
         if binding is None or not binding.owns(state.caches):  # a new state, or rows sliced by the caller
@@ -121,7 +146,8 @@ class OrtRunner(BaseRunner):
             raise BackendUnavailable("ort: per-layer outputs need an export with --debug-outputs")
         input_ids = np.asarray(input_ids, dtype=np.int64)
         state = self.start(*input_ids.shape)
-        out = self._run(state, *self._checked(state, input_ids, lengths_of(input_ids, lengths)))
+        input_ids, seq_len = self._checked(state, input_ids, lengths_of(input_ids, lengths))
+        out = self._run(state, input_ids, seq_len, self._image_rows(state, input_ids))
         return {
             k: v.astype(np.float32)
             for k, v in out.items()

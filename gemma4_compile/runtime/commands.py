@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import BackendUnavailable
 from .backend import open_runner
+from .errors import RuntimeInputError
 from .generate import GenerationResult, generate
+from .images import image_prompt
 from .sampler import GREEDY, SamplingParams
 from .tokenizer import TextTokenizer
 
@@ -23,18 +25,32 @@ def generate_text(
     backend: str = "ort",
     provider: str = "cpu",
     threads: int | None = None,
+    images: Sequence[str | Path] = (),
+    image_budget: int | None = None,
 ) -> GenerationResult:
-    """Generate after `prompt` (a user turn of the chat template with `chat`), writing text as it is made."""
+    """Generate after `prompt` (a user turn of the chat template with `chat`), writing text as it is made.
+    `images`: image files for the prompt's `<|image|>` markers (runtime/images.py)."""
     tokenizer = TextTokenizer(export_dir)
     runner = open_runner(export_dir, backend, provider, threads)
-    ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
+    if images and backend != "ort":
+        raise RuntimeInputError(f"image prompts run on the ort backend only, not {backend!r}")
+    prompt_in = image_prompt(runner, tokenizer, prompt, images, chat=chat, budget=image_budget)
+    ids = prompt_in.ids
     stream = tokenizer.stream()
 
     def on_token(token: int) -> None:
         if text := stream.push(token):
             write(text)
 
-    result = generate(runner, ids, max_new_tokens, params, tokenizer.defaults.eos_token_ids, on_token)
+    result = generate(
+        runner,
+        ids,
+        max_new_tokens,
+        params,
+        tokenizer.defaults.eos_token_ids,
+        on_token,
+        image_embeds=prompt_in.image_embeds,
+    )
     if rest := stream.flush():
         write(rest)
     return result

@@ -136,6 +136,41 @@ def tolerance_rows(t: Any) -> list[list[str]]:
     ]
 
 
+def _images_md(images: dict[str, Any] | None) -> list[str]:
+    """The staged image-prompt check (validate/images.py): one row per stage, the first failure named."""
+    if images is None:
+        return []
+    lines = [
+        "## Image prompt vs transformers (Gemma4ForConditionalGeneration)",
+        "",
+        f"{len(images['image_tokens'])} images ({images['image_tokens']} soft tokens) in a "
+        f"{images['prompt_tokens']}-token prompt. A stage over its bound passes when ours is within "
+        "2x transformers' own fp32-vs-fp64 distance of its fp64 run.",
+        "",
+    ]
+    rows = [
+        [
+            s["name"],
+            _g(s["value"]),
+            _g(s["bound"]),
+            _g(s["exact"]),
+            _g(s["noise"]),
+            s["detail"],
+            "ok" if s["passed"] else "**FAIL**",
+        ]
+        for s in images["stages"]
+    ]
+    lines += [
+        *_table(
+            ["stage", "max abs Δ", "bound", "vs fp64", "transformers fp32 vs fp64", "what", "verdict"], rows
+        ),
+        "",
+    ]
+    if images["skipped"]:
+        lines += [f"End to end not run: {images['skipped']}.", ""]
+    return lines
+
+
 def accuracy_markdown(r: AccuracyReport) -> str:
     verdict = "PASSED" if r.passed else "FAILED"
     lines = [
@@ -196,6 +231,7 @@ def accuracy_markdown(r: AccuracyReport) -> str:
         lines += ["## Failures", "", *(f"- {c.message()}" for c in failed), ""]
         lines += _localization_md(failed, r.layer_kinds)
     lines += _overflow_md(r)
+    lines += _images_md(r.images)
     if r.warnings:
         lines += ["## Warnings", "", *(f"- {w}" for w in r.warnings), ""]
     if r.polygraphy:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import BackendUnavailable, ValidateError, ValidationFailed
-from ..export.manifest import DECODER
+from ..export.manifest import DECODER, VISION
 from ..model.config import Gemma4Spec
 from ..runners.base import BaseRunner
 from . import metrics as M
@@ -255,10 +255,16 @@ class AccuracyReport:
     engine_target: str | None = None  # the engine the backend executed (trt), for the summary's engine list
     polygraphy: dict[str, Any] | None = None  # files and the command that reproduces the decoder comparison
     quality: QualityReport | None = None  # quantized exports: against the unquantized model
+    images: dict[str, Any] | None = None  # exports with vision.onnx: images.ImageReport.to_dict(), staged
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.cases) and not (self.quality and self.quality.failures)
+        quality_ok = not (self.quality and self.quality.failures)
+        return (
+            all(c.passed for c in self.cases)
+            and quality_ok
+            and (self.images is None or self.images["passed"])
+        )
 
     def failure_message(self) -> str:
         """One line: how many cases fail, and the first one in full."""
@@ -266,7 +272,7 @@ class AccuracyReport:
         if not failed and self.quality and self.quality.failures:
             return f"quality gate: {'; '.join(self.quality.failures)} ({self.quality.describe()})"
         if not failed:
-            return ""
+            return self._image_failure()
         head = f"{self.backend} disagrees with {self.reference} ({self.precision}) in {len(failed)}/{len(self.cases)} cases"
         more = (
             f" (and {len(failed) - 1} more; see reports/{accuracy_stem(self.reference)}.md)"
@@ -275,12 +281,27 @@ class AccuracyReport:
         )
         return f"{head}: {failed[0].message()}{more}"
 
+    def _image_failure(self) -> str:
+        if self.images is None or self.images["passed"]:
+            return ""
+        bad = next(s for s in self.images["stages"] if not s["passed"])
+        return (
+            f"{self.backend} disagrees with transformers on an image prompt at the {bad['name']} stage: "
+            f"{bad['value']:.3g} > {bad['bound']:g} ({bad['detail']})"
+        )
+
     def summary(self) -> str:
         if self.passed:
             worst = max((c.max_abs for c in self.cases), default=0.0)
+            images = ""
+            if self.images is not None:
+                stages = ", ".join(f"{s['name']} {s['value']:.2g}" for s in self.images["stages"])
+                images = f"; image prompt vs transformers: {stages}" + (
+                    f" (end to end not run: {self.images['skipped']})" if self.images["skipped"] else ""
+                )
             return (
                 f"{self.backend} matches {self.reference} ({self.precision}) on {len(self.cases)} cases "
-                f"(max |Δlogit| {worst:.2g})"
+                f"(max |Δlogit| {worst:.2g}){images}"
             )
         return self.failure_message()
 
@@ -856,12 +877,41 @@ def validate(
         engine_target=be.engine_target,
         warnings=report.warnings + [why_not] * bool(why_not),
     )
+    if VISION in manifest.graphs:
+        why = _no_image_check(manifest, backend)
+        if why is None:
+            report = replace(report, images=_validate_images(be, ckpt))
+        else:
+            report = replace(report, warnings=[*report.warnings, f"image prompts not validated ({why})"])
     out = Path(out_dir) if out_dir else export_dir
     if write:
         if DECODER in manifest.graphs:
             report = _attach_polygraphy(report, ref, export_dir, out, cases)
         write_reports(out, accuracy=report)
     return report
+
+
+def _no_image_check(manifest: Any, backend: str) -> str | None:
+    """Why the image stages do not run on this export (None: they do): ort, fp32, float weights."""
+    if backend != "ort":
+        return f"the {backend} backend runs text only"
+    if manifest.dtype != "fp32" or manifest.quant is not None:
+        return "their bounds are for fp32 exports with float weights"
+    return None
+
+
+def _validate_images(runner: BaseRunner, ckpt: Path) -> dict[str, Any]:
+    """The staged image check (validate/images.py) against transformers; with an fp64 twin when it fits in a
+    quarter of the machine's memory (the noise allowance), else the fixed bounds only."""
+    import copy
+
+    from .images import load_reference, validate_images
+
+    hf = load_reference(ckpt)
+    need = 2 * sum(f.stat().st_size for f in Path(ckpt).glob("*.safetensors"))  # fp32 weights, doubled
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    hf64 = copy.deepcopy(hf).double() if need < total / 4 else None
+    return validate_images(runner, hf, hf64).to_dict()
 
 
 def _attach_polygraphy(

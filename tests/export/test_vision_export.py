@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from gemma4_compile.errors import CheckpointError
+from gemma4_compile.errors import CheckpointError, RunnerError
 from gemma4_compile.export import ExportManifest, export_checkpoint
 from gemma4_compile.model.checkpoint import write_random_checkpoint
 from gemma4_compile.model.presets import PRESETS, VISION_PRESETS
@@ -171,13 +171,13 @@ def e2e(exported):
 
 
 def _onnx_logits(out, ids, soft, soft_len) -> np.ndarray:
-    from gemma4_compile.model.vision_merge import merge_image_soft_tokens, placeholders_to_pad
+    from gemma4_compile.runtime.images import soft_token_rows
 
     m = ExportManifest.load(out)
     session = {role: ort.InferenceSession(str(m.graph_path(role))) for role in ("embed", "decoder")}
-    text_ids = placeholders_to_pad(torch.from_numpy(ids), TEXT.pad_token_id).numpy()
-    (embeds,) = session["embed"].run(None, {"input_ids": text_ids})  # no PLE on this text model
-    merged = merge_image_soft_tokens(*map(torch.from_numpy, (embeds, ids, soft, soft_len))).numpy()
+    # the embed graph merges: placeholders -> pad, placeholder rows <- the images' real soft tokens
+    feeds = {"input_ids": ids, "image_embeds": soft_token_rows(soft, soft_len)}
+    (merged,) = session["embed"].run(None, feeds)  # no PLE on this text model
     S = ids.shape[1]
     feeds = {"inputs_embeds": merged, "past_len": np.array([0]), "seq_len": np.array([S])}
     feeds |= {name: np.zeros(c.shape(1, S), np.float32) for c in m.caches for name in c.past}
@@ -202,3 +202,33 @@ def test_image_prompt_end_to_end_in_onnx_matches_transformers(e2e):
     diff = np.abs(logits - ref).max()
     assert diff <= LOGIT_ATOL_END_TO_END, f"max |Δlogit| {diff:.3g}"
     np.testing.assert_array_equal(logits.argmax(-1), ref.argmax(-1))
+
+
+# ----- 26B/31B: image runs attend both ways on sliding layers (mm_block_ids), not in the decoder yet ---------
+
+
+def test_image_prompts_on_a_31b_export_are_refused_in_one_line(exported):
+    from gemma4_compile.runners.ort import OrtRunner
+    from gemma4_compile.runtime.errors import RuntimeInputError
+    from gemma4_compile.runtime.images import image_support
+
+    _, out = exported
+    m = ExportManifest.load(out)
+    assert m.multimodal.bidirectional_image_blocks
+    with pytest.raises(RuntimeInputError, match="attend both ways inside each image run"):
+        image_support(m)
+    runner = OrtRunner(out)
+    with pytest.raises(RunnerError, match="bidirectional sliding attention"):
+        runner.attach_images(runner.start(1, 8), np.zeros((1, TEXT.hidden_size), np.float32))
+    text = np.array([[2, 9, 10]])  # text prompts still run (zero image rows)
+    assert runner.logits(text).shape == (1, 3, TEXT.vocab_size)
+
+
+def test_embed_graph_takes_image_embeds_with_a_dynamic_row_count(exported):
+    _, out = exported
+    m = ExportManifest.load(out)
+    assert [(t.name, t.shape) for t in m.graphs["embed"].inputs] == [
+        ("input_ids", ("batch", "sequence")),
+        ("image_embeds", ("image_tokens", TEXT.hidden_size)),
+    ]
+    assert m.multimodal.tokens.image == 258_880 and "image_tokens" in m.dims

@@ -11,6 +11,7 @@ RUNTIME_MODULES = [
     "gemma4_compile.runtime.service",
     "gemma4_compile.runtime.commands",
     "gemma4_compile.runtime.batching",
+    "gemma4_compile.runtime.images",
 ]
 
 
