@@ -35,7 +35,15 @@ from ..model.vision_weights import resolve_vision_weights
 from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
 from ..ops import UnknownOpError
 from ..passes import LOWERINGS, DequantizeWeights, QuantizeMatMuls, export_cleanup, run_on_proto, run_passes
-from ..quant.formats import GRAPH_NBITS, LM_HEAD, QuantRequest, QuantSpec, plan_quant, quant_refusal
+from ..quant.formats import (
+    GRAPH_NBITS,
+    LM_HEAD,
+    QuantRequest,
+    QuantSpec,
+    plan_quant,
+    prequantized_refusal,
+    quant_refusal,
+)
 from . import custom_ops
 from .bundle import copy_runtime_files
 from .graphs import AudioGraph, DecoderGraph, EmbedGraph, VisionGraph
@@ -101,6 +109,9 @@ def export_checkpoint(
     if dtype not in FLOAT_CHOICES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_CHOICES)}")
     spec = Gemma4Spec.from_pretrained(checkpoint_dir)
+    refusal = prequantized_refusal(json.loads((Path(checkpoint_dir) / "config.json").read_text()))
+    if refusal:
+        raise ExportError(refusal)
     check_quant(quant, spec)
     # None: no such tower (or text_only); with neither, the text graphs only
     vision = None if text_only else VisionSpec.from_pretrained(checkpoint_dir)

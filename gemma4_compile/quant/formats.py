@@ -246,3 +246,19 @@ def plan_quant(request: QuantRequest, names: list[str], dtype: str) -> QuantSpec
         tensors=tensors,
         graph=graph_form(dtype, formats),
     )
+
+
+def prequantized_refusal(config: dict[str, Any]) -> str | None:
+    """Why a checkpoint whose config.json has a `quantization_config` cannot be exported (one line), or None.
+
+    This version reads float checkpoints only: re-rounding already-rounded weights, or reading packed ones as
+    floats, would silently change the model, so a pre-quantized checkpoint is named and refused."""
+    qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if not qc:
+        return None
+    keys = ("quant_method", "format", "bits", "group_size", "quant_algo")
+    described = ", ".join(f"{k}={qc[k]}" for k in keys if isinstance(qc, dict) and k in qc) or "unrecognized"
+    return (
+        f"the checkpoint is already quantized (quantization_config: {described}); importing pre-quantized "
+        "checkpoints is not supported yet: export its unquantized original (add --quant to quantize it here)"
+    )

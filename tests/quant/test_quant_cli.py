@@ -56,3 +56,20 @@ def test_inspect_quant_prints_a_row_per_role(make_checkpoint, capsys):
     rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 5}
     assert {"attn_q", "mlp_down", "lm_head", "embed", "ple_table", "total"} <= set(rows)
     assert "fp8" in rows["attn_q"] and "int4" in rows["lm_head"] and "fp32" in rows["ple_table"]
+
+
+def test_a_prequantized_checkpoint_is_named_and_refused(make_checkpoint, tmp_path, capsys):
+    """Not re-rounded, not read as floats: one line naming its quantization_config, nothing written."""
+    import json
+    import shutil
+
+    ckpt = tmp_path / "awq"
+    shutil.copytree(make_checkpoint("tiny-e2b"), ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert main(["export", str(ckpt), "-o", str(out)]) == EXIT_ERROR
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "quant_method=awq, bits=4, group_size=128" in lines[0], lines
+    assert not out.exists()
