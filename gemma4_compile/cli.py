@@ -21,7 +21,7 @@ from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Gemma4CompileError, U
 from .model.presets import DEFAULT_PRESET, PRESETS
 from .model.vision_config import SOFT_TOKEN_BUDGETS
 from .passes.lowerings import LOWERINGS
-from .quant.formats import BLOCK_SIZES, KEPT_BY_DEFAULT, OVERRIDABLE, QUANT_CHOICES, ROLES
+from .quant.formats import BLOCK_SIZES, KEPT_BY_DEFAULT, METHODS, OVERRIDABLE, QUANT_CHOICES, ROLES
 
 console = Console(stderr=True)
 out = Console()
@@ -135,6 +135,14 @@ _QUANT_OPTIONS = [
         help="Quantization block along each weight's input dimension [default: 32; fp8 128; nvfp4 is fixed at 16].",
     ),
     click.option(
+        "--quant-method",
+        default="rtn",
+        show_default=True,
+        type=click.Choice(METHODS),
+        help="int4/int8 scales: rtn = absmax per block; mse = per block the scale (absmax x 0.7..1) with the "
+        "least squared error (no calibration data; slower export).",
+    ),
+    click.option(
         "--quant-keep",
         multiple=True,
         type=click.Choice(ROLES),
@@ -167,6 +175,7 @@ def quant_options(command):
 def _quant_request(
     quant: str,
     block_size: str | None,
+    quant_method: str,
     quant_keep: tuple[str, ...],
     quant_override: tuple[str, ...],
     accuracy_level: int,
@@ -177,7 +186,8 @@ def _quant_request(
     if quant_override and quant == "none":
         raise UsageError("--quant-override needs --quant")
     overrides = tuple(parse_override(o) for o in quant_override)
-    return QuantRequest(quant, int(block_size) if block_size else None, quant_keep, accuracy_level, overrides)
+    block = int(block_size) if block_size else None
+    return QuantRequest(quant, block, quant_keep, accuracy_level, overrides, quant_method)
 
 
 @cli.command()
@@ -302,6 +312,7 @@ def export(
     lowering: str | None,
     quant: str,
     block_size: str | None,
+    quant_method: str,
     quant_keep: tuple[str, ...],
     quant_override: tuple[str, ...],
     accuracy_level: int,
@@ -311,7 +322,7 @@ def export(
     from .export import export_checkpoint
 
     _check_max_seq_len(checkpoint, max_seq_len)
-    request = _quant_request(quant, block_size, quant_keep, quant_override, accuracy_level)
+    request = _quant_request(quant, block_size, quant_method, quant_keep, quant_override, accuracy_level)
 
     with console.status("exporting") as status:
         result = export_checkpoint(

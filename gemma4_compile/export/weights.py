@@ -58,6 +58,7 @@ class QuantPlaced:
     scale_dtype: torch.dtype
     fmt: str
     global_scale: float | None = None  # nvfp4: the tensor-wide scale (in the export dtype)
+    method: str = "rtn"  # the integer formats' scale rule (quant/rtn.py)
 
     @property
     def blocks(self) -> int:
@@ -121,7 +122,7 @@ def _write_quantized(src: TensorEntry, dst, q: QuantPlaced) -> tuple[int, bytes]
     """Append the codes of `src` chunk by chunk; returns (bytes written, the scales' bytes)."""
     written, scales = 0, []
     for w in _read_rows(src, _chunk_rows(src)):
-        data, s = encode_rows(q.fmt, w, q.block_size, q.graph, q.global_scale)
+        data, s = encode_rows(q.fmt, w, q.block_size, q.graph, q.global_scale, q.method)
         dst.write(data)
         written += len(data)
         scales.append(s)
@@ -156,7 +157,7 @@ def _quant_layout(
     g = None
     if fmt == "nvfp4":
         g = global_scale(_absmax(entry), DType.parse(dtype).value) if read else 1.0
-    return QuantPlaced(codes, scales, bits, block_size, n, k, quant.graph, scale_dtype, fmt, g)
+    return QuantPlaced(codes, scales, bits, block_size, n, k, quant.graph, scale_dtype, fmt, g, quant.method)
 
 
 def write_weight_file(

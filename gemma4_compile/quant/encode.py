@@ -24,22 +24,22 @@ def global_scale(absmax: float, dtype: str) -> float:
 
 
 def _codes(
-    fmt: str, w: np.ndarray, block_size: int, graph: str, g: float | None
+    fmt: str, w: np.ndarray, block_size: int, graph: str, g: float | None, method: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """(codes [N, blocks, block] as ints or ml_dtypes floats, scales [N, blocks] float32 or E4M3)."""
     if fmt == "fp8":
         return quantize_fp8_rows(w, block_size)
     if fmt == "nvfp4":
         return quantize_nvfp4_rows(w, g)
-    return quantize_rows(w, BITS[fmt], block_size, positive=graph != GRAPH_NBITS)
+    return quantize_rows(w, BITS[fmt], block_size, positive=graph != GRAPH_NBITS, method=method)
 
 
 def encode_rows(
-    fmt: str, w: np.ndarray, block_size: int, graph: str, g: float | None = None
+    fmt: str, w: np.ndarray, block_size: int, graph: str, g: float | None = None, method: str = "rtn"
 ) -> tuple[bytes, np.ndarray]:
     """w float32 [N, K] -> (the packed codes as stored, scales float32 [N, blocks]); `g`: nvfp4's global scale
-    (its scales are E4M3 values, exact in float32)."""
-    codes, scales = _codes(fmt, w, block_size, graph, g)
+    (its scales are E4M3 values, exact in float32); `method`: the integer formats' scale rule (rtn.py)."""
+    codes, scales = _codes(fmt, w, block_size, graph, g, method)
     if fmt == "fp8":
         packed = codes.view(np.uint8)
     elif fmt == "nvfp4":
@@ -52,12 +52,18 @@ def encode_rows(
 
 
 def dequantized_rows(
-    fmt: str, w: np.ndarray, block_size: int, graph: str, dtype: str, g: float | None = None
+    fmt: str,
+    w: np.ndarray,
+    block_size: int,
+    graph: str,
+    dtype: str,
+    g: float | None = None,
+    method: str = "rtn",
 ) -> np.ndarray:
     """w [N, K] -> the weight the graph computes with, float32: codes x scales, the scales rounded as the graph
     stores them (MatMulNBits: fp32; DequantizeLinear: the export dtype; nvfp4: E4M3 x the global, rounded)."""
     n, k = w.shape
-    codes, scales = _codes(fmt, w, block_size, graph, g)
+    codes, scales = _codes(fmt, w, block_size, graph, g, method)
     scales = scales.astype(np.float32)
     if fmt == "nvfp4":
         scales = rounded(scales * np.float32(g), dtype)  # the first DequantizeLinear's output

@@ -23,6 +23,9 @@ from typing import Any
 from ..errors import ExportError
 
 SCHEME, METHOD = "symmetric", "rtn"  # signed codes, no zero point; round-to-nearest absmax per block
+# rtn: the absmax scale; mse: per block, the scale (absmax x 0.7..1.0) whose codes have the least squared error
+# (quant/rtn.py). Both calibration-free, both symmetric, so both serve onnxruntime and TensorRT.
+METHODS = ("rtn", "mse")
 BITS = {"int4": 4, "int8": 8, "fp8": 8, "nvfp4": 4}  # the formats this version writes, bits per code
 INT_FORMATS, FLOAT_FORMATS = ("int4", "int8"), ("fp8", "nvfp4")
 QUANT_CHOICES = ("none", *BITS)
@@ -155,6 +158,7 @@ class QuantRequest:
     keep: tuple[str, ...] = ()
     accuracy_level: int = 0
     overrides: tuple[tuple[str, str], ...] = ()  # (role, format), in command-line order
+    method: str = METHOD  # METHODS; the float formats have one rule each (quant/floats.py)
 
     @property
     def enabled(self) -> bool:
@@ -188,6 +192,10 @@ def quant_refusal(request: QuantRequest, has_moe: bool) -> str | None:
             return None
         return f"unknown --quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}"
     formats = {quant, *(f for _, f in request.overrides)}
+    if request.method not in METHODS:
+        return f"unknown --quant-method {request.method!r}; choose one of {', '.join(METHODS)}"
+    if request.method != METHOD and not formats & set(INT_FORMATS):
+        return f"--quant-method {request.method} applies to int4/int8 weights; {quant} has its own rounding"
     if block is not None and block not in BLOCK_SIZES:
         return f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block}"
     if block is not None and formats == {"nvfp4"}:
@@ -245,6 +253,7 @@ def plan_quant(request: QuantRequest, names: list[str], dtype: str) -> QuantSpec
         accuracy_level=request.accuracy_level,
         tensors=tensors,
         graph=graph_form(dtype, formats),
+        method=request.method,
     )
 
 

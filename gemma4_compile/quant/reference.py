@@ -21,7 +21,7 @@ def _dequantized(weight: torch.Tensor, fmt: str, quant: QuantSpec, dtype: str) -
     `dtype`, so they are rounded to it first (a code times a half-precision scale then rounds once, as in DQ)."""
     w = weight.detach().float().numpy()
     g = global_scale(float(abs(w).max(initial=0.0)), dtype) if fmt == "nvfp4" else None
-    deq = dequantized_rows(fmt, w, quant.block_of(fmt), quant.graph, dtype, g)
+    deq = dequantized_rows(fmt, w, quant.block_of(fmt), quant.graph, dtype, g, quant.method)
     return torch.nn.Parameter(torch.from_numpy(deq).to(weight.dtype), requires_grad=False)
 
 

@@ -84,6 +84,32 @@ def test_ort_matches_the_fake_quant_reference_at_fp32_tolerances(make_quant_expo
     assert 0 < q.kl_mean <= q.kl_max and 0 <= q.top1 <= 1
 
 
+def test_mse_scales_pass_the_gate_and_lower_the_weight_error(make_quant_export, make_checkpoint):
+    """--quant-method mse: still exactly what the fake-quant reference computes, and the exported weights are
+    nearer the checkpoint's than absmax RTN's (logit KL on random weights is noise either way: not asserted)."""
+    from safetensors.numpy import load_file
+
+    from gemma4_compile.quant.encode import dequantized_rows
+
+    out = make_quant_export("tiny-e2b", "int4", method="mse")
+    report = validate(out, steps=STEPS, write=False)
+    assert report.passed, report.failure_message()
+    quant = ExportManifest.load(out).quant
+    assert quant.method == "mse"
+    tensors = {}
+    for f in sorted(make_checkpoint("tiny-e2b").glob("*.safetensors")):
+        tensors.update(load_file(f))
+    errors = {"rtn": 0.0, "mse": 0.0}
+    for name, fmt in quant.tensors.items():
+        if fmt != "int4":
+            continue
+        w = tensors[f"model.language_model.{name}"].astype(np.float32)
+        for method in errors:
+            deq = dequantized_rows(fmt, w, quant.block_size, quant.graph, "fp32", method=method)
+            errors[method] += float(((deq - w) ** 2).sum())
+    assert errors["mse"] < 0.95 * errors["rtn"], errors
+
+
 def test_quality_gate_fails_only_when_asked(make_quant_export):
     """Random weights: int4 moves the logits far from the float model's (KL ~0.2 on tiny-e2b); the gate says so
     in one line only with quality_gate, while correctness still passes."""

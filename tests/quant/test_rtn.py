@@ -65,3 +65,21 @@ def test_positive_scales_for_tensorrt_use_absmax_over_seven():
     codes, scales = quantize_rows(w, 4, 4, positive=True)
     np.testing.assert_allclose(scales, [[4.0 / 7]])
     np.testing.assert_array_equal(codes[0, 0], [7, -2, 4, 0])
+
+
+@pytest.mark.parametrize("bits,gain", [(4, 0.93), (8, 0.97)])
+@pytest.mark.parametrize("positive", [False, True])
+@pytest.mark.parametrize("block", [32, 128])
+def test_mse_scales_never_lose_to_rtn_and_lower_the_error_on_gaussian_rows(bits, gain, positive, block):
+    """--quant-method mse on the same weights: no block worse than absmax RTN, the total error measurably lower
+    (measured: int4 0.74-0.92x, int8 0.91-0.95x of RTN's squared error)."""
+    w = np.random.default_rng(block + bits).standard_normal((64, 512)).astype(np.float32)
+
+    def block_errors(method: str) -> np.ndarray:
+        codes, scales = quantize_rows(w, bits, block, positive, method)
+        err = (dequantize_rows(codes, scales, w.shape[1]) - w) ** 2
+        return err.reshape(64, -1, block).sum(axis=2)
+
+    plain, mse = block_errors("rtn"), block_errors("mse")
+    assert (mse <= plain * (1 + 1e-6)).all()
+    assert mse.sum() < gain * plain.sum()
