@@ -152,7 +152,7 @@ def _multimodal(checkpoint_dir: str | Path, spec: Gemma4Spec, vision: VisionSpec
 def check_quant(quant: QuantRequest | None, spec: Gemma4Spec) -> None:
     """Refuse an impossible --quant in one line (ExportError) before any work."""
     if quant is not None:
-        refusal = quant_refusal(quant, spec.enable_moe_block)
+        refusal = quant_refusal(quant)
         if refusal:
             raise ExportError(refusal)
 

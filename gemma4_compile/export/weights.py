@@ -59,6 +59,7 @@ class QuantPlaced:
     fmt: str
     global_scale: float | None = None  # nvfp4: the tensor-wide scale (in the export dtype)
     method: str = "rtn"  # the integer formats' scale rule (quant/rtn.py)
+    lead: tuple[int, ...] = ()  # the tensor's dims before K: (N,) or, for MoE experts, (E, N)
 
     @property
     def blocks(self) -> int:
@@ -95,8 +96,8 @@ def _write_converted(src: TensorEntry, dst, dtype: torch.dtype) -> int:
 
 
 def _read_rows(src: TensorEntry, rows: int):
-    """Yield float32 row chunks [rows, K] of a 2-D tensor, read with plain reads."""
-    n, k = src.shape
+    """Yield float32 row chunks [rows, K] of a tensor [..., K] (its rows in order), read with plain reads."""
+    n, k = int(np.prod(src.shape[:-1])), src.shape[-1]
     in_size = torch.empty((), dtype=src.dtype).element_size()
     with open(src.file, "rb") as f:
         f.seek(src.offset)
@@ -111,7 +112,7 @@ def _read_rows(src: TensorEntry, rows: int):
 
 def _chunk_rows(src: TensorEntry) -> int:
     in_size = torch.empty((), dtype=src.dtype).element_size()
-    return max(1, CHUNK_BYTES // (src.shape[1] * max(in_size, 4)))
+    return max(1, CHUNK_BYTES // (src.shape[-1] * max(in_size, 4)))
 
 
 def _absmax(src: TensorEntry) -> float:
@@ -143,11 +144,11 @@ def _quant_layout(
 ) -> QuantPlaced:
     """Where the codes and scales of `entry` go when the codes start at `offset` (scales follow, aligned).
     `read`: read the tensor for nvfp4's global scale (a graph-only export stores 1.0)."""
-    if len(entry.shape) != 2:
+    if len(entry.shape) not in (2, 3):
         raise ExportError(
-            f"cannot quantize '{entry.key}': expected a 2-D weight, got shape {list(entry.shape)}"
+            f"cannot quantize '{entry.key}': expected a 2-D weight or 3-D experts, got shape {list(entry.shape)}"
         )
-    n, k = entry.shape
+    n, k = int(np.prod(entry.shape[:-1])), entry.shape[-1]  # experts [E, N, K]: E*N rows
     bits, block_size = BITS[fmt], quant.block_of(fmt)
     scale_dtype = _scale_dtype(quant, fmt, dtype)
     code_bytes, scale_bytes = quantized_nbytes(n, k, bits, block_size, scale_dtype.itemsize)
@@ -157,7 +158,10 @@ def _quant_layout(
     g = None
     if fmt == "nvfp4":
         g = global_scale(_absmax(entry), DType.parse(dtype).value) if read else 1.0
-    return QuantPlaced(codes, scales, bits, block_size, n, k, quant.graph, scale_dtype, fmt, g, quant.method)
+    lead = tuple(entry.shape[:-1])
+    return QuantPlaced(
+        codes, scales, bits, block_size, n, k, quant.graph, scale_dtype, fmt, g, quant.method, lead
+    )
 
 
 def write_weight_file(
@@ -299,8 +303,8 @@ def _dq_weight(init_name: str, q: QuantPlaced, out_dir: Path, dtype: torch.dtype
     else:
         scale_type, glob = ir.DataType(DType.parse(q.scale_dtype).onnx_elem_type), None
     return DQWeight(
-        _external(init_name, f"Q{q.bits}", q.codes, code_type, (q.n, q.blocks * q.block_size), out_dir),
-        _external(init_name, "scales", q.scales, scale_type, (q.n, q.blocks), out_dir),
+        _external(init_name, f"Q{q.bits}", q.codes, code_type, (*q.lead, q.blocks * q.block_size), out_dir),
+        _external(init_name, "scales", q.scales, scale_type, (*q.lead, q.blocks), out_dir),
         k=q.k,
         block_size=q.block_size,
         global_scale=glob,

@@ -137,6 +137,11 @@ class DQWeight:
     global_scale: ir.TensorProtocol | None = None  # nvfp4: scalar in the export dtype
 
     @property
+    def axis(self) -> int:
+        """K, the last axis: 1 for a linear [N, K], 2 for MoE experts [E, N, K]."""
+        return self.codes.shape.rank() - 1
+
+    @property
     def opset(self) -> int:
         return FP4_OPSET if self.codes.dtype == ir.DataType.FLOAT4E2M1 else DQ_OPSET
 
@@ -168,10 +173,12 @@ class DequantizeWeights(ir.passes.InPlacePass):
                 nodes.append(ir.node("DequantizeLinear", [scales, _initializer(graph, q.global_scale)]))
                 scales = nodes[0].outputs[0]
                 scales.shape, scales.type = q.scales.shape, ir.TensorType(q.global_scale.dtype)
-            attributes = {"axis": 1, "block_size": q.block_size}
+            attributes = {"axis": q.axis, "block_size": q.block_size}
             nodes.append(ir.node("DequantizeLinear", [codes, scales], attributes))
-            if q.codes.shape[1] != q.k:
-                bounds = [_initializer(graph, _int64(f"{name}_{n}", v)) for n, v in _slice_bounds(q.k)]
+            if q.codes.shape[q.axis] != q.k:
+                bounds = [
+                    _initializer(graph, _int64(f"{name}_{n}", v)) for n, v in _slice_bounds(q.k, q.axis)
+                ]
                 nodes.append(ir.node("Slice", [nodes[-1].outputs[0], *bounds]))
             for node in nodes:  # before every use: the top of the graph
                 if first is not None:
@@ -191,8 +198,8 @@ class DequantizeWeights(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=self.replaced > 0)
 
 
-def _slice_bounds(k: int) -> list[tuple[str, int]]:
-    return [("starts", 0), ("ends", k), ("axes", 1)]
+def _slice_bounds(k: int, axis: int) -> list[tuple[str, int]]:
+    return [("starts", 0), ("ends", k), ("axes", axis)]
 
 
 def _int64(name: str, v: int) -> ir.TensorProtocol:

@@ -7,7 +7,9 @@ LM head (the tied embedding used as a GEMM) takes int8, because peers found Gemm
 linear (docs/export-format.md, "Quantization", the role table); norms, the router and the PLE projections stay in the export dtype
 (tiny, and quantizing them costs far more accuracy than it saves bytes). The token embedding and the PLE table
 stay in the export dtype in this version: they are gathers, not MatMuls, and their int8 form (a host-side row
-reader) is future work. MoE experts are refused rather than silently left in 16 bits.
+reader) is future work. MoE experts take `--quant` per expert: their [E, N, K] tensors are blocked along K like
+any weight and dequantized by one DequantizeLinear (axis 2) before the MoE op reads them, so an export that
+quantizes them takes the DequantizeLinear form (MatMulNBits is a 2-D GEMM).
 
 fp8 and nvfp4 are TensorRT formats (DequantizeLinear of FLOAT8E4M3FN / FLOAT4E2M1 codes, quant/floats.py): an
 export that uses them takes the DequantizeLinear form whatever its dtype, and its engines need the SM that has
@@ -42,9 +44,11 @@ LM_HEAD_FORMAT = "int8"
 GRAPH_NBITS, GRAPH_DQ = "com.microsoft.MatMulNBits", "DequantizeLinear"
 
 
-def graph_form(dtype: str, formats: set[str] | frozenset[str] = frozenset()) -> str:
-    """MatMulNBits for fp32 exports whose quantized weights are all integer; DequantizeLinear otherwise."""
-    return GRAPH_NBITS if dtype == "fp32" and set(formats) <= set(INT_FORMATS) else GRAPH_DQ
+def graph_form(dtype: str, formats: set[str] | frozenset[str] = frozenset(), experts: bool = False) -> str:
+    """MatMulNBits for fp32 exports whose quantized weights are all integer 2-D linears; DequantizeLinear
+    otherwise (float formats, half precision, or quantized MoE experts)."""
+    nbits = dtype == "fp32" and set(formats) <= set(INT_FORMATS) and not experts
+    return GRAPH_NBITS if nbits else GRAPH_DQ
 
 
 # Every role a weight can have; `role_of` maps tensor names to them.
@@ -165,10 +169,8 @@ class QuantRequest:
         return self.format != "none"
 
 
-OVERRIDABLE = (
-    *LINEAR_ROLES,
-    "lm_head",
-)  # the MatMul weights; the rest are gathers or kept (module docstring)
+# the MatMul weights; the rest are gathers or kept (module docstring)
+OVERRIDABLE = (*LINEAR_ROLES, "lm_head", "moe_experts")
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -184,7 +186,7 @@ def parse_override(text: str) -> tuple[str, str]:
     return role, fmt
 
 
-def quant_refusal(request: QuantRequest, has_moe: bool) -> str | None:
+def quant_refusal(request: QuantRequest) -> str | None:
     """Why `request` cannot be exported (one line), or None. Checked before any work."""
     quant, block = request.format, request.block_size
     if quant not in BITS:
@@ -201,11 +203,6 @@ def quant_refusal(request: QuantRequest, has_moe: bool) -> str | None:
     if block is not None and formats == {"nvfp4"}:
         return (
             f"--block-size does not apply to nvfp4 (its blocks are {NVFP4_BLOCK} values, fixed by the format)"
-        )
-    if has_moe:
-        return (
-            f"--quant {quant} cannot quantize MoE experts yet; refusing rather than leaving most of this "
-            "model's weights in 16 bits (export an MoE preset without --quant)"
         )
     return None
 
@@ -246,13 +243,14 @@ def plan_quant(request: QuantRequest, names: list[str], dtype: str) -> QuantSpec
         if role is not None and roles[role] in BITS:
             tensors[LM_HEAD if role == "lm_head" else name] = roles[role]
     formats = set(tensors.values())
+    experts = any(role_of(n) == "moe_experts" for n in tensors)
     return QuantSpec(
         request.format,
         _block_size(request, formats),
         roles,
         accuracy_level=request.accuracy_level,
         tensors=tensors,
-        graph=graph_form(dtype, formats),
+        graph=graph_form(dtype, formats, experts),
         method=request.method,
     )
 

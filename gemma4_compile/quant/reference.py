@@ -20,8 +20,10 @@ def _dequantized(weight: torch.Tensor, fmt: str, quant: QuantSpec, dtype: str) -
     """codes x scales as the graph computes them: DequantizeLinear's scales are stored in the export dtype
     `dtype`, so they are rounded to it first (a code times a half-precision scale then rounds once, as in DQ)."""
     w = weight.detach().float().numpy()
+    shape = w.shape
+    w = w.reshape(-1, shape[-1])  # MoE experts [E, N, K]: E*N rows, blocked along K like any weight
     g = global_scale(float(abs(w).max(initial=0.0)), dtype) if fmt == "nvfp4" else None
-    deq = dequantized_rows(fmt, w, quant.block_of(fmt), quant.graph, dtype, g, quant.method)
+    deq = dequantized_rows(fmt, w, quant.block_of(fmt), quant.graph, dtype, g, quant.method).reshape(shape)
     return torch.nn.Parameter(torch.from_numpy(deq).to(weight.dtype), requires_grad=False)
 
 

@@ -48,7 +48,7 @@ def role_sizes(shapes: dict[str, tuple[int, ...]], quant: QuantSpec, dtype: str)
         fmt = quant.format_of(LM_HEAD if role == "lm_head" else name)
         after = 0 if role == "lm_head" else width * math.prod(shape)
         if fmt is not None:
-            n, k = shape
+            n, k = math.prod(shape[:-1]), shape[-1]  # MoE experts [E, N, K]: E*N rows
             after = sum(
                 quantized_nbytes(n, k, BITS[fmt], quant.block_of(fmt), scale_bytes(quant, fmt, dtype))
             )

@@ -48,18 +48,19 @@ def test_defaults_quantize_attention_and_mlp_lm_head_int8_and_keep_the_rest():
     assert QuantSpec.from_dict(kept.to_dict()) == kept
 
 
-def _refusal(fmt: str, block: int | None = None, moe: bool = False, overrides=()) -> str | None:
-    return quant_refusal(QuantRequest(fmt, block, overrides=tuple(overrides)), moe)
+def _refusal(fmt: str, block: int | None = None, overrides=(), method: str = "rtn") -> str | None:
+    return quant_refusal(QuantRequest(fmt, block, overrides=tuple(overrides), method=method))
 
 
 def test_refusals_are_one_line_and_come_before_any_work():
     assert _refusal("int4") is None and _refusal("fp8") is None and _refusal("nvfp4") is None
-    assert "MoE experts" in _refusal("int4", moe=True)
+    assert "applies to int4/int8" in _refusal("fp8", method="mse")
+    assert "unknown --quant-method" in _refusal("int4", method="gptq")
     assert "--block-size" in _refusal("int8", 48)
     assert "fixed by the format" in _refusal("nvfp4", 64)
     assert _refusal("nvfp4", 64, overrides=[("lm_head", "int4")]) is None  # the block of the int4 override
     assert _refusal("int4", 128) is None
-    for reason in (_refusal(q, moe=True) for q in ("fp8", "int4")):
+    for reason in (_refusal("nvfp4", 32), _refusal("int4", 48), _refusal("fp8", method="mse")):
         assert "\n" not in reason
     with pytest.raises(ExportError, match="unknown --quant-keep role 'norm'"):
         plan_quant(QuantRequest("int4", keep=("norm",)), [], "fp32")

@@ -15,7 +15,7 @@ from gemma4_compile.errors import EXIT_ERROR
         ("tiny-e2b", ["--quant-override", "lm_head=int4"], "--quant-override needs --quant"),
         ("tiny-e2b", ["--quant", "int4", "--quant-override", "embed=int8"], "cannot be quantized"),
         ("tiny-e2b", ["--quant", "int4", "--block-size", "48"], "Invalid value for '--block-size'"),
-        ("tiny-26b-a4b", ["--quant", "int8"], "cannot quantize MoE experts yet"),
+        ("tiny-e2b", ["--quant", "nvfp4", "--quant-method", "mse"], "applies to int4/int8"),
     ],
 )
 def test_impossible_quant_is_refused_in_one_line(make_checkpoint, tmp_path, capsys, preset, args, message):

@@ -12,12 +12,11 @@ import pytest
 import torch
 from quant_support import swap_nibbles
 
-from gemma4_compile.errors import ExportError
-from gemma4_compile.export import ExportManifest, export_checkpoint
+from gemma4_compile.export import ExportManifest
 from gemma4_compile.export.weights import DATA_FILE, write_weight_file
 from gemma4_compile.model.weights import TensorEntry
 from gemma4_compile.quant import rtn
-from gemma4_compile.quant.formats import LM_HEAD, QuantRequest, plan_quant
+from gemma4_compile.quant.formats import LM_HEAD, plan_quant
 from gemma4_compile.validate.validate import validate
 
 STEPS = 4  # decode steps after each prompt; the long prompt already wraps the sliding window three times
@@ -68,10 +67,32 @@ def test_graph_only_layout_matches_the_written_one(tmp_path):
     assert data[q.scales.offset : q.scales.offset + q.scales.length] == scales.tobytes()
 
 
-def test_moe_presets_are_refused_in_one_line_before_any_work(make_checkpoint, tmp_path):
-    with pytest.raises(ExportError, match="cannot quantize MoE experts yet"):
-        export_checkpoint(make_checkpoint("tiny-26b-a4b"), tmp_path / "moe", quant=QuantRequest("int4"))
-    assert not (tmp_path / "moe").exists()
+def test_moe_experts_are_quantized_per_expert_and_match_the_fake_quant_reference(make_quant_export, corrupt):
+    """The 26B-like preset: every expert tensor is INT4 codes [E, N, K] dequantized along K (not left in 32
+    bits), the export matches the fake-quant reference at fp32 tolerances, and swapped nibbles in the expert
+    codes alone fail it."""
+    import onnx_ir as ir
+
+    out = make_quant_export("tiny-26b-a4b", "int4")
+    quant = ExportManifest.load(out).quant
+    assert quant.graph == "DequantizeLinear" and quant.roles["moe_experts"] == "int4"
+    model = ir.load(out / "decoder.onnx")
+    experts = {n: v for n, v in model.graph.initializers.items() if ".experts." in n}
+    spec = ExportManifest.load(out).spec
+    moe_layers = sum(p.moe for p in spec.layers)
+    codes = [v for v in experts.values() if v.dtype == ir.DataType.INT4]
+    assert len(codes) == 2 * moe_layers and all(v.shape.rank() == 3 for v in codes)
+    assert not [n for n, v in experts.items() if v.dtype == ir.DataType.FLOAT and not n.endswith("_scales")]
+    axes = {
+        n.attributes["axis"].as_int()
+        for n in model.graph
+        if n.op_type == "DequantizeLinear" and ".experts." in n.inputs[0].name
+    }
+    assert axes == {2}
+    report = validate(out, steps=STEPS, write=False)
+    assert report.passed, report.failure_message()
+    broken = corrupt(out, onnx.TensorProto.INT4, swap_nibbles, "experts.down_proj_Q4")
+    assert not validate(broken, steps=STEPS, write=False).passed
 
 
 @pytest.mark.parametrize("preset", ["tiny-e2b", "tiny-31b"])
