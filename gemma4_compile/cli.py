@@ -484,8 +484,6 @@ def validate(
         quality_gate=quality_gate,
     )
     click.echo(report.summary())
-    if report.quality is not None:
-        click.echo(report.quality.describe())
     if not report.passed:
         raise ValidationFailed(report.failure_message())
 

@@ -291,6 +291,11 @@ class AccuracyReport:
         )
 
     def summary(self) -> str:
+        """One line (two for a quantized export: its quality against the unquantized model)."""
+        quality = f"\n{self.quality.describe()}" if self.quality is not None and self.passed else ""
+        return self._verdict() + quality
+
+    def _verdict(self) -> str:
         if self.passed:
             worst = max((c.max_abs for c in self.cases), default=0.0)
             images = ""

@@ -16,7 +16,7 @@ from gemma4_compile.export import ExportManifest
 from gemma4_compile.export.weights import DATA_FILE, write_weight_file
 from gemma4_compile.model.weights import TensorEntry
 from gemma4_compile.quant import rtn
-from gemma4_compile.quant.formats import LM_HEAD, plan_quant
+from gemma4_compile.quant.formats import LM_HEAD, QuantRequest, plan_quant
 from gemma4_compile.validate.validate import validate
 
 STEPS = 4  # decode steps after each prompt; the long prompt already wraps the sliding window three times
@@ -55,7 +55,7 @@ def test_graph_only_layout_matches_the_written_one(tmp_path):
         name: TensorEntry(name, tmp_path / "t.bin", 0, w.nbytes, torch.float32, w.shape)
         for name in ("a.weight", "layers.0.mlp.up_proj.weight", "z.weight")
     }
-    quant = plan_quant("int4", 32, (), sorted(entries), "fp32")
+    quant = plan_quant(QuantRequest("int4", 32), sorted(entries), "fp32")
     (tmp_path / "out").mkdir()
     written = write_weight_file(tmp_path / "out", entries, torch.float32, quant=quant)
     assert written == write_weight_file(tmp_path, entries, torch.float32, write_data=False, quant=quant)
