@@ -51,7 +51,7 @@ def test_graphs_are_standard_blockwise_dequantize(make_quant_export):
     assert kinds.count("INT8") == 1 and set(kinds) == {"FLOAT8E4M3FN", "INT8"}  # the LM head stays int8
     assert all(n.inputs[1].dtype == ir.DataType.FLOAT16 for n in nodes)
 
-    nv = make_quant_export("tiny-e2b", "nvfp4", dtype="fp16")
+    nv = make_quant_export("tiny-e2b", "nvfp4", dtype="bf16")  # the export the sm120 engine test builds
     model, nodes = _dq(nv)
     assert model.opset_imports[""] == 23 and all(f.opset_imports[""] == 23 for f in model.functions.values())
     fp4 = [n for n in nodes if n.inputs[0].dtype == ir.DataType.FLOAT4E2M1]
@@ -61,7 +61,7 @@ def test_graphs_are_standard_blockwise_dequantize(make_quant_export):
         inner = node.inputs[1].producer()
         scales, glob = inner.inputs
         assert scales.dtype == ir.DataType.FLOAT8E4M3FN and glob.shape.rank() == 0
-        assert glob.dtype == ir.DataType.FLOAT16 and float(glob.const_value.numpy()) > 0
+        assert glob.dtype == ir.DataType.BFLOAT16 and float(glob.const_value.numpy()) > 0
     onnx.checker.check_model(str(nv / "decoder.onnx"))
 
 
@@ -104,7 +104,7 @@ def test_formats_a_target_lacks_are_refused_before_any_build(make_quant_export, 
     from gemma4_compile.engines import build_engines
     from gemma4_compile.errors import BuildError
 
-    export = make_quant_export("tiny-e2b", fmt, dtype="fp16")
+    export = make_quant_export("tiny-e2b", fmt, dtype="bf16" if fmt == "nvfp4" else "fp16")
     with pytest.raises(BuildError, match=f"{target} cannot run {fmt} weights"):
         build_engines(export, [target])
     assert not (export / "engines" / target).exists()
