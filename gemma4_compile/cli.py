@@ -230,8 +230,9 @@ def _print_quant_sizes(spec, request, dtype: str) -> None:
     from .quant.sizes import role_sizes
 
     check_quant(request, spec)
-    quant = plan_quant(request, sorted(expected_shapes(spec)), dtype)
-    rows = role_sizes(expected_shapes(spec), quant, dtype)
+    shapes = expected_shapes(spec)  # builds the model on the meta device: once
+    quant = plan_quant(request, sorted(shapes), dtype)
+    rows = role_sizes(shapes, quant, dtype)
     table = Table(title=f"--quant {request.format} at {dtype} ({quant.graph}, min sm{quant.min_sm or 75})")
     for col in ("role", "format", "tensors", "params", f"{dtype} MiB", "exported MiB"):
         table.add_column(col, justify="right")

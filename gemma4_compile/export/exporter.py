@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
-import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from ..model.audio_weights import resolve_audio_weights
 from ..model.config import Gemma4Spec
 from ..model.model import Gemma4TextModel
 from ..model.vision import Gemma4Vision
-from ..model.vision_config import ImageTokens, VisionSpec, bidirectional_image_blocks
+from ..model.vision_config import ImageTokens, VisionSpec, bidirectional_image_blocks, read_config_json
 from ..model.vision_weights import resolve_vision_weights
 from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
 from ..ops import UnknownOpError
@@ -109,14 +108,15 @@ def export_checkpoint(
     if dtype not in FLOAT_CHOICES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_CHOICES)}")
     spec = Gemma4Spec.from_pretrained(checkpoint_dir)
-    refusal = prequantized_refusal(json.loads((Path(checkpoint_dir) / "config.json").read_text()))
+    config = read_config_json(checkpoint_dir)  # for what the text spec does not carry
+    refusal = prequantized_refusal(config)
     if refusal:
         raise ExportError(refusal)
     check_quant(quant, spec)
     # None: no such tower (or text_only); with neither, the text graphs only
     vision = None if text_only else VisionSpec.from_pretrained(checkpoint_dir)
     audio = None if text_only else AudioSpec.from_pretrained(checkpoint_dir)
-    multimodal = _multimodal(checkpoint_dir, spec, vision) if vision is not None else None
+    multimodal = _multimodal(config, spec, vision) if vision is not None else None
     reader = CheckpointReader(checkpoint_dir)
     entries = resolve_text_weights(reader, spec)
     if vision is not None:
@@ -141,8 +141,7 @@ def export_checkpoint(
     )
 
 
-def _multimodal(checkpoint_dir: str | Path, spec: Gemma4Spec, vision: VisionSpec) -> MultimodalSpec:
-    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())  # read fine by from_pretrained
+def _multimodal(config: dict, spec: Gemma4Spec, vision: VisionSpec) -> MultimodalSpec:
     tokens = ImageTokens.from_hf_dict(config)
     if tokens.pad != spec.pad_token_id:
         raise ExportError(f"pad token id {tokens.pad} != the text config's {spec.pad_token_id}")

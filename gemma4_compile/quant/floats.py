@@ -15,6 +15,8 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from .rtn import pack_nibbles, per_block, to_blocks
+
 FP8 = ml_dtypes.float8_e4m3fn
 FP4 = ml_dtypes.float4_e2m1fn
 FP8_MAX = 448.0
@@ -22,25 +24,11 @@ FP4_MAX = 6.0
 NVFP4_BLOCK = 16
 
 
-def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
-    """w [N, K] -> float32 [N, blocks, block_size], K padded with zeros to whole blocks."""
-    n, k = w.shape
-    nb = -(-k // block_size)
-    padded = np.zeros((n, nb * block_size), dtype=np.float32)
-    padded[:, :k] = w
-    return padded.reshape(n, nb, block_size)
-
-
-def _divide(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """blocks / scales per block; an all-zero block (scale 0) gives codes 0."""
-    return blocks / np.where(scales == 0, 1.0, scales)[..., None]
-
-
 def quantize_fp8_rows(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """w [N, K] -> (codes float8_e4m3fn [N, blocks, block_size], scales float32 [N, blocks])."""
-    blocks = _blocks(w, block_size)
+    blocks = to_blocks(w, block_size)
     scales = (np.abs(blocks).max(axis=2) / FP8_MAX).astype(np.float32)
-    codes = np.clip(_divide(blocks, scales), -FP8_MAX, FP8_MAX).astype(FP8)
+    codes = np.clip(per_block(blocks, scales), -FP8_MAX, FP8_MAX).astype(FP8)
     return codes, scales
 
 
@@ -53,14 +41,13 @@ def quantize_nvfp4_rows(w: np.ndarray, global_scale: float) -> tuple[np.ndarray,
     """w [N, K] -> (codes float4_e2m1fn [N, blocks, 16], block scales float8_e4m3fn [N, blocks]).
 
     `global_scale` is the value the graph multiplies by (already rounded to the scale's dtype)."""
-    blocks = _blocks(w, NVFP4_BLOCK)
+    blocks = to_blocks(w, NVFP4_BLOCK)
     block_scales = np.clip(np.abs(blocks).max(axis=2) / FP4_MAX / global_scale, 0, FP8_MAX).astype(FP8)
     effective = block_scales.astype(np.float32) * np.float32(global_scale)
-    codes = np.clip(_divide(blocks, effective), -FP4_MAX, FP4_MAX).astype(FP4)
+    codes = np.clip(per_block(blocks, effective), -FP4_MAX, FP4_MAX).astype(FP4)
     return codes, block_scales
 
 
 def pack_fp4(codes: np.ndarray) -> np.ndarray:
     """float4_e2m1fn [..., even] -> uint8 [..., half]: two codes per byte, the lower k in the low nibble."""
-    u = codes.view(np.uint8) & 0x0F
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    return pack_nibbles(codes.view(np.uint8))

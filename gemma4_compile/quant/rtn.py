@@ -27,9 +27,27 @@ def num_blocks(k: int, block_size: int) -> int:
 MSE_GRID = {4: np.linspace(0.7, 1.0, 13, dtype=np.float32), 8: np.linspace(0.97, 1.0, 13, dtype=np.float32)}
 
 
+def to_blocks(w: np.ndarray, block_size: int) -> np.ndarray:
+    """w [N, K] -> float32 [N, blocks, block_size], K padded with zeros to whole blocks."""
+    n, k = w.shape
+    padded = np.zeros((n, num_blocks(k, block_size) * block_size), dtype=np.float32)
+    padded[:, :k] = w
+    return padded.reshape(n, -1, block_size)
+
+
+def per_block(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """blocks / scales, block by block; an all-zero block (scale 0) gives 0."""
+    return blocks / np.where(scales == 0, 1.0, scales)[..., None]
+
+
+def pack_nibbles(u: np.ndarray) -> np.ndarray:
+    """4-bit codes in the low bits of uint8 [..., even] -> uint8 [..., half], the lower k in the low nibble."""
+    u = u & 0x0F
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
 def _codes(blocks: np.ndarray, scales: np.ndarray, lo: int) -> np.ndarray:
-    safe = np.where(scales == 0, 1.0, scales)[..., None]  # an all-zero block: codes 0, scale 0
-    return np.clip(np.rint(blocks / safe), lo, -lo - 1).astype(np.int8)
+    return np.clip(np.rint(per_block(blocks, scales)), lo, -lo - 1).astype(np.int8)
 
 
 def _mse_scales(blocks: np.ndarray, scales: np.ndarray, lo: int, bits: int) -> np.ndarray:
@@ -50,11 +68,7 @@ def quantize_rows(
     `positive`: TensorRT's DequantizeLinear refuses negative scales, so its rule is absmax / (2^(bits-1) - 1),
     a grid of -7..7 (int4) that leaves -8 unused; otherwise the signed-absmax rule of the module docstring.
     `method` "mse": the scale factor of MSE_GRID with the least squared error, per block."""
-    n, k = w.shape
-    nb = num_blocks(k, block_size)
-    padded = np.zeros((n, nb * block_size), dtype=np.float32)
-    padded[:, :k] = w
-    blocks = padded.reshape(n, nb, block_size)
+    blocks = to_blocks(w, block_size)
     lo = -(1 << (bits - 1))
     if positive:
         scales = (np.abs(blocks).max(axis=2) / (-lo - 1)).astype(np.float32)
@@ -75,18 +89,13 @@ def dequantize_rows(codes: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray
 def pack_matmulnbits(codes: np.ndarray, bits: int) -> np.ndarray:
     """Signed codes [N, blocks, block_size] -> MatMulNBits B, uint8 [N, blocks, block_size * bits / 8]."""
     u = (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
-    if bits == 8:
-        return u
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    return u if bits == 8 else pack_nibbles(u)
 
 
 def pack_signed(codes: np.ndarray, bits: int) -> np.ndarray:
     """Signed codes [N, blocks, block_size] -> ONNX INT8 bytes, or INT4 two's complement nibbles (low first)."""
     u = codes.astype(np.int8).view(np.uint8)
-    if bits == 8:
-        return u
-    u = u & 0x0F
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    return u if bits == 8 else pack_nibbles(u)
 
 
 def fake_quantize(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
