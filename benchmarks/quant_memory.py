@@ -2,6 +2,13 @@
 against the fp32 export, for fp32 / int8 / int4 exports of one random mid-size E2B-like checkpoint, in one run.
 
     python benchmarks/quant_memory.py [--prompt 128] [--steps 32] [--threads 2]
+    python benchmarks/quant_memory.py --edge CKPT [--prompt 512] [--steps 64] [--fp32]
+
+`--edge CKPT`: the full-size E2B (`gemma4-compile init-random --preset e2b --text-only -o CKPT`) exported with
+the edge recipe (EDGE below), decoding `--steps` tokens after a `--prompt`-token prompt prefilled in chunks of
+PREFILL_CHUNK, with the embedding and PLE rows read from weights.data by row (runners/rows.py), onnxruntime's
+CPU arena off and glibc's mmap threshold at 64 KiB (EDGE_ENV); `--fp32` adds the fp32 export (17.6 GB on disk) in the same run. bf16 exports do not run on
+onnxruntime's CPU provider (no bf16 MatMul), so there is no bf16 row.
 
 Each export decodes in its own process, so VmHWM (the process's peak RSS: interpreter, onnxruntime, weights,
 caches) is that export's alone. Quality is reported, not judged: on random weights even correct quantization
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -54,6 +62,102 @@ print(json.dumps({"session_s": session_s, "generate_s": decode_s, "vmhwm_mib": h
 """
 
 
+# The edge recipe: int4 MatMuls in blocks of 128, the tied LM head int4 too, the PLE projections int8; the
+# embedding and PLE tables are int8 rows by default. Blocks of 64 cost 68 MiB more fp32 scales on E2B.
+EDGE = QuantRequest("int4", 128, overrides=(("lm_head", "int4"), ("ple_proj", "int8")))
+PREFILL_CHUNK = (
+    16  # prompt tokens per call: bounds the [chunk, 262144] fp32 logits (and their softcap) to 16 MiB
+)
+# glibc keeps freed activation buffers in its heap; above 64 KiB it maps them and returns them on free
+EDGE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+# A fresh interpreter per export: chunked prefill, greedy decode, VmHWM and timings as one JSON line.
+EDGE_CHILD = r"""
+import json, sys, time
+import numpy as np
+import onnxruntime as ort
+from gemma4_compile.runners.ort import OrtRunner
+export, prompt, steps, threads, chunk = sys.argv[1], *map(int, sys.argv[2:6])
+options = ort.SessionOptions()
+options.enable_cpu_mem_arena = False  # the arena keeps its high-water mark of every call's activations
+options.log_severity_level = 3
+t0 = time.perf_counter()
+runner = OrtRunner(export, threads=threads, options=options)
+session_s = time.perf_counter() - t0
+session_hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+ids = np.random.default_rng(0).integers(3, runner.spec.vocab_size, (1, prompt))
+state = runner.start(1, prompt + steps)
+t0 = time.perf_counter()
+for i in range(0, prompt, chunk):
+    logits = runner.step(state, ids[:, i : i + chunk], np.array([min(chunk, prompt - i)]))
+prefill_s = time.perf_counter() - t0
+tokens, one = [], np.ones(1, np.int64)
+t0 = time.perf_counter()
+for _ in range(steps):
+    tokens.append(int(logits[0, -1].argmax()))
+    logits = runner.step(state, np.array([[tokens[-1]]]), one)
+decode_s = time.perf_counter() - t0
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"session_s": session_s, "prefill_s": prefill_s, "decode_s": decode_s, "tokens": tokens,
+                  "session_vmhwm_mib": session_hwm / 1024, "vmhwm_mib": hwm / 1024}))
+"""
+
+
+def _edge(args: argparse.Namespace) -> None:
+    """The full-size E2B with the edge recipe (and fp32 with --fp32): export, then decode in a fresh process."""
+    variants = {"int4 edge": EDGE, **({"fp32": None} if args.fp32 else {})}
+    results = {}
+    work = Path(args.workdir)
+    for name, request in variants.items():
+        out = work / name.replace(" ", "-")
+        t0 = time.perf_counter()
+        if not (out / "export.json").exists():
+            export_checkpoint(args.edge, out, max_seq_len=args.prompt + args.steps, quant=request)
+        export_s = time.perf_counter() - t0
+        cmd = [
+            sys.executable,
+            "-c",
+            EDGE_CHILD,
+            str(out),
+            str(args.prompt),
+            str(args.steps),
+            str(args.threads),
+        ]
+        env = {**os.environ, **EDGE_ENV}
+        run = subprocess.run([*cmd, str(PREFILL_CHUNK)], check=True, capture_output=True, text=True, env=env)
+        r = json.loads(run.stdout.strip().splitlines()[-1])
+        r["weights_mib"] = (out / "weights.data").stat().st_size / 2**20
+        r["export_s"] = export_s
+        results[name] = r
+    rows = [
+        [
+            name,
+            r["weights_mib"],
+            r["session_vmhwm_mib"],
+            r["vmhwm_mib"],
+            r["vmhwm_mib"] * 2**20 / 1e9,
+            args.prompt / r["prefill_s"],
+            args.steps / r["decode_s"],
+        ]
+        for name, r in results.items()
+    ]
+    report(
+        f"full-size E2B (random weights) on ORT CPU, {args.threads} threads: {args.steps} tokens after a "
+        f"{args.prompt}-token prompt (prefill in chunks of {PREFILL_CHUNK}; rows read by row; RSS = VmHWM)",
+        [
+            "export",
+            "weights MiB",
+            "RSS after load MiB",
+            "peak RSS MiB",
+            "peak GB",
+            "prefill tok/s",
+            "decode tok/s",
+        ],
+        rows,
+        {"benchmark": "quant_memory_edge", "prompt": args.prompt, "steps": args.steps, "results": results},
+    )
+
+
 def _decode(export: Path, args: argparse.Namespace, logits_file: Path) -> dict:
     cmd = [sys.executable, "-c", CHILD, str(export), str(args.prompt), str(args.steps), str(args.threads)]
     out = subprocess.run([*cmd, str(logits_file)], check=True, capture_output=True, text=True).stdout
@@ -77,10 +181,18 @@ def _quality(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=None, help="[default: 128; --edge 512]")
+    ap.add_argument("--steps", type=int, default=None, help="[default: 32; --edge 64]")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--edge", type=Path, default=None, help="a full-size E2B checkpoint: the edge recipe")
+    ap.add_argument("--fp32", action="store_true", help="--edge: the fp32 export too (17.6 GB on disk)")
+    ap.add_argument("--workdir", default=tempfile.gettempdir(), help="--edge: where exports go (reused)")
     args = ap.parse_args()
+    edge = args.edge is not None
+    args.prompt = args.prompt or (512 if edge else 128)
+    args.steps = args.steps or (64 if edge else 32)
+    if edge:
+        return _edge(args)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"

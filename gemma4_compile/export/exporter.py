@@ -33,8 +33,17 @@ from ..model.vision_config import ImageTokens, VisionSpec, bidirectional_image_b
 from ..model.vision_weights import resolve_vision_weights
 from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
 from ..ops import UnknownOpError
-from ..passes import LOWERINGS, DequantizeWeights, QuantizeMatMuls, export_cleanup, run_on_proto, run_passes
+from ..passes import (
+    LOWERINGS,
+    DequantizeRows,
+    DequantizeWeights,
+    QuantizeMatMuls,
+    export_cleanup,
+    run_on_proto,
+    run_passes,
+)
 from ..quant.formats import (
+    EMBED_ROWS,
     GRAPH_NBITS,
     LM_HEAD,
     QuantRequest,
@@ -291,7 +300,8 @@ def _export_into(
     quant = None
     graph_names = {role: names for role in traced}
     if quant_request is not None:
-        quant, layout, graph_names[DECODER] = _plan_quant(quant_request, traced, names, layout, act)
+        quant, layout, maps = _plan_quant(quant_request, traced, names, layout, act)
+        graph_names.update(maps)
     placed = write_weight_file(tmp, layout, act.torch, write_data=entries is not None, quant=quant)
     for role, graph in traced.items():
         attach_weights(graph, graph_names[role], placed, act.torch, tmp, computed)
@@ -301,6 +311,9 @@ def _export_into(
         )
         encode = QuantizeMatMuls if quant.graph == GRAPH_NBITS else DequantizeWeights
         traced[DECODER] = run_passes(traced[DECODER], [encode(weights)])
+        rows = quantized_weights(traced[EMBED], graph_names[EMBED], placed, tmp, 0, act.torch)
+        if rows:
+            traced[EMBED] = run_passes(traced[EMBED], [DequantizeRows(rows)])
     progress("save graphs")
     for p in producers:
         check = entries is not None and (
@@ -353,18 +366,26 @@ def _plan_quant(
     layout: dict[str, TensorEntry],
     act: DType,
 ) -> tuple[QuantSpec, dict[str, TensorEntry], dict[str, str]]:
-    """The quantization of the decoder's weights, the writer's entries with the LM head's quantized copy of the
-    tied embedding (`lm_head`), and the decoder's initializer -> tensor names pointing at that copy."""
+    """The quantization of the export's weights, the writer's entries with the quantized copies of the tied
+    embedding (`lm_head` for the decoder, `embed_rows` for the embed graph), and the decoder's and embed graph's
+    initializer -> tensor names pointing at those copies."""
     quant = plan_quant(request, sorted(layout), act.value)
-    for role, graph in traced.items():  # only the decoder's MatMuls are rewritten; other graphs read floats
-        shared = {names[n] for n in graph.graph.initializers} & set(quant.tensors)
+    rows = {EMBED_ROWS: "embed_tokens.weight"} if EMBED_ROWS in quant.tensors else {}
+    for role, graph in traced.items():  # the decoder's MatMuls and the embed graph's gathers are rewritten
+        readable = set(quant.row_tables) if role == EMBED else set()
+        shared = {names[n] for n in graph.graph.initializers} & set(quant.tensors) - readable
         if role != DECODER and shared:
             raise ExportError(f"the {role} graph reads '{min(shared)}', which --quant would quantize")
-    decoder_map = dict(names)
+    decoder_map, embed_map = dict(names), dict(names)
     if LM_HEAD in quant.tensors:
-        layout = {**layout, LM_HEAD: layout["embed_tokens.weight"]}
+        rows[LM_HEAD] = "embed_tokens.weight"
         decoder_map.update({i: LM_HEAD for i, n in names.items() if n == "embed_tokens.weight"})
-    return quant, layout, decoder_map
+    if EMBED_ROWS in quant.tensors:
+        embed_map.update({i: EMBED_ROWS for i, n in names.items() if n == "embed_tokens.weight"})
+    layout = {**layout, **{copy: layout[src] for copy, src in rows.items()}}
+    if LM_HEAD in quant.tensors and EMBED_ROWS in quant.tensors:
+        layout.pop("embed_tokens.weight")  # both readers have their own copy: no float table is written
+    return quant, layout, {DECODER: decoder_map, EMBED: embed_map}
 
 
 def _trace(module: torch.nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> ir.Model:

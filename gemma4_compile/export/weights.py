@@ -7,15 +7,16 @@ referenced by the embed graph (gather) and the decoder (LM head).
 With `--quant`, a quantized tensor is written as its codes and then its scales (quant/encode.py), row chunk by
 row chunk, instead of its float bytes (MatMulNBits codes and fp32 scales for an fp32 integer export; for
 DequantizeLinear, ONNX INT4/INT8/FLOAT8E4M3FN/FLOAT4E2M1 codes and scales in the export dtype, E4M3 for nvfp4,
-whose tensor-wide scale takes one more read of the tensor); only the scales of one tensor are held until it
-ends. The decoder's
-quantized LM head is a second copy of the tied embedding under the name `lm_head` (the embed graph's gather
-keeps the float table).
+whose tensor-wide scale takes one more read of the tensor); the scales go to a spill file until the codes
+end, so memory holds one chunk. The tied embedding's quantized copies are separate tensors: `lm_head` (the
+decoder's MatMul weights) and `embed_rows` (the embed graph's int8 rows).
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from ..quant.sizes import quantized_nbytes
 DATA_FILE = "weights.data"
 ALIGN = 64
 CHUNK_BYTES = 64 << 20
+QUANT_CHUNK_BYTES = 16 << 20  # float32 rows per quantized chunk: the encoder makes several temporaries of it
 
 
 @dataclass(frozen=True)
@@ -111,46 +113,45 @@ def _read_rows(src: TensorEntry, rows: int):
 
 
 def _chunk_rows(src: TensorEntry) -> int:
-    in_size = torch.empty((), dtype=src.dtype).element_size()
-    return max(1, CHUNK_BYTES // (src.shape[-1] * max(in_size, 4)))
+    return max(1, QUANT_CHUNK_BYTES // (src.shape[-1] * 4))
 
 
 def _absmax(src: TensorEntry) -> float:
     return max((float(np.abs(w).max(initial=0.0)) for w in _read_rows(src, _chunk_rows(src))), default=0.0)
 
 
-def _write_quantized(src: TensorEntry, dst, q: QuantPlaced) -> tuple[int, bytes]:
-    """Append the codes of `src` chunk by chunk; returns (bytes written, the scales' bytes)."""
-    written, scales = 0, []
+def _write_quantized(src: TensorEntry, dst, q: QuantPlaced, spill) -> int:
+    """Append the codes of `src` chunk by chunk, and its scales as stored to the file `spill` (E2B's PLE table
+    has 147 MB of fp32 scales: held in memory they would be a third of the export's bound); returns the bytes
+    of codes written."""
+    written = 0
     for w in _read_rows(src, _chunk_rows(src)):
         data, s = encode_rows(q.fmt, w, q.block_size, q.graph, q.global_scale, q.method)
         dst.write(data)
         written += len(data)
-        scales.append(s)
-    stored = torch.from_numpy(np.concatenate(scales)).to(
-        q.scale_dtype
-    )  # the graph's scale type, rounded once
-    return written, stored.view(torch.uint8).numpy().tobytes()
+        spill.write(torch.from_numpy(s).to(q.scale_dtype).view(torch.uint8).numpy().tobytes())
+    return written
 
 
-def _scale_dtype(quant: QuantSpec, fmt: str, dtype: torch.dtype) -> torch.dtype:
+def _scale_dtype(graph: str, fmt: str, dtype: torch.dtype) -> torch.dtype:
     if fmt == "nvfp4":
         return torch.float8_e4m3fn
-    return torch.float32 if quant.graph == GRAPH_NBITS else dtype
+    return torch.float32 if graph == GRAPH_NBITS else dtype
 
 
 def _quant_layout(
-    entry: TensorEntry, quant: QuantSpec, fmt: str, dtype: torch.dtype, offset: int, read: bool
+    name: str, entry: TensorEntry, quant: QuantSpec, dtype: torch.dtype, offset: int, read: bool
 ) -> QuantPlaced:
-    """Where the codes and scales of `entry` go when the codes start at `offset` (scales follow, aligned).
+    """Where the codes and scales of tensor `name` go when the codes start at `offset` (scales follow, aligned).
     `read`: read the tensor for nvfp4's global scale (a graph-only export stores 1.0)."""
     if len(entry.shape) not in (2, 3):
         raise ExportError(
             f"cannot quantize '{entry.key}': expected a 2-D weight or 3-D experts, got shape {list(entry.shape)}"
         )
     n, k = int(np.prod(entry.shape[:-1])), entry.shape[-1]  # experts [E, N, K]: E*N rows
+    fmt, graph = quant.format_of(name), quant.graph_of(name)
     bits, block_size = BITS[fmt], quant.block_of(fmt)
-    scale_dtype = _scale_dtype(quant, fmt, dtype)
+    scale_dtype = _scale_dtype(graph, fmt, dtype)
     code_bytes, scale_bytes = quantized_nbytes(n, k, bits, block_size, scale_dtype.itemsize)
     codes = Placed(offset, code_bytes)
     end = codes.offset + codes.length
@@ -159,9 +160,7 @@ def _quant_layout(
     if fmt == "nvfp4":
         g = global_scale(_absmax(entry), DType.parse(dtype).value) if read else 1.0
     lead = tuple(entry.shape[:-1])
-    return QuantPlaced(
-        codes, scales, bits, block_size, n, k, quant.graph, scale_dtype, fmt, g, quant.method, lead
-    )
+    return QuantPlaced(codes, scales, bits, block_size, n, k, graph, scale_dtype, fmt, g, quant.method, lead)
 
 
 def write_weight_file(
@@ -189,13 +188,16 @@ def write_weight_file(
                 pad_to(start, dst)
                 fmt = quant.format_of(name) if quant is not None else None
                 if fmt is not None:
-                    q = _quant_layout(entry, quant, fmt, dtype, start, dst is not None)
+                    q = _quant_layout(name, entry, quant, dtype, start, dst is not None)
                     if dst is not None:
-                        written, scales = _write_quantized(entry, dst, q)
-                        offset = start + written
-                        pad_to(q.scales.offset, dst)
-                        dst.write(scales)
-                        if written != q.codes.length or len(scales) != q.scales.length:
+                        with tempfile.TemporaryFile(dir=out_dir) as spill:
+                            written = _write_quantized(entry, dst, q, spill)
+                            offset = start + written
+                            pad_to(q.scales.offset, dst)
+                            scales = spill.tell()
+                            spill.seek(0)
+                            shutil.copyfileobj(spill, dst, CHUNK_BYTES)
+                        if written != q.codes.length or scales != q.scales.length:
                             raise ExportError(f"tensor '{entry.key}' did not quantize to its layout")
                     placed[name] = q
                     offset = q.scales.offset + q.scales.length

@@ -5,76 +5,40 @@
 
 Passes: FoldConstants (fold_constants.py), RMSNormAsDiv (rms_norm_div.py), RenameShadowedOps
 (rename_shadowed.py), SplitMoE (split_moe.py), MarkAot (mark_aot.py), QuantizeMatMuls and DequantizeWeights
-(quantize_matmul.py), and the lowerings in `LOWERINGS` (lowerings.py; the gqa pass in lower_gqa.py).
-Importing this package imports no torch and no TensorRT.
+(quantize_matmul.py), DequantizeRows (quantize_gather.py), and the lowerings in `LOWERINGS` (lowerings.py; the gqa pass in lower_gqa.py).
+Importing this package imports no torch and no TensorRT, and nothing until a name is used (PEP 562), so the
+runners can read `passes.lowerings` without loading onnx-ir.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+from typing import Any
 
-import onnx
-import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-from ..errors import Gemma4CompileError
-from .fold_constants import FoldConstants
-from .lowerings import LOWERINGS, Lowering, lowering_refusal
-from .mark_aot import MarkAot
-from .plugin_nodes import plugin_lookup
-from .quantize_matmul import DequantizeWeights, DQWeight, NBitsWeight, QuantizeMatMuls
-from .rename_shadowed import RenameShadowedOps
-from .rms_norm_div import RMSNormAsDiv
-from .split_moe import SplitMoE
-
-__all__ = [
-    "LOWERINGS",
-    "DQWeight",
-    "DequantizeWeights",
-    "FoldConstants",
-    "Lowering",
-    "MarkAot",
-    "NBitsWeight",
-    "QuantizeMatMuls",
-    "RMSNormAsDiv",
-    "RemoveUnusedNodesPass",
-    "RenameShadowedOps",
-    "SplitMoE",
-    "export_cleanup",
-    "lowering_refusal",
-    "plugin_lookup",
-    "run_on_proto",
-    "run_passes",
-]
+_WHERE = {  # public name -> the module defining it
+    "FoldConstants": "fold_constants",
+    "LOWERINGS": "lowerings",
+    "Lowering": "lowerings",
+    "lowering_refusal": "lowerings",
+    "MarkAot": "mark_aot",
+    "plugin_lookup": "plugin_nodes",
+    "DequantizeRows": "quantize_gather",
+    "DequantizeWeights": "quantize_matmul",
+    "DQWeight": "quantize_matmul",
+    "NBitsWeight": "quantize_matmul",
+    "QuantizeMatMuls": "quantize_matmul",
+    "RenameShadowedOps": "rename_shadowed",
+    "RMSNormAsDiv": "rms_norm_div",
+    "SplitMoE": "split_moe",
+    "export_cleanup": "run",
+    "run_on_proto": "run",
+    "run_passes": "run",
+    "RemoveUnusedNodesPass": "run",
+}
+__all__ = sorted(_WHERE)
 
 
-def export_cleanup() -> list[ir.passes.PassBase]:
-    """After tracing: fold constant shape arithmetic, write RMSNorms in the form onnxruntime fuses, then drop
-    the Constants nothing reads any more."""
-    return [FoldConstants(), RMSNormAsDiv(), RemoveUnusedNodesPass()]
-
-
-def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> ir.Model:
-    """Run `passes` in order (onnx-ir's PassManager); our own one-line errors come out unwrapped."""
-    try:
-        return ir.passes.PassManager(passes)(model).model
-    except ir.passes.PassError as e:
-        cause = e.__cause__
-        while cause is not None and not isinstance(cause, Gemma4CompileError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
-
-
-def run_on_proto(proto: onnx.ModelProto, passes: Sequence[ir.passes.PassBase]) -> None:
-    """Run `passes` on a ModelProto in place. The empty strings onnx.parser and the exporter write explicitly
-    (function nodes' domain, the model doc_string) are written back, so untouched parts keep their bytes."""
-    out = ir.serde.serialize_model(run_passes(ir.serde.deserialize_model(proto), passes))
-    for function in out.functions:
-        for node in function.node:
-            if not node.HasField("domain"):
-                node.domain = ""
-    if proto.HasField("doc_string"):
-        out.doc_string = proto.doc_string
-    proto.CopyFrom(out)
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

@@ -40,20 +40,28 @@ class NBitsWeight:
     accuracy_level: int = 0
 
 
-class QuantizeMatMuls(ir.passes.InPlacePass):
-    """`weights`: initializer name -> its quantized form. `replaced` after a run: how many MatMuls changed."""
+class WeightRewrite(ir.passes.InPlacePass):
+    """A pass replacing float initializers by quantized forms: `weights` maps initializer name -> its form;
+    `replaced` after a run: how many nodes changed."""
 
-    def __init__(self, weights: dict[str, NBitsWeight]) -> None:
+    def __init__(self, weights: dict) -> None:
         super().__init__()
         self.weights = weights
         self.replaced = 0
 
+    def initializer(self, model: ir.Model, name: str) -> ir.Value:
+        value = model.graph.initializers.get(name)
+        if value is None:
+            raise ir.passes.PreconditionError(f"quantized weight '{name}' is not an initializer")
+        return value
+
+
+class QuantizeMatMuls(WeightRewrite):
+    """`weights`: initializer name -> its MatMulNBits form."""
+
     def requires(self, model: ir.Model) -> None:
         for name in self.weights:
-            value = model.graph.initializers.get(name)
-            if value is None:
-                raise ir.passes.PreconditionError(f"quantized weight '{name}' is not an initializer")
-            for use in value.uses():
+            for use in self.initializer(model, name).uses():
                 bad = _not_weight_transpose(use.node)
                 if bad is not None:
                     raise ir.passes.PreconditionError(
@@ -146,20 +154,14 @@ class DQWeight:
         return FP4_OPSET if self.codes.dtype == ir.DataType.FLOAT4E2M1 else DQ_OPSET
 
 
-class DequantizeWeights(ir.passes.InPlacePass):
+class DequantizeWeights(WeightRewrite):
     """`weights`: initializer name -> its codes and scales; every use of W reads the dequantized tensor instead
     (sliced back to K columns where K is not a whole number of blocks). Raises the default opset to 21 (23
     with nvfp4)."""
 
-    def __init__(self, weights: dict[str, DQWeight]) -> None:
-        super().__init__()
-        self.weights = weights
-        self.replaced = 0
-
     def requires(self, model: ir.Model) -> None:
-        missing = [n for n in self.weights if n not in model.graph.initializers]
-        if missing:
-            raise ir.passes.PreconditionError(f"quantized weight '{missing[0]}' is not an initializer")
+        for name in self.weights:
+            self.initializer(model, name)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

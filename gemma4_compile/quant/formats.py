@@ -6,8 +6,9 @@ Defaults (docs/export-format.md, "Quantization"): attention q/k/v/o and MLP gate
 LM head (the tied embedding used as a GEMM) takes int8, because peers found Gemma's tied head the most sensitive
 linear (docs/export-format.md, "Quantization", the role table); norms, the router and the PLE projections stay in the export dtype
 (tiny, and quantizing them costs far more accuracy than it saves bytes). The token embedding and the PLE table
-stay in the export dtype in this version: they are gathers, not MatMuls, and their int8 form (a host-side row
-reader) is future work. MoE experts take `--quant` per expert: their [E, N, K] tensors are blocked along K like
+are gathers, not MatMuls: they take int8 rows (one scale per block of each row, ROW_FORMATS), which the embed graph
+gathers and dequantizes row by row (passes/quantize_gather.py) and which onnxruntime reads from the data file by
+row (runners/rows.py), so the 4.4 GiB PLE table of E2B is never loaded whole. MoE experts take `--quant` per expert: their [E, N, K] tensors are blocked along K like
 any weight and dequantized by one DequantizeLinear (axis 2) before the MoE op reads them, so an export that
 quantizes them takes the DequantizeLinear form (MatMulNBits is a 2-D GEMM).
 
@@ -38,6 +39,7 @@ NVFP4_BLOCK = 16  # fixed by the format: E4M3 block scales per 16 values
 DEFAULT_BLOCK = {"int4": 32, "int8": 32, "fp8": 128, "nvfp4": NVFP4_BLOCK}
 MIN_SM = {"fp8": 89, "nvfp4": 120}  # TensorRT-RTX: FP8 from Ada, FP4 from Blackwell (others: any target)
 LM_HEAD_FORMAT = "int8"
+ROW_ROLES, ROW_FORMATS = ("embed", "ple_table"), ("int8",)  # gathered tables: int8 rows, whatever --quant is
 # One quantized weight stream, two graph encodings (docs/export-format.md, "Quantization"): fp32 exports are
 # onnxruntime's (MatMulNBits, 0.7 GiB less than ORT's own DQ fusion on E2B); fp16/bf16 exports are TensorRT's
 # (standard opset-21 blockwise DequantizeLinear before the Transpose -> MatMul), which ORT runs too (fp16).
@@ -54,9 +56,10 @@ def graph_form(dtype: str, formats: set[str] | frozenset[str] = frozenset(), exp
 # Every role a weight can have; `role_of` maps tensor names to them.
 LINEAR_ROLES = ("attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down")
 ROLES = (*LINEAR_ROLES, "lm_head", "embed", "ple_table", "ple_proj", "router", "moe_experts")
-KEPT_BY_DEFAULT = ("router", "ple_proj", "embed", "ple_table")  # always at the export dtype in this version
+KEPT_BY_DEFAULT = ("router", "ple_proj")  # at the export dtype unless overridden (ple_proj) or never (router)
 
 LM_HEAD = "lm_head"  # the decoder's name for its quantized copy of the tied embedding
+EMBED_ROWS = "embed_rows"  # the embed graph's name for its quantized copy of the tied embedding
 _ROLE_PATTERNS = [
     (re.compile(r"layers\.\d+\.self_attn\.([qkvo])_proj\.weight$"), "attn_{}"),
     (re.compile(r"layers\.\d+\.mlp\.(gate|up|down)_proj\.weight$"), "mlp_{}"),
@@ -73,6 +76,8 @@ def role_of(name: str) -> str | None:
     `embed_tokens.weight` as the decoder uses it is the LM head (the embed graph's gather is `embed`)."""
     if name in ("embed_tokens.weight", LM_HEAD):
         return "lm_head"
+    if name == EMBED_ROWS:
+        return "embed"
     for pattern, role in _ROLE_PATTERNS:
         m = pattern.search(name)
         if m:
@@ -113,13 +118,24 @@ class QuantSpec:
         return NVFP4_BLOCK if fmt == "nvfp4" else self.block_size
 
     def scales_text(self) -> str:
+        rows = "; gathered rows: positive, int8: absmax/127" if self.row_tables else ""
         if not self.positive_scales:
-            return "signed absmax/qmin"
+            return "signed absmax/qmin" + rows
         rules = {"int4": "absmax/7", "int8": "absmax/127", "fp8": "absmax/448"}
         text = [f"{f}: {rules[f]}" for f in sorted(self.formats) if f in rules]
         if "nvfp4" in self.formats:
             text.append("nvfp4: e4m3 absmax/6 per 16 x global absmax/2688")
         return "positive, " + "; ".join(text)
+
+    def graph_of(self, name: str) -> str:
+        """The encoding of tensor `name`: gathered tables are DequantizeLinear-style rows (signed codes, scales in
+        the export dtype) in every export; MatMul weights follow the export's `graph`."""
+        return GRAPH_DQ if name in self.row_tables else self.graph
+
+    @property
+    def row_tables(self) -> list[str]:
+        """The quantized tensors the embed graph gathers by row (passes/quantize_gather.py)."""
+        return [n for n in self.tensors if role_of(n) in ROW_ROLES]
 
     def format_of(self, name: str) -> str | None:
         """The quantized format of tensor `name`, or None when it stays in the export dtype."""
@@ -169,8 +185,8 @@ class QuantRequest:
         return self.format != "none"
 
 
-# the MatMul weights; the rest are gathers or kept (module docstring)
-OVERRIDABLE = (*LINEAR_ROLES, "lm_head", "moe_experts")
+# the MatMul weights and the gathered tables; the router stays in the export dtype (module docstring)
+OVERRIDABLE = (*LINEAR_ROLES, "lm_head", "moe_experts", "ple_proj", *ROW_ROLES)
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -183,6 +199,10 @@ def parse_override(text: str) -> tuple[str, str]:
         raise ExportError(f"--quant-override {text}: {why}; choose from {', '.join(OVERRIDABLE)}")
     if fmt not in BITS:
         raise ExportError(f"--quant-override {text}: unknown format; choose one of {', '.join(BITS)}")
+    if role in ROW_ROLES and fmt not in ROW_FORMATS:
+        raise ExportError(
+            f"--quant-override {text}: {role} is a gathered table, stored as {'/'.join(ROW_FORMATS)} rows only"
+        )
     return role, fmt
 
 
@@ -232,8 +252,10 @@ def plan_quant(request: QuantRequest, names: list[str], dtype: str) -> QuantSpec
     def format_of(role: str) -> str:
         if role in overrides:
             return overrides[role]
-        if role in kept:
+        if role in kept or not request.enabled:
             return dtype
+        if role in ROW_ROLES:
+            return ROW_FORMATS[0]
         return LM_HEAD_FORMAT if role == "lm_head" else request.format
 
     roles = {r: format_of(r) for r in ROLES if r in present}
@@ -242,11 +264,13 @@ def plan_quant(request: QuantRequest, names: list[str], dtype: str) -> QuantSpec
         role = role_of(name)
         if role is not None and roles[role] in BITS:
             tensors[LM_HEAD if role == "lm_head" else name] = roles[role]
-    formats = set(tensors.values())
+    if roles.get("embed") in BITS:  # the tied embedding's second copy, gathered by the embed graph
+        tensors[EMBED_ROWS] = roles["embed"]
+    formats = {f for n, f in tensors.items() if role_of(n) not in ROW_ROLES}  # the decoder's MatMul weights
     experts = any(role_of(n) == "moe_experts" for n in tensors)
     return QuantSpec(
         request.format,
-        _block_size(request, formats),
+        _block_size(request, set(tensors.values())),
         roles,
         accuracy_level=request.accuracy_level,
         tensors=tensors,

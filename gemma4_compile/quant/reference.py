@@ -13,17 +13,18 @@ import types
 import torch
 
 from .encode import dequantized_rows, global_scale
-from .formats import LM_HEAD, QuantSpec
+from .formats import EMBED_ROWS, LM_HEAD, QuantSpec
 
 
-def _dequantized(weight: torch.Tensor, fmt: str, quant: QuantSpec, dtype: str) -> torch.nn.Parameter:
+def _dequantized(weight: torch.Tensor, name: str, quant: QuantSpec, dtype: str) -> torch.nn.Parameter:
     """codes x scales as the graph computes them: DequantizeLinear's scales are stored in the export dtype
     `dtype`, so they are rounded to it first (a code times a half-precision scale then rounds once, as in DQ)."""
+    fmt, graph = quant.format_of(name), quant.graph_of(name)
     w = weight.detach().float().numpy()
     shape = w.shape
     w = w.reshape(-1, shape[-1])  # MoE experts [E, N, K]: E*N rows, blocked along K like any weight
     g = global_scale(float(abs(w).max(initial=0.0)), dtype) if fmt == "nvfp4" else None
-    deq = dequantized_rows(fmt, w, quant.block_of(fmt), quant.graph, dtype, g, quant.method).reshape(shape)
+    deq = dequantized_rows(fmt, w, quant.block_of(fmt), graph, dtype, g, quant.method).reshape(shape)
     return torch.nn.Parameter(torch.from_numpy(deq).to(weight.dtype), requires_grad=False)
 
 
@@ -31,15 +32,21 @@ def apply_fake_quant(model: torch.nn.Module, quant: QuantSpec, dtype: str) -> to
     """Replace, in place, each weight `quant` quantizes by its dequantized copy, as an export in `dtype` stores
     it (the drift gate's fp64 model too); returns `model`.
 
-    The LM head is the tied embedding: only the logits projection sees the dequantized copy (the export's
-    embed graph gathers the float table)."""
-    for name, fmt in quant.tensors.items():
-        if name == LM_HEAD:
-            _fake_quant_lm_head(model, _dequantized(model.embed_tokens.weight, fmt, quant, dtype))
+    The tied embedding has two readers with their own copies: the embed graph's gather (`embed_rows`) and the
+    logits projection (`lm_head`); each sees its dequantized copy, or the float table where it is not quantized."""
+    table = model.embed_tokens.weight
+    for name in quant.tensors:
+        if name in (LM_HEAD, EMBED_ROWS):
             continue
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        module._parameters[attr] = _dequantized(getattr(module, attr), fmt, quant, dtype)
+        module._parameters[attr] = _dequantized(getattr(module, attr), name, quant, dtype)
+    if EMBED_ROWS in quant.tensors:
+        model.embed_tokens._parameters["weight"] = _dequantized(table, EMBED_ROWS, quant, dtype)
+    if LM_HEAD in quant.tensors or EMBED_ROWS in quant.tensors:
+        _fake_quant_lm_head(
+            model, _dequantized(table, LM_HEAD, quant, dtype) if LM_HEAD in quant.tensors else table
+        )
     return model
 
 

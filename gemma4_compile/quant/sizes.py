@@ -6,16 +6,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .formats import BITS, GRAPH_NBITS, LM_HEAD, ROLES, QuantSpec, role_of
+from .formats import BITS, EMBED_ROWS, GRAPH_NBITS, LM_HEAD, ROLES, QuantSpec, role_of
 
 _DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
-def scale_bytes(quant: QuantSpec, fmt: str, dtype: str) -> int:
+def scale_bytes(graph: str, fmt: str, dtype: str) -> int:
     """Bytes per block scale: E4M3 for nvfp4, fp32 for MatMulNBits, the export dtype for DequantizeLinear."""
     if fmt == "nvfp4":
         return 1
-    return 4 if quant.graph == GRAPH_NBITS else _DTYPE_BYTES[dtype]
+    return 4 if graph == GRAPH_NBITS else _DTYPE_BYTES[dtype]
+
+
+def _nbytes(name: str, shape: tuple[int, ...], quant: QuantSpec, dtype: str) -> int:
+    """Bytes of tensor `name` as exported: codes + scales when quantized, else at the export dtype."""
+    fmt = quant.format_of(name)
+    if fmt is None:
+        return _DTYPE_BYTES[dtype] * math.prod(shape)
+    n, k = math.prod(shape[:-1]), shape[-1]  # MoE experts [E, N, K]: E*N rows
+    scale = scale_bytes(quant.graph_of(name), fmt, dtype)
+    return sum(quantized_nbytes(n, k, BITS[fmt], quant.block_of(fmt), scale))
 
 
 def quantized_nbytes(n: int, k: int, bits: int, block: int, scale_size: int) -> tuple[int, int]:
@@ -35,24 +45,21 @@ class RoleSize:
 
 
 def role_sizes(shapes: dict[str, tuple[int, ...]], quant: QuantSpec, dtype: str) -> list[RoleSize]:
-    """Per role, in ROLES order, for the decoder weights `shapes` (our names). The LM head is the tied
-    embedding read as a GEMM: quantized, it is a second copy (the embed graph's gather keeps the float table)."""
+    """Per role, in ROLES order, for the decoder weights `shapes` (our names). The tied embedding is counted
+    once, as the embed graph's table (`embed`); the LM head is a second copy only when quantized."""
     width = _DTYPE_BYTES[dtype]
     acc: dict[str, list[int]] = {}
     for name, shape in shapes.items():
         role = role_of(name)
         if name == "embed_tokens.weight":
-            _add(acc, "embed", shape, width, width * math.prod(shape))
+            _add(acc, "embed", shape, width, _nbytes(EMBED_ROWS, shape, quant, dtype))
         if role is None or role not in quant.roles:
             continue
-        fmt = quant.format_of(LM_HEAD if role == "lm_head" else name)
-        after = 0 if role == "lm_head" else width * math.prod(shape)
-        if fmt is not None:
-            n, k = math.prod(shape[:-1]), shape[-1]  # MoE experts [E, N, K]: E*N rows
-            after = sum(
-                quantized_nbytes(n, k, BITS[fmt], quant.block_of(fmt), scale_bytes(quant, fmt, dtype))
-            )
-        _add(acc, role, shape, 0 if role == "lm_head" else width, after)
+        if role == "lm_head":  # its own copy when quantized, or the float table once the embed's is int8
+            shared = quant.format_of(LM_HEAD) is None and quant.format_of(EMBED_ROWS) is None
+            _add(acc, role, shape, 0, 0 if shared else _nbytes(LM_HEAD, shape, quant, dtype))
+            continue
+        _add(acc, role, shape, width, _nbytes(name, shape, quant, dtype))
     return [RoleSize(r, quant.roles.get(r, dtype), *acc[r]) for r in ROLES if r in acc]
 
 

@@ -14,7 +14,7 @@ from ..passes.lowerings import lowering_refusal
 from .base import BaseRunner, DecodeState, empty_rows, lengths_of
 from .ort_binding import BoundRunner, CacheBinding
 from .ort_cache import optimized_graph
-from .ort_fp4 import dequantized_copy
+from .rows import row_reader
 
 
 class OrtRunner(BaseRunner):
@@ -30,10 +30,13 @@ class OrtRunner(BaseRunner):
         options: Any = None,
         io_binding: bool = True,
         session_cache: str | Path | None = None,
+        read_rows: bool = True,
     ):
         """`options`: an onnxruntime SessionOptions to start from (profiling, logging); threads apply on top.
         `io_binding`: keep caches in reused bound buffers (ort_binding.py); False feeds numpy per call.
-        `session_cache`: a folder for the decoder graph as onnxruntime optimized it (ort_cache.py)."""
+        `session_cache`: a folder for the decoder graph as onnxruntime optimized it (ort_cache.py).
+        `read_rows`: feed the embed graph's tables row by row from the data file (rows.py); False: let
+        onnxruntime load them."""
         super().__init__()
         try:
             import onnxruntime as ort
@@ -55,6 +58,7 @@ class OrtRunner(BaseRunner):
             options.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
         self._session_cache = Path(session_cache) if session_cache else None
+        self._read_rows, self.rows = read_rows, None
         self.sessions = {role: self._session(ort, role, options, providers) for role in self.manifest.graphs}
         decoder = self.manifest.graphs[DECODER]
         self._act = self.manifest.activation_dtype.numpy
@@ -72,21 +76,33 @@ class OrtRunner(BaseRunner):
         # host buffers bound in place suit the CPU provider; debug exports have outputs the binding leaves out
         cpu_only = providers == ["CPUExecutionProvider"]
         bind = io_binding and cpu_only and not self.manifest.debug
-        self._bound = BoundRunner(ort, self.sessions, self.manifest) if bind else None
+        self._bound = BoundRunner(ort, self.sessions, self.manifest, self.rows) if bind else None
 
     def _session(self, ort, role: str, options, providers: list[str]):
         path = self.manifest.graph_path(role)
         quant = self.manifest.quant
         try:
-            if quant is not None and "nvfp4" in quant.formats and role == DECODER:  # ort_fp4.py
+            if quant is not None and "nvfp4" in quant.formats and role == DECODER:
+                from .ort_fp4 import dequantized_copy  # onnx-ir: loaded only for the exports that need it
+
                 with dequantized_copy(path) as tmp:
                     return ort.InferenceSession(str(Path(tmp) / path.name), options, providers=providers)
+            if role == EMBED and self._read_rows:
+                found = row_reader(path, self._placeholders(), self.spec.pad_token_id)
+                if found is not None:
+                    self.rows, graph = found
+                    return ort.InferenceSession(graph, options, providers=providers)
             if self._session_cache and role == DECODER:  # the graph whose optimization takes the time
                 path = optimized_graph(ort, self.manifest, role, providers, self._session_cache)
             return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime's Fail / InvalidGraph / NoSuchFile...: a file it cannot load
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RunnerError(f"ort: cannot load {path}: {reason}") from None
+
+    def _placeholders(self) -> tuple[int, ...]:
+        """The ids the embed graph swaps for pad before gathering (rows.py keeps them as they are)."""
+        mm = self.manifest.multimodal
+        return (mm.tokens.image,) if mm is not None else ()
 
     def encode_images(self, pixel_values: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """vision.onnx: patches [N, P, 3p²] and positions [N, P, 2] -> soft tokens [N, P/9, E], real counts [N]."""
@@ -118,6 +134,9 @@ class OrtRunner(BaseRunner):
     ) -> dict[str, np.ndarray]:
         self._refuse(state, input_ids)
         feeds = {"input_ids": input_ids}
+        if self.rows is not None:
+            feeds["input_ids"], tables = self.rows.feeds(input_ids)
+            feeds.update(tables)
         if self._no_images is not None:
             feeds[IMAGE_EMBEDS] = self._no_images if images is None else images.astype(self._act, copy=False)
         embedded = dict(zip(self._embed_outputs, self.sessions[EMBED].run(self._embed_outputs, feeds)))

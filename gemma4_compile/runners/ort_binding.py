@@ -21,6 +21,7 @@ import numpy as np
 
 from ..export.manifest import BATCH, DECODER, EMBED, IMAGE_EMBEDS, SEQUENCE, ExportManifest, TensorSpec
 from .base import empty_rows
+from .rows import RowReader
 
 
 def _buffer(t: TensorSpec, batch: int, seq: int) -> np.ndarray:
@@ -67,8 +68,11 @@ class CacheBinding:
 class BoundRunner:
     """Runs embed + decoder through reused IO bindings; one per OrtRunner."""
 
-    def __init__(self, ort: Any, sessions: dict[str, Any], manifest: ExportManifest):
-        self.ort, self.sessions, self.manifest = ort, sessions, manifest
+    def __init__(
+        self, ort: Any, sessions: dict[str, Any], manifest: ExportManifest, rows: RowReader | None = None
+    ):
+        """`rows`: the embed graph's tables are fed per call, read by row (rows.py)."""
+        self.ort, self.sessions, self.manifest, self.rows = ort, sessions, manifest, rows
         self.embed_spec, self.decoder_spec = manifest.graphs[EMBED], manifest.graphs[DECODER]
         self.present_of = {p: q for c in manifest.caches for p, q in zip(c.past, c.present)}
 
@@ -78,6 +82,10 @@ class BoundRunner:
         """-> logits [B, S, V] (a copy: the bound buffer is reused) and the caches the call wrote."""
         B, S = input_ids.shape
         call = binding.calls.get(S) or binding.calls.setdefault(S, self._call(binding, B, S))
+        if self.rows is not None:
+            input_ids, tables = self.rows.feeds(input_ids)
+            for name, rows in tables.items():  # shapes change per call: bound afresh (a few small arrays)
+                call.embed.bind_cpu_input(name, rows)
         np.copyto(call.inputs["input_ids"], input_ids)
         np.copyto(call.inputs["past_len"], past_len)
         np.copyto(call.inputs["seq_len"], seq_len)

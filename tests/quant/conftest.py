@@ -45,14 +45,20 @@ def make_quant_export(tmp_path_factory, make_checkpoint):
 
 @pytest.fixture
 def corrupt(reseal, tmp_path):
-    """corrupt(export, data_type, fn, suffix="") -> a copy of `export` whose decoder initializers of ONNX
-    `data_type` (named ...suffix) have their bytes in weights.data replaced by fn(uint8 bytes), resealed as a
-    buggy exporter would have recorded them: the integrity check passes and only the numbers can tell."""
+    """corrupt(export, data_type, fn, suffix="", graph="decoder") -> a copy of `export` whose `graph` initializers
+    of ONNX `data_type` (named ...suffix) have their bytes in weights.data replaced by fn(uint8 bytes), resealed
+    as a buggy exporter would have recorded them: the integrity check passes and only the numbers can tell."""
 
-    def make(export: Path, data_type: int, fn: Callable[[np.ndarray], np.ndarray], suffix: str = "") -> Path:
+    def make(
+        export: Path,
+        data_type: int,
+        fn: Callable[[np.ndarray], np.ndarray],
+        suffix: str = "",
+        graph: str = "decoder",
+    ) -> Path:
         out = tmp_path / f"broken-{export.name}"
         shutil.copytree(export, out)
-        proto = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+        proto = onnx.load(str(out / f"{graph}.onnx"), load_external_data=False)
         hit = 0
         with open(out / "weights.data", "r+b") as f:
             for init in proto.graph.initializer:

@@ -8,6 +8,9 @@ from gemma4_compile.errors import ExportError
 from gemma4_compile.model.presets import get_preset
 from gemma4_compile.model.weights import expected_shapes
 from gemma4_compile.quant.formats import (
+    EMBED_ROWS,
+    GRAPH_DQ,
+    GRAPH_NBITS,
     LM_HEAD,
     QuantRequest,
     QuantSpec,
@@ -35,14 +38,18 @@ def test_every_2d_weight_of_every_tiny_preset_has_a_role_and_norms_have_none():
     )
 
 
-def test_defaults_quantize_attention_and_mlp_lm_head_int8_and_keep_the_rest():
+def test_defaults_quantize_attention_and_mlp_tables_and_lm_head_int8_and_keep_the_rest():
     names = sorted(expected_shapes(get_preset("tiny-e2b")))
     q = plan_quant(QuantRequest("int4"), names, "fp32")
     assert q.roles["attn_q"] == q.roles["mlp_down"] == "int4" and q.roles["lm_head"] == "int8"
-    assert q.roles["ple_proj"] == q.roles["ple_table"] == q.roles["embed"] == "fp32"
+    assert q.roles["ple_table"] == q.roles["embed"] == "int8" and q.roles["ple_proj"] == "fp32"
     spec = get_preset("tiny-e2b")
-    assert len(q.tensors) == 7 * spec.num_hidden_layers - sum(not p.owns_cache for p in spec.layers) * 2 + 1
-    assert q.tensors[LM_HEAD] == "int8" and "layers.0.per_layer_projection.weight" not in q.tensors
+    linears = 7 * spec.num_hidden_layers - sum(not p.owns_cache for p in spec.layers) * 2
+    assert len(q.tensors) == linears + 3  # + the LM head's and the embed graph's copies, the PLE table
+    assert q.tensors[LM_HEAD] == q.tensors[EMBED_ROWS] == q.tensors["embed_tokens_per_layer.weight"] == "int8"
+    assert sorted(q.row_tables) == [EMBED_ROWS, "embed_tokens_per_layer.weight"]
+    assert q.graph_of(EMBED_ROWS) == GRAPH_DQ and q.graph_of(LM_HEAD) == q.graph == GRAPH_NBITS
+    assert "layers.0.per_layer_projection.weight" not in q.tensors
     kept = plan_quant(QuantRequest("int8", 64, ("lm_head", "mlp_up")), names, "fp32")
     assert LM_HEAD not in kept.tensors and kept.roles["mlp_up"] == "fp32"
     assert QuantSpec.from_dict(kept.to_dict()) == kept
@@ -86,7 +93,8 @@ def test_overrides_give_a_role_its_own_format():
     assert mixed.graph == "DequantizeLinear"  # one graph form per export: MatMulNBits has no fp8
     for bad, message in [
         ("lm_head", "not ROLE=FORMAT"),
-        ("embed=int8", "cannot be quantized in this version"),
+        ("router=int8", "cannot be quantized in this version"),
+        ("ple_table=int4", "gathered table, stored as int8 rows only"),
         ("attn=int4", "unknown role"),
         ("attn_q=int2", "unknown format"),
     ]:

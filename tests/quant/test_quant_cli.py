@@ -13,7 +13,7 @@ from gemma4_compile.errors import EXIT_ERROR
     [
         ("tiny-e2b", ["--quant", "nvfp4", "--block-size", "64"], "fixed by the format"),
         ("tiny-e2b", ["--quant-override", "lm_head=int4"], "--quant-override needs --quant"),
-        ("tiny-e2b", ["--quant", "int4", "--quant-override", "embed=int8"], "cannot be quantized"),
+        ("tiny-e2b", ["--quant", "int4", "--quant-override", "embed=int4"], "gathered table"),
         ("tiny-e2b", ["--quant", "int4", "--block-size", "48"], "Invalid value for '--block-size'"),
         ("tiny-e2b", ["--quant", "nvfp4", "--quant-method", "mse"], "applies to int4/int8"),
     ],
@@ -39,10 +39,11 @@ def test_inspect_quant_sizes_are_the_bytes_the_export_writes(make_checkpoint, ma
     shapes = expected_shapes(get_preset("tiny-e2b"))
     quant = plan_quant(QuantRequest(fmt), sorted(shapes), dtype)
     predicted = sum(r.after for r in role_sizes(shapes, quant, dtype) if r.format in ("int4", "int8", fmt))
-    model = ir.load(make_quant_export("tiny-e2b", fmt, dtype=dtype) / "decoder.onnx")
-    written = sum(
+    export = make_quant_export("tiny-e2b", fmt, dtype=dtype)
+    written = sum(  # the decoder's MatMul weights and the embed graph's int8 tables
         v.const_value.nbytes
-        for v in model.graph.initializers.values()
+        for graph in ("decoder", "embed")
+        for v in ir.load(export / f"{graph}.onnx").graph.initializers.values()
         if isinstance(v.const_value, ir.ExternalTensor) and v.name.endswith(("_Q4", "_Q8", "_scales"))
     )
     assert predicted == written > 0
@@ -55,7 +56,8 @@ def test_inspect_quant_prints_a_row_per_role(make_checkpoint, capsys):
     assert "--quant fp8 at fp32 (DequantizeLinear, min sm89)" in text
     rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 5}
     assert {"attn_q", "mlp_down", "lm_head", "embed", "ple_table", "total"} <= set(rows)
-    assert "fp8" in rows["attn_q"] and "int4" in rows["lm_head"] and "fp32" in rows["ple_table"]
+    assert "fp8" in rows["attn_q"] and "int4" in rows["lm_head"] and "int8" in rows["ple_table"]
+    assert "fp32" in rows["ple_proj"]
 
 
 def test_a_prequantized_checkpoint_is_named_and_refused(make_checkpoint, tmp_path, capsys):
