@@ -9,7 +9,7 @@ import numpy as np
 
 from ..dtypes import DType
 from ..errors import BackendUnavailable, RunnerError
-from ..export.manifest import DECODER, EMBED, IMAGE_EMBEDS, VISION, ExportManifest
+from ..export.manifest import AUDIO, AUDIO_EMBEDS, DECODER, EMBED, IMAGE_EMBEDS, VISION, ExportManifest
 from ..passes.lowerings import lowering_refusal
 from .base import BaseRunner, DecodeState, empty_rows, lengths_of
 from .ort_binding import BoundRunner, CacheBinding
@@ -61,9 +61,14 @@ class OrtRunner(BaseRunner):
         self._outputs = [t.name for t in decoder.outputs]
         self._embed_outputs = [t.name for t in self.manifest.graphs[EMBED].outputs]
         embed_inputs = {t.name: t for t in self.manifest.graphs[EMBED].inputs}
-        self._no_images = empty_rows(embed_inputs[IMAGE_EMBEDS]) if IMAGE_EMBEDS in embed_inputs else None
+        # what calls without images / audio feed the embed graph's soft-token inputs
+        self._no_rows = {
+            n: empty_rows(embed_inputs[n]) for n in (IMAGE_EMBEDS, AUDIO_EMBEDS) if n in embed_inputs
+        }
         mm = self.manifest.multimodal
-        if self._no_images is not None and mm is not None:
+        if AUDIO_EMBEDS in self._no_rows and mm is not None and mm.audio is not None:
+            self.audio_token_id = mm.audio.audio
+        if IMAGE_EMBEDS in self._no_rows and mm is not None:
             self.image_token_id = mm.tokens.image
             if mm.bidirectional_image_blocks:  # never compute an image prompt with the wrong mask
                 self.image_refusal = (
@@ -96,6 +101,14 @@ class OrtRunner(BaseRunner):
         soft, soft_len = self.sessions[VISION].run(None, feeds)
         return soft, soft_len
 
+    def encode_audio(self, features: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """audio.onnx: log-mel [B, T, 128] and mask [B, T] -> soft tokens [B, T4, E], real counts [B]."""
+        if AUDIO not in self.sessions:
+            raise RunnerError(f"ort: {self.manifest.path} has no audio graph")
+        feeds = {"input_features": features.astype(self._act), "input_features_mask": mask}
+        soft, soft_len = self.sessions[AUDIO].run(None, feeds)
+        return soft, soft_len
+
     def _new_caches(self, batch: int, max_len: int) -> dict[str, np.ndarray]:
         return {
             name: np.zeros(c.shape(batch, max_len), dtype=self._act)
@@ -114,12 +127,11 @@ class OrtRunner(BaseRunner):
         state: DecodeState,
         input_ids: np.ndarray,
         seq_len: np.ndarray,
-        images: np.ndarray | None = None,
+        rows: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         self._refuse(state, input_ids)
-        feeds = {"input_ids": input_ids}
-        if self._no_images is not None:
-            feeds[IMAGE_EMBEDS] = self._no_images if images is None else images.astype(self._act, copy=False)
+        feeds = {"input_ids": input_ids, **self._no_rows}
+        feeds.update({n: r.astype(self._act, copy=False) for n, r in (rows or {}).items()})
         embedded = dict(zip(self._embed_outputs, self.sessions[EMBED].run(self._embed_outputs, feeds)))
         feeds = {**embedded, "past_len": state.past_len, "seq_len": seq_len, **state.caches}
         out = dict(zip(self._outputs, self.sessions[DECODER].run(self._outputs, feeds)))
@@ -129,9 +141,9 @@ class OrtRunner(BaseRunner):
         return out
 
     def _step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
-        images = self._image_rows(state, input_ids)
-        if self._bound is None or images is not None:  # a prompt with images: once per sequence, unbound
-            return self._run(state, input_ids, seq_len, images)["logits"]
+        rows = self._soft_rows(state, input_ids)
+        if self._bound is None or rows:  # a prompt with images or audio: once per sequence, unbound
+            return self._run(state, input_ids, seq_len, rows)["logits"]
         self._refuse(state, input_ids)
         binding = state.extra.get("io")
         if binding is None or not binding.owns(state.caches):  # a new state, or rows sliced by the caller
@@ -147,7 +159,7 @@ class OrtRunner(BaseRunner):
         input_ids = np.asarray(input_ids, dtype=np.int64)
         state = self.start(*input_ids.shape)
         input_ids, seq_len = self._checked(state, input_ids, lengths_of(input_ids, lengths))
-        out = self._run(state, input_ids, seq_len, self._image_rows(state, input_ids))
+        out = self._run(state, input_ids, seq_len, self._soft_rows(state, input_ids))
         return {
             k: v.astype(np.float32)
             for k, v in out.items()
