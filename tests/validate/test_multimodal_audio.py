@@ -14,10 +14,12 @@ from __future__ import annotations
 import copy
 import importlib
 
+import numpy as np
 import pytest
 import torch
 from media_support import PlaceholderPLE
 
+from gemma4_compile.errors import RunnerError
 from gemma4_compile.export.manifest import ExportManifest
 from gemma4_compile.runners.ort import OrtRunner
 from gemma4_compile.validate import images as image_check
@@ -101,3 +103,21 @@ def test_ple_of_audio_placeholder_ids_fails_at_the_end_to_end_stage(pipeline):
     report = validate_audio(AudioPlaceholderPLE(out, threads=1), hf, hf64, steps=1)
     assert [s.passed for s in report.stages[:2]] == [True, True]  # preprocessing and encoder are fine
     assert not report.passed and "at the end-to-end stage" in report.failure()
+
+
+def test_text_calls_feed_zero_image_and_audio_rows_in_the_ort_and_trt_embed_stages(pipeline):
+    """The TensorRT runner's CPU embed stage and the onnxruntime runner feed both soft-token inputs zero rows:
+    a text prompt embeds as the lookup alone (checked against the embed graph fed explicit zero rows)."""
+    from gemma4_compile.runners.trt import EmbedGraph
+
+    out, runner = pipeline[1], pipeline[2]
+    m = ExportManifest.load(out)
+    soft = [t for t in m.graphs["embed"].inputs if t.name.endswith("_embeds")]
+    ids = np.array([[2, 9, 10, 11]])
+    trt_embed = EmbedGraph(m.graph_path("embed"), soft).run(ids)
+    zero = {t.name: np.zeros((0, t.shape[1]), np.float32) for t in soft}
+    ref = runner.sessions["embed"].run(None, {"input_ids": ids, **zero})
+    for name, expected in zip([t.name for t in m.graphs["embed"].outputs], ref):
+        np.testing.assert_array_equal(trt_embed[name].numpy(), expected)
+    with pytest.raises(RunnerError, match="the prompt has 2 audio placeholders but 0 audio soft tokens"):
+        runner.logits(np.array([[2, 9, m.multimodal.audio.audio, m.multimodal.audio.audio]]))
