@@ -12,7 +12,7 @@ import importlib.metadata
 import io
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -272,6 +272,8 @@ def _export_into(
 ) -> ExportManifest:
     act = DType.parse(dtype)
     vision = multimodal.vision if multimodal else None
+    if multimodal is not None and audio is None:  # no audio graph: its prompt ids would promise one
+        multimodal = replace(multimodal, audio=None)
     with torch.device("meta"):
         model = Gemma4TextModel(spec).to(act.torch)
         vision_model = Gemma4Vision(vision).to(act.torch) if vision else None
@@ -341,7 +343,7 @@ def _export_into(
             SLIDING_SLOTS: spec.sliding_window,
             CACHE_LEN: f"dynamic, >= past_len + sequence, <= {max_seq_len}",
             **(_vision_dims(vision) if vision else {}),
-            **(_audio_dims() if audio else {}),
+            **(_audio_dims(merged=bool(vision and multimodal.audio)) if audio else {}),
         },
         weight_format=quant.format if quant is not None else act.value,
         quant=quant,
@@ -440,13 +442,16 @@ def _vision_dims(vision: VisionSpec) -> dict[str, str]:
     }
 
 
-def _audio_dims() -> dict[str, str]:
-    return {
+def _audio_dims(merged: bool) -> dict[str, str]:
+    """`merged`: the embed graph takes the audio rows too (an export with a vision graph as well)."""
+    dims = {
         CLIPS: "dynamic",
         FRAMES: "dynamic, 1 to 3000 (30 s of 10 ms log-mel frames)",
         AUDIO_TOKENS: "ceil(ceil(frames / 2) / 2) (one soft token per 40 ms)",
-        AUDIO_EMBED_TOKENS: "dynamic, >= 0: the audio placeholders of an embed call (0 without audio)",
     }
+    if merged:
+        dims[AUDIO_EMBED_TOKENS] = "dynamic, >= 0: the audio placeholders of an embed call (0 without audio)"
+    return dims
 
 
 def _meta_entries(state: dict[str, torch.Tensor], used: set[str]) -> dict[str, TensorEntry]:
