@@ -9,7 +9,7 @@ from ..errors import BackendUnavailable
 from .backend import open_runner
 from .errors import RuntimeInputError
 from .generate import GenerationResult, generate
-from .images import image_prompt
+from .images import media_prompt
 from .sampler import GREEDY, SamplingParams
 from .tokenizer import TextTokenizer
 
@@ -37,7 +37,7 @@ def generate_text(
     if (images or audio) and backend != "ort":
         what = "image" if images else "audio"
         raise RuntimeInputError(f"{what} prompts run on the ort backend only, not {backend!r}")
-    prompt_in = image_prompt(
+    prompt_in = media_prompt(
         runner, tokenizer, prompt, images, chat=chat, budget=image_budget, audio_paths=audio
     )
     ids = prompt_in.ids

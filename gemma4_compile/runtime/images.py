@@ -27,7 +27,7 @@ MARKER_NOUNS = {IMAGE_MARKER: "images", AUDIO_MARKER: "audio clips"}
 
 
 @dataclass(frozen=True)
-class ImagePrompt:
+class MediaPrompt:
     """A prompt's ids (placeholders expanded) and the soft-token rows the embed graph merges into them."""
 
     ids: list[int]
@@ -157,7 +157,7 @@ def soft_token_rows(soft: np.ndarray, soft_len: np.ndarray) -> np.ndarray:
     return np.concatenate([soft[i, : int(n)] for i, n in enumerate(soft_len)], axis=0)
 
 
-def image_prompt(
+def media_prompt(
     runner: Any,
     tokenizer: Any,
     text: str,
@@ -166,12 +166,12 @@ def image_prompt(
     chat: bool = False,
     budget: int | None = None,
     audio_paths: Sequence[str | Path] = (),
-) -> ImagePrompt:
+) -> MediaPrompt:
     """Ids and soft tokens for `text` with the images at `image_paths` and the WAV clips at `audio_paths`, on
     an OrtRunner's export. Everything the prompt needs is checked before any encoder runs."""
     if not image_paths and not audio_paths:
         ids = tokenizer.encode_chat([{"role": "user", "content": text}]) if chat else tokenizer.encode(text)
-        return ImagePrompt(ids, None)
+        return MediaPrompt(ids, None)
     runs: dict[str, list[list[int]]] = {IMAGE_MARKER: [], AUDIO_MARKER: []}
     patches, clips = [], []
     if image_paths:
@@ -184,7 +184,7 @@ def image_prompt(
         clips = audio_clips(list(audio_paths))
         runs[AUDIO_MARKER] = [audio_run(c.soft_tokens, tokens) for c in clips]
     ids = encode_with_media(tokenizer, text, runs, chat)
-    return ImagePrompt(ids, _image_rows(runner, patches), _audio_rows(runner, clips))
+    return MediaPrompt(ids, _image_rows(runner, patches), _audio_rows(runner, clips))
 
 
 def _image_rows(runner: Any, patches: list[Any]) -> np.ndarray | None:
