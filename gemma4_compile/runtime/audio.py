@@ -85,8 +85,9 @@ def _riff(data: bytes, path: Path) -> tuple[int, int, int, int, bytes]:
     if fmt is None or len(fmt) < 16 or b"data" not in chunks:
         raise RuntimeInputError(f"audio {path} is a truncated WAV file (no fmt or data chunk)")
     tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", fmt[:16])
-    if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the real tag opens the sub-format GUID
-        tag = struct.unpack("<H", fmt[24:26])[0]
+    if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE (which `wave` refuses before 3.12): the
+        tag = struct.unpack("<H", fmt[24:26])[0]  # real tag opens the sub-format GUID; read its data chunk
+        return tag, channels, rate, bits, chunks[b"data"]
     if tag == _PCM:
         try:
             with wave.open(str(path), "rb") as w:

@@ -48,6 +48,18 @@ def write_float32(path: Path, samples: np.ndarray, rate: int = 16_000) -> Path:
     return path
 
 
+def write_extensible_pcm16(path: Path, samples: np.ndarray) -> Path:
+    """A WAVE_FORMAT_EXTENSIBLE PCM16 file (the stdlib `wave` of Python 3.11 refuses it)."""
+    data = np.clip(np.round(samples * 32768), -32768, 32767).astype("<i2").tobytes()
+    guid_rest = bytes.fromhex("000000001000800000aa00389b71")  # KSDATAFORMAT_SUBTYPE_PCM after its tag
+    fmt = struct.pack("<HHIIHHHHIH", 0xFFFE, 1, 16_000, 32_000, 2, 16, 22, 16, 4, 1) + guid_rest
+    body = (
+        b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    )
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    return path
+
+
 def tone(seconds: float) -> np.ndarray:
     t = np.arange(int(seconds * 16_000)) / 16_000
     return (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
@@ -67,6 +79,7 @@ def test_pcm16_and_float32_wavs_read_as_the_same_samples(tmp_path):
     assert pcm.dtype == flt.dtype == np.float32 and len(pcm) == len(flt) == 4000
     np.testing.assert_array_equal(flt, wave_in)
     assert np.abs(pcm - wave_in).max() <= 0.5 / 32768 + 1e-9  # rounded to the PCM16 grid
+    np.testing.assert_array_equal(load_wav(write_extensible_pcm16(tmp_path / "c.wav", wave_in)), pcm)
     (clip,) = audio_clips([tmp_path / "a.wav"])
     assert clip.soft_tokens == soft_token_count(int(clip.mask.sum())) == 6  # 250 ms: 24 frames end on audio
 
