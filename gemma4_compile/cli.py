@@ -638,6 +638,14 @@ def _onnxruntime_options(command: Callable) -> Callable:
     type=click.Choice([str(b) for b in SOFT_TOKEN_BUDGETS]),
     help="Soft tokens per image the resize aims for.  [default: the tower's, 280]",
 )
+@click.option(
+    "--audio",
+    "audio",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A 16 kHz mono WAV clip (PCM16 or float32, at most 30 s) for the prompt (repeatable; E2B/E4B "
+    "exports). The prompt marks where each goes with <|audio|>; without markers the clips come first.",
+)
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option(
@@ -653,6 +661,7 @@ def generate(
     chat: bool,
     images: tuple[Path, ...],
     image_budget: str | None,
+    audio: tuple[Path, ...],
     backend: str,
     provider: str,
     max_new_tokens: int,
@@ -683,6 +692,7 @@ def generate(
         threads=threads,
         images=images,
         image_budget=int(image_budget) if image_budget else None,
+        audio=audio,
     )
     sys.stdout.write("\n")
     console.print(

@@ -117,9 +117,10 @@ def reseal():
 
 @pytest.fixture(scope="session")
 def make_vision_export(tmp_path_factory):
-    """make_vision_export(preset) -> (checkpoint with the preset's vision tower, its fp32 export) (cached)."""
+    """make_vision_export(preset) -> (checkpoint with the preset's vision tower, its fp32 export) (cached).
+    tiny-e2b's also holds the audio tower, merged by its embed graph: one export for the image and audio tests."""
     from gemma4_compile.export import export_checkpoint
-    from gemma4_compile.model.presets import VISION_PRESETS
+    from gemma4_compile.model.presets import AUDIO_PRESETS, VISION_PRESETS
 
     cache: dict[str, tuple[Path, Path]] = {}
 
@@ -127,7 +128,8 @@ def make_vision_export(tmp_path_factory):
         if preset not in cache:
             root = tmp_path_factory.mktemp("vision-export") / preset
             spec, vision = PRESETS[preset], VISION_PRESETS[preset]
-            write_random_checkpoint(spec, root / "ckpt", dtype=torch.float32, vision=vision)
+            audio = AUDIO_PRESETS[preset] if preset == "tiny-e2b" else None
+            write_random_checkpoint(spec, root / "ckpt", dtype=torch.float32, vision=vision, audio=audio)
             export_checkpoint(root / "ckpt", root / "out", dtype="fp32", max_seq_len=256)
             cache[preset] = root / "ckpt", root / "out"
         return cache[preset]

@@ -12,7 +12,7 @@ import importlib.metadata
 import io
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -24,7 +24,7 @@ from ..dtypes import FLOAT_CHOICES, DType
 from ..errors import ExportError, Gemma4CompileError
 from ..fsutil import atomic_directory, sha256_file
 from ..model.audio import Gemma4Audio
-from ..model.audio_config import AudioSpec
+from ..model.audio_config import AudioSpec, AudioTokens
 from ..model.audio_weights import resolve_audio_weights
 from ..model.config import Gemma4Spec
 from ..model.model import Gemma4TextModel
@@ -57,6 +57,7 @@ from .bundle import copy_runtime_files
 from .graphs import AudioGraph, DecoderGraph, EmbedGraph, VisionGraph
 from .io_spec import (
     AUDIO,
+    AUDIO_EMBED_TOKENS,
     AUDIO_TOKENS,
     CLIPS,
     FRAMES,
@@ -125,7 +126,7 @@ def export_checkpoint(
     # None: no such tower (or text_only); with neither, the text graphs only
     vision = None if text_only else VisionSpec.from_pretrained(checkpoint_dir)
     audio = None if text_only else AudioSpec.from_pretrained(checkpoint_dir)
-    multimodal = _multimodal(config, spec, vision) if vision is not None else None
+    multimodal = _multimodal(config, spec, vision, audio) if vision is not None else None
     reader = CheckpointReader(checkpoint_dir)
     entries = resolve_text_weights(reader, spec)
     if vision is not None:
@@ -150,11 +151,14 @@ def export_checkpoint(
     )
 
 
-def _multimodal(config: dict, spec: Gemma4Spec, vision: VisionSpec) -> MultimodalSpec:
+def _multimodal(
+    config: dict, spec: Gemma4Spec, vision: VisionSpec, audio: AudioSpec | None = None
+) -> MultimodalSpec:
     tokens = ImageTokens.from_hf_dict(config)
     if tokens.pad != spec.pad_token_id:
         raise ExportError(f"pad token id {tokens.pad} != the text config's {spec.pad_token_id}")
-    return MultimodalSpec(vision, tokens, bidirectional_image_blocks(config, spec.attention_k_eq_v))
+    blocks = bidirectional_image_blocks(config, spec.attention_k_eq_v)
+    return MultimodalSpec(vision, tokens, blocks, audio=AudioTokens.from_hf_dict(config) if audio else None)
 
 
 def check_quant(quant: QuantRequest | None, spec: Gemma4Spec) -> None:
@@ -188,9 +192,7 @@ def export_spec(
     embed graph merges its soft tokens (`multimodal`: the prompt's token ids; default transformers' ids and the
     spec's family)."""
     if vision is not None and multimodal is None:
-        multimodal = MultimodalSpec(
-            vision, ImageTokens(pad=spec.pad_token_id), bidirectional_image_blocks({}, spec.attention_k_eq_v)
-        )
+        multimodal = _multimodal({"text_config": {"pad_token_id": spec.pad_token_id}}, spec, vision, audio)
     check_quant(quant, spec)
     out = Path(out_dir)
     if out.exists() and not force:
@@ -241,7 +243,7 @@ def _producers(
     lowering: str | None,
     vision: Gemma4Vision | None = None,
     audio: Gemma4Audio | None = None,
-    image_token_id: int | None = None,
+    multimodal: MultimodalSpec | None = None,
 ) -> list[GraphProducer]:
     """The export's graphs in pipeline order; adding a graph is adding its producer here."""
     spec = model.spec
@@ -250,11 +252,15 @@ def _producers(
         [GraphProducer(VISION, VisionGraph(vision), *vision_io(vision.spec, dtype))] if vision else []
     )
     audio_graphs = [GraphProducer(AUDIO, AudioGraph(audio), *audio_io(audio.spec, dtype))] if audio else []
-    embed = EmbedGraph(model, image_token_id if vision else None)
+    image_id = multimodal.tokens.image if vision and multimodal else None
+    audio_id = multimodal.audio.audio if image_id and audio and multimodal.audio else None
+    embed = EmbedGraph(model, image_id, audio_id)
     return [
         *vision_graphs,  # first: their soft tokens feed the embedding stage
         *audio_graphs,
-        GraphProducer(EMBED, embed, *embed_io(spec, dtype, images=vision is not None)),
+        GraphProducer(
+            EMBED, embed, *embed_io(spec, dtype, images=image_id is not None, audio=audio_id is not None)
+        ),
         GraphProducer(DECODER, DecoderGraph(model, debug), *decoder_io(spec, dtype, debug), edit=edit),
     ]
 
@@ -275,13 +281,14 @@ def _export_into(
 ) -> ExportManifest:
     act = DType.parse(dtype)
     vision = multimodal.vision if multimodal else None
+    if multimodal is not None and audio is None:  # no audio graph: its prompt ids would promise one
+        multimodal = replace(multimodal, audio=None)
     with torch.device("meta"):
         model = Gemma4TextModel(spec).to(act.torch)
         vision_model = Gemma4Vision(vision).to(act.torch) if vision else None
         audio_model = Gemma4Audio(audio).to(act.torch) if audio else None
     model.reset_rope_buffers()
-    image_id = multimodal.tokens.image if multimodal else None
-    producers = _producers(model, act, debug, lowering, vision_model, audio_model, image_id)
+    producers = _producers(model, act, debug, lowering, vision_model, audio_model, multimodal)
     traced = {}
     for p in producers:
         progress(f"trace {p.role} graph")
@@ -349,7 +356,7 @@ def _export_into(
             SLIDING_SLOTS: spec.sliding_window,
             CACHE_LEN: f"dynamic, >= past_len + sequence, <= {max_seq_len}",
             **(_vision_dims(vision) if vision else {}),
-            **(_audio_dims() if audio else {}),
+            **(_audio_dims(merged=bool(vision and multimodal.audio)) if audio else {}),
         },
         weight_format=quant.format if quant is not None else act.value,
         quant=quant,
@@ -456,12 +463,16 @@ def _vision_dims(vision: VisionSpec) -> dict[str, str]:
     }
 
 
-def _audio_dims() -> dict[str, str]:
-    return {
+def _audio_dims(merged: bool) -> dict[str, str]:
+    """`merged`: the embed graph takes the audio rows too (an export with a vision graph as well)."""
+    dims = {
         CLIPS: "dynamic",
         FRAMES: "dynamic, 1 to 3000 (30 s of 10 ms log-mel frames)",
         AUDIO_TOKENS: "ceil(ceil(frames / 2) / 2) (one soft token per 40 ms)",
     }
+    if merged:
+        dims[AUDIO_EMBED_TOKENS] = "dynamic, >= 0: the audio placeholders of an embed call (0 without audio)"
+    return dims
 
 
 def _meta_entries(state: dict[str, torch.Tensor], used: set[str]) -> dict[str, TensorEntry]:

@@ -20,26 +20,37 @@ class EmbedGraph(nn.Module):
     With `image_token_id` (exports with a vision graph) it also takes `image_embeds` [N, E], the images' real
     soft tokens in prompt order, and merges them (docs/export-format.md, Multimodal): placeholders become pad
     for both lookups, then the j-th placeholder row (row-major over the batch) is overwritten by row j, unscaled.
+    With `audio_token_id` too, `audio_embeds` [M, E] follows and is merged at the audio placeholders the same way.
     Static shapes only (cumsum, gather, where); one zero row is appended in the graph so N = 0 (a text-only
     call) still gathers in range, and a placeholder past the N-th reads it (the host checks the counts)."""
 
-    def __init__(self, model: Gemma4TextModel, image_token_id: int | None = None):
+    def __init__(
+        self, model: Gemma4TextModel, image_token_id: int | None = None, audio_token_id: int | None = None
+    ):
         super().__init__()
         self.model = model
-        self.image_token_id = image_token_id
+        # placeholder ids in the order of their soft-token inputs
+        self.token_ids = [t for t in (image_token_id, audio_token_id) if t is not None]
 
     def forward(self, *flat: Tensor) -> tuple[Tensor, ...]:
         ids = flat[0]
-        if self.image_token_id is None:
+        if not self.token_ids:
             embeds, tok = self.model.embed(ids)
             return (embeds,) if tok is None else (embeds, tok)
-        is_image = ids == self.image_token_id
-        embeds, tok = self.model.embed(torch.where(is_image, self.model.spec.pad_token_id, ids))
-        rows = torch.cat([flat[1], flat[1].new_zeros(1, flat[1].shape[1])])  # [N + 1, E]
-        j = is_image.flatten().cumsum(0).view_as(ids) - 1  # index of each placeholder among all of them
-        taken = rows[torch.minimum(j.clamp(min=0), torch.full_like(j, rows.shape[0] - 1))]
-        embeds = torch.where(is_image[..., None], taken.to(embeds.dtype), embeds)
+        masks = [ids == t for t in self.token_ids]
+        placeholder = torch.stack(masks).any(0)
+        embeds, tok = self.model.embed(torch.where(placeholder, self.model.spec.pad_token_id, ids))
+        for mask, soft in zip(masks, flat[1:]):
+            embeds = _overwrite(embeds, mask, soft)
         return (embeds,) if tok is None else (embeds, tok)
+
+
+def _overwrite(embeds: Tensor, mask: Tensor, soft: Tensor) -> Tensor:
+    """`embeds` [B, S, E] with its j-th `mask` row (row-major) replaced by `soft` row j."""
+    rows = torch.cat([soft, soft.new_zeros(1, soft.shape[1])])  # [N + 1, E]
+    j = mask.flatten().cumsum(0).view_as(mask) - 1  # index of each placeholder among all of them
+    taken = rows[torch.minimum(j.clamp(min=0), torch.full_like(j, rows.shape[0] - 1))]
+    return torch.where(mask[..., None], taken.to(embeds.dtype), embeds)
 
 
 class DecoderGraph(nn.Module):

@@ -16,6 +16,7 @@ from ..model.model import debug_output_names
 from ..model.vision_config import VisionSpec
 from .manifest import (
     AUDIO,
+    AUDIO_EMBEDS,
     BATCH,
     CACHE_LEN,
     IMAGE_EMBEDS,
@@ -28,6 +29,7 @@ from .manifest import (
 
 __all__ = [
     "AUDIO",
+    "AUDIO_EMBED_TOKENS",
     "AUDIO_TOKENS",
     "BATCH",
     "CACHE_LEN",
@@ -52,6 +54,7 @@ IMAGES, PATCHES, SOFT_TOKENS = "images", "patches", "soft_tokens"
 # The audio graph's (docs/export-format.md, Audio I/O).
 CLIPS, FRAMES, AUDIO_TOKENS = "clips", "frames", "audio_tokens"
 IMAGE_TOKENS = "image_tokens"
+AUDIO_EMBED_TOKENS = "audio_embed_tokens"  # the embed graph's audio rows (audio_tokens is per clip)
 
 
 def cache_shape(plan: LayerPlan) -> tuple[int | str, ...]:
@@ -59,9 +62,10 @@ def cache_shape(plan: LayerPlan) -> tuple[int | str, ...]:
 
 
 def embed_io(
-    spec: Gemma4Spec, dtype: DType | str, images: bool = False
+    spec: Gemma4Spec, dtype: DType | str, images: bool = False, audio: bool = False
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """With `images` (a vision graph in the export) the embed graph also takes the soft tokens it merges."""
+    """With `images` (a vision graph in the export) the embed graph also takes the soft tokens it merges, and
+    with `audio` too (an audio graph as well) the audio ones after them."""
     act = DType.parse(dtype).onnx_name
     outputs = [TensorSpec("inputs_embeds", act, (BATCH, SEQUENCE, spec.hidden_size))]
     if spec.has_ple:
@@ -75,6 +79,8 @@ def embed_io(
     inputs = [TensorSpec("input_ids", "int64", (BATCH, SEQUENCE))]
     if images:
         inputs.append(TensorSpec(IMAGE_EMBEDS, act, (IMAGE_TOKENS, spec.hidden_size)))
+    if images and audio:
+        inputs.append(TensorSpec(AUDIO_EMBEDS, act, (AUDIO_EMBED_TOKENS, spec.hidden_size)))
     return inputs, outputs
 
 
@@ -144,6 +150,7 @@ _EXAMPLE = {
     CLIPS: 6,
     FRAMES: 53,
     IMAGE_TOKENS: 8,
+    AUDIO_EMBED_TOKENS: 9,
 }
 
 

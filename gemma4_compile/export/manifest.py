@@ -16,6 +16,8 @@ from typing import Any
 from ..dtypes import DType, weight_format_for
 from ..errors import ExportError, Gemma4CompileError
 from ..fsutil import EXPORT_FORMAT, EXPORT_MANIFEST, sha256_file, sha256_files
+from ..model import audio_preprocess as fe
+from ..model.audio_config import AudioTokens
 from ..model.config import Gemma4Spec, LayerPlan
 from ..model.vision_config import ImageTokens, VisionSpec
 from ..quant.formats import QuantSpec
@@ -28,6 +30,7 @@ UNSEALED = (SEAL, "checkpoint")  # where the source checkpoint lives is provenan
 # The graphs an export holds, by role, in pipeline order; the exporter's producers create them.
 EMBED, DECODER, VISION, AUDIO = "embed", "decoder", "vision", "audio"
 IMAGE_EMBEDS = "image_embeds"  # the embed graph's soft-token input (exports with a vision graph)
+AUDIO_EMBEDS = "audio_embeds"  # and its second one (exports with a vision and an audio graph)
 # Symbolic dims of graph I/O (export.json "dims").
 BATCH, SEQUENCE, SLIDING_SLOTS, CACHE_LEN = "batch", "sequence", "sliding_cache_len", "cache_len"
 
@@ -128,7 +131,8 @@ def cache_spec(spec: Gemma4Spec, plan: LayerPlan) -> CacheSpec:
 
 @dataclass(frozen=True)
 class MultimodalSpec:
-    """export.json "multimodal": what a runtime needs to build an image prompt without the checkpoint."""
+    """export.json "multimodal": what a runtime needs to build an image (and audio) prompt without the
+    checkpoint."""
 
     vision: VisionSpec  # the tower's spec (patch size, pooling kernel: the preprocessing and token counts)
     tokens: ImageTokens
@@ -136,22 +140,39 @@ class MultimodalSpec:
     # image prompts are refused on these exports (text prompts run as before)
     bidirectional_image_blocks: bool
     max_images: int = 8  # per prompt: bounds the vision graph's image axis (engine profiles)
+    audio: AudioTokens | None = None  # exports with an audio graph: its soft tokens are merged too
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "token_ids": self.tokens.to_dict(),
+        d = {
+            "token_ids": {**self.tokens.to_dict(), **(self.audio.to_dict() if self.audio else {})},
             "vision": self.vision.to_dict(),
             "bidirectional_image_blocks": self.bidirectional_image_blocks,
             "max_images": self.max_images,
         }
+        if self.audio is not None:  # the front end is fixed by the feature extractor; recorded for runtimes
+            d["audio"] = {
+                "sample_rate": fe.SAMPLE_RATE,
+                "frame_length": fe.FRAME_LENGTH,
+                "hop_length": fe.HOP_LENGTH,
+                "fft_length": fe.FFT_LENGTH,
+                "mel_bins": fe.MEL_BINS,
+                "mel_floor": fe.MEL_FLOOR,
+                "pad_to_multiple_of": fe.PAD_TO_MULTIPLE_OF,
+                "max_samples": fe.MAX_SAMPLES,
+                "subsampling": 4,
+            }
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MultimodalSpec:
+        ids = d["token_ids"]
+        audio = {k: ids[k] for k in ("boa", "audio", "eoa")} if "audio" in d else None
         return cls(
             VisionSpec(**d["vision"]),
-            ImageTokens(**d["token_ids"]),
+            ImageTokens(**{k: v for k, v in ids.items() if k not in ("boa", "audio", "eoa")}),
             bool(d["bidirectional_image_blocks"]),
             int(d["max_images"]),
+            AudioTokens(**audio) if audio else None,
         )
 
 

@@ -18,6 +18,41 @@ MEL_BINS = 128  # the feature extractor's bins; the subsampling convs halve them
 
 
 @dataclass(frozen=True)
+class AudioTokens:
+    """The prompt ids around a clip (docs/export-format.md, Multimodal): `boa, audio x n, eoa`; the `audio`
+    placeholders become pad before both embedding lookups. Defaults are transformers' Gemma4Config ones."""
+
+    boa: int = 256_000
+    audio: int = 258_881
+    eoa: int = 258_883
+
+    @classmethod
+    def from_hf_dict(cls, config: dict[str, Any]) -> AudioTokens:
+        ids = {  # transformers spells the end id `eoa_token_index`
+            "boa": config.get("boa_token_id", cls.boa),
+            "audio": config.get("audio_token_id", cls.audio),
+            "eoa": config.get("eoa_token_index", config.get("eoa_token_id", cls.eoa)),
+        }
+        for name, value in ids.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SpecError(f"{name}_token_id", f"expected a non-negative int, got {value!r}")
+        return cls(**ids)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def for_vocab(cls, vocab_size: int) -> AudioTokens:
+        """The released ids, or, in a vocabulary too small to hold boa/eoa (the tiny presets), `<unused2>` and
+        `<unused3>` (ids 7, 8; after the image ones); the placeholder needs no embedding row."""
+        return cls() if vocab_size > cls.eoa else cls(boa=7, eoa=8)
+
+    def hf_config(self) -> dict[str, int]:
+        """config.json's keys for them (top level, as Gemma4Config has them)."""
+        return {"boa_token_id": self.boa, "audio_token_id": self.audio, "eoa_token_index": self.eoa}
+
+
+@dataclass(frozen=True)
 class AudioSpec:
     hidden_size: int  # D
     num_hidden_layers: int

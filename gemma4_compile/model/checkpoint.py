@@ -23,7 +23,7 @@ import torch
 from ..dtypes import DType
 from ..errors import CheckpointError
 from ..fsutil import atomic_directory
-from .audio_config import AudioSpec
+from .audio_config import AudioSpec, AudioTokens
 from .audio_weights import audio_shapes
 from .config import Gemma4Spec
 from .tokenizer import write_tokenizer
@@ -196,6 +196,7 @@ def write_random_checkpoint(
             )  # the prompt's ids around images
         if audio is not None:
             config["audio_config"] = {**audio.to_hf_dict(), "dtype": dtype_name}
+            config.update(AudioTokens.for_vocab(spec.vocab_size).hf_config())  # the ids around clips
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer(spec, tmp)
     return CheckpointInfo(out, spec, dtype, tuple(files), total, len(names))

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailable, RunnerError
+from ..export.manifest import AUDIO_EMBEDS, IMAGE_EMBEDS
 
 
 @dataclass
@@ -66,6 +67,8 @@ class BaseRunner(abc.ABC):
     # exports whose embed graph merges images: the placeholder id (it may lie outside the vocabulary)
     image_token_id: int | None = None
     image_refusal: str | None = None  # why this export's image prompts cannot run, if they cannot
+    audio_token_id: int | None = None  # exports whose embed graph merges audio too
+    audio_refusal: str | None = None
 
     def __init__(self) -> None:
         self.last_latency_s = 0.0
@@ -113,35 +116,55 @@ class BaseRunner(abc.ABC):
             raise RunnerError(f"{self.name}: sequence exceeds the cache length {state.max_len}")
         vocab = getattr(self.spec, "vocab_size", None)
         bad = (input_ids < 0) | (input_ids >= (vocab or np.iinfo(np.int64).max))
-        if self.image_token_id is not None:
-            bad &= input_ids != self.image_token_id
+        for placeholder in self._placeholders().values():
+            bad &= input_ids != placeholder
         if vocab and bad.any():
             raise RunnerError(f"{self.name}: token ids must be in [0, {vocab}), got {int(input_ids[bad][0])}")
         return input_ids, seq_len
 
-    # ----- images (exports whose embed graph merges soft tokens) ----------------------------------
+    # ----- soft tokens (exports whose embed graph merges images and audio) --------------------------
     def attach_images(self, state: DecodeState, image_embeds: np.ndarray) -> None:
         """The next `step` holds image placeholders: its soft tokens [N, E] in prompt order (vision.onnx's
         real rows, concatenated), consumed by that step."""
-        if self.image_token_id is None:
-            raise RunnerError(
-                f"{self.name}: takes no images (no vision graph in the export, or a backend without them)"
-            )
-        if self.image_refusal:
-            raise RunnerError(self.image_refusal)
-        state.extra["image_embeds"] = image_embeds
+        self._attach(state, IMAGE_EMBEDS, image_embeds, "images", "vision", self.image_refusal)
 
-    def _image_rows(self, state: DecodeState, input_ids: np.ndarray) -> np.ndarray | None:
-        """The rows attached for this step (None: none), checked against its placeholder count."""
-        rows = state.extra.pop("image_embeds", None)
-        if self.image_token_id is None:
-            return None
-        wanted, given = int((input_ids == self.image_token_id).sum()), 0 if rows is None else len(rows)
-        if wanted != given:
+    def attach_audio(self, state: DecodeState, audio_embeds: np.ndarray) -> None:
+        """The next `step` holds audio placeholders: its soft tokens [M, E] in prompt order (audio.onnx's
+        real rows, clip after clip), consumed by that step."""
+        self._attach(state, AUDIO_EMBEDS, audio_embeds, "audio", "audio", self.audio_refusal)
+
+    def _attach(
+        self, state: DecodeState, name: str, rows: np.ndarray, what: str, tower: str, refusal: str | None
+    ) -> None:
+        if name not in self._placeholders():
             raise RunnerError(
-                f"{self.name}: the prompt has {wanted} image placeholders but {given} image soft tokens were given"
+                f"{self.name}: takes no {what} (no {tower} graph merged by the export, or a backend without them)"
             )
-        return rows if given else None
+        if refusal:
+            raise RunnerError(refusal)
+        state.extra[name] = rows
+
+    def _placeholders(self) -> dict[str, int]:
+        """The embed graph's soft-token inputs this runner feeds -> their placeholder ids."""
+        ids = {IMAGE_EMBEDS: self.image_token_id, AUDIO_EMBEDS: self.audio_token_id}
+        return {name: i for name, i in ids.items() if i is not None}
+
+    def _soft_rows(self, state: DecodeState, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows attached for this step by input name (only non-empty ones), each checked against its
+        placeholder count."""
+        out = {}
+        for name, placeholder in self._placeholders().items():
+            rows = state.extra.pop(name, None)
+            wanted, given = int((input_ids == placeholder).sum()), 0 if rows is None else len(rows)
+            if wanted != given:
+                noun = name.removesuffix("_embeds")
+                raise RunnerError(
+                    f"{self.name}: the prompt has {wanted} {noun} placeholders but {given} {noun} soft tokens "
+                    "were given"
+                )
+            if given:
+                out[name] = rows
+        return out
 
     # ----- shared API ---------------------------------------------------------------------------
     def timed_step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:

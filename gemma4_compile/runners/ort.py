@@ -9,7 +9,7 @@ import numpy as np
 
 from ..dtypes import DType
 from ..errors import BackendUnavailable, RunnerError
-from ..export.manifest import DECODER, EMBED, IMAGE_EMBEDS, VISION, ExportManifest
+from ..export.manifest import AUDIO, AUDIO_EMBEDS, DECODER, EMBED, IMAGE_EMBEDS, VISION, ExportManifest
 from ..passes.lowerings import lowering_refusal
 from .base import BaseRunner, DecodeState, empty_rows, lengths_of
 from .ort_binding import BoundRunner, CacheBinding
@@ -65,9 +65,14 @@ class OrtRunner(BaseRunner):
         self._outputs = [t.name for t in decoder.outputs]
         self._embed_outputs = [t.name for t in self.manifest.graphs[EMBED].outputs]
         embed_inputs = {t.name: t for t in self.manifest.graphs[EMBED].inputs}
-        self._no_images = empty_rows(embed_inputs[IMAGE_EMBEDS]) if IMAGE_EMBEDS in embed_inputs else None
+        # what calls without images / audio feed the embed graph's soft-token inputs
+        self._no_rows = {
+            n: empty_rows(embed_inputs[n]) for n in (IMAGE_EMBEDS, AUDIO_EMBEDS) if n in embed_inputs
+        }
         mm = self.manifest.multimodal
-        if self._no_images is not None and mm is not None:
+        if AUDIO_EMBEDS in self._no_rows and mm is not None and mm.audio is not None:
+            self.audio_token_id = mm.audio.audio
+        if IMAGE_EMBEDS in self._no_rows and mm is not None:
             self.image_token_id = mm.tokens.image
             if mm.bidirectional_image_blocks:  # never compute an image prompt with the wrong mask
                 self.image_refusal = (
@@ -88,7 +93,7 @@ class OrtRunner(BaseRunner):
                 with dequantized_copy(path) as tmp:
                     return ort.InferenceSession(str(Path(tmp) / path.name), options, providers=providers)
             if role == EMBED and self._read_rows:
-                found = row_reader(path, self._placeholders(), self.spec.pad_token_id)
+                found = row_reader(path, self._merged_ids(), self.spec.pad_token_id)
                 if found is not None:
                     self.rows, graph = found
                     return ort.InferenceSession(graph, options, providers=providers)
@@ -99,10 +104,13 @@ class OrtRunner(BaseRunner):
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RunnerError(f"ort: cannot load {path}: {reason}") from None
 
-    def _placeholders(self) -> tuple[int, ...]:
-        """The ids the embed graph swaps for pad before gathering (rows.py keeps them as they are)."""
-        mm = self.manifest.multimodal
-        return (mm.tokens.image,) if mm is not None else ()
+    def _merged_ids(self) -> tuple[int, ...]:
+        """The placeholder ids the embed graph swaps for pad before gathering (rows.py keeps them as they are)."""
+        mm, inputs = self.manifest.multimodal, {t.name for t in self.manifest.graphs[EMBED].inputs}
+        if mm is None:
+            return ()
+        ids = {IMAGE_EMBEDS: mm.tokens.image, AUDIO_EMBEDS: mm.audio.audio if mm.audio else None}
+        return tuple(i for name, i in ids.items() if name in inputs and i is not None)
 
     def encode_images(self, pixel_values: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """vision.onnx: patches [N, P, 3p²] and positions [N, P, 2] -> soft tokens [N, P/9, E], real counts [N]."""
@@ -110,6 +118,14 @@ class OrtRunner(BaseRunner):
             raise RunnerError(f"ort: {self.manifest.path} has no vision graph")
         feeds = {"pixel_values": pixel_values.astype(self._act), "image_position_ids": positions}
         soft, soft_len = self.sessions[VISION].run(None, feeds)
+        return soft, soft_len
+
+    def encode_audio(self, features: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """audio.onnx: log-mel [B, T, 128] and mask [B, T] -> soft tokens [B, T4, E], real counts [B]."""
+        if AUDIO not in self.sessions:
+            raise RunnerError(f"ort: {self.manifest.path} has no audio graph")
+        feeds = {"input_features": features.astype(self._act), "input_features_mask": mask}
+        soft, soft_len = self.sessions[AUDIO].run(None, feeds)
         return soft, soft_len
 
     def _new_caches(self, batch: int, max_len: int) -> dict[str, np.ndarray]:
@@ -130,15 +146,14 @@ class OrtRunner(BaseRunner):
         state: DecodeState,
         input_ids: np.ndarray,
         seq_len: np.ndarray,
-        images: np.ndarray | None = None,
+        rows: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         self._refuse(state, input_ids)
-        feeds = {"input_ids": input_ids}
+        feeds = {"input_ids": input_ids, **self._no_rows}
+        feeds.update({n: r.astype(self._act, copy=False) for n, r in (rows or {}).items()})
         if self.rows is not None:
             feeds["input_ids"], tables = self.rows.feeds(input_ids)
             feeds.update(tables)
-        if self._no_images is not None:
-            feeds[IMAGE_EMBEDS] = self._no_images if images is None else images.astype(self._act, copy=False)
         embedded = dict(zip(self._embed_outputs, self.sessions[EMBED].run(self._embed_outputs, feeds)))
         feeds = {**embedded, "past_len": state.past_len, "seq_len": seq_len, **state.caches}
         out = dict(zip(self._outputs, self.sessions[DECODER].run(self._outputs, feeds)))
@@ -148,9 +163,9 @@ class OrtRunner(BaseRunner):
         return out
 
     def _step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
-        images = self._image_rows(state, input_ids)
-        if self._bound is None or images is not None:  # a prompt with images: once per sequence, unbound
-            return self._run(state, input_ids, seq_len, images)["logits"]
+        rows = self._soft_rows(state, input_ids)
+        if self._bound is None or rows:  # a prompt with images or audio: once per sequence, unbound
+            return self._run(state, input_ids, seq_len, rows)["logits"]
         self._refuse(state, input_ids)
         binding = state.extra.get("io")
         if binding is None or not binding.owns(state.caches):  # a new state, or rows sliced by the caller
@@ -166,7 +181,7 @@ class OrtRunner(BaseRunner):
         input_ids = np.asarray(input_ids, dtype=np.int64)
         state = self.start(*input_ids.shape)
         input_ids, seq_len = self._checked(state, input_ids, lengths_of(input_ids, lengths))
-        out = self._run(state, input_ids, seq_len, self._image_rows(state, input_ids))
+        out = self._run(state, input_ids, seq_len, self._soft_rows(state, input_ids))
         return {
             k: v.astype(np.float32)
             for k, v in out.items()

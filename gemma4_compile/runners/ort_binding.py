@@ -19,7 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from ..export.manifest import BATCH, DECODER, EMBED, IMAGE_EMBEDS, SEQUENCE, ExportManifest, TensorSpec
+from ..export.manifest import (
+    AUDIO_EMBEDS,
+    BATCH,
+    DECODER,
+    EMBED,
+    IMAGE_EMBEDS,
+    SEQUENCE,
+    ExportManifest,
+    TensorSpec,
+)
 from .base import empty_rows
 from .rows import RowReader
 
@@ -98,8 +107,9 @@ class BoundRunner:
         ids = _buffer(self.embed_spec.input("input_ids"), batch, seq)
         embed = self.sessions[EMBED].io_binding()
         embed.bind_ortvalue_input("input_ids", value(ids))
-        if any(t.name == IMAGE_EMBEDS for t in self.embed_spec.inputs):  # steps without images: zero rows
-            embed.bind_ortvalue_input(IMAGE_EMBEDS, value(empty_rows(self.embed_spec.input(IMAGE_EMBEDS))))
+        for t in self.embed_spec.inputs:  # steps without images / audio: zero rows
+            if t.name in (IMAGE_EMBEDS, AUDIO_EMBEDS):
+                embed.bind_ortvalue_input(t.name, value(empty_rows(t)))
         shared = {}  # embed outputs = decoder inputs, one buffer each
         for t in self.embed_spec.outputs:
             shared[t.name] = value(_buffer(t, batch, seq))

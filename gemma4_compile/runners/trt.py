@@ -23,7 +23,7 @@ from ..engines.manifest import read_manifest
 from ..engines.profiles import profile_index
 from ..engines.seam import load_trt, make_logger
 from ..errors import BackendUnavailable, Gemma4CompileError, RunnerError
-from ..export.manifest import DECODER, EMBED, IMAGE_EMBEDS, ExportManifest
+from ..export.manifest import AUDIO_EMBEDS, DECODER, EMBED, IMAGE_EMBEDS, ExportManifest
 from ..targets import local_device_sm
 from .base import BaseRunner, DecodeState, empty_rows
 
@@ -37,11 +37,12 @@ class EmbedGraph:
     """embed.onnx on the CPU: onnxruntime, or onnx's reference evaluator where onnxruntime has no kernel
     (its CPU provider has no bf16 Mul). Outputs are CPU torch tensors, bf16 included (numpy cannot hold it)."""
 
-    def __init__(self, path: Path, image_embeds: Any = None):
-        """`image_embeds`: the graph's soft-token input (TensorSpec) when it merges images; fed zero rows."""
+    def __init__(self, path: Path, soft_inputs: Any = ()):
+        """`soft_inputs`: the graph's soft-token inputs (TensorSpecs) when it merges images / audio; fed zero
+        rows."""
         import onnxruntime as ort
 
-        self.no_images = empty_rows(image_embeds) if image_embeds is not None else None
+        self.no_rows = {t.name: empty_rows(t) for t in soft_inputs}
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             self.reference = None
@@ -54,9 +55,7 @@ class EmbedGraph:
         self.backend = "onnxruntime" if self.session is not None else "onnx.reference"
 
     def run(self, input_ids: np.ndarray) -> dict[str, Any]:
-        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64)}
-        if self.no_images is not None:
-            feeds[IMAGE_EMBEDS] = self.no_images
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64), **self.no_rows}
         if self.reference is not None:
             names = self.reference.output_names
             return {n: _numpy_to_torch(a) for n, a in zip(names, self.reference.run(None, feeds))}
@@ -119,10 +118,15 @@ class TrtRunner(BaseRunner):
         self.stream = torch.cuda.Stream()
         self.contexts = [self._context(i) for i in range(len(self.profiles))]
         embed_inputs = {t.name: t for t in self.export.graphs[EMBED].inputs}
-        self.embed = EmbedGraph(self.export.graph_path(EMBED), embed_inputs.get(IMAGE_EMBEDS))
-        if IMAGE_EMBEDS in embed_inputs and self.export.multimodal is not None:  # placeholders: none accepted
-            self.image_token_id = self.export.multimodal.tokens.image
+        soft = [embed_inputs[n] for n in (IMAGE_EMBEDS, AUDIO_EMBEDS) if n in embed_inputs]
+        self.embed = EmbedGraph(self.export.graph_path(EMBED), soft)
+        mm = self.export.multimodal
+        if IMAGE_EMBEDS in embed_inputs and mm is not None:  # placeholders: none accepted
+            self.image_token_id = mm.tokens.image
             self.image_refusal = "trt: image prompts run on the ort backend for now"
+        if AUDIO_EMBEDS in embed_inputs and mm is not None and mm.audio is not None:
+            self.audio_token_id = mm.audio.audio
+            self.audio_refusal = "trt: audio prompts run on the ort backend for now"
         self.spec = self.export.spec
         self.max_seq_len = self.export.max_seq_len or self._global_slots_max()
         self.dtype = _torch_dtype(self.export.dtype)
@@ -167,7 +171,7 @@ class TrtRunner(BaseRunner):
         if "spare" not in state.extra:  # presents are written here, then swapped in (no aliasing I/O)
             pairs = [(p, q) for c in self.export.caches for p, q in zip(c.past, c.present)]
             state.extra["spare"] = {q: torch.empty_like(state.caches[p]) for p, q in pairs}
-        self._image_rows(state, input_ids)  # a placeholder without its soft token is refused
+        self._soft_rows(state, input_ids)  # a placeholder without its soft token is refused
         feeds = self._embed(input_ids)
         feeds["past_len"] = torch.from_numpy(state.past_len).cuda()
         feeds["seq_len"] = torch.from_numpy(np.asarray(seq_len, dtype=np.int64)).cuda()

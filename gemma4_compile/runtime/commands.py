@@ -9,7 +9,7 @@ from ..errors import BackendUnavailable
 from .backend import open_runner
 from .errors import RuntimeInputError
 from .generate import GenerationResult, generate
-from .images import image_prompt
+from .images import media_prompt
 from .sampler import GREEDY, SamplingParams
 from .tokenizer import TextTokenizer
 
@@ -27,14 +27,19 @@ def generate_text(
     threads: int | None = None,
     images: Sequence[str | Path] = (),
     image_budget: int | None = None,
+    audio: Sequence[str | Path] = (),
 ) -> GenerationResult:
     """Generate after `prompt` (a user turn of the chat template with `chat`), writing text as it is made.
-    `images`: image files for the prompt's `<|image|>` markers (runtime/images.py)."""
+    `images`: image files for the prompt's `<|image|>` markers, `audio`: WAV files for its `<|audio|>` ones
+    (runtime/images.py, runtime/audio.py)."""
     tokenizer = TextTokenizer(export_dir)
     runner = open_runner(export_dir, backend, provider, threads)
-    if images and backend != "ort":
-        raise RuntimeInputError(f"image prompts run on the ort backend only, not {backend!r}")
-    prompt_in = image_prompt(runner, tokenizer, prompt, images, chat=chat, budget=image_budget)
+    if (images or audio) and backend != "ort":
+        what = "image" if images else "audio"
+        raise RuntimeInputError(f"{what} prompts run on the ort backend only, not {backend!r}")
+    prompt_in = media_prompt(
+        runner, tokenizer, prompt, images, chat=chat, budget=image_budget, audio_paths=audio
+    )
     ids = prompt_in.ids
     stream = tokenizer.stream()
 
@@ -50,6 +55,7 @@ def generate_text(
         tokenizer.defaults.eos_token_ids,
         on_token,
         image_embeds=prompt_in.image_embeds,
+        audio_embeds=prompt_in.audio_embeds,
     )
     if rest := stream.flush():
         write(rest)

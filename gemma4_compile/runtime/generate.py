@@ -48,9 +48,11 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     max_seq_len: int | None = None,
     image_embeds: np.ndarray | None = None,
+    audio_embeds: np.ndarray | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` after `prompt_ids`; `on_token` sees each id as it is chosen.
-    `image_embeds`: the soft tokens of the prompt's image placeholders (runtime/images.py)."""
+    `image_embeds` / `audio_embeds`: the soft tokens of the prompt's image / audio placeholders
+    (runtime/images.py)."""
     limit = max_seq_len or runner.manifest.max_seq_len
     check_budget(len(prompt_ids), max_new_tokens, limit)
     sampler, stops = Sampler(params), set(stop_ids)
@@ -58,6 +60,8 @@ def generate(
     state = runner.start(1, len(prompt_ids) + max_new_tokens)
     if image_embeds is not None:
         runner.attach_images(state, image_embeds)
+    if audio_embeds is not None:
+        runner.attach_audio(state, audio_embeds)
     ids = np.asarray([prompt_ids], dtype=np.int64)
     logits = runner.step(state, ids, np.array([ids.shape[1]], dtype=np.int64))[0, -1]
     tokens: list[int] = []

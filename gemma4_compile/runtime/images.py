@@ -1,13 +1,16 @@
-"""Image prompts on an export, without torch: images -> patches (numpy + Pillow) -> vision.onnx -> soft tokens,
-and the prompt's ids with one placeholder run per image (docs/export-format.md, Multimodal).
+"""Image (and audio) prompts on an export, without torch: images -> patches (numpy + Pillow) -> vision.onnx ->
+soft tokens, clips -> log-mel -> audio.onnx -> soft tokens (runtime/audio.py), and the prompt's ids with one
+placeholder run per image or clip (docs/export-format.md, Multimodal).
 
 Each image becomes `boi, image x n, eoi` where n, its soft-token count, comes from the preprocessing (the
-resized size), before any encoder runs. The prompt marks where images go with `<|image|>` (Gemma's image
-token string), one per image in order; a prompt without markers gets the images before its text.
+resized size), before any encoder runs; each clip `boa, audio x n, eoa` likewise from its length. The prompt
+marks where they go with `<|image|>` / `<|audio|>` (Gemma's token strings), one per item in order; a prompt
+without markers of a kind gets those items before its text (images first).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +19,20 @@ from typing import Any
 import numpy as np
 
 from ..export.manifest import ExportManifest, MultimodalSpec
+from .audio import AUDIO_MARKER, audio_clips, audio_run, audio_support
 from .errors import RuntimeInputError
 
 IMAGE_MARKER = "<|image|>"
+MARKER_NOUNS = {IMAGE_MARKER: "images", AUDIO_MARKER: "audio clips"}
 
 
 @dataclass(frozen=True)
-class ImagePrompt:
+class MediaPrompt:
     """A prompt's ids (placeholders expanded) and the soft-token rows the embed graph merges into them."""
 
     ids: list[int]
     image_embeds: np.ndarray | None  # [sum of n, E] in prompt order; None without images
+    audio_embeds: np.ndarray | None = None  # likewise for audio clips
 
 
 def image_support(manifest: ExportManifest) -> MultimodalSpec:
@@ -83,52 +89,75 @@ def image_patches(images: Sequence[Any], mm: MultimodalSpec, budget: int) -> lis
         raise RuntimeInputError(str(e)) from None
 
 
+def with_markers(text: str, counts: dict[str, int]) -> str:
+    """`text` with one marker per item: its own (as many as the items of that kind), or, where it has none of
+    a kind, that kind's markers before it (in `counts` order)."""
+    prefix = ""
+    for marker, n in counts.items():
+        found = text.count(marker)
+        if found == 0:
+            prefix += marker * n
+        elif found != n:
+            raise RuntimeInputError(
+                f"the prompt has {found} {marker} markers but {n} {MARKER_NOUNS[marker]} were given"
+            )
+    return prefix + text
+
+
 def split_prompt(text: str, n_images: int) -> list[str]:
     """The text around the images: n_images + 1 pieces (markers counted against the images given)."""
-    markers = text.count(IMAGE_MARKER)
-    if markers == 0:
-        return [""] * n_images + [text]
-    if markers != n_images:
-        raise RuntimeInputError(
-            f"the prompt has {markers} {IMAGE_MARKER} markers but {n_images} images were given"
-        )
-    return text.split(IMAGE_MARKER)
+    return with_markers(text, {IMAGE_MARKER: n_images}).split(IMAGE_MARKER)
+
+
+def image_run(n: int, mm: MultimodalSpec) -> list[int]:
+    """The ids of one image of `n` soft tokens: `boi, image x n, eoi`."""
+    t = mm.tokens
+    return [t.boi, *[t.image] * n, t.eoi]
 
 
 def expand_images(pieces: list[list[int]], counts: Sequence[int], mm: MultimodalSpec) -> list[int]:
     """Token pieces joined by each image's run `boi, image x n, eoi`."""
-    t = mm.tokens
+    return join_runs(pieces, [image_run(n, mm) for n in counts])
+
+
+def join_runs(pieces: list[list[int]], runs: Sequence[list[int]]) -> list[int]:
+    """Token pieces joined by the placeholder runs: piece 0, run 0, piece 1, ..."""
     ids = list(pieces[0])
-    for n, piece in zip(counts, pieces[1:], strict=True):
-        ids += [t.boi, *[t.image] * n, t.eoi, *piece]
+    for run, piece in zip(runs, pieces[1:], strict=True):
+        ids += [*run, *piece]
     return ids
+
+
+def encode_with_media(tokenizer: Any, text: str, runs: dict[str, list[list[int]]], chat: bool) -> list[int]:
+    """The prompt's ids: `text` (a user turn with `chat`) with each item's placeholder run where its marker
+    goes. `runs`: per marker, the runs of its items in order (kinds without items are left out)."""
+    runs = {m: r for m, r in runs.items() if r}
+    text = with_markers(text, {m: len(r) for m, r in runs.items()})
+    if chat:  # the template wraps the markers with the text; pieces after the first carry no BOS
+        text = tokenizer.render_chat([{"role": "user", "content": text}])
+    if not runs:
+        return tokenizer.encode(text, add_special_tokens=not chat)
+    pieces = re.split("(" + "|".join(map(re.escape, runs)) + ")", text)
+    queues = {m: iter(r) for m, r in runs.items()}
+    first = tokenizer.encode(pieces[0], add_special_tokens=not chat)
+    rest = [tokenizer.encode(p, add_special_tokens=False) for p in pieces[2::2]]
+    return join_runs([first, *rest], [next(queues[m]) for m in pieces[1::2]])
 
 
 def encode_with_images(
     tokenizer: Any, text: str, counts: Sequence[int], mm: MultimodalSpec, chat: bool
 ) -> list[int]:
     """The prompt's ids: `text` (a user turn with `chat`) with each image's placeholder run where it goes."""
-    if chat:  # the template wraps the markers with the text; pieces after the first carry no BOS
-        text = tokenizer.render_chat([{"role": "user", "content": _with_markers(text, len(counts))}])
-        pieces = text.split(IMAGE_MARKER)
-        first = tokenizer.encode(pieces[0], add_special_tokens=False)
-    else:
-        pieces = split_prompt(text, len(counts))
-        first = tokenizer.encode(pieces[0])
-    rest = [tokenizer.encode(p, add_special_tokens=False) for p in pieces[1:]]
-    return expand_images([first, *rest], counts, mm)
-
-
-def _with_markers(text: str, n_images: int) -> str:
-    return IMAGE_MARKER.join(split_prompt(text, n_images))
+    return encode_with_media(tokenizer, text, {IMAGE_MARKER: [image_run(n, mm) for n in counts]}, chat)
 
 
 def soft_token_rows(soft: np.ndarray, soft_len: np.ndarray) -> np.ndarray:
-    """vision.onnx's padded outputs [N, T, E] + [N] -> the real rows [sum, E], image after image."""
+    """vision.onnx's (or audio.onnx's) padded outputs [N, T, E] + [N] -> the real rows [sum, E], item after
+    item."""
     return np.concatenate([soft[i, : int(n)] for i, n in enumerate(soft_len)], axis=0)
 
 
-def image_prompt(
+def media_prompt(
     runner: Any,
     tokenizer: Any,
     text: str,
@@ -136,16 +165,39 @@ def image_prompt(
     *,
     chat: bool = False,
     budget: int | None = None,
-) -> ImagePrompt:
-    """Ids and soft tokens for `text` with the images at `image_paths`, on an OrtRunner's export."""
-    if not image_paths:
+    audio_paths: Sequence[str | Path] = (),
+) -> MediaPrompt:
+    """Ids and soft tokens for `text` with the images at `image_paths` and the WAV clips at `audio_paths`, on
+    an OrtRunner's export. Everything the prompt needs is checked before any encoder runs."""
+    if not image_paths and not audio_paths:
         ids = tokenizer.encode_chat([{"role": "user", "content": text}]) if chat else tokenizer.encode(text)
-        return ImagePrompt(ids, None)
-    mm = image_support(runner.manifest)
-    images = [load_image(p) for p in image_paths]
-    patches = image_patches(images, mm, budget or mm.vision.default_output_length)
-    ids = encode_with_images(tokenizer, text, [p.soft_tokens for p in patches], mm, chat)
+        return MediaPrompt(ids, None)
+    runs: dict[str, list[list[int]]] = {IMAGE_MARKER: [], AUDIO_MARKER: []}
+    patches, clips = [], []
+    if image_paths:
+        mm = image_support(runner.manifest)
+        images = [load_image(p) for p in image_paths]
+        patches = image_patches(images, mm, budget or mm.vision.default_output_length)
+        runs[IMAGE_MARKER] = [image_run(p.soft_tokens, mm) for p in patches]
+    if audio_paths:
+        tokens = audio_support(runner.manifest)
+        clips = audio_clips(list(audio_paths))
+        runs[AUDIO_MARKER] = [audio_run(c.soft_tokens, tokens) for c in clips]
+    ids = encode_with_media(tokenizer, text, runs, chat)
+    return MediaPrompt(ids, _image_rows(runner, patches), _audio_rows(runner, clips))
+
+
+def _image_rows(runner: Any, patches: list[Any]) -> np.ndarray | None:
+    if not patches:
+        return None
     from ..model.vision_preprocess import batch_patches
 
-    soft, soft_len = runner.encode_images(*batch_patches(patches))
-    return ImagePrompt(ids, soft_token_rows(soft, soft_len))
+    return soft_token_rows(*runner.encode_images(*batch_patches(patches)))
+
+
+def _audio_rows(runner: Any, clips: list[Any]) -> np.ndarray | None:
+    if not clips:
+        return None
+    from ..model.audio_preprocess import batch_features
+
+    return soft_token_rows(*runner.encode_audio(*batch_features(clips)))

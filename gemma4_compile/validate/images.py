@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..errors import ValidateError
-from ..export.manifest import ExportManifest
+from ..export.manifest import AUDIO_EMBEDS, IMAGE_EMBEDS, ExportManifest
 from ..runtime.images import expand_images, image_support, soft_token_rows
 
 PIXEL_ATOL = 1e-6  # preprocessing: one ulp of the 1/255 rescale (observed 6e-8)
@@ -51,14 +51,11 @@ class Stage:
         return self.value <= self.bound or within_noise
 
 
-@dataclass(frozen=True)
-class ImageReport:
-    """Per-stage errors of one image prompt; `skipped` says why the end-to-end stages did not run."""
+class StagedReport:
+    """What a staged report (images, audio) shares: `stages`, and `kind` naming the prompt in its failure."""
 
-    prompt_tokens: int
-    image_tokens: list[int]
-    stages: list[Stage] = field(default_factory=list)
-    skipped: str | None = None
+    kind: ClassVar[str]
+    stages: list[Stage]
 
     @property
     def passed(self) -> bool:
@@ -71,7 +68,7 @@ class ImageReport:
         noise = (
             f"; vs fp64 {bad.exact:.3g}, transformers' own {bad.noise:.3g}" if bad.exact is not None else ""
         )
-        return f"image prompt fails at the {bad.name} stage: {bad.value:.3g} > {bad.bound:g} ({bad.detail}{noise})"
+        return f"{self.kind} prompt fails at the {bad.name} stage: {bad.value:.3g} > {bad.bound:g} ({bad.detail}{noise})"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -79,6 +76,17 @@ class ImageReport:
         for s, stage in zip(d["stages"], self.stages):
             s["passed"] = stage.passed
         return d
+
+
+@dataclass(frozen=True)
+class ImageReport(StagedReport):
+    """Per-stage errors of one image prompt; `skipped` says why the end-to-end stages did not run."""
+
+    kind: ClassVar[str] = "image"
+    prompt_tokens: int
+    image_tokens: list[int]
+    stages: list[Stage] = field(default_factory=list)
+    skipped: str | None = None
 
 
 def synthetic_images(seed: int = 0) -> list[Any]:
@@ -159,7 +167,7 @@ def validate_images(
         return ImageReport(0, counts, stages, skipped=reason)
     ids = image_prompt_ids(manifest, counts, seed)
     hf_in = {"pixel_values": t(ref_in["pixel_values"]), "image_position_ids": t(ref_in["image_position_ids"])}
-    stages += _end_to_end(runner, (hf, hf64), ids, rows, hf_rows, hf_in, steps)
+    stages += end_to_end(runner, (hf, hf64), ids, {IMAGE_EMBEDS: rows}, {IMAGE_EMBEDS: hf_rows}, hf_in, steps)
     return ImageReport(int(ids.shape[1]), counts, stages)
 
 
@@ -189,7 +197,7 @@ def _hf_soft_tokens(hf: Any, pixels: Any, positions: Any) -> np.ndarray | None:
     return torch.cat(list(out)).numpy()
 
 
-def _stage(
+def stage(
     name: str, ours: np.ndarray, ref: np.ndarray, ref64: np.ndarray | None, bound: float, detail: str
 ) -> Stage:
     """max |Δ| of ours vs the fp32 reference, and, with an fp64 run, ours vs it and the reference's own noise."""
@@ -204,25 +212,28 @@ def _stage(
 def _encoder(rows: np.ndarray, hf_rows: np.ndarray, hf64_rows: np.ndarray | None) -> Stage:
     scale = float(np.abs(hf_rows).max())
     detail = f"soft tokens max abs Δ ({len(hf_rows)} rows, values up to {scale:.2g})"
-    return _stage("encoder", rows, hf_rows, hf64_rows, SOFT_TOKEN_ATOL, detail)
+    return stage("encoder", rows, hf_rows, hf64_rows, SOFT_TOKEN_ATOL, detail)
 
 
-def _end_to_end(
+def end_to_end(
     runner: Any,
     models: tuple[Any, Any],
     ids: np.ndarray,
-    rows: np.ndarray,
-    hf_rows: np.ndarray,
+    soft: dict[str, np.ndarray],
+    hf_soft: dict[str, np.ndarray],
     hf_in: dict[str, Any],
     steps: int,
 ) -> list[Stage]:
+    """Prompt logits and greedy tokens of `ids` with our soft tokens (`soft`, by embed input name) merged,
+    against transformers fed `hf_in`; also the logits with transformers' soft tokens (`hf_soft`)."""
     hf = models[0]
     ref, ref64 = (_hf_logits(m, ids, hf_in) for m in models)
-    ours = _prefill(runner, ids, rows)
-    with_hf_soft = float(np.abs(_prefill(runner, ids, hf_rows.astype(rows.dtype)) - ref).max())
+    ours = _prefill(runner, ids, soft)
+    theirs_soft = {n: r.astype(soft[n].dtype) for n, r in hf_soft.items()}
+    with_hf_soft = float(np.abs(_prefill(runner, ids, theirs_soft) - ref).max())
     detail = f"prompt logits max abs Δ over {ids.shape[1]} tokens; {with_hf_soft:.2g} with transformers' soft tokens"
-    logits = _stage("end-to-end", ours, ref, ref64, LOGIT_ATOL, detail)
-    mine, theirs = _greedy(runner, ids, rows, steps), _hf_greedy(hf, ids, hf_in, steps)
+    logits = stage("end-to-end", ours, ref, ref64, LOGIT_ATOL, detail)
+    mine, theirs = _greedy(runner, ids, soft, steps), _hf_greedy(hf, ids, hf_in, steps)
     differ = int(sum(a != b for a, b in zip(mine, theirs)))
     greedy = Stage("greedy", differ, 0, f"{steps - differ}/{steps} greedy tokens identical")
     return [logits, greedy]
@@ -233,25 +244,26 @@ def _hf_logits(hf: Any, ids: np.ndarray, hf_in: dict[str, Any]) -> np.ndarray | 
 
     if hf is None:
         return None
-    pixels = hf_in["pixel_values"].to(hf.dtype)
+    feeds = {k: v.to(hf.dtype) if v.is_floating_point() else v for k, v in hf_in.items()}
     with torch.no_grad():
-        out = hf(
-            input_ids=torch.from_numpy(ids),
-            pixel_values=pixels,
-            image_position_ids=hf_in["image_position_ids"],
-        )
+        out = hf(input_ids=torch.from_numpy(ids), **feeds)
     return out.logits.numpy()
 
 
-def _prefill(runner: Any, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def _attach(runner: Any, state: Any, soft: dict[str, np.ndarray]) -> None:
+    for name, rows in soft.items():
+        {IMAGE_EMBEDS: runner.attach_images, AUDIO_EMBEDS: runner.attach_audio}[name](state, rows)
+
+
+def _prefill(runner: Any, ids: np.ndarray, soft: dict[str, np.ndarray]) -> np.ndarray:
     state = runner.start(1, ids.shape[1])
-    runner.attach_images(state, rows)
+    _attach(runner, state, soft)
     return runner.step(state, ids, np.array([ids.shape[1]]))
 
 
-def _greedy(runner: Any, ids: np.ndarray, rows: np.ndarray, steps: int) -> list[int]:
+def _greedy(runner: Any, ids: np.ndarray, soft: dict[str, np.ndarray], steps: int) -> list[int]:
     state = runner.start(1, ids.shape[1] + steps)
-    runner.attach_images(state, rows)
+    _attach(runner, state, soft)
     last = runner.step(state, ids, np.array([ids.shape[1]]))[0, -1]
     tokens = []
     for i in range(steps):

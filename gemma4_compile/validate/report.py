@@ -136,14 +136,17 @@ def tolerance_rows(t: Any) -> list[list[str]]:
     ]
 
 
-def _images_md(images: dict[str, Any] | None) -> list[str]:
-    """The staged image-prompt check (validate/images.py): one row per stage, the first failure named."""
+def _images_md(images: dict[str, Any] | None, kind: str = "image") -> list[str]:
+    """The staged image- (or audio-) prompt check (validate/images.py, validate/audio.py): one row per stage,
+    the first failure named."""
     if images is None:
         return []
+    counts = images[f"{kind}_tokens"]
+    items = "images" if kind == "image" else "audio clips"
     lines = [
-        "## Image prompt vs transformers (Gemma4ForConditionalGeneration)",
+        f"## {kind.capitalize()} prompt vs transformers (Gemma4ForConditionalGeneration)",
         "",
-        f"{len(images['image_tokens'])} images ({images['image_tokens']} soft tokens) in a "
+        f"{len(counts)} {items} ({counts} soft tokens) in a "
         f"{images['prompt_tokens']}-token prompt. A stage over its bound passes when ours is within "
         "2x transformers' own fp32-vs-fp64 distance of its fp64 run.",
         "",
@@ -166,7 +169,7 @@ def _images_md(images: dict[str, Any] | None) -> list[str]:
         ),
         "",
     ]
-    if images["skipped"]:
+    if images.get("skipped"):
         lines += [f"End to end not run: {images['skipped']}.", ""]
     return lines
 
@@ -232,6 +235,7 @@ def accuracy_markdown(r: AccuracyReport) -> str:
         lines += _localization_md(failed, r.layer_kinds)
     lines += _overflow_md(r)
     lines += _images_md(r.images)
+    lines += _images_md(r.audio, "audio")
     if r.warnings:
         lines += ["## Warnings", "", *(f"- {w}" for w in r.warnings), ""]
     if r.polygraphy:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import BackendUnavailable, ValidateError, ValidationFailed
-from ..export.manifest import DECODER, VISION
+from ..export.manifest import AUDIO, DECODER, VISION
 from ..model.config import Gemma4Spec
 from ..runners.base import BaseRunner
 from . import metrics as M
@@ -256,6 +256,7 @@ class AccuracyReport:
     polygraphy: dict[str, Any] | None = None  # files and the command that reproduces the decoder comparison
     quality: QualityReport | None = None  # quantized exports: against the unquantized model
     images: dict[str, Any] | None = None  # exports with vision.onnx: images.ImageReport.to_dict(), staged
+    audio: dict[str, Any] | None = None  # exports merging audio.onnx: audio.AudioReport.to_dict(), staged
 
     @property
     def passed(self) -> bool:
@@ -263,7 +264,7 @@ class AccuracyReport:
         return (
             all(c.passed for c in self.cases)
             and quality_ok
-            and (self.images is None or self.images["passed"])
+            and all(m is None or m["passed"] for m in (self.images, self.audio))
         )
 
     def failure_message(self) -> str:
@@ -282,13 +283,14 @@ class AccuracyReport:
         return f"{head}: {failed[0].message()}{more}"
 
     def _image_failure(self) -> str:
-        if self.images is None or self.images["passed"]:
-            return ""
-        bad = next(s for s in self.images["stages"] if not s["passed"])
-        return (
-            f"{self.backend} disagrees with transformers on an image prompt at the {bad['name']} stage: "
-            f"{bad['value']:.3g} > {bad['bound']:g} ({bad['detail']})"
-        )
+        for kind, staged in (("an image", self.images), ("an audio", self.audio)):
+            if staged is not None and not staged["passed"]:
+                bad = next(s for s in staged["stages"] if not s["passed"])
+                return (
+                    f"{self.backend} disagrees with transformers on {kind} prompt at the {bad['name']} stage: "
+                    f"{bad['value']:.3g} > {bad['bound']:g} ({bad['detail']})"
+                )
+        return ""
 
     def summary(self) -> str:
         """One line (two for a quantized export: its quality against the unquantized model)."""
@@ -304,6 +306,9 @@ class AccuracyReport:
                 images = f"; image prompt vs transformers: {stages}" + (
                     f" (end to end not run: {self.images['skipped']})" if self.images["skipped"] else ""
                 )
+            if self.audio is not None:
+                stages = ", ".join(f"{s['name']} {s['value']:.2g}" for s in self.audio["stages"])
+                images += f"; audio prompt vs transformers: {stages}"
             return (
                 f"{self.backend} matches {self.reference} ({self.precision}) on {len(self.cases)} cases "
                 f"(max |Δlogit| {worst:.2g}){images}"
@@ -882,12 +887,7 @@ def validate(
         engine_target=be.engine_target,
         warnings=report.warnings + [why_not] * bool(why_not),
     )
-    if VISION in manifest.graphs:
-        why = _no_image_check(manifest, backend)
-        if why is None:
-            report = replace(report, images=_validate_images(be, ckpt))
-        else:
-            report = replace(report, warnings=[*report.warnings, f"image prompts not validated ({why})"])
+    report = _validate_media(report, manifest, be, backend, ckpt)
     out = Path(out_dir) if out_dir else export_dir
     if write:
         if DECODER in manifest.graphs:
@@ -896,8 +896,8 @@ def validate(
     return report
 
 
-def _no_image_check(manifest: Any, backend: str) -> str | None:
-    """Why the image stages do not run on this export (None: they do): ort, fp32, float weights."""
+def _no_media_check(manifest: Any, backend: str) -> str | None:
+    """Why the image and audio stages do not run on this export (None: they do): ort, fp32, float weights."""
     if backend != "ort":
         return f"the {backend} backend runs text only"
     if manifest.dtype != "fp32" or manifest.quant is not None:
@@ -905,18 +905,38 @@ def _no_image_check(manifest: Any, backend: str) -> str | None:
     return None
 
 
-def _validate_images(runner: BaseRunner, ckpt: Path) -> dict[str, Any]:
-    """The staged image check (validate/images.py) against transformers; with an fp64 twin when it fits in a
-    quarter of the machine's memory (the noise allowance), else the fixed bounds only."""
+def _validate_media(
+    report: AccuracyReport, manifest: Any, runner: BaseRunner, backend: str, ckpt: Path
+) -> AccuracyReport:
+    """The staged image (validate/images.py) and audio (validate/audio.py) checks against transformers, for
+    the towers whose soft tokens the export merges; one transformers model (and fp64 twin) serves both."""
+    from .audio import validate_audio
+    from .images import validate_images
+
+    mm = manifest.multimodal
+    checks = {"images": validate_images} if VISION in manifest.graphs else {}
+    if AUDIO in manifest.graphs and mm is not None and mm.audio is not None:
+        checks["audio"] = validate_audio
+    why = _no_media_check(manifest, backend)
+    if not checks or why is not None:
+        nouns = {"images": "image", "audio": "audio"}
+        notes = [f"{nouns[k]} prompts not validated ({why})" for k in checks]
+        return replace(report, warnings=[*report.warnings, *notes])
+    refs = _references(ckpt)
+    return replace(report, **{name: check(runner, *refs).to_dict() for name, check in checks.items()})
+
+
+def _references(ckpt: Path) -> tuple[Any, Any]:
+    """transformers' model of `ckpt`, with an fp64 twin when it fits in a quarter of the machine's memory (the
+    noise allowance), else None."""
     import copy
 
-    from .images import load_reference, validate_images
+    from .images import load_reference
 
     hf = load_reference(ckpt)
     need = 2 * sum(f.stat().st_size for f in Path(ckpt).glob("*.safetensors"))  # fp32 weights, doubled
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    hf64 = copy.deepcopy(hf).double() if need < total / 4 else None
-    return validate_images(runner, hf, hf64).to_dict()
+    return hf, copy.deepcopy(hf).double() if need < total / 4 else None
 
 
 def _attach_polygraphy(

@@ -209,6 +209,7 @@ def test_image_prompt_end_to_end_in_onnx_matches_transformers(e2e):
 
 def test_image_prompts_on_a_31b_export_are_refused_in_one_line(exported):
     from gemma4_compile.runners.ort import OrtRunner
+    from gemma4_compile.runtime.audio import audio_support
     from gemma4_compile.runtime.errors import RuntimeInputError
     from gemma4_compile.runtime.images import image_support
 
@@ -220,6 +221,10 @@ def test_image_prompts_on_a_31b_export_are_refused_in_one_line(exported):
     runner = OrtRunner(out)
     with pytest.raises(RunnerError, match="bidirectional sliding attention"):
         runner.attach_images(runner.start(1, 8), np.zeros((1, TEXT.hidden_size), np.float32))
+    with pytest.raises(RuntimeInputError, match="has no audio graph"):  # no audio tower on 26B/31B
+        audio_support(m)
+    with pytest.raises(RunnerError, match="takes no audio"):
+        runner.attach_audio(runner.start(1, 8), np.zeros((1, TEXT.hidden_size), np.float32))
     text = np.array([[2, 9, 10]])  # text prompts still run (zero image rows)
     assert runner.logits(text).shape == (1, 3, TEXT.vocab_size)
 

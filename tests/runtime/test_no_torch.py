@@ -12,6 +12,7 @@ RUNTIME_MODULES = [
     "gemma4_compile.runtime.commands",
     "gemma4_compile.runtime.batching",
     "gemma4_compile.runtime.images",
+    "gemma4_compile.runtime.audio",
 ]
 
 

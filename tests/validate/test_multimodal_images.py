@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
+from media_support import PlaceholderPLE
 
 from gemma4_compile.runners.ort import OrtRunner
 from gemma4_compile.validate.images import NOISE_FACTOR, load_reference, validate_images
@@ -72,29 +72,6 @@ def test_a_vision_weight_x1_05_fails_at_the_encoder_stage(pipeline):
     report = validate_images(runner, bad, bad64, steps=1)
     assert not report.passed and "at the encoder stage" in report.failure()
     assert _stage(report, "encoder").exact > 100 * NOISE_FACTOR * _stage(report, "encoder").noise
-
-
-class PlaceholderPLE(OrtRunner):
-    """Negative control: PLE token identity looked up with the placeholder ids instead of pad (tiny tables
-    have 512 rows, so the placeholder id wraps into the table)."""
-
-    def _run(self, state, input_ids, seq_len, images=None):
-        raw = np.where(
-            input_ids == self.image_token_id, self.image_token_id % self.spec.vocab_size, input_ids
-        )
-        feeds = {"input_ids": raw, "image_embeds": self._no_images}
-        ple = self.sessions["embed"].run(["per_layer_tokens"], feeds)[0]
-        original = self.sessions["embed"].run
-
-        def run(names, feeds):
-            out = original(names, feeds)
-            return [ple if n == "per_layer_tokens" else o for n, o in zip(names, out)]
-
-        self.sessions["embed"].run = run
-        try:
-            return super()._run(state, input_ids, seq_len, images)
-        finally:
-            del self.sessions["embed"].run
 
 
 def test_ple_of_placeholder_ids_fails_at_the_end_to_end_stage(pipeline, make_vision_export):
