@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import onnx
 
 from .. import __version__
+from ..dtypes import DType
 from ..errors import BuildError, ExportError
 from ..export.manifest import DECODER, ExportManifest
 from ..fsutil import atomic_directory, write_atomic
@@ -538,9 +539,23 @@ def _build_graph(record: BuildRecord, graph: GraphRecord, staging: Path) -> None
     log_text = graph.parsed.logger.text()
     graph.device_memory = device_memory(log_text)
     graph.io, graph.fp32_layers = _io(graph.parsed), fp32_layers(graph.parsed)
+    _check_fp32_islands(record, graph)
     record.write(staging, capability_name, json.dumps(graph.report.to_dict(), indent=2) + "\n")
     record.write(staging, log_name, log_text)
     graph.parsed = None  # the network and builder of a large graph need not outlive its plan
+
+
+def _check_fp32_islands(record: BuildRecord, graph: GraphRecord) -> None:
+    """A half-precision graph whose ONNX computes parts in fp32 must keep them in the network: refuse a
+    network with no fp32 layer at all (a pass or parser setting that cast the islands away)."""
+    marked = graph.parsed.edits.fp32_nodes
+    if record.export.activation_dtype in (DType.FP16, DType.BF16) and marked and not graph.fp32_layers:
+        raise _fail(
+            record,
+            graph,
+            f"{_label(record, graph)}: {graph.role}.onnx computes {marked} nodes in fp32, the parsed network "
+            "none; the fp32 islands were dropped",
+        )
 
 
 def build_engine(

@@ -77,6 +77,7 @@ class GraphEdits:
     split_moe: int = 0  # gemma4::MoE nodes replaced by their seven stage plugins (SplitMoE)
     aot: int = 0  # custom nodes given aot=1, so the parser takes their plugin's AOT implementation (MarkAot)
     static_moe_body: bool = False  # the MoE function body was swapped for its static-shape twin
+    fp32_nodes: int = 0  # top-level nodes with an fp32 output as exported (a half graph's fp32 islands)
 
     def to_dict(self) -> dict:
         return {
@@ -85,6 +86,7 @@ class GraphEdits:
             "split_moe": self.split_moe,
             "aot": self.aot,
             "static_moe_body": self.static_moe_body,
+            "fp32_nodes": self.fp32_nodes,
         }
 
 
@@ -131,13 +133,14 @@ def prepare_graph(
     except Exception as e:  # protobuf raises several types for a corrupt file
         raise BuildError(f"cannot read {path}: {e}") from None
     static_moe = _static_moe_body(model)
+    fp32 = sum(any(v.dtype == ir.DataType.FLOAT for v in node.outputs) for node in model.graph)
     creators = set(plugin_creators(flavour))
     has_plugin = passes.plugin_lookup(creators)
     fold, split, aot = passes.FoldConstants(), passes.SplitMoE(tokens_hint), passes.MarkAot(has_plugin)
     rename = passes.RenameShadowedOps(parser.supports_operator, has_plugin)
     staged = [split, aot] if moe_stages.stages_registered(creators) else []  # full TensorRT's AOT plugins
     model = passes.run_passes(model, [fold, *staged, rename])
-    edits = GraphEdits(rename.renamed, fold.folded, split.split, aot.marked, static_moe)
+    edits = GraphEdits(rename.renamed, fold.folded, split.split, aot.marked, static_moe, fp32)
     return ir.serde.serialize_model(model).SerializeToString(), _custom_nodes(model, rename.renamed), edits
 
 

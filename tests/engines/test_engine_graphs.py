@@ -94,6 +94,17 @@ def test_half_precision_towers_keep_their_fp32_islands(built, export_dir):
         assert art.manifest.graphs["vision"].fp32_layers > 0  # RoPE, pooling and norms in fp32
 
 
+def test_a_network_that_lost_its_fp32_islands_is_refused(export_dir, tmp_path, monkeypatch):
+    from gemma4_compile.engines import build
+
+    copy = tmp_path / "out"
+    shutil.copytree(export_dir, copy, ignore=shutil.ignore_patterns("engines"))
+    monkeypatch.setattr(build, "fp32_layers", lambda parsed: 0)  # as if a pass had cast every island to fp16
+    with pytest.raises(BuildError, match=r"^sm89 embed: embed\.onnx computes \d+ nodes in fp32, the parsed"):
+        build_engines(copy, ["sm89"], graphs=("embed",), opt_level=0, progress=False, **LIMITS)
+    assert not (copy / "engines" / "sm89").exists() and (copy / "engines" / "sm89.failed").is_dir()
+
+
 def test_a_changed_graph_or_engine_is_refused_naming_it(built, export_dir, tmp_path, reseal):
     copy = tmp_path / "out"
     shutil.copytree(export_dir, copy)
@@ -140,3 +151,17 @@ def test_a_version_1_manifest_reads_as_one_decoder_engine(built):
     assert list(m.graphs) == ["decoder"] and m.engine_file == "decoder.engine"
     assert m.decoder_sha256 == "ab" * 32 and m.capability == {"inlined": 3}
     assert m.profiles[0].shape("x").max == (1,) and m.decoder.fp32_layers is None
+
+
+def test_tower_profiles_default_to_the_exports_limits(export_dir):
+    from gemma4_compile.engines import ProfileLimits, derive_profiles
+
+    export = ExportManifest.load(export_dir)
+    (images,) = derive_profiles(export, ProfileLimits(), "vision")
+    assert images.shape("image_position_ids").max == (8, 2520, 2)  # multimodal.max_images, 280 soft tokens
+    (clips,) = derive_profiles(export, ProfileLimits(), "audio")
+    assert clips.shape("input_features").max == (1, 3000, 128)  # one clip of 30 s
+    with pytest.raises(
+        BuildError, match=r"^max_clips must be >= 1 and max_frames in 1\.\.3000, got 1 and 3001$"
+    ):
+        derive_profiles(export, ProfileLimits(max_frames=3001), "audio")
