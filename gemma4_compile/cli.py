@@ -386,6 +386,23 @@ def _check_max_seq_len(checkpoint: Path, max_seq_len: int | None) -> None:
     help="Force a TensorRT flavour [default: full TensorRT on its own GPU, else TensorRT-RTX ahead of time].",
 )
 @click.option("--force", is_flag=True, help="Rebuild even when an up-to-date engine exists.")
+@click.option(
+    "--graphs",
+    help="Comma-separated graphs to build engines for (decoder,embed,vision,audio) [default: all the export has].",
+)
+@click.option(
+    "--max-images",
+    type=click.IntRange(1),
+    help="Images per vision call [default: the export's max_images, 8].",
+)
+@click.option(
+    "--max-image-tokens",
+    type=click.IntRange(1),
+    help="Soft tokens per image (x9 patches) [default: the vision default_output_length, 280].",
+)
+@click.option(
+    "--max-clips", default=1, show_default=True, type=click.IntRange(1), help="Audio clips per call."
+)
 def build(
     export_dir: Path,
     targets: tuple[str, ...],
@@ -396,10 +413,13 @@ def build(
     profiles: tuple[str, ...],
     flavour: str | None,
     force: bool,
+    graphs: str | None,
+    max_images: int | None,
+    max_image_tokens: int | None,
+    max_clips: int,
 ) -> None:
-    """Build a TensorRT engine per GPU target from an export (TensorRT or TensorRT-RTX)."""
+    """Build a TensorRT engine per graph and GPU target from an export (TensorRT or TensorRT-RTX)."""
     from .engines import BuildOptions, build_engines
-    from .validate.report import device_memory_text
 
     options = BuildOptions(
         plugins=plugins,
@@ -409,10 +429,30 @@ def build(
         profiles=profiles,
         flavour=flavour,
         force=force,
+        graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()) if graphs is not None else None,
+        max_images=max_images,
+        max_image_tokens=max_image_tokens,
+        max_clips=max_clips,
     )
     for art in build_engines(export_dir, list(targets), options):
-        memory = device_memory_text(art.manifest.device_memory)
-        out.print(f"{'reused' if art.reused else 'built'} {art.target}: {art.engine_path} ({memory})")
+        for line in engine_lines(art):
+            out.print(line)
+
+
+def engine_lines(art) -> list[str]:
+    """One line per engine of a target's build: graph, target, size, build seconds, device memory."""
+    from .validate.report import device_memory_text
+
+    verb = "reused" if art.reused else "built"
+    lines = []
+    for role, g in art.manifest.graphs.items():
+        size = art.manifest.files[g.engine_file]["bytes"] / 2**20
+        memory = device_memory_text(g.device_memory)
+        lines.append(
+            f"{verb} {role} {art.target}: {art.engine_paths[role]} ({size:.1f} MiB, {g.build_seconds:.1f} s "
+            f"build, {memory})"
+        )
+    return lines
 
 
 @cli.command()

@@ -1,7 +1,8 @@
 """TensorRT engines per GPU target, built from an export and fingerprinted (docs/export-format.md in, engines out).
 
     from gemma4_compile.engines import BuildOptions, build_engines
-    build_engines("OUT", ["sm89", "sm120"], BuildOptions(max_batch=4))   # -> OUT/engines/sm89/{decoder.engine, ...}
+    build_engines("OUT", ["sm89", "sm120"], BuildOptions(max_batch=4))
+    # -> OUT/engines/sm89/{decoder.engine, embed.engine, vision.engine, audio.engine, manifest.json, ...}
 
 Modules: seam (the TensorRT / TensorRT-RTX import seam, logger, plugin registry), prepare (graph passes, parse,
 capability.json), profiles, build, manifest, load (what runners read back), progress. Importing this package
@@ -23,9 +24,9 @@ from .build import (
     read_export,
 )
 from .load import EngineFile, engine_dir, open_engine
-from .manifest import EngineManifest, check_engine, read_manifest
+from .manifest import EngineManifest, GraphEngine, check_engine, check_graphs, read_manifest
 from .prepare import CapabilityReport, NodePath
-from .profiles import DEFAULT_MAX_BATCH, ProfileLimits, ShapeProfile, derive_profiles
+from .profiles import DEFAULT_MAX_BATCH, ProfileLimits, ShapeProfile, derive_profiles, engine_roles
 from .seam import TrtFlavour, installed_flavours, load_trt
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "EngineFile",
     "EngineManifest",
     "GpuTarget",
+    "GraphEngine",
     "NodePath",
     "ProfileLimits",
     "ShapeProfile",
@@ -46,8 +48,10 @@ __all__ = [
     "build_engine",
     "build_engines",
     "check_engine",
+    "check_graphs",
     "derive_profiles",
     "engine_dir",
+    "engine_roles",
     "installed_flavours",
     "list_targets",
     "load_trt",

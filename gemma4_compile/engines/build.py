@@ -1,9 +1,13 @@
-"""Build one engine per target: export.json -> parsed network -> builder config -> serialized plan -> manifest.
+"""Build one engine per graph and target: export.json -> per graph: parsed network -> builder config ->
+serialized plan; then one manifest per target.
 
-Output: OUT/engines/<sm>/{decoder.engine, capability.json, build.log, manifest.json}, written into a temporary
-directory that replaces the final one only when complete (fsutil.atomic_directory), manifest last. A failed
+Output: OUT/engines/<sm>/{decoder.engine, capability.json, build.log, embed.engine, embed.capability.json,
+embed.build.log, vision.*, audio.*, manifest.json} (the graphs the export has, or `BuildOptions.graphs`),
+written into a temporary directory that replaces the final one only when every graph is built
+(fsutil.atomic_directory), manifest last. Every graph goes through the same path (`_build_graph`). A failed
 build leaves its report in OUT/engines/<sm>.failed/ and never touches an existing good build. Precision is never
-set here: networks are strongly typed, so the ONNX dtypes are the engine's dtypes.
+set here: networks are strongly typed, so the ONNX dtypes (fp32 islands of half-precision graphs included)
+are the engine's dtypes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, TypeVar
 import onnx
 
 from .. import __version__
+from ..dtypes import DType
 from ..errors import BuildError, ExportError
 from ..export.manifest import DECODER, ExportManifest
 from ..fsutil import atomic_directory, write_atomic
@@ -32,21 +37,30 @@ from ..quant.formats import GRAPH_NBITS, MIN_SM
 from ..targets import GpuTarget, local_device_sm, resolve_target
 from .load import verify_files
 from .manifest import (
-    CAPABILITY_NAME,
-    ENGINE_NAME,
-    LOG_NAME,
     MANIFEST_NAME,
     EngineManifest,
+    GraphEngine,
+    graph_files,
     read_manifest,
     write_manifest,
 )
-from .prepare import PLUGIN, CapabilityReport, ParsedNetwork, capability_report, network_from_onnx
+from .prepare import (
+    PLUGIN,
+    CapabilityReport,
+    ParsedNetwork,
+    capability_report,
+    fp32_layers,
+    network_from_onnx,
+)
 from .profiles import (
     DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_CLIPS,
+    MAX_FRAMES,
     PROFILE_NAMES,
     ProfileLimits,
     ShapeProfile,
     derive_profiles,
+    engine_roles,
     tokens_per_step,
 )
 from .progress import MemoryUsage, PeakRss, build_progress, spinner
@@ -87,6 +101,13 @@ class BuildOptions:
     flavour: str | None = (
         None  # 'tensorrt' | 'tensorrt_rtx'; None: full TensorRT on its own GPU, else RTX AOT
     )
+    graphs: tuple[str, ...] | None = (
+        None  # roles to build ('decoder', 'embed', ...); None: all the export has
+    )
+    max_images: int | None = None  # images per vision call; None: export.json multimodal.max_images (8)
+    max_image_tokens: int | None = None  # soft tokens per image; None: the vision spec's default (280)
+    max_clips: int = DEFAULT_MAX_CLIPS  # audio clips per audio call
+    max_frames: int = MAX_FRAMES  # log-mel frames per clip (3000 = 30 s, the audio graph's bound)
 
     def __post_init__(self) -> None:
         if not 0 <= self.opt_level <= 5:
@@ -96,30 +117,49 @@ class BuildOptions:
                 f"hardware_compat must be one of {', '.join(HW_COMPAT)}, got {self.hardware_compat!r}"
             )
         object.__setattr__(self, "profiles", tuple(self.profiles))
+        if self.graphs is not None:
+            object.__setattr__(self, "graphs", tuple(self.graphs))
 
     @property
     def limits(self) -> ProfileLimits:
-        return ProfileLimits(self.max_batch, self.max_seq, self.profiles)
+        return ProfileLimits(
+            self.max_batch,
+            self.max_seq,
+            self.profiles,
+            self.max_images,
+            self.max_image_tokens,
+            self.max_clips,
+            self.max_frames,
+        )
 
 
 @dataclass(frozen=True)
 class EngineArtifact:
+    """One target's directory: an engine per graph (`engine_paths`), the decoder's first."""
+
     target: str
     dir: Path
-    engine_path: Path
+    engine_paths: dict[str, Path]  # role -> engine file
     manifest_path: Path
-    capability_path: Path
+    capability_path: Path  # the decoder's (or the first graph's) capability report
     manifest: EngineManifest
     reused: bool  # True: an up-to-date build was found and nothing was rebuilt
 
+    @property
+    def engine_path(self) -> Path:
+        """The decoder's engine, or the first graph's when the build left the decoder out."""
+        return self.engine_paths.get(DECODER) or next(iter(self.engine_paths.values()))
+
     @classmethod
     def of(cls, final: Path, manifest: EngineManifest, reused: bool) -> EngineArtifact:
+        paths = {role: final / g.engine_file for role, g in manifest.graphs.items()}
+        first = DECODER if DECODER in manifest.graphs else next(iter(manifest.graphs))
         return cls(
             manifest.target,
             final,
-            final / manifest.engine_file,
+            paths,
             final / MANIFEST_NAME,
-            final / CAPABILITY_NAME,
+            final / graph_files(first)[1],
             manifest,
             reused,
         )
@@ -147,26 +187,55 @@ class TimingCache:
 
 
 @dataclass
+class GraphRecord:
+    """One graph's build inside a target's build (BuildRecord), filled in as it runs."""
+
+    role: str
+    profiles: tuple[ShapeProfile, ...]
+    parsed: ParsedNetwork | None = None  # released once the plan is written
+    report: CapabilityReport | None = None
+    hardware_compat: str = "n/a"  # what was set: none | same_cc | ampere_plus | n/a (RTX)
+    plan: PlanFile | None = None
+    io: tuple[dict, ...] = ()
+    fp32_layers: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    device_memory: dict[str, Any] = field(default_factory=dict)
+
+    def engine(self, export: ExportManifest) -> GraphEngine:
+        assert self.plan and self.report, "engine() before the graph was built"
+        spec = export.graphs[self.role]
+        return GraphEngine(
+            role=self.role,
+            onnx_file=spec.file,
+            onnx_sha256=spec.sha256,
+            engine_file=graph_files(self.role)[0],
+            profiles=self.profiles,
+            capability=self.report.counts(),
+            io=self.io,
+            build_seconds=round(self.seconds["total"], 3),
+            phase_seconds={k: round(v, 3) for k, v in self.seconds.items()},
+            device_memory=self.device_memory,
+            fp32_layers=self.fp32_layers,
+        )
+
+
+@dataclass
 class BuildRecord:
-    """One target's build, filled in as it runs; `manifest()` turns it into manifest.json."""
+    """One target's build (one engine per graph), filled in as it runs; `manifest()` turns it into
+    manifest.json."""
 
     export: ExportManifest
     target: GpuTarget
     flavour: TrtFlavour
     options: BuildOptions
-    profiles: tuple[ShapeProfile, ...]
+    graphs: tuple[GraphRecord, ...]
     kernels: KernelsFile
     key: str = ""
     plugins: PluginStatus | None = None
-    parsed: ParsedNetwork | None = None
-    report: CapabilityReport | None = None
-    hardware_compat: str = "n/a"  # what was set: none | same_cc | ampere_plus | n/a (RTX)
     timing_cache: TimingCache = TimingCache(None)
-    plan: PlanFile | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # every graph together
     memory: MemoryUsage | None = None
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # written file -> {"sha256", "bytes"}
-    device_memory: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final(self) -> Path:
@@ -186,7 +255,7 @@ class BuildRecord:
             "target": self.target.name,
             "flavour": self.flavour.name,
             "trt": self.flavour.version,
-            "profiles": [p.to_dict() for p in self.profiles],
+            "profiles": {g.role: [p.to_dict() for p in g.profiles] for g in self.graphs},
             "opt_level": o.opt_level,
             "plugins": o.plugins,
             "hardware_compat": o.hardware_compat,
@@ -195,10 +264,11 @@ class BuildRecord:
         return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
     def manifest(self) -> EngineManifest:
-        assert self.parsed and self.plan and self.plugins and self.report, (
-            "manifest() before the build finished"
-        )
-        files = {ENGINE_NAME: {"sha256": self.plan.sha256, "bytes": self.plan.bytes}, **self.files}
+        assert self.plugins, "manifest() before the build finished"
+        engines = {
+            g.engine(self.export).engine_file: {"sha256": g.plan.sha256, "bytes": g.plan.bytes}
+            for g in self.graphs
+        }
         return EngineManifest(
             target=self.target.name,
             sm=self.target.sm,
@@ -206,20 +276,16 @@ class BuildRecord:
             trt_version=self.flavour.version,
             precision=self.export.dtype,
             weight_format=self.export.weight_format,
-            device_memory=self.device_memory,
             export_sha256=self.export.sha256,
-            decoder_sha256=self.export.graphs[DECODER].sha256,
-            profiles=self.profiles,
+            graphs={g.role: g.engine(self.export) for g in self.graphs},
             opt_level=self.options.opt_level,
-            hardware_compat=self.hardware_compat,
+            # one level per target unless graphs differ (plugins in one graph only): then each, joined
+            hardware_compat=", ".join(sorted({g.hardware_compat for g in self.graphs})),
             plugins=self.plugins.to_dict(),
-            capability=self.report.counts(),
             timing_cache=self.timing_cache.to_dict(),
-            build_seconds=round(self.seconds["total"], 3),
-            phase_seconds={k: round(v, 3) for k, v in self.seconds.items()},
+            build_seconds=round(self.seconds, 3),
             memory=self.memory.to_dict() if self.memory else {},
-            io=_io(self.parsed),
-            files=files,
+            files={**engines, **self.files},
             tools={
                 "gemma4_compile": __version__,
                 "onnx": onnx.__version__,
@@ -243,7 +309,7 @@ def _io(parsed: ParsedNetwork) -> tuple[dict, ...]:
 # ----- builder config -----------------------------------------------------------------------------------
 
 
-def _check_inputs(parsed: ParsedNetwork, profiles: tuple[ShapeProfile, ...]) -> None:
+def _check_inputs(parsed: ParsedNetwork, profiles: tuple[ShapeProfile, ...], role: str) -> None:
     net = parsed.network
     inputs = {net.get_input(i).name: tuple(net.get_input(i).shape) for i in range(net.num_inputs)}
     for profile in profiles:
@@ -251,31 +317,33 @@ def _check_inputs(parsed: ParsedNetwork, profiles: tuple[ShapeProfile, ...]) -> 
         if named != set(inputs):
             missing, extra = sorted(set(inputs) - named), sorted(named - set(inputs))
             raise BuildError(
-                f"decoder inputs and export.json disagree: not in export.json {missing}, "
-                f"not in decoder.onnx {extra}"
+                f"{role} inputs and export.json disagree: not in export.json {missing}, "
+                f"not in {role}.onnx {extra}"
             )
         for s in profile.inputs:
             fixed = inputs[s.name]
             if len(fixed) != len(s.max):
                 raise BuildError(
-                    f"decoder input {s.name!r}: rank {len(fixed)} in the graph, {len(s.max)} in export.json"
+                    f"{role} input {s.name!r}: rank {len(fixed)} in the graph, {len(s.max)} in export.json"
                 )
             for axis, dim in enumerate(fixed):
                 if dim >= 0 and not s.min[axis] == s.opt[axis] == s.max[axis] == dim:
                     raise BuildError(
-                        f"decoder input {s.name!r} axis {axis} is fixed to {dim} in the graph, but the "
+                        f"{role} input {s.name!r} axis {axis} is fixed to {dim} in the graph, but the "
                         f"{profile.name} profile asks {s.min[axis]}..{s.max[axis]}"
                     )
 
 
-def _add_profiles(parsed: ParsedNetwork, config: Any, profiles: tuple[ShapeProfile, ...]) -> None:
-    _check_inputs(parsed, profiles)
+def _add_profiles(parsed: ParsedNetwork, config: Any, profiles: tuple[ShapeProfile, ...], role: str) -> None:
+    _check_inputs(parsed, profiles, role)
     for profile in profiles:
         p = parsed.builder.create_optimization_profile()
         for s in profile.inputs:
             p.set_shape(s.name, s.min, s.opt, s.max)
         if config.add_optimization_profile(p) < 0:
-            raise BuildError(f"TensorRT refused the {profile.name} optimization profile: {profile.to_dict()}")
+            raise BuildError(
+                f"TensorRT refused the {role} {profile.name} optimization profile: {profile.to_dict()}"
+            )
 
 
 def _hardware_compat(flavour: TrtFlavour, config: Any, options: BuildOptions, plugins_used: bool) -> str:
@@ -314,19 +382,19 @@ def _timing_cache(config: Any, path: Path | None) -> TimingCache:
     return TimingCache(path, len(data))
 
 
-def config_from_network(record: BuildRecord) -> Any:
-    """An IBuilderConfig for the record's target: SM (AOT for RTX), profiles, optimization level, timing cache;
-    records the hardware compatibility and timing cache it set."""
-    parsed, flavour = record.parsed, record.flavour
+def config_from_network(record: BuildRecord, graph: GraphRecord) -> Any:
+    """An IBuilderConfig for one graph of the record's target: SM (AOT for RTX), the graph's profiles,
+    optimization level, timing cache; records the hardware compatibility and timing cache it set."""
+    parsed, flavour = graph.parsed, record.flavour
     config = parsed.builder.create_builder_config()
     if flavour.is_rtx:  # compile for the target's SM, not for whatever GPU is (or is not) present
         config.num_compute_capabilities = 1
         if not config.set_compute_capability(flavour.compute_capability(record.target), 0):
             raise BuildError(f"{flavour.title} refused compute capability {record.target.name}")
     config.builder_optimization_level = record.options.opt_level
-    _add_profiles(parsed, config, record.profiles)
-    plugins_used = record.report.counts().get(PLUGIN, 0) > 0
-    record.hardware_compat = _hardware_compat(flavour, config, record.options, plugins_used)
+    _add_profiles(parsed, config, graph.profiles, graph.role)
+    plugins_used = graph.report.counts().get(PLUGIN, 0) > 0
+    graph.hardware_compat = _hardware_compat(flavour, config, record.options, plugins_used)
     record.timing_cache = _timing_cache(
         config, timing_cache_path(record.export, record.options, flavour, record.target)
     )
@@ -424,43 +492,70 @@ def _up_to_date(final: Path, key: str) -> EngineManifest | None:
     return manifest
 
 
-def _fail(record: BuildRecord, message: str) -> BuildError:
-    """Publish the failure report to <sm>.failed/ and return the one-line error that points at it."""
+def _label(record: BuildRecord, graph: GraphRecord) -> str:
+    return f"{record.target.name} {graph.role}"
+
+
+def _fail(record: BuildRecord, graph: GraphRecord, message: str) -> BuildError:
+    """Publish the failing graph's report to <sm>.failed/ and return the one-line error that points at it."""
     failed = record.final.with_name(f"{record.final.name}.failed")
+    _, capability_name, log_name = graph_files(graph.role)
     with atomic_directory(failed, BuildError, force=True, marker="engine-failure") as tmp:
-        (tmp / CAPABILITY_NAME).write_text(json.dumps(record.report.to_dict(), indent=2) + "\n")
-        (tmp / LOG_NAME).write_text(record.parsed.logger.text())
-    return BuildError(f"{message} (report: {failed / CAPABILITY_NAME})")
+        (tmp / capability_name).write_text(json.dumps(graph.report.to_dict(), indent=2) + "\n")
+        (tmp / log_name).write_text(graph.parsed.logger.text())
+    return BuildError(f"{message} (report: {failed / capability_name})")
 
 
-def _parse(record: BuildRecord) -> None:
-    export, target, flavour = record.export, record.target, record.flavour
+def _parse(record: BuildRecord, graph: GraphRecord) -> None:
+    export, target, flavour, label = record.export, record.target, record.flavour, _label(record, graph)
+    hint = tokens_per_step(graph.profiles) if graph.role == DECODER else 1  # MoE tiles: decoder only
     with spinner(
-        f"{target.name}: parsing {export.graphs[DECODER].file} with {flavour.title}", record.options.progress
+        f"{label}: parsing {export.graphs[graph.role].file} with {flavour.title}", record.options.progress
     ):
-        record.parsed = network_from_onnx(export, flavour, tokens_per_step(record.profiles))
-    record.report = capability_report(target.name, export, record.parsed, record.plugins)
-    if not record.parsed.ok:
-        rejected = record.report.rejected
+        graph.parsed = network_from_onnx(export, flavour, hint, graph.role)
+    graph.report = capability_report(target.name, export, graph.parsed, record.plugins, graph.role)
+    if not graph.parsed.ok:
+        rejected = graph.report.rejected
         more = f" and {len(rejected) - 1} more" if len(rejected) > 1 else ""
-        raise _fail(record, f"{target.name}: {flavour.title} rejected {rejected[0].one_line()}{more}")
+        raise _fail(record, graph, f"{label}: {flavour.title} rejected {rejected[0].one_line()}{more}")
 
 
-def _build_into(record: BuildRecord, staging: Path) -> None:
+def _build_graph(record: BuildRecord, graph: GraphRecord, staging: Path) -> None:
+    """Parse, configure and build one graph into `staging`, then write its capability report and build log."""
     t0 = time.perf_counter()
-    _parse(record)
-    config = config_from_network(record)
+    _parse(record, graph)
+    config = config_from_network(record, graph)
     t1 = time.perf_counter()
-    with build_progress(record.flavour, f"{record.target.name}:", record.options.progress) as monitor:
+    engine_name, capability_name, log_name = graph_files(graph.role)
+    label = _label(record, graph)
+    with build_progress(record.flavour, f"{label}:", record.options.progress) as monitor:
         try:
-            record.plan = engine_from_network(
-                record.parsed, config, staging / ENGINE_NAME, record.target.name, monitor
-            )
+            graph.plan = engine_from_network(graph.parsed, config, staging / engine_name, label, monitor)
         except BuildError as e:
-            raise _fail(record, str(e)) from None
+            raise _fail(record, graph, str(e)) from None
     _save_timing_cache(record, config)
     t2 = time.perf_counter()
-    record.seconds = {"total": t2 - t0, "parse": t1 - t0, "build": t2 - t1}
+    graph.seconds = {"total": t2 - t0, "parse": t1 - t0, "build": t2 - t1}
+    log_text = graph.parsed.logger.text()
+    graph.device_memory = device_memory(log_text)
+    graph.io, graph.fp32_layers = _io(graph.parsed), fp32_layers(graph.parsed)
+    _check_fp32_islands(record, graph)
+    record.write(staging, capability_name, json.dumps(graph.report.to_dict(), indent=2) + "\n")
+    record.write(staging, log_name, log_text)
+    graph.parsed = None  # the network and builder of a large graph need not outlive its plan
+
+
+def _check_fp32_islands(record: BuildRecord, graph: GraphRecord) -> None:
+    """A half-precision graph whose ONNX computes parts in fp32 must keep them in the network: refuse a
+    network with no fp32 layer at all (a pass or parser setting that cast the islands away)."""
+    marked = graph.parsed.edits.fp32_nodes
+    if record.export.activation_dtype in (DType.FP16, DType.BF16) and marked and not graph.fp32_layers:
+        raise _fail(
+            record,
+            graph,
+            f"{_label(record, graph)}: {graph.role}.onnx computes {marked} nodes in fp32, the parsed network "
+            "none; the fp32 islands were dropped",
+        )
 
 
 def build_engine(
@@ -470,28 +565,31 @@ def build_engine(
     options: BuildOptions,
     kernels: KernelsFile | None = None,
 ) -> EngineArtifact:
-    """Build (or reuse, unless `options.force`) the engine of one target; BuildError says what went wrong.
+    """Build (or reuse, unless `options.force`) the engines of one target, one per graph of
+    `options.graphs` (default: every graph of the export); BuildError says what went wrong.
     `kernels`: the export's kernels.json, when the caller has fingerprinted it already."""
     kernels = kernels or KernelsFile.find(export.path)
-    record = BuildRecord(export, target, flavour, options, derive_profiles(export, options.limits), kernels)
+    roles = engine_roles(export, options.graphs)
+    graphs = tuple(GraphRecord(role, derive_profiles(export, options.limits, role)) for role in roles)
+    record = BuildRecord(export, target, flavour, options, graphs, kernels)
     record.key = record.build_key()
     existing = None if options.force else _up_to_date(record.final, record.key)
     if existing is not None:
         log.info("%s: up to date (%s)", target.name, record.final)
         return EngineArtifact.of(record.final, existing, reused=True)
-    _checked(export.check_graph_file, DECODER)
+    for role in roles:
+        _checked(export.check_graph_file, role)
     record.plugins = register(
         flavour, options.plugins, export.path, record.kernels
     )  # raises if --plugins fails
     with atomic_directory(
         record.final, BuildError, force=True
     ) as staging:  # ours: it holds an engine manifest
+        t0 = time.perf_counter()
         with PeakRss() as memory:
-            _build_into(record, staging)
-        record.memory = memory.usage
-        record.device_memory = device_memory(record.parsed.logger.text())
-        record.write(staging, CAPABILITY_NAME, json.dumps(record.report.to_dict(), indent=2) + "\n")
-        record.write(staging, LOG_NAME, record.parsed.logger.text())
+            for graph in graphs:
+                _build_graph(record, graph, staging)
+        record.seconds, record.memory = time.perf_counter() - t0, memory.usage
         manifest = record.manifest()
         write_manifest(manifest, staging / MANIFEST_NAME)  # last: a directory with a manifest is complete
     shutil.rmtree(

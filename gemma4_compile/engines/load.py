@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, BuildError
+from ..export.manifest import DECODER, ExportManifest
 from ..fsutil import sha256_file
 from ..targets import resolve_target
-from .manifest import EngineManifest, check_engine, read_manifest
+from .manifest import EngineManifest, check_engine, check_graphs, read_manifest
 from .seam import TrtFlavour
 
 
@@ -49,15 +50,25 @@ def open_engine(
     trt_flavour: TrtFlavour | None,
     device_sm: int | None,
     export_sha256: str = "",
+    export: ExportManifest | None = None,
+    role: str = DECODER,
 ) -> EngineFile:
-    """Check manifest vs the export (its export.json sha256, when given), the TensorRT and GPU at hand, then
-    the files; -> EngineFile (nothing deserialized)."""
+    """Check manifest vs the export (every graph's ONNX sha256 when `export` is given, then its export.json
+    sha256), the TensorRT and GPU at hand, then every file; -> the `role` graph's EngineFile (nothing
+    deserialized)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    check_built_from(directory, manifest, export_sha256)
+    if export is not None:
+        check_graphs(manifest, export)  # names the graph whose ONNX changed
+    check_built_from(directory, manifest, export_sha256 or (export.sha256 if export else ""))
     check_engine(manifest, trt_flavour, device_sm)
     verify_files(directory, manifest)
-    return EngineFile(directory, manifest, directory / manifest.engine_file)
+    engine = manifest.decoder if role == DECODER else manifest.graphs.get(role)
+    if engine is None:
+        raise BuildError(
+            f"engine {manifest.target} has no {role} engine; build with --graphs including {role}"
+        )
+    return EngineFile(directory, manifest, directory / engine.engine_file)
 
 
 def deserialize(engine: EngineFile, trt_flavour: TrtFlavour, device_sm: int | None, logger: Any) -> Any:

@@ -1,6 +1,8 @@
-"""decoder.onnx -> a parsed TensorRT network and capability.json (which path each custom node took).
+"""An export graph (decoder.onnx, embed.onnx, vision.onnx, audio.onnx) -> a parsed TensorRT network and its
+capability report (which path each custom node took).
 
-The parser reads the graph from memory and its external weights from disk next to decoder.onnx
+Every graph goes through the same preparation. The parser reads the graph from memory and its external weights
+from disk next to the graph file
 (`parser.parse(bytes, path)`), so only the small graph proto is loaded, edited and held in Python. The edits
 are the graph passes of gemma4_compile.passes, none touching weights or math:
 * FoldConstants: the parser insists on constant axes it cannot always fold itself;
@@ -75,6 +77,7 @@ class GraphEdits:
     split_moe: int = 0  # gemma4::MoE nodes replaced by their seven stage plugins (SplitMoE)
     aot: int = 0  # custom nodes given aot=1, so the parser takes their plugin's AOT implementation (MarkAot)
     static_moe_body: bool = False  # the MoE function body was swapped for its static-shape twin
+    fp32_nodes: int = 0  # top-level nodes with an fp32 output as exported (a half graph's fp32 islands)
 
     def to_dict(self) -> dict:
         return {
@@ -83,6 +86,7 @@ class GraphEdits:
             "split_moe": self.split_moe,
             "aot": self.aot,
             "static_moe_body": self.static_moe_body,
+            "fp32_nodes": self.fp32_nodes,
         }
 
 
@@ -116,10 +120,10 @@ def _custom_nodes(model: ir.Model, renamed: dict[str, str]) -> tuple[OnnxNode, .
     return tuple(out)
 
 
-def prepare_decoder(
+def prepare_graph(
     path: Path, flavour: TrtFlavour, parser: Any, tokens_hint: int = 1
 ) -> tuple[bytes, tuple[OnnxNode, ...], GraphEdits]:
-    """Load decoder.onnx without its weights and run the engine passes on it (module docstring);
+    """Load an export graph without its weights and run the engine passes on it (module docstring);
     `tokens_hint` = tokens per step to tune the MoE GEMM tile for.
 
     -> (model bytes for `parser.parse`, the custom-domain nodes, what was edited).
@@ -129,13 +133,14 @@ def prepare_decoder(
     except Exception as e:  # protobuf raises several types for a corrupt file
         raise BuildError(f"cannot read {path}: {e}") from None
     static_moe = _static_moe_body(model)
+    fp32 = sum(any(v.dtype == ir.DataType.FLOAT for v in node.outputs) for node in model.graph)
     creators = set(plugin_creators(flavour))
     has_plugin = passes.plugin_lookup(creators)
     fold, split, aot = passes.FoldConstants(), passes.SplitMoE(tokens_hint), passes.MarkAot(has_plugin)
     rename = passes.RenameShadowedOps(parser.supports_operator, has_plugin)
     staged = [split, aot] if moe_stages.stages_registered(creators) else []  # full TensorRT's AOT plugins
     model = passes.run_passes(model, [fold, *staged, rename])
-    edits = GraphEdits(rename.renamed, fold.folded, split.split, aot.marked, static_moe)
+    edits = GraphEdits(rename.renamed, fold.folded, split.split, aot.marked, static_moe, fp32)
     return ir.serde.serialize_model(model).SerializeToString(), _custom_nodes(model, rename.renamed), edits
 
 
@@ -163,8 +168,10 @@ def _issues(parser: Any, nodes: tuple[OnnxNode, ...]) -> tuple[ParserIssue, ...]
     return tuple(out)
 
 
-def network_from_onnx(export: ExportManifest, flavour: TrtFlavour, tokens_hint: int = 1) -> ParsedNetwork:
-    """Parse the export's decoder into a strongly typed network; parser errors are returned, not raised."""
+def network_from_onnx(
+    export: ExportManifest, flavour: TrtFlavour, tokens_hint: int = 1, role: str = DECODER
+) -> ParsedNetwork:
+    """Parse the export's `role` graph into a strongly typed network; parser errors are returned, not raised."""
     trt = flavour.module
     logger = make_logger(flavour)
     builder = trt.Builder(logger)
@@ -173,9 +180,20 @@ def network_from_onnx(export: ExportManifest, flavour: TrtFlavour, tokens_hint: 
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    data, nodes, edits = prepare_decoder(export.graph_path(DECODER), flavour, parser, tokens_hint)
-    parser.parse(data, str(export.graph_path(DECODER)))  # the path locates the external weights
+    data, nodes, edits = prepare_graph(export.graph_path(role), flavour, parser, tokens_hint)
+    parser.parse(data, str(export.graph_path(role)))  # the path locates the external weights
     return ParsedNetwork(flavour, logger, builder, network, parser, nodes, _issues(parser, nodes), edits)
+
+
+def fp32_layers(parsed: ParsedNetwork) -> int:
+    """Layers with an fp32 output in the parsed network: in a half-precision export these are the graph's
+    fp32 islands (attention softmax, RoPE, norms the exporter kept in fp32). The network is strongly typed, so
+    the engine computes them in fp32 as well; recorded so that a pass or parser that dropped them shows."""
+    net, fp32 = parsed.network, parsed.flavour.module.DataType.FLOAT
+    return sum(
+        any(net.get_layer(i).get_output(j).dtype == fp32 for j in range(net.get_layer(i).num_outputs))
+        for i in range(net.num_layers)
+    )
 
 
 # ----- capability.json ------------------------------------------------------------------------------------
@@ -260,17 +278,21 @@ def _path(node: OnnxNode | None, issues: tuple[ParserIssue, ...], producers: dic
     return (PLUGIN if kind in _PLUGIN_LAYERS else INLINED), layer, kind, note
 
 
-def capability_report(target: str, export: ExportManifest, parsed: ParsedNetwork, plugins: PluginStatus):
-    """Classify every export.json custom node (plus any custom-domain node export.json forgot)."""
+def capability_report(
+    target: str, export: ExportManifest, parsed: ParsedNetwork, plugins: PluginStatus, role: str = DECODER
+):
+    """Classify every export.json custom node (plus any custom-domain node export.json forgot). export.json
+    lists the decoder's custom nodes only; other graphs report the custom-domain nodes they have."""
     by_name = {n.name: n for n in parsed.nodes}
     producers = _producers(parsed.network)
-    entries = [(c["name"], c["op_type"], c.get("layer"), c.get("kind")) for c in export.custom_nodes]
-    listed = {c["name"] for c in export.custom_nodes}
+    listed_nodes = export.custom_nodes if role == DECODER else []
+    entries = [(c["name"], c["op_type"], c.get("layer"), c.get("kind")) for c in listed_nodes]
+    listed = {c["name"] for c in listed_nodes}
     entries += [(n.name, n.op_type, None, None) for n in parsed.nodes if n.name not in listed]
     nodes = []
     for name, op_type, layer, kind in entries:
         path, trt_layer, trt_type, note = _path(by_name.get(name), parsed.issues, producers, name)
-        if name not in listed:
+        if name not in listed and role == DECODER:
             note = "; ".join(filter(None, [note, "custom node missing from export.json custom_nodes"]))
         nodes.append(NodePath(name, op_type, layer, kind, path, trt_layer, trt_type, note))
     return CapabilityReport(

@@ -107,9 +107,9 @@ class TrtRunner(BaseRunner):
             flavour = load_trt(manifest.flavour)
         except Gemma4CompileError as e:
             raise BackendUnavailable(f"trt: the engine needs {manifest.trt_title}: {e}") from None
-        self.engine_file = open_engine(  # refuses another export, TensorRT or GPU
-            directory, flavour, device_sm, self.export.sha256
-        )
+        # refuses another export (naming a graph whose ONNX changed), TensorRT or GPU; -> the decoder engine.
+        # The embed graph runs on the CPU from embed.onnx (below) even when the build made embed.engine.
+        self.engine_file = open_engine(directory, flavour, device_sm, export=self.export)
         self.manifest = self.engine_file.manifest
         self.engine_target = self.manifest.target
         self.logger = make_logger(flavour, "WARNING")

@@ -23,10 +23,13 @@ def test_builds_sm89_and_sm120_inline(fresh_export, dtype):
     export = json.loads((out / "export.json").read_text())
     for art in artifacts:
         assert art.dir == out / "engines" / art.target and not art.reused
-        assert sorted(p.name for p in art.dir.iterdir()) == [
+        assert sorted(p.name for p in art.dir.iterdir()) == [  # one engine per graph of the export
             "build.log",
             "capability.json",
             "decoder.engine",
+            "embed.build.log",
+            "embed.capability.json",
+            "embed.engine",
             "manifest.json",
         ]
         m = read_manifest(art.dir)
@@ -81,6 +84,7 @@ def test_capability_reports_every_custom_node_inlined(fresh_export):
         assert node["path"] == "inlined" and node["op_type"] == "SlidingWindowAttention"
         assert node["trt_layer_type"] not in ("PLUGIN_V3", "PLUGIN_V2") and "note" not in node
     edits = {"renamed": {}, "folded_constants": 0, "split_moe": 0, "aot": 0, "static_moe_body": False}
+    edits["fp32_nodes"] = 1  # the fp32 logits of the fp16 graph
     assert report["graph_edits"] == edits
     assert art.manifest.capability == {"inlined": 3}
 
@@ -128,20 +132,19 @@ def test_progress_monitor_mirrors_tensorrt_phases(synthetic_exports, tmp_path):
     from rich.progress import Progress
 
     from gemma4_compile.engines import BuildOptions, BuildRecord, derive_profiles, read_export, resolve_target
-    from gemma4_compile.engines.build import config_from_network, engine_from_network
+    from gemma4_compile.engines.build import GraphRecord, config_from_network, engine_from_network
     from gemma4_compile.engines.prepare import capability_report, network_from_onnx
     from gemma4_compile.engines.progress import make_monitor
     from gemma4_compile.engines.seam import KernelsFile, register
 
     export, rtx = read_export(synthetic_exports["fp16"]), load_trt("tensorrt_rtx")
     options = BuildOptions(max_batch=1, max_seq=8, progress=True)
-    record = BuildRecord(
-        export, resolve_target("sm86"), rtx, options, derive_profiles(export, options.limits), KernelsFile()
-    )
+    graph = GraphRecord("decoder", derive_profiles(export, options.limits))
+    record = BuildRecord(export, resolve_target("sm86"), rtx, options, (graph,), KernelsFile())
     record.plugins = register(rtx, False, export.path, record.kernels)
-    record.parsed = parsed = network_from_onnx(export, rtx)
-    record.report = capability_report("sm86", export, parsed, record.plugins)
-    config = config_from_network(record)
+    graph.parsed = parsed = network_from_onnx(export, rtx)
+    graph.report = capability_report("sm86", export, parsed, record.plugins)
+    config = config_from_network(record, graph)
     screen = io.StringIO()
     with Progress(console=Console(file=screen, force_terminal=True, width=120)) as progress:
         monitor = make_monitor(rtx, progress, "sm86:", threading.Event())

@@ -33,10 +33,16 @@ def built(synthetic_exports, tmp_path_factory):
 
 def test_manifest_roundtrips_through_json(built):
     raw = json.loads(built.manifest_path.read_text())
-    assert raw["format"] == "gemma4-compile/engine" and raw["version"] == 1
+    assert raw["format"] == "gemma4-compile/engine" and raw["version"] == 2
     assert EngineManifest.from_dict(raw) == built.manifest
-    assert raw["engine_file"] == "decoder.engine"
-    assert set(raw["files"]) == {"decoder.engine", "capability.json", "build.log"}
+    assert raw["engine_file"] == "decoder.engine" == raw["graphs"]["decoder"]["engine_file"]
+    assert raw["device_memory"] == raw["graphs"]["decoder"]["device_memory"]  # for version-1 readers
+    assert set(raw["graphs"]) == {"embed", "decoder"}
+    decoder, embed = (
+        ("decoder.engine", "capability.json", "build.log"),
+        ("embed.engine", "embed.capability.json"),
+    )
+    assert set(raw["files"]) == {*decoder, *embed, "embed.build.log"}
 
 
 def test_check_engine_accepts_the_exact_match(built):

@@ -34,15 +34,15 @@ def test_bf16_on_turing_is_refused_by_the_compiler(fresh_export):
         build_engines(out, ["sm75"], max_batch=1, max_seq=16, progress=False)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("sm75: TensorRT-RTX 1.7")
+    assert message.startswith("sm75 embed: TensorRT-RTX 1.7")  # the first graph in pipeline order
     assert (
         "Cannot compile for target(s) sm75, because the model contains HW-specific datatypes: b16" in message
     )
     assert "cudaError" not in message  # the no-GPU noise next to the real cause is filtered out
     failed = out / "engines" / "sm75.failed"
-    assert str(failed / "capability.json") in message
+    assert str(failed / "embed.capability.json") in message
     assert not (out / "engines" / "sm75").exists()  # nothing that looks like a usable engine
-    assert "HW-specific datatypes" in (failed / "build.log").read_text()
+    assert "HW-specific datatypes" in (failed / "embed.build.log").read_text()
 
 
 def test_a_node_rtx_cannot_import_is_named(tmp_path):
@@ -50,7 +50,7 @@ def test_a_node_rtx_cannot_import_is_named(tmp_path):
     with pytest.raises(BuildError) as info:
         build_engines(out, ["sm89"], progress=False)
     message = str(info.value)
-    assert message.startswith("sm89: TensorRT-RTX 1.7")
+    assert message.startswith("sm89 decoder: TensorRT-RTX 1.7")
     assert "rejected '/model/mystery/Mystery' (Mystery): INVALID_NODE" in message
     assert "Plugin not found" in message
     report = json.loads((out / "engines" / "sm89.failed" / "capability.json").read_text())

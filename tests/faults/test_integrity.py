@@ -201,7 +201,7 @@ def test_the_trt_runner_checks_the_export_and_its_engine(export, monkeypatch):
     from gemma4_compile.engines import load
     from gemma4_compile.runners import trt
 
-    engine = SimpleNamespace(export_sha256="0" * 64, flavour="tensorrt_rtx")
+    engine = SimpleNamespace(export_sha256="0" * 64, flavour="tensorrt_rtx", graphs={})
     monkeypatch.setattr(trt, "local_device_sm", lambda: 89)
     monkeypatch.setattr(trt, "read_manifest", lambda d: engine)
     monkeypatch.setattr(load, "read_manifest", lambda d: engine)
