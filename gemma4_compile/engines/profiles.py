@@ -7,6 +7,7 @@ Each graph input's shape names its dims (export-format.md). Per profile a dim re
     sliding_cache_len   W, fixed                          (sliding caches are exactly W slots)
     cache_len           1 .. max_seq                      (global caches hold every position)
     image_tokens        prefill 0 .. min(max_batch x max_seq, max_images x max_image_tokens); decode 0 .. max_batch
+    audio_embed_tokens  prefill 0 .. min(max_batch x max_seq, max_clips x ⌈⌈max_frames/2⌉/2⌉); decode 0 .. max_batch
     images              1 .. max_images                   (default: export.json multimodal.max_images)
     patches             k² .. k² x max_image_tokens       (k² = 9 patches per soft token; opt: the max)
     clips               1 .. max_clips
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from ..errors import BuildError, Gemma4CompileError
 from ..export.manifest import AUDIO, DECODER, EMBED, VISION, ExportManifest
+from ..model.audio_preprocess import soft_token_count
 
 PROFILE_NAMES = ("prefill", "decode")
 IMAGES_PROFILE, CLIPS_PROFILE = "images", "clips"  # the vision and audio graphs' one profile each
@@ -100,6 +102,12 @@ def _token_dims(export: ExportManifest, limits: ProfileLimits) -> dict[str, dict
             per_image, images = _image_limits(export, limits)
             most = min(limits.max_batch * max_seq, images * per_image)
             dims["image_tokens"] = (0, min(per_image, most), most) if prefill else (0, 0, limits.max_batch)
+        if export.multimodal is not None and export.multimodal.audio is not None:  # and audio_embeds rows
+            per_clip = soft_token_count(limits.max_frames)
+            most = min(limits.max_batch * max_seq, limits.max_clips * per_clip)
+            dims["audio_embed_tokens"] = (
+                (0, min(per_clip, most), most) if prefill else (0, 0, limits.max_batch)
+            )
         out[profile] = dims
     return out
 
@@ -185,8 +193,17 @@ def profile_index(profiles: tuple[ShapeProfile, ...], seq: int) -> int:
 
 def engine_roles(export: ExportManifest, wanted: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """The graphs to build engines for, in the export's pipeline order: `wanted` (e.g. --graphs decoder,embed)
-    or, when None, every graph the export has."""
-    have = tuple(role for role in export.graphs if role in _DIMS)
+    or, when None, every graph the export has that TensorRT can build. An embed graph gathering int8 rows
+    (quantized tables) has none: TensorRT takes INT8 constants only before a DequantizeLinear, and the runners
+    run that graph on the CPU reading rows from the data file (runners/rows.py), so it is left out by default
+    and refused by name."""
+    row_tables = export.quant is not None and bool(export.quant.row_tables)
+    if row_tables and wanted is not None and EMBED in wanted:
+        raise BuildError(
+            "--graphs embed: this export's embed graph gathers int8 rows, which TensorRT cannot build; it runs "
+            "on the CPU (export with --quant-keep embed --quant-keep ple_table for a TensorRT embed engine)"
+        )
+    have = tuple(role for role in export.graphs if role in _DIMS and not (row_tables and role == EMBED))
     if wanted is None:
         return have
     unknown = [role for role in wanted if role not in have]

@@ -67,3 +67,16 @@ def test_a_row_scale_layout_bug_fails_the_gate(make_quant_export, corrupt):
     )
     assert validate(out, steps=STEPS, write=False).passed
     assert not validate(broken, steps=STEPS, write=False).passed
+
+
+def test_engines_leave_the_int8_row_embed_graph_on_the_cpu(make_quant_export):
+    """TensorRT takes INT8 constants only before a DequantizeLinear: the default build skips the embed graph of a
+    quantized export (the runners run it on the CPU, by row), and asking for it is refused in one line."""
+    from gemma4_compile.engines.profiles import engine_roles
+    from gemma4_compile.errors import BuildError
+
+    export = ExportManifest.load(make_quant_export("tiny-e2b", "int4"))
+    assert engine_roles(export) == ("decoder",)
+    with pytest.raises(BuildError, match="embed graph gathers int8 rows") as err:
+        engine_roles(export, ("decoder", "embed"))
+    assert "\n" not in str(err.value)
