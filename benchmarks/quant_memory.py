@@ -5,9 +5,10 @@ against the fp32 export, for fp32 / int8 / int4 exports of one random mid-size E
     python benchmarks/quant_memory.py --edge CKPT [--prompt 512] [--steps 64] [--fp32]
 
 `--edge CKPT`: the full-size E2B (`gemma4-compile init-random --preset e2b --text-only -o CKPT`) exported with
-the edge recipe (EDGE below), decoding `--steps` tokens after a `--prompt`-token prompt prefilled in chunks of
-PREFILL_CHUNK, with the embedding and PLE rows read from weights.data by row (runners/rows.py), onnxruntime's
-CPU arena off and glibc's mmap threshold at 64 KiB (EDGE_ENV); `--fp32` adds the fp32 export (17.6 GB on disk) in the same run. bf16 exports do not run on
+the edge recipe (EDGE below), decoding `--steps` tokens after a `--prompt`-token prompt the way `generate
+--low-memory` does (runtime/backend.py: prefill in chunks of 16, onnxruntime's CPU arena off, freed buffers
+returned to the system), with the embedding and PLE rows read from weights.data by row (runners/rows.py);
+`--fp32` adds the fp32 export (17.6 GB on disk) in the same run. bf16 exports do not run on
 onnxruntime's CPU provider (no bf16 MatMul), so there is no bf16 row.
 
 Each export decodes in its own process, so VmHWM (the process's peak RSS: interpreter, onnxruntime, weights,
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -65,41 +65,23 @@ print(json.dumps({"session_s": session_s, "generate_s": decode_s, "vmhwm_mib": h
 # The edge recipe: int4 MatMuls in blocks of 128, the tied LM head int4 too, the PLE projections int8; the
 # embedding and PLE tables are int8 rows by default. Blocks of 64 cost 68 MiB more fp32 scales on E2B.
 EDGE = QuantRequest("int4", 128, overrides=(("lm_head", "int4"), ("ple_proj", "int8")))
-PREFILL_CHUNK = (
-    16  # prompt tokens per call: bounds the [chunk, 262144] fp32 logits (and their softcap) to 16 MiB
-)
-# glibc keeps freed activation buffers in its heap; above 64 KiB it maps them and returns them on free
-EDGE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-
-# A fresh interpreter per export: chunked prefill, greedy decode, VmHWM and timings as one JSON line.
+# A fresh interpreter per export, through `generate --low-memory`'s own path (runtime/backend.py: no onnxruntime
+# arena, freed buffers returned to the system, prefill in chunks): VmHWM and timings as one JSON line.
 EDGE_CHILD = r"""
 import json, sys, time
 import numpy as np
-import onnxruntime as ort
-from gemma4_compile.runners.ort import OrtRunner
-export, prompt, steps, threads, chunk = sys.argv[1], *map(int, sys.argv[2:6])
-options = ort.SessionOptions()
-options.enable_cpu_mem_arena = False  # the arena keeps its high-water mark of every call's activations
-options.log_severity_level = 3
+from gemma4_compile.runtime.backend import LOW_MEMORY_PREFILL, open_runner
+from gemma4_compile.runtime.generate import generate
+export, prompt, steps, threads = sys.argv[1], *map(int, sys.argv[2:5])
+hwm = lambda: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 t0 = time.perf_counter()
-runner = OrtRunner(export, threads=threads, options=options)
-session_s = time.perf_counter() - t0
-session_hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-ids = np.random.default_rng(0).integers(3, runner.spec.vocab_size, (1, prompt))
-state = runner.start(1, prompt + steps)
-t0 = time.perf_counter()
-for i in range(0, prompt, chunk):
-    logits = runner.step(state, ids[:, i : i + chunk], np.array([min(chunk, prompt - i)]))
-prefill_s = time.perf_counter() - t0
-tokens, one = [], np.ones(1, np.int64)
-t0 = time.perf_counter()
-for _ in range(steps):
-    tokens.append(int(logits[0, -1].argmax()))
-    logits = runner.step(state, np.array([[tokens[-1]]]), one)
-decode_s = time.perf_counter() - t0
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({"session_s": session_s, "prefill_s": prefill_s, "decode_s": decode_s, "tokens": tokens,
-                  "session_vmhwm_mib": session_hwm / 1024, "vmhwm_mib": hwm / 1024}))
+runner = open_runner(export, threads=threads, low_memory=True)
+session_s, session_hwm = time.perf_counter() - t0, hwm()
+ids = np.random.default_rng(0).integers(3, runner.spec.vocab_size, prompt).tolist()
+r = generate(runner, ids, steps, prefill_chunk=LOW_MEMORY_PREFILL)
+print(json.dumps({"session_s": session_s, "prefill_s": r.ttft_s, "decode_tok_s": r.tokens_per_s,
+                  "tokens": r.tokens, "session_vmhwm_mib": session_hwm, "vmhwm_mib": hwm(),
+                  "prefill_chunk": LOW_MEMORY_PREFILL}))
 """
 
 
@@ -123,8 +105,7 @@ def _edge(args: argparse.Namespace) -> None:
             str(args.steps),
             str(args.threads),
         ]
-        env = {**os.environ, **EDGE_ENV}
-        run = subprocess.run([*cmd, str(PREFILL_CHUNK)], check=True, capture_output=True, text=True, env=env)
+        run = subprocess.run(cmd, check=True, capture_output=True, text=True)
         r = json.loads(run.stdout.strip().splitlines()[-1])
         r["weights_mib"] = (out / "weights.data").stat().st_size / 2**20
         r["export_s"] = export_s
@@ -137,13 +118,13 @@ def _edge(args: argparse.Namespace) -> None:
             r["vmhwm_mib"],
             r["vmhwm_mib"] * 2**20 / 1e9,
             args.prompt / r["prefill_s"],
-            args.steps / r["decode_s"],
+            r["decode_tok_s"],
         ]
         for name, r in results.items()
     ]
     report(
         f"full-size E2B (random weights) on ORT CPU, {args.threads} threads: {args.steps} tokens after a "
-        f"{args.prompt}-token prompt (prefill in chunks of {PREFILL_CHUNK}; rows read by row; RSS = VmHWM)",
+        f"{args.prompt}-token prompt (generate --low-memory's path; rows read by row; RSS = VmHWM)",
         [
             "export",
             "weights MiB",

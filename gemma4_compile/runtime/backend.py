@@ -26,14 +26,50 @@ def ort_providers(provider: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+LOW_MEMORY_PREFILL = 16  # prompt tokens per call with low_memory: E2B's [16, 262144] fp32 logits are 16 MiB
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def return_freed_memory() -> None:
+    """Make glibc map allocations above 64 KiB and unmap them on free, instead of keeping freed activation
+    buffers in its heap (and disable its growing threshold). Linux/glibc only; elsewhere nothing happens."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(libc), "mallopt", None) if libc else None
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 64 << 10)
+
+
+def _ort_options(low_memory: bool) -> Any:
+    """onnxruntime session options: without its CPU arena, which keeps every call's peak (low_memory)."""
+    if not low_memory:
+        return None
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
+    return_freed_memory()
+    return options
+
+
 def open_runner(
-    export_dir: str | Path, backend: str = "ort", provider: str = "cpu", threads: int | None = None
+    export_dir: str | Path,
+    backend: str = "ort",
+    provider: str = "cpu",
+    threads: int | None = None,
+    low_memory: bool = False,
 ) -> Any:
-    """A runner (`start(batch, max_len)`, `step(state, ids, seq_len)`) over the export in `export_dir`."""
+    """A runner (`start(batch, max_len)`, `step(state, ids, seq_len)`) over the export in `export_dir`.
+    `low_memory`: onnxruntime without its memory arena and freed buffers returned to the system (the edge
+    recipe, README; prefill in chunks of LOW_MEMORY_PREFILL with it)."""
     if backend == "ort":
         from ..runners.ort import OrtRunner
 
-        return OrtRunner(export_dir, threads=threads, providers=ort_providers(provider))
+        options = _ort_options(low_memory)
+        return OrtRunner(export_dir, threads=threads, providers=ort_providers(provider), options=options)
     if backend == "trt":
         from ..runners.trt import TrtRunner
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import BackendUnavailable
-from .backend import open_runner
+from .backend import LOW_MEMORY_PREFILL, open_runner
 from .errors import RuntimeInputError
 from .generate import GenerationResult, generate
 from .images import media_prompt
@@ -28,12 +28,13 @@ def generate_text(
     images: Sequence[str | Path] = (),
     image_budget: int | None = None,
     audio: Sequence[str | Path] = (),
+    low_memory: bool = False,
 ) -> GenerationResult:
     """Generate after `prompt` (a user turn of the chat template with `chat`), writing text as it is made.
     `images`: image files for the prompt's `<|image|>` markers, `audio`: WAV files for its `<|audio|>` ones
-    (runtime/images.py, runtime/audio.py)."""
+    (runtime/images.py, runtime/audio.py). `low_memory`: the edge recipe (backend.open_runner)."""
     tokenizer = TextTokenizer(export_dir)
-    runner = open_runner(export_dir, backend, provider, threads)
+    runner = open_runner(export_dir, backend, provider, threads, low_memory=low_memory)
     if (images or audio) and backend != "ort":
         what = "image" if images else "audio"
         raise RuntimeInputError(f"{what} prompts run on the ort backend only, not {backend!r}")
@@ -56,6 +57,7 @@ def generate_text(
         on_token,
         image_embeds=prompt_in.image_embeds,
         audio_embeds=prompt_in.audio_embeds,
+        prefill_chunk=LOW_MEMORY_PREFILL if low_memory else None,
     )
     if rest := stream.flush():
         write(rest)

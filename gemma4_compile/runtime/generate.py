@@ -49,10 +49,12 @@ def generate(
     max_seq_len: int | None = None,
     image_embeds: np.ndarray | None = None,
     audio_embeds: np.ndarray | None = None,
+    prefill_chunk: int | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` after `prompt_ids`; `on_token` sees each id as it is chosen.
     `image_embeds` / `audio_embeds`: the soft tokens of the prompt's image / audio placeholders
-    (runtime/images.py)."""
+    (runtime/images.py). `prefill_chunk`: prompt tokens per call (bounds the prefill's logits and
+    activations); a prompt with images or audio is prefilled in one call, so no media run is split."""
     limit = max_seq_len or runner.manifest.max_seq_len
     check_budget(len(prompt_ids), max_new_tokens, limit)
     sampler, stops = Sampler(params), set(stop_ids)
@@ -63,7 +65,11 @@ def generate(
     if audio_embeds is not None:
         runner.attach_audio(state, audio_embeds)
     ids = np.asarray([prompt_ids], dtype=np.int64)
-    logits = runner.step(state, ids, np.array([ids.shape[1]], dtype=np.int64))[0, -1]
+    media = image_embeds is not None or audio_embeds is not None
+    chunk = ids.shape[1] if media or not prefill_chunk else prefill_chunk
+    for start in range(0, ids.shape[1], chunk):
+        part = ids[:, start : start + chunk]
+        logits = runner.step(state, part, np.array([part.shape[1]], dtype=np.int64))[0, -1]
     tokens: list[int] = []
     t_first = None
     finish = "length"

@@ -13,6 +13,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from gemma4_compile.cli import main
 from gemma4_compile.export.bundle import RUNTIME_FILES
 from gemma4_compile.runtime import Sampler, SamplingParams, TextTokenizer, filtered_probs, generate
+from gemma4_compile.runtime.backend import LOW_MEMORY_PREFILL, open_runner
 from gemma4_compile.runtime.commands import generate_text
 
 LOGITS = np.random.default_rng(7).normal(0, 2, 64).astype(np.float32)
@@ -89,6 +90,17 @@ def test_greedy_generation_equals_the_runners_generate(runner, export_dir):
     stop = want[5]  # an end id ends it before that token
     cut = generate(runner, ids, 12, stop_ids=[stop])
     assert cut.tokens == want[: want.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_chunked_prefill_and_the_low_memory_runner_give_the_same_tokens(runner, export_dir):
+    """The edge recipe (`generate --low-memory`) prefills a prompt longer than the window in chunks through an
+    arena-less session: same greedy tokens as one call."""
+    ids = TextTokenizer(export_dir).encode("The quick brown fox jumps over the lazy dog. " * 6)
+    assert len(ids) > 2 * runner.spec.sliding_window
+    want = generate(runner, ids, 8).tokens
+    assert generate(runner, ids, 8, prefill_chunk=5).tokens == want
+    low = open_runner(export_dir, threads=1, low_memory=True)
+    assert generate(low, ids, 8, prefill_chunk=LOW_MEMORY_PREFILL).tokens == want
 
 
 def test_seeded_sampling_generation_is_reproducible(runner, export_dir):
