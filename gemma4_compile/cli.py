@@ -303,6 +303,11 @@ def _print_export(manifest) -> None:
     help="; ".join(f"{n}: {lw.description}" for n, lw in LOWERINGS.items()),
 )
 @quant_options
+@click.option(
+    "--modalities",
+    default=None,
+    help="Comma-separated graphs to export: text,vision,audio [default: every tower the checkpoint has].",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def export(
     checkpoint: Path,
@@ -317,9 +322,11 @@ def export(
     quant_keep: tuple[str, ...],
     quant_override: tuple[str, ...],
     accuracy_level: int,
+    modalities: str | None,
     force: bool,
 ) -> None:
-    """Export a checkpoint to ONNX: embed.onnx, decoder.onnx (gemma4 custom nodes), weights.data, export.json."""
+    """Export a checkpoint to ONNX: embed.onnx, decoder.onnx (gemma4 custom nodes), weights.data, export.json;
+    vision.onnx / audio.onnx for the towers the checkpoint has (--modalities)."""
     from .export import export_checkpoint
 
     _check_max_seq_len(checkpoint, max_seq_len)
@@ -336,6 +343,7 @@ def export(
             lowering=lowering,
             progress=lambda stage: status.update(f"export: {stage}"),
             quant=request,
+            modalities=modalities.split(",") if modalities else None,
         )
     m = result.manifest
     weights = (

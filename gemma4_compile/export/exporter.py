@@ -11,7 +11,7 @@ import contextlib
 import importlib.metadata
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -98,6 +98,9 @@ class ExportedModel:
     manifest: ExportManifest
 
 
+MODALITIES = ("text", "vision", "audio")
+
+
 def export_checkpoint(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
@@ -110,11 +113,13 @@ def export_checkpoint(
     progress: Progress | None = None,
     quant: QuantRequest | None = None,
     text_only: bool = False,
+    modalities: Collection[str] | None = None,
 ) -> ExportedModel:
     """Export a Hugging Face Gemma 4 checkpoint (config.json + safetensors) to ONNX.
 
     `lowering="gqa"` makes an onnxruntime-only variant (see passes/lowerings.py); `quant` a weight-only
-    quantized one (see quant/formats.py); `text_only` leaves a checkpoint's vision and audio towers out."""
+    quantized one (see quant/formats.py); `modalities` (MODALITIES; None: every tower the checkpoint has) which
+    towers get graphs; `text_only` is `modalities={"text"}`."""
     if dtype not in FLOAT_CHOICES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_CHOICES)}")
     spec = Gemma4Spec.from_pretrained(checkpoint_dir)
@@ -123,9 +128,8 @@ def export_checkpoint(
     if refusal:
         raise ExportError(refusal)
     check_quant(quant, spec)
-    # None: no such tower (or text_only); with neither, the text graphs only
-    vision = None if text_only else VisionSpec.from_pretrained(checkpoint_dir)
-    audio = None if text_only else AudioSpec.from_pretrained(checkpoint_dir)
+    # None: no such tower (or not asked for); with neither, the text graphs only
+    vision, audio = _towers(checkpoint_dir, {"text"} if text_only else modalities)
     multimodal = _multimodal(config, spec, vision, audio) if vision is not None else None
     reader = CheckpointReader(checkpoint_dir)
     entries = resolve_text_weights(reader, spec)
@@ -149,6 +153,31 @@ def export_checkpoint(
         quant=quant,
         multimodal=multimodal,
     )
+
+
+def _towers(
+    checkpoint_dir: str | Path, modalities: Collection[str] | None
+) -> tuple[VisionSpec | None, AudioSpec | None]:
+    """The vision and audio towers to export (None: left out), refusing an impossible choice in one line."""
+    have = {
+        "vision": VisionSpec.from_pretrained(checkpoint_dir),
+        "audio": AudioSpec.from_pretrained(checkpoint_dir),
+    }
+    if modalities is None:
+        return have["vision"], have["audio"]
+    wanted = set(modalities)
+    unknown = sorted(wanted - set(MODALITIES))
+    if unknown or "text" not in wanted:
+        why = f"unknown modality {unknown[0]!r}" if unknown else "text is always exported"
+        raise ExportError(
+            f"--modalities {','.join(sorted(wanted))}: {why}; choose from {', '.join(MODALITIES)}"
+        )
+    missing = [m for m in ("vision", "audio") if m in wanted and have[m] is None]
+    if missing:
+        raise ExportError(f"--modalities {missing[0]}: the checkpoint has no {missing[0]} tower")
+    if "audio" in wanted and "vision" not in wanted:  # the embed graph merges audio beside images only
+        raise ExportError("--modalities audio needs vision too in this version (the embed graph merges both)")
+    return (have["vision"] if "vision" in wanted else None, have["audio"] if "audio" in wanted else None)
 
 
 def _multimodal(

@@ -170,3 +170,26 @@ def test_fp16_export_keeps_attention_in_fp32_and_tracks_fp32(tmp_path, exported,
     assert np.isfinite(soft).all()
     cosine = (soft * ref).sum(-1) / (np.linalg.norm(soft, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-12)
     assert cosine[valid].min() >= 0.999, f"min cosine {cosine[valid].min():.6f}"
+
+
+@pytest.mark.parametrize(
+    "modalities,message",
+    [
+        ("text,vision", "the checkpoint has no vision tower"),
+        ("text,audio", "needs vision too"),
+        ("vision,audio", "text is always exported"),
+        ("text,speech", "unknown modality 'speech'"),
+    ],
+)
+def test_impossible_modalities_are_refused_in_one_line(exported, tmp_path, capsys, modalities, message):
+    from gemma4_compile.cli import main
+
+    out = tmp_path / "out"
+    assert main(["export", str(exported[0]), "-o", str(out), "--modalities", modalities]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and not out.exists()
+
+
+def test_modalities_text_leaves_the_towers_out(exported, tmp_path):
+    m = export_checkpoint(exported[0], tmp_path / "out", max_seq_len=16, modalities=["text"]).manifest
+    assert list(m.graphs) == ["embed", "decoder"] and m.multimodal is None
