@@ -706,7 +706,7 @@ def _onnxruntime_options(command: Callable) -> Callable:
     "--low-memory",
     is_flag=True,
     help="onnxruntime without its memory arena, freed buffers returned to the system, the prompt prefilled "
-    "16 tokens per call: the edge recipe (README). [default: off]",
+    "8 tokens per call: the edge recipe (README). [default: off]",
 )
 @_onnxruntime_options
 def generate(

@@ -26,7 +26,7 @@ def ort_providers(provider: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-LOW_MEMORY_PREFILL = 16  # prompt tokens per call with low_memory: E2B's [16, 262144] fp32 logits are 16 MiB
+LOW_MEMORY_PREFILL = 8  # prompt tokens per call with low_memory: the [8, 262144] fp32 logits of E2B are 8 MiB
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
