@@ -401,27 +401,24 @@ def _plan_quant(
     names: dict[str, str],
     layout: dict[str, TensorEntry],
     act: DType,
-) -> tuple[QuantSpec, dict[str, TensorEntry], dict[str, str]]:
+) -> tuple[QuantSpec, dict[str, TensorEntry], dict[str, dict[str, str]]]:
     """The quantization of the export's weights, the writer's entries with the quantized copies of the tied
     embedding (`lm_head` for the decoder, `embed_rows` for the embed graph), and the decoder's and embed graph's
     initializer -> tensor names pointing at those copies."""
     quant = plan_quant(request, sorted(layout), act.value)
-    rows = {EMBED_ROWS: "embed_tokens.weight"} if EMBED_ROWS in quant.tensors else {}
     for role, graph in traced.items():  # the decoder's MatMuls and the embed graph's gathers are rewritten
         readable = set(quant.row_tables) if role == EMBED else set()
         shared = {names[n] for n in graph.graph.initializers} & set(quant.tensors) - readable
         if role != DECODER and shared:
             raise ExportError(f"the {role} graph reads '{min(shared)}', which --quant would quantize")
-    decoder_map, embed_map = dict(names), dict(names)
-    if LM_HEAD in quant.tensors:
-        rows[LM_HEAD] = "embed_tokens.weight"
-        decoder_map.update({i: LM_HEAD for i, n in names.items() if n == "embed_tokens.weight"})
-    if EMBED_ROWS in quant.tensors:
-        embed_map.update({i: EMBED_ROWS for i, n in names.items() if n == "embed_tokens.weight"})
-    layout = {**layout, **{copy: layout[src] for copy, src in rows.items()}}
-    if LM_HEAD in quant.tensors and EMBED_ROWS in quant.tensors:
-        layout.pop("embed_tokens.weight")  # both readers have their own copy: no float table is written
-    return quant, layout, {DECODER: decoder_map, EMBED: embed_map}
+    tied, maps = "embed_tokens.weight", {DECODER: dict(names), EMBED: dict(names)}
+    copies = {role: copy for role, copy in ((DECODER, LM_HEAD), (EMBED, EMBED_ROWS)) if copy in quant.tensors}
+    for role, copy in copies.items():
+        maps[role].update({i: copy for i, n in names.items() if n == tied})
+    layout = {**layout, **{copy: layout[tied] for copy in copies.values()}}
+    if len(copies) == 2:
+        layout.pop(tied)  # both readers have their own copy: no float table is written
+    return quant, layout, maps
 
 
 def _trace(module: torch.nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> ir.Model:

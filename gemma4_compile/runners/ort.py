@@ -58,8 +58,6 @@ class OrtRunner(BaseRunner):
             options.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
         self._session_cache = Path(session_cache) if session_cache else None
-        self._read_rows, self.rows = read_rows, None
-        self.sessions = {role: self._session(ort, role, options, providers) for role in self.manifest.graphs}
         decoder = self.manifest.graphs[DECODER]
         self._act = self.manifest.activation_dtype.numpy
         self._outputs = [t.name for t in decoder.outputs]
@@ -78,6 +76,8 @@ class OrtRunner(BaseRunner):
                 self.image_refusal = (
                     "ort: image runs need bidirectional sliding attention (26B/31B), not built yet"
                 )
+        self._read_rows, self.rows = read_rows, None  # the placeholders above are what rows.py keeps
+        self.sessions = {role: self._session(ort, role, options, providers) for role in self.manifest.graphs}
         # host buffers bound in place suit the CPU provider; debug exports have outputs the binding leaves out
         cpu_only = providers == ["CPUExecutionProvider"]
         bind = io_binding and cpu_only and not self.manifest.debug
@@ -93,7 +93,7 @@ class OrtRunner(BaseRunner):
                 with dequantized_copy(path) as tmp:
                     return ort.InferenceSession(str(Path(tmp) / path.name), options, providers=providers)
             if role == EMBED and self._read_rows:
-                found = row_reader(path, self._merged_ids(), self.spec.pad_token_id)
+                found = row_reader(path, tuple(self._placeholders().values()), self.spec.pad_token_id)
                 if found is not None:
                     self.rows, graph = found
                     return ort.InferenceSession(graph, options, providers=providers)
@@ -103,14 +103,6 @@ class OrtRunner(BaseRunner):
         except Exception as e:  # onnxruntime's Fail / InvalidGraph / NoSuchFile...: a file it cannot load
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RunnerError(f"ort: cannot load {path}: {reason}") from None
-
-    def _merged_ids(self) -> tuple[int, ...]:
-        """The placeholder ids the embed graph swaps for pad before gathering (rows.py keeps them as they are)."""
-        mm, inputs = self.manifest.multimodal, {t.name for t in self.manifest.graphs[EMBED].inputs}
-        if mm is None:
-            return ()
-        ids = {IMAGE_EMBEDS: mm.tokens.image, AUDIO_EMBEDS: mm.audio.audio if mm.audio else None}
-        return tuple(i for name, i in ids.items() if name in inputs and i is not None)
 
     def encode_images(self, pixel_values: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """vision.onnx: patches [N, P, 3p²] and positions [N, P, 2] -> soft tokens [N, P/9, E], real counts [N]."""
@@ -152,8 +144,7 @@ class OrtRunner(BaseRunner):
         feeds = {"input_ids": input_ids, **self._no_rows}
         feeds.update({n: r.astype(self._act, copy=False) for n, r in (rows or {}).items()})
         if self.rows is not None:
-            feeds["input_ids"], tables = self.rows.feeds(input_ids)
-            feeds.update(tables)
+            feeds.update(self.rows.feeds(input_ids))
         embedded = dict(zip(self._embed_outputs, self.sessions[EMBED].run(self._embed_outputs, feeds)))
         feeds = {**embedded, "past_len": state.past_len, "seq_len": seq_len, **state.caches}
         out = dict(zip(self._outputs, self.sessions[DECODER].run(self._outputs, feeds)))

@@ -92,7 +92,8 @@ class BoundRunner:
         B, S = input_ids.shape
         call = binding.calls.get(S) or binding.calls.setdefault(S, self._call(binding, B, S))
         if self.rows is not None:
-            input_ids, tables = self.rows.feeds(input_ids)
+            tables = self.rows.feeds(input_ids)
+            input_ids = tables.pop("input_ids")
             for name, rows in tables.items():  # shapes change per call: bound afresh (a few small arrays)
                 call.embed.bind_cpu_input(name, rows)
         np.copyto(call.inputs["input_ids"], input_ids)

@@ -67,9 +67,10 @@ class RowReader:
     def __del__(self) -> None:
         self.close()
 
-    def feeds(self, input_ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def feeds(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The embed graph's `input_ids` (renumbered) and its tables (the rows they index)."""
         ids, source = self.renumber(input_ids)
-        return ids, {t.name: t.read(self._fds[t.path], source) for t in self.tables}
+        return {"input_ids": ids, **{t.name: t.read(self._fds[t.path], source) for t in self.tables}}
 
     def renumber(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """-> (input_ids with every non-placeholder id replaced by its slot, the id whose row fills each slot)."""

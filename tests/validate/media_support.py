@@ -19,8 +19,7 @@ class PlaceholderPLE(OrtRunner):
         raw = np.where(input_ids == token, token % self.spec.vocab_size, input_ids)
         feeds = {"input_ids": raw, **self._no_rows}
         if self.rows is not None:  # the tables are fed by row (runners/rows.py)
-            feeds["input_ids"], tables = self.rows.feeds(raw)
-            feeds.update(tables)
+            feeds.update(self.rows.feeds(raw))
         ple = self.sessions["embed"].run(["per_layer_tokens"], feeds)[0]
         original = self.sessions["embed"].run
 
