@@ -506,6 +506,12 @@ def kernels(output: Path, targets: tuple[str, ...]) -> None:
     help="Quantized exports: also fail when KL / top-1 against the unquantized model miss the format's "
     "thresholds (docs/export-format.md); always reported.",
 )
+@click.option(
+    "--text",
+    type=click.Path(path_type=Path),
+    help="UTF-8 text file: report its perplexity (backend, reference, and the unquantized model of a "
+    "quantized export; the ratio is gated with --quality-gate).",
+)
 @click.option("--target", help="Engine target for --backend trt.")
 def validate(
     export_dir: Path,
@@ -515,6 +521,7 @@ def validate(
     prompts: Path | None,
     steps: int | None,
     quality_gate: bool,
+    text: Path | None,
     target: str | None,
 ) -> None:
     """Compare a backend with the PyTorch reference; write reports; exit non-zero if any case fails."""
@@ -531,6 +538,7 @@ def validate(
         steps=steps,
         target=target,
         quality_gate=quality_gate,
+        text=text,
     )
     click.echo(report.summary())
     if not report.passed:

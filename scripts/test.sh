@@ -6,8 +6,12 @@ bash scripts/setup-venv.sh
 . "${VENV:-.venv}/bin/activate"
 ruff check .
 ruff format --check .
+# One worker per core, at most 4 (PYTEST_WORKERS overrides): most of the suite is single-threaded tracing and
+# building, and each worker holds its own tiny exports (~2 GiB). Whole files go to one worker, so a file's
+# module fixtures are made once.
+workers=${PYTEST_WORKERS:-$(python -c "import os; print(min(4, len(os.sched_getaffinity(0))))")}
 rc=0
-python -m pytest -q -ra "$@" || rc=$?
+python -m pytest -q -ra -n "$workers" --dist loadfile "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "error: pytest collected no tests" >&2
   exit 1

@@ -135,3 +135,34 @@ def make_vision_export(tmp_path_factory):
         return cache[preset]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def make_quant_export(tmp_path_factory, make_checkpoint):
+    """make_quant_export(preset, format, block_size=None, keep=(), dtype="fp32", method="rtn") -> export dir (cached);
+    fp32 makes the onnxruntime form (MatMulNBits), fp16/bf16 the TensorRT one (DequantizeLinear)."""
+    from gemma4_compile.export import export_checkpoint
+    from gemma4_compile.quant.formats import QuantRequest
+
+    cache: dict[tuple, Path] = {}
+
+    def make(
+        preset: str,
+        fmt: str,
+        block_size: int | None = None,
+        keep: tuple[str, ...] = (),
+        dtype: str = "fp32",
+        method: str = "rtn",
+    ) -> Path:
+        key = (preset, fmt, block_size, keep, dtype, method)
+        if key not in cache:
+            out = (
+                tmp_path_factory.mktemp("quant")
+                / f"{preset}-{fmt}-b{block_size}-{'-'.join(keep)}-{dtype}-{method}"
+            )
+            request = QuantRequest(fmt, block_size, keep, method=method)
+            export_checkpoint(make_checkpoint(preset), out, dtype=dtype, max_seq_len=128, quant=request)
+            cache[key] = out
+        return cache[key]
+
+    return make

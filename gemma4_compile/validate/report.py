@@ -229,6 +229,7 @@ def accuracy_markdown(r: AccuracyReport) -> str:
     lines += [*_table(header, rows), "", f"![logit error by position]({error_plot_name(r.reference)})", ""]
     lines += _drift_md(r)
     lines += _quality_md(r)
+    lines += _perplexity_md(r)
     failed = [c for c in r.cases if not c.passed]
     if failed:
         lines += ["## Failures", "", *(f"- {c.message()}" for c in failed), ""]
@@ -268,6 +269,27 @@ def _localization_md(failed: list[Any], kinds: list[str]) -> list[str]:
         ]
         lines += [*_table(["layer", "kind", "rel. error", "growth", ""], rows), ""]
     return lines
+
+
+def _perplexity_md(r: AccuracyReport) -> list[str]:
+    p = r.perplexity
+    if p is None:
+        return []
+    rows = [["backend", f"{p.backend:.6g}"], ["reference", f"{p.reference:.6g}"]]
+    if p.unquantized is not None:
+        rows += [["unquantized", f"{p.unquantized:.6g}"], ["ratio backend / unquantized", f"{p.ratio:.4f}"]]
+    gate = (
+        f"gate: ratio ≤ {p.gate:g}" if p.gate is not None else "not gated (--quality-gate, quantized exports)"
+    )
+    verdict = "" if not p.failures else " — **FAILED**: " + "; ".join(p.failures)
+    return [
+        f"## Perplexity on `{p.file}`{verdict}",
+        "",
+        f"{p.tokens} tokens scored in {p.windows} non-overlapping windows of {p.window}; {gate}.",
+        "",
+        *_table(["model", "perplexity"], rows),
+        "",
+    ]
 
 
 def _quality_md(r: AccuracyReport) -> list[str]:

@@ -25,6 +25,7 @@ from ..model.config import Gemma4Spec
 from ..runners.base import BaseRunner
 from . import metrics as M
 from .cases import DEFAULT_STEPS, Case, default_cases, load_prompts
+from .perplexity import DEFAULT_WINDOW, PerplexityReport, perplexity_report, text_windows
 from .quality import CaseQuality, QualityReport, case_quality, quality_report
 from .report import accuracy_stem, jsonable, write_reports
 
@@ -257,10 +258,11 @@ class AccuracyReport:
     quality: QualityReport | None = None  # quantized exports: against the unquantized model
     images: dict[str, Any] | None = None  # exports with vision.onnx: images.ImageReport.to_dict(), staged
     audio: dict[str, Any] | None = None  # exports merging audio.onnx: audio.AudioReport.to_dict(), staged
+    perplexity: PerplexityReport | None = None  # validate --text FILE
 
     @property
     def passed(self) -> bool:
-        quality_ok = not (self.quality and self.quality.failures)
+        quality_ok = not any(q and q.failures for q in (self.quality, self.perplexity))
         return (
             all(c.passed for c in self.cases)
             and quality_ok
@@ -270,8 +272,9 @@ class AccuracyReport:
     def failure_message(self) -> str:
         """One line: how many cases fail, and the first one in full."""
         failed = [c for c in self.cases if not c.passed]
-        if not failed and self.quality and self.quality.failures:
-            return f"quality gate: {'; '.join(self.quality.failures)} ({self.quality.describe()})"
+        for q in (self.quality, self.perplexity):
+            if not failed and q and q.failures:
+                return f"quality gate: {'; '.join(q.failures)} ({q.describe()})"
         if not failed:
             return self._image_failure()
         head = f"{self.backend} disagrees with {self.reference} ({self.precision}) in {len(failed)}/{len(self.cases)} cases"
@@ -293,9 +296,9 @@ class AccuracyReport:
         return ""
 
     def summary(self) -> str:
-        """One line (two for a quantized export: its quality against the unquantized model)."""
-        quality = f"\n{self.quality.describe()}" if self.quality is not None and self.passed else ""
-        return self._verdict() + quality
+        """One line, then (if passed) a quantized export's quality and the --text perplexity, a line each."""
+        extra = [q.describe() for q in (self.quality, self.perplexity) if q is not None and self.passed]
+        return "\n".join([self._verdict(), *extra])
 
     def _verdict(self) -> str:
         if self.passed:
@@ -835,11 +838,13 @@ def validate(
     seed: int = 0,
     write: bool = True,
     quality_gate: bool = False,
+    text: str | Path | None = None,
 ) -> AccuracyReport:
     """Validate an export: backend vs reference on the default cases (or `prompts`), reports to out_dir/reports.
 
     A quantized export is judged against the fake-quant reference (correctness) and measured against the
-    unquantized model (quality, quality.py), which fails the run only with `quality_gate`.
+    unquantized model (quality, quality.py), which fails the run only with `quality_gate`. `text`: a UTF-8 file
+    whose perplexity is reported for the backend, the reference and (quantized) the unquantized model.
 
     The reference runs at the export's precision. `checkpoint` defaults to export.json's "checkpoint" entry.
     Returns the report; call `report.raise_if_failed()` for a ValidationFailed (exit code 2).
@@ -856,6 +861,10 @@ def validate(
     steps = DEFAULT_STEPS if steps is None else steps
     if steps < 1:
         raise ValidateError(f"steps must be at least 1, got {steps}")
+    window = min(DEFAULT_WINDOW, manifest.max_seq_len)
+    windows = (
+        text_windows(text, export_dir, window) if text is not None else None
+    )  # bad files: before any run
     ref = make_runner(reference, export_dir, ckpt, precision)
     from ..quant.reference import apply_fake_quant
 
@@ -887,6 +896,8 @@ def validate(
         engine_target=be.engine_target,
         warnings=report.warnings + [why_not] * bool(why_not),
     )
+    if windows is not None:
+        report = replace(report, perplexity=perplexity_report(text, windows, be, ref, unquantized))
     report = _validate_media(report, manifest, be, backend, ckpt)
     out = Path(out_dir) if out_dir else export_dir
     if write:

@@ -1,4 +1,4 @@
-"""Quantized exports of the tiny presets, made once per test session."""
+"""A corrupting copy of a quantized export (make_quant_export is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,38 +9,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
-from gemma4_compile.quant.formats import QuantRequest
-
-
-@pytest.fixture(scope="session")
-def make_quant_export(tmp_path_factory, make_checkpoint):
-    """make_quant_export(preset, format, block_size=None, keep=(), dtype="fp32", method="rtn") -> export dir (cached);
-    fp32 makes the onnxruntime form (MatMulNBits), fp16/bf16 the TensorRT one (DequantizeLinear)."""
-    from gemma4_compile.export import export_checkpoint
-
-    cache: dict[tuple, Path] = {}
-
-    def make(
-        preset: str,
-        fmt: str,
-        block_size: int | None = None,
-        keep: tuple[str, ...] = (),
-        dtype: str = "fp32",
-        method: str = "rtn",
-    ) -> Path:
-        key = (preset, fmt, block_size, keep, dtype, method)
-        if key not in cache:
-            out = (
-                tmp_path_factory.mktemp("quant")
-                / f"{preset}-{fmt}-b{block_size}-{'-'.join(keep)}-{dtype}-{method}"
-            )
-            request = QuantRequest(fmt, block_size, keep, method=method)
-            export_checkpoint(make_checkpoint(preset), out, dtype=dtype, max_seq_len=128, quant=request)
-            cache[key] = out
-        return cache[key]
-
-    return make
 
 
 @pytest.fixture
