@@ -539,7 +539,8 @@ class QuantizedExperts:
         want_dtype = _CODES_DTYPE[self.format]
         if self.codes.dtype != want_dtype or self.codes.dim() != 3:
             raise Gemma4CompileError(
-                f"moe kernel: {name} {self.format} codes are {self.codes.dtype} {tuple(self.codes.shape)}, want {want_dtype} [E, N, K']"
+                f"moe kernel: {name} {self.format} codes are {self.codes.dtype} {tuple(self.codes.shape)}, "
+                f"want {want_dtype} [E, N, K']"
             )
         E, N, K = shape
         width = int(self.codes.shape[2]) * _CODES_PER_ITEM[self.format]
