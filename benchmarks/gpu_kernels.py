@@ -9,6 +9,9 @@ way an engine without a plugin has to run it; MoE (`kernels.moe`) against `ops.m
 over the experts that were hit). Layers: 26B-A4B (16 q heads; sliding 8 KV x 256, W 1024; global 2 KV x 512;
 128 experts top-8, width 704, hidden 2816) and 31B (32 q heads; sliding 16 KV x 256; global 4 KV x 512).
 Prefill is 4096 tokens; decode is one token on a 32K global cache or on a W-slot ring that has wrapped.
+Quantized MoE rows (int4 block 32, fp8 block 128: the export's defaults) run the same kernels on random codes in
+the export's layout, checked against `ops.moe_reference` on the dequantized weights and timed against the float
+kernel on those weights in bf16 (the "base ms" column of those rows).
 
 Timings are medians of `triton.testing.do_bench`. FLOP/s count the useful work (visible query-key pairs for
 attention, 6 T K I H for MoE); GB/s count the bytes each op must move at least once (inputs read, outputs
@@ -25,7 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,15 +227,26 @@ class MoeCase:
     experts: int
     inter: int
     top_k: int
+    quant: str = ""  # "" float experts; "int4" / "fp8": QuantizedExperts in the export's layout
+    block: int = 0
+
+
+# The export's default blocks (quant/formats.py DEFAULT_BLOCK): int4 32, fp8 128 (26B-A4B's I = 704 is not a
+# multiple of 128, so the fp8 down weight is padded to 768 as the export pads it).
+QUANT_MOE = (("int4", 32), ("fp8", 128))
 
 
 def moe_cases(dry: bool) -> list[MoeCase]:
     if dry:
-        return [MoeCase("tiny moe prefill", 64, 64, 16, 32, 4), MoeCase("tiny moe decode", 1, 64, 16, 32, 4)]
-    return [MoeCase(f"26B-A4B moe {t} tok", t, 2816, 128, 704, 8) for t in (4096, 64, 1)]
+        base = [MoeCase("tiny moe prefill", 64, 64, 16, 32, 4), MoeCase("tiny moe decode", 1, 64, 16, 32, 4)]
+    else:
+        base = [MoeCase(f"26B-A4B moe {t} tok", t, 2816, 128, 704, 8) for t in (4096, 64, 1)]
+    quant = [replace(c, name=f"{c.name} {f}", quant=f, block=b) for f, b in QUANT_MOE for c in base]
+    return base + quant
 
 
-def moe_inputs(c: MoeCase, device: str, dtype: torch.dtype) -> dict[str, Any]:
+def moe_inputs(c: MoeCase, device: str, dtype: torch.dtype, experts: bool = True) -> dict[str, Any]:
+    """x, router logits and per-expert scales, with random float experts unless `experts` is False."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -241,14 +255,77 @@ def moe_inputs(c: MoeCase, device: str, dtype: torch.dtype) -> dict[str, Any]:
     # distinct logits: bf16 ties would let the kernel and torch.topk pick different (equally valid) experts
     perms = [torch.randperm(c.experts, generator=g, device=device) for _ in range(c.tokens)]
     logits = torch.stack(perms).float() / 32
-    return dict(
+    inp = dict(
         x=rnd(c.tokens, c.hidden),
         router_logits=logits.to(dtype),
         per_expert_scale=(torch.rand(c.experts, generator=g, device=device) + 0.5).to(dtype),
-        gate_up=rnd(c.experts, 2 * c.inter, c.hidden, scale=c.hidden**-0.5),
-        down=rnd(c.experts, c.hidden, c.inter, scale=c.inter**-0.5),
         top_k=c.top_k,
     )
+    if experts:
+        inp["gate_up"] = rnd(c.experts, 2 * c.inter, c.hidden, scale=c.hidden**-0.5)
+        inp["down"] = rnd(c.experts, c.hidden, c.inter, scale=c.inter**-0.5)
+    return inp
+
+
+def quantized_experts(
+    shape: tuple[int, int, int], fmt: str, block: int, g: torch.Generator, dtype: torch.dtype
+) -> tuple[Any, torch.Tensor]:
+    """Random codes and block scales in the export's layout (K padded with zero codes to whole blocks; int4
+    packed by the exporter's own quant.rtn.pack_signed), and the fp32 weight [E, N, K] they stand for."""
+    from gemma4_compile.plugins.kernels.moe import QuantizedExperts
+    from gemma4_compile.quant.rtn import pack_signed
+
+    E, N, K = shape
+    device = g.device
+    padded = -(-K // block) * block
+    unit = K**-0.5 / (
+        4.0 if fmt == "int4" else 1.0
+    )  # codes of std ~4 (int4) or ~1 (fp8) -> weights of std K^-1/2
+    scales = ((torch.rand(E, N, padded // block, generator=g, device=device) + 0.5) * unit).to(dtype)
+    if fmt == "int4":
+        q = torch.randint(-7, 8, (E, N, padded), generator=g, device=device, dtype=torch.int8)
+        q[..., K:] = 0
+        codes = torch.from_numpy(pack_signed(q.cpu().numpy(), 4)).to(device)
+    else:
+        q = torch.randn(E, N, padded, generator=g, device=device)
+        q[..., K:] = 0
+        q = codes = q.to(torch.float8_e4m3fn)
+    w = (q.float() * scales.float().repeat_interleave(block, -1))[..., :K].contiguous()
+    return QuantizedExperts(codes, scales, fmt, block), w
+
+
+def moe_quant_row(c: MoeCase, device: str, dtype: torch.dtype) -> Row:
+    """Quantized experts: the kernel vs the reference on the dequantized weights, timed against the float
+    kernel on the same weights in the activation dtype."""
+    from gemma4_compile.model import ops
+    from gemma4_compile.plugins.kernels import moe as M
+
+    inp = moe_inputs(c, device, dtype, experts=False)
+    g = torch.Generator(device=device).manual_seed(1)
+    gate_up, gu = quantized_experts((c.experts, 2 * c.inter, c.hidden), c.quant, c.block, g, dtype)
+    down, dn = quantized_experts((c.experts, c.hidden, c.inter), c.quant, c.block, g, dtype)
+    row = Row(c.name, f"T{c.tokens} H{c.hidden} E{c.experts} I{c.inter} top{c.top_k} {c.quant} b{c.block}")
+    y = M.moe(**inp, gate_up=gate_up, down=down)
+    with torch.no_grad():
+        routing = {k: (v.float() if torch.is_tensor(v) else v) for k, v in inp.items()}
+        ref = ops.moe_reference(**routing, gate_up=gu, down=dn)
+    err = (y.float() - ref).abs()
+    row.max_err = float(err.max())
+    row.ok = bool((err <= ATOL + RTOL * ref.abs()).all())
+    del ref, err
+    _, ref_ids = ops.route(inp["router_logits"], inp["per_expert_scale"], c.top_k)
+    hit = int(torch.unique(ref_ids).numel())
+    weight_bytes = sum(q.codes.nbytes + q.scales.nbytes for q in (gate_up, down)) // c.experts
+    row.flops = 6.0 * c.tokens * c.top_k * c.inter * c.hidden
+    row.bytes = (
+        hit * weight_bytes + inp["x"].element_size() * 2 * c.tokens * c.hidden + 4 * c.tokens * c.experts
+    )
+    row.extra["experts_hit"] = hit
+    row.ms = bench(lambda: M.moe(**inp, gate_up=gate_up, down=down))
+    gu, dn = gu.to(dtype), dn.to(dtype)  # the float kernel on the same (dequantized) weights
+    row.base_ms = bench(lambda: M.moe(**inp, gate_up=gu, down=dn))
+    row.note = f"{hit} experts hit; base = float kernel on the dequantized weights"
+    return row
 
 
 def moe_row(c: MoeCase, device: str, dtype: torch.dtype) -> Row:
@@ -328,7 +405,10 @@ def main() -> int:
     if ARGS.only in (None, "attention"):
         jobs += [(c.name, lambda c=c: attention_row(c, device, dtype)) for c in attention_cases(ARGS.dry_run)]
     if ARGS.only in (None, "moe"):
-        jobs += [(c.name, lambda c=c: moe_row(c, device, dtype)) for c in moe_cases(ARGS.dry_run)]
+        jobs += [
+            (c.name, lambda c=c: (moe_quant_row if c.quant else moe_row)(c, device, dtype))
+            for c in moe_cases(ARGS.dry_run)
+        ]
     rows: list[Row] = []
     for name, job in jobs:
         start = time.perf_counter()

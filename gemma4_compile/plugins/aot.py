@@ -86,6 +86,9 @@ class KernelSpec:
     launch: LaunchSpec
     dtype_free: bool = False  # integer-only kernels: compiled once per target, dtype "i32"
     aligned: tuple[str, ...] | None = None  # int args that are multiples of 16 (None: every *stride* arg)
+    # pointer args every variant compiles as constexpr None (its config passes None): operands a plugin never
+    # has, as the MoE GEMMs' quantized-weight scales (the stage plugins take float experts)
+    absent: tuple[str, ...] = ()
 
 
 def _bhld(B: Any, H: Any, L: Any, D: Any) -> list[Any]:
@@ -298,7 +301,8 @@ for _name, _fn, _ptrs, _free, _aligned in (
     ),
 ):
     _dims, _launch = _MOE_L[_name]
-    _register(KernelSpec(_name, _MOE, _fn, _ptrs, _dims, _launch, _free, _aligned))
+    _absent = {"moe_gate_up": ("GateUpScales_ptr",), "moe_down": ("DownScales_ptr",)}.get(_name, ())
+    _register(KernelSpec(_name, _MOE, _fn, _ptrs, _dims, _launch, _free, _aligned, _absent))
 
 
 @dataclass(frozen=True)
@@ -317,7 +321,7 @@ def kernel_io(kernel: str) -> tuple[list[str], list[str], list[str]]:
 
     spec = KERNELS[kernel]
     fn = getattr(importlib.import_module(spec.module), spec.fn)
-    args = [a for a in fn.arg_names if not a.isupper()]  # constexprs are UPPER_CASE by convention
+    args = [a for a in fn.arg_names if not a.isupper() and a not in spec.absent]  # constexprs are UPPER_CASE
     ptrs = [i for i, a in enumerate(args) if a in spec.pointers]
     first_scalar = next((i for i, a in enumerate(args) if a not in spec.pointers), len(args))
     inputs = [args[i] for i in ptrs if i < first_scalar]

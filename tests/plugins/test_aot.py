@@ -117,6 +117,7 @@ def test_kernel_aot_reaches_all_six_targets(tmp_path):
 
 def test_kernel_aot_oversized_block_config_is_a_one_line_build_error(tmp_path):
     tile = {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 128, "BLOCK_E": 128, "INPUT_PRECISION": "tf32"}
+    tile |= {"WEIGHT_FORMAT": "float", "QBLOCK": 0, "DownScales_ptr": None}  # float experts, as aot_configs
     v = aot.Variant.make("moe_down", "sm86", "bf16", tile, num_warps=4, num_stages=4)
     with pytest.raises(BuildError) as err:
         aot.compile_variants(tmp_path, [v], jobs=1)

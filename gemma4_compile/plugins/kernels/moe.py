@@ -22,6 +22,17 @@ Pipeline (work and weight traffic grow with the T*K routed pairs; an expert no t
 7. `_moe_combine_kernel` y[t] = sum_k out_row[PairRows[t*K + k]] in fp32: a gather, so no atomics and the same
                          bits every run.
 
+Quantized experts (`QuantizedExperts`: the export's int4 / fp8 `moe_experts` codes with their block scales along K)
+run through the same two GEMM kernels: the constexpr WEIGHT_FORMAT ("float" | "int4" | "fp8") and QBLOCK pick how
+`_weight_tile` loads a [BLOCK_N, BLOCK_K] tile inside the K loop (decode codes, times their block scales in fp32,
+rounded once to the activations' dtype, then tl.dot accumulating in fp32); the float path loads exactly as before.
+
+per_expert_scale is not folded into the quantized weights: it multiplies the fp32 routing weight (route, one
+multiply per routed pair), and folding it into down's block scales would round scale x per_expert_scale to the
+scales' dtype (bf16/fp16 in an export: up to 2^-9 / 2^-12 relative per block) and reorder the fp32 products,
+exact only when every per_expert_scale is a power of two. It would save nothing measurable (T*K multiplies
+against T*K*I*H for the GEMM) and make the kernel's weights differ from the export's DequantizeLinear ones.
+
 The grouped GEMMs launch cdiv(T*K, BLOCK_M) + E row-tile programs, an upper bound of the true tile count that
 needs no device-to-host sync; programs past TileOffsets[E] exit at once. Kernel arguments are ordered inputs,
 int32 scalars, outputs (TensorRT QDP `aot_impl` order); each kernel is one launch, so each stage can be a plugin.
@@ -31,6 +42,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -201,12 +213,47 @@ def gemm_tile(rows_per_expert: float, max_shared_bytes: int, width: int | None =
 
 
 @triton.jit
+def _weight_tile(
+    w_ptr, s_ptr, k0, reduction, n_ok,
+    WEIGHT_FORMAT: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """Expert rows w_ptr [BLOCK_N, 1] at k0 + arange(BLOCK_K) -> [BLOCK_N, BLOCK_K] in OUT_DTYPE.
+
+    "float": the weights as stored. "int4" / "fp8" (the export's moe_experts layout, QuantizedExperts): decode the
+    tile's codes, multiply by their block scales (s_ptr [BLOCK_N, 1]: the rows' scales, one per QBLOCK along K)
+    in fp32 and round once to OUT_DTYPE, so no full-precision expert is ever written to memory. int4 packs two
+    two's complement nibbles per byte, the lower k in the low nibble: BLOCK_K // 2 bytes per row.
+    """
+    kk = k0 + tl.arange(0, BLOCK_K)
+    mask = n_ok[:, None] & (kk < reduction)[None, :]
+    if WEIGHT_FORMAT == "float":
+        w = tl.load(w_ptr + kk[None, :], mask=mask, other=0.0)
+    else:
+        if WEIGHT_FORMAT == "int4":
+            kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            b = tl.load(w_ptr + kb[None, :], mask=n_ok[:, None] & (kb * 2 < reduction)[None, :], other=0)
+            b = b.to(tl.int8, bitcast=True)
+            q = tl.interleave((b << 4) >> 4, b >> 4).to(tl.float32)  # arithmetic shifts sign-extend
+        else:  # fp8 E4M3
+            q = tl.load(w_ptr + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + (kk // QBLOCK)[None, :], mask=mask, other=0.0).to(tl.float32)
+        w = (q * s).to(OUT_DTYPE)
+    return w
+
+
+# The quantized operands' scale pointers (GateUpScales_ptr, DownScales_ptr) come after the outputs: the AOT
+# stage plugins take float experts and compile them as constexpr None (plugins/aot.py, KernelSpec.absent), so
+# the launch contract (inputs, int32 scalars, outputs) is unchanged. Scales are contiguous [E, N, cdiv(K,
+# QBLOCK)]; the codes use the weight's strides (in bytes for int4).
+
+
+@triton.jit
 def _moe_gate_up_kernel(
     X_ptr, GateUp_ptr, SortedPairs_ptr, ExpertOffsets_ptr, TileOffsets_ptr,
     x_stride_t, gu_stride_e, gu_stride_n, h_stride, hidden, inter, num_experts,
-    H_ptr,
+    H_ptr, GateUpScales_ptr,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_E: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_E: tl.constexpr, INPUT_PRECISION: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, QBLOCK: tl.constexpr,
 ):  # fmt: skip
     """h[row, n] = gelu_tanh(x[tok] . gate_up[e, n]) * (x[tok] . gate_up[e, I + n]), tok = SortedPairs[row] // K.
 
@@ -220,15 +267,22 @@ def _moe_gate_up_kernel(
         n_ok = n < inter
         a_ptr = X_ptr + tok[:, None].to(tl.int64) * x_stride_t
         w_ptr = GateUp_ptr + e.to(tl.int64) * gu_stride_e + n[:, None].to(tl.int64) * gu_stride_n
+        sg_ptr = GateUpScales_ptr  # None for float weights
+        su_ptr = GateUpScales_ptr
+        if WEIGHT_FORMAT != "float":
+            kb = (hidden + QBLOCK - 1) // QBLOCK
+            sg_ptr = GateUpScales_ptr + (e.to(tl.int64) * 2 * inter + n[:, None]) * kb
+            su_ptr = sg_ptr + inter * kb
+        dt = X_ptr.dtype.element_ty
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < hidden
             a = tl.load(a_ptr + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            wg = tl.load(w_ptr + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            wu = tl.load(
-                w_ptr + inter * gu_stride_n + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0
+            wg = _weight_tile(w_ptr, sg_ptr, k0, hidden, n_ok, WEIGHT_FORMAT, QBLOCK, BLOCK_K, dt)
+            wu = _weight_tile(
+                w_ptr + inter * gu_stride_n, su_ptr, k0, hidden, n_ok, WEIGHT_FORMAT, QBLOCK, BLOCK_K, dt
             )
             acc_g = tl.dot(a, tl.trans(wg), acc_g, input_precision=INPUT_PRECISION)
             acc_u = tl.dot(a, tl.trans(wu), acc_u, input_precision=INPUT_PRECISION)
@@ -242,9 +296,9 @@ def _moe_gate_up_kernel(
 def _moe_down_kernel(
     H_ptr, Down_ptr, SortedPairs_ptr, Weights_ptr, ExpertOffsets_ptr, TileOffsets_ptr,
     h_stride, dn_stride_e, dn_stride_n, out_stride, hidden, inter, num_experts,
-    Out_ptr,
+    Out_ptr, DownScales_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, QBLOCK: tl.constexpr,
 ):  # fmt: skip
     """out[row, n] = weights[pair] * (h[row] . down[e, n]), pair = SortedPairs[row].
 
@@ -257,12 +311,17 @@ def _moe_down_kernel(
         n_ok = n < hidden
         a_ptr = H_ptr + rows[:, None].to(tl.int64) * h_stride
         w_ptr = Down_ptr + e.to(tl.int64) * dn_stride_e + n[:, None].to(tl.int64) * dn_stride_n
+        s_ptr = DownScales_ptr  # None for float weights
+        if WEIGHT_FORMAT != "float":
+            s_ptr = DownScales_ptr + (e.to(tl.int64) * hidden + n[:, None]) * ((inter + QBLOCK - 1) // QBLOCK)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, inter, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < inter
             a = tl.load(a_ptr + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            w = _weight_tile(
+                w_ptr, s_ptr, k0, inter, n_ok, WEIGHT_FORMAT, QBLOCK, BLOCK_K, H_ptr.dtype.element_ty
+            )
             acc = tl.dot(a, tl.trans(w), acc, input_precision=INPUT_PRECISION)
         pair = tl.load(SortedPairs_ptr + rows, mask=r_ok, other=0)
         acc = acc * tl.load(Weights_ptr + pair, mask=r_ok, other=0.0)[:, None]
@@ -351,15 +410,17 @@ def aot_configs(
     are dtype-free (compile them with dtype "i32")."""
     block_e = triton.next_power_of_2(experts)
     conf = gemm_tile(rows_per_expert, max_shared_bytes)
-    tile = {**conf.kwargs, "BLOCK_E": block_e, "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    # float experts: the stage plugins' weights arrive dequantized (DequantizeLinear before the op)
+    tile = {**conf.kwargs, "BLOCK_E": block_e, "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+            "WEIGHT_FORMAT": "float", "QBLOCK": 0}  # fmt: skip
     gemm = (conf.num_warps, conf.num_stages)
     return {
         "moe_route": ({"TOP_K": top_k, "K_PAD": triton.next_power_of_2(top_k), "BLOCK_T": 16, "BLOCK_E": block_e}, 4, 1),
         "moe_count": ({"BLOCK_P": BLOCK_P, "BLOCK_E": block_e}, 4, 1),
         "moe_offsets": ({"BLOCK_M": conf.kwargs["BLOCK_M"], "BLOCK_B": 16, "BLOCK_E": block_e}, 4, 1),
         "moe_scatter": ({"BLOCK_P": BLOCK_P, "BLOCK_E": block_e}, 4, 1),
-        "moe_gate_up": ({**tile, "TOP_K": top_k}, *gemm),
-        "moe_down": (tile, *gemm),
+        "moe_gate_up": ({**tile, "TOP_K": top_k, "GateUpScales_ptr": None}, *gemm),
+        "moe_down": ({**tile, "DownScales_ptr": None}, *gemm),
         "moe_combine": ({"TOP_K": top_k, "BLOCK_H": 1024}, 4, 1),
     }  # fmt: skip
 
@@ -421,60 +482,201 @@ def _gemm_config(rows_per_expert: float, hidden: int, inter: int) -> triton.Conf
     return gemm_tile(rows_per_expert, smem, min(hidden, inter))
 
 
-def _check(x: Tensor, router_logits: Tensor, per_expert_scale: Tensor, gate_up: Tensor, down: Tensor) -> None:
+WEIGHT_FORMATS = ("int4", "fp8")  # quantized expert formats the GEMM kernels decode (QuantizedExperts)
+_CODES_DTYPE = {"int4": torch.uint8, "fp8": torch.float8_e4m3fn}
+_CODES_PER_ITEM = {"int4": 2, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class QuantizedExperts:
+    """Expert weights [E, N, K] as a quantized export stores them (quant/formats.py role `moe_experts`, the
+    DequantizeLinear form): codes blocked along K, padded with zero codes to whole blocks, one scale per block.
+
+    codes: int4 -> uint8 [E, N, Kp / 2], two two's complement nibbles per byte, the lower k in the low nibble;
+    fp8 -> float8_e4m3fn [E, N, Kp] (Kp = cdiv(K, block) * block). scales: [E, N, Kp / block], fp32 or the
+    activations' dtype (an export stores them in its dtype). K itself comes from the other GEMM operand.
+    """
+
+    codes: Tensor
+    scales: Tensor
+    format: str  # "int4" | "fp8"
+    block: int  # 32, 64 or 128 along K
+
+    @classmethod
+    def encode(
+        cls, w: Tensor, fmt: str, block: int, scale_dtype: torch.dtype = torch.float32
+    ) -> QuantizedExperts:
+        """The export's codes and scales of float experts w [E, N, K] (quant/encode.py, DequantizeLinear form),
+        scales stored in `scale_dtype` as the export's dtype stores them."""
+        from ...quant.encode import encode_rows
+        from ...quant.formats import GRAPH_DQ
+
+        E, N, K = w.shape
+        data, scales = encode_rows(fmt, w.detach().float().cpu().reshape(E * N, K).numpy(), block, GRAPH_DQ)
+        codes = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(_CODES_DTYPE[fmt]).reshape(E, N, -1)
+        return cls(
+            codes.to(w.device),
+            torch.from_numpy(scales).reshape(E, N, -1).to(w.device, scale_dtype),
+            fmt,
+            block,
+        )
+
+    @property
+    def experts_rows(self) -> tuple[int, int]:
+        """(E, N): the leading dims of the weight."""
+        return int(self.codes.shape[0]), int(self.codes.shape[1])
+
+    def check(self, name: str, shape: tuple[int, int, int]) -> None:
+        """One-line Gemma4CompileError unless this holds weight `name` of float shape [E, N, K]."""
+        from ...quant.formats import BLOCK_SIZES
+
+        if self.format not in WEIGHT_FORMATS:
+            raise Gemma4CompileError(
+                f"moe kernel: {name} format {self.format!r} is not one of {', '.join(WEIGHT_FORMATS)}"
+            )
+        if self.block not in BLOCK_SIZES:
+            raise Gemma4CompileError(f"moe kernel: {name} block {self.block} is not one of {BLOCK_SIZES}")
+        want_dtype = _CODES_DTYPE[self.format]
+        if self.codes.dtype != want_dtype or self.codes.dim() != 3:
+            raise Gemma4CompileError(
+                f"moe kernel: {name} {self.format} codes are {self.codes.dtype} {tuple(self.codes.shape)}, "
+                f"want {want_dtype} [E, N, K']"
+            )
+        E, N, K = shape
+        width = int(self.codes.shape[2]) * _CODES_PER_ITEM[self.format]
+        if width % self.block:
+            raise Gemma4CompileError(
+                f"moe kernel: {name} block {self.block} does not divide its codes' K {width}"
+            )
+        padded = cdiv(K, self.block) * self.block
+        if (*self.experts_rows, width) != (E, N, padded):
+            raise Gemma4CompileError(
+                f"moe kernel: {name} {self.format} codes hold {[*self.experts_rows, width]} values, "
+                f"want {[E, N, padded]} (K {K} in blocks of {self.block})"
+            )
+        if tuple(self.scales.shape) != (E, N, padded // self.block) or not self.scales.is_floating_point():
+            raise Gemma4CompileError(
+                f"moe kernel: {name} scales are {self.scales.dtype} {tuple(self.scales.shape)}, "
+                f"want float {(E, N, padded // self.block)}"
+            )
+
+
+Experts = Tensor | QuantizedExperts
+
+
+def _weight_operand(
+    w: Experts, name: str, shape: tuple[int, int, int], dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """(weight or codes, scales or None, the kernel's WEIGHT_FORMAT / QBLOCK) of a GEMM's expert operand."""
+    if isinstance(w, QuantizedExperts):
+        w.check(name, shape)
+        codes = w.codes if w.codes.stride(-1) == 1 else w.codes.contiguous()
+        return codes, w.scales.contiguous(), {"WEIGHT_FORMAT": w.format, "QBLOCK": w.block}
+    if tuple(w.shape) != shape:
+        raise Gemma4CompileError(f"moe kernel: {name} is {tuple(w.shape)}, want {shape}")
+    if w.dtype != dtype:
+        raise Gemma4CompileError(f"moe kernel: {name} is {w.dtype}, activations {dtype}")
+    return (w if w.stride(-1) == 1 else w.contiguous()), None, {"WEIGHT_FORMAT": "float", "QBLOCK": 0}
+
+
+def _leading(w: Experts) -> tuple[int, int]:
+    return w.experts_rows if isinstance(w, QuantizedExperts) else (int(w.shape[0]), int(w.shape[1]))
+
+
+def _check(
+    x: Tensor, router_logits: Tensor, per_expert_scale: Tensor, gate_up: Experts, down: Experts
+) -> None:
     T, H = x.shape
-    E, two_i, H2 = gate_up.shape
-    if router_logits.shape != (T, E) or per_expert_scale.shape != (E,) or H2 != H or two_i % 2:
+    E, two_i = _leading(gate_up)
+    if router_logits.shape != (T, E) or per_expert_scale.shape != (E,) or two_i % 2:
         raise Gemma4CompileError(
             f"moe kernel: inconsistent shapes x {tuple(x.shape)}, router_logits {tuple(router_logits.shape)}, "
-            f"per_expert_scale {tuple(per_expert_scale.shape)}, gate_up {tuple(gate_up.shape)}"
+            f"per_expert_scale {tuple(per_expert_scale.shape)}, gate_up [{E}, {two_i}, ...]"
         )
-    if tuple(down.shape) != (E, H, two_i // 2):
-        raise Gemma4CompileError(f"moe kernel: down is {tuple(down.shape)}, want {(E, H, two_i // 2)}")
-    if gate_up.dtype != x.dtype or down.dtype != x.dtype:
-        raise Gemma4CompileError(
-            f"moe kernel: weights are {gate_up.dtype}/{down.dtype}, activations {x.dtype}"
-        )
+    _weight_operand(gate_up, "gate_up", (E, two_i, H), x.dtype)
+    _weight_operand(down, "down", (E, H, two_i // 2), x.dtype)
     if E > 1024:
         raise Gemma4CompileError(f"moe kernel: {E} experts; at most 1024 are supported")
 
 
-def moe(
-    x: Tensor, router_logits: Tensor, per_expert_scale: Tensor, gate_up: Tensor, down: Tensor, top_k: int,
-    *, config: triton.Config | None = None,
+def _gemm_launch(
+    conf: triton.Config, rows: int, experts: int, width: int
+) -> tuple[tuple[int, int], dict[str, Any]]:
+    """Grid and launch options of a grouped GEMM: cdiv(T*K, BM) + min(E, T*K) row tiles (one partial tile per
+    hit expert at most) by cdiv(width, BN) output tiles."""
+    bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
+    tiles = triton.cdiv(rows, bm) + min(experts, rows)
+    return (tiles, triton.cdiv(width, bn)), {
+        **conf.kwargs,
+        "num_warps": conf.num_warps,
+        "num_stages": conf.num_stages,
+    }
+
+
+def grouped_gate_up(
+    x: Tensor, gate_up: Experts, sorted_pairs: Tensor, expert_offsets: Tensor, tile_offsets: Tensor,
+    top_k: int, config: triton.Config,
 ) -> Tensor:  # fmt: skip
-    """`gemma4::moe` (same signature and results as `ops.moe_reference`) on Triton kernels."""
-    _check(x, router_logits, per_expert_scale, gate_up, down)
+    """Stage 5: h [T*K, I] in the sorted row order, from float or quantized gate_up [E, 2I, H]."""
+    E, two_i = _leading(gate_up)
     T, H = x.shape
-    E, inter = gate_up.shape[0], down.shape[2]
-    y = torch.empty_like(x)
-    if T == 0:
-        return y
-    x, gate_up, down = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, gate_up, down))
-    weights, ids = route(router_logits, per_expert_scale, top_k)
-    n = T * top_k
-    conf = config or _gemm_config(n / min(E, n), H, inter)
-    bm, bn, bk = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], conf.kwargs["BLOCK_K"]
-    sorted_pairs, pair_rows, expert_offsets, tile_offsets = sort_by_expert(ids, E, bm)
-    prec = input_precision(x.dtype)
-    block_e = triton.next_power_of_2(E)
-    launch = {"num_warps": conf.num_warps, "num_stages": conf.num_stages}
-    tiles = triton.cdiv(n, bm) + min(E, n)  # bound on sum_e cdiv(rows_e, BM): one partial tile per hit expert
-    ws = workspace(T, H, E, inter, top_k, x.dtype)
-    h = torch.empty(ws["H_ptr"][0], device=x.device, dtype=x.dtype)
-    _moe_gate_up_kernel[(tiles, triton.cdiv(inter, bn))](
-        x, gate_up, sorted_pairs, expert_offsets, tile_offsets,
-        x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), H, inter, E, h,
-        TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=block_e, INPUT_PRECISION=prec, **launch,
+    inter = two_i // 2
+    w, scales, fmt = _weight_operand(gate_up, "gate_up", (E, two_i, H), x.dtype)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    h = torch.empty(T * top_k, inter, device=x.device, dtype=x.dtype)
+    grid, launch = _gemm_launch(config, T * top_k, E, inter)
+    _moe_gate_up_kernel[grid](
+        x, w, sorted_pairs, expert_offsets, tile_offsets,
+        x.stride(0), w.stride(0), w.stride(1), h.stride(0), H, inter, E, h, scales,
+        TOP_K=top_k, BLOCK_E=triton.next_power_of_2(E), INPUT_PRECISION=input_precision(x.dtype), **fmt, **launch,
     )  # fmt: skip
-    rows = torch.empty(ws["Out_ptr"][0], device=x.device, dtype=x.dtype)
-    _moe_down_kernel[(tiles, triton.cdiv(H, bn))](
-        h, down, sorted_pairs, weights, expert_offsets, tile_offsets,
-        h.stride(0), down.stride(0), down.stride(1), rows.stride(0), H, inter, E, rows,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=block_e, INPUT_PRECISION=prec, **launch,
+    return h
+
+
+def grouped_down(
+    h: Tensor, down: Experts, sorted_pairs: Tensor, weights: Tensor, expert_offsets: Tensor,
+    tile_offsets: Tensor, config: triton.Config,
+) -> Tensor:  # fmt: skip
+    """Stage 6: the weighted expert rows [T*K, H] in the sorted row order, from float or quantized down [E, H, I]."""
+    E, H = _leading(down)
+    n, inter = h.shape
+    w, scales, fmt = _weight_operand(down, "down", (E, H, inter), h.dtype)
+    rows = torch.empty(n, H, device=h.device, dtype=h.dtype)
+    grid, launch = _gemm_launch(config, n, E, H)
+    _moe_down_kernel[grid](
+        h, w, sorted_pairs, weights, expert_offsets, tile_offsets,
+        h.stride(0), w.stride(0), w.stride(1), rows.stride(0), H, inter, E, rows, scales,
+        BLOCK_E=triton.next_power_of_2(E), INPUT_PRECISION=input_precision(h.dtype), **fmt, **launch,
     )  # fmt: skip
+    return rows
+
+
+def combine(rows: Tensor, pair_rows: Tensor, top_k: int) -> Tensor:
+    """Stage 7: y [T, H] = the sum of each token's K weighted expert rows, in fp32."""
+    n, H = rows.shape
+    y = torch.empty(n // top_k, H, device=rows.device, dtype=rows.dtype)
     block_h = min(1024, triton.next_power_of_2(H))
-    _moe_combine_kernel[(T, triton.cdiv(H, block_h))](
+    _moe_combine_kernel[(n // top_k, triton.cdiv(H, block_h))](
         rows, pair_rows, rows.stride(0), y.stride(0), H, y, TOP_K=top_k, BLOCK_H=block_h, num_warps=4
     )
     return y
+
+
+def moe(
+    x: Tensor, router_logits: Tensor, per_expert_scale: Tensor, gate_up: Experts, down: Experts, top_k: int,
+    *, config: triton.Config | None = None,
+) -> Tensor:  # fmt: skip
+    """`gemma4::moe` (same signature and results as `ops.moe_reference`) on Triton kernels; gate_up and down may
+    be QuantizedExperts (then the results are the reference's on the dequantized weights)."""
+    _check(x, router_logits, per_expert_scale, gate_up, down)
+    T, H = x.shape
+    E, two_i = _leading(gate_up)
+    if T == 0:
+        return torch.empty_like(x)
+    weights, ids = route(router_logits, per_expert_scale, top_k)
+    n = T * top_k
+    conf = config or _gemm_config(n / min(E, n), H, two_i // 2)
+    sorted_pairs, pair_rows, expert_offsets, tile_offsets = sort_by_expert(ids, E, conf.kwargs["BLOCK_M"])
+    h = grouped_gate_up(x, gate_up, sorted_pairs, expert_offsets, tile_offsets, top_k, conf)
+    rows = grouped_down(h, down, sorted_pairs, weights, expert_offsets, tile_offsets, conf)
+    return combine(rows, pair_rows, top_k)
