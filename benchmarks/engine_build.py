@@ -3,6 +3,7 @@
     python benchmarks/engine_build.py                          # every tiny preset, bf16, sm89
     python benchmarks/engine_build.py --presets tiny-e2b --targets sm89,sm120 --dtype fp16
     python benchmarks/engine_build.py --full e2b               # also the full-size E2B, or exactly why not
+    python benchmarks/engine_build.py --presets "" --full e2b --quant int4 --block-size 128 --profiles decode
 
 Each preset: random checkpoint -> gemma4_compile.export -> gemma4_compile.engines.build_engines. Every build runs
 in a fresh subprocess, so its peak RSS is its own and a watchdog can stop it before the machine runs out of RAM.
@@ -41,6 +42,7 @@ print(json.dumps(art.manifest.to_dict()))
 class Row:
     preset: str
     dtype: str
+    quant: str  # "none" or the export's --quant format (and block)
     target: str
     decoder_weight_bytes: int | None
     export_s: float | None
@@ -54,25 +56,32 @@ class Row:
 # ----- steps ------------------------------------------------------------------------------------
 
 
-def _export(preset: str, dtype: str, work: Path, max_seq: int) -> tuple[Path, float | None]:
-    """-> (export dir, seconds); an existing export of the same dtype and max_seq_len is reused (seconds None)."""
+def _export(preset: str, dtype: str, work: Path, args) -> tuple[Path, float | None]:
+    """-> (export dir, seconds); an existing export of the same dtype, quantization and max_seq_len is reused
+    (seconds None). WORK/ckpt-PRESET may be a link to a checkpoint made before (the full-size ones take minutes)."""
     import torch
 
     from gemma4_compile.export import export_checkpoint
     from gemma4_compile.model.checkpoint import write_random_checkpoint
     from gemma4_compile.model.presets import PRESETS
+    from gemma4_compile.quant.formats import QuantRequest
 
     ckpt = work / f"ckpt-{preset}"
     if not (ckpt / "config.json").is_file():
         write_random_checkpoint(PRESETS[preset], ckpt, seed=0, dtype=torch.bfloat16)
-    out = work / f"export-{preset}-{dtype}"
+    out = work / f"export-{preset}-{dtype}-{_quant_name(args)}"
     if (out / "export.json").is_file():
         meta = json.loads((out / "export.json").read_text())
-        if (meta.get("dtype"), meta.get("max_seq_len")) == (dtype, max_seq):
+        if (meta.get("dtype"), meta.get("max_seq_len")) == (dtype, args.max_seq):
             return out, None
+    quant = QuantRequest(args.quant, args.block_size) if args.quant != "none" else None
     t0 = time.perf_counter()
-    export_checkpoint(ckpt, out, dtype=dtype, max_seq_len=max_seq, force=True)
+    export_checkpoint(ckpt, out, dtype=dtype, max_seq_len=args.max_seq, force=True, quant=quant)
     return out, time.perf_counter() - t0
+
+
+def _quant_name(args) -> str:
+    return "none" if args.quant == "none" else f"{args.quant}-b{args.block_size or 'default'}"
 
 
 def decoder_weight_bytes(export_dir: Path) -> int:
@@ -146,11 +155,13 @@ def _round(seconds: float | None) -> float | None:
 
 
 def measure(preset: str, dtype: str, targets: list[str], work: Path, args) -> list[Row]:
+    quant = _quant_name(args)
     try:
-        export_dir, export_s = _export(preset, dtype, work, args.max_seq)
+        export_dir, export_s = _export(preset, dtype, work, args)
     except Exception as e:  # report, never raise: one broken preset must not hide the others
         return [
-            Row(preset, dtype, t, None, None, None, None, None, None, f"export failed: {e}") for t in targets
+            Row(preset, dtype, quant, t, None, None, None, None, None, None, f"export failed: {e}")
+            for t in targets
         ]
     weights = decoder_weight_bytes(export_dir)
     rows = []
@@ -158,7 +169,7 @@ def measure(preset: str, dtype: str, targets: list[str], work: Path, args) -> li
         manifest, status = _build(export_dir, target, args)
         if manifest is None:
             rows.append(
-                Row(preset, dtype, target, weights, round(export_s, 1), None, None, None, None, status)
+                Row(preset, dtype, quant, target, weights, _round(export_s), None, None, None, None, status)
             )
             continue
         mem = manifest["memory"]
@@ -166,6 +177,7 @@ def measure(preset: str, dtype: str, targets: list[str], work: Path, args) -> li
             Row(
                 preset,
                 dtype,
+                quant,
                 target,
                 weights,
                 _round(export_s),
@@ -221,14 +233,14 @@ def _fmt(value, scale: float = 1.0, unit: str = "", digits: int = 1) -> str:
 
 def print_table(rows: list[Row]) -> None:
     head = (
-        f"{'preset':<14}{'dtype':<6}{'target':<8}{'dec. weights':>13}{'export':>9}{'build':>9}{'peak RSS':>10}"
+        f"{'preset':<14}{'dtype':<6}{'quant':<12}{'target':<8}{'dec. weights':>13}{'export':>9}{'build':>9}{'peak RSS':>10}"
         f"{'RSS growth':>12}{'engine':>11}  status"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r.preset:<14}{r.dtype:<6}{r.target:<8}{_fmt(r.decoder_weight_bytes, 1 << 20, ' MiB'):>13}"
+            f"{r.preset:<14}{r.dtype:<6}{r.quant:<12}{r.target:<8}{_fmt(r.decoder_weight_bytes, 1 << 20, ' MiB'):>13}"
             f"{_fmt(r.export_s, 1, ' s'):>9}{_fmt(r.build_s, 1, ' s'):>9}{_fmt(r.peak_rss_bytes, GIB, ' GiB', 2):>10}"
             f"{_fmt(r.rss_growth_bytes, GIB, ' GiB', 2):>12}{_fmt(r.engine_bytes, 1 << 20, ' MiB'):>11}  {r.status}"
         )
@@ -256,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq", type=int, default=256)
     parser.add_argument("--profiles", default="prefill,decode", help="optimization profiles per engine")
     parser.add_argument("--full", default="", help="full-size presets to try as well, e.g. e2b")
+    parser.add_argument("--quant", default="none", help="export --quant (int4, int8, fp8, nvfp4)")
+    parser.add_argument("--block-size", type=int, default=None, help="export --block-size")
     parser.add_argument(
         "--cap-gib", type=float, default=None, help="RSS cap per build (default: 85%% of free RAM)"
     )
@@ -275,7 +289,19 @@ def main(argv: list[str] | None = None) -> int:
         reason = full_preflight(preset, args.dtype, work, args.cap_bytes)
         if reason:
             rows += [
-                Row(preset, args.dtype, t, None, None, None, None, None, None, f"not attempted: {reason}")
+                Row(
+                    preset,
+                    args.dtype,
+                    _quant_name(args),
+                    t,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    f"not attempted: {reason}",
+                )
                 for t in targets
             ]
         else:
@@ -291,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_batch": args.max_batch,
                 "max_seq": args.max_seq,
                 "profiles": args.profiles,
+                "quant": _quant_name(args),
                 "cap_bytes": args.cap_bytes,
                 "rows": [asdict(r) for r in rows],
             }

@@ -41,6 +41,8 @@ class BenchConfig:
     prefill_repeats: int = 3  # timed prefills per (batch, context)
     warmup: int = 1
     seed: int = 0
+    image_budgets: tuple[int, ...] = (70, 280)  # vision.onnx: one image per soft-token budget
+    audio_seconds: tuple[float, ...] = (1.0, 10.0)  # audio.onnx: one clip per length
 
     def contexts(self, spec: Gemma4Spec, max_len: int) -> tuple[int, ...]:
         W = spec.sliding_window
@@ -52,15 +54,17 @@ class BenchConfig:
 @dataclass(frozen=True)
 class LatencyRow:
     backend: str
-    phase: str  # "prefill" (latency of the prompt = time to first token) or "decode" (one token per row)
+    # "prefill" (latency of the prompt = time to first token), "decode" (one token per row), or an encoder:
+    # "vision" (one image) / "audio" (one clip)
+    phase: str
     batch: int
-    context: int  # prompt length (prefill) or tokens already cached (decode)
+    context: int  # prompt length (prefill), tokens already cached (decode), soft tokens made (encoders)
     samples: int
     p50_ms: float
     p90_ms: float
     p99_ms: float
     mean_ms: float
-    tokens_per_s: float  # prefill: batch * context / mean; decode: batch / mean
+    tokens_per_s: float  # prefill and encoders: batch * context / mean; decode: batch / mean
     vs_torch: float | None = None  # p50 / torch eager p50 on the same row (< 1: faster than torch)
 
 
@@ -141,7 +145,7 @@ def quantiles_ms(samples_s: list[float]) -> tuple[float, float, float, float]:
 
 def _row(backend: str, phase: str, batch: int, context: int, samples: list[float]) -> LatencyRow:
     p50, p90, p99, mean = quantiles_ms(samples)
-    tokens = batch * (context if phase == "prefill" else 1)
+    tokens = batch * (1 if phase == "decode" else context)  # encoders: soft tokens made per second
     return LatencyRow(
         backend, phase, batch, context, len(samples), p50, p90, p99, mean, tokens / (mean / 1e3)
     )
@@ -212,6 +216,48 @@ def time_runner(
     return rows
 
 
+def _timed(call: Callable[[], object], config: BenchConfig) -> list[float]:
+    samples = []
+    for rep in range(config.warmup + config.prefill_repeats):
+        t0 = time.perf_counter()
+        call()
+        if rep >= config.warmup:
+            samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def time_encoders(runner: BaseRunner, config: BenchConfig) -> list[LatencyRow]:
+    """vision.onnx / audio.onnx latency of a runner that runs them (the onnxruntime one): one random image per
+    budget, one tone per clip length, preprocessing outside the timed call; context = the soft tokens made."""
+    manifest = getattr(runner, "manifest", None)
+    mm = getattr(manifest, "multimodal", None)
+    if mm is None or not hasattr(runner, "encode_images"):
+        return []
+    from ..model.vision_preprocess import batch_patches, image_patches
+
+    rows = []
+    rng = np.random.default_rng(config.seed)
+    if "vision" in manifest.graphs:
+        from PIL import Image
+
+        image = Image.fromarray(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8))
+        for budget in config.image_budgets:
+            patches = image_patches(image, mm.vision, budget)
+            feeds = batch_patches([patches])
+            samples = _timed(lambda feeds=feeds: runner.encode_images(*feeds), config)
+            rows.append(_row(runner.name, "vision", 1, patches.soft_tokens, samples))
+    if "audio" in manifest.graphs:
+        from ..model.audio_preprocess import SAMPLE_RATE, audio_features, batch_features
+
+        for seconds in config.audio_seconds:
+            t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+            clip = audio_features((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), SAMPLE_RATE)
+            feeds = batch_features([clip])
+            samples = _timed(lambda feeds=feeds: runner.encode_audio(*feeds), config)
+            rows.append(_row(runner.name, "audio", 1, clip.soft_tokens, samples))
+    return rows
+
+
 def _with_ratios(rows: list[LatencyRow]) -> list[LatencyRow]:
     base = {(r.phase, r.batch, r.context): r.p50_ms for r in rows if r.backend == "torch"}
     out = []
@@ -266,10 +312,8 @@ def bench_runners(
             continue
         load_s = time.perf_counter() - t0 if runner is not item else None
         meter.sample()
-        rows += [
-            LatencyRow(**{**asdict(r), "backend": name})
-            for r in time_runner(runner, spec, config, contexts, meter)
-        ]
+        timed = time_runner(runner, spec, config, contexts, meter) + time_encoders(runner, config)
+        rows += [LatencyRow(**{**asdict(r), "backend": name}) for r in timed]
         own = getattr(runner, "peak_memory_bytes", None)  # a runner that knows its own device memory wins
         device_mb = own() / 2**20 if callable(own) else meter.device_peak
         summaries.append(
