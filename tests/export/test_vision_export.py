@@ -238,6 +238,15 @@ def test_a_31b_export_takes_mm_block_ids_and_no_audio(exported):
     assert runner.logits(text).shape == (1, 3, TEXT.vocab_size)
 
 
+def test_gqa_lowering_of_a_31b_export_with_images_is_refused_in_one_line(exported, tmp_path):
+    from gemma4_compile.errors import ExportError
+
+    ckpt, _ = exported
+    with pytest.raises(ExportError, match="cannot express the image-block mask") as e:
+        export_checkpoint(ckpt, tmp_path / "gqa", lowering="gqa")
+    assert "\n" not in str(e.value) and not (tmp_path / "gqa").exists()
+
+
 def test_embed_graph_takes_image_embeds_with_a_dynamic_row_count(exported):
     _, out = exported
     m = ExportManifest.load(out)
