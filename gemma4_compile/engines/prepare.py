@@ -25,10 +25,10 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from .. import passes
+from .. import ops, passes
 from ..errors import BuildError
 from ..export.manifest import DECODER, ExportManifest
-from ..passes.plugin_nodes import is_custom
+from ..passes.plugin_nodes import HasPlugin, is_custom
 from ..plugins import moe_stages
 from .seam import PluginStatus, TrtFlavour, make_logger, plugin_creators
 
@@ -136,12 +136,27 @@ def prepare_graph(
     fp32 = sum(any(v.dtype == ir.DataType.FLOAT for v in node.outputs) for node in model.graph)
     creators = set(plugin_creators(flavour))
     has_plugin = passes.plugin_lookup(creators)
+    _refuse_unplugged_inputs(model, has_plugin)
     fold, split, aot = passes.FoldConstants(), passes.SplitMoE(tokens_hint), passes.MarkAot(has_plugin)
     rename = passes.RenameShadowedOps(parser.supports_operator, has_plugin)
     staged = [split, aot] if moe_stages.stages_registered(creators) else []  # full TensorRT's AOT plugins
     model = passes.run_passes(model, [fold, *staged, rename])
     edits = GraphEdits(rename.renamed, fold.folded, split.split, aot.marked, static_moe, fp32)
     return ir.serde.serialize_model(model).SerializeToString(), _custom_nodes(model, rename.renamed), edits
+
+
+def _refuse_unplugged_inputs(model: ir.Model, has_plugin: HasPlugin) -> None:
+    """A node the parser would hand to a plugin with an optional input the plugin does not take (attention's
+    block_ids: 26B/31B exports with images) would lose it silently; refuse the build in one line."""
+    for node in model.graph:
+        if is_custom(node) and has_plugin(node):
+            contract = ops.contract(node.op_type)
+            if len(node.inputs) > len(contract.plugin_inputs):
+                extra = contract.input_names[len(contract.plugin_inputs)]
+                raise BuildError(
+                    f"{node.name}: the {node.op_type} plugin does not take '{extra}' yet (26B/31B exports with "
+                    "images); build without --plugins, or export with --modalities text"
+                )
 
 
 def _static_moe_body(model: ir.Model) -> bool:

@@ -231,6 +231,11 @@ def export_spec(
         raise ExportError(f"--max-seq-len must be positive, got {max_seq_len}")
     if lowering not in (None, *LOWERINGS):
         raise ExportError(f"unknown lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
+    if lowering and multimodal is not None and multimodal.bidirectional_image_blocks:
+        raise ExportError(
+            f"--lowering {lowering} cannot express the image-block mask of this checkpoint's sliding layers "
+            "(26B/31B with a vision tower); export without it, or with --modalities text"
+        )
     with atomic_directory(out, ExportError, force=force, inputs=[checkpoint] if checkpoint else []) as tmp:
         _export_into(
             tmp,
@@ -282,6 +287,7 @@ def _producers(
     )
     audio_graphs = [GraphProducer(AUDIO, AudioGraph(audio), *audio_io(audio.spec, dtype))] if audio else []
     image_id = multimodal.tokens.image if vision and multimodal else None
+    blocks = image_id is not None and multimodal.bidirectional_image_blocks  # the decoder takes mm_block_ids
     audio_id = multimodal.audio.audio if image_id and audio and multimodal.audio else None
     embed = EmbedGraph(model, image_id, audio_id)
     return [
@@ -290,7 +296,9 @@ def _producers(
         GraphProducer(
             EMBED, embed, *embed_io(spec, dtype, images=image_id is not None, audio=audio_id is not None)
         ),
-        GraphProducer(DECODER, DecoderGraph(model, debug), *decoder_io(spec, dtype, debug), edit=edit),
+        GraphProducer(
+            DECODER, DecoderGraph(model, debug, blocks), *decoder_io(spec, dtype, debug, blocks), edit=edit
+        ),
     ]
 
 
@@ -451,8 +459,10 @@ def _save(
     model: ir.Model, path: Path, check: bool, edit: Callable[[onnx.ModelProto], object] | None = None
 ) -> None:
     proto = ir.serde.serialize_model(model)
-    used = {n.op_type for n in proto.graph.node if n.domain == custom_ops.DOMAIN}
-    proto.functions.extend(custom_ops.functions(used))
+    custom = [n for n in proto.graph.node if n.domain == custom_ops.DOMAIN]
+    used = {n.op_type for n in custom}
+    blocks = any(n.op_type == custom_ops.attention.OP_TYPE and len(n.input) > 7 for n in custom)
+    proto.functions.extend(custom_ops.functions(used, block_ids=blocks))
     _align_function_opsets(proto)
     if used and not any(o.domain == custom_ops.DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(custom_ops.DOMAIN, custom_ops.DOMAIN_VERSION))

@@ -54,20 +54,23 @@ def _overwrite(embeds: Tensor, mask: Tensor, soft: Tensor) -> Tensor:
 
 
 class DecoderGraph(nn.Module):
-    """(inputs_embeds, [per_layer_tokens], past_len, seq_len, past k/v ...) -> (logits, present k/v ..., [debug])."""
+    """(inputs_embeds, [per_layer_tokens], past_len, seq_len, [mm_block_ids], past k/v ...) -> (logits,
+    present k/v ..., [debug]). `block_ids`: 26B/31B exports with images take `mm_block_ids` [B, S] (io_spec)."""
 
-    def __init__(self, model: Gemma4TextModel, debug: bool = False):
+    def __init__(self, model: Gemma4TextModel, debug: bool = False, block_ids: bool = False):
         super().__init__()
         self.model = model
         self.debug = debug
+        self.block_ids = block_ids
 
     def forward(self, *flat: Tensor) -> tuple[Tensor, ...]:
         has_ple = self.model.spec.has_ple
         inputs_embeds, per_layer_tokens = flat[0], flat[1] if has_ple else None
-        past_len, seq_len, *cache_flat = flat[2:] if has_ple else flat[1:]
+        past_len, seq_len, *rest = flat[2:] if has_ple else flat[1:]
+        block_ids, cache_flat = (rest[0], rest[1:]) if self.block_ids else (None, rest)
         caches = [(cache_flat[i], cache_flat[i + 1]) for i in range(0, len(cache_flat), 2)]
         logits, presents, extra = self.model(
-            inputs_embeds, per_layer_tokens, past_len, seq_len, caches, self.debug
+            inputs_embeds, per_layer_tokens, past_len, seq_len, caches, self.debug, block_ids
         )
         return (logits, *[t for kv in presents for t in kv], *extra)
 

@@ -20,6 +20,7 @@ from .manifest import (
     BATCH,
     CACHE_LEN,
     IMAGE_EMBEDS,
+    MM_BLOCK_IDS,
     SEQUENCE,
     SLIDING_SLOTS,
     VISION,
@@ -37,6 +38,7 @@ __all__ = [
     "FRAMES",
     "IMAGES",
     "IMAGE_TOKENS",
+    "MM_BLOCK_IDS",
     "PATCHES",
     "SEQUENCE",
     "SLIDING_SLOTS",
@@ -85,8 +87,10 @@ def embed_io(
 
 
 def decoder_io(
-    spec: Gemma4Spec, dtype: DType | str, debug: bool = False
+    spec: Gemma4Spec, dtype: DType | str, debug: bool = False, block_ids: bool = False
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """`block_ids`: the decoder takes `mm_block_ids` [B, S] after seq_len (26B/31B exports with images:
+    export.json multimodal.decoder_mask)."""
     act = DType.parse(dtype).onnx_name
     _, embed_outputs = embed_io(spec, dtype)
     inputs = [
@@ -94,6 +98,8 @@ def decoder_io(
         TensorSpec("past_len", "int64", (BATCH,)),
         TensorSpec("seq_len", "int64", (BATCH,)),
     ]
+    if block_ids:
+        inputs.append(TensorSpec(MM_BLOCK_IDS, "int64", (BATCH, SEQUENCE)))
     outputs = [TensorSpec("logits", "float32", (BATCH, SEQUENCE, spec.vocab_size))]
     for plan in spec.cache_layers:
         past, present = cache_names(plan)

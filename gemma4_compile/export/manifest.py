@@ -31,6 +31,7 @@ UNSEALED = (SEAL, "checkpoint")  # where the source checkpoint lives is provenan
 EMBED, DECODER, VISION, AUDIO = "embed", "decoder", "vision", "audio"
 IMAGE_EMBEDS = "image_embeds"  # the embed graph's soft-token input (exports with a vision graph)
 AUDIO_EMBEDS = "audio_embeds"  # and its second one (exports with a vision and an audio graph)
+MM_BLOCK_IDS = "mm_block_ids"  # the decoder's image-block input (26B/31B exports with a vision graph)
 # Symbolic dims of graph I/O (export.json "dims").
 BATCH, SEQUENCE, SLIDING_SLOTS, CACHE_LEN = "batch", "sequence", "sliding_cache_len", "cache_len"
 
@@ -136,8 +137,8 @@ class MultimodalSpec:
 
     vision: VisionSpec  # the tower's spec (patch size, pooling kernel: the preprocessing and token counts)
     tokens: ImageTokens
-    # 26B/31B: sliding layers attend both ways inside an image run; the decoder has no such input yet, so
-    # image prompts are refused on these exports (text prompts run as before)
+    # 26B/31B: sliding layers attend both ways inside an image run; the decoder takes `mm_block_ids`
+    # (export.json "decoder_mask"; exports written before it refuse image prompts)
     bidirectional_image_blocks: bool
     max_images: int = 8  # per prompt: bounds the vision graph's image axis (engine profiles)
     audio: AudioTokens | None = None  # exports with an audio graph: its soft tokens are merged too
@@ -148,6 +149,7 @@ class MultimodalSpec:
             "vision": self.vision.to_dict(),
             "bidirectional_image_blocks": self.bidirectional_image_blocks,
             "max_images": self.max_images,
+            "decoder_mask": self.decoder_mask(),
         }
         if self.audio is not None:  # the front end is fixed by the feature extractor; recorded for runtimes
             d["audio"] = {
@@ -162,6 +164,15 @@ class MultimodalSpec:
                 "subsampling": 4,
             }
         return d
+
+    def decoder_mask(self) -> dict[str, Any]:
+        """How the decoder's sliding layers treat image runs (docs/export-format.md, Multimodal)."""
+        blocks = self.bidirectional_image_blocks
+        return {
+            "bidirectional_blocks": "vision" if blocks else None,
+            "input": MM_BLOCK_IDS if blocks else None,
+            "block_token_types": ["image"] if blocks else [],  # runs of the image placeholder; no video
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MultimodalSpec:

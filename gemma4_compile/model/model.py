@@ -110,6 +110,7 @@ class Attention(nn.Module):
         seq_len: Tensor,
         cache: tuple[Tensor, Tensor] | None,
         shared: KVState | None,
+        block_ids: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, KVState]:
         q = apply_rope(self.q_norm(self._heads(self.q_proj(x))).transpose(1, 2), cos, sin)  # [B, Hq, S, D]
         if shared is None:
@@ -117,7 +118,16 @@ class Attention(nn.Module):
             k, v = self.project_kv(x, cos, sin)
             shared = KVState(k, v, cache[0], cache[1])
         out, present_k, present_v = ops.attention(
-            q, shared.k, shared.v, shared.past_k, shared.past_v, past_len, seq_len, self.plan.window, 1.0
+            q,
+            shared.k,
+            shared.v,
+            shared.past_k,
+            shared.past_v,
+            past_len,
+            seq_len,
+            self.plan.window,
+            1.0,
+            block_ids,
         )
         out = self.o_proj(out.transpose(1, 2).flatten(2))  # [B, S, H]
         present = (present_k, present_v) if self.plan.owns_cache else None
@@ -208,8 +218,10 @@ class DecoderLayer(nn.Module):
         seq_len: Tensor,
         cache: tuple[Tensor, Tensor] | None,
         shared: KVState | None,
+        block_ids: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, KVState, Tensor | None]:
-        a, present, kv = self.self_attn(self.input_layernorm(h), cos, sin, past_len, seq_len, cache, shared)
+        x = self.input_layernorm(h)
+        a, present, kv = self.self_attn(x, cos, sin, past_len, seq_len, cache, shared, block_ids)
         h = h + self.post_attention_layernorm(a)
         f, router_logits = self.feed_forward(h)
         h = h + f
@@ -275,9 +287,14 @@ class Gemma4TextModel(nn.Module):
         seq_len: Tensor,
         caches: Cache,
         debug: bool = False,
+        block_ids: Tensor | None = None,
     ) -> tuple[Tensor, Cache, list[Tensor]]:
         """-> logits [B, S, V] (fp32, soft-capped), updated caches, and with `debug` the per-layer tensors
-        (see `debug_output_names`): the residual after each layer, followed by MoE layers' router logits."""
+        (see `debug_output_names`): the residual after each layer, followed by MoE layers' router logits.
+
+        `block_ids` [B, S] int64 (26B/31B image prompts: vision_config.bidirectional_image_blocks): -1 for text and
+        audio, k for the k-th run of image tokens in this call; sliding layers let each run attend both ways
+        inside itself, global layers ignore it. Every attention node gets it, so an export has one body."""
         h = inputs_embeds
         ple = self.per_layer_inputs(h, per_layer_tokens) if self.spec.has_ple else None
         positions = past_len[:, None] + torch.arange(h.shape[1], device=h.device)  # [B, S]
@@ -296,7 +313,7 @@ class Gemma4TextModel(nn.Module):
             cache = caches[plan.cache_index] if plan.owns_cache else None
             layer_ple = ple[:, :, plan.index] if ple is not None else None
             h, present, kv, router_logits = layer(
-                h, layer_ple, cos, sin, past_len, seq_len, cache, shared.get(plan.kv_producer)
+                h, layer_ple, cos, sin, past_len, seq_len, cache, shared.get(plan.kv_producer), block_ids
             )
             if present is not None:
                 presents.append(present)

@@ -3,7 +3,8 @@
 Letters: B batch, S new tokens, C cache slots, Hq query heads, Hkv KV heads, D head dim,
 T tokens (B*S), H hidden, E experts, K top-k, I expert width.
 
-gemma4::attention(q, k, v, past_k, past_v, past_len, seq_len, *, window, scale) -> (out, present_k, present_v)
+gemma4::attention(q, k, v, past_k, past_v, past_len, seq_len, *, window, scale, block_ids=None)
+    -> (out, present_k, present_v)
     q        [B, Hq,  S, D]   queries after q_norm and RoPE
     k, v     [B, Hkv, S, D]   this step's keys (k_norm + RoPE) and values (v_norm), Hq % Hkv == 0
     past_k/v [B, Hkv, C, D]   the layer's cache: a ring of C slots, position p lives in slot p mod C
@@ -12,6 +13,10 @@ gemma4::attention(q, k, v, past_k, past_v, past_len, seq_len, *, window, scale) 
     window   int              W > 0: a query at position i sees keys j with i - W < j <= i (W keys incl. itself);
                               0: global causal attention, j <= i
     scale    float            score multiplier (1.0 for Gemma 4: the q/k norms set the scale)
+    block_ids [B, S] int64    optional (26B/31B image prompts): -1 for text/audio, k for the k-th run of image
+                              tokens in this call; with W > 0 a query also sees the new keys of its own block
+                              (later ones too), still inside the window: window AND (causal OR same block).
+                              Ignored when W == 0 (global layers stay causal)
     out      [B, Hq, S, D]    softmax(q k^T * scale + mask) v, softmax in fp32; GQA head h reads KV head h // (Hq/Hkv)
     present  [B, Hkv, C, D]   the ring after writing the valid new tokens (the last C of them win)
 
@@ -65,12 +70,13 @@ def attention(
     seq_len: Tensor,
     window: int,
     scale: float,
+    block_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return attention_reference(q, k, v, past_k, past_v, past_len, seq_len, window, scale)
+    return attention_reference(q, k, v, past_k, past_v, past_len, seq_len, window, scale, block_ids)
 
 
 @attention.register_fake
-def _(q, k, v, past_k, past_v, past_len, seq_len, window, scale):
+def _(q, k, v, past_k, past_v, past_len, seq_len, window, scale, block_ids=None):
     return torch.empty_like(q), torch.empty_like(past_k), torch.empty_like(past_v)
 
 

@@ -123,14 +123,21 @@ class OpContract:
         return tuple(p.name for p in self.outputs)
 
     @property
+    def plugin_inputs(self) -> tuple[Param, ...]:
+        """The inputs the plugins take: the optional ones (attention's block_ids) are the function body's only
+        so far, and engines/prepare.py refuses a plugin build of a node that has them."""
+        return tuple(p for p in self.inputs if not p.optional)
+
+    @property
     def num_io(self) -> int:
-        return len(self.inputs) + len(self.outputs)
+        """The plugin's I/O ports: its inputs, then the outputs."""
+        return len(self.plugin_inputs) + len(self.outputs)
 
     @property
     def int64_inputs(self) -> tuple[int, ...]:
-        """Positions of the int64 length inputs (every other input is an activation of the first's dtype)."""
+        """Plugin ports of the int64 inputs (every other input is an activation of the first's dtype)."""
         int64 = {c.name for c in self.type_constraints if c.types == ("tensor(int64)",)}
-        return tuple(i for i, p in enumerate(self.inputs) if p.type in int64)
+        return tuple(i for i, p in enumerate(self.plugin_inputs) if p.type in int64)
 
     def is_int64(self, pos: int) -> bool:
         """Whether I/O position `pos` (inputs first, then outputs) carries int64 lengths."""

@@ -257,9 +257,9 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             return supports(self.spec, pos, desc.type.name, in_out[0].desc.type.name, linear)
 
         def configure_plugin(self, inp, out):
-            if len(inp) != len(self.spec.inputs) or len(out) != len(self.spec.outputs):
+            if len(inp) != len(self.spec.plugin_inputs) or len(out) != len(self.spec.outputs):
                 raise PluginError(
-                    f"{self.spec.plugin_id}: expected {len(self.spec.inputs)} inputs and "
+                    f"{self.spec.plugin_id}: expected {len(self.spec.plugin_inputs)} inputs and "
                     f"{len(self.spec.outputs)} outputs, got {len(inp)} and {len(out)}"
                 )
 

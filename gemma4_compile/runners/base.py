@@ -47,6 +47,24 @@ def lengths_of(input_ids: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
     return lengths
 
 
+def image_block_ids(input_ids: np.ndarray, image_token_id: int, seq_len: np.ndarray) -> np.ndarray:
+    """`mm_block_ids` [B, S] of one call: k for the k-th run of consecutive image placeholders of a row's real
+    tokens, -1 elsewhere (text, audio, padding; decode steps are all -1). As transformers numbers the runs
+    from mm_token_type_ids; only equality within a row matters to the mask."""
+    real = np.arange(input_ids.shape[1])[None, :] < np.asarray(seq_len)[:, None]
+    image = (input_ids == image_token_id) & real
+    starts = image & ~np.pad(image, ((0, 0), (1, 0)))[:, :-1]
+    return np.where(image, np.cumsum(starts, axis=1) - 1, -1).astype(np.int64)
+
+
+def split_image_run(input_ids: np.ndarray, image_token_id: int, seq_len: np.ndarray) -> int | None:
+    """The first row whose real tokens end with an image placeholder, else None. Every image run is closed by
+    its end-of-image token, so such a call (a prefill chunk) cuts one image block in two."""
+    last = input_ids[np.arange(input_ids.shape[0]), np.maximum(np.asarray(seq_len) - 1, 0)]
+    rows = np.flatnonzero((last == image_token_id) & (np.asarray(seq_len) > 0))
+    return int(rows[0]) if rows.size else None
+
+
 def empty_rows(t: Any) -> np.ndarray:
     """Zero rows of a [rows, width] input (TensorSpec): what a text-only call feeds the embed graph's
     `image_embeds`."""
@@ -69,6 +87,8 @@ class BaseRunner(abc.ABC):
     image_refusal: str | None = None  # why this export's image prompts cannot run, if they cannot
     audio_token_id: int | None = None  # exports whose embed graph merges audio too
     audio_refusal: str | None = None
+    # 26B/31B exports with images: the decoder takes `mm_block_ids` (export.json multimodal.decoder_mask)
+    takes_block_ids: bool = False
 
     def __init__(self) -> None:
         self.last_latency_s = 0.0
@@ -148,6 +168,18 @@ class BaseRunner(abc.ABC):
         """The embed graph's soft-token inputs this runner feeds -> their placeholder ids."""
         ids = {IMAGE_EMBEDS: self.image_token_id, AUDIO_EMBEDS: self.audio_token_id}
         return {name: i for name, i in ids.items() if i is not None}
+
+    def _block_ids(self, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
+        """This call's `mm_block_ids` [B, S], refusing in one line a call that splits an image block (the
+        block's later tokens would be missing from its earlier ones' keys)."""
+        image = self.image_token_id if self.image_token_id is not None else -2  # -2: no id matches
+        row = split_image_run(input_ids, image, seq_len)
+        if row is not None:
+            raise RunnerError(
+                f"{self.name}: row {row} of this call ends inside an image run; a prefill chunk must hold whole "
+                "image blocks (through their end-of-image token) on this export"
+            )
+        return image_block_ids(input_ids, image, seq_len)
 
     def _soft_rows(self, state: DecodeState, input_ids: np.ndarray) -> dict[str, np.ndarray]:
         """The rows attached for this step by input name (only non-empty ones), each checked against its

@@ -9,7 +9,16 @@ import numpy as np
 
 from ..dtypes import DType
 from ..errors import BackendUnavailable, RunnerError
-from ..export.manifest import AUDIO, AUDIO_EMBEDS, DECODER, EMBED, IMAGE_EMBEDS, VISION, ExportManifest
+from ..export.manifest import (
+    AUDIO,
+    AUDIO_EMBEDS,
+    DECODER,
+    EMBED,
+    IMAGE_EMBEDS,
+    MM_BLOCK_IDS,
+    VISION,
+    ExportManifest,
+)
 from ..passes.lowerings import lowering_refusal
 from .base import BaseRunner, DecodeState, empty_rows, lengths_of
 from .ort_binding import BoundRunner, CacheBinding
@@ -70,11 +79,13 @@ class OrtRunner(BaseRunner):
         mm = self.manifest.multimodal
         if AUDIO_EMBEDS in self._no_rows and mm is not None and mm.audio is not None:
             self.audio_token_id = mm.audio.audio
+        self.takes_block_ids = MM_BLOCK_IDS in {t.name for t in decoder.inputs}
         if IMAGE_EMBEDS in self._no_rows and mm is not None:
             self.image_token_id = mm.tokens.image
-            if mm.bidirectional_image_blocks:  # never compute an image prompt with the wrong mask
+            if mm.bidirectional_image_blocks and not self.takes_block_ids:  # never the wrong mask
                 self.image_refusal = (
-                    "ort: image runs need bidirectional sliding attention (26B/31B), not built yet"
+                    "ort: this export's decoder has no mm_block_ids input, which image runs on 26B/31B need; "
+                    "re-export it with this version"
                 )
         self._read_rows, self.rows = read_rows, None  # the placeholders above are what rows.py keeps
         self.sessions = {role: self._session(ort, role, options, providers) for role in self.manifest.graphs}
@@ -147,6 +158,8 @@ class OrtRunner(BaseRunner):
             feeds.update(self.rows.feeds(input_ids))
         embedded = dict(zip(self._embed_outputs, self.sessions[EMBED].run(self._embed_outputs, feeds)))
         feeds = {**embedded, "past_len": state.past_len, "seq_len": seq_len, **state.caches}
+        if self.takes_block_ids:
+            feeds[MM_BLOCK_IDS] = self._block_ids(input_ids, seq_len)
         out = dict(zip(self._outputs, self.sessions[DECODER].run(self._outputs, feeds)))
         for c in self.manifest.caches:
             for past, present in zip(c.past, c.present):

@@ -25,6 +25,7 @@ from ..export.manifest import (
     DECODER,
     EMBED,
     IMAGE_EMBEDS,
+    MM_BLOCK_IDS,
     SEQUENCE,
     ExportManifest,
     TensorSpec,
@@ -116,6 +117,8 @@ class BoundRunner:
             shared[t.name] = value(_buffer(t, batch, seq))
             embed.bind_ortvalue_output(t.name, shared[t.name])
         small = {n: np.zeros(batch, np.int64) for n in ("past_len", "seq_len")}
+        if any(t.name == MM_BLOCK_IDS for t in self.decoder_spec.inputs):  # bound calls carry no images
+            small[MM_BLOCK_IDS] = np.full((batch, seq), -1, np.int64)
         logits = _buffer(next(t for t in self.decoder_spec.outputs if t.name == "logits"), batch, seq)
         feeds = {**shared, **{n: value(a) for n, a in small.items()}}
         decoder = tuple(self._decoder_io(feeds, value(logits), binding, p) for p in (0, 1))

@@ -23,7 +23,7 @@ from ..engines.manifest import read_manifest
 from ..engines.profiles import profile_index
 from ..engines.seam import load_trt, make_logger
 from ..errors import BackendUnavailable, Gemma4CompileError, RunnerError
-from ..export.manifest import AUDIO_EMBEDS, DECODER, EMBED, IMAGE_EMBEDS, ExportManifest
+from ..export.manifest import AUDIO_EMBEDS, DECODER, EMBED, IMAGE_EMBEDS, MM_BLOCK_IDS, ExportManifest
 from ..targets import local_device_sm
 from .base import BaseRunner, DecodeState, empty_rows
 
@@ -175,6 +175,8 @@ class TrtRunner(BaseRunner):
         feeds = self._embed(input_ids)
         feeds["past_len"] = torch.from_numpy(state.past_len).cuda()
         feeds["seq_len"] = torch.from_numpy(np.asarray(seq_len, dtype=np.int64)).cuda()
+        if MM_BLOCK_IDS in self.inputs:  # 26B/31B exports with images; -1 while image prompts are refused
+            feeds[MM_BLOCK_IDS] = torch.from_numpy(self._block_ids(input_ids, seq_len)).cuda()
         feeds.update(state.caches)
         context = self.contexts[profile_index(self.profiles, S)]
         outputs = self._run(context, feeds, state.extra["spare"])

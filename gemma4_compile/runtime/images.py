@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..export.manifest import ExportManifest, MultimodalSpec
+from ..export.manifest import DECODER, MM_BLOCK_IDS, ExportManifest, MultimodalSpec
 from .audio import AUDIO_MARKER, audio_clips, audio_run, audio_support
 from .errors import RuntimeInputError
 
@@ -42,10 +42,12 @@ def image_support(manifest: ExportManifest) -> MultimodalSpec:
         raise RuntimeInputError(
             f"{manifest.path} has no vision graph (export a checkpoint with a vision tower)"
         )
-    if mm.bidirectional_image_blocks:
+    if mm.bidirectional_image_blocks and MM_BLOCK_IDS not in {
+        t.name for t in manifest.graphs[DECODER].inputs
+    }:
         raise RuntimeInputError(
-            "image prompts are not supported on this export: its sliding layers attend both ways inside each "
-            "image run (26B/31B, mm_block_ids), which the decoder graph does not implement yet; text prompts work"
+            f"{manifest.path} predates mm_block_ids: its sliding layers attend both ways inside each image run "
+            "(26B/31B), which its decoder graph cannot; re-export it for image prompts (text prompts work)"
         )
     return mm
 

@@ -110,15 +110,23 @@ def image_prompt_ids(manifest: ExportManifest, counts: list[int], seed: int = 0)
 
 
 def load_reference(checkpoint: str | Path) -> Any:
-    """transformers' Gemma4ForConditionalGeneration, fp32, eager attention and experts."""
+    """transformers' Gemma4ForConditionalGeneration, fp32, eager attention and experts. On 26B/31B its sliding
+    layers attend both ways inside image runs (`use_bidirectional_attention="vision"`); the tiny twins' configs
+    leave it null, so the family decides, as it does for the export (vision_config.bidirectional_image_blocks)."""
     import torch
     from transformers import Gemma4ForConditionalGeneration
     from transformers.utils import logging as hf_logging
+
+    from ..model.config import Gemma4Spec
+    from ..model.vision_config import bidirectional_image_blocks, read_config_json
 
     hf_logging.disable_progress_bar()  # third-party output; the report says what ran
     model = Gemma4ForConditionalGeneration.from_pretrained(
         checkpoint, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
     )
+    k_eq_v = Gemma4Spec.from_pretrained(checkpoint).attention_k_eq_v
+    if bidirectional_image_blocks(read_config_json(checkpoint), k_eq_v):
+        model.config.get_text_config().use_bidirectional_attention = "vision"
     return model.eval()
 
 
@@ -162,12 +170,14 @@ def validate_images(
         _hf_soft_tokens(m, t(ref_in["pixel_values"]), t(ref_in["image_position_ids"])) for m in (hf, hf64)
     )
     stages.append(_encoder(rows, hf_rows, hf64_rows))
-    if mm.bidirectional_image_blocks:
-        reason = runner.image_refusal or "image runs need bidirectional sliding attention"
-        return ImageReport(0, counts, stages, skipped=reason)
+    if runner.image_refusal:  # 26B/31B exports written before mm_block_ids
+        return ImageReport(0, counts, stages, skipped=runner.image_refusal)
     ids = image_prompt_ids(manifest, counts, seed)
     hf_in = {"pixel_values": t(ref_in["pixel_values"]), "image_position_ids": t(ref_in["image_position_ids"])}
-    stages += end_to_end(runner, (hf, hf64), ids, {IMAGE_EMBEDS: rows}, {IMAGE_EMBEDS: hf_rows}, hf_in, steps)
+    blocks = mm.tokens.image if mm.bidirectional_image_blocks else None
+    stages += end_to_end(
+        runner, (hf, hf64), ids, {IMAGE_EMBEDS: rows}, {IMAGE_EMBEDS: hf_rows}, hf_in, steps, blocks
+    )
     return ImageReport(int(ids.shape[1]), counts, stages)
 
 
@@ -223,30 +233,43 @@ def end_to_end(
     hf_soft: dict[str, np.ndarray],
     hf_in: dict[str, Any],
     steps: int,
+    block_token: int | None = None,
 ) -> list[Stage]:
     """Prompt logits and greedy tokens of `ids` with our soft tokens (`soft`, by embed input name) merged,
-    against transformers fed `hf_in`; also the logits with transformers' soft tokens (`hf_soft`)."""
+    against transformers fed `hf_in`; also the logits with transformers' soft tokens (`hf_soft`).
+    `block_token`: transformers also gets `mm_token_type_ids` marking this placeholder as image (26B/31B:
+    its runs are the bidirectional blocks our runner feeds as mm_block_ids)."""
     hf = models[0]
-    ref, ref64 = (_hf_logits(m, ids, hf_in) for m in models)
+    ref, ref64 = (_hf_logits(m, ids, hf_in, block_token) for m in models)
     ours = _prefill(runner, ids, soft)
     theirs_soft = {n: r.astype(soft[n].dtype) for n, r in hf_soft.items()}
     with_hf_soft = float(np.abs(_prefill(runner, ids, theirs_soft) - ref).max())
     detail = f"prompt logits max abs Δ over {ids.shape[1]} tokens; {with_hf_soft:.2g} with transformers' soft tokens"
     logits = stage("end-to-end", ours, ref, ref64, LOGIT_ATOL, detail)
-    mine, theirs = _greedy(runner, ids, soft, steps), _hf_greedy(hf, ids, hf_in, steps)
+    mine, theirs = _greedy(runner, ids, soft, steps), _hf_greedy(hf, ids, hf_in, steps, block_token)
     differ = int(sum(a != b for a, b in zip(mine, theirs)))
     greedy = Stage("greedy", differ, 0, f"{steps - differ}/{steps} greedy tokens identical")
     return [logits, greedy]
 
 
-def _hf_logits(hf: Any, ids: np.ndarray, hf_in: dict[str, Any]) -> np.ndarray | None:
+def _with_token_types(hf_in: dict[str, Any], seq: Any, block_token: int | None) -> dict[str, Any]:
+    """`hf_in` plus, with `block_token`, `mm_token_type_ids` of `seq` (1: image, 0: everything else)."""
+    if block_token is None:
+        return hf_in
+    return {**hf_in, "mm_token_type_ids": (seq == block_token).long()}
+
+
+def _hf_logits(
+    hf: Any, ids: np.ndarray, hf_in: dict[str, Any], block_token: int | None = None
+) -> np.ndarray | None:
     import torch
 
     if hf is None:
         return None
+    seq = torch.from_numpy(ids)
     feeds = {k: v.to(hf.dtype) if v.is_floating_point() else v for k, v in hf_in.items()}
     with torch.no_grad():
-        out = hf(input_ids=torch.from_numpy(ids), **feeds)
+        out = hf(input_ids=seq, **_with_token_types(feeds, seq, block_token))
     return out.logits.numpy()
 
 
@@ -273,7 +296,9 @@ def _greedy(runner: Any, ids: np.ndarray, soft: dict[str, np.ndarray], steps: in
     return tokens
 
 
-def _hf_greedy(hf: Any, ids: np.ndarray, hf_in: dict[str, Any], steps: int) -> list[int]:
+def _hf_greedy(
+    hf: Any, ids: np.ndarray, hf_in: dict[str, Any], steps: int, block_token: int | None = None
+) -> list[int]:
     """transformers' greedy continuation, one full forward per token (no cache: nothing of ours in it)."""
     import torch
 
@@ -281,7 +306,7 @@ def _hf_greedy(hf: Any, ids: np.ndarray, hf_in: dict[str, Any], steps: int) -> l
     tokens = []
     with torch.no_grad():
         for _ in range(steps):
-            nxt = hf(input_ids=seq, **hf_in).logits[0, -1].argmax()
+            nxt = hf(input_ids=seq, **_with_token_types(hf_in, seq, block_token)).logits[0, -1].argmax()
             tokens.append(int(nxt))
             seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
     return tokens

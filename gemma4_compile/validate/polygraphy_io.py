@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable
 from ..export.io_spec import cache_names
-from ..export.manifest import DECODER, MANIFEST, ExportManifest
+from ..export.manifest import DECODER, MANIFEST, MM_BLOCK_IDS, ExportManifest
 from ..fsutil import atomic_file
 from ..model.config import Gemma4Spec
 from .cases import Case
@@ -65,9 +65,10 @@ def _array(t: Any) -> Any:
 
 
 def decoder_reference_io(
-    model: Any, case: Case, debug: bool = False
+    model: Any, case: Case, debug: bool = False, block_ids: bool = False
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Feeds and named outputs of the decoder graph for a prefill of `case` and one greedy decode step."""
+    """Feeds and named outputs of the decoder graph for a prefill of `case` and one greedy decode step.
+    `block_ids`: the decoder takes `mm_block_ids` (26B/31B exports with images); text cases feed -1."""
     import torch
 
     spec: Gemma4Spec = model.spec
@@ -86,6 +87,8 @@ def decoder_reference_io(
             embeds, tok = model.embed(ids)
             feed = {"inputs_embeds": embeds, **({"per_layer_tokens": tok} if tok is not None else {})}
             feed |= {"past_len": past_len, "seq_len": seq_len}
+            if block_ids:
+                feed[MM_BLOCK_IDS] = torch.full(ids.shape, -1, dtype=torch.int64)
             for (past, _), (k, v) in zip(names, caches):
                 feed |= {past[0]: k, past[1]: v}
             logits, caches, extra = model(embeds, tok, past_len, seq_len, caches, debug)
@@ -121,7 +124,8 @@ def save_decoder_reference(
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     manifest = ExportManifest.load(export_dir) if (export_dir / MANIFEST).is_file() else None
     debug = manifest is not None and manifest.debug
-    feeds, outs = decoder_reference_io(model, case, debug)
+    blocks = manifest is not None and MM_BLOCK_IDS in {t.name for t in manifest.graphs[DECODER].inputs}
+    feeds, outs = decoder_reference_io(model, case, debug, blocks)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs_path, outputs_path = out_dir / INPUTS_FILE, out_dir / OUTPUTS_FILE
     results = RunResults()

@@ -133,7 +133,8 @@ def test_tensorrt_rtx_parses_and_builds_the_vision_graph(exported):
 
 # ----- end to end: images -> preprocessing -> vision.onnx -> merge -> embed.onnx + decoder.onnx ------------
 # This checkpoint's text config is causal (use_bidirectional_attention null), so transformers decodes the image
-# runs causally and our unchanged decoder must follow. Error split, measured: the ONNX decoder fed
+# runs causally, which our decoder computes when fed mm_block_ids -1 (the bidirectional blocks are checked
+# in tests/validate/test_image_blocks.py). Error split, measured: the ONNX decoder fed
 # transformers' own soft tokens is off by 1.2e-5 in the logits (the text bound 1e-4 holds); the ONNX soft
 # tokens' fp32 round-off (1.8e-5 vs transformers, see ORT_ATOL) is amplified ~13x by the tiny random decoder,
 # to 2.3e-4 (logits ~5), with every greedy token equal.
@@ -179,7 +180,9 @@ def _onnx_logits(out, ids, soft, soft_len) -> np.ndarray:
     feeds = {"input_ids": ids, "image_embeds": soft_token_rows(soft, soft_len)}
     (merged,) = session["embed"].run(None, feeds)  # no PLE on this text model
     S = ids.shape[1]
+    # -1: this checkpoint's transformers config is causal (see above), so the image runs attend causally here
     feeds = {"inputs_embeds": merged, "past_len": np.array([0]), "seq_len": np.array([S])}
+    feeds["mm_block_ids"] = np.full_like(ids, -1)
     feeds |= {name: np.zeros(c.shape(1, S), np.float32) for c in m.caches for name in c.past}
     return session["decoder"].run(["logits"], feeds)[0]
 
@@ -204,10 +207,10 @@ def test_image_prompt_end_to_end_in_onnx_matches_transformers(e2e):
     np.testing.assert_array_equal(logits.argmax(-1), ref.argmax(-1))
 
 
-# ----- 26B/31B: image runs attend both ways on sliding layers (mm_block_ids), not in the decoder yet ---------
+# ----- 26B/31B: image runs attend both ways on sliding layers (mm_block_ids; tests/validate/test_image_blocks.py)
 
 
-def test_image_prompts_on_a_31b_export_are_refused_in_one_line(exported):
+def test_a_31b_export_takes_mm_block_ids_and_no_audio(exported):
     from gemma4_compile.runners.ort import OrtRunner
     from gemma4_compile.runtime.audio import audio_support
     from gemma4_compile.runtime.errors import RuntimeInputError
@@ -215,18 +218,33 @@ def test_image_prompts_on_a_31b_export_are_refused_in_one_line(exported):
 
     _, out = exported
     m = ExportManifest.load(out)
-    assert m.multimodal.bidirectional_image_blocks
-    with pytest.raises(RuntimeInputError, match="attend both ways inside each image run"):
-        image_support(m)
+    assert m.multimodal.bidirectional_image_blocks and image_support(m) is m.multimodal
+    assert [t.name for t in m.graphs["decoder"].inputs][:4] == [
+        "inputs_embeds",
+        "past_len",
+        "seq_len",
+        "mm_block_ids",
+    ]
+    proto = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+    attention = [n for n in proto.graph.node if n.op_type == "SlidingWindowAttention"]
+    assert attention and all(n.input[-1] == "mm_block_ids" for n in attention)  # global layers ignore it
     runner = OrtRunner(out)
-    with pytest.raises(RunnerError, match="bidirectional sliding attention"):
-        runner.attach_images(runner.start(1, 8), np.zeros((1, TEXT.hidden_size), np.float32))
+    assert runner.image_refusal is None and runner.takes_block_ids
     with pytest.raises(RuntimeInputError, match="has no audio graph"):  # no audio tower on 26B/31B
         audio_support(m)
     with pytest.raises(RunnerError, match="takes no audio"):
         runner.attach_audio(runner.start(1, 8), np.zeros((1, TEXT.hidden_size), np.float32))
-    text = np.array([[2, 9, 10]])  # text prompts still run (zero image rows)
+    text = np.array([[2, 9, 10]])  # text prompts run (zero image rows, block ids -1)
     assert runner.logits(text).shape == (1, 3, TEXT.vocab_size)
+
+
+def test_gqa_lowering_of_a_31b_export_with_images_is_refused_in_one_line(exported, tmp_path):
+    from gemma4_compile.errors import ExportError
+
+    ckpt, _ = exported
+    with pytest.raises(ExportError, match="cannot express the image-block mask") as e:
+        export_checkpoint(ckpt, tmp_path / "gqa", lowering="gqa")
+    assert "\n" not in str(e.value) and not (tmp_path / "gqa").exists()
 
 
 def test_embed_graph_takes_image_embeds_with_a_dynamic_row_count(exported):

@@ -30,7 +30,7 @@ HAND_WRITTEN = {
     "SlidingWindowAttention": dict(
         doc="Gemma 4 attention for one layer with its ring-buffer KV-cache update (see model/ops.py).",
         inputs=[(n, "T") for n in ("q", "k", "v", "past_k", "past_v")]
-        + [("past_len", "I"), ("seq_len", "I")],
+        + [("past_len", "I"), ("seq_len", "I"), ("block_ids", "I")],  # block_ids: optional (26B/31B images)
         outputs=[(n, "T") for n in ("out", "present_k", "present_v")],
         constraints=[_ACT, ("I", ["tensor(int64)"], "lengths")],
         attributes=sorted(
@@ -71,7 +71,11 @@ def test_generated_schema_is_the_hand_written_one(op_type):
     assert (schema.name, schema.domain, schema.since_version) == (op_type, "gemma4", 1)
     assert _describe(schema) == HAND_WRITTEN[op_type]
     assert all(a.required for a in schema.attributes.values())
-    assert all(p.option == OpSchema.FormalParameterOption.Single for p in (*schema.inputs, *schema.outputs))
+    optional = {p.name for p in ops.contract(op_type).inputs if p.optional}
+    assert optional == ({"block_ids"} if op_type == "SlidingWindowAttention" else set())
+    for p in (*schema.inputs, *schema.outputs):
+        want = "Optional" if p.name in optional else "Single"
+        assert p.option == getattr(OpSchema.FormalParameterOption, want)
 
 
 def test_every_contract_makes_a_valid_schema_and_plugin_fields():
@@ -138,9 +142,9 @@ def test_registry_parts_resolve_and_match_the_contract():
                 assert ops.part(entry.op_type, part) is not None
         if entry.kernel:  # the RTX plugin calls kernel(*inputs, **fields)
             params = list(inspect.signature(ops.part(entry.op_type, "kernel")).parameters)
-            assert params[: entry.contract.num_io - len(entry.contract.outputs)] == list(
-                entry.contract.input_names
-            )
+            assert params[: entry.contract.num_io - len(entry.contract.outputs)] == [
+                p.name for p in entry.contract.plugin_inputs
+            ]
         if entry.body:
             assert ops.part(entry.op_type, "body").function().name == entry.op_type
         if entry.torch_op:  # the model's torch op calls the op's reference

@@ -112,7 +112,7 @@ def test_attention_kernel_compiles_to_ptx_on_cpu(tmp_path, monkeypatch):
     _, scalars = qdp.launch_values(
         qdp.ATTENTION_KERNEL, qdp.attention_dims((1, 4, 3, 16), (1, 2, 3, 16), (1, 2, 4, 16), 4), constexprs
     )
-    n_tensors = len(ATTENTION.inputs) + len(ATTENTION.outputs)
+    n_tensors = ATTENTION.num_io
     assert len(entry.params) == n_tensors + len(scalars) + 2
     assert entry.params[-2:] == ["triton_scratch_0", "triton_scratch_1"]
     declared = re.search(r"\.entry \w+\(([^)]*)\)", ptx).group(1)
@@ -195,16 +195,17 @@ def test_every_op_has_register_autotune_and_aot_impl():
 def test_decorated_signatures_follow_the_spec(name):
     spec, fns = SPEC_NAMES[name], _decorated()
     fields = [f.name for f in spec.fields]
+    plugin_inputs = [p.name for p in spec.plugin_inputs]  # block_ids: the function body's only, so far
     args = lambda fn: [a.arg for a in fn.args.args]  # noqa: E731
-    assert args(fns[("register", name)]) == [*spec.input_names, *fields]
-    assert args(fns[("autotune", name)]) == [*spec.input_names, "outputs"]
-    assert args(fns[("aot_impl", name)]) == [*spec.input_names, *fields, "outputs", "tactic"]
+    assert args(fns[("register", name)]) == [*plugin_inputs, *fields]
+    assert args(fns[("autotune", name)]) == [*plugin_inputs, "outputs"]
+    assert args(fns[("aot_impl", name)]) == [*plugin_inputs, *fields, "outputs", "tactic"]
     for fn in (fns[("register", name)], fns[("aot_impl", name)]):
         annotations = {a.arg: ast.unparse(a.annotation) for a in fn.args.args}
         assert {f.name: annotations[f.name] for f in spec.fields} == {
             f.name: f"npt.NDArray[np.{f.dtype}]" for f in spec.fields
         }  # the parser's INT32/FLOAT32, not QDP's int->INT64 / float->FLOAT64
-        assert {annotations[i] for i in spec.input_names} == {"TensorDesc"}
+        assert {annotations[i] for i in plugin_inputs} == {"TensorDesc"}
     n_out = len(spec.outputs)
     outputs = "TensorDesc" if n_out == 1 else f"tuple[{', '.join(['TensorDesc'] * n_out)}]"
     assert ast.unparse(fns[("register", name)].returns) == outputs

@@ -422,7 +422,7 @@ def test_triton_wrappers_take_the_plugin_inputs_and_fields(spec):
     """enqueue calls kernels.<op>.<op>(*inputs, **fields): the wrapper's parameters must match the spec."""
     wrapper = rtx.kernel_impl(spec.op_type)
     names = list(inspect.signature(wrapper).parameters)
-    expected = [*spec.input_names, *(f.name for f in spec.fields)]
+    expected = [*(p.name for p in spec.plugin_inputs), *(f.name for f in spec.fields)]
     assert names[: len(expected)] == expected
 
 

@@ -69,13 +69,20 @@ def test_soft_token_count_comes_from_the_preprocessing_before_any_encoder():
         image_patches([image] * 9, MM, budget=70)
 
 
-def test_bidirectional_image_blocks_refuse_image_prompts_naming_why():
-    manifest = SimpleNamespace(
-        multimodal=dataclasses.replace(MM, bidirectional_image_blocks=True), path="out"
-    )
-    with pytest.raises(RuntimeInputError, match="26B/31B, mm_block_ids") as e:
-        image_support(manifest)
+def _decoder(*inputs: str) -> dict:
+    return {"decoder": SimpleNamespace(inputs=[SimpleNamespace(name=n) for n in inputs])}
+
+
+def test_bidirectional_image_blocks_need_the_decoder_input_naming_why():
+    """26B/31B exports take image prompts when their decoder has mm_block_ids; older ones are refused."""
+    mm = dataclasses.replace(MM, bidirectional_image_blocks=True)
+    old = SimpleNamespace(multimodal=mm, path="out", graphs=_decoder("inputs_embeds", "past_len"))
+    with pytest.raises(RuntimeInputError, match="predates mm_block_ids.*re-export it") as e:
+        image_support(old)
     assert "\n" not in str(e.value)
+    new = SimpleNamespace(multimodal=mm, path="out", graphs=_decoder("inputs_embeds", "mm_block_ids"))
+    assert image_support(new) is mm
+    assert image_support(SimpleNamespace(multimodal=MM, path="out", graphs=_decoder("x"))) is MM
     with pytest.raises(RuntimeInputError, match="has no vision graph"):
         image_support(SimpleNamespace(multimodal=None, path="out"))
 

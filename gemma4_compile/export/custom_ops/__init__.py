@@ -37,6 +37,10 @@ def translation_table() -> dict:
     }
 
 
-def functions(op_types: set[str]) -> list[onnx.FunctionProto]:
-    """Reference bodies for the custom op types used in a graph (UnknownOpError for any other)."""
-    return [ops.part(t, "body").function() for t in sorted(op_types)]
+def functions(op_types: set[str], block_ids: bool = False) -> list[onnx.FunctionProto]:
+    """Reference bodies for the custom op types used in a graph (UnknownOpError for any other); `block_ids`:
+    the attention nodes take the 8th input (one body serves every node of an op type in a model)."""
+    return [
+        attention.function(block_ids) if t == attention.OP_TYPE else ops.part(t, "body").function()
+        for t in sorted(op_types)
+    ]

@@ -1,6 +1,7 @@
 """`gemma4::SlidingWindowAttention`: attention for one layer with its ring-buffer KV-cache update.
 
-Semantics: `gemma4_compile.model.ops.attention` (ring of C slots, window W keys including self, GQA).
+Semantics: `gemma4_compile.model.ops.attention` (ring of C slots, window W keys including self, GQA; with the
+optional `block_ids`, sliding layers let each image run attend both ways inside itself).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ SLIDING_WINDOW_ATTENTION = OpContract(
         Param("past_v", shape="[B,Hkv,C,D]"),
         Param("past_len", "I", "[B]"),
         Param("seq_len", "I", "[B]"),
+        # 26B/31B image prompts: -1 text/audio, k for the k-th image run of the call; absent = plain causal
+        Param("block_ids", "I", "[B,S]", optional=True),
     ),
     outputs=(
         Param("out", shape="[B,Hq,S,D]"),

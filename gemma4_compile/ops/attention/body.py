@@ -17,7 +17,7 @@ OP_TYPE = CONTRACT.op_type
 SCHEMA = CONTRACT.schema()
 
 # The body is assembled from three parts so that passes/lower_gqa.py can swap the attention part alone.
-SIGNATURE = "SlidingWindowAttention <{attrs}> (q, k, v, past_k, past_v, past_len, seq_len) => (out, present_k, present_v)"
+SIGNATURE = "SlidingWindowAttention <{attrs}> (q, k, v, past_k, past_v, past_len, seq_len{extra}) => (out, present_k, present_v)"
 
 PRELUDE = """
   zero = Constant <value_int: int = 0> ()
@@ -111,21 +111,54 @@ RING_UPDATE = """
 """
 
 
-def body(attend: str = ATTEND, attrs: str = "window, scale", opsets: str = '"" : 20') -> str:
-    """The function text: prelude + an attention part + the ring update."""
-    header = f'<domain: "gemma4", opset_import: [{opsets}]>\n' + SIGNATURE.format(attrs=attrs)
+# with block_ids: a new key of the query's own image block (>= 0) is seen too, on sliding layers only;
+# cached slots get -1 (they are all in the past, where causal already sees them)
+BLOCKS = """
+  BC = Concat <axis = 0> (B1, C1)
+  slot_blk = Expand (minus1, BC)
+  k_blk = Concat <axis = 1> (slot_blk, block_ids)
+  kb3 = Unsqueeze (k_blk, ax1)
+  qb3 = Unsqueeze (block_ids, ax2)
+  same_blk = Equal (kb3, qb3)
+  in_blk = GreaterOrEqual (qb3, zero)
+  blk0 = And (same_blk, in_blk)
+  sliding = Not (is_global)
+  blk = And (blk0, sliding)
+  seen = Or (causal, blk)
+"""
+CAUSAL_ONLY = "  vis0 = And (ko3, causal)\n"
+
+
+def with_blocks(attend: str = ATTEND) -> str:
+    """An attention part whose sliding mask also lets each image block see itself (the 8th input)."""
+    if CAUSAL_ONLY not in attend:
+        raise ValueError("this attention part has no causal mask line to extend with block ids")
+    return attend.replace(CAUSAL_ONLY, BLOCKS + "  vis0 = And (ko3, seen)\n")
+
+
+def body(
+    attend: str = ATTEND, attrs: str = "window, scale", opsets: str = '"" : 20', block_ids: bool = False
+) -> str:
+    """The function text: prelude + an attention part + the ring update. `block_ids`: the 8-input form
+    (26B/31B exports with images); without it the body is the 7-input one, unchanged."""
+    extra = ", block_ids" if block_ids else ""
+    header = f'<domain: "gemma4", opset_import: [{opsets}]>\n' + SIGNATURE.format(attrs=attrs, extra=extra)
+    attend = with_blocks(attend) if block_ids else attend
     return header + "\n{" + PRELUDE + attend + RING_UPDATE + "}\n"
 
 
-def function() -> onnx.FunctionProto:
-    return onnx.parser.parse_function(body())
+def function(block_ids: bool = False) -> onnx.FunctionProto:
+    return onnx.parser.parse_function(body(block_ids=block_ids))
 
 
 def translation():
     """onnxscript translation for torch.ops.gemma4.attention: one custom node, three outputs."""
     opset = register_schema(SCHEMA)
 
-    def attention_to_onnx(q, k, v, past_k, past_v, past_len, seq_len, window: int, scale: float):
+    def attention_to_onnx(
+        q, k, v, past_k, past_v, past_len, seq_len, window: int, scale: float, block_ids=None
+    ):
+        blocks = () if block_ids is None else (block_ids,)  # absent: the 7-input node of text-only exports
         return opset.SlidingWindowAttention(
             q,
             k,
@@ -134,6 +167,7 @@ def translation():
             past_v,
             past_len,
             seq_len,
+            *blocks,
             window=window,
             scale=scale,
             **CONTRACT.plugin_attributes(),

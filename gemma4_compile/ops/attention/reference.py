@@ -14,15 +14,28 @@ def slot_positions(length: Tensor, slots: int) -> Tensor:
 
 
 def attention_mask(
-    past_len: Tensor, seq_len: Tensor, slots: int, new: int, window: int
+    past_len: Tensor,
+    seq_len: Tensor,
+    slots: int,
+    new: int,
+    window: int,
+    block_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Visibility [B, S, C+S] of (cached slots ++ new tokens) for each new query, and query positions [B, S]."""
+    """Visibility [B, S, C+S] of (cached slots ++ new tokens) for each new query, and query positions [B, S].
+
+    `block_ids` [B, S] (sliding layers only): a new key is also visible to a new query of the same block
+    (>= 0), later ones included, still inside the window; cached keys are all in the past, so only the new
+    ones need ids."""
     s = torch.arange(new, device=past_len.device, dtype=past_len.dtype)
     q_pos = past_len[:, None] + s  # [B, S]
     slot_pos = slot_positions(past_len, slots)  # [B, C]
     k_pos = torch.cat([slot_pos, q_pos], dim=1)  # [B, C+S]
     k_valid = torch.cat([slot_pos >= 0, s[None, :] < seq_len[:, None]], dim=1)
-    visible = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+    visible = k_pos[:, None, :] <= q_pos[:, :, None]
+    if window > 0 and block_ids is not None:
+        same = (block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, :, None] >= 0)  # [B, S, S]
+        visible = visible | torch.cat([torch.zeros_like(visible[:, :, :slots]), same], dim=2)
+    visible = visible & k_valid[:, None, :]
     if window > 0:
         visible = visible & (k_pos[:, None, :] > q_pos[:, :, None] - window)
     return visible, q_pos
@@ -49,11 +62,12 @@ def attention_reference(
     seq_len: Tensor,
     window: int,
     scale: float,
+    block_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     B, Hq, S, D = q.shape
     Hkv, C = k.shape[1], past_k.shape[2]
     G = Hq // Hkv
-    visible, _ = attention_mask(past_len, seq_len, C, S, window)  # [B, S, C+S]
+    visible, _ = attention_mask(past_len, seq_len, C, S, window, block_ids)  # [B, S, C+S]
     keys = torch.cat([past_k, k], dim=2)[:, :, None]  # [B, Hkv, 1, C+S, D]
     values = torch.cat([past_v, v], dim=2)[:, :, None]
     qg = q.reshape(B, Hkv, G, S, D)

@@ -1,0 +1,53 @@
+"""The decoder of a 26B/31B export with images (attention nodes with the 8th input `block_ids`): TensorRT-RTX
+inlines the 8-input function body and builds it ahead of time on the CPU; a plugin build, whose attention
+plugin does not take the input yet, is refused in one line instead of dropping it."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+
+from gemma4_compile.engines import build_engines
+from gemma4_compile.engines.prepare import _refuse_unplugged_inputs
+from gemma4_compile.errors import BuildError
+from gemma4_compile.export import export_checkpoint
+from gemma4_compile.model.checkpoint import write_random_checkpoint
+from gemma4_compile.model.presets import PRESETS, VISION_PRESETS
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("block-ids-engine")
+    write_random_checkpoint(
+        PRESETS["tiny-31b"], root / "ckpt", dtype=torch.float32, vision=VISION_PRESETS["tiny-31b"]
+    )
+    export_checkpoint(root / "ckpt", root / "out", dtype="fp16", max_seq_len=16)
+    return root / "out"
+
+
+def _decoder(export_dir) -> ir.Model:
+    return ir.serde.deserialize_model(onnx.load(str(export_dir / "decoder.onnx"), load_external_data=False))
+
+
+@pytest.mark.rtx
+def test_the_block_ids_body_is_inlined_and_builds(export_dir):
+    (art,) = build_engines(
+        export_dir, ["sm89"], graphs=("decoder",), max_batch=1, max_seq=16, opt_level=0, progress=False
+    )
+    report = json.loads(art.capability_path.read_text())
+    assert report["ok"] and report["rejected"] == []
+    assert report["counts"] == {"inlined": len(PRESETS["tiny-31b"].layers)}
+    profile = art.manifest.graphs["decoder"].profiles[0]
+    assert profile.shape("mm_block_ids").max == (1, 16)
+
+
+def test_a_plugin_that_would_drop_block_ids_is_refused_in_one_line(export_dir):
+    model = _decoder(export_dir)
+    with pytest.raises(BuildError, match="plugin does not take 'block_ids' yet") as e:
+        _refuse_unplugged_inputs(model, lambda node: True)
+    assert "\n" not in str(e.value)
+    _refuse_unplugged_inputs(model, lambda node: False)  # inlined bodies take it: no refusal
