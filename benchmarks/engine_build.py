@@ -3,7 +3,8 @@
     python benchmarks/engine_build.py                          # every tiny preset, bf16, sm89
     python benchmarks/engine_build.py --presets tiny-e2b --targets sm89,sm120 --dtype fp16
     python benchmarks/engine_build.py --full e2b               # also the full-size E2B, or exactly why not
-    python benchmarks/engine_build.py --presets "" --full e2b --quant int4 --block-size 128 --profiles decode
+    python benchmarks/engine_build.py --presets "" --full e2b --quant int4 --block-size 128 \
+        --quant-override lm_head=int4 --profiles decode --max-seq 1024
 
 Each preset: random checkpoint -> gemma4_compile.export -> gemma4_compile.engines.build_engines. Every build runs
 in a fresh subprocess, so its peak RSS is its own and a watchdog can stop it before the machine runs out of RAM.
@@ -74,14 +75,17 @@ def _export(preset: str, dtype: str, work: Path, args) -> tuple[Path, float | No
         meta = json.loads((out / "export.json").read_text())
         if (meta.get("dtype"), meta.get("max_seq_len")) == (dtype, args.max_seq):
             return out, None
-    quant = QuantRequest(args.quant, args.block_size) if args.quant != "none" else None
+    overrides = tuple(tuple(o.split("=", 1)) for o in args.quant_override)
+    quant = QuantRequest(args.quant, args.block_size, overrides=overrides) if args.quant != "none" else None
     t0 = time.perf_counter()
     export_checkpoint(ckpt, out, dtype=dtype, max_seq_len=args.max_seq, force=True, quant=quant)
     return out, time.perf_counter() - t0
 
 
 def _quant_name(args) -> str:
-    return "none" if args.quant == "none" else f"{args.quant}-b{args.block_size or 'default'}"
+    if args.quant == "none":
+        return "none"
+    return "-".join([f"{args.quant}-b{args.block_size or 'default'}", *args.quant_override]).replace("=", "_")
 
 
 def decoder_weight_bytes(export_dir: Path) -> int:
@@ -233,14 +237,14 @@ def _fmt(value, scale: float = 1.0, unit: str = "", digits: int = 1) -> str:
 
 def print_table(rows: list[Row]) -> None:
     head = (
-        f"{'preset':<14}{'dtype':<6}{'quant':<12}{'target':<8}{'dec. weights':>13}{'export':>9}{'build':>9}{'peak RSS':>10}"
+        f"{'preset':<14}{'dtype':<6}{'quant':<24}{'target':<8}{'dec. weights':>13}{'export':>9}{'build':>9}{'peak RSS':>10}"
         f"{'RSS growth':>12}{'engine':>11}  status"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r.preset:<14}{r.dtype:<6}{r.quant:<12}{r.target:<8}{_fmt(r.decoder_weight_bytes, 1 << 20, ' MiB'):>13}"
+            f"{r.preset:<14}{r.dtype:<6}{r.quant:<24}{r.target:<8}{_fmt(r.decoder_weight_bytes, 1 << 20, ' MiB'):>13}"
             f"{_fmt(r.export_s, 1, ' s'):>9}{_fmt(r.build_s, 1, ' s'):>9}{_fmt(r.peak_rss_bytes, GIB, ' GiB', 2):>10}"
             f"{_fmt(r.rss_growth_bytes, GIB, ' GiB', 2):>12}{_fmt(r.engine_bytes, 1 << 20, ' MiB'):>11}  {r.status}"
         )
@@ -270,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", default="", help="full-size presets to try as well, e.g. e2b")
     parser.add_argument("--quant", default="none", help="export --quant (int4, int8, fp8, nvfp4)")
     parser.add_argument("--block-size", type=int, default=None, help="export --block-size")
+    parser.add_argument(
+        "--quant-override",
+        action="append",
+        default=[],
+        help="export --quant-override ROLE=FORMAT (repeatable)",
+    )
     parser.add_argument(
         "--cap-gib", type=float, default=None, help="RSS cap per build (default: 85%% of free RAM)"
     )

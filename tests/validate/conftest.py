@@ -28,3 +28,23 @@ def torch_runner(make_checkpoint):
         return cache[preset, dtype]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def media_references(make_vision_export):
+    """media_references(preset) -> (checkpoint, export, transformers fp32, transformers fp64) of the preset's
+    vision (+audio) export, made once per session and shared by the image and audio validation tests."""
+    import copy
+
+    from gemma4_compile.validate.images import load_reference
+
+    cache = {}
+
+    def get(preset: str):
+        if preset not in cache:
+            ckpt, out = make_vision_export(preset)
+            hf = load_reference(ckpt)
+            cache[preset] = ckpt, out, hf, copy.deepcopy(hf).double()
+        return cache[preset]
+
+    return get

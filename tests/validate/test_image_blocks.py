@@ -13,32 +13,15 @@ slow tier.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 
 from gemma4_compile.errors import RunnerError
 from gemma4_compile.export import ExportManifest
 from gemma4_compile.runners.ort import OrtRunner
-from gemma4_compile.validate.images import NOISE_FACTOR, load_reference, validate_images
+from gemma4_compile.validate.images import NOISE_FACTOR, validate_images
 
 PRESETS = (pytest.param("tiny-26b-a4b", marks=pytest.mark.slow), "tiny-31b")
-
-
-@pytest.fixture(scope="module")
-def pipeline(make_vision_export):
-    """preset -> (checkpoint, export, transformers fp32, transformers fp64), made once."""
-    cache = {}
-
-    def get(preset: str):
-        if preset not in cache:
-            ckpt, out = make_vision_export(preset)
-            hf = load_reference(ckpt)
-            cache[preset] = ckpt, out, hf, copy.deepcopy(hf).double()
-        return cache[preset]
-
-    return get
 
 
 class CausalImages(OrtRunner):
@@ -53,8 +36,8 @@ def _stage(report, name):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_image_blocks_match_transformers_and_plain_causal_does_not(pipeline, preset):
-    _, out, hf, hf64 = pipeline(preset)
+def test_image_blocks_match_transformers_and_plain_causal_does_not(media_references, preset):
+    _, out, hf, hf64 = media_references(preset)
     m = ExportManifest.load(out)
     assert m.multimodal.decoder_mask() == {
         "bidirectional_blocks": "vision",
@@ -78,8 +61,8 @@ def test_image_blocks_match_transformers_and_plain_causal_does_not(pipeline, pre
     assert _stage(causal, "end-to-end").value > 0.05  # the shared doc measured 0.72 on a 31B-like model
 
 
-def test_a_prefill_chunk_that_splits_an_image_block_is_one_line(pipeline):
-    _, out, _, _ = pipeline("tiny-31b")
+def test_a_prefill_chunk_that_splits_an_image_block_is_one_line(media_references):
+    _, out, _, _ = media_references("tiny-31b")
     runner = OrtRunner(out, threads=1)
     mm = runner.manifest.multimodal
     ids = np.array([[2, 9, mm.tokens.boi, *[mm.tokens.image] * 4]])  # the chunk stops inside the image

@@ -24,7 +24,7 @@ from gemma4_compile.export.manifest import ExportManifest
 from gemma4_compile.runners.ort import OrtRunner
 from gemma4_compile.validate import images as image_check
 from gemma4_compile.validate.audio import FEATURE_ATOL, validate_audio
-from gemma4_compile.validate.images import ImageReport, load_reference
+from gemma4_compile.validate.images import ImageReport
 from gemma4_compile.validate.report import accuracy_markdown
 
 validate_module = importlib.import_module(
@@ -34,11 +34,10 @@ pytestmark = pytest.mark.slow  # shares the tiny-e2b vision+audio export; ~30 s 
 
 
 @pytest.fixture(scope="module")
-def pipeline(make_vision_export):
+def pipeline(media_references):
     """(checkpoint, export, OrtRunner, transformers fp32, transformers fp64)."""
-    ckpt, out = make_vision_export("tiny-e2b")
-    hf = load_reference(ckpt)
-    return ckpt, out, OrtRunner(out, threads=1), hf, copy.deepcopy(hf).double()
+    ckpt, out, hf, hf64 = media_references("tiny-e2b")
+    return ckpt, out, OrtRunner(out, threads=1), hf, hf64
 
 
 @pytest.fixture(scope="module")

@@ -16,22 +16,18 @@ import torch
 from media_support import PlaceholderPLE
 
 from gemma4_compile.runners.ort import OrtRunner
-from gemma4_compile.validate.images import NOISE_FACTOR, load_reference, validate_images
+from gemma4_compile.validate.images import NOISE_FACTOR, validate_images
 
 pytestmark = pytest.mark.slow  # one export and two transformers models per preset (~2 min each)
 
 
 @pytest.fixture(scope="module")
-def pipeline(make_vision_export):
-    """preset -> (OrtRunner, transformers fp32, transformers fp64), made once."""
-    cache = {}
+def pipeline(media_references):
+    """preset -> (OrtRunner, transformers fp32, transformers fp64)."""
 
     def get(preset: str):
-        if preset not in cache:
-            ckpt, out = make_vision_export(preset)
-            hf = load_reference(ckpt)
-            cache[preset] = OrtRunner(out, threads=1), hf, copy.deepcopy(hf).double()
-        return cache[preset]
+        _, out, hf, hf64 = media_references(preset)
+        return OrtRunner(out, threads=1), hf, hf64
 
     return get
 
