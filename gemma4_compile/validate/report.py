@@ -536,7 +536,8 @@ def device_memory_text(device_memory: dict[str, Any]) -> str:
 
 
 def _engines_summary(accuracies: list[dict[str, Any]], latency: dict[str, Any] | None) -> list[str]:
-    """Every engine under the reported export, and whether validate or bench executed it here."""
+    """Every engine under the reported export, one row per graph (decoder, embed, vision, audio), and whether
+    validate or bench executed it here (they execute the decoder engine)."""
     reports = [*accuracies, *([latency] if latency else [])]
     exports = sorted({r["export_dir"] for r in reports if r.get("export_dir")})
     ran = {(a.get("engine_target"), "validate") for a in accuracies}
@@ -549,21 +550,33 @@ def _engines_summary(accuracies: list[dict[str, Any]], latency: dict[str, Any] |
             m = _read_json(path) or {}
             target = m.get("target", path.parent.name)
             by = [stage for t, stage in sorted(ran) if t == target]
-            engine = path.parent / m.get("engine_file", "decoder.engine")
-            rows.append(
-                [
-                    target,
-                    f"{m.get('flavour', '?')} {m.get('trt_version', '')}".strip(),
-                    f"{engine.stat().st_size / 2**20:.1f}" if engine.is_file() else "missing",
-                    _g(m.get("build_seconds")),
-                    device_memory_text(m.get("device_memory") or {}),
-                    f"yes ({', '.join(by)})" if by else "no: built but never executed here",
-                ]
-            )
+            for role, g in _graph_engines(m).items():
+                engine = path.parent / g.get("engine_file", f"{role}.engine")
+                executed = "no: built but never executed here"
+                if by and role == "decoder":
+                    executed = f"yes ({', '.join(by)})"
+                rows.append(
+                    [
+                        target,
+                        role,
+                        f"{m.get('flavour', '?')} {m.get('trt_version', '')}".strip(),
+                        f"{engine.stat().st_size / 2**20:.1f}" if engine.is_file() else "missing",
+                        _g(g.get("build_seconds")),
+                        device_memory_text(g.get("device_memory") or {}),
+                        executed,
+                    ]
+                )
     if not rows:
         return []
-    header = ["target", "TensorRT", "engine MB", "build s", "device memory", "executed"]
+    header = ["target", "graph", "TensorRT", "engine MB", "build s", "device memory", "executed"]
     return ["## Engines", "", *_table(header, rows), ""]
+
+
+def _graph_engines(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """role -> that graph's manifest entry; a version-1 manifest holds the decoder only, at the top level."""
+    if isinstance(m.get("graphs"), dict):
+        return m["graphs"]
+    return {"decoder": {k: m[k] for k in ("engine_file", "build_seconds", "device_memory") if k in m}}
 
 
 # ----- plots ------------------------------------------------------------------------------------

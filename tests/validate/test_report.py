@@ -169,8 +169,8 @@ def test_summary_lists_engines_never_executed(tmp_path, reports):
     summary = (tmp_path / "reports" / "summary.md").read_text()
     assert "## Engines" in summary
     assert (
-        "| sm89 | tensorrt_rtx 1.3 | 1.0 | 21 | device memory not recorded (built before it was recorded) | no: built"
-        in summary
+        "| sm89 | decoder | tensorrt_rtx 1.3 | 1.0 | 21 | device memory not recorded (built before it was recorded) "
+        "| no: built" in summary
     )
     assert "| sm120 |" in summary and "device memory: activation 812.0 MiB + weights 3.0 MiB" in summary
     ran = dataclasses.replace(accuracy, export_dir=str(export), backend="trt", engine_target="sm120")
@@ -179,3 +179,37 @@ def test_summary_lists_engines_never_executed(tmp_path, reports):
         line for line in (tmp_path / "reports" / "summary.md").read_text().splitlines() if "| sm120 |" in line
     )
     assert sm120.endswith("| yes (validate) |")
+
+
+def test_summary_lists_every_graph_engine_of_a_target(tmp_path, reports):
+    accuracy, _ = reports
+    folder = tmp_path / "export" / "engines" / "sm89"
+    folder.mkdir(parents=True)
+    graphs = {}
+    for role, mib in (("vision", 2), ("decoder", 3)):
+        (folder / f"{role}.engine").write_bytes(b"\0" * mib * 2**20)
+        graphs[role] = {"engine_file": f"{role}.engine", "build_seconds": mib * 10.0, "device_memory": {}}
+    manifest = {
+        "version": 2,
+        "target": "sm89",
+        "flavour": "tensorrt_rtx",
+        "trt_version": "1.7",
+        "graphs": graphs,
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    ran = dataclasses.replace(
+        accuracy, export_dir=str(tmp_path / "export"), backend="trt", engine_target="sm89"
+    )
+    write_reports(tmp_path, accuracy=ran)
+    rows = [
+        ln
+        for ln in (tmp_path / "reports" / "summary.md").read_text().splitlines()
+        if ln.startswith("| sm89 |")
+    ]
+    assert [r.split(" | ")[1:4] for r in rows] == [
+        ["vision", "tensorrt_rtx 1.7", "2.0"],
+        ["decoder", "tensorrt_rtx 1.7", "3.0"],
+    ]
+    assert rows[0].endswith("| no: built but never executed here |") and rows[1].endswith(
+        "| yes (validate) |"
+    )
