@@ -59,6 +59,11 @@ def image_patches(image: Image.Image, spec: VisionSpec, budget: int = 280) -> Im
     pixels = (np.asarray(rgb).astype(np.float64) * (1 / 255)).astype(np.float32)  # [h, w, 3]
     p = spec.patch_size
     rows, cols = h // p, w // p
+    if max(rows, cols) > spec.position_embedding_size:  # the tiny presets' 64-row tables
+        raise Gemma4CompileError(
+            f"an image of {rgb.width}x{rgb.height} at budget {budget} spans {max(rows, cols)} patches per side; "
+            f"this vision tower's position table holds {spec.position_embedding_size}: use a smaller budget"
+        )
     patches = pixels.reshape(rows, p, cols, p, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, -1)
     y, x = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     positions = np.stack([x.ravel(), y.ravel()], axis=-1).astype(np.int64)

@@ -8,6 +8,7 @@ splitting are left to the caller, as transformers' feature extractor leaves them
 
 from __future__ import annotations
 
+import io
 import struct
 import wave
 from pathlib import Path
@@ -47,35 +48,41 @@ def load_wav(path: str | Path) -> np.ndarray:
         data = path.read_bytes()
     except OSError as e:
         raise RuntimeInputError(f"cannot read audio {path} ({e.strerror or e})") from None
+    return wav_samples(data, f"audio {path}")
+
+
+def wav_samples(data: bytes, name: str) -> np.ndarray:
+    """The samples of WAV bytes (a file's, or a request's base64 payload), checked as `load_wav` says; errors
+    name the clip as `name` ("audio a.wav", "message 1, audio part 0")."""
     if not data:
-        raise RuntimeInputError(f"audio {path} is empty (0 bytes)")
-    fmt, channels, rate, bits, raw = _riff(data, path)
+        raise RuntimeInputError(f"{name} is empty (0 bytes)")
+    fmt, channels, rate, bits, raw = _riff(data, name)
     if rate != SAMPLE_RATE:
-        raise RuntimeInputError(f"audio {path} is at {rate} Hz; resample it to {SAMPLE_RATE} Hz mono first")
+        raise RuntimeInputError(f"{name} is at {rate} Hz; resample it to {SAMPLE_RATE} Hz mono first")
     if channels != 1:
-        raise RuntimeInputError(f"audio {path} has {channels} channels; mix it down to mono first")
+        raise RuntimeInputError(f"{name} has {channels} channels; mix it down to mono first")
     if (fmt, bits) == (_PCM, 16):
         samples = np.frombuffer(raw[: len(raw) // 2 * 2], "<i2").astype(np.float32) / 32768.0
     elif (fmt, bits) == (_FLOAT, 32):
         samples = np.frombuffer(raw[: len(raw) // 4 * 4], "<f4").astype(np.float32)
     else:
         kind = "float" if fmt == _FLOAT else "PCM" if fmt == _PCM else f"format {fmt}"
-        raise RuntimeInputError(f"audio {path} is {bits}-bit {kind}; expected 16-bit PCM or 32-bit float")
+        raise RuntimeInputError(f"{name} is {bits}-bit {kind}; expected 16-bit PCM or 32-bit float")
     if len(samples) == 0:
-        raise RuntimeInputError(f"audio {path} has no samples")
+        raise RuntimeInputError(f"{name} has no samples")
     if len(samples) > MAX_SAMPLES:
         raise RuntimeInputError(
-            f"audio {path} is {len(samples) / SAMPLE_RATE:.2f} s long; a clip holds at most "
+            f"{name} is {len(samples) / SAMPLE_RATE:.2f} s long; a clip holds at most "
             f"{MAX_SAMPLES // SAMPLE_RATE} s: split it"
         )
     return samples
 
 
-def _riff(data: bytes, path: Path) -> tuple[int, int, int, int, bytes]:
+def _riff(data: bytes, name: str) -> tuple[int, int, int, int, bytes]:
     """(format tag, channels, sample rate, bits per sample, sample bytes) of a WAV file. PCM goes through the
     stdlib `wave` (which checks it); float data, which `wave` refuses, through the chunks themselves."""
     if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise RuntimeInputError(f"audio {path} is not a WAV file (no RIFF/WAVE header)")
+        raise RuntimeInputError(f"{name} is not a WAV file (no RIFF/WAVE header)")
     chunks, pos = {}, 12
     while pos + 8 <= len(data):
         tag, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
@@ -83,32 +90,33 @@ def _riff(data: bytes, path: Path) -> tuple[int, int, int, int, bytes]:
         pos += 8 + size + (size & 1)
     fmt = chunks.get(b"fmt ")
     if fmt is None or len(fmt) < 16 or b"data" not in chunks:
-        raise RuntimeInputError(f"audio {path} is a truncated WAV file (no fmt or data chunk)")
+        raise RuntimeInputError(f"{name} is a truncated WAV file (no fmt or data chunk)")
     tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", fmt[:16])
     if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE (which `wave` refuses before 3.12): the
         tag = struct.unpack("<H", fmt[24:26])[0]  # real tag opens the sub-format GUID; read its data chunk
         return tag, channels, rate, bits, chunks[b"data"]
     if tag == _PCM:
         try:
-            with wave.open(str(path), "rb") as w:
+            with wave.open(io.BytesIO(data), "rb") as w:
                 raw = w.readframes(w.getnframes())
         except (wave.Error, EOFError) as e:
-            raise RuntimeInputError(f"audio {path} is not a readable WAV file ({e})") from None
+            raise RuntimeInputError(f"{name} is not a readable WAV file ({e})") from None
         return tag, channels, rate, bits, raw
     return tag, channels, rate, bits, chunks[b"data"]
 
 
 def audio_clips(paths: list[str | Path]) -> list[AudioFeatures]:
     """Each WAV file's log-mel frames, mask and soft-token count (model/audio_preprocess.py)."""
-    clips = []
-    for path in paths:
-        try:
-            clips.append(audio_features(load_wav(path), SAMPLE_RATE))
-        except RuntimeInputError:
-            raise
-        except Gemma4CompileError as e:  # a clip too short for one frame
-            raise RuntimeInputError(f"audio {path}: {e}") from None
-    return clips
+    return [clip_features(load_wav(path), f"audio {path}") for path in paths]
+
+
+def clip_features(samples: np.ndarray, name: str) -> AudioFeatures:
+    """The log-mel frames, mask and soft-token count of checked samples; a clip too short for one frame is a
+    one-line error naming it."""
+    try:
+        return audio_features(samples, SAMPLE_RATE)
+    except Gemma4CompileError as e:
+        raise RuntimeInputError(f"{name}: {e}") from None
 
 
 def audio_run(n: int, tokens: AudioTokens) -> list[int]:

@@ -32,6 +32,10 @@ class Job:
     params: SamplingParams
     stop_ids: frozenset[int]
     emit: Emit
+    # soft tokens [N, E] of the prompt's images / audio clips in prompt order (runtime/images.py); such a
+    # sequence is prefilled on its own, so its rows are all the step's placeholders
+    image_embeds: np.ndarray | None = None
+    audio_embeds: np.ndarray | None = None
     generated: int = 0
     next_token: int = -1
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -41,6 +45,10 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    @property
+    def has_media(self) -> bool:
+        return self.image_embeds is not None or self.audio_embeds is not None
 
     def accept(self, logits: np.ndarray) -> bool:
         """Choose the next token from `logits`, emit it; -> True while the sequence goes on."""
@@ -119,11 +127,21 @@ class BatchEngine:
         return out
 
     def _prefill(self, seqs: list[Job]) -> None:
+        """Text prompts together in one call; a prompt with images or audio alone, its soft tokens attached."""
+        text = [s for s in seqs if not s.has_media]
+        for group in [text] * bool(text) + [[s] for s in seqs if s.has_media]:
+            self._prefill_group(group)
+
+    def _prefill_group(self, seqs: list[Job]) -> None:
         lengths = np.array([len(s.prompt_ids) for s in seqs], dtype=np.int64)
         ids = np.zeros((len(seqs), int(lengths.max())), dtype=np.int64)
         for i, s in enumerate(seqs):
             ids[i, : lengths[i]] = s.prompt_ids
         state = self.runner.start(len(seqs), self.max_len)
+        if seqs[0].image_embeds is not None:
+            self.runner.attach_images(state, seqs[0].image_embeds)
+        if seqs[0].audio_embeds is not None:
+            self.runner.attach_audio(state, seqs[0].audio_embeds)
         logits = self.runner.step(state, ids, lengths)
         alive = [s.accept(logits[i, lengths[i] - 1]) for i, s in enumerate(seqs)]
         self._append(state, seqs, alive)

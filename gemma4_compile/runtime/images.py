@@ -54,37 +54,50 @@ def image_support(manifest: ExportManifest) -> MultimodalSpec:
 
 def load_image(path: str | Path) -> Any:
     """A decoded Pillow image, or a one-line error naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     try:
-        with Image.open(path) as image:
-            image.load()
-            if image.width < 1 or image.height < 1:
-                raise RuntimeInputError(f"image {path} has no pixels ({image.width}x{image.height})")
-            return image.copy()
+        return decode_image(path.read_bytes(), f"image {path}")
     except FileNotFoundError:
         raise RuntimeInputError(f"image {path} does not exist") from None
     except IsADirectoryError:
         raise RuntimeInputError(f"image {path} is a directory") from None
-    except UnidentifiedImageError:
-        raise RuntimeInputError(
-            f"image {path} is not an image Pillow can read (empty or unknown format)"
-        ) from None
-    except OSError as e:  # truncated data, permissions
+    except OSError as e:  # permissions
         raise RuntimeInputError(f"cannot read image {path} ({e.strerror or e})") from None
 
 
-def image_patches(images: Sequence[Any], mm: MultimodalSpec, budget: int) -> list[Any]:
-    """Each image's patches and soft-token count (model/vision_preprocess.py, transformers' Pillow processor)."""
+def decode_image(data: bytes, name: str) -> Any:
+    """A decoded Pillow image from encoded bytes (a file's, or a request's data URL), or a one-line error
+    naming it as `name`."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.width < 1 or image.height < 1:
+                raise RuntimeInputError(f"{name} has no pixels ({image.width}x{image.height})")
+            return image.copy()
+    except UnidentifiedImageError:
+        raise RuntimeInputError(f"{name} is not an image Pillow can read (empty or unknown format)") from None
+    except OSError as e:  # truncated data
+        raise RuntimeInputError(f"cannot read {name} ({e.strerror or e})") from None
+
+
+def image_patches(images: Sequence[Any], mm: MultimodalSpec, budget: int | Sequence[int | None]) -> list[Any]:
+    """Each image's patches and soft-token count (model/vision_preprocess.py, transformers' Pillow processor),
+    at one budget or one per image (None: the export's default)."""
     from ..model.vision_preprocess import image_patches as patches_of
 
     if len(images) > mm.max_images:
         raise RuntimeInputError(
             f"{len(images)} images given; this export takes at most {mm.max_images} per prompt"
         )
+    budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
     try:
-        return [patches_of(im, mm.vision, budget) for im in images]
+        return [
+            patches_of(im, mm.vision, b or mm.vision.default_output_length) for im, b in zip(images, budgets)
+        ]
     except RuntimeInputError:
         raise
     except Exception as e:  # Gemma4CompileError from the resize rule (a budget, a degenerate size)
@@ -137,11 +150,18 @@ def encode_with_media(tokenizer: Any, text: str, runs: dict[str, list[list[int]]
     text = with_markers(text, {m: len(r) for m, r in runs.items()})
     if chat:  # the template wraps the markers with the text; pieces after the first carry no BOS
         text = tokenizer.render_chat([{"role": "user", "content": text}])
+    return split_and_join(tokenizer, text, runs, bos=not chat)
+
+
+def split_and_join(tokenizer: Any, text: str, runs: dict[str, list[list[int]]], bos: bool) -> list[int]:
+    """Ids of `text` whose markers are replaced, in order, by their items' placeholder runs; `bos`: the first
+    piece gets the tokenizer's special tokens (a rendered chat has its own)."""
+    runs = {m: r for m, r in runs.items() if r}
     if not runs:
-        return tokenizer.encode(text, add_special_tokens=not chat)
+        return tokenizer.encode(text, add_special_tokens=bos)
     pieces = re.split("(" + "|".join(map(re.escape, runs)) + ")", text)
     queues = {m: iter(r) for m, r in runs.items()}
-    first = tokenizer.encode(pieces[0], add_special_tokens=not chat)
+    first = tokenizer.encode(pieces[0], add_special_tokens=bos)
     rest = [tokenizer.encode(p, add_special_tokens=False) for p in pieces[2::2]]
     return join_runs([first, *rest], [next(queues[m]) for m in pieces[1::2]])
 
@@ -174,19 +194,45 @@ def media_prompt(
     if not image_paths and not audio_paths:
         ids = tokenizer.encode_chat([{"role": "user", "content": text}]) if chat else tokenizer.encode(text)
         return MediaPrompt(ids, None)
-    runs: dict[str, list[list[int]]] = {IMAGE_MARKER: [], AUDIO_MARKER: []}
-    patches, clips = [], []
-    if image_paths:
-        mm = image_support(runner.manifest)
-        images = [load_image(p) for p in image_paths]
-        patches = image_patches(images, mm, budget or mm.vision.default_output_length)
-        runs[IMAGE_MARKER] = [image_run(p.soft_tokens, mm) for p in patches]
-    if audio_paths:
-        tokens = audio_support(runner.manifest)
-        clips = audio_clips(list(audio_paths))
-        runs[AUDIO_MARKER] = [audio_run(c.soft_tokens, tokens) for c in clips]
+    images = [load_image(p) for p in image_paths]
+    clips = audio_clips(list(audio_paths)) if audio_paths else []
+    patches, runs = _media_runs(runner.manifest, images, clips, budget)
     ids = encode_with_media(tokenizer, text, runs, chat)
     return MediaPrompt(ids, _image_rows(runner, patches), _audio_rows(runner, clips))
+
+
+def chat_media_prompt(
+    runner: Any, tokenizer: Any, messages: list[dict[str, Any]], images: list[Any], clips: list[Any],
+    budgets: Sequence[int | None] | None = None,
+) -> MediaPrompt:  # fmt: skip
+    """Ids and soft tokens of a conversation whose message texts hold one marker per decoded image / clip, in
+    order (the server puts each where its content part was); `budgets`: per image, None for the export's
+    default. Checked before any encoder runs."""
+    patches, runs = _media_runs(runner.manifest, images, clips, budgets or [None] * len(images))
+    for marker, items in runs.items():
+        found = sum(str(m["content"]).count(marker) for m in messages)
+        if found != len(items):
+            raise RuntimeInputError(
+                f"the messages have {found} {marker} markers but {len(items)} {MARKER_NOUNS[marker]} were given"
+            )
+    ids = split_and_join(tokenizer, tokenizer.render_chat(messages), runs, bos=False)
+    return MediaPrompt(ids, _image_rows(runner, patches), _audio_rows(runner, clips))
+
+
+def _media_runs(
+    manifest: ExportManifest, images: list[Any], clips: list[Any], budget: int | Sequence[int | None] | None
+) -> tuple[list[Any], dict[str, list[list[int]]]]:
+    """The images' patches and each kind's placeholder runs, refusing what the export cannot take."""
+    runs: dict[str, list[list[int]]] = {IMAGE_MARKER: [], AUDIO_MARKER: []}
+    patches = []
+    if images:
+        mm = image_support(manifest)
+        patches = image_patches(images, mm, budget if budget is not None else [None] * len(images))
+        runs[IMAGE_MARKER] = [image_run(p.soft_tokens, mm) for p in patches]
+    if clips:
+        tokens = audio_support(manifest)
+        runs[AUDIO_MARKER] = [audio_run(c.soft_tokens, tokens) for c in clips]
+    return patches, runs
 
 
 def _image_rows(runner: Any, patches: list[Any]) -> np.ndarray | None:

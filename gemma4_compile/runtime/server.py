@@ -1,18 +1,22 @@
 """An OpenAI-compatible chat-completions server (starlette + uvicorn) over the batching engine.
 
 Routes: POST /v1/chat/completions (JSON, or SSE with `"stream": true`), GET /v1/models, GET /health.
+Message content may hold images (`image_url` parts with base64 data: URLs) and audio (`input_audio` parts,
+base64 WAV, 16 kHz mono) on exports with those encoders; each is decoded and checked before anything runs.
 Errors use the API's shape, `{"error": {"message", "type", "param", "code"}}`, with its status codes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
@@ -22,7 +26,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import Gemma4CompileError
-from .errors import ContextLengthExceeded
+from .audio import AUDIO_MARKER, clip_features, wav_samples
+from .errors import ContextLengthExceeded, RuntimeInputError
+from .images import IMAGE_MARKER, MediaPrompt, decode_image
 from .sampler import SamplingParams
 from .service import Service
 
@@ -46,19 +52,90 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class ChatRequest:
-    messages: list[dict[str, Any]]
+    messages: list[dict[str, Any]]  # contents as text, with a marker where each image / audio part was
     stream: bool
     max_tokens: int | None
     params: SamplingParams
+    images: list[Any] = field(default_factory=list)  # decoded Pillow images, in order
+    budgets: list[int | None] = field(default_factory=list)  # per image: soft tokens from its "detail"
+    clips: list[Any] = field(default_factory=list)  # log-mel features of the audio parts, in order
 
 
-def _text_content(content: Any) -> str:
-    """Message content as text: a string, or the text parts of a list of parts (no images yet)."""
+PARTS = "a string or a list of text, image_url (data: URL) and input_audio (wav) parts"
+
+
+# image_url "detail": the processor's soft-token budget per image ("auto": the export's default, 280 for Gemma 4)
+DETAIL_BUDGETS = {"low": 70, "high": 1120, "auto": None}
+
+
+def _content(content: Any, where: str, images: list[Any], budgets: list[int | None], clips: list[Any]) -> str:
+    """Message content as text; image and audio parts are decoded into `images` / `clips` and leave their
+    marker in the text (this server fetches nothing: images come as base64 data URLs)."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise ApiError(400, "message content must be a string or a list of text parts", param="messages")
+    if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
+        raise ApiError(400, f"{where}: content must be {PARTS}", param="messages")
+    text = []
+    for j, part in enumerate(content):
+        kind, name = part.get("type"), f"{where}, part {j}"
+        try:
+            if kind == "text":
+                text.append(str(part.get("text", "")))
+            elif kind == "image_url":
+                images.append(decode_image(_data_url(part.get("image_url"), name), name))
+                budgets.append(_detail(part.get("image_url"), name))
+                text.append(IMAGE_MARKER)
+            elif kind == "input_audio":
+                clips.append(
+                    clip_features(wav_samples(_audio_data(part.get("input_audio"), name), name), name)
+                )
+                text.append(AUDIO_MARKER)
+            else:
+                raise ApiError(
+                    400, f"{name}: unknown part type {kind!r}; content must be {PARTS}", param="messages"
+                )
+        except RuntimeInputError as e:
+            raise ApiError(400, str(e), param="messages") from None
+    return "".join(text)
+
+
+def _data_url(value: Any, name: str) -> bytes:
+    """The bytes of an image_url part: {"url": "data:image/...;base64,..."} or the URL itself."""
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise ApiError(
+            400,
+            f"{name}: image_url must be a base64 data: URL (this server fetches nothing)",
+            param="messages",
+        )
+    head, _, payload = url.partition(",")
+    if not head.endswith(";base64"):
+        raise ApiError(
+            400, f"{name}: image_url data must be base64 (data:image/png;base64,...)", param="messages"
+        )
+    return _b64(payload, name)
+
+
+def _detail(value: Any, name: str) -> int | None:
+    detail = value.get("detail", "auto") if isinstance(value, dict) else "auto"
+    if detail not in DETAIL_BUDGETS:
+        raise ApiError(400, f"{name}: detail must be one of {', '.join(DETAIL_BUDGETS)}", param="messages")
+    return DETAIL_BUDGETS[detail]
+
+
+def _audio_data(value: Any, name: str) -> bytes:
+    if not isinstance(value, dict) or value.get("format") != "wav" or not isinstance(value.get("data"), str):
+        raise ApiError(
+            400, f"{name}: input_audio must be {{'data': base64 WAV, 'format': 'wav'}}", param="messages"
+        )
+    return _b64(value["data"], name)
+
+
+def _b64(payload: str, name: str) -> bytes:
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{name}: the data is not valid base64", param="messages") from None
 
 
 def _optional(body: dict, name: str, kind: type, lo: float | None = None) -> Any:
@@ -97,21 +174,30 @@ def parse_chat_request(body: Any, service: Service) -> ChatRequest:
         )
     except Gemma4CompileError as e:
         raise ApiError(400, str(e)) from None
-    msgs = [{"role": str(m.get("role")), "content": _text_content(m.get("content", ""))} for m in messages]
-    return ChatRequest(msgs, bool(body.get("stream", False)), max_tokens, params)
+    images: list[Any] = []
+    budgets: list[int | None] = []
+    clips: list[Any] = []
+    msgs = [
+        {
+            "role": str(m.get("role")),
+            "content": _content(m.get("content", ""), f"message {i}", images, budgets, clips),
+        }
+        for i, m in enumerate(messages)
+    ]
+    return ChatRequest(msgs, bool(body.get("stream", False)), max_tokens, params, images, budgets, clips)
 
 
 class Completion:
     """One request's token stream, bridged from the engine thread into the event loop."""
 
-    def __init__(self, service: Service, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams):
+    def __init__(self, service: Service, prompt: MediaPrompt, max_new_tokens: int, params: SamplingParams):
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[int | None, str | None]] = asyncio.Queue()
-        self.service, self.prompt_tokens = service, len(prompt_ids)
+        self.service, self.prompt_tokens = service, len(prompt.ids)
         self.completion_tokens = 0
         self.decoder = service.tokenizer.stream()
         emit = lambda token, finish: loop.call_soon_threadsafe(self.events.put_nowait, (token, finish))  # noqa: E731
-        self.job = service.submit(prompt_ids, max_new_tokens, params, emit)
+        self.job = service.submit(prompt, max_new_tokens, params, emit)
 
     async def pieces(self) -> AsyncIterator[tuple[str, str | None]]:
         """(new text, finish_reason or None) until the end; text pieces are complete UTF-8."""
@@ -153,9 +239,11 @@ def create_app(service: Service) -> Starlette:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ApiError(400, f"the request body is not valid JSON ({e})") from None
             req = parse_chat_request(body, service)
-            try:
-                prompt = service.prompt_ids(req.messages)
-                budget = service.budget(len(prompt), req.max_tokens)
+            try:  # the encoders run off the event loop
+                prompt = await asyncio.to_thread(
+                    service.prompt, req.messages, req.images, req.clips, req.budgets
+                )
+                budget = service.budget(len(prompt.ids), req.max_tokens)
             except ContextLengthExceeded as e:
                 raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
             except Gemma4CompileError as e:

@@ -12,6 +12,7 @@ from .backend import open_runner
 from .batching import BatchEngine, Emit, Job
 from .errors import ContextLengthExceeded
 from .generate import check_budget
+from .images import MediaPrompt, chat_media_prompt
 from .sampler import SamplingParams
 from .tokenizer import TextTokenizer
 
@@ -62,6 +63,19 @@ class Service:
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         return self.tokenizer.encode_chat(messages)
 
+    def prompt(
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Any],
+        clips: list[Any],
+        budgets: list[int | None] | None = None,
+    ) -> MediaPrompt:
+        """A conversation's ids and, with images or audio clips (marked in the message texts), their soft
+        tokens from the export's encoders (checked before they run); `budgets`: soft tokens per image."""
+        if not images and not clips:
+            return MediaPrompt(self.prompt_ids(messages), None)
+        return chat_media_prompt(self.engine.runner, self.tokenizer, messages, images, clips, budgets)
+
     def budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """max new tokens for a request: as asked, or what fits; raises when the prompt or the ask is too long."""
         if prompt_tokens >= self.max_seq_len:
@@ -73,7 +87,14 @@ class Service:
         return n
 
     def submit(
-        self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams, emit: Emit
+        self,
+        prompt: Sequence[int] | MediaPrompt,
+        max_new_tokens: int,
+        params: SamplingParams,
+        emit: Emit,
     ) -> Job:
         stops = frozenset(self.tokenizer.defaults.eos_token_ids)
-        return self.engine.submit(Job(list(prompt_ids), max_new_tokens, params, stops, emit))
+        if not isinstance(prompt, MediaPrompt):
+            prompt = MediaPrompt(list(prompt), None)
+        job = Job(prompt.ids, max_new_tokens, params, stops, emit, prompt.image_embeds, prompt.audio_embeds)
+        return self.engine.submit(job)
