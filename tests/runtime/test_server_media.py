@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import openai
 import pytest
-from conftest import served
+from serving import served
 from test_audio_prompt import tone, write_pcm16
 
 from gemma4_compile.runtime.audio import AUDIO_MARKER, audio_clips
