@@ -198,7 +198,10 @@ class TrtRunner(BaseRunner):
         self.logger = make_logger(flavour, "WARNING")
         self.runtime, self.engine = deserialize(self.engine_file, flavour, device_sm, self.logger)
         self.profiles = self.manifest.profiles
-        self.stream = self.cuda.new_stream()  # every copy and execution of this runner is ordered on it
+        try:
+            self.stream = self.cuda.new_stream()  # every copy and execution of this runner is ordered on it
+        except RunnerError as e:  # e.g. a CUDA runtime newer than the driver
+            raise BackendUnavailable(str(e)) from None
         self.contexts = [self._context(i) for i in range(len(self.profiles))]
         embed_inputs = {t.name: t for t in self.export.graphs[EMBED].inputs}
         soft = [embed_inputs[n] for n in (IMAGE_EMBEDS, AUDIO_EMBEDS) if n in embed_inputs]
