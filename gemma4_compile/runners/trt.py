@@ -3,10 +3,14 @@
     runner = TrtRunner("OUT", "sm89")       # OUT/engines/sm89, checked against this GPU and TensorRT
     runner.generate(ids, steps=8)
 
-Caches live on the GPU as torch tensors, shaped as export.json says: sliding caches W slots, global caches
-`max_len` slots. Presents are written to a second set of buffers and swapped in after each step (TensorRT
-inputs and outputs must not alias). Nothing here touches a TensorRT runtime unless a CUDA GPU is present:
-a runtime created without one can segfault (docs/tensorrt.md, runtimes without a GPU).
+No torch: device memory goes through runners/cuda.py (libcudart via ctypes), host tensors are numpy (bf16 as
+ml_dtypes.bfloat16). Caches are device buffers shaped as export.json says (sliding caches W slots, global caches
+`max_len` slots), allocated and zeroed once per `start()` together with a second set the presents are written to;
+the two sets swap after each step (TensorRT inputs and outputs must not alias), so a step copies no cache. The
+step's other inputs (embeds, past_len, seq_len, mm_block_ids) are copied into device buffers reused across
+steps, and the logits back into a reused host buffer; everything runs on one stream. Nothing here touches a
+TensorRT runtime unless a CUDA GPU is present: a runtime created without one can segfault (docs/tensorrt.md,
+runtimes without a GPU).
 """
 
 from __future__ import annotations
@@ -26,16 +30,12 @@ from ..errors import BackendUnavailable, Gemma4CompileError, RunnerError
 from ..export.manifest import AUDIO_EMBEDS, DECODER, EMBED, IMAGE_EMBEDS, MM_BLOCK_IDS, ExportManifest
 from ..targets import local_device_sm
 from .base import BaseRunner, DecodeState, empty_rows
-
-
-def _torch_dtype(name: str | int) -> Any:
-    """Export dtype ('bf16'), TensorRT DataType name ('BF16') or ONNX element type (16) -> torch dtype."""
-    return DType.parse(name).torch
+from .cuda import CudaRuntime, DeviceArray, cuda_runtime
 
 
 class EmbedGraph:
     """embed.onnx on the CPU: onnxruntime, or onnx's reference evaluator where onnxruntime has no kernel
-    (its CPU provider has no bf16 Mul). Outputs are CPU torch tensors, bf16 included (numpy cannot hold it)."""
+    (its CPU provider has no bf16 Mul). Outputs are numpy arrays of the graph's dtypes, bf16 as ml_dtypes'."""
 
     def __init__(self, path: Path, soft_inputs: Any = ()):
         """`soft_inputs`: the graph's soft-token inputs (TensorSpecs) when it merges images / audio; fed zero
@@ -54,11 +54,11 @@ class EmbedGraph:
             self.session, self.reference = None, ReferenceEvaluator(str(path))
         self.backend = "onnxruntime" if self.session is not None else "onnx.reference"
 
-    def run(self, input_ids: np.ndarray) -> dict[str, Any]:
+    def run(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64), **self.no_rows}
         if self.reference is not None:
             names = self.reference.output_names
-            return {n: _numpy_to_torch(a) for n, a in zip(names, self.reference.run(None, feeds))}
+            return {n: np.ascontiguousarray(a) for n, a in zip(names, self.reference.run(None, feeds))}
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
@@ -66,25 +66,109 @@ class EmbedGraph:
         for name in names:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        return {name: _ortvalue_to_torch(value) for name, value in zip(names, binding.get_outputs())}
+        return {name: _ortvalue_to_numpy(value) for name, value in zip(names, binding.get_outputs())}
 
 
-def _numpy_to_torch(array: np.ndarray) -> Any:
-    import torch
+def _ortvalue_to_numpy(value: Any) -> np.ndarray:
+    """Copy a CPU OrtValue of any dtype into a numpy array (OrtValue.numpy() cannot return bf16)."""
+    array = np.empty(value.shape(), DType.parse(value.element_type()).numpy)
+    if array.nbytes:  # a copy: ORT owns its buffer
+        ctypes.memmove(array.ctypes.data, value.data_ptr(), array.nbytes)
+    return array
 
-    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
+
+class CacheBuffers:
+    """A state's caches on the device: `past` (name -> buffer, zeroed) feeds a step, whose presents are written
+    to `present`; `swap()` then makes the presents the next past and the old pasts the next present buffers.
+    `take` / `concat` make new caches from rows of these (continuous batching: rows join and leave)."""
+
+    def __init__(
+        self,
+        cuda: CudaRuntime,
+        shapes: dict[str, tuple[int, ...]],
+        pairs: dict[str, str],
+        dtype: Any,
+        stream: int,
+    ):
+        """`shapes`: past name -> shape [B, ...]; `pairs`: past name -> its present name; `stream`: the runner's."""
+        self.cuda, self.pairs, self.dtype, self.stream = cuda, pairs, np.dtype(dtype), stream
+        self.past = {name: DeviceArray(cuda, shape, dtype) for name, shape in shapes.items()}
+        self.present = {pairs[name]: DeviceArray(cuda, shape, dtype) for name, shape in shapes.items()}
+
+    @property
+    def batch(self) -> int:
+        return next(iter(self.past.values())).shape[0]
+
+    def zero(self) -> None:
+        for buffer in self.past.values():
+            buffer.zero(self.stream)
+
+    def swap(self) -> None:
+        for past, present in self.pairs.items():
+            self.past[past], self.present[present] = self.present[present], self.past[past]
+
+    def take(self, rows: np.ndarray) -> CacheBuffers:
+        """New caches holding rows `rows` (batch indices) of these."""
+        return self._gathered([(self, np.asarray(rows))])
+
+    def concat(self, other: CacheBuffers) -> CacheBuffers:
+        """New caches holding these rows, then `other`'s (same cache shapes but for the batch)."""
+        return self._gathered([(self, np.arange(self.batch)), (other, np.arange(other.batch))])
+
+    def _gathered(self, parts: list[tuple[CacheBuffers, np.ndarray]]) -> CacheBuffers:
+        batch = sum(len(rows) for _, rows in parts)
+        shapes = {name: (batch, *b.shape[1:]) for name, b in self.past.items()}
+        for source, _ in parts:
+            if {n: b.shape[1:] for n, b in source.past.items()} != {n: s[1:] for n, s in shapes.items()}:
+                raise RunnerError(
+                    "trt: cannot join caches of different shapes (started with another max_len)"
+                )
+        out = CacheBuffers(self.cuda, shapes, self.pairs, self.dtype, self.stream)
+        for name, buffer in out.past.items():
+            row = buffer.nbytes // batch  # [B, ...] row-major: a row is one contiguous block
+            dst = buffer.ptr
+            for source, rows in parts:
+                for r in rows:
+                    self.cuda.copy(dst, source.past[name].ptr + int(r) * row, row, self.stream)
+                    dst += row
+        self.cuda.synchronize(self.stream)  # the sources may be freed once this returns
+        return out
 
 
-def _ortvalue_to_torch(value: Any) -> Any:
-    """Copy a CPU OrtValue of any dtype into a torch tensor (OrtValue.numpy() cannot return bf16)."""
-    import torch
+class StepBuffers:
+    """A runner's per-step device buffers (inputs that are not caches, outputs that are not presents) and the host
+    buffer the logits come back to; reused across steps and states, grown when a shape grows."""
 
-    shape, dtype = value.shape(), _torch_dtype(value.element_type())
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = bytearray((ctypes.c_uint8 * nbytes).from_address(value.data_ptr()))  # a copy: ORT owns the buffer
-    return torch.frombuffer(raw, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+    def __init__(self, cuda: CudaRuntime, dtypes: dict[str, Any]):
+        """`dtypes`: tensor name -> numpy dtype, as the engine declares it."""
+        self.cuda, self.dtypes = cuda, dtypes
+        self.device: dict[str, DeviceArray] = {}
+        self.host: dict[str, np.ndarray] = {}
+
+    def buffer(self, name: str, shape: tuple[int, ...]) -> DeviceArray:
+        buffer = self.device.get(name)
+        if buffer is None:
+            buffer = self.device[name] = DeviceArray(self.cuda, shape, self.dtypes[name])
+        buffer.reshape(shape)
+        return buffer
+
+    def upload(self, name: str, array: np.ndarray, stream: int) -> DeviceArray:
+        if array.dtype != self.dtypes[name]:
+            raise RunnerError(f"trt: input {name!r} is {array.dtype}, the engine takes {self.dtypes[name]}")
+        buffer = self.buffer(name, array.shape)
+        buffer.upload(array, stream)
+        return buffer
+
+    def download(self, name: str, stream: int) -> np.ndarray:
+        """Queue the copy of output `name` into its host buffer (read it after a sync)."""
+        device = self.device[name]
+        size = int(np.prod(device.shape))
+        host = self.host.get(name)
+        if host is None or host.size < size:
+            host = self.host[name] = np.empty(size, device.dtype)
+        view = host[:size].reshape(device.shape)
+        device.download(view, stream)
+        return view
 
 
 class TrtRunner(BaseRunner):
@@ -97,8 +181,6 @@ class TrtRunner(BaseRunner):
         device_sm = local_device_sm()
         if device_sm is None:
             raise BackendUnavailable("trt: needs a CUDA GPU (the CUDA driver reports none on this machine)")
-        import torch
-
         self.export = ExportManifest.load(export_dir, lenient=True)
         self.export.verify()  # the embed graph runs from the export; its files must be what was exported
         directory = engine_dir(export_dir, target)
@@ -107,6 +189,7 @@ class TrtRunner(BaseRunner):
             flavour = load_trt(manifest.flavour)
         except Gemma4CompileError as e:
             raise BackendUnavailable(f"trt: the engine needs {manifest.trt_title}: {e}") from None
+        self.cuda = cuda_runtime()
         # refuses another export (naming a graph whose ONNX changed), TensorRT or GPU; -> the decoder engine.
         # The embed graph runs on the CPU from embed.onnx (below) even when the build made embed.engine.
         self.engine_file = open_engine(directory, flavour, device_sm, export=self.export)
@@ -115,7 +198,10 @@ class TrtRunner(BaseRunner):
         self.logger = make_logger(flavour, "WARNING")
         self.runtime, self.engine = deserialize(self.engine_file, flavour, device_sm, self.logger)
         self.profiles = self.manifest.profiles
-        self.stream = torch.cuda.Stream()
+        try:
+            self.stream = self.cuda.new_stream()  # every copy and execution of this runner is ordered on it
+        except RunnerError as e:  # e.g. a CUDA runtime newer than the driver
+            raise BackendUnavailable(str(e)) from None
         self.contexts = [self._context(i) for i in range(len(self.profiles))]
         embed_inputs = {t.name: t for t in self.export.graphs[EMBED].inputs}
         soft = [embed_inputs[n] for n in (IMAGE_EMBEDS, AUDIO_EMBEDS) if n in embed_inputs]
@@ -129,13 +215,17 @@ class TrtRunner(BaseRunner):
             self.audio_refusal = "trt: audio prompts run on the ort backend for now"
         self.spec = self.export.spec
         self.max_seq_len = self.export.max_seq_len or self._global_slots_max()
-        self.dtype = _torch_dtype(self.export.dtype)
+        self.dtype = DType.parse(self.export.dtype).numpy
         self.inputs = [t.name for t in self.export.graphs[DECODER].inputs]
         self.outputs = [t.name for t in self.export.graphs[DECODER].outputs]
+        dtypes = {
+            n: DType.parse(self.engine.get_tensor_dtype(n).name).numpy for n in self.inputs + self.outputs
+        }
+        self.buffers = StepBuffers(self.cuda, dtypes)
 
     def _context(self, index: int):
         context = self.engine.create_execution_context()
-        context.set_optimization_profile_async(index, self.stream.cuda_stream)
+        context.set_optimization_profile_async(index, self.stream)
         return context
 
     # ----- limits -------------------------------------------------------------------------------
@@ -147,9 +237,7 @@ class TrtRunner(BaseRunner):
         return min((self._max(n, 2) for n in globals_), default=1 << 62)
 
     # ----- BaseRunner ---------------------------------------------------------------------------
-    def _new_caches(self, batch: int, max_len: int) -> dict[str, Any]:
-        import torch
-
+    def _new_caches(self, batch: int, max_len: int) -> CacheBuffers:
         if batch > self._max("past_len", 0):
             raise RunnerError(
                 f"{self.name}: batch {batch} exceeds the engine's max_batch {self._max('past_len', 0)}"
@@ -158,68 +246,49 @@ class TrtRunner(BaseRunner):
             raise RunnerError(
                 f"{self.name}: max_len {max_len} exceeds the engine's cache_len {self._global_slots_max()}"
             )
-        return {
-            past: torch.zeros(c.shape(batch, max_len), dtype=self.dtype, device="cuda")
-            for c in self.export.caches
-            for past in c.past
-        }
+        shapes = {past: c.shape(batch, max_len) for c in self.export.caches for past in c.past}
+        pairs = {p: q for c in self.export.caches for p, q in zip(c.past, c.present)}
+        caches = CacheBuffers(self.cuda, shapes, pairs, self.dtype, self.stream)
+        caches.zero()  # ordered before the first step on the same stream
+        return caches
 
     def _step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
-        import torch
-
-        S = input_ids.shape[1]
-        if "spare" not in state.extra:  # presents are written here, then swapped in (no aliasing I/O)
-            pairs = [(p, q) for c in self.export.caches for p, q in zip(c.past, c.present)]
-            state.extra["spare"] = {q: torch.empty_like(state.caches[p]) for p, q in pairs}
         self._soft_rows(state, input_ids)  # a placeholder without its soft token is refused
-        feeds = self._embed(input_ids)
-        feeds["past_len"] = torch.from_numpy(state.past_len).cuda()
-        feeds["seq_len"] = torch.from_numpy(np.asarray(seq_len, dtype=np.int64)).cuda()
+        feeds = {k: v for k, v in self.embed.run(input_ids).items() if k in self.inputs}
+        feeds["past_len"] = state.past_len
+        feeds["seq_len"] = np.asarray(seq_len, dtype=np.int64)
         if MM_BLOCK_IDS in self.inputs:  # 26B/31B exports with images; -1 while image prompts are refused
-            feeds[MM_BLOCK_IDS] = torch.from_numpy(self._block_ids(input_ids, seq_len)).cuda()
-        feeds.update(state.caches)
-        context = self.contexts[profile_index(self.profiles, S)]
-        outputs = self._run(context, feeds, state.extra["spare"])
-        self._swap(state, outputs)
-        return outputs["logits"].float().cpu().numpy()
+            feeds[MM_BLOCK_IDS] = self._block_ids(input_ids, seq_len)
+        context = self.contexts[profile_index(self.profiles, input_ids.shape[1])]
+        self._bind(context, feeds, state.caches)
+        if not context.execute_async_v3(self.stream):
+            raise RunnerError(f"{self.name}: TensorRT execution failed: {'; '.join(self.logger.errors())}")
+        logits = self.buffers.download("logits", self.stream)
+        self.cuda.synchronize(self.stream)
+        state.caches.swap()
+        return logits.astype(np.float32)  # a copy: the host buffer is reused by the next step
 
     # ----- internals ----------------------------------------------------------------------------
-    def _embed(self, input_ids: np.ndarray) -> dict[str, Any]:
-        return {k: v.cuda() for k, v in self.embed.run(input_ids).items() if k in self.inputs}
-
-    def _run(self, context, feeds: dict[str, Any], spare: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
+    def _bind(self, context, feeds: dict[str, np.ndarray], caches: CacheBuffers) -> None:
+        """Copy the host inputs in (on the stream), and point the context at every input and output buffer."""
         for name in self.inputs:
-            if name not in feeds:
+            if name in caches.past:
+                buffer = caches.past[name]
+            elif name in feeds:
+                buffer = self.buffers.upload(name, np.asarray(feeds[name]), self.stream)
+            else:
                 raise RunnerError(f"{self.name}: no value for decoder input {name!r}")
-            tensor = feeds[name].contiguous()
-            feeds[name] = tensor
-            if not context.set_input_shape(name, tuple(tensor.shape)):
+            if not context.set_input_shape(name, buffer.shape):
                 profile = self.profiles[context.active_optimization_profile].shape(name)
                 raise RunnerError(
-                    f"{self.name}: input {name!r} shape {tuple(tensor.shape)} is outside the engine's profile "
+                    f"{self.name}: input {name!r} shape {buffer.shape} is outside the engine's profile "
                     f"{profile.min}..{profile.max}"
                 )
-            context.set_tensor_address(name, tensor.data_ptr())
-        outputs = {}
+            context.set_tensor_address(name, buffer.ptr)
         for name in self.outputs:
             shape = tuple(context.get_tensor_shape(name))
-            buffer = spare.get(name)
-            if buffer is None or tuple(buffer.shape) != shape:
-                dtype = _torch_dtype(self.engine.get_tensor_dtype(name).name)
-                buffer = torch.empty(shape, dtype=dtype, device="cuda")
-            outputs[name] = buffer
-            context.set_tensor_address(name, buffer.data_ptr())
-        torch.cuda.current_stream().synchronize()  # inputs were copied on the default stream
-        if not context.execute_async_v3(self.stream.cuda_stream):
-            raise RunnerError(f"{self.name}: TensorRT execution failed: {'; '.join(self.logger.errors())}")
-        self.stream.synchronize()
-        return outputs
-
-    def _swap(self, state: DecodeState, outputs: dict[str, Any]) -> None:
-        """present -> next step's past; the old past buffer becomes the next present buffer."""
-        for c in self.export.caches:
-            for past, present in zip(c.past, c.present):
-                state.extra["spare"][present] = state.caches[past]
-                state.caches[past] = outputs[present]
+            buffer = caches.present.get(name)
+            if buffer is None:
+                buffer = self.buffers.buffer(name, shape)
+            buffer.reshape(shape)
+            context.set_tensor_address(name, buffer.ptr)

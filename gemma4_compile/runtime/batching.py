@@ -158,12 +158,12 @@ class BatchEngine:
         keep = np.flatnonzero(alive)
         if not keep.size:
             return
-        caches = {k: v[keep] for k, v in state.caches.items()}
+        caches = _rows(state.caches, keep)
         if self.state is None:
             state.caches, state.past_len = caches, state.past_len[keep]
             self.state = state
         else:
-            self.state.caches = {k: np.concatenate([v, caches[k]]) for k, v in self.state.caches.items()}
+            self.state.caches = _joined(self.state.caches, caches)
             self.state.past_len = np.concatenate([self.state.past_len, state.past_len[keep]])
         self.rows += [seqs[i] for i in keep]
 
@@ -175,7 +175,7 @@ class BatchEngine:
         if not self.rows:
             self.state = None
             return
-        self.state.caches = {k: v[keep] for k, v in self.state.caches.items()}
+        self.state.caches = _rows(self.state.caches, keep)
         self.state.past_len = self.state.past_len[keep]
 
     def _drop_finished(self) -> None:
@@ -183,3 +183,18 @@ class BatchEngine:
         cancelled = [s.cancelled.is_set() for s in self.rows]
         if any(cancelled):
             self._keep([not c for c in cancelled])
+
+
+def _rows(caches: Any, keep: np.ndarray) -> Any:
+    """Rows `keep` of a state's caches: a dict of host arrays (ort), or device caches that copy their own rows
+    (trt's CacheBuffers)."""
+    if hasattr(caches, "take"):
+        return caches.take(keep)
+    return {k: v[keep] for k, v in caches.items()}
+
+
+def _joined(caches: Any, more: Any) -> Any:
+    """`caches`' rows, then `more`'s."""
+    if hasattr(caches, "concat"):
+        return caches.concat(more)
+    return {k: np.concatenate([v, more[k]]) for k, v in caches.items()}

@@ -15,7 +15,7 @@ DEVICE_SM = local_device_sm()
 
 needs_gpu_trt = pytest.mark.skipif(
     DEVICE_SM is None or not (HAS_RTX or HAS_FULL_TRT),
-    reason="needs a CUDA GPU (torch.cuda) and a TensorRT runtime; engines cannot run on this machine",
+    reason="needs a CUDA GPU and a TensorRT runtime; engines cannot run on this machine",
 )
 
 

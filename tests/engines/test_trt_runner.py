@@ -1,16 +1,21 @@
-"""TrtRunner: refuses cleanly without a GPU; on a GPU with TensorRT, agrees with onnxruntime on the same export."""
+"""TrtRunner: refuses cleanly without a GPU; its embed stage and device-buffer logic (against a numpy fake of the
+CUDA seam) on the CPU; on a GPU with TensorRT, agrees with onnxruntime on the same export."""
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from engines_support import DEVICE_SM, has_exporter, needs_gpu_trt
 
-from gemma4_compile.errors import BackendUnavailable, BuildError
-from gemma4_compile.runners.trt import EmbedGraph, TrtRunner
+from gemma4_compile.dtypes import DType
+from gemma4_compile.errors import BackendUnavailable, BuildError, RunnerError
+from gemma4_compile.runners.cuda import DeviceArray, cuda_runtime
+from gemma4_compile.runners.trt import CacheBuffers, EmbedGraph, StepBuffers, TrtRunner
 
 
 @pytest.mark.skipif(DEVICE_SM is not None, reason="this machine has a CUDA GPU")
@@ -21,9 +26,8 @@ def test_without_a_gpu_construction_says_why(synthetic_exports):
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_embed_stage_on_the_synthetic_export(synthetic_exports, dtype):
-    """The CPU half of TrtRunner: embed.onnx -> torch tensors of the export dtype (bf16 too)."""
+    """The CPU half of TrtRunner: embed.onnx -> numpy arrays of the export dtype (bf16 as ml_dtypes')."""
     import onnx
-    import torch
     from onnx import numpy_helper
 
     out = synthetic_exports[dtype]
@@ -31,34 +35,224 @@ def test_embed_stage_on_the_synthetic_export(synthetic_exports, dtype):
     ids = np.array([[0, 5, 63], [7, 7, 1]])
     got = embed.run(ids)
     assert set(got) == {"inputs_embeds", "per_layer_tokens"}
-    want_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    assert got["inputs_embeds"].dtype == want_dtype and tuple(got["per_layer_tokens"].shape) == (2, 3, 3, 4)
+    want_dtype = {"fp16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16)}[dtype]
+    assert got["inputs_embeds"].dtype == want_dtype and got["per_layer_tokens"].shape == (2, 3, 3, 4)
     model = onnx.load(str(out / "embed.onnx"))
     table = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "embed_tokens"))
-    expected = torch.from_numpy(np.asarray(table, dtype=np.float32)[ids])  # a plain gather
-    assert torch.equal(got["inputs_embeds"].float(), expected)
+    np.testing.assert_array_equal(
+        got["inputs_embeds"].view(np.uint16), table[ids].view(np.uint16)
+    )  # a gather
 
 
 @pytest.mark.skipif(not has_exporter(), reason="gemma4_compile.export is not available")
-def test_embed_stage_matches_the_model_for_a_bf16_export(real_exports):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_embed_stage_equals_its_backend_on_a_tiny_export(make_export, dtype):
+    """EmbedGraph's numpy outputs are bit for bit what onnxruntime (fp32) or onnx's reference evaluator (bf16:
+    onnxruntime's CPU provider has no bf16 Mul) computes from the same embed.onnx."""
+    path = make_export("tiny-e2b", dtype) / "embed.onnx"
+    embed = EmbedGraph(path)
+    ids = np.array([[2, 17, 400, 9], [5, 0, 1, 260]])
+    got = embed.run(ids)
+    if dtype == "fp32":
+        import onnxruntime as ort
+
+        assert embed.backend == "onnxruntime"
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        want = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input_ids": ids})))
+        bits = np.uint32
+    else:
+        from onnx.reference import ReferenceEvaluator
+
+        assert embed.backend == "onnx.reference"
+        reference = ReferenceEvaluator(str(path))
+        want = dict(zip(reference.output_names, reference.run(None, {"input_ids": ids})))
+        bits = np.uint16
+    assert set(got) == set(want) == {"inputs_embeds", "per_layer_tokens"}
+    for name, array in got.items():
+        assert isinstance(array, np.ndarray) and array.dtype == DType.parse(dtype).numpy, name
+        assert array.shape == want[name].shape and array.shape[:2] == ids.shape
+        np.testing.assert_array_equal(
+            array.view(bits), np.ascontiguousarray(want[name]).view(bits), err_msg=name
+        )
+
+
+@pytest.mark.skipif(not has_exporter(), reason="gemma4_compile.export is not available")
+def test_embed_stage_matches_the_model_for_a_bf16_export(make_export, make_checkpoint):
     """onnxruntime's CPU provider has no bf16 Mul, so bf16 embeds run on onnx's reference evaluator."""
     import torch
 
     from gemma4_compile.validate.reference import TorchRunner
 
-    out = real_exports("tiny-e2b", "bf16")
+    out = make_export("tiny-e2b", "bf16")  # the export of the test above
     embed = EmbedGraph(out / "embed.onnx")
     assert embed.backend == "onnx.reference"
     ids = np.array([[2, 17, 400, 9]])
     got = embed.run(ids)
-    model = TorchRunner(out.parent / "ckpt-tiny-e2b", "bf16").model
+    model = TorchRunner(make_checkpoint("tiny-e2b"), "bf16").model
     with torch.inference_mode():
         embeds, per_layer = model.embed(torch.from_numpy(ids))
-    assert got["inputs_embeds"].dtype == torch.bfloat16
-    torch.testing.assert_close(got["inputs_embeds"], embeds, atol=0, rtol=0)
-    torch.testing.assert_close(
-        got["per_layer_tokens"], per_layer.reshape(got["per_layer_tokens"].shape), atol=0, rtol=0
+    assert got["inputs_embeds"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(
+        got["inputs_embeds"].view(np.uint16), embeds.view(torch.int16).numpy().view(np.uint16)
     )
+    per_layer = per_layer.reshape(got["per_layer_tokens"].shape).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(got["per_layer_tokens"].view(np.uint16), per_layer)
+
+
+# ----- device buffers, against a numpy-backed fake of the CUDA seam (the GPU path itself needs a GPU) --------
+class FakeCuda:
+    """CudaRuntime's calls over host bytes: allocations are numpy byte arrays at made-up addresses (an address
+    inside an allocation works, one outside raises); new memory is filled with 0xAB so a missing zeroing shows.
+    Counts what the buffers ask for."""
+
+    def __init__(self):
+        self.heap: dict[int, np.ndarray] = {}
+        self.next_ptr = 0x1000
+        self.mallocs = self.frees = self.copies = self.syncs = 0
+
+    def malloc(self, nbytes: int) -> int:
+        ptr, self.next_ptr = self.next_ptr, self.next_ptr + nbytes + 0x100
+        self.heap[ptr] = np.full(nbytes, 0xAB, np.uint8)
+        self.mallocs += 1
+        return ptr
+
+    def free(self, ptr: int) -> None:
+        del self.heap[ptr]  # a KeyError on a double free
+        self.frees += 1
+
+    def at(self, ptr: int, nbytes: int) -> np.ndarray:
+        """The `nbytes` bytes at device address `ptr` (a view)."""
+        base = max((b for b in self.heap if b <= ptr), default=None)
+        assert base is not None and ptr + nbytes <= base + self.heap[base].size, (
+            f"{ptr:#x}+{nbytes} is not allocated"
+        )
+        return self.heap[base][ptr - base : ptr - base + nbytes]
+
+    def memset(self, ptr: int, nbytes: int, stream: int) -> None:
+        self.at(ptr, nbytes)[:] = 0
+
+    def to_device(self, ptr: int, host: np.ndarray, stream: int) -> None:
+        self.at(ptr, host.nbytes)[:] = host.reshape(-1).view(np.uint8)
+        self.copies += 1
+
+    def to_host(self, host: np.ndarray, ptr: int, stream: int) -> None:
+        host.reshape(-1).view(np.uint8)[:] = self.at(ptr, host.nbytes)
+        self.copies += 1
+
+    def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        self.at(dst, nbytes)[:] = self.at(src, nbytes)
+        self.copies += 1
+
+    def synchronize(self, stream: int) -> None:
+        self.syncs += 1
+
+    def read(self, buffer: DeviceArray) -> np.ndarray:
+        return self.at(buffer.ptr, buffer.nbytes).view(buffer.dtype).reshape(buffer.shape)
+
+    def write(self, buffer: DeviceArray, values: np.ndarray) -> None:
+        self.at(buffer.ptr, buffer.nbytes)[:] = (
+            np.ascontiguousarray(values, buffer.dtype).reshape(-1).view(np.uint8)
+        )
+
+
+def test_device_array_grows_but_never_shrinks_and_frees_what_it_replaced():
+    cuda = FakeCuda()
+    buffer = DeviceArray(cuda, (2, 8), np.float16)
+    first = buffer.ptr
+    buffer.reshape((2, 4))  # smaller: same memory
+    buffer.reshape((2, 8))  # back to the allocated size: same memory
+    assert (buffer.ptr, buffer.allocations, cuda.mallocs, buffer.shape) == (first, 1, 1, (2, 8))
+    buffer.reshape((3, 8))  # larger: a new allocation, the old one freed
+    assert buffer.ptr != first and buffer.allocations == 2 and list(cuda.heap) == [buffer.ptr]
+    del buffer
+    gc.collect()
+    assert cuda.heap == {} and cuda.frees == 2  # freed once each, by the finalizer at the end
+
+
+def test_device_array_round_trips_bf16_bits_and_refuses_a_dtype_mismatch():
+    cuda = FakeCuda()
+    host = (np.arange(12, dtype=np.float32) / 7).astype(ml_dtypes.bfloat16).reshape(3, 4)
+    buffer = DeviceArray(cuda, (1, 1), ml_dtypes.bfloat16)
+    buffer.upload(host, stream=0)
+    assert buffer.shape == (3, 4)
+    back = np.empty((3, 4), ml_dtypes.bfloat16)
+    buffer.download(back, stream=0)
+    np.testing.assert_array_equal(back.view(np.uint16), host.view(np.uint16))
+    with pytest.raises(RunnerError, match=r"float16 array cannot be copied into a bfloat16 device buffer"):
+        buffer.upload(host.astype(np.float16), stream=0)
+    with pytest.raises(RunnerError, match=r"cannot copy a bfloat16\[3, 4\] device buffer"):
+        buffer.download(np.empty((4, 3), ml_dtypes.bfloat16), stream=0)
+
+
+def test_caches_start_zeroed_and_presents_swap_in_without_copies_or_allocations():
+    """A fake engine writes present = past + 1 into the buffers the runner would bind; after N steps every past
+    holds N, with no allocation or copy after start()."""
+    cuda = FakeCuda()
+    shapes = {"past.0.key": (2, 1, 4, 3), "past.1.key": (2, 1, 16, 3)}
+    pairs = {"past.0.key": "present.0.key", "past.1.key": "present.1.key"}
+    caches = CacheBuffers(cuda, shapes, pairs, ml_dtypes.bfloat16, stream=0)
+    caches.zero()
+    assert all((cuda.read(b).view(np.uint16) == 0).all() for b in caches.past.values())
+    mallocs, sets = cuda.mallocs, {b.ptr for b in [*caches.past.values(), *caches.present.values()]}
+    for step in range(1, 4):
+        for past, present in pairs.items():
+            assert caches.past[past].ptr != caches.present[present].ptr  # TensorRT I/O must not alias
+            cuda.write(caches.present[present], cuda.read(caches.past[past]).astype(np.float32) + 1)
+        caches.swap()
+        assert all((cuda.read(b).astype(np.float32) == step).all() for b in caches.past.values())
+    assert cuda.mallocs == mallocs and cuda.copies == 0
+    assert {b.ptr for b in [*caches.past.values(), *caches.present.values()]} == sets
+
+
+def test_caches_take_and_concat_rows_by_device_copies():
+    cuda = FakeCuda()
+    pairs = {"past.0.key": "present.0.key", "past.1.key": "present.1.key"}
+
+    def caches_of(values: np.ndarray) -> CacheBuffers:  # [B, ...] per cache, value + cache index
+        shapes = {"past.0.key": values.shape, "past.1.key": values.shape}
+        caches = CacheBuffers(cuda, shapes, pairs, np.float16, stream=0)
+        for i, buffer in enumerate(caches.past.values()):
+            cuda.write(buffer, values + 100 * i)
+        return caches
+
+    a = np.arange(3 * 2 * 4 * 3, dtype=np.float16).reshape(3, 2, 4, 3)
+    b = -np.arange(1 * 2 * 4 * 3, dtype=np.float16).reshape(1, 2, 4, 3)
+    first, second = caches_of(a), caches_of(b)
+    kept = first.take(np.array([2, 0]))
+    joined = kept.concat(second)
+    assert kept.batch == 2 and joined.batch == 3 and cuda.syncs == 2
+    for i, name in enumerate(pairs):
+        np.testing.assert_array_equal(cuda.read(kept.past[name]), a[[2, 0]] + 100 * i)
+        np.testing.assert_array_equal(cuda.read(joined.past[name]), np.concatenate([a[[2, 0]], b]) + 100 * i)
+        assert joined.present[pairs[name]].shape == (3, 2, 4, 3)
+    longer = CacheBuffers(cuda, {n: (1, 2, 8, 3) for n in pairs}, pairs, np.float16, stream=0)
+    with pytest.raises(RunnerError, match=r"^trt: cannot join caches of different shapes"):
+        first.concat(longer)
+
+
+def test_step_buffers_reuse_device_and_host_memory_and_grow_on_a_longer_step():
+    cuda = FakeCuda()
+    steps = StepBuffers(cuda, {"seq_len": np.dtype(np.int64), "logits": np.dtype(np.float16)})
+    prefill = steps.upload("seq_len", np.array([6, 4]), stream=0)
+    decode = steps.upload("seq_len", np.array([1, 1]), stream=0)
+    assert decode is prefill and cuda.mallocs == 1
+    np.testing.assert_array_equal(cuda.read(decode), [1, 1])
+    with pytest.raises(RunnerError, match=r"input 'seq_len' is int32, the engine takes int64"):
+        steps.upload("seq_len", np.array([1, 1], np.int32), stream=0)
+
+    logits = steps.buffer("logits", (2, 6, 5))  # prefill: S = 6
+    values = np.arange(60, dtype=np.float16).reshape(2, 6, 5)
+    cuda.write(logits, values)
+    np.testing.assert_array_equal(steps.download("logits", stream=0), values)
+    host = steps.host["logits"]
+    logits = steps.buffer("logits", (2, 1, 5))  # decode: the same device and host memory
+    cuda.write(logits, values[:, :1])
+    got = steps.download("logits", stream=0)
+    assert got.shape == (2, 1, 5) and np.shares_memory(got, host) and cuda.mallocs == 2
+    np.testing.assert_array_equal(got, values[:, :1])
+    steps.buffer("logits", (2, 8, 5))  # a longer step than any before: both grow
+    assert steps.download("logits", stream=0).shape == (2, 8, 5) and steps.host["logits"] is not host
+    assert cuda.mallocs == 3 and len(cuda.heap) == 2
 
 
 class OrtDecoder:
@@ -108,6 +302,136 @@ class OrtDecoder:
         return np.stack(tokens, 1), np.stack(chosen, 1)
 
 
+def _libcudart():
+    try:
+        return cuda_runtime()
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.skipif(DEVICE_SM is not None, reason="this machine has a CUDA GPU")
+def test_the_real_cuda_seam_reports_a_failing_call_in_one_line():
+    """libcudart through ctypes on a machine without a usable GPU: each call fails with CUDA's own reason."""
+    cuda = _libcudart()
+    with pytest.raises(RunnerError, match=r"^trt: cudaMalloc failed: CUDA error \d+ \(.+\)$"):
+        DeviceArray(cuda, (4,), np.float16)
+    with pytest.raises(RunnerError, match=r"^trt: cudaStreamCreate failed: CUDA error \d+ \(.+\)$"):
+        cuda.new_stream()
+
+
+@pytest.mark.skipif(DEVICE_SM is None, reason="needs a CUDA GPU (real device memory)")
+def test_the_real_cuda_seam_zeroes_copies_and_grows_device_memory():
+    cuda = _libcudart()
+    stream = cuda.new_stream()
+    host = (np.arange(24, dtype=np.float32) - 5.5).astype(ml_dtypes.bfloat16).reshape(2, 3, 4)
+    buffer = DeviceArray(cuda, (2, 3, 4), ml_dtypes.bfloat16)
+    back = np.full((2, 3, 4), 7, ml_dtypes.bfloat16)
+    buffer.zero(stream)
+    buffer.download(back, stream)
+    cuda.synchronize(stream)
+    assert (back.view(np.uint16) == 0).all()
+    buffer.upload(host, stream)
+    buffer.download(back, stream)
+    cuda.synchronize(stream)
+    np.testing.assert_array_equal(back.view(np.uint16), host.view(np.uint16))
+    buffer.upload(np.concatenate([host, host]), stream)  # grows: a new allocation
+    assert buffer.allocations == 2 and buffer.shape == (4, 3, 4)
+    cuda.synchronize(stream)
+
+
+_ORT_TYPES = {f"tensor({n})": np.dtype(n) for n in ("float", "float16", "int64")}
+
+
+class FakeContext:
+    """The TensorRT execution-context calls TrtRunner makes, running decoder.onnx with onnxruntime on the fake
+    device memory at the addresses bound: checks the runner's plumbing (bindings, shapes, swaps), not TensorRT."""
+
+    def __init__(self, cuda: FakeCuda, session, index: int):
+        self.cuda, self.session, self.active_optimization_profile = cuda, session, index
+        self.types = {i.name: _ORT_TYPES[i.type] for i in session.get_inputs()}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+        self.results: dict[str, np.ndarray] | None = None
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        self.shapes[name], self.results = tuple(shape), None
+        return True
+
+    def set_tensor_address(self, name: str, ptr: int) -> None:
+        self.addresses[name] = ptr
+
+    def _outputs(self) -> dict[str, np.ndarray]:
+        if self.results is None:
+            feeds = {}
+            for name, shape in self.shapes.items():
+                nbytes = int(np.prod(shape)) * self.types[name].itemsize
+                raw = self.cuda.at(self.addresses[name], nbytes) if nbytes else np.empty(0, np.uint8)
+                feeds[name] = raw.copy().view(self.types[name]).reshape(shape)
+            names = [o.name for o in self.session.get_outputs()]
+            self.results = dict(zip(names, self.session.run(None, feeds)))
+        return self.results
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self._outputs()[name].shape
+
+    def execute_async_v3(self, stream: int) -> bool:
+        inputs = {self.addresses[n] for n in self.shapes}
+        for name, value in self._outputs().items():
+            assert self.addresses[name] not in inputs, f"{name} aliases an input"
+            self.cuda.at(self.addresses[name], value.nbytes)[:] = value.reshape(-1).view(np.uint8)
+        return True
+
+
+def _runner_on_fakes(out: Path, cuda: FakeCuda) -> TrtRunner:
+    """A TrtRunner wired as __init__ wires it, with FakeCuda for libcudart and FakeContexts for TensorRT."""
+    import onnxruntime as ort
+
+    from gemma4_compile.engines.profiles import ProfileLimits, derive_profiles
+    from gemma4_compile.export.manifest import ExportManifest
+    from gemma4_compile.runners.base import BaseRunner
+
+    runner = TrtRunner.__new__(TrtRunner)
+    BaseRunner.__init__(runner)
+    runner.export = ExportManifest.load(out, lenient=True)
+    runner.cuda, runner.stream = cuda, 0
+    runner.profiles = derive_profiles(runner.export, ProfileLimits(max_batch=2, max_seq=32))
+    session = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    runner.contexts = [FakeContext(cuda, session, i) for i in range(len(runner.profiles))]
+    runner.embed = EmbedGraph(out / "embed.onnx")
+    runner.spec, runner.max_seq_len = runner.export.spec, runner.export.max_seq_len
+    runner.dtype = DType.parse(runner.export.dtype).numpy
+    runner.inputs = [t.name for t in runner.export.graphs["decoder"].inputs]
+    runner.outputs = [t.name for t in runner.export.graphs["decoder"].outputs]
+    graph = runner.export.graphs["decoder"]
+    runner.buffers = StepBuffers(
+        cuda, {t.name: DType.parse(t.dtype).numpy for t in graph.inputs + graph.outputs}
+    )
+    return runner
+
+
+def test_the_runner_step_on_fake_device_memory_equals_onnxruntime(synthetic_exports):
+    """TrtRunner's _new_caches/_step/_bind over FakeCuda and an onnxruntime-backed fake context gives the logits
+    of a plain onnxruntime decode loop, bit for bit, past the sliding window; after the prefill, decode steps
+    allocate nothing. (TensorRT and real device memory: the GPU tests below.)"""
+    out = synthetic_exports["fp16"]
+    cuda = FakeCuda()
+    runner = _runner_on_fakes(out, cuda)
+    ids = np.array([[3, 9, 27, 5, 1, 60], [8, 8, 2, 40, 11, 7]], dtype=np.int64)  # 6 tokens > window 4
+    ref_tokens, ref_logits = OrtDecoder(out).generate(ids, steps=5)
+    state = runner.start(2, 6 + 5)
+    last = runner.step(state, ids, np.full(2, 6))[:, -1]
+    mallocs, tokens, chosen = cuda.mallocs, [], []
+    for i in range(5):
+        assert last.dtype == np.float32
+        chosen.append(last)
+        tokens.append(last.argmax(-1))
+        if i < 4:
+            last = runner.step(state, tokens[-1][:, None], np.ones(2, np.int64))[:, 0]
+    np.testing.assert_array_equal(np.stack(chosen, 1), ref_logits.astype(np.float32))
+    np.testing.assert_array_equal(np.stack(tokens, 1), ref_tokens)
+    assert cuda.mallocs == mallocs
+
+
 def _build_native(out: Path) -> None:
     from gemma4_compile.engines import build_engines
 
@@ -146,3 +470,36 @@ def test_trt_matches_torch_on_a_tiny_checkpoint(real_exports, dtype):
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(got[b, :n], want[b, :n], atol=0.25, rtol=0)
     assert (runner.generate(ids, 4, lengths) == reference.generate(ids, 4, lengths)).mean() >= 0.75
+
+
+def test_continuous_batching_moves_trt_cache_rows_on_the_device(synthetic_exports):
+    """The serving engine over TrtRunner (fakes as above): rows join a running batch and leave it through
+    CacheBuffers.take/concat, and each prompt gets the tokens it gets alone."""
+    import threading
+
+    from gemma4_compile.runtime.batching import BatchEngine, Job
+    from gemma4_compile.runtime.sampler import SamplingParams
+
+    runner = _runner_on_fakes(synthetic_exports["fp16"], FakeCuda())
+    prompts = [[3, 9, 27, 5, 1, 60], [8, 8, 2, 40, 11, 7, 30], [5, 6], [12, 13, 14, 15, 16]]  # > window 4
+    budgets = [7, 3, 9, 4]
+    engine = BatchEngine(runner, max_batch=2, max_len=24).start()
+    done, out = threading.Semaphore(0), {i: [] for i in range(len(prompts))}
+
+    def emitter(i):
+        def emit(token, finish):
+            if finish is None:
+                out[i].append(token)
+            else:
+                done.release()
+
+        return emit
+
+    try:
+        for i, (p, n) in enumerate(zip(prompts, budgets)):
+            engine.submit(Job(p, n, SamplingParams(), frozenset(), emitter(i)))
+        assert all(done.acquire(timeout=60) for _ in prompts)
+    finally:
+        engine.stop()
+    for i, (p, n) in enumerate(zip(prompts, budgets)):
+        assert out[i] == runner.generate(np.array([p]), n)[0].tolist(), i
