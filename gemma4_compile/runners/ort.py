@@ -17,6 +17,13 @@ from .ort_cache import optimized_graph, with_data_folder
 from .rows import row_reader
 
 
+def _shared_decoder(path: Path) -> bytes:
+    # imported here: onnx-ir costs ~40 MB of RSS, paid only by a start that rewrites (no session-cache hit)
+    from ..passes.share_shapes import shared_decoder
+
+    return shared_decoder(path)
+
+
 class OrtRunner(BaseRunner):
     """Runs OUT/embed.onnx + OUT/decoder.onnx; sliding caches stay exactly W slots, global ones max_len."""
 
@@ -101,9 +108,7 @@ class OrtRunner(BaseRunner):
                 if found is not None:
                     self.rows, graph = found
                     return ort.InferenceSession(graph, options, providers=providers)
-            rewrite = None
-            if role == DECODER and self._share_shapes:
-                from ..passes.share_shapes import shared_decoder as rewrite  # onnx-ir: loaded only here
+            rewrite = _shared_decoder if role == DECODER and self._share_shapes else None
             if self._session_cache and role == DECODER:  # the graph whose optimization takes the time
                 path = optimized_graph(ort, self.manifest, role, providers, self._session_cache, rewrite)
             elif rewrite is not None:  # every graph of an export shares its folder, so `options` may say it
