@@ -10,7 +10,10 @@ dimension, and each `Shape` read whose dimensions are all known (a number, or a 
 input (or a constant). Then the copies have the same inputs and common-subexpression elimination keeps one:
 one mask per window value, one set of shape vectors per head layout. Only integer and boolean computations
 are shared, and the only float ops removed are casts to the type their input already has, so the logits are
-those of the plain graph.
+those of the plain graph. It relies on the graph inputs' dimension names being the contract export.json states
+(every input's `sliding_cache_len` is the same size in one call), which the runners' caches always satisfy;
+onnxruntime itself does not check it, so a caller feeding mismatched caches to a rewritten session would get
+the first cache's length everywhere instead of an error.
 
 The exported file keeps its function (TensorRT maps it to a plugin or inlines it); this runs on the graph that
 the onnxruntime runner hands its session (runners/ort.py), without the weights (they stay external).
