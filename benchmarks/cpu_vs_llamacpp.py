@@ -2,7 +2,7 @@
 
     pip install -r benchmarks/requirements-llamacpp.txt      # optional: builds llama.cpp from source
     python benchmarks/cpu_vs_llamacpp.py --llama-src DIR [--configs e2b moe dense] [--repeat 3]
-        [--variants fp32] [--baseline OLD_WORK]
+        [--variants fp32] [--baseline OLD_WORK] [--plain]
 
 DIR is the llama.cpp tree that llama-cpp-python vendors (`vendor/llama.cpp` of its sdist:
 `pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36`), for `convert_hf_to_gguf.py`.
@@ -14,7 +14,8 @@ keeping the best. `--variants` limits our variants (and llama.cpp's to their pai
 times `OLD_WORK/<config>/onnx-fp32` (written by an earlier version, e.g. before a change to an op body) as
 ours variant `fp32-base` beside every fp32 cell, so before and after alternate within one run. Greedy tokens
 of row 0 are compared with transformers (fp32) or, for int4, with our PyTorch model on the same dequantized
-weights (the validate gate); llama.cpp's are reported as they are.
+weights (the validate gate); llama.cpp's are reported as they are. `--plain` also times the same fp32 export
+with the runner's graph rewrite off (`OrtRunner(share_shapes=False)`) as `fp32-plain` beside every fp32 cell.
 Prints a table and one JSON line; exits 1 with one line when llama_cpp is not installed.
 
 On a CPU shared with other jobs, threads that spin at barriers collapse (llama.cpp's OpenMP threads: 2-thread
@@ -58,7 +59,7 @@ def _vmhwm_mib() -> float:
     return int(line.split()[1]) / 1024
 
 
-def _ours(path: Path, batch: int, max_len: int, threads: int, spin: bool = True):
+def _ours(path: Path, batch: int, max_len: int, threads: int, spin: bool = True, share_shapes: bool = True):
     import onnxruntime as ort
 
     from gemma4_compile.runners.ort import OrtRunner
@@ -66,7 +67,7 @@ def _ours(path: Path, batch: int, max_len: int, threads: int, spin: bool = True)
     options = ort.SessionOptions()
     if not spin:  # onnxruntime's counterpart of OMP_WAIT_POLICY=PASSIVE
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    runner = OrtRunner(path, threads=threads, options=options)
+    runner = OrtRunner(path, threads=threads, options=options, share_shapes=share_shapes)
     holder = {}
 
     def reset() -> None:
@@ -106,7 +107,7 @@ def worker(job: dict) -> dict:
     t0 = time.perf_counter()
     args = (Path(job["path"]), job["batch"], ids.shape[1] + job["steps"], job["threads"])
     if job["side"] == "ours":
-        reset, step = _ours(*args, spin=job.get("ort_spin", True))
+        reset, step = _ours(*args, spin=job.get("ort_spin", True), share_shapes=job["variant"] != PLAIN)
     else:
         reset, step = _llama(*args, job["variant"] == "f32")
     load = time.perf_counter() - t0
@@ -168,6 +169,8 @@ def prepare(name: str, work: Path, args: argparse.Namespace) -> dict[tuple[str, 
     if args.baseline:
         base = args.baseline / name / "onnx-fp32"
         paths["ours", BASE] = base if base.is_dir() else f"--baseline: no export at {base}"
+    if args.plain and "fp32" in args.variants:
+        paths["ours", PLAIN] = paths["ours", "fp32"]
     paths.update(_ggufs(ckpt, spec, root, args))
     return paths
 
@@ -217,14 +220,22 @@ def reference_tokens(name: str, work: Path, ids: np.ndarray, steps: int) -> dict
 VARIANTS = ["fp32", "int4", "int4-acc4"]  # ours, as --variants names them
 LLAMA_VARIANTS = ("f32", "f16", "q8_0", "q4_0")
 BASE = "fp32-base"  # --baseline's fp32 export
-PAIRS = {"fp32": "f32", "int4": "q4_0", "int4-acc4": "q4_0", BASE: "f32"}  # ours -> llama.cpp, same precision
+PLAIN = "fp32-plain"  # --plain: the fp32 export without the runner's shared-shape rewrite
+PAIRS = {
+    "fp32": "f32",
+    "int4": "q4_0",
+    "int4-acc4": "q4_0",
+    BASE: "f32",
+    PLAIN: "f32",
+}  # ours -> llama.cpp, same precision
 
 
 def cells(args: argparse.Namespace) -> list[Cell]:
     """Batch 1 at --threads for each variant (llama.cpp's: all, or the pairs of --variants), then the batch x
     threads grid at fp32 / f32; fp32-base (--baseline) goes beside every fp32 cell."""
-    ours = [*args.variants, BASE] if args.baseline and "fp32" in args.variants else list(args.variants)
-    fp32 = [v for v in ("fp32", BASE) if v in ours]
+    extra = [v for v, on in ((BASE, args.baseline), (PLAIN, args.plain)) if on and "fp32" in args.variants]
+    ours = [*args.variants, *extra]
+    fp32 = [v for v in ("fp32", BASE, PLAIN) if v in ours]
     llama = LLAMA_VARIANTS if args.variants == VARIANTS else dict.fromkeys(PAIRS[v] for v in args.variants)
     out = [Cell("ours", v, 1, args.threads) for v in ours] + [
         Cell("llama", v, 1, args.threads) for v in llama
@@ -336,6 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--baseline", type=Path, help="an earlier --work folder: time its fp32 exports as fp32-base"
     )
+    ap.add_argument("--plain", action="store_true", help="also time fp32 without the shared-shape rewrite")
     ap.add_argument("--log", type=Path, help="append each run's result to this JSON-lines file as it ends")
     ap.add_argument(
         "--no-ort-spin",

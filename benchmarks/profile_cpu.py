@@ -1,6 +1,7 @@
 """Where the CPU time goes: one decode step and one long prefill of OrtRunner, per runner stage and per op type.
 
     python benchmarks/profile_cpu.py [--config e2b] [--prefill 512] [--steps 32] [--threads 2] [--export DIR]
+        [--no-share-shapes] [--ab]
 
 Runner stages come from Python timers around the runner's own calls (argument checks, the embed session, the
 decoder session, and the rest of `step`: feeds, cache hand-off, outputs). The decoder session's time is split
@@ -8,6 +9,10 @@ again with onnxruntime's profiler on a second runner (profiling slows every kern
 that runner alone): `model_run` is graph execution, the remainder of its Python-side call is binding inputs
 and fetching outputs (cache copies included). Op types are summed from the profiler's kernel events, per
 decode step and per prefill, as a share of `model_run`. Prints a table and one JSON line.
+
+`--ab` instead compares the runner with and without its shared-shape rewrite (`share_shapes`) in one process:
+blocks of `--steps` decode steps (and `--repeat` prefills) alternate between the two runners, each block timed,
+so load drifts on a shared machine hit both sides; it reports medians and the median of per-block ratios.
 """
 
 from __future__ import annotations
@@ -123,7 +128,7 @@ def op_profile(export: Path, args: argparse.Namespace, phase: str, workdir: Path
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.profile_file_prefix = str(workdir / f"ort-{phase}")
-    runner = OrtRunner(export, threads=args.threads, options=options, io_binding=not args.no_io_binding)
+    runner = OrtRunner(export, threads=args.threads, options=options, **_runner_flags(args))
     work, calls = (
         _decode_calls(runner, args.steps) if phase == "decode" else _prefill_call(runner, args.prefill)
     )
@@ -154,6 +159,38 @@ def _by_op(events: list[dict], runs: list[dict]) -> dict:
     }
 
 
+def ab_share_shapes(export: Path, args: argparse.Namespace) -> dict:
+    """Interleaved blocks: ms per decode step and per prefill with share_shapes on and off, and their ratios."""
+    runners = {on: OrtRunner(export, threads=args.threads, share_shapes=on) for on in (True, False)}
+    blocks = min(
+        20, (runners[True].max_seq_len - DECODE_STEPS_PROMPT - 1) // args.steps
+    )  # one state per side
+    states = {on: _prompted_state(r, blocks * args.steps) for on, r in runners.items()}
+    tok, one = np.array([[5]]), np.array([1])
+
+    def decode(on: bool) -> Callable[[], object]:
+        return lambda: [runners[on].step(states[on], tok, one) for _ in range(args.steps)]
+
+    phases = {
+        "decode": (blocks, decode, args.steps),
+        "prefill": (2 * args.repeat, lambda on: _prefill_call(runners[on], args.prefill)[0], 1),
+    }
+    out = {}
+    for phase, (n, work, calls) in phases.items():
+        ms: dict[bool, list[float]] = {True: [], False: []}
+        for block in range(n):
+            for on in (True, False) if block % 2 else (False, True):
+                ms[on].append(1000 * _clock(work(on)) / calls)
+        shared, plain = np.array(ms[True]), np.array(ms[False])
+        out[phase] = {
+            "blocks": n,
+            "shared_ms": float(np.median(shared)),
+            "plain_ms": float(np.median(plain)),
+            "shared_over_plain": float(np.median(shared / plain)),  # median of per-block ratios
+        }
+    return out
+
+
 def export_for(args: argparse.Namespace, tmp: Path) -> Path:
     if args.export:
         return args.export
@@ -168,8 +205,12 @@ def export_for(args: argparse.Namespace, tmp: Path) -> Path:
     return out
 
 
-def session_start_s(export: Path, threads: int) -> float:
-    return _clock(lambda: OrtRunner(export, threads=threads))
+def _runner_flags(args: argparse.Namespace) -> dict:
+    return {"io_binding": not args.no_io_binding, "share_shapes": not args.no_share_shapes}
+
+
+def session_start_s(export: Path, args: argparse.Namespace) -> float:
+    return _clock(lambda: OrtRunner(export, threads=args.threads, **_runner_flags(args)))
 
 
 def main() -> None:
@@ -182,11 +223,21 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12, help="op types shown per phase")
     ap.add_argument("--export", type=Path, help="profile this export instead of a fresh random one")
     ap.add_argument("--no-io-binding", action="store_true", help="the numpy-feed path (before the binding)")
+    ap.add_argument(
+        "--no-share-shapes",
+        action="store_true",
+        help="the decoder graph as exported (per-layer masks and shapes)",
+    )
+    ap.add_argument(
+        "--ab", action="store_true", help="interleaved share_shapes on / off instead of the profile"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         export = export_for(args, Path(tmp))
-        start_s = session_start_s(export, args.threads)
-        runner = OrtRunner(export, threads=args.threads, io_binding=not args.no_io_binding)
+        if args.ab:
+            return _report_ab(args, ab_share_shapes(export, args))
+        start_s = session_start_s(export, args)
+        runner = OrtRunner(export, threads=args.threads, **_runner_flags(args))
         runner.generate(np.array([[5, 6, 7]]), 2)  # warm-up
         result = {}
         for phase in ("decode", "prefill"):
@@ -197,10 +248,29 @@ def main() -> None:
         f"OrtRunner CPU profile, mid {args.config}, {args.threads} threads: one decode step (context "
         f"{DECODE_STEPS_PROMPT}+) and one {args.prefill}-token prefill, ms per call"
     )
-    payload = {"benchmark": "profile_cpu", "config": args.config, "io_binding": not args.no_io_binding}
+    payload = {"benchmark": "profile_cpu", "config": args.config, **_runner_flags(args)}
     payload.update(session_start_s=start_s, **result)
     columns = ["phase", "kind", "name", "ms", "% of step (ops: of model_run)"]
     report(title, columns, rows, payload)
+
+
+def _report_ab(args: argparse.Namespace, result: dict) -> None:
+    title = (
+        f"OrtRunner share_shapes on vs off, mid {args.config}, {args.threads} threads: interleaved blocks of "
+        f"{args.steps} decode steps (context {DECODE_STEPS_PROMPT}+) and {args.prefill}-token prefills, ms per call"
+    )
+    rows = [
+        [phase, r["blocks"], r["plain_ms"], r["shared_ms"], r["shared_over_plain"]]
+        for phase, r in result.items()
+    ]
+    columns = [
+        "phase",
+        "blocks per side",
+        "plain ms (median)",
+        "shared ms (median)",
+        "shared / plain (median)",
+    ]
+    report(title, columns, rows, {"benchmark": "profile_cpu_ab", "config": args.config, **result})
 
 
 def _rows(result: dict, top: int) -> list[list]:

@@ -22,8 +22,15 @@ from ..export.manifest import (
 from ..passes.lowerings import lowering_refusal
 from .base import BaseRunner, DecodeState, empty_rows, lengths_of
 from .ort_binding import BoundRunner, CacheBinding
-from .ort_cache import optimized_graph
+from .ort_cache import optimized_graph, with_data_folder
 from .rows import row_reader
+
+
+def _shared_decoder(path: Path) -> bytes:
+    # imported here: onnx-ir costs ~40 MB of RSS, paid only by a start that rewrites (no session-cache hit)
+    from ..passes.share_shapes import shared_decoder
+
+    return shared_decoder(path)
 
 
 class OrtRunner(BaseRunner):
@@ -40,12 +47,15 @@ class OrtRunner(BaseRunner):
         io_binding: bool = True,
         session_cache: str | Path | None = None,
         read_rows: bool = True,
+        share_shapes: bool = True,
     ):
         """`options`: an onnxruntime SessionOptions to start from (profiling, logging); threads apply on top.
         `io_binding`: keep caches in reused bound buffers (ort_binding.py); False feeds numpy per call.
         `session_cache`: a folder for the decoder graph as onnxruntime optimized it (ort_cache.py).
         `read_rows`: feed the embed graph's tables row by row from the data file (rows.py); False: let
-        onnxruntime load them."""
+        onnxruntime load them.
+        `share_shapes`: give the decoder session its graph with the attention bodies inlined and their masks
+        and shape arithmetic computed once per call instead of once per layer (passes/share_shapes.py)."""
         super().__init__()
         try:
             import onnxruntime as ort
@@ -67,6 +77,7 @@ class OrtRunner(BaseRunner):
             options.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
         self._session_cache = Path(session_cache) if session_cache else None
+        self._share_shapes = share_shapes
         decoder = self.manifest.graphs[DECODER]
         self._act = self.manifest.activation_dtype.numpy
         self._outputs = [t.name for t in decoder.outputs]
@@ -108,8 +119,12 @@ class OrtRunner(BaseRunner):
                 if found is not None:
                     self.rows, graph = found
                     return ort.InferenceSession(graph, options, providers=providers)
+            rewrite = _shared_decoder if role == DECODER and self._share_shapes else None
             if self._session_cache and role == DECODER:  # the graph whose optimization takes the time
-                path = optimized_graph(ort, self.manifest, role, providers, self._session_cache)
+                path = optimized_graph(ort, self.manifest, role, providers, self._session_cache, rewrite)
+            elif rewrite is not None:  # every graph of an export shares its folder, so `options` may say it
+                data_folder = with_data_folder(options, path.parent)
+                return ort.InferenceSession(rewrite(path), data_folder, providers=providers)
             return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime's Fail / InvalidGraph / NoSuchFile...: a file it cannot load
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -4,9 +4,10 @@ Creating the decoder session spends most of its time inlining the `gemma4::` fun
 graph optimizers. The first session of an export writes the graph as onnxruntime optimized it
 (`optimized_model_filepath`, level EXTENDED: no hardware-specific layout, so the file is portable) with its
 weights beside it; later sessions load that file and only run the cheap layout passes on top. Entries are keyed
-by the graph's sha256 from export.json (which `ExportManifest.verify` has just checked), the onnxruntime version
-and the providers, and are written to a temporary folder and renamed, so concurrent starts never see half a
-file. The cost is disk: a copy of the graph's weights per entry.
+by the graph's sha256 from export.json (which `ExportManifest.verify` has just checked), the onnxruntime
+version, the providers and whether the runner rewrote the graph first (passes/share_shapes.py), and are written
+to a temporary folder and renamed, so concurrent starts never see half a file. The cost is disk: a copy of the
+graph's weights per entry.
 """
 
 from __future__ import annotations
@@ -14,30 +15,52 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..export.manifest import ExportManifest
 
 GRAPH, DATA = "model.onnx", "model.data"
+# where a session made from bytes finds the external weights (the graph's own folder when made from a path)
+DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
-def cache_key(ort: Any, manifest: ExportManifest, role: str, providers: list[str]) -> str:
+def with_data_folder(options: Any, folder: Path) -> Any:
+    """`options` for a session created from serialized bytes whose weights live in `folder`."""
+    options.add_session_config_entry(DATA_FOLDER, str(folder))
+    return options
+
+
+def cache_key(
+    ort: Any, manifest: ExportManifest, role: str, providers: list[str], rewritten: bool = False
+) -> str:
     names = "+".join(p.removesuffix("ExecutionProvider").lower() for p in providers)
-    return f"{manifest.graphs[role].sha256[:24]}-{role}-ort{ort.__version__}-{names}"
+    shared = "-shared" if rewritten else ""
+    return f"{manifest.graphs[role].sha256[:24]}-{role}{shared}-ort{ort.__version__}-{names}"
 
 
 def optimized_graph(
-    ort: Any, manifest: ExportManifest, role: str, providers: list[str], cache_dir: Path
+    ort: Any,
+    manifest: ExportManifest,
+    role: str,
+    providers: list[str],
+    cache_dir: Path,
+    rewrite: Callable[[Path], bytes] | None = None,
 ) -> Path:
-    """The cached optimized graph of `role`, made now if missing."""
-    folder = Path(cache_dir) / cache_key(ort, manifest, role, providers)
+    """The cached optimized graph of `role`, made now if missing; `rewrite` (graph path -> serialized graph
+    whose weights stay in the export folder) runs before onnxruntime's optimizers, and only on a miss."""
+    folder = Path(cache_dir) / cache_key(ort, manifest, role, providers, rewrite is not None)
     if (folder / GRAPH).is_file():
         return folder / GRAPH
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
     try:
-        ort.InferenceSession(str(manifest.graph_path(role)), _save_options(ort, tmp), providers=providers)
+        path, options = manifest.graph_path(role), _save_options(ort, tmp)
+        if rewrite is None:
+            ort.InferenceSession(str(path), options, providers=providers)
+        else:
+            ort.InferenceSession(rewrite(path), with_data_folder(options, path.parent), providers=providers)
         os.rename(tmp, folder)
     except OSError:  # another process renamed its copy first: use that one
         shutil.rmtree(tmp, ignore_errors=True)
