@@ -142,8 +142,8 @@ def test_registry_parts_resolve_and_match_the_contract():
                 assert ops.part(entry.op_type, part) is not None
         if entry.kernel:  # the RTX plugin calls kernel(*inputs, **fields)
             params = list(inspect.signature(ops.part(entry.op_type, "kernel")).parameters)
-            assert params[: entry.contract.num_io - len(entry.contract.outputs)] == [
-                p.name for p in entry.contract.plugin_inputs
+            assert params[: entry.contract.num_io() - len(entry.contract.outputs)] == [
+                p.name for p in entry.contract.plugin_inputs()
             ]
         if entry.body:
             assert ops.part(entry.op_type, "body").function().name == entry.op_type
