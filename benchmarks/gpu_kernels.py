@@ -103,12 +103,19 @@ class AttnCase:
     slots: int  # C
     new: int  # S
     past: int  # past_len
+    blocks: tuple[
+        tuple[int, int], ...
+    ] = ()  # image runs [start, end) of the new tokens (block_ids 0, 1, ...)
+
+
+IMAGES = ((100, 380), (2011, 2291))
 
 
 def attention_cases(dry: bool) -> list[AttnCase]:
     if dry:
         return [
             AttnCase("tiny sliding prefill", 4, 2, 32, 16, 16, 64, 0),
+            AttnCase("tiny sliding +2 images", 4, 2, 32, 16, 16, 64, 0, ((5, 23), (40, 50))),
             AttnCase("tiny global prefill", 4, 1, 32, 0, 64, 48, 0),
             AttnCase("tiny sliding decode", 4, 2, 32, 16, 16, 1, 100),
             AttnCase("tiny global decode", 4, 1, 32, 0, 128, 1, 127),
@@ -117,6 +124,8 @@ def attention_cases(dry: bool) -> list[AttnCase]:
     for model, hq, (skv, gkv) in (("26B-A4B", 16, (8, 2)), ("31B", 32, (16, 4))):
         out += [
             AttnCase(f"{model} sliding prefill", hq, skv, 256, 1024, 1024, 4096, 0),
+            # two images of 280 soft tokens (Gemma 4's default budget), one crossing a key tile
+            AttnCase(f"{model} sliding +2 images", hq, skv, 256, 1024, 1024, 4096, 0, IMAGES),
             AttnCase(f"{model} global prefill", hq, gkv, 512, 0, 4096, 4096, 0),
             AttnCase(f"{model} sliding decode", hq, skv, 256, 1024, 1024, 1, 32767),
             AttnCase(f"{model} global decode", hq, gkv, 512, 0, 32768, 1, 32767),
@@ -130,7 +139,14 @@ def attention_inputs(c: AttnCase, device: str, dtype: torch.dtype) -> dict[str, 
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
 
+    blocks = {}
+    if c.blocks:
+        ids = torch.full((1, c.new), -1, dtype=torch.int64)
+        for i, (start, end) in enumerate(c.blocks):
+            ids[0, start:end] = i
+        blocks["block_ids"] = ids.to(device)
     return dict(
+        **blocks,
         q=rnd(1, c.heads, c.new, c.head_dim),
         k=rnd(1, c.kv_heads, c.new, c.head_dim),
         v=rnd(1, c.kv_heads, c.new, c.head_dim),
@@ -150,7 +166,9 @@ def sdpa_baseline(inp: dict[str, Any]) -> Callable[[], torch.Tensor]:
     from gemma4_compile.model import ops
 
     C, S = inp["past_k"].shape[2], inp["q"].shape[2]
-    visible, _ = ops.attention_mask(inp["past_len"], inp["seq_len"], C, S, inp["window"])
+    visible, _ = ops.attention_mask(
+        inp["past_len"], inp["seq_len"], C, S, inp["window"], inp.get("block_ids")
+    )
     mask = visible[:, None]  # [B, 1, S, C+S]
     keys = torch.cat([inp["past_k"], inp["k"]], dim=2)
     values = torch.cat([inp["past_v"], inp["v"]], dim=2)
@@ -191,7 +209,9 @@ def attention_row(c: AttnCase, device: str, dtype: torch.dtype) -> Row:
         and torch.equal(pv.float(), ref[2])
     )
     del ref, err
-    visible, _ = ops.attention_mask(inp["past_len"], inp["seq_len"], c.slots, c.new, c.window)
+    visible, _ = ops.attention_mask(
+        inp["past_len"], inp["seq_len"], c.slots, c.new, c.window, inp.get("block_ids")
+    )
     pairs = float(visible.sum()) * c.heads
     row.flops = 4.0 * pairs * c.head_dim
     item = inp["q"].element_size()
@@ -212,6 +232,10 @@ def attention_row(c: AttnCase, device: str, dtype: torch.dtype) -> Row:
         row.ms = bench(lambda: A.attention(**inp))  # one fused launch: attention + presents
         row.bytes += item * c.head_dim * 2 * c.kv_heads * c.slots  # writing both presents
         row.note = "one launch incl. ring presents"
+        if c.blocks:  # what the image blocks cost over the causal launch on the same tensors
+            causal = {k: v for k, v in inp.items() if k != "block_ids"}
+            row.extra["causal_ms"] = bench(lambda: A.attention(**causal))
+            row.note += f"; image blocks {list(c.blocks)}"
     row.base_ms = bench(sdpa_baseline(inp))
     return row
 

@@ -136,7 +136,7 @@ def prepare_graph(
     fp32 = sum(any(v.dtype == ir.DataType.FLOAT for v in node.outputs) for node in model.graph)
     creators = set(plugin_creators(flavour))
     has_plugin = passes.plugin_lookup(creators)
-    _refuse_unplugged_inputs(model, has_plugin)
+    _refuse_unplugged_inputs(model, has_plugin, optional_inputs=flavour.is_rtx)
     fold, split, aot = passes.FoldConstants(), passes.SplitMoE(tokens_hint), passes.MarkAot(has_plugin)
     rename = passes.RenameShadowedOps(parser.supports_operator, has_plugin)
     staged = [split, aot] if moe_stages.stages_registered(creators) else []  # full TensorRT's AOT plugins
@@ -145,17 +145,21 @@ def prepare_graph(
     return ir.serde.serialize_model(model).SerializeToString(), _custom_nodes(model, rename.renamed), edits
 
 
-def _refuse_unplugged_inputs(model: ir.Model, has_plugin: HasPlugin) -> None:
-    """A node the parser would hand to a plugin with an optional input the plugin does not take (attention's
-    block_ids: 26B/31B exports with images) would lose it silently; refuse the build in one line."""
+def _refuse_unplugged_inputs(model: ir.Model, has_plugin: HasPlugin, optional_inputs: bool) -> None:
+    """The TensorRT-RTX plugins take a node's optional inputs (`optional_inputs`: attention's block_ids, 26B/31B
+    exports with images); full TensorRT's AOT plugins have a fixed signature of the required ones, so a node
+    with more would lose them silently there: refuse that build in one line."""
+    if optional_inputs:
+        return
     for node in model.graph:
         if is_custom(node) and has_plugin(node):
             contract = ops.contract(node.op_type)
-            if len(node.inputs) > len(contract.plugin_inputs):
-                extra = contract.input_names[len(contract.plugin_inputs)]
+            required = len(contract.plugin_inputs())
+            if len(node.inputs) > required:
                 raise BuildError(
-                    f"{node.name}: the {node.op_type} plugin does not take '{extra}' yet (26B/31B exports with "
-                    "images); build without --plugins, or export with --modalities text"
+                    f"{node.name}: the full-TensorRT {node.op_type} plugin does not take "
+                    f"'{contract.input_names[required]}' yet (26B/31B exports with images); build with "
+                    "TensorRT-RTX, without --plugins, or export with --modalities text"
                 )
 
 

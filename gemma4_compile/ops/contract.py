@@ -122,26 +122,31 @@ class OpContract:
     def output_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.outputs)
 
-    @property
-    def plugin_inputs(self) -> tuple[Param, ...]:
-        """The inputs the plugins take: the optional ones (attention's block_ids) are the function body's only
-        so far, and engines/prepare.py refuses a plugin build of a node that has them."""
-        return tuple(p for p in self.inputs if not p.optional)
+    def plugin_inputs(self, num_inputs: int | None = None) -> tuple[Param, ...]:
+        """The inputs a plugin takes from a node with `num_inputs` inputs: the required ones, then the optional
+        ones the node has (attention's block_ids: the 8-input form of 26B/31B exports with images); None: the
+        required ones alone. A count the op cannot have is a PluginError."""
+        required = sum(not p.optional for p in self.inputs)
+        n = required if num_inputs is None else num_inputs
+        if not required <= n <= len(self.inputs):
+            raise PluginError(
+                f"{self.plugin_id}: a node has {required} to {len(self.inputs)} inputs, got {num_inputs}"
+            )
+        return self.inputs[:n]
 
-    @property
-    def num_io(self) -> int:
-        """The plugin's I/O ports: its inputs, then the outputs."""
-        return len(self.plugin_inputs) + len(self.outputs)
+    def num_io(self, num_inputs: int | None = None) -> int:
+        """The plugin's I/O ports: its inputs (`plugin_inputs`), then the outputs."""
+        return len(self.plugin_inputs(num_inputs)) + len(self.outputs)
 
-    @property
-    def int64_inputs(self) -> tuple[int, ...]:
+    def int64_inputs(self, num_inputs: int | None = None) -> tuple[int, ...]:
         """Plugin ports of the int64 inputs (every other input is an activation of the first's dtype)."""
         int64 = {c.name for c in self.type_constraints if c.types == ("tensor(int64)",)}
-        return tuple(i for i, p in enumerate(self.plugin_inputs) if p.type in int64)
+        return tuple(i for i, p in enumerate(self.plugin_inputs(num_inputs)) if p.type in int64)
 
-    def is_int64(self, pos: int) -> bool:
-        """Whether I/O position `pos` (inputs first, then outputs) carries int64 lengths."""
-        return pos in self.int64_inputs
+    def is_int64(self, pos: int, num_inputs: int | None = None) -> bool:
+        """Whether I/O position `pos` (inputs first, then outputs) of a node with `num_inputs` inputs carries
+        int64 lengths or ids."""
+        return pos in self.int64_inputs(num_inputs)
 
     @property
     def fields(self) -> tuple[FieldSpec, ...]:

@@ -156,16 +156,20 @@ def _register(spec: KernelSpec) -> None:
     KERNELS[spec.name] = spec
 
 
-_register(
-    KernelSpec(
-        "attn_fwd",
-        _ATTN,
-        "_attn_fwd_kernel",
-        {**_ATTN_PTRS, **_LENS},
-        ("B", "Hq", "Hkv", "G", "S", "C", "D", "window"),
-        _attn_fwd_launch(),
+# The fused attention twice: causal (block_ids absent, compiled as constexpr None: the 7-input plugin) and with
+# image blocks (`BLK_ptr` = block_ids [B, S] int64 right after seq_len: the 8-input plugin); same grid, scalars.
+for _name, _blocks in (("attn_fwd", False), ("attn_fwd_blocks", True)):
+    _register(
+        KernelSpec(
+            _name,
+            _ATTN,
+            "_attn_fwd_kernel",
+            {**_ATTN_PTRS, **_LENS, **({"BLK_ptr": "i64"} if _blocks else {})},
+            ("B", "Hq", "Hkv", "G", "S", "C", "D", "window"),
+            _attn_fwd_launch(),
+            absent=() if _blocks else ("BLK_ptr",),
+        )
     )
-)
 _register(
     KernelSpec(
         "attn_decode_split",

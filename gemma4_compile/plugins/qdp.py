@@ -61,7 +61,7 @@ AOT_CACHE = Path(tempfile.gettempdir()) / "gemma4_compile_aot"
 def autotune_types(spec: OpContract, activation: Sequence[str] = ACTIVATION_TYPES) -> str:
     """`AutoTuneCombination` type string: activations share one dtype ('|' is dependent), lengths INT64."""
     tied = "|".join(activation)
-    return ", ".join("INT64" if spec.is_int64(pos) else tied for pos in range(spec.num_io))
+    return ", ".join("INT64" if spec.is_int64(pos) else tied for pos in range(spec.num_io()))
 
 
 def attr_scalar(values: np.ndarray, name: str) -> int | float:
@@ -104,22 +104,35 @@ def triton_dtype(type_name: str) -> str:
 
 
 def attention_config(
-    head_dim: int, group: int, dtype: str, scale: float, target: GpuTarget
-) -> tuple[dict[str, Any], int, int]:
+    head_dim: int, group: int, dtype: str, scale: float, target: GpuTarget, blocks: bool = False,
+    sliding: bool = True,
+) -> tuple[dict[str, Any], int, int]:  # fmt: skip
     """(constexprs, num_warps, num_stages) of the fused attention launch for one layer on one target: the
-    variant `gemma4-compile kernels` compiles for that target (kernels.configs, the one tile chooser)."""
+    variant `gemma4-compile kernels` compiles for that target (kernels.configs, the one tile chooser).
+    `blocks`: the 8-input form (`attention_kernel`), whose block_ids only a `sliding` layer reads."""
     from .kernels.configs import attention_fwd_variant
 
-    _, _, constexprs, warps, stages = attention_fwd_variant(target, dtype, head_dim, group, scale)
+    _, _, constexprs, warps, stages = attention_fwd_variant(
+        target, dtype, head_dim, group, scale, blocks, sliding
+    )
     return constexprs, warps, stages
 
 
-def attention_variant(target: GpuTarget, dtype: str, head_dim: int, group: int, scale: float) -> Any:
+def attention_kernel(blocks: bool) -> str:
+    """aot.py's fused attention for a node without (7 inputs) or with (8) block_ids: the launch order is the
+    node's inputs, so the 8-input kernel takes BLK_ptr right after seq_len."""
+    return "attn_fwd_blocks" if blocks else ATTENTION_KERNEL
+
+
+def attention_variant(
+    target: GpuTarget, dtype: str, head_dim: int, group: int, scale: float, blocks: bool = False,
+    sliding: bool = True,
+) -> Any:  # fmt: skip
     """The aot.Variant the attention QDP compiles for a layer on `target`."""
     from . import aot
 
-    constexprs, warps, stages = attention_config(head_dim, group, dtype, scale, target)
-    return aot.Variant.make(ATTENTION_KERNEL, target.name, dtype, constexprs, warps, stages)
+    constexprs, warps, stages = attention_config(head_dim, group, dtype, scale, target, blocks, sliding)
+    return aot.Variant.make(attention_kernel(blocks), target.name, dtype, constexprs, warps, stages)
 
 
 def stage_variant(stage: Stage, fields: Mapping[str, int], dtype: str, target: GpuTarget) -> Any:

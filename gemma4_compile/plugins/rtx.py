@@ -132,11 +132,19 @@ def parser_library_env(link_dir: Path, env: dict[str, str] | None = None) -> dic
 # ----- build-time rules (pure) ------------------------------------------------------------------
 
 
-def supports(spec: OpContract, pos: int, type_name: str, first_type_name: str, linear: bool) -> bool:
-    """supports_format_combination: linear only; lengths int64; activations all of q's (or x's) dtype."""
+def supports(
+    spec: OpContract,
+    pos: int,
+    type_name: str,
+    first_type_name: str,
+    linear: bool,
+    num_inputs: int | None = None,
+) -> bool:
+    """supports_format_combination for a node with `num_inputs` inputs (None: the required ones): linear
+    only; lengths and block ids int64; activations all of q's (or x's) dtype."""
     if not linear:
         return False
-    if spec.is_int64(pos):
+    if spec.is_int64(pos, num_inputs):
         return type_name == "INT64"
     if pos == 0:
         return type_name in ACTIVATION_TYPES
@@ -163,9 +171,12 @@ def run_op(
     outputs: Sequence[Any],
     impl: Callable[..., Any] | None = None,
 ) -> None:
-    """Call the op on torch tensors and copy its results into TensorRT's output buffers."""
+    """Call the op on torch tensors and copy its results into TensorRT's output buffers: the required inputs
+    by position, then the fields and the optional inputs the node has (attention's block_ids) by name."""
     impl = impl or kernel_impl(spec.op_type)
-    results = impl(*inputs, **values)
+    required = len(spec.plugin_inputs())
+    optional = {p.name: t for p, t in zip(spec.plugin_inputs(len(inputs))[required:], inputs[required:])}
+    results = impl(*inputs[:required], **values, **optional)
     results = tuple(results) if isinstance(results, (tuple, list)) else (results,)
     if len(results) != len(outputs):
         raise PluginError(
@@ -254,13 +265,13 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
         def supports_format_combination(self, pos, in_out, num_inputs):
             desc = in_out[pos].desc
             linear = desc.format == trt.TensorFormat.LINEAR
-            return supports(self.spec, pos, desc.type.name, in_out[0].desc.type.name, linear)
+            return supports(self.spec, pos, desc.type.name, in_out[0].desc.type.name, linear, num_inputs)
 
         def configure_plugin(self, inp, out):
-            if len(inp) != len(self.spec.plugin_inputs) or len(out) != len(self.spec.outputs):
+            self.spec.plugin_inputs(len(inp))  # a PluginError for an input count the op cannot have
+            if len(out) != len(self.spec.outputs):
                 raise PluginError(
-                    f"{self.spec.plugin_id}: expected {len(self.spec.plugin_inputs)} inputs and "
-                    f"{len(self.spec.outputs)} outputs, got {len(inp)} and {len(out)}"
+                    f"{self.spec.plugin_id}: expected {len(self.spec.outputs)} outputs, got {len(out)}"
                 )
 
         def get_workspace_size(self, inp, out):

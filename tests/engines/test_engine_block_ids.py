@@ -1,10 +1,17 @@
 """The decoder of a 26B/31B export with images (attention nodes with the 8th input `block_ids`): TensorRT-RTX
-inlines the 8-input function body and builds it ahead of time on the CPU; a plugin build, whose attention
-plugin does not take the input yet, is refused in one line instead of dropping it."""
+inlines the 8-input function body, or hands the node to its attention plugin with all 8 inputs, and builds it
+ahead of time on the CPU; full TensorRT's attention plugin (a fixed 7-input AOT signature) does not take the
+input yet, so a plugin build there is refused in one line instead of dropping it."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import onnx
 import onnx_ir as ir
@@ -47,7 +54,41 @@ def test_the_block_ids_body_is_inlined_and_builds(export_dir):
 
 def test_a_plugin_that_would_drop_block_ids_is_refused_in_one_line(export_dir):
     model = _decoder(export_dir)
-    with pytest.raises(BuildError, match="plugin does not take 'block_ids' yet") as e:
-        _refuse_unplugged_inputs(model, lambda node: True)
+    with pytest.raises(
+        BuildError, match="full-TensorRT SlidingWindowAttention plugin does not take 'block_i"
+    ) as e:
+        _refuse_unplugged_inputs(model, lambda node: True, optional_inputs=False)
     assert "\n" not in str(e.value)
-    _refuse_unplugged_inputs(model, lambda node: False)  # inlined bodies take it: no refusal
+    _refuse_unplugged_inputs(model, lambda node: False, optional_inputs=False)  # inlined bodies take it
+    _refuse_unplugged_inputs(model, lambda node: True, optional_inputs=True)  # the RTX plugin takes it
+
+
+PLUGIN_BUILD = textwrap.dedent(
+    """
+    import json, sys
+    from gemma4_compile.engines import build_engines
+    (art,) = build_engines(sys.argv[1], ["sm89"], graphs=("decoder",), plugins=True, max_batch=1, max_seq=16,
+                           opt_level=0, progress=False)
+    print(json.dumps(json.loads(art.capability_path.read_text())))
+    """
+)
+
+
+@pytest.mark.rtx
+def test_the_rtx_attention_plugin_takes_block_ids_and_builds(export_dir, tmp_path):
+    """In a subprocess whose loader finds libtensorrt_rtx.so (gemma4_compile.plugins.rtx): every attention node,
+    8 inputs, becomes a PLUGIN_V3 layer; the build itself runs on the CPU."""
+    from gemma4_compile.plugins import rtx
+
+    out = Path(
+        shutil.copytree(export_dir, tmp_path / "out")
+    )  # engines go into the export: keep the fixture's
+    env = rtx.parser_library_env(tmp_path / "lib")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path.cwd()), env.get("PYTHONPATH", "")])
+    run = subprocess.run(
+        [sys.executable, "-c", PLUGIN_BUILD, str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["ok"] and report["counts"] == {"plugin": len(PRESETS["tiny-31b"].layers)}
+    assert {n["trt_layer_type"] for n in report["nodes"]} == {"PLUGIN_V3"}

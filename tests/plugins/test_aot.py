@@ -115,6 +115,33 @@ def test_kernel_aot_reaches_all_six_targets(tmp_path):
         assert (tmp_path / e.cubin).read_bytes()[:4] == b"\x7fELF" and e.registers > 0
 
 
+@pytest.mark.slow  # ~20 s of ptxas on 2 cores; test_qdp.py compiles the 8-input form at D=16 in the quick tier
+def test_kernel_aot_attention_with_blocks_compiles_for_sm89(tmp_path):
+    """The 8-input attention takes block_ids right after seq_len (read on a sliding D=256 layer, unread on a
+    full D=512 one), and otherwise the causal kernel's launch parameters; neither spills."""
+    from gemma4_compile.plugins.kernels.configs import attention_fwd_variant
+
+    sm89 = resolve_target("sm89")
+    tuples = [
+        attention_fwd_variant(sm89, "bf16", 256, 2, 1.0, blocks=True),
+        attention_fwd_variant(sm89, "bf16", 512, 2, 1.0, blocks=True, sliding=False),
+    ]
+    variants = [aot.Variant.make(k, "sm89", d, c, w, s) for k, d, c, w, s in tuples]
+    sliding, full = aot.compile_variants(tmp_path, variants, jobs=2)
+    assert sliding.constexprs["HAS_BLOCKS"] and not full.constexprs["HAS_BLOCKS"]
+    inputs, scalars, outputs = aot.kernel_io("attn_fwd")
+    assert "BLK_ptr" not in inputs  # the 7-input (causal) launch is unchanged
+    for e in (sliding, full):
+        ptx = (tmp_path / e.ptx).read_text()
+        assert ".target sm_89" in ptx and (tmp_path / e.cubin).read_bytes()[:4] == b"\x7fELF"
+        assert e.spills == 0 and e.shared_bytes <= sm89.max_shared_bytes, e.kernel
+        blk_inputs, blk_scalars, blk_outputs = aot.kernel_io(e.kernel)
+        assert blk_inputs == [*inputs, "BLK_ptr"] and (blk_scalars, blk_outputs) == (scalars, outputs)
+        assert e.params[:-2] == [*blk_inputs, *scalars, *outputs]
+        declared = re.search(r"\.entry \w+\(([^)]*)\)", aot.aot_launchable_ptx(ptx, e)).group(1)
+        assert declared.count(".param") == len(e.params) - 2  # what a TensorRT AOT launch passes
+
+
 def test_kernel_aot_oversized_block_config_is_a_one_line_build_error(tmp_path):
     tile = {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 128, "BLOCK_E": 128, "INPUT_PRECISION": "tf32"}
     tile |= {"WEIGHT_FORMAT": "float", "QBLOCK": 0, "DownScales_ptr": None}  # float experts, as aot_configs
@@ -194,16 +221,24 @@ def _run(kernel: str, constexprs: dict, dims: dict, tensors: dict) -> None:
     inputs, names, outputs = aot.kernel_io(kernel)
     grid, scalars = aot.plan_launch(kernel, dims, constexprs)
     assert len(scalars) == len(names) and all(abs(int(s)) < 2**31 for s in scalars)
-    fn[tuple(grid)](*[tensors[n] for n in inputs], *scalars, *[tensors[n] for n in outputs], **constexprs)
+    # by name: an absent pointer (a constexpr None, as attn_fwd's BLK_ptr) may sit between the inputs
+    args = {
+        **{n: tensors[n] for n in inputs},
+        **dict(zip(names, scalars)),
+        **{n: tensors[n] for n in outputs},
+    }
+    fn[tuple(grid)](**args, **constexprs)
 
 
-def test_kernel_aot_attention_launch_contract_reproduces_the_reference():
+@pytest.mark.parametrize("blocks", [False, True], ids=["causal", "image_blocks"])
+def test_kernel_aot_attention_launch_contract_reproduces_the_reference(blocks):
     B, Hq, Hkv, S, C, D, W = 2, 4, 2, 13, 8, 32, 8
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(B, h, S, D, generator=g) for h in (Hq, Hkv, Hkv))
     pk, pv = (torch.randn(B, Hkv, C, D, generator=g) for _ in range(2))
     past_len, seq_len = torch.tensor([11, 0]), torch.tensor([13, 9])
-    constexprs, _, _ = A.aot_config(D, Hq // Hkv, "fp32", 1.0, resolve_target("sm86"))
+    block_ids = torch.tensor([[-1] * 2 + [0] * 9 + [-1] * 2, [0] * 4 + [-1] + [1] * 6 + [-1] * 2])
+    constexprs, _, _ = A.aot_config(D, Hq // Hkv, "fp32", 1.0, resolve_target("sm86"), blocks)
     constexprs = {**constexprs, "BLOCK_M": 16, "BLOCK_N": 16}  # interpreter-sized tiles, same contract
     out, pko, pvo = torch.empty_like(q), torch.empty_like(pk), torch.empty_like(pv)
     tensors = dict(
@@ -218,9 +253,11 @@ def test_kernel_aot_attention_launch_contract_reproduces_the_reference():
         PKO_ptr=pko,
         PVO_ptr=pvo,
     )
+    if blocks:
+        tensors["BLK_ptr"] = block_ids
     dims = dict(B=B, Hq=Hq, Hkv=Hkv, G=Hq // Hkv, S=S, C=C, D=D, window=W)
-    _run("attn_fwd", constexprs, dims, tensors)
-    want = ops.attention_reference(q, k, v, pk, pv, past_len, seq_len, W, 1.0)
+    _run("attn_fwd_blocks" if blocks else "attn_fwd", constexprs, dims, tensors)
+    want = ops.attention_reference(q, k, v, pk, pv, past_len, seq_len, W, 1.0, block_ids if blocks else None)
     torch.testing.assert_close(out, want[0], atol=5e-6, rtol=5e-6)
     assert torch.equal(pko, want[1]) and torch.equal(pvo, want[2])
 

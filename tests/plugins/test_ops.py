@@ -142,8 +142,8 @@ def test_registry_parts_resolve_and_match_the_contract():
                 assert ops.part(entry.op_type, part) is not None
         if entry.kernel:  # the RTX plugin calls kernel(*inputs, **fields)
             params = list(inspect.signature(ops.part(entry.op_type, "kernel")).parameters)
-            assert params[: entry.contract.num_io - len(entry.contract.outputs)] == [
-                p.name for p in entry.contract.plugin_inputs
+            assert params[: entry.contract.num_io() - len(entry.contract.outputs)] == [
+                p.name for p in entry.contract.plugin_inputs()
             ]
         if entry.body:
             assert ops.part(entry.op_type, "body").function().name == entry.op_type
@@ -195,6 +195,9 @@ def test_qdp_asks_for_the_variants_kernels_compiles(target):
         for group in (1, 2, 8, 16):
             variant = qdp.attention_variant(gpu, "bf16", head_dim, group, 1.0)
             assert variant in compiled, f"attention D={head_dim} G={group} on {target}: {variant.label()}"
+            # the 8-input form (block_ids): read on Gemma 4's sliding layers (D=256), not on its full ones
+            blocks = qdp.attention_variant(gpu, "bf16", head_dim, group, 1.0, True, sliding=head_dim == 256)
+            assert blocks in compiled and blocks.kernel == "attn_fwd_blocks", blocks.label()
     for rows in (1, 256):
         fields = {"top_k": 8, "num_experts": 128, "rows_per_expert": rows}
         for stage in ms.STAGES:

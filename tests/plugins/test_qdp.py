@@ -72,7 +72,8 @@ def test_attention_launch_matches_the_kernel_signature_and_the_torch_wrapper(hea
 
     _, fn = _attn_fwd()
     constexprs, warps, stages = qdp.attention_config(head_dim, group, dtype, 0.5, resolve_target("sm90"))
-    assert set(constexprs) == {a for a in fn.arg_names if a.isupper()}  # constexprs are UPPER_CASE
+    absent = set(aot.KERNELS[qdp.ATTENTION_KERNEL].absent)  # BLK_ptr: no block_ids, a constexpr None
+    assert set(constexprs) == {a for a in fn.arg_names if a.isupper()} | absent  # constexprs are UPPER_CASE
     assert constexprs["BLOCK_M"] >= group and constexprs["FUSE_RING"] and constexprs["SCALE"] == 0.5
     B, Hkv, S, C = 3, 2, 37, 64
     dims = qdp.attention_dims((B, Hkv * group, S, head_dim), (B, Hkv, S, head_dim), (B, Hkv, C, head_dim), 16)
@@ -93,7 +94,8 @@ def test_launch_values_names_known_kernels():
         qdp.launch_values("softcap", {}, {})
 
 
-def test_attention_kernel_compiles_to_ptx_on_cpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("blocks", [False, True], ids=["7_inputs", "8_inputs_block_ids"])
+def test_attention_kernel_compiles_to_ptx_on_cpu(tmp_path, monkeypatch, blocks):
     """What aot_impl hands TensorRT: entry name, PTX, block and shared memory. Triton's compiled entry also
     takes two scratch pointers, which TensorRT's AOT launch (inputs, scalars, outputs) does not pass: the PTX
     handed over lists exactly the launched parameters, and ptxas still accepts it."""
@@ -105,14 +107,15 @@ def test_attention_kernel_compiles_to_ptx_on_cpu(tmp_path, monkeypatch):
     from gemma4_compile.targets import resolve_target
 
     monkeypatch.setattr(qdp, "AOT_CACHE", tmp_path)
-    constexprs, warps, stages = qdp.attention_config(16, 2, "fp16", 1.0, resolve_target("sm90"))
-    entry, ptx = qdp.compile_kernel(qdp.ATTENTION_KERNEL, "sm90", "fp16", constexprs, warps, stages)
+    constexprs, warps, stages = qdp.attention_config(16, 2, "fp16", 1.0, resolve_target("sm90"), blocks)
+    kernel = qdp.attention_kernel(blocks)
+    entry, ptx = qdp.compile_kernel(kernel, "sm90", "fp16", constexprs, warps, stages)
     assert f".entry {entry.entry}(" in ptx and ".target sm_90" in ptx
     assert entry.threads == 32 * warps and entry.shared_bytes > 0
     _, scalars = qdp.launch_values(
-        qdp.ATTENTION_KERNEL, qdp.attention_dims((1, 4, 3, 16), (1, 2, 3, 16), (1, 2, 4, 16), 4), constexprs
+        kernel, qdp.attention_dims((1, 4, 3, 16), (1, 2, 3, 16), (1, 2, 4, 16), 4), constexprs
     )
-    n_tensors = ATTENTION.num_io
+    n_tensors = ATTENTION.num_io(8 if blocks else 7)  # block_ids: one more input pointer, no more scalars
     assert len(entry.params) == n_tensors + len(scalars) + 2
     assert entry.params[-2:] == ["triton_scratch_0", "triton_scratch_1"]
     declared = re.search(r"\.entry \w+\(([^)]*)\)", ptx).group(1)
@@ -195,7 +198,7 @@ def test_every_op_has_register_autotune_and_aot_impl():
 def test_decorated_signatures_follow_the_spec(name):
     spec, fns = SPEC_NAMES[name], _decorated()
     fields = [f.name for f in spec.fields]
-    plugin_inputs = [p.name for p in spec.plugin_inputs]  # block_ids: the function body's only, so far
+    plugin_inputs = [p.name for p in spec.plugin_inputs()]  # the 7-input form (the QDP has no block_ids yet)
     args = lambda fn: [a.arg for a in fn.args.args]  # noqa: E731
     assert args(fns[("register", name)]) == [*plugin_inputs, *fields]
     assert args(fns[("autotune", name)]) == [*plugin_inputs, "outputs"]

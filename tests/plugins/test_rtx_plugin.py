@@ -367,6 +367,21 @@ def test_supported_formats(spec, pos, type_name, first, linear, ok):
     assert rtx.supports(spec, pos, type_name, first, linear) is ok
 
 
+@pytest.mark.parametrize(
+    ("pos", "type_name", "ok"),
+    [(7, "INT64", True), (7, "HALF", False), (8, "HALF", True), (8, "INT64", False), (10, "HALF", True)],
+)
+def test_supported_formats_of_the_8_input_attention(pos, type_name, ok):
+    """block_ids (port 7) is int64; the outputs move one port up."""
+    assert rtx.supports(ATTENTION, pos, type_name, "HALF", True, num_inputs=8) is ok
+
+
+def test_an_input_count_the_op_cannot_have_is_a_plugin_error():
+    with pytest.raises(PluginError, match=r"SlidingWindowAttention: a node has 7 to 8 inputs, got 9"):
+        ATTENTION.plugin_inputs(9)
+    assert [p.name for p in ATTENTION.plugin_inputs(8)][-1] == "block_ids"
+
+
 def test_rtx_type_names_are_trt_datatypes():
     assert {*rtx.ACTIVATION_TYPES, "INT64"} <= set(trt.DataType.__members__)
 
@@ -410,6 +425,27 @@ def test_run_op_feeds_inputs_and_fields_in_contract_order_and_fills_outputs():
     torch.testing.assert_close(y, ops.moe_reference(*moe_in, top_k=TOP_K))
 
 
+def test_run_op_hands_block_ids_to_the_triton_kernel_by_name():
+    """The 8-input node's enqueue path on the kernel itself (CPU interpreter): block_ids reaches the kernel,
+    which matches the reference with the same ids and differs from it without them."""
+    import torch
+
+    from gemma4_compile.model import ops
+
+    q, k, v, past_k, past_v, _, _ = _attention_inputs()
+    past_len, seq_len = torch.tensor([0, 2]), torch.tensor([3, 3])
+    block_ids = torch.tensor([[0, 0, 0], [-1, 1, 1]])
+    inputs = [q, k, v, past_k, past_v, past_len, seq_len, block_ids]
+    outputs = [torch.empty_like(inputs[i]) for i in ATTENTION.output_like]
+    values = {"window": WINDOW, "scale": SCALE}
+    rtx.run_op(ATTENTION, values, inputs, outputs)
+    want = ops.attention_reference(*inputs[:7], **values, block_ids=block_ids)
+    for got, expected in zip(outputs, want):
+        torch.testing.assert_close(got, expected, atol=5e-6, rtol=5e-6)
+    causal = ops.attention_reference(*inputs[:7], **values)[0]
+    assert (outputs[0] - causal).abs().amax() > 1e-3
+
+
 def test_run_op_rejects_a_kernel_with_the_wrong_output_count():
     with pytest.raises(PluginError, match="kernel returned 1 tensors, expected 3"):
         rtx.run_op(
@@ -422,8 +458,10 @@ def test_triton_wrappers_take_the_plugin_inputs_and_fields(spec):
     """enqueue calls kernels.<op>.<op>(*inputs, **fields): the wrapper's parameters must match the spec."""
     wrapper = rtx.kernel_impl(spec.op_type)
     names = list(inspect.signature(wrapper).parameters)
-    expected = [*(p.name for p in spec.plugin_inputs), *(f.name for f in spec.fields)]
+    expected = [*(p.name for p in spec.plugin_inputs()), *(f.name for f in spec.fields)]
     assert names[: len(expected)] == expected
+    optional = [p.name for p in spec.plugin_inputs(len(spec.inputs))[len(spec.plugin_inputs()) :]]
+    assert set(optional) <= set(names[len(expected) :])  # the optional inputs go by name
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Triton kernels behind the gemma4 plugins, with torch wrappers that match the custom ops in `model.ops`.
 
-    kernels.attention.attention(q, k, v, past_k, past_v, past_len, seq_len, window, scale)
+    kernels.attention.attention(q, k, v, past_k, past_v, past_len, seq_len, window, scale, block_ids=None)
         -> (out, present_k, present_v)                         same contract as ops.attention_reference
     kernels.moe.moe(x, router_logits, per_expert_scale, gate_up, down, top_k) -> y   (ops.moe_reference)
 

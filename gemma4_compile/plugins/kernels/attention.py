@@ -17,6 +17,12 @@ p mod C, p >= past_len from the new tokens at p - past_len. A query block only v
 see, so a sliding layer touches W + BLOCK keys per block whatever the cache or prompt length (the tiles wholly
 outside [i - W + 1, i] are never loaded).
 
+Image blocks (`block_ids` [B, S], 26B/31B prompts with images; HAS_BLOCKS): on a sliding layer a new query
+also sees the new keys of its own block (id >= 0), later ones included, still inside the window; cached slots
+have no block. Those later keys lie past every row's causal range, so the kernel visits them in a second loop
+over the new tokens after the block's causal range, skipping each tile that holds no key of a row's block
+before loading its K/V. HAS_BLOCKS=False compiles none of this: the causal kernel is unchanged.
+
 A row that sees no key at all (only right padding W or more tokens past the last valid one, or a row with
 nothing valid) gets what the reference gives it: every score is then the same finite fp32 minimum, so softmax is
 uniform over all C + S keys and the output is their plain mean. The kernels reproduce that by giving such rows a
@@ -74,13 +80,16 @@ def _ring_slot(pos, slots):
 
 @triton.jit
 def _attend_span(
-    acc, m_i, l_i, q, q_pos, row_empty, K_ptr, k_stride_s, V_ptr, v_stride_s,
+    acc, m_i, l_i, q, q_pos, q_blk, row_empty, K_ptr, k_stride_s, V_ptr, v_stride_s, Blk_ptr,
     past_len, lo, hi, slots, window, p_start, p_end, qk_scale,
-    IS_RING: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    IS_RING: tl.constexpr, HAS_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over key positions [p_start, p_end), all stored in one place: ring slot p mod C
     (IS_RING) or new token p - past_len. One storage per loop keeps each load one base + offsets, which
-    Triton's software pipeliner needs (a pointer picked per row with tl.where is never prefetched)."""
+    Triton's software pipeliner needs (a pointer picked per row with tl.where is never prefetched).
+    HAS_BLOCKS (new tokens, not IS_RING): a key of the row's own block q_blk (>= 0) is visible after the row
+    too."""
     offs_d = tl.arange(0, HEAD_DIM)
     for p0 in range(p_start, p_end, BLOCK_N):
         pos = p0 + tl.arange(0, BLOCK_N)
@@ -93,38 +102,82 @@ def _attend_span(
         v = tl.load(V_ptr + row[:, None] * v_stride_s + offs_d[None, :], mask=in_range[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         key_ok = in_range & (pos >= lo) & (pos <= hi)
-        visible = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])
+        seen = pos[None, :] <= q_pos[:, None]
+        if HAS_BLOCKS:  # new tokens only (the ring span is always called without)
+            seen = seen | _same_block(q_blk, Blk_ptr, pos - past_len, in_range)
+        visible = key_ok[None, :] & seen
         visible = visible & ((window == 0) | (pos[None, :] > q_pos[:, None] - window))
         s = tl.where(visible, qk, float("-inf"))
         # Rows that see nothing score every in-range key 0: uniform softmax, as the reference's all-min scores.
         s = tl.where(row_empty[:, None], tl.where(in_range[None, :], 0.0, float("-inf")), s)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key in this tile yet: no NaN
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, INPUT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _online_softmax(acc, m_i, l_i, s, v, INPUT_PRECISION: tl.constexpr):
+    """Fold one tile of base-2 scores s (-inf: masked) and its values v into (acc, m, l)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key in this tile yet: no NaN
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _same_block(q_blk, Blk_ptr, token, in_range):
+    """[rows, keys]: new token `token` belongs to the row's image block (ids >= 0; -1 = no block)."""
+    k_blk = tl.load(Blk_ptr + token, mask=in_range, other=-1).to(tl.int32)  # int32: fewer registers
+    return (q_blk[:, None] == k_blk[None, :]) & (q_blk[:, None] >= 0)
+
+
+@triton.jit
+def _attend_block_tail(
+    acc, m_i, l_i, q, q_blk, K_ptr, k_stride_s, V_ptr, v_stride_s, Blk_ptr,
+    past_len, p_start, p_end, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """New keys [p_start, p_end) after every row's causal range: each is visible only to the rows of its image
+    block (it lies after them, so inside their window). A tile with no such key is skipped before its K/V
+    loads, so a block costs its own length, not the rest of the prompt."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for p0 in tl.range(p_start, p_end, BLOCK_N, num_stages=1):  # rarely taken: no pipeline buffers
+        pos = p0 + tl.arange(0, BLOCK_N)
+        in_range = pos < p_end
+        visible = _same_block(q_blk, Blk_ptr, pos - past_len, in_range) & in_range[None, :]
+        if tl.max(tl.max(visible.to(tl.int32), 1), 0) > 0:
+            row = (pos - past_len).to(tl.int64)
+            k = tl.load(
+                K_ptr + row[:, None] * k_stride_s + offs_d[None, :], mask=in_range[:, None], other=0.0
+            )
+            v = tl.load(
+                V_ptr + row[:, None] * v_stride_s + offs_d[None, :], mask=in_range[:, None], other=0.0
+            )
+            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+            s = tl.where(visible, qk, float("-inf"))
+            acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, INPUT_PRECISION)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _attend(
-    acc, m_i, l_i, q, q_pos, row_empty,
-    K_ptr, k_stride_s, V_ptr, v_stride_s, PK_ptr, pk_stride_s, PV_ptr, pv_stride_s,
+    acc, m_i, l_i, q, q_pos, q_blk, row_empty,
+    K_ptr, k_stride_s, V_ptr, v_stride_s, PK_ptr, pk_stride_s, PV_ptr, pv_stride_s, Blk_ptr,
     past_len, lo, hi, slots, window, p_start, p_end, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Key positions [p_start, p_end): the cached ones (< past_len) from the ring, then the new tokens."""
     acc, m_i, l_i = _attend_span(
-        acc, m_i, l_i, q, q_pos, row_empty, PK_ptr, pk_stride_s, PV_ptr, pv_stride_s,
+        acc, m_i, l_i, q, q_pos, q_blk, row_empty, PK_ptr, pk_stride_s, PV_ptr, pv_stride_s, Blk_ptr,
         past_len, lo, hi, slots, window, p_start, tl.minimum(p_end, past_len), qk_scale,
-        True, HEAD_DIM, BLOCK_N, INPUT_PRECISION,
+        True, False, HEAD_DIM, BLOCK_N, INPUT_PRECISION,
     )  # fmt: skip
     acc, m_i, l_i = _attend_span(
-        acc, m_i, l_i, q, q_pos, row_empty, K_ptr, k_stride_s, V_ptr, v_stride_s,
+        acc, m_i, l_i, q, q_pos, q_blk, row_empty, K_ptr, k_stride_s, V_ptr, v_stride_s, Blk_ptr,
         past_len, lo, hi, slots, window, tl.maximum(p_start, past_len), p_end, qk_scale,
-        False, HEAD_DIM, BLOCK_N, INPUT_PRECISION,
+        False, HAS_BLOCKS, HEAD_DIM, BLOCK_N, INPUT_PRECISION,
     )  # fmt: skip
     return acc, m_i, l_i
 
@@ -219,21 +272,26 @@ def fwd_tile(head_dim: int, group: int, target: GpuTarget | None) -> triton.Conf
 
 
 def aot_config(
-    head_dim: int, group: int, dtype: str, scale: float, target: GpuTarget
-) -> tuple[dict[str, Any], int, int]:
-    """(constexprs, num_warps, num_stages) of the fused single-launch attention (`attn_fwd` in plugins/aot.py)
-    for one layer on one target: what a TensorRT AOT plugin compiles. dtype is "bf16", "fp16" or "fp32"."""
+    head_dim: int, group: int, dtype: str, scale: float, target: GpuTarget, blocks: bool = False,
+    sliding: bool = True,
+) -> tuple[dict[str, Any], int, int]:  # fmt: skip
+    """(constexprs, num_warps, num_stages) of the fused single-launch attention for one layer on one target:
+    what a TensorRT AOT plugin compiles; dtype is "bf16", "fp16" or "fp32". `blocks`: the node takes
+    block_ids (`attn_fwd_blocks` in plugins/aot.py, BLK_ptr a real pointer); only a `sliding` layer reads it
+    (HAS_BLOCKS): a full layer ignores it, and so compiles the causal code (its D=512 tile has no registers to
+    spare: with HAS_BLOCKS it spills 24-96 B on sm89/sm90)."""
     conf = fwd_tile(head_dim, group, target)
     constexprs = {
         **conf.kwargs, "HEAD_DIM": head_dim, "SCALE": float(scale), "FUSE_RING": True,
         "BLOCK_R": ring_block(head_dim), "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+        "HAS_BLOCKS": blocks and sliding, **({} if blocks else {"BLK_ptr": None}),
     }  # fmt: skip
     return constexprs, conf.num_warps, conf.num_stages
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q_ptr, K_ptr, V_ptr, PK_ptr, PV_ptr, PastLen_ptr, SeqLen_ptr,
+    Q_ptr, K_ptr, V_ptr, PK_ptr, PV_ptr, PastLen_ptr, SeqLen_ptr, BLK_ptr,
     q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s,
     v_stride_b, v_stride_h, v_stride_s, pk_stride_b, pk_stride_h, pk_stride_s,
     pv_stride_b, pv_stride_h, pv_stride_s, o_stride_b, o_stride_h, o_stride_s,
@@ -241,11 +299,12 @@ def _attn_fwd_kernel(
     seq, slots, num_kv_heads, group, window,
     O_ptr, PKO_ptr, PVO_ptr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALE: tl.constexpr,
-    FUSE_RING: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    FUSE_RING: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_BLOCKS: tl.constexpr,
 ):  # fmt: skip
     """out[b, h, s] = softmax_j(SCALE q.k_j) v_j over visible key positions j (module docstring), for one
     (batch row, KV head) and BLOCK_M // group query positions x `group` heads; programs past the query blocks
-    write the ring presents when FUSE_RING.
+    write the ring presents when FUSE_RING. HAS_BLOCKS: BLK_ptr holds block_ids [B, seq] int64 (contiguous);
+    otherwise it is None and never read.
 
     grid = (cdiv(seq, BLOCK_M // group) + (cdiv(slots, BLOCK_R) if FUSE_RING else 0), B * num_kv_heads)
     """
@@ -283,12 +342,26 @@ def _attn_fwd_kernel(
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if HAS_BLOCKS:  # blocks are a sliding-layer rule: a full layer's rows get no block
+            blk_base = BLK_ptr + b64 * seq
+            q_blk = tl.where(window > 0, tl.load(blk_base + s, mask=row_valid, other=-1).to(tl.int32), -1)
+        else:
+            blk_base = PastLen_ptr  # never read
+            q_blk = tl.full([BLOCK_M], -1, dtype=tl.int32)
         acc, m_i, l_i = _attend(
-            acc, m_i, l_i, q, q_pos, row_empty,
-            k_base, k_stride_s, v_base, v_stride_s, pk_base, pk_stride_s, pv_base, pv_stride_s,
+            acc, m_i, l_i, q, q_pos, q_blk, row_empty,
+            k_base, k_stride_s, v_base, v_stride_s, pk_base, pk_stride_s, pv_base, pv_stride_s, blk_base,
             past_len, lo, hi, slots, window, p_start, p_end, SCALE * LOG2E,
-            HEAD_DIM, BLOCK_N, INPUT_PRECISION,
+            HAS_BLOCKS, HEAD_DIM, BLOCK_N, INPUT_PRECISION,
         )  # fmt: skip
+        if HAS_BLOCKS:  # block keys after the causal range, up to the last valid new token
+            has_block = tl.max((q_blk >= 0).to(tl.int32), 0) > 0
+            tail_start = tl.maximum(p_end, past_len)
+            tail_end = tl.where(has_block, past_len + seq_len, tail_start)
+            acc, m_i, l_i = _attend_block_tail(
+                acc, m_i, l_i, q, q_blk, k_base, k_stride_s, v_base, v_stride_s, blk_base,
+                past_len, tail_start, tail_end, SCALE * LOG2E, HEAD_DIM, BLOCK_N, INPUT_PRECISION,
+            )  # fmt: skip
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_rows = b64 * o_stride_b + head.to(tl.int64) * o_stride_h + s.to(tl.int64) * o_stride_s
         tl.store(
@@ -366,12 +439,12 @@ def _attn_decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc, m_i, l_i = _attend(
-        acc, m_i, l_i, q, q_pos, row_empty,
+        acc, m_i, l_i, q, q_pos, q_pos, row_empty,  # no blocks: a one-token step's block is itself
         K_ptr + b64 * k_stride_b + kvh64 * k_stride_h, 0, V_ptr + b64 * v_stride_b + kvh64 * v_stride_h, 0,
         PK_ptr + b64 * pk_stride_b + kvh64 * pk_stride_h, pk_stride_s,
-        PV_ptr + b64 * pv_stride_b + kvh64 * pv_stride_h, pv_stride_s,
+        PV_ptr + b64 * pv_stride_b + kvh64 * pv_stride_h, pv_stride_s, PastLen_ptr,
         past_len, lo, hi, slots, window, start, end, SCALE * LOG2E,
-        HEAD_DIM, BLOCK_N, INPUT_PRECISION,
+        False, HEAD_DIM, BLOCK_N, INPUT_PRECISION,
     )  # fmt: skip
     mid = (b64 * num_kv_heads * group + head.to(tl.int64)) * num_splits + split
     tl.store(MidO_ptr + mid[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_valid[:, None])
@@ -456,7 +529,9 @@ def input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor) -> None:
+def _check(
+    q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, block_ids: Tensor | None = None
+) -> None:
     B, Hq, S, D = q.shape
     Hkv, C = k.shape[1], past_k.shape[2]
     if D not in SUPPORTED_HEAD_DIMS:
@@ -473,6 +548,10 @@ def _check(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor) -> N
             raise Gemma4CompileError(
                 f"attention kernel: {name} is {tuple(t.shape)} {t.dtype}, want {shape} {q.dtype}"
             )
+    if block_ids is not None and (tuple(block_ids.shape) != (B, S) or block_ids.dtype != torch.int64):
+        raise Gemma4CompileError(
+            f"attention kernel: block_ids is {tuple(block_ids.shape)} {block_ids.dtype}, want {(B, S)} torch.int64"
+        )
 
 
 def _last_dim_contiguous(*ts: Tensor) -> list[Tensor]:
@@ -519,8 +598,10 @@ def decode_splits(batch: int, kv_heads: int, slots: int, block_n: int, sms: int)
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, past_len: Tensor, seq_len: Tensor,
     window: int, scale: float, *, config: triton.Config | None = None, fuse_ring: bool = True,
+    block_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:  # fmt: skip
-    """One launch of `_attn_fwd_kernel`: out, and the presents when fuse_ring (else None, None)."""
+    """One launch of `_attn_fwd_kernel`: out, and the presents when fuse_ring (else None, None);
+    `block_ids` [B, S] int64 contiguous: the image blocks of a sliding layer (module docstring)."""
     B, Hq, S, D = q.shape
     Hkv, C = k.shape[1], past_k.shape[2]
     G = Hq // Hkv
@@ -534,12 +615,13 @@ def attention_fwd(
     block_r = ring_block(D)
     grid = (triton.cdiv(S, block_m // G) + (triton.cdiv(C, block_r) if fuse_ring else 0), B * Hkv)
     _attn_fwd_kernel[grid](
-        q, k, v, past_k, past_v, past_len, seq_len,
+        q, k, v, past_k, past_v, past_len, seq_len, block_ids,
         *_strides(q), *_strides(k), *_strides(v), *_strides(past_k), *_strides(past_v),
         *_strides(out), *_strides(pk_out), *_strides(pv_out),
         S, C, Hkv, G, window, out, pk_out, pv_out,
         HEAD_DIM=D, SCALE=float(scale), FUSE_RING=fuse_ring, BLOCK_R=block_r,
-        INPUT_PRECISION=input_precision(q.dtype), num_warps=conf.num_warps, num_stages=conf.num_stages,
+        INPUT_PRECISION=input_precision(q.dtype), HAS_BLOCKS=block_ids is not None,
+        num_warps=conf.num_warps, num_stages=conf.num_stages,
         **conf.kwargs,
     )  # fmt: skip
     return out, (pk_out if fuse_ring else None), (pv_out if fuse_ring else None)
@@ -595,20 +677,25 @@ def ring_update(
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, past_len: Tensor, seq_len: Tensor,
-    window: int, scale: float, *, num_splits: int | None = None,
+    window: int, scale: float, block_ids: Tensor | None = None, *, num_splits: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """`gemma4::attention` (same signature and results as `ops.attention_reference`) on Triton kernels.
 
     S > 1 (or num_splits == 0): one fused launch (attention + ring presents). S == 1: flash-decoding (split
-    kernel + combine) and a ring-update launch. num_splits overrides the decode split count.
+    kernel + combine) and a ring-update launch. num_splits overrides the decode split count. `block_ids`
+    [B, S] int64 (image blocks, sliding layers): a one-token step's block holds only that token, which it
+    sees anyway, so decode ignores it.
     """
-    _check(q, k, v, past_k, past_v)
+    _check(q, k, v, past_k, past_v, block_ids)
     q, k, v, past_k, past_v = _last_dim_contiguous(q, k, v, past_k, past_v)
     past_len, seq_len = past_len.contiguous(), seq_len.contiguous()
+    blocks = block_ids.contiguous() if block_ids is not None and window > 0 else None  # full layers: none
     if q.shape[2] == 1 and num_splits != 0:
         out = attention_decode(
             q, k, v, past_k, past_v, past_len, seq_len, window, scale, num_splits=num_splits
         )
         return out, ring_update(past_k, k, past_len, seq_len), ring_update(past_v, v, past_len, seq_len)
-    out, present_k, present_v = attention_fwd(q, k, v, past_k, past_v, past_len, seq_len, window, scale)
+    out, present_k, present_v = attention_fwd(
+        q, k, v, past_k, past_v, past_len, seq_len, window, scale, block_ids=blocks
+    )
     return out, cast(Tensor, present_k), cast(Tensor, present_v)  # fuse_ring=True always returns them

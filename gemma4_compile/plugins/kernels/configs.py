@@ -15,6 +15,7 @@ from .attention import aot_config, decode_configs, ring_block
 from .moe import aot_configs
 
 VariantTuple = tuple[str, str, dict[str, Any], int, int]
+GLOBAL_HEAD_DIM = 512  # Gemma 4's full-attention layers (`global_head_dim`); sliding layers have 256
 
 DECODE_ROWS_PER_EXPERT = 1  # a decode step routes ~1 row to each hit expert
 PREFILL_ROWS_PER_EXPERT = 256  # 4096 tokens x top-8 over 128 experts
@@ -26,11 +27,13 @@ SORT_KERNELS = (
 
 
 def attention_fwd_variant(
-    target: GpuTarget, dtype: str, head_dim: int, group: int = 1, scale: float = 1.0
-) -> VariantTuple:
-    """The fused single-launch attention (attention + ring presents) of one layer."""
-    constexprs, warps, stages = aot_config(head_dim, group, dtype, scale, target)
-    return "attn_fwd", dtype, constexprs, warps, stages
+    target: GpuTarget, dtype: str, head_dim: int, group: int = 1, scale: float = 1.0, blocks: bool = False,
+    sliding: bool = True,
+) -> VariantTuple:  # fmt: skip
+    """The fused single-launch attention (attention + ring presents) of one layer; `blocks`: the variant that
+    takes image block_ids (26B/31B exports with images), which only a `sliding` layer reads."""
+    constexprs, warps, stages = aot_config(head_dim, group, dtype, scale, target, blocks, sliding)
+    return ("attn_fwd_blocks" if blocks else "attn_fwd"), dtype, constexprs, warps, stages
 
 
 def moe_stage_variants(
@@ -53,6 +56,10 @@ def attention_variants(
     out: list[VariantTuple] = []
     for d in head_dims:
         out.append(attention_fwd_variant(target, dtype, d, 1, scale))
+        # with block_ids as Gemma 4 has them: sliding layers at D=256, full layers (which ignore them) at 512
+        out.append(
+            attention_fwd_variant(target, dtype, d, 1, scale, blocks=True, sliding=d < GLOBAL_HEAD_DIM)
+        )
         dec = decode_configs(d, target.max_shared_bytes)[0]
         out.append(("attn_decode_split", dtype, {**dec.kwargs, "HEAD_DIM": d, "SCALE": scale, "INPUT_PRECISION": prec},
                     dec.num_warps, dec.num_stages))  # fmt: skip
