@@ -122,6 +122,8 @@ class QuantSpec:
         return NVFP4_BLOCK if fmt == "nvfp4" else self.block_size
 
     def scales_text(self) -> str:
+        if self.method == IMPORTED:
+            return f"as stored by the checkpoint ({self.source})"
         rows = "; gathered rows: positive, int8: absmax/127" if self.row_tables else ""
         if not self.positive_scales:
             return "signed absmax/qmin" + rows

@@ -214,27 +214,50 @@ def test_a_nibble_order_bug_in_the_reference_loader_fails_validation(packed, imp
     assert not validate(out, steps=1, write=False).passed
 
 
-def test_a_nibble_order_bug_in_the_export_changes_the_bytes(packed, tmp_path, monkeypatch):
-    """The export writer's unpacker reading the high nibble first: the written codes are not the checkpoint's."""
+def _write_one(ckpt: Path, name: str, group: int, dtype: str, out: Path):
+    """write_weight_file on one packed weight of `ckpt`: (its placement, the bytes written)."""
     import gemma4_compile.export.weights as export_weights
     from gemma4_compile.model.weights import CheckpointReader, checkpoint_quant, resolve_text_weights
     from gemma4_compile.quant.formats import QuantRequest, plan_imported
 
-    ckpt, written = packed("tiny-e2b", 32)
     entries = resolve_text_weights(CheckpointReader(ckpt), PRESETS["tiny-e2b"], checkpoint_quant(ckpt))
+    request = QuantRequest("int4", group, method="imported")
+    quant = plan_imported(request, [name], {name}, dtype, "test")
+    out.mkdir()
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    q = export_weights.write_weight_file(out, {name: entries[name]}, torch_dtype, quant=quant)[name]
+    data = (out / "weights.data").read_bytes()
+    return data[q.codes.offset : q.codes.offset + q.codes.length], data[q.scales.offset :]
+
+
+@pytest.mark.parametrize("group,dtype", [(32, "fp32"), (64, "fp16")])
+def test_a_nibble_order_bug_in_the_export_changes_the_bytes(packed, tmp_path, monkeypatch, group, dtype):
+    """The writer alone, on down_proj (K = 96: with group 64 a partial last group, padded with code 0): the
+    checkpoint's bytes as the graph form stores them, and not once its unpacker reads the high nibble first."""
+    import gemma4_compile.export.weights as export_weights
+
+    ckpt, written = packed("tiny-e2b", group)
     name = "layers.0.mlp.down_proj.weight"
-    entries = {name: entries[name]}
-    quant = plan_imported(QuantRequest("int4", 32, method="imported"), [name], {name}, "fp32", "test")
-    for bug in (False, True):
-        if bug:
-            monkeypatch.setattr(
-                export_weights, "unpack_int4", lambda words, k: swapped(unpack_int4(words, k))
-            )
-        (tmp_path / str(bug)).mkdir()
-        q = export_weights.write_weight_file(tmp_path / str(bug), entries, torch.float32, quant=quant)[name]
-        data = (tmp_path / str(bug) / "weights.data").read_bytes()
-        got = data[q.codes.offset : q.codes.offset + q.codes.length], data[q.scales.offset :]
-        assert (got == expected_bytes(*written[name], 32, True, "fp32")) != bug
+    want = expected_bytes(*written[name], group, dtype == "fp32", dtype)
+    assert _write_one(ckpt, name, group, dtype, tmp_path / "good") == want
+    monkeypatch.setattr(export_weights, "unpack_int4", lambda words, k: swapped(unpack_int4(words, k)))
+    assert _write_one(ckpt, name, group, dtype, tmp_path / "bad") != want
+
+
+def test_a_scale_the_tensorrt_form_cannot_hold_is_refused(packed, tmp_path):
+    """DequantizeLinear needs positive scales: a negative one is named (the MatMulNBits form takes it)."""
+    from gemma4_compile.errors import ExportError
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(packed("tiny-e2b", 32)[0], ckpt)
+    key = PREFIX + "layers.0.mlp.down_proj.weight_scale"
+    _edit_tensors(ckpt, lambda t: t.__setitem__(key, -t[key]))
+    name = "layers.0.mlp.down_proj.weight"
+    _write_one(ckpt, name, 32, "fp32", tmp_path / "nbits")
+    with pytest.raises(
+        ExportError, match=r"'model.language_model.layers.0.mlp.down_proj.weight' has a scale <= 0"
+    ):
+        _write_one(ckpt, name, 32, "fp16", tmp_path / "dq")
 
 
 def _edit_config(ckpt: Path, **changes) -> None:
