@@ -31,7 +31,7 @@ from ..model.model import Gemma4TextModel
 from ..model.vision import Gemma4Vision
 from ..model.vision_config import ImageTokens, VisionSpec, bidirectional_image_blocks, read_config_json
 from ..model.vision_weights import resolve_vision_weights
-from ..model.weights import CheckpointReader, TensorEntry, resolve_text_weights
+from ..model.weights import CheckpointReader, PackedEntry, TensorEntry, resolve_text_weights
 from ..ops import UnknownOpError
 from ..passes import (
     LOWERINGS,
@@ -45,13 +45,15 @@ from ..passes import (
 from ..quant.formats import (
     EMBED_ROWS,
     GRAPH_NBITS,
+    IMPORTED,
     LM_HEAD,
     QuantRequest,
     QuantSpec,
+    plan_imported,
     plan_quant,
-    prequantized_refusal,
     quant_refusal,
 )
+from ..quant.imported import import_request, parse_import
 from . import custom_ops
 from .bundle import copy_runtime_files
 from .graphs import AudioGraph, DecoderGraph, EmbedGraph, VisionGraph
@@ -124,15 +126,15 @@ def export_checkpoint(
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_CHOICES)}")
     spec = Gemma4Spec.from_pretrained(checkpoint_dir)
     config = read_config_json(checkpoint_dir)  # for what the text spec does not carry
-    refusal = prequantized_refusal(config)
-    if refusal:
-        raise ExportError(refusal)
+    imported = parse_import(config)  # a pre-quantized checkpoint: its codes are exported as stored
     check_quant(quant, spec)
+    if imported is not None:
+        quant = import_request(quant, imported)
     # None: no such tower (or not asked for); with neither, the text graphs only
     vision, audio = _towers(checkpoint_dir, {"text"} if text_only else modalities)
     multimodal = _multimodal(config, spec, vision, audio) if vision is not None else None
     reader = CheckpointReader(checkpoint_dir)
-    entries = resolve_text_weights(reader, spec)
+    entries = resolve_text_weights(reader, spec, imported)
     if vision is not None:
         entries.update(resolve_vision_weights(reader, vision))
     if audio is not None:
@@ -413,7 +415,16 @@ def _plan_quant(
     """The quantization of the export's weights, the writer's entries with the quantized copies of the tied
     embedding (`lm_head` for the decoder, `embed_rows` for the embed graph), and the decoder's and embed graph's
     initializer -> tensor names pointing at those copies."""
-    quant = plan_quant(request, sorted(layout), act.value)
+    if request.method == IMPORTED:
+        packed = {n for n, e in layout.items() if isinstance(e, PackedEntry)}
+        if not packed:
+            raise ExportError(
+                "--quant-method imported needs a pre-quantized checkpoint (none of its weights is packed)"
+            )
+        source = next(e.source for e in layout.values() if isinstance(e, PackedEntry))
+        quant = plan_imported(request, sorted(layout), packed, act.value, source)
+    else:
+        quant = plan_quant(request, sorted(layout), act.value)
     for role, graph in traced.items():  # the decoder's MatMuls and the embed graph's gathers are rewritten
         readable = set(quant.row_tables) if role == EMBED else set()
         shared = {names[n] for n in graph.graph.initializers} & set(quant.tensors) - readable

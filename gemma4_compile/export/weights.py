@@ -26,11 +26,12 @@ import torch
 
 from ..dtypes import DType
 from ..errors import ExportError
-from ..model.weights import TensorEntry, check_finite
+from ..model.weights import PackedEntry, TensorEntry, check_finite
 from ..passes.quantize_matmul import DQWeight, NBitsWeight
 from ..quant.encode import encode_rows, global_scale
-from ..quant.formats import BITS, GRAPH_NBITS, QuantSpec
-from ..quant.rtn import num_blocks
+from ..quant.formats import BITS, GRAPH_NBITS, IMPORTED, QuantSpec
+from ..quant.imported import blocked, unpack_int4
+from ..quant.rtn import num_blocks, pack_matmulnbits, pack_signed
 from ..quant.sizes import quantized_nbytes
 
 DATA_FILE = "weights.data"
@@ -97,8 +98,8 @@ def _write_converted(src: TensorEntry, dst, dtype: torch.dtype) -> int:
     return written
 
 
-def _read_rows(src: TensorEntry, rows: int):
-    """Yield float32 row chunks [rows, K] of a tensor [..., K] (its rows in order), read with plain reads."""
+def _read_rows(src: TensorEntry, rows: int, dtype: torch.dtype = torch.float32):
+    """Yield `dtype` row chunks [rows, K] of a tensor [..., K] (its rows in order), read with plain reads."""
     n, k = int(np.prod(src.shape[:-1])), src.shape[-1]
     in_size = torch.empty((), dtype=src.dtype).element_size()
     with open(src.file, "rb") as f:
@@ -109,7 +110,8 @@ def _read_rows(src: TensorEntry, rows: int):
             if len(raw) != want:
                 raise ExportError(f"{src.file.name}: truncated while reading tensor '{src.key}'")
             chunk = torch.frombuffer(bytearray(raw), dtype=src.dtype).reshape(-1, k)
-            yield chunk.to(torch.float32).numpy()
+            check_finite(src, chunk)
+            yield chunk.to(dtype).numpy()
 
 
 def _chunk_rows(src: TensorEntry) -> int:
@@ -133,6 +135,32 @@ def _write_quantized(src: TensorEntry, dst, q: QuantPlaced, spill) -> int:
     return written
 
 
+def _read_packed(src: PackedEntry, rows: int):
+    """Yield (codes int8 [rows, K], scales float32 [rows, blocks]) row chunks of a pre-quantized weight."""
+    codes, scales = _read_rows(src.packed, rows, torch.int32), _read_rows(src.scale, rows)
+    for packed, s in zip(codes, scales, strict=True):
+        yield unpack_int4(packed, src.shape[1]), s
+
+
+def _write_imported(src: PackedEntry, dst, q: QuantPlaced, spill) -> int:
+    """Append a pre-quantized weight's own codes, repacked for the graph (MatMulNBits: q + 8; DequantizeLinear:
+    signed INT4), and its scales to `spill`, converted to the graph's scale dtype: never re-rounded."""
+    written = 0
+    for codes, s in _read_packed(src, _chunk_rows(src)):
+        c = blocked(codes, q.block_size)
+        data = (pack_matmulnbits(c, 4) if q.graph == GRAPH_NBITS else pack_signed(c, 4)).tobytes()
+        scales = torch.from_numpy(s).to(q.scale_dtype)
+        if q.graph != GRAPH_NBITS and not bool((scales > 0).all()):  # TensorRT's DequantizeLinear
+            raise ExportError(
+                f"{src.source}: '{src.key}' has a scale <= 0 (or below {DType.parse(q.scale_dtype).value}'s "
+                "range); the DequantizeLinear form needs positive scales: export with --dtype fp32"
+            )
+        dst.write(data)
+        written += len(data)
+        spill.write(scales.view(torch.uint8).numpy().tobytes())
+    return written
+
+
 def _scale_dtype(graph: str, fmt: str, dtype: torch.dtype) -> torch.dtype:
     if fmt == "nvfp4":
         return torch.float8_e4m3fn
@@ -151,6 +179,10 @@ def _quant_layout(
     n, k = int(np.prod(entry.shape[:-1])), entry.shape[-1]  # experts [E, N, K]: E*N rows
     fmt, graph = quant.format_of(name), quant.graph_of(name)
     bits, block_size = BITS[fmt], quant.block_of(fmt)
+    if isinstance(entry, PackedEntry) != (quant.method == IMPORTED) or (
+        isinstance(entry, PackedEntry) and (fmt, block_size) != ("int4", entry.group_size)
+    ):
+        raise ExportError(f"'{entry.key}' cannot be both imported and re-quantized ({quant.method}, {fmt})")
     scale_dtype = _scale_dtype(graph, fmt, dtype)
     code_bytes, scale_bytes = quantized_nbytes(n, k, bits, block_size, scale_dtype.itemsize)
     codes = Placed(offset, code_bytes)
@@ -191,7 +223,8 @@ def write_weight_file(
                     q = _quant_layout(name, entry, quant, dtype, start, dst is not None)
                     if dst is not None:
                         with tempfile.TemporaryFile(dir=out_dir) as spill:
-                            written = _write_quantized(entry, dst, q, spill)
+                            write = _write_imported if isinstance(entry, PackedEntry) else _write_quantized
+                            written = write(entry, dst, q, spill)
                             offset = start + written
                             pad_to(q.scales.offset, dst)
                             scales = spill.tell()
@@ -202,6 +235,10 @@ def write_weight_file(
                     placed[name] = q
                     offset = q.scales.offset + q.scales.length
                     continue
+                if isinstance(entry, PackedEntry):
+                    raise ExportError(
+                        f"'{entry.key}' is packed ({entry.source}) but the export would store it float"
+                    )
                 length = int(np.prod(entry.shape, dtype=np.int64)) * itemsize
                 if dst is not None and _write_converted(entry, dst, dtype) != length:
                     raise ExportError(f"tensor '{entry.key}' did not convert to {length} bytes")

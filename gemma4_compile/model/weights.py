@@ -9,15 +9,20 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..quant.formats import LINEAR_ROLES, role_of
+from ..quant.imported import REFUSED_SUFFIXES, ImportedQuant, dequantize_imported, parse_import, unpack_int4
 from .config import Gemma4Spec
+from .vision_config import read_config_json
 
 TEXT_PREFIXES = ("model.language_model.", "model.")
 # Towers of the multimodal checkpoints: not part of the text decoder, ignored.
@@ -72,6 +77,17 @@ class TensorEntry:
     nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PackedEntry(TensorEntry):
+    """A pre-quantized Linear weight (quant/imported.py): `key` is its float name (`<module>.weight`), `shape` the
+    float shape (N, K), `dtype` the scales' float dtype; the bytes are `packed`'s int32 codes and `scale`'s."""
+
+    packed: TensorEntry
+    scale: TensorEntry
+    group_size: int
+    source: str
 
 
 # dtypes the model computes in; anything else (int8, bool, ...) is not a weight it can use
@@ -183,7 +199,11 @@ class CheckpointReader:
         raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {self.dir}")
 
     def load(self, entry: TensorEntry) -> torch.Tensor:
-        """Read one tensor with plain reads (no mmap: mapped pages would count against RSS)."""
+        """Read one tensor with plain reads (no mmap: mapped pages would count against RSS); a packed weight
+        comes back dequantized (codes x scales, float32), the checkpoint's own weight."""
+        if isinstance(entry, PackedEntry):
+            codes, scales = self.load_codes(entry)
+            return torch.from_numpy(dequantize_imported(codes, scales, entry.group_size))
         with open(entry.file, "rb") as f:
             f.seek(entry.offset)
             data = bytearray(f.read(entry.nbytes))
@@ -195,13 +215,82 @@ class CheckpointReader:
         check_finite(entry, tensor)
         return tensor
 
+    def load_codes(self, entry: PackedEntry) -> tuple[np.ndarray, np.ndarray]:
+        """A packed weight's signed int4 codes int8 [N, K] and scales float32 [N, blocks], as stored."""
+        packed = self.load(entry.packed).numpy()
+        scales = self.load(entry.scale).to(torch.float32).numpy()
+        return unpack_int4(packed, entry.shape[1]), scales
 
-def resolve_text_weights(reader: CheckpointReader, spec: Gemma4Spec) -> dict[str, TensorEntry]:
-    """Map our names to checkpoint entries; error on missing, unexpected or mis-shaped tensors."""
+
+def checkpoint_quant(checkpoint_dir: str | Path) -> ImportedQuant | None:
+    """The pre-quantized format of a checkpoint's config.json (None: float); CheckpointError if unreadable."""
+    return parse_import(read_config_json(checkpoint_dir))
+
+
+def _packed_entries(reader: CheckpointReader, imported: ImportedQuant) -> dict[str, TensorEntry]:
+    """The reader's entries with each packed Linear's three tensors replaced by one PackedEntry under its float
+    name, after checking them against each other (shapes, dtypes, group size)."""
+    entries = dict(reader.entries)
+    for key in [k for k in entries if k.endswith(tuple(REFUSED_SUFFIXES))]:
+        what = REFUSED_SUFFIXES[key.rpartition(".")[2]]
+        raise CheckpointError(f"{imported.source}: tensor '{key}' holds {what}, which is not supported")
+    for key in [k for k in entries if k.endswith(".weight_packed")]:
+        base = key.removesuffix("_packed")
+        parts = [entries.pop(base + s, None) for s in ("_packed", "_scale", "_shape")]
+        if None in parts:
+            raise CheckpointError(f"{imported.source}: '{key}' has no {base}_scale or {base}_shape tensor")
+        entries[base] = _packed_entry(reader, base, *parts, imported)
+    return entries
+
+
+def _packed_entry(
+    reader: CheckpointReader,
+    base: str,
+    packed: TensorEntry,
+    scale: TensorEntry,
+    shape: TensorEntry,
+    imported: ImportedQuant,
+) -> PackedEntry:
+    where = f"{imported.source}: '{base}' in {packed.file.name}"
+    if shape.dtype not in (torch.int32, torch.int64) or shape.shape != (2,):
+        raise CheckpointError(f"{where}: weight_shape must be 2 integers, got {list(shape.shape)}")
+    n, k = (int(v) for v in reader.load(shape))
+    group = imported.group_size
+    blocks = -(-k // group)
+    want = {
+        "weight_packed": (packed, torch.int32, (n, -(-k // 8))),
+        "weight_scale": (scale, scale.dtype, (n, blocks)),
+    }
+    for name, (entry, dtype, expect) in want.items():
+        if entry.dtype != dtype or entry.shape != expect or scale.dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(
+                f"{where}: {name} is {ST_NAMES[entry.dtype]} {list(entry.shape)}, weight_shape [{n}, {k}] and "
+                f"group size {group} need {ST_NAMES[dtype]} {list(expect)} (scales F32, F16 or BF16)"
+            )
+    return PackedEntry(
+        base,
+        packed.file,
+        packed.offset,
+        packed.nbytes,
+        scale.dtype,
+        (n, k),
+        packed,
+        scale,
+        group,
+        imported.source,
+    )
+
+
+def resolve_text_weights(
+    reader: CheckpointReader, spec: Gemma4Spec, imported: ImportedQuant | None = None
+) -> dict[str, TensorEntry]:
+    """Map our names to checkpoint entries; error on missing, unexpected or mis-shaped tensors. With `imported`
+    (a pre-quantized checkpoint), each packed Linear is one PackedEntry under its float name."""
     expected = expected_shapes(spec)
     leftovers = leftover_shapes(spec)
     found: dict[str, TensorEntry] = {}
-    for key, entry in reader.entries.items():
+    entries = _packed_entries(reader, imported) if imported is not None else reader.entries
+    for key, entry in entries.items():
         if key.startswith(OTHER_TOWERS):
             continue
         prefix = next((p for p in TEXT_PREFIXES if key.startswith(p)), None)
@@ -217,6 +306,11 @@ def resolve_text_weights(reader: CheckpointReader, spec: Gemma4Spec) -> dict[str
                 f"unexpected tensor '{key}' in {entry.file.name}: the config has no such weight"
             )
         check_entry(entry, expected[name], "config")
+        if isinstance(entry, PackedEntry) and role_of(name) not in LINEAR_ROLES:
+            raise CheckpointError(
+                f"{entry.source}: '{key}' is packed, but only attention q/k/v/o and MLP gate/up/down weights can "
+                "be imported in this version"
+            )
         if name in found:
             raise CheckpointError(f"tensor '{name}' appears twice ('{found[name].key}' and '{key}')")
         found[name] = entry
@@ -246,17 +340,29 @@ def check_complete(expected: dict, found: dict, prefix: str, reader: CheckpointR
 def iter_text_weights(
     checkpoint_dir: str | Path, spec: Gemma4Spec, dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (our name, tensor) one at a time, converted to `dtype` if given."""
+    """Yield (our name, tensor) one at a time, converted to `dtype` if given (packed weights dequantized)."""
     reader = CheckpointReader(checkpoint_dir)
-    for name, entry in resolve_text_weights(reader, spec).items():
+    for name, entry in resolve_text_weights(reader, spec, checkpoint_quant(checkpoint_dir)).items():
         t = reader.load(entry)
         yield name, t if dtype is None else t.to(dtype)
+
+
+def imported_codes(checkpoint_dir: str | Path, spec: Gemma4Spec) -> dict[str, Callable[[], tuple]]:
+    """Our name -> a reader of (codes, scales) for each packed weight of a pre-quantized checkpoint (empty for a
+    float one): the fake-quant reference rebuilds what the export computes from them (quant/reference.py)."""
+    imported = checkpoint_quant(checkpoint_dir)
+    if imported is None:
+        return {}
+    reader = CheckpointReader(checkpoint_dir)
+    entries = resolve_text_weights(reader, spec, imported)
+    return {n: partial(reader.load_codes, e) for n, e in entries.items() if isinstance(e, PackedEntry)}
 
 
 def load_model(
     checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, spec: Gemma4Spec | None = None
 ):
-    """Build `Gemma4TextModel` on the meta device and fill it tensor by tensor."""
+    """Build `Gemma4TextModel` on the meta device and fill it tensor by tensor. A pre-quantized checkpoint's
+    packed weights are dequantized; `model.imported_codes` reads their codes (imported_codes)."""
     from .model import Gemma4TextModel
 
     spec = spec or Gemma4Spec.from_pretrained(checkpoint_dir)
@@ -270,4 +376,5 @@ def load_model(
         else:
             module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
     model.reset_rope_buffers()  # meta -> real fp32 values; they are not in the checkpoint
+    model.imported_codes = imported_codes(checkpoint_dir, spec)
     return model.eval()

@@ -29,6 +29,9 @@ SCHEME, METHOD = "symmetric", "rtn"  # signed codes, no zero point; round-to-nea
 # rtn: the absmax scale; mse: per block, the scale (absmax x 0.7..1.0) whose codes have the least squared error
 # (quant/rtn.py). Both calibration-free, both symmetric, so both serve onnxruntime and TensorRT.
 METHODS = ("rtn", "mse")
+IMPORTED = (
+    "imported"  # the codes and scales of a pre-quantized checkpoint, written as stored (quant/imported.py)
+)
 BITS = {"int4": 4, "int8": 8, "fp8": 8, "nvfp4": 4}  # the formats this version writes, bits per code
 INT_FORMATS, FLOAT_FORMATS = ("int4", "int8"), ("fp8", "nvfp4")
 QUANT_CHOICES = ("none", *BITS)
@@ -97,6 +100,7 @@ class QuantSpec:
     accuracy_level: int = 0  # MatMulNBits: 0 = activations stay fp32 (exact), 4 = int8 activations (faster)
     tensors: dict[str, str] = field(default_factory=dict)  # checkpoint name -> format, for the quantized ones
     graph: str = GRAPH_NBITS  # the graph encoding (graph_form); scales are stored in the export dtype for DQ
+    source: str | None = None  # method "imported": the checkpoint's format (quant/imported.py)
 
     @property
     def positive_scales(self) -> bool:
@@ -118,6 +122,8 @@ class QuantSpec:
         return NVFP4_BLOCK if fmt == "nvfp4" else self.block_size
 
     def scales_text(self) -> str:
+        if self.method == IMPORTED:
+            return f"as stored by the checkpoint ({self.source})"
         rows = "; gathered rows: positive, int8: absmax/127" if self.row_tables else ""
         if not self.positive_scales:
             return "signed absmax/qmin" + rows
@@ -152,6 +158,7 @@ class QuantSpec:
             "scales": self.scales_text(),
             "roles": dict(self.roles),
             "tensors": dict(self.tensors),
+            **({"source": self.source} if self.source else {}),
         }
 
     @classmethod
@@ -165,6 +172,7 @@ class QuantSpec:
             accuracy_level=int(d.get("accuracy_level", 0)),
             tensors=dict(d.get("tensors", {})),
             graph=d.get("graph", GRAPH_NBITS),
+            source=d.get("source"),
         )
 
 
@@ -214,7 +222,7 @@ def quant_refusal(request: QuantRequest) -> str | None:
             return None
         return f"unknown --quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}"
     formats = {quant, *(f for _, f in request.overrides)}
-    if request.method not in METHODS:
+    if request.method not in (*METHODS, IMPORTED):
         return f"unknown --quant-method {request.method!r}; choose one of {', '.join(METHODS)}"
     if request.method != METHOD and not formats & set(INT_FORMATS):
         return f"--quant-method {request.method} applies to int4/int8 weights; {quant} has its own rounding"
@@ -279,17 +287,33 @@ def plan_quant(request: QuantRequest, names: list[str], dtype: str) -> QuantSpec
     )
 
 
-def prequantized_refusal(config: dict[str, Any]) -> str | None:
-    """Why a checkpoint whose config.json has a `quantization_config` cannot be exported (one line), or None.
-
-    This version reads float checkpoints only: re-rounding already-rounded weights, or reading packed ones as
-    floats, would silently change the model, so a pre-quantized checkpoint is named and refused."""
-    qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
-    if not qc:
-        return None
+def describe_quantization(qc: Any) -> str:
+    """A checkpoint's `quantization_config` in one line: its naming keys, for refusals."""
     keys = ("quant_method", "format", "bits", "group_size", "quant_algo")
-    described = ", ".join(f"{k}={qc[k]}" for k in keys if isinstance(qc, dict) and k in qc) or "unrecognized"
-    return (
-        f"the checkpoint is already quantized (quantization_config: {described}); importing pre-quantized "
-        "checkpoints is not supported yet: export its unquantized original (add --quant to quantize it here)"
+    return ", ".join(f"{k}={qc[k]}" for k in keys if isinstance(qc, dict) and k in qc) or "unrecognized"
+
+
+def plan_imported(
+    request: QuantRequest, names: list[str], imported: set[str], dtype: str, source: str
+) -> QuantSpec:
+    """The quantization of a pre-quantized checkpoint: exactly the `imported` tensors (ours) are int4 at the
+    checkpoint's group size (`request.block_size`); every other weight stays in the export dtype."""
+    outside = sorted(n for n in imported if role_of(n) not in LINEAR_ROLES)
+    if outside:
+        raise ExportError(
+            f"{source}: '{outside[0]}' is packed, but only attention q/k/v/o and MLP gate/up/down weights can "
+            "be imported in this version"
+        )
+    present = {role_of(n) for n in names} - {None}
+    packed = {role_of(n) for n in imported}
+    roles = {r: "int4" if r in packed else dtype for r in ROLES if r in present}
+    return QuantSpec(
+        "int4",
+        request.block_size,
+        roles,
+        method=IMPORTED,
+        accuracy_level=request.accuracy_level,
+        tensors={n: "int4" for n in sorted(imported)},
+        graph=graph_form(dtype, {"int4"}),
+        source=source,
     )

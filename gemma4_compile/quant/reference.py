@@ -3,7 +3,8 @@
 A quantized export computes with exactly these weights, so on random weights it must match this reference at
 the unquantized tolerances (a packing bug moves logits by ~100% of their size, while rounding is not
 modelled at all). The codes come from the same `quantize_rows` the writer uses; what the gate checks is
-everything after it (packing, layout, scales, the graph rewrite, the kernel).
+everything after it (packing, layout, scales, the graph rewrite, the kernel). An imported checkpoint's weights
+(method "imported") are its own codes and scales, read again from the checkpoint (quant/imported.py).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import types
 
 import torch
 
-from .encode import dequantized_rows, global_scale
-from .formats import EMBED_ROWS, LM_HEAD, QuantSpec
+from ..errors import ValidateError
+from .encode import dequantized_rows, global_scale, rounded
+from .formats import EMBED_ROWS, GRAPH_NBITS, IMPORTED, LM_HEAD, QuantSpec
+from .imported import dequantize_imported
 
 
 def _dequantized(weight: torch.Tensor, name: str, quant: QuantSpec, dtype: str) -> torch.nn.Parameter:
@@ -25,6 +28,21 @@ def _dequantized(weight: torch.Tensor, name: str, quant: QuantSpec, dtype: str) 
     w = w.reshape(-1, shape[-1])  # MoE experts [E, N, K]: E*N rows, blocked along K like any weight
     g = global_scale(float(abs(w).max(initial=0.0)), dtype) if fmt == "nvfp4" else None
     deq = dequantized_rows(fmt, w, quant.block_of(fmt), graph, dtype, g, quant.method).reshape(shape)
+    return torch.nn.Parameter(torch.from_numpy(deq).to(weight.dtype), requires_grad=False)
+
+
+def _imported(model: torch.nn.Module, weight: torch.Tensor, name: str, quant: QuantSpec, dtype: str):
+    """A pre-quantized checkpoint's codes x its scales as the graph stores them (MatMulNBits: fp32, exact for
+    the checkpoint's bf16/fp16/fp32; DequantizeLinear: the export dtype): never re-rounded."""
+    read = getattr(model, "imported_codes", {}).get(name)
+    if read is None:
+        raise ValidateError(
+            f"the export imported '{name}' ({quant.source}), but the checkpoint has no packed codes"
+        )
+    codes, scales = read()
+    if quant.graph_of(name) != GRAPH_NBITS:
+        scales = rounded(scales, dtype)
+    deq = dequantize_imported(codes, scales, quant.block_size)
     return torch.nn.Parameter(torch.from_numpy(deq).to(weight.dtype), requires_grad=False)
 
 
@@ -40,7 +58,12 @@ def apply_fake_quant(model: torch.nn.Module, quant: QuantSpec, dtype: str) -> to
             continue
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        module._parameters[attr] = _dequantized(getattr(module, attr), name, quant, dtype)
+        weight = getattr(module, attr)
+        module._parameters[attr] = (
+            _imported(model, weight, name, quant, dtype)
+            if quant.method == IMPORTED
+            else _dequantized(weight, name, quant, dtype)
+        )
     if EMBED_ROWS in quant.tensors:
         model.embed_tokens._parameters["weight"] = _dequantized(table, EMBED_ROWS, quant, dtype)
     if LM_HEAD in quant.tensors or EMBED_ROWS in quant.tensors:
