@@ -166,3 +166,36 @@ def make_quant_export(tmp_path_factory, make_checkpoint):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def run_batched():
+    """run_batched(runner, prompts, budgets, max_batch, max_len, timeout=120) -> (the tokens each prompt got
+    from a BatchEngine (continuous batching) over `runner`, greedy, in prompt order; the stopped engine)."""
+    import threading
+
+    from gemma4_compile.runtime.batching import BatchEngine, Job
+    from gemma4_compile.runtime.sampler import SamplingParams
+
+    def run(runner, prompts, budgets, max_batch: int, max_len: int, timeout: float = 120):
+        engine = BatchEngine(runner, max_batch=max_batch, max_len=max_len).start()
+        done, out = threading.Semaphore(0), {i: [] for i in range(len(prompts))}
+
+        def emitter(i):
+            def emit(token, finish):
+                if finish is None:
+                    out[i].append(token)
+                else:
+                    done.release()
+
+            return emit
+
+        try:
+            for i, (p, n) in enumerate(zip(prompts, budgets)):
+                engine.submit(Job(p, n, SamplingParams(), frozenset(), emitter(i)))
+            assert all(done.acquire(timeout=timeout) for _ in prompts)
+        finally:
+            engine.stop()
+        return [out[i] for i in range(len(prompts))], engine
+
+    return run

@@ -472,34 +472,14 @@ def test_trt_matches_torch_on_a_tiny_checkpoint(real_exports, dtype):
     assert (runner.generate(ids, 4, lengths) == reference.generate(ids, 4, lengths)).mean() >= 0.75
 
 
-def test_continuous_batching_moves_trt_cache_rows_on_the_device(synthetic_exports):
+def test_continuous_batching_moves_trt_cache_rows_on_the_device(synthetic_exports, run_batched):
     """The serving engine over TrtRunner (fakes as above): rows join a running batch and leave it through
     CacheBuffers.take/concat, and each prompt gets the tokens it gets alone."""
-    import threading
-
-    from gemma4_compile.runtime.batching import BatchEngine, Job
-    from gemma4_compile.runtime.sampler import SamplingParams
 
     runner = _runner_on_fakes(synthetic_exports["fp16"], FakeCuda())
     prompts = [[3, 9, 27, 5, 1, 60], [8, 8, 2, 40, 11, 7, 30], [5, 6], [12, 13, 14, 15, 16]]  # > window 4
     budgets = [7, 3, 9, 4]
-    engine = BatchEngine(runner, max_batch=2, max_len=24).start()
-    done, out = threading.Semaphore(0), {i: [] for i in range(len(prompts))}
-
-    def emitter(i):
-        def emit(token, finish):
-            if finish is None:
-                out[i].append(token)
-            else:
-                done.release()
-
-        return emit
-
-    try:
-        for i, (p, n) in enumerate(zip(prompts, budgets)):
-            engine.submit(Job(p, n, SamplingParams(), frozenset(), emitter(i)))
-        assert all(done.acquire(timeout=60) for _ in prompts)
-    finally:
-        engine.stop()
+    out, engine = run_batched(runner, prompts, budgets, max_batch=2, max_len=24, timeout=60)
+    assert engine.active == 0
     for i, (p, n) in enumerate(zip(prompts, budgets)):
         assert out[i] == runner.generate(np.array([p]), n)[0].tolist(), i

@@ -22,28 +22,11 @@ class Recording:
         return self.runner.step(state, ids, seq_len)
 
 
-def test_rows_join_and_leave_and_each_gets_its_solo_tokens(runner):
+def test_rows_join_and_leave_and_each_gets_its_solo_tokens(runner, run_batched):
     prompts = [list(range(5, 5 + n)) for n in (3, 11, 20, 7, 15)]
     budgets = [9, 4, 12, 6, 10]  # different lengths: rows finish at different steps and free their slots
     recording = Recording(runner)
-    engine = BatchEngine(recording, max_batch=3, max_len=64).start()
-    done, out = threading.Semaphore(0), {i: [] for i in range(len(prompts))}
-
-    def emitter(i):
-        def emit(token, finish):
-            if finish is None:
-                out[i].append(token)
-            else:
-                done.release()
-
-        return emit
-
-    try:
-        for i, (p, n) in enumerate(zip(prompts, budgets)):
-            engine.submit(Job(p, n, SamplingParams(), frozenset(), emitter(i)))
-        assert all(done.acquire(timeout=120) for _ in prompts)
-    finally:
-        engine.stop()
+    out, engine = run_batched(recording, prompts, budgets, max_batch=3, max_len=64)
     for i, (p, n) in enumerate(zip(prompts, budgets)):
         assert out[i] == generate(runner, p, n, max_seq_len=64).tokens, i
     sizes = [b for b, _ in recording.steps]
