@@ -120,6 +120,6 @@ def test_text_calls_feed_zero_image_and_audio_rows_in_the_ort_and_trt_embed_stag
     embed = ort.InferenceSession(str(m.graph_path("embed")))  # the graph as written (the runner feeds rows)
     ref = embed.run(None, {"input_ids": ids, **zero})
     for name, expected in zip([t.name for t in m.graphs["embed"].outputs], ref):
-        np.testing.assert_array_equal(trt_embed[name].numpy(), expected)
+        np.testing.assert_array_equal(trt_embed[name], expected)
     with pytest.raises(RunnerError, match="the prompt has 2 audio placeholders but 0 audio soft tokens"):
         runner.logits(np.array([[2, 9, m.multimodal.audio.audio, m.multimodal.audio.audio]]))
