@@ -84,7 +84,9 @@ def decode_image(data: bytes, name: str) -> Any:
         raise RuntimeInputError(f"cannot read {name} ({e.strerror or e})") from None
 
 
-def image_patches(images: Sequence[Any], mm: MultimodalSpec, budget: int | Sequence[int | None]) -> list[Any]:
+def image_patches(
+    images: Sequence[Any], mm: MultimodalSpec, budget: int | Sequence[int | None] | None = None
+) -> list[Any]:
     """Each image's patches and soft-token count (model/vision_preprocess.py, transformers' Pillow processor),
     at one budget or one per image (None: the export's default)."""
     from ..model.vision_preprocess import image_patches as patches_of
@@ -93,7 +95,7 @@ def image_patches(images: Sequence[Any], mm: MultimodalSpec, budget: int | Seque
         raise RuntimeInputError(
             f"{len(images)} images given; this export takes at most {mm.max_images} per prompt"
         )
-    budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
+    budgets = list(budget) if isinstance(budget, Sequence) else [budget] * len(images)
     try:
         return [
             patches_of(im, mm.vision, b or mm.vision.default_output_length) for im, b in zip(images, budgets)
@@ -208,7 +210,7 @@ def chat_media_prompt(
     """Ids and soft tokens of a conversation whose message texts hold one marker per decoded image / clip, in
     order (the server puts each where its content part was); `budgets`: per image, None for the export's
     default. Checked before any encoder runs."""
-    patches, runs = _media_runs(runner.manifest, images, clips, budgets or [None] * len(images))
+    patches, runs = _media_runs(runner.manifest, images, clips, budgets)
     for marker, items in runs.items():
         found = sum(str(m["content"]).count(marker) for m in messages)
         if found != len(items):
@@ -227,7 +229,7 @@ def _media_runs(
     patches = []
     if images:
         mm = image_support(manifest)
-        patches = image_patches(images, mm, budget if budget is not None else [None] * len(images))
+        patches = image_patches(images, mm, budget)
         runs[IMAGE_MARKER] = [image_run(p.soft_tokens, mm) for p in patches]
     if clips:
         tokens = audio_support(manifest)
