@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,15 +85,7 @@ class Service:
         check_budget(prompt_tokens, n, self.max_seq_len)
         return n
 
-    def submit(
-        self,
-        prompt: Sequence[int] | MediaPrompt,
-        max_new_tokens: int,
-        params: SamplingParams,
-        emit: Emit,
-    ) -> Job:
+    def submit(self, prompt: MediaPrompt, max_new_tokens: int, params: SamplingParams, emit: Emit) -> Job:
         stops = frozenset(self.tokenizer.defaults.eos_token_ids)
-        if not isinstance(prompt, MediaPrompt):
-            prompt = MediaPrompt(list(prompt), None)
         job = Job(prompt.ids, max_new_tokens, params, stops, emit, prompt.image_embeds, prompt.audio_embeds)
         return self.engine.submit(job)
