@@ -4,7 +4,8 @@ A backend implements two primitives, `_new_caches(batch, max_len)` and `_step(st
 tokens through the caches, return their logits). The public `start` / `step` around them own the checks every
 backend needs (cache length, shapes, lengths) and the position bookkeeping, once, as Polygraphy's runners do;
 `logits` and `generate` are written once on top. Rows of a batch may have different lengths: `seq_len[b]`
-tokens of row b are real, the rest is right padding.
+tokens of row b are real, the rest is right padding. Backends whose states can be batched continuously
+(runtime/batching.py) also implement `_take_caches` and `_join_caches`, behind `take_rows` and `join_states`.
 
 This module imports neither torch nor transformers: runners of an export must not pay for them.
 """
@@ -30,6 +31,9 @@ class DecodeState:
     max_len: int
     caches: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # the runner that made it: its caches are in that runner's format, so that runner selects and joins its
+    # rows (a caller holding only the state, or a wrapper of start/step, still reaches the right one)
+    runner: BaseRunner | None = field(default=None, repr=False, compare=False)
 
     @property
     def batch(self) -> int:
@@ -110,7 +114,7 @@ class BaseRunner(abc.ABC):
             raise RunnerError(f"{self.name}: batch must be at least 1, got {batch}")
         if not 1 <= max_len <= self.max_seq_len:
             raise RunnerError(f"{self.name}: {max_len} tokens exceed the max_seq_len {self.max_seq_len}")
-        return DecodeState(np.zeros(batch, np.int64), max_len, self._new_caches(batch, max_len))
+        return DecodeState(np.zeros(batch, np.int64), max_len, self._new_caches(batch, max_len), runner=self)
 
     def step(self, state: DecodeState, input_ids: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
         """Run [B, S] tokens (row b: seq_len[b] real ones) -> logits [B, S, V] float32; advances the state."""
@@ -141,6 +145,31 @@ class BaseRunner(abc.ABC):
         if vocab and bad.any():
             raise RunnerError(f"{self.name}: token ids must be in [0, {vocab}), got {int(input_ids[bad][0])}")
         return input_ids, seq_len
+
+    # ----- rows of states (continuous batching: sequences join and leave a running batch) ----------------
+    def take_rows(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
+        """A new state holding rows `rows` (batch indices, in that order) of `state`: caches and positions."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1 or not rows.size or rows.min() < 0 or rows.max() >= state.batch:
+            raise RunnerError(f"{self.name}: rows must be indices in [0, {state.batch}), got {rows.tolist()}")
+        caches = self._take_caches(state.caches, rows)
+        return DecodeState(state.past_len[rows], state.max_len, caches, runner=self)
+
+    def join_states(self, states: list[DecodeState]) -> DecodeState:
+        """One new state holding the rows of `states`, in order; all must have the same cache length."""
+        lengths = sorted({s.max_len for s in states})
+        if len(lengths) != 1:
+            raise RunnerError(f"{self.name}: states to join must share one cache length, got {lengths}")
+        past_len = np.concatenate([s.past_len for s in states])
+        return DecodeState(past_len, lengths[0], self._join_caches([s.caches for s in states]), runner=self)
+
+    def _take_caches(self, caches: Any, rows: np.ndarray) -> Any:
+        """Rows `rows` of caches made by `_new_caches` / `_step` (new caches: the source stays valid)."""
+        raise BackendUnavailable(f"{self.name}: cannot select rows of its caches (no continuous batching)")
+
+    def _join_caches(self, parts: list[Any]) -> Any:
+        """The rows of `parts`, in order, as new caches."""
+        raise BackendUnavailable(f"{self.name}: cannot join caches (no continuous batching)")
 
     # ----- soft tokens (exports whose embed graph merges images and audio) --------------------------
     def attach_images(self, state: DecodeState, image_embeds: np.ndarray) -> None:

@@ -153,6 +153,12 @@ class OrtRunner(BaseRunner):
             for name in c.past
         }
 
+    def _take_caches(self, caches: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: cache[rows] for name, cache in caches.items()}
+
+    def _join_caches(self, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
     def _refuse(self, state: DecodeState, input_ids: np.ndarray) -> None:
         B, S = input_ids.shape
         refusal = lowering_refusal(self.manifest.lowering, B, S, bool(state.past_len.any()))

@@ -2,9 +2,10 @@
 
 Each active sequence is one row of a shared decode state. Newcomers are prefilled together in a fresh state
 (right-padded to the longest prompt, `seq_len` marks the real tokens) and their rows are appended to the
-running state; finished or cancelled rows are dropped. Rows enter and leave only between steps, so the arrays
-are copied only when the membership changes. Every row keeps its own `past_len`, its own global-cache slots
-and its own W-slot sliding ring. A row's tokens therefore do not depend on what else is running.
+running state; finished or cancelled rows are dropped, both through the runner's `take_rows` / `join_states`
+(numpy caches on onnxruntime, device caches on TensorRT). Rows enter and leave only between steps, so the
+caches are copied only when the membership changes. Every row keeps its own `past_len`, its own global-cache
+slots and its own W-slot sliding ring. A row's tokens therefore do not depend on what else is running.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .sampler import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from ..runners.base import DecodeState
 
 # emit(token, None) for each generated token; emit(None, finish_reason) once at the end
 Emit = Callable[[int | None, str | None], None]
@@ -74,7 +78,7 @@ class BatchEngine:
         self.runner, self.max_batch, self.max_len = runner, max_batch, max_len
         self.waiting: queue.Queue[Job] = queue.Queue()
         self.rows: list[Job] = []
-        self.state: Any = None
+        self.state: DecodeState | None = None
         self.steps = 0  # decode steps run (batch sizes are in `batch_sizes`)
         self.batch_sizes: list[int] = []
         self._stop = threading.Event()
@@ -154,17 +158,13 @@ class BatchEngine:
         alive = [s.accept(logits[i, 0]) for i, s in enumerate(self.rows)]
         self._keep(alive)
 
-    def _append(self, state: Any, seqs: list[Job], alive: list[bool]) -> None:
+    def _append(self, state: DecodeState, seqs: list[Job], alive: list[bool]) -> None:
         keep = np.flatnonzero(alive)
         if not keep.size:
             return
-        caches = _rows(state.caches, keep)
-        if self.state is None:
-            state.caches, state.past_len = caches, state.past_len[keep]
-            self.state = state
-        else:
-            self.state.caches = _joined(self.state.caches, caches)
-            self.state.past_len = np.concatenate([self.state.past_len, state.past_len[keep]])
+        # the state's own runner moves its rows (numpy or device caches): `self.runner` may wrap it
+        rows = state.runner.take_rows(state, keep)
+        self.state = rows if self.state is None else state.runner.join_states([self.state, rows])
         self.rows += [seqs[i] for i in keep]
 
     def _keep(self, alive: list[bool]) -> None:
@@ -172,29 +172,10 @@ class BatchEngine:
             return
         keep = np.flatnonzero(alive)
         self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.state = None
-            return
-        self.state.caches = _rows(self.state.caches, keep)
-        self.state.past_len = self.state.past_len[keep]
+        self.state = self.state.runner.take_rows(self.state, keep) if self.rows else None
 
     def _drop_finished(self) -> None:
         """Cancelled sequences (a client went away) leave before the next step."""
         cancelled = [s.cancelled.is_set() for s in self.rows]
         if any(cancelled):
             self._keep([not c for c in cancelled])
-
-
-def _rows(caches: Any, keep: np.ndarray) -> Any:
-    """Rows `keep` of a state's caches: a dict of host arrays (ort), or device caches that copy their own rows
-    (trt's CacheBuffers)."""
-    if hasattr(caches, "take"):
-        return caches.take(keep)
-    return {k: v[keep] for k, v in caches.items()}
-
-
-def _joined(caches: Any, more: Any) -> Any:
-    """`caches`' rows, then `more`'s."""
-    if hasattr(caches, "concat"):
-        return caches.concat(more)
-    return {k: np.concatenate([v, more[k]]) for k, v in caches.items()}

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from ..errors import BackendUnavailable
 from .backend import LOW_MEMORY_PREFILL, open_runner
-from .errors import RuntimeInputError
 from .generate import GenerationResult, generate
 from .images import media_prompt
 from .sampler import GREEDY, SamplingParams
@@ -35,9 +34,6 @@ def generate_text(
     (runtime/images.py, runtime/audio.py). `low_memory`: the edge recipe (backend.open_runner)."""
     tokenizer = TextTokenizer(export_dir)
     runner = open_runner(export_dir, backend, provider, threads, low_memory=low_memory)
-    if (images or audio) and backend != "ort":
-        what = "image" if images else "audio"
-        raise RuntimeInputError(f"{what} prompts run on the ort backend only, not {backend!r}")
     prompt_in = media_prompt(
         runner, tokenizer, prompt, images, chat=chat, budget=image_budget, audio_paths=audio
     )

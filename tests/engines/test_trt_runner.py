@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from engines_support import DEVICE_SM, has_exporter, needs_gpu_trt
+from trt_fakes import FakeCuda, runner_on_fakes
 
 from gemma4_compile.dtypes import DType
 from gemma4_compile.errors import BackendUnavailable, BuildError, RunnerError
@@ -100,61 +101,6 @@ def test_embed_stage_matches_the_model_for_a_bf16_export(make_export, make_check
 
 
 # ----- device buffers, against a numpy-backed fake of the CUDA seam (the GPU path itself needs a GPU) --------
-class FakeCuda:
-    """CudaRuntime's calls over host bytes: allocations are numpy byte arrays at made-up addresses (an address
-    inside an allocation works, one outside raises); new memory is filled with 0xAB so a missing zeroing shows.
-    Counts what the buffers ask for."""
-
-    def __init__(self):
-        self.heap: dict[int, np.ndarray] = {}
-        self.next_ptr = 0x1000
-        self.mallocs = self.frees = self.copies = self.syncs = 0
-
-    def malloc(self, nbytes: int) -> int:
-        ptr, self.next_ptr = self.next_ptr, self.next_ptr + nbytes + 0x100
-        self.heap[ptr] = np.full(nbytes, 0xAB, np.uint8)
-        self.mallocs += 1
-        return ptr
-
-    def free(self, ptr: int) -> None:
-        del self.heap[ptr]  # a KeyError on a double free
-        self.frees += 1
-
-    def at(self, ptr: int, nbytes: int) -> np.ndarray:
-        """The `nbytes` bytes at device address `ptr` (a view)."""
-        base = max((b for b in self.heap if b <= ptr), default=None)
-        assert base is not None and ptr + nbytes <= base + self.heap[base].size, (
-            f"{ptr:#x}+{nbytes} is not allocated"
-        )
-        return self.heap[base][ptr - base : ptr - base + nbytes]
-
-    def memset(self, ptr: int, nbytes: int, stream: int) -> None:
-        self.at(ptr, nbytes)[:] = 0
-
-    def to_device(self, ptr: int, host: np.ndarray, stream: int) -> None:
-        self.at(ptr, host.nbytes)[:] = host.reshape(-1).view(np.uint8)
-        self.copies += 1
-
-    def to_host(self, host: np.ndarray, ptr: int, stream: int) -> None:
-        host.reshape(-1).view(np.uint8)[:] = self.at(ptr, host.nbytes)
-        self.copies += 1
-
-    def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
-        self.at(dst, nbytes)[:] = self.at(src, nbytes)
-        self.copies += 1
-
-    def synchronize(self, stream: int) -> None:
-        self.syncs += 1
-
-    def read(self, buffer: DeviceArray) -> np.ndarray:
-        return self.at(buffer.ptr, buffer.nbytes).view(buffer.dtype).reshape(buffer.shape)
-
-    def write(self, buffer: DeviceArray, values: np.ndarray) -> None:
-        self.at(buffer.ptr, buffer.nbytes)[:] = (
-            np.ascontiguousarray(values, buffer.dtype).reshape(-1).view(np.uint8)
-        )
-
-
 def test_device_array_grows_but_never_shrinks_and_frees_what_it_replaced():
     cuda = FakeCuda()
     buffer = DeviceArray(cuda, (2, 8), np.float16)
@@ -339,83 +285,13 @@ def test_the_real_cuda_seam_zeroes_copies_and_grows_device_memory():
     cuda.synchronize(stream)
 
 
-_ORT_TYPES = {f"tensor({n})": np.dtype(n) for n in ("float", "float16", "int64")}
-
-
-class FakeContext:
-    """The TensorRT execution-context calls TrtRunner makes, running decoder.onnx with onnxruntime on the fake
-    device memory at the addresses bound: checks the runner's plumbing (bindings, shapes, swaps), not TensorRT."""
-
-    def __init__(self, cuda: FakeCuda, session, index: int):
-        self.cuda, self.session, self.active_optimization_profile = cuda, session, index
-        self.types = {i.name: _ORT_TYPES[i.type] for i in session.get_inputs()}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.addresses: dict[str, int] = {}
-        self.results: dict[str, np.ndarray] | None = None
-
-    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-        self.shapes[name], self.results = tuple(shape), None
-        return True
-
-    def set_tensor_address(self, name: str, ptr: int) -> None:
-        self.addresses[name] = ptr
-
-    def _outputs(self) -> dict[str, np.ndarray]:
-        if self.results is None:
-            feeds = {}
-            for name, shape in self.shapes.items():
-                nbytes = int(np.prod(shape)) * self.types[name].itemsize
-                raw = self.cuda.at(self.addresses[name], nbytes) if nbytes else np.empty(0, np.uint8)
-                feeds[name] = raw.copy().view(self.types[name]).reshape(shape)
-            names = [o.name for o in self.session.get_outputs()]
-            self.results = dict(zip(names, self.session.run(None, feeds)))
-        return self.results
-
-    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        return self._outputs()[name].shape
-
-    def execute_async_v3(self, stream: int) -> bool:
-        inputs = {self.addresses[n] for n in self.shapes}
-        for name, value in self._outputs().items():
-            assert self.addresses[name] not in inputs, f"{name} aliases an input"
-            self.cuda.at(self.addresses[name], value.nbytes)[:] = value.reshape(-1).view(np.uint8)
-        return True
-
-
-def _runner_on_fakes(out: Path, cuda: FakeCuda) -> TrtRunner:
-    """A TrtRunner wired as __init__ wires it, with FakeCuda for libcudart and FakeContexts for TensorRT."""
-    import onnxruntime as ort
-
-    from gemma4_compile.engines.profiles import ProfileLimits, derive_profiles
-    from gemma4_compile.export.manifest import ExportManifest
-    from gemma4_compile.runners.base import BaseRunner
-
-    runner = TrtRunner.__new__(TrtRunner)
-    BaseRunner.__init__(runner)
-    runner.export = ExportManifest.load(out, lenient=True)
-    runner.cuda, runner.stream = cuda, 0
-    runner.profiles = derive_profiles(runner.export, ProfileLimits(max_batch=2, max_seq=32))
-    session = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
-    runner.contexts = [FakeContext(cuda, session, i) for i in range(len(runner.profiles))]
-    runner.embed = EmbedGraph(out / "embed.onnx")
-    runner.spec, runner.max_seq_len = runner.export.spec, runner.export.max_seq_len
-    runner.dtype = DType.parse(runner.export.dtype).numpy
-    runner.inputs = [t.name for t in runner.export.graphs["decoder"].inputs]
-    runner.outputs = [t.name for t in runner.export.graphs["decoder"].outputs]
-    graph = runner.export.graphs["decoder"]
-    runner.buffers = StepBuffers(
-        cuda, {t.name: DType.parse(t.dtype).numpy for t in graph.inputs + graph.outputs}
-    )
-    return runner
-
-
 def test_the_runner_step_on_fake_device_memory_equals_onnxruntime(synthetic_exports):
     """TrtRunner's _new_caches/_step/_bind over FakeCuda and an onnxruntime-backed fake context gives the logits
     of a plain onnxruntime decode loop, bit for bit, past the sliding window; after the prefill, decode steps
     allocate nothing. (TensorRT and real device memory: the GPU tests below.)"""
     out = synthetic_exports["fp16"]
     cuda = FakeCuda()
-    runner = _runner_on_fakes(out, cuda)
+    runner = runner_on_fakes(out, cuda)
     ids = np.array([[3, 9, 27, 5, 1, 60], [8, 8, 2, 40, 11, 7]], dtype=np.int64)  # 6 tokens > window 4
     ref_tokens, ref_logits = OrtDecoder(out).generate(ids, steps=5)
     state = runner.start(2, 6 + 5)
@@ -476,10 +352,32 @@ def test_continuous_batching_moves_trt_cache_rows_on_the_device(synthetic_export
     """The serving engine over TrtRunner (fakes as above): rows join a running batch and leave it through
     CacheBuffers.take/concat, and each prompt gets the tokens it gets alone."""
 
-    runner = _runner_on_fakes(synthetic_exports["fp16"], FakeCuda())
+    runner = runner_on_fakes(synthetic_exports["fp16"], FakeCuda())
     prompts = [[3, 9, 27, 5, 1, 60], [8, 8, 2, 40, 11, 7, 30], [5, 6], [12, 13, 14, 15, 16]]  # > window 4
     budgets = [7, 3, 9, 4]
     out, engine = run_batched(runner, prompts, budgets, max_batch=2, max_len=24, timeout=60)
     assert engine.active == 0
     for i, (p, n) in enumerate(zip(prompts, budgets)):
         assert out[i] == runner.generate(np.array([p]), n)[0].tolist(), i
+
+
+def test_take_rows_and_join_states_carry_positions_with_the_device_rows(synthetic_exports):
+    """The runner interface the serving engine batches through: rows of two states, joined, decode as they
+    would have in their own states; bad rows and states of other cache lengths are one-line errors."""
+    runner = runner_on_fakes(synthetic_exports["fp16"], FakeCuda())
+    a, b = runner.start(2, 12), runner.start(1, 12)
+    first = runner.step(a, np.array([[3, 9, 27, 5, 1, 60], [8, 8, 2, 40, 11, 7]]), np.array([6, 4]))
+    second = runner.step(b, np.array([[5, 6, 12]]), np.array([3]))
+    joined = runner.join_states([runner.take_rows(a, np.array([1])), b])
+    assert joined.past_len.tolist() == [4, 3] and joined.caches.batch == 2 and joined.runner is runner
+    nxt = np.array([[first[1, 3].argmax()], [second[0, 2].argmax()]])
+    got = runner.step(joined, nxt, np.ones(2, np.int64))[:, 0]
+    want_a = runner.step(a, np.array([[0], nxt[0]]), np.ones(2, np.int64))[1, 0]
+    want_b = runner.step(b, nxt[1:], np.ones(1, np.int64))[0, 0]
+    np.testing.assert_allclose(got, np.stack([want_a, want_b]), atol=1e-3, rtol=0)
+    with pytest.raises(RunnerError, match=r"^trt: rows must be indices in \[0, 2\), got \[2\]$"):
+        runner.take_rows(a, np.array([2]))
+    with pytest.raises(
+        RunnerError, match=r"^trt: states to join must share one cache length, got \[12, 16\]$"
+    ):
+        runner.join_states([a, runner.start(1, 16)])
