@@ -114,6 +114,34 @@ def test_generate_with_an_image_on_the_trt_backend(runners, tmp_path, monkeypatc
     assert texts["trt"] == texts["ort"] and len(texts["trt"][0]) >= 1
 
 
+def test_the_staged_image_and_audio_validation_passes_on_the_trt_runner(make_vision_export):
+    """validate/images.py and validate/audio.py with the TRT runner (engines for two images of up to 280 soft
+    tokens and two 30 s clips, as their synthetic inputs need) as the backend: every stage within its bound or
+    transformers' own fp32 noise, greedy tokens identical."""
+    import copy
+
+    import torch
+
+    from gemma4_compile.validate.audio import validate_audio
+    from gemma4_compile.validate.images import load_reference, validate_images
+
+    ckpt, out = make_vision_export("tiny-e2b")
+    limits = ProfileLimits(max_batch=1, max_seq=256, max_images=2, max_image_tokens=280, max_clips=2)
+    trt = runner_on_fakes(out, FakeCuda(), limits)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared machine: no OpenMP spinning
+    try:
+        hf = load_reference(ckpt)
+        hf64 = copy.deepcopy(hf).double()
+        reports = [check(trt, hf, hf64, steps=8) for check in (validate_images, validate_audio)]
+    finally:
+        torch.set_num_threads(threads)
+    for report in reports:
+        assert report.passed, report.failure()
+        assert [s.name for s in report.stages] == ["preprocessing", "encoder", "end-to-end", "greedy"]
+        assert report.stages[-1].value == 0  # 8/8 greedy tokens identical
+
+
 @pytest.mark.parametrize(
     ("encode", "match"),
     [
