@@ -23,12 +23,13 @@ from gemma4_compile.runners.ort import OrtRunner
 from gemma4_compile.validate.images import (
     HALF_GATES,
     Gate,
+    ImageReport,
     Stage,
     cosine_gate,
     logit_gates,
     validate_images,
 )
-from gemma4_compile.validate.report import accuracy_markdown
+from gemma4_compile.validate.report import _images_md, accuracy_markdown
 
 validate_module = importlib.import_module("gemma4_compile.validate.validate")
 
@@ -54,7 +55,7 @@ def test_the_logit_gates_fail_on_flipped_tokens_and_on_a_reshaped_distribution()
     top1, kl = logit_gates(ref + 1e-3 * rng.standard_normal(ref.shape), ref, None, "fp16")
     assert top1.passed and kl.passed and top1.value == 1.0
     flipped = ref.copy()
-    flipped[:2, ref[:2].argmin(-1)] += 100  # two positions pick their least likely token: 98 %
+    flipped[[0, 1], ref[:2].argmin(-1)] += 100  # two positions pick their least likely token: 98 %
     top1, kl = logit_gates(flipped, ref, None, "fp16")
     assert not top1.passed and top1.value == 0.98
     top1, kl = logit_gates(1.1 * ref, ref, None, "fp16")  # same argmax everywhere, sharper distribution
@@ -76,6 +77,20 @@ def test_a_gated_stage_fails_on_any_gate_and_reports_which_rule_decided():
     assert not stage.passed and stage.why() == "mean KL 0.5 (gate ≤ 0.001)"
     assert stage.gate == "top-1 1 (gate ≥ 0.99); mean KL 0.5 (gate ≤ 0.001)"
     assert Stage("greedy", 3, None).passed and Stage("greedy", 3, None).gate == "reported only"
+
+
+def test_a_failed_gate_is_named_in_the_json_and_the_markdown():
+    encoder = Stage(
+        "encoder", 0.4, None, "soft tokens", gates=(Gate("min cosine", 0.96, 0.999, True, 0.9999),)
+    )
+    d = ImageReport(151, [60, 56], [encoder], precision="fp16").to_dict()
+    assert not d["passed"] and d["stages"][0]["gates"][0]["passed"] is False
+    assert d["failure"] == (
+        "image prompt fails at the encoder stage: "
+        "min cosine 0.96 (gate ≥ 0.999, transformers' own 0.9999) (soft tokens)"
+    )
+    markdown = "\n".join(_images_md(d))
+    assert "| **FAIL** |" in markdown and f"First failure: {d['failure']}." in markdown
 
 
 # ----- the fp16 tiny-e2b export ------------------------------------------------------------------
