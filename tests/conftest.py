@@ -117,22 +117,28 @@ def reseal():
 
 @pytest.fixture(scope="session")
 def make_vision_export(tmp_path_factory):
-    """make_vision_export(preset) -> (checkpoint with the preset's vision tower, its fp32 export) (cached).
-    tiny-e2b's also holds the audio tower, merged by its embed graph: one export for the image and audio tests."""
+    """make_vision_export(preset, dtype="fp32") -> (checkpoint with the preset's vision tower, its export in
+    `dtype`) (cached; one checkpoint per preset). tiny-e2b's also holds the audio tower, merged by its embed
+    graph: one export for the image and audio tests."""
     from gemma4_compile.export import export_checkpoint
     from gemma4_compile.model.presets import AUDIO_PRESETS, VISION_PRESETS
 
-    cache: dict[str, tuple[Path, Path]] = {}
+    roots: dict[str, Path] = {}
+    cache: dict[tuple[str, str], tuple[Path, Path]] = {}
 
-    def make(preset: str) -> tuple[Path, Path]:
-        if preset not in cache:
+    def make(preset: str, dtype: str = "fp32") -> tuple[Path, Path]:
+        if preset not in roots:
             root = tmp_path_factory.mktemp("vision-export") / preset
             spec, vision = PRESETS[preset], VISION_PRESETS[preset]
             audio = AUDIO_PRESETS[preset] if preset == "tiny-e2b" else None
             write_random_checkpoint(spec, root / "ckpt", dtype=torch.float32, vision=vision, audio=audio)
-            export_checkpoint(root / "ckpt", root / "out", dtype="fp32", max_seq_len=256)
-            cache[preset] = root / "ckpt", root / "out"
-        return cache[preset]
+            roots[preset] = root
+        if (preset, dtype) not in cache:
+            root = roots[preset]
+            out = root / ("out" if dtype == "fp32" else f"out-{dtype}")
+            export_checkpoint(root / "ckpt", out, dtype=dtype, max_seq_len=256)
+            cache[preset, dtype] = root / "ckpt", out
+        return cache[preset, dtype]
 
     return make
 

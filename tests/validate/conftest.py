@@ -48,3 +48,15 @@ def media_references(make_vision_export):
         return cache[preset]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def half_media(make_vision_export):
+    """(checkpoint, fp16 export, transformers fp32, transformers fp16) of tiny-e2b's vision+audio checkpoint:
+    the reduced-precision gates' fixtures (the fp16 model is the twin that measures transformers' own
+    fp16 round-off)."""
+    from gemma4_compile.validate.images import load_reference, reference_twin
+
+    ckpt, out = make_vision_export("tiny-e2b", "fp16")
+    hf = load_reference(ckpt)
+    return ckpt, out, hf, reference_twin(hf, "fp16")

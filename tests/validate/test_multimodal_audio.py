@@ -47,7 +47,7 @@ def validated(pipeline):
     tolerance = validate_module.TOLERANCES["fp32"]
     blank = validate_module.AccuracyReport("ort", "torch", "fp32", 8, 16, tolerance, [], [], None)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(validate_module, "_references", lambda ckpt: (hf, hf64))
+        mp.setattr(validate_module, "_references", lambda ckpt, precision: (hf, hf64))
         mp.setattr(image_check, "validate_images", lambda *a: ImageReport(0, [], []))
         return validate_module._validate_media(blank, ExportManifest.load(out), runner, "ort", ckpt)
 
