@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendUnavailable
 from .backend import open_runner
 from .batching import BatchEngine, Emit, Job
 from .errors import ContextLengthExceeded
@@ -33,9 +32,6 @@ class Service:
         threads: int | None = None,
         model_id: str | None = None,
     ) -> Service:
-        # the engine slices and joins rows of numpy caches; TensorRT keeps them on the GPU
-        if backend != "ort":
-            raise BackendUnavailable(f"serve: the {backend!r} backend cannot batch yet; use ort")
         tokenizer = TextTokenizer(export_dir)  # first: no tokenizer, no server
         runner = open_runner(export_dir, backend, provider, threads)
         max_seq_len = runner.manifest.max_seq_len

@@ -892,7 +892,7 @@ def validate(
     )
     if windows is not None:
         report = replace(report, perplexity=perplexity_report(text, windows, be, ref, unquantized))
-    report = _validate_media(report, manifest, be, backend, ckpt)
+    report = _validate_media(report, manifest, be, ckpt)
     out = Path(out_dir) if out_dir else export_dir
     if write:
         if DECODER in manifest.graphs:
@@ -901,19 +901,15 @@ def validate(
     return report
 
 
-def _no_media_check(manifest: Any, backend: str) -> str | None:
-    """Why the image and audio stages do not run on this export (None: they do): ort, float weights (fp32
-    exports get the fixed bounds, half ones the reduced-precision gates)."""
-    if backend != "ort":
-        return f"the {backend} backend runs text only"
+def _no_media_check(manifest: Any) -> str | None:
+    """Why the image and audio stages do not run on this export (None: they do): float weights (fp32 exports
+    get the fixed bounds, half ones the reduced-precision gates), on onnxruntime or TensorRT."""
     if manifest.quant is not None:
         return "their bounds and gates are for float weights"
     return None
 
 
-def _validate_media(
-    report: AccuracyReport, manifest: Any, runner: BaseRunner, backend: str, ckpt: Path
-) -> AccuracyReport:
+def _validate_media(report: AccuracyReport, manifest: Any, runner: BaseRunner, ckpt: Path) -> AccuracyReport:
     """The staged image (validate/images.py) and audio (validate/audio.py) checks against transformers, for
     the towers whose soft tokens the export merges; one transformers model (and fp64 twin) serves both."""
     from .audio import validate_audio
@@ -923,7 +919,7 @@ def _validate_media(
     checks = {"images": validate_images} if VISION in manifest.graphs else {}
     if AUDIO in manifest.graphs and mm is not None and mm.audio is not None:
         checks["audio"] = validate_audio
-    why = _no_media_check(manifest, backend)
+    why = _no_media_check(manifest)
     if not checks or why is not None:
         nouns = {"images": "image", "audio": "audio"}
         notes = [f"{nouns[k]} prompts not validated ({why})" for k in checks]

@@ -49,7 +49,7 @@ def validated(pipeline):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(validate_module, "_references", lambda ckpt, precision: (hf, hf64))
         mp.setattr(image_check, "validate_images", lambda *a: ImageReport(0, [], []))
-        return validate_module._validate_media(blank, ExportManifest.load(out), runner, "ort", ckpt)
+        return validate_module._validate_media(blank, ExportManifest.load(out), runner, ckpt)
 
 
 def _stage(report, name):

@@ -105,7 +105,7 @@ def validated(half_media):
     runner = OrtRunner(out, threads=1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(validate_module, "_references", lambda ckpt, precision: (hf, hf16))
-        return validate_module._validate_media(blank, ExportManifest.load(out), runner, "ort", ckpt)
+        return validate_module._validate_media(blank, ExportManifest.load(out), runner, ckpt)
 
 
 def _stage(report, name):
