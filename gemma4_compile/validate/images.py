@@ -10,8 +10,12 @@ transformers' `Gemma4ForConditionalGeneration` on the source checkpoint, staged 
 The fixed bounds (1e-5, 1e-4) sit below transformers' own fp32 round-off on the tiny random towers (soft
 tokens up to ~4: its fp32 run is 1.7e-5 / 2.5e-4 from its fp64 run). So, as the text drift gate does, a stage
 over its bound still passes when our output is at least nearly as close to transformers in fp64 as
-transformers' fp32 run is (`NOISE_FACTOR`); wrong math (a weight x1.05, PLE of placeholder ids) is orders
-of magnitude past both.
+transformers' fp32 run is (`NOISE_FACTOR`). The end-to-end stage also passes when the logits with
+transformers' soft tokens are within its bound: the merge and decoder are then exact, and the rest is the
+encoder's round-off (which the encoder stage checks) amplified by the decoder, whose max over the prompt's
+logits swings by 2x between two equally accurate fp32 towers (tiny-26b-a4b: ours 1.4e-5 and transformers
+1.4e-5 from fp64 at the encoder, 3.5e-4 and 1.7e-4 end to end). Wrong math (a weight x1.05, PLE of
+placeholder ids, a causal mask on an image run) is orders of magnitude past all three.
 
 fp16 (and bf16, where a backend runs it) exports are gated as issue #13 asks, against transformers' fp32 run:
 the encoder by the minimum per-row cosine of the soft tokens, end to end by top-1 agreement and mean KL over
@@ -24,7 +28,7 @@ Imports torch and transformers: only `validate` loads it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -98,13 +102,17 @@ class Stage:
     exact: float | None = None  # max |Δ| of ours vs transformers in fp64 (None: no fp64 run)
     noise: float | None = None  # max |Δ| of transformers' twin (fp64, or the export's half) vs its fp32 run
     gates: tuple[Gate, ...] = ()
+    # end to end, fp32: max |Δ| with transformers' soft tokens fed to our embed graph (the merge and decoder
+    # alone); within the bound, what is left of `value` is the encoder's round-off, amplified by the decoder
+    decoder: float | None = None
 
     @property
     def passed(self) -> bool:
         if self.bound is None:
             return all(g.passed for g in self.gates)
         within_noise = self.exact is not None and self.exact <= NOISE_FACTOR * self.noise
-        return self.value <= self.bound or within_noise
+        decoder_exact = self.decoder is not None and self.decoder <= self.bound
+        return self.value <= self.bound or within_noise or decoder_exact
 
     @property
     def gate(self) -> str:
@@ -114,7 +122,8 @@ class Stage:
         if self.bound is None:
             return "reported only"
         noise = f", or vs fp64 ≤ {NOISE_FACTOR:g}x transformers' own" if self.exact is not None else ""
-        return f"max abs Δ ≤ {self.bound:g}{noise}"
+        decoder = ", or ≤ it with transformers' soft tokens" if self.decoder is not None else ""
+        return f"max abs Δ ≤ {self.bound:g}{noise}{decoder}"
 
     def why(self) -> str:
         """What failed: the missed gates, or the value over the bound."""
@@ -391,7 +400,8 @@ def end_to_end(
     if lead < steps:  # a near-tie there (a gap below the round-off) is precision, not a bug
         agree += f"; first differs at step {lead + 1}, transformers' top two logits {gaps[lead]:.2g} apart"
     if precision == "fp32":
-        return [stage("end-to-end", ours, ref, twin, LOGIT_ATOL, detail), Stage("greedy", differ, 0, agree)]
+        logits = replace(stage("end-to-end", ours, ref, twin, LOGIT_ATOL, detail), decoder=with_hf_soft)
+        return [logits, Stage("greedy", differ, 0, agree)]
     if ours.shape != ref.shape:
         return [stage("end-to-end", ours, ref, None, LOGIT_ATOL, detail)]  # fails, naming the shapes
     own = None if twin is None else twin[0]
