@@ -8,7 +8,9 @@ are the graph passes of gemma4_compile.passes, none touching weights or math:
 * FoldConstants: the parser insists on constant axes it cannot always fold itself;
 * SplitMoE + MarkAot, where the seven MoE stage plugins are registered (full TensorRT's AOT plugins): an AOT
   plugin launches one kernel, and `aot=1` is the parser's switch to the AOT implementation;
-* RenameShadowedOps: a custom op named like one of the parser's built-in importers reaches its function body.
+* RenameShadowedOps: a custom op named like one of the parser's built-in importers reaches its function body;
+* BlockAttention, first, where full TensorRT's 8-input attention QDP is registered: attention nodes carrying
+  block_ids (26B/31B exports with images) take its op type, since a QDP's input count is fixed.
 Before them, the MoE function body is swapped for its static-shape twin (`ops.moe.body.BODY_STATIC`, same math):
 the exported body selects each expert's tokens with NonZero, which TensorRT-RTX cannot import.
 
@@ -78,6 +80,7 @@ class GraphEdits:
     aot: int = 0  # custom nodes given aot=1, so the parser takes their plugin's AOT implementation (MarkAot)
     static_moe_body: bool = False  # the MoE function body was swapped for its static-shape twin
     fp32_nodes: int = 0  # top-level nodes with an fp32 output as exported (a half graph's fp32 islands)
+    block_attention: int = 0  # attention nodes given the 8-input plugin's op type (BlockAttention)
 
     def to_dict(self) -> dict:
         return {
@@ -87,6 +90,7 @@ class GraphEdits:
             "aot": self.aot,
             "static_moe_body": self.static_moe_body,
             "fp32_nodes": self.fp32_nodes,
+            "block_attention": self.block_attention,
         }
 
 
@@ -136,19 +140,32 @@ def prepare_graph(
     fp32 = sum(any(v.dtype == ir.DataType.FLOAT for v in node.outputs) for node in model.graph)
     creators = set(plugin_creators(flavour))
     has_plugin = passes.plugin_lookup(creators)
+    blocks = _block_attention(model, creators, flavour)
     _refuse_unplugged_inputs(model, has_plugin, optional_inputs=flavour.is_rtx)
     fold, split, aot = passes.FoldConstants(), passes.SplitMoE(tokens_hint), passes.MarkAot(has_plugin)
     rename = passes.RenameShadowedOps(parser.supports_operator, has_plugin)
     staged = [split, aot] if moe_stages.stages_registered(creators) else []  # full TensorRT's AOT plugins
     model = passes.run_passes(model, [fold, *staged, rename])
-    edits = GraphEdits(rename.renamed, fold.folded, split.split, aot.marked, static_moe, fp32)
+    edits = GraphEdits(rename.renamed, fold.folded, split.split, aot.marked, static_moe, fp32, blocks)
     return ir.serde.serialize_model(model).SerializeToString(), _custom_nodes(model, rename.renamed), edits
+
+
+def _block_attention(model: ir.Model, creators: set[tuple[str, str, str]], flavour: TrtFlavour) -> int:
+    """Full TensorRT with the 8-input attention QDP registered: attention nodes with block_ids take its op type
+    (passes/block_attention.py); how many did."""
+    blocks = ops.contract("SlidingWindowAttentionBlocks")
+    if flavour.is_rtx or (blocks.op_type, blocks.plugin_version, blocks.plugin_namespace) not in creators:
+        return 0
+    rename = passes.BlockAttention()
+    passes.run_passes(model, [rename])
+    return rename.renamed
 
 
 def _refuse_unplugged_inputs(model: ir.Model, has_plugin: HasPlugin, optional_inputs: bool) -> None:
     """The TensorRT-RTX plugins take a node's optional inputs (`optional_inputs`: attention's block_ids, 26B/31B
-    exports with images); full TensorRT's AOT plugins have a fixed signature of the required ones, so a node
-    with more would lose them silently there: refuse that build in one line."""
+    exports with images); full TensorRT's AOT plugins have a fixed signature (the 8-input attention has its own
+    plugin, `_block_attention`), so a node with more inputs than its plugin takes would lose them silently
+    there: refuse that build in one line."""
     if optional_inputs:
         return
     for node in model.graph:

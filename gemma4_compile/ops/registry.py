@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from .attention import SLIDING_WINDOW_ATTENTION
+from .attention import SLIDING_WINDOW_ATTENTION, SLIDING_WINDOW_ATTENTION_BLOCKS
 from .contract import OpContract, UnknownOpError
 from .moe import MOE, STAGE_KERNELS, STAGES
 
@@ -48,6 +48,7 @@ OPS: dict[str, OpEntry] = {
             aot_kernel="attn_fwd",
             plugins=("rtx", "qdp"),
         ),
+        OpEntry(SLIDING_WINDOW_ATTENTION_BLOCKS, aot_kernel="attn_fwd_blocks", plugins=("qdp",)),
         OpEntry(
             MOE,
             body=f"{_OPS}.moe.body",

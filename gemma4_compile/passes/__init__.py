@@ -3,7 +3,7 @@
     from gemma4_compile import passes
     model = passes.run_passes(model, passes.export_cleanup())   # what the exporter does after tracing
 
-Passes: FoldConstants (fold_constants.py), RMSNormAsDiv (rms_norm_div.py), RenameShadowedOps
+Passes: BlockAttention (block_attention.py), FoldConstants (fold_constants.py), RMSNormAsDiv (rms_norm_div.py), RenameShadowedOps
 (rename_shadowed.py), SplitMoE (split_moe.py), MarkAot (mark_aot.py), QuantizeMatMuls and DequantizeWeights
 (quantize_matmul.py), DequantizeRows (quantize_gather.py), ShareShapeReads and DropNoOpCasts (share_shapes.py:
 the onnxruntime runner's decoder rewrite, `shared_decoder`), and the lowerings in `LOWERINGS` (lowerings.py;
@@ -18,6 +18,7 @@ import importlib
 from typing import Any
 
 _WHERE = {  # public name -> the module defining it
+    "BlockAttention": "block_attention",
     "FoldConstants": "fold_constants",
     "LOWERINGS": "lowerings",
     "Lowering": "lowerings",

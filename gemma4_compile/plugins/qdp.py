@@ -13,7 +13,9 @@ launch scalar.
 
 An AOT plugin launches exactly one kernel. Attention uses aot.py's `attn_fwd` with FUSE_RING (attention
 and the ring presents in one launch, prefill and decode alike; the split decode path needs three launches
-and stays with the Python plugin). Kernels come from `aot.compile_variants` (cached by content under
+and stays with the Python plugin); a node with block_ids (26B/31B exports with images) is its own plugin,
+`gemma4::SlidingWindowAttentionBlocks` on `attn_fwd_blocks`, because a QDP's signature fixes its inputs (the
+engine builder renames those nodes: passes/block_attention.py). Kernels come from `aot.compile_variants` (cached by content under
 AOT_CACHE) and launch by `aot.KERNELS[name].launch`, whose arithmetic runs on TensorRT shape expressions:
 every tensor dim is passed as a ShapeExpr (ShapeExpr * int works, int * ShapeExpr does not), only the
 GQA group and the window as ints. The MoE takes seven launches, so it is seven plugins, one per stage of
@@ -43,6 +45,7 @@ from .. import ops
 from ..dtypes import FLOAT_CHOICES, DType
 from ..errors import BackendUnavailable
 from ..ops.attention import SLIDING_WINDOW_ATTENTION as ATTENTION
+from ..ops.attention import SLIDING_WINDOW_ATTENTION_BLOCKS as ATTENTION_BLOCKS
 from ..ops.contract import OpContract, PluginError
 from ..targets import GpuTarget, resolve_target
 from . import moe_stages as ms
@@ -194,7 +197,8 @@ def is_registered(trtp: ModuleType, spec: OpContract | Stage) -> bool:
 
 
 def plugin_ids() -> list[str]:
-    """What `register_qdp` defines: every op the registry gives a QDP (attention and the seven MoE stages)."""
+    """What `register_qdp` defines: every op the registry gives a QDP (attention without and with block_ids,
+    and the seven MoE stages)."""
     return [e.contract.plugin_id for e in ops.with_plugin("qdp")]
 
 
@@ -208,6 +212,8 @@ def register_qdp(trt: ModuleType, target: str = "native", cache_dir: Path | None
     trtp = qdp_module(trt)
     if not is_registered(trtp, ATTENTION):
         _define_attention(trtp, target, cache_dir)
+    if not is_registered(trtp, ATTENTION_BLOCKS):
+        _define_attention_blocks(trtp, target, cache_dir)
     for stage in STAGES:
         if not is_registered(trtp, stage):
             _define_moe_stage(trtp, trt, target, cache_dir, stage)
@@ -232,6 +238,27 @@ def _aot_result(trtp: ModuleType, variant: Any, dims: Mapping[str, Any], cache_d
     params.block_x = entry.threads
     params.shared_mem = entry.shared_bytes
     return entry.entry, ptx, params, trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in scalars])
+
+
+def _attention_result(
+    trtp: ModuleType, q: Any, k: Any, past_k: Any, window: Any, scale: Any, aot: tuple, blocks: bool
+) -> tuple:
+    """aot_impl of either attention QDP (`aot`: the target and kernel cache they were registered with);
+    `blocks`: the 8-input kernel, whose block ids only a sliding layer (window > 0) reads."""
+    target, cache_dir = aot
+    window = int(attr_scalar(window, "window"))
+    dims = attention_dims(q.shape_expr, k.shape_expr, past_k.shape_expr, window)
+    head_dim = static(dims["D"], "head dim D")
+    variant = attention_variant(
+        resolve_target(target),
+        triton_dtype(q.dtype.name),
+        head_dim,
+        dims["G"],
+        float(attr_scalar(scale, "scale")),
+        blocks,
+        sliding=window > 0,
+    )
+    return _aot_result(trtp, variant, dims, cache_dir)
 
 
 def _define_attention(trtp: ModuleType, target: str, cache_dir: Path | None) -> None:
@@ -271,15 +298,50 @@ def _define_attention(trtp: ModuleType, target: str, cache_dir: Path | None) -> 
         outputs: tuple[TensorDesc, TensorDesc, TensorDesc],
         tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        gpu = resolve_target(target)
-        dims = attention_dims(
-            q.shape_expr, k.shape_expr, past_k.shape_expr, int(attr_scalar(window, "window"))
-        )
-        head_dim = static(dims["D"], "head dim D")
-        variant = attention_variant(
-            gpu, triton_dtype(q.dtype.name), head_dim, dims["G"], float(attr_scalar(scale, "scale"))
-        )
-        return _aot_result(trtp, variant, dims, cache_dir)
+        return _attention_result(trtp, q, k, past_k, window, scale, (target, cache_dir), blocks=False)
+
+
+def _define_attention_blocks(trtp: ModuleType, target: str, cache_dir: Path | None) -> None:
+    """The 8-input attention (block_ids after seq_len): the nodes passes/block_attention.py renames."""
+    TensorDesc = trtp.TensorDesc
+
+    @trtp.register(ATTENTION_BLOCKS.plugin_id)
+    def attention_blocks_desc(
+        q: TensorDesc,
+        k: TensorDesc,
+        v: TensorDesc,
+        past_k: TensorDesc,
+        past_v: TensorDesc,
+        past_len: TensorDesc,
+        seq_len: TensorDesc,
+        block_ids: TensorDesc,
+        window: npt.NDArray[np.int32],
+        scale: npt.NDArray[np.float32],
+    ) -> tuple[TensorDesc, TensorDesc, TensorDesc]:
+        return q.like(), past_k.like(), past_v.like()  # = ATTENTION_BLOCKS.output_like
+
+    @trtp.autotune(ATTENTION_BLOCKS.plugin_id)
+    def attention_blocks_autotune(
+        q, k, v, past_k, past_v, past_len, seq_len, block_ids, outputs
+    ) -> list[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination(autotune_types(ATTENTION_BLOCKS))]
+
+    @trtp.aot_impl(ATTENTION_BLOCKS.plugin_id)
+    def attention_blocks_aot(
+        q: TensorDesc,
+        k: TensorDesc,
+        v: TensorDesc,
+        past_k: TensorDesc,
+        past_v: TensorDesc,
+        past_len: TensorDesc,
+        seq_len: TensorDesc,
+        block_ids: TensorDesc,
+        window: npt.NDArray[np.int32],
+        scale: npt.NDArray[np.float32],
+        outputs: tuple[TensorDesc, TensorDesc, TensorDesc],
+        tactic: int,
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        return _attention_result(trtp, q, k, past_k, window, scale, (target, cache_dir), blocks=True)
 
 
 def _stage_signature(trtp: ModuleType, stage: Stage, kind: str) -> inspect.Signature:

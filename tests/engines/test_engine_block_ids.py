@@ -1,7 +1,8 @@
 """The decoder of a 26B/31B export with images (attention nodes with the 8th input `block_ids`): TensorRT-RTX
 inlines the 8-input function body, or hands the node to its attention plugin with all 8 inputs, and builds it
-ahead of time on the CPU; full TensorRT's attention plugin (a fixed 7-input AOT signature) does not take the
-input yet, so a plugin build there is refused in one line instead of dropping it."""
+ahead of time on the CPU; full TensorRT's 7-input attention QDP has a fixed signature, so the engine builder
+gives those nodes the 8-input QDP's op type where it is registered (passes/block_attention.py), and refuses a
+plugin build in one line instead of dropping the input where it is not."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ import pytest
 import torch
 
 from gemma4_compile.engines import build_engines
-from gemma4_compile.engines.prepare import _refuse_unplugged_inputs
+from gemma4_compile.engines.prepare import _block_attention, _refuse_unplugged_inputs
+from gemma4_compile.engines.seam import TrtFlavour
 from gemma4_compile.errors import BuildError
 from gemma4_compile.export import export_checkpoint
 from gemma4_compile.model.checkpoint import write_random_checkpoint
 from gemma4_compile.model.presets import PRESETS, VISION_PRESETS
+from gemma4_compile.passes import plugin_lookup
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +64,32 @@ def test_a_plugin_that_would_drop_block_ids_is_refused_in_one_line(export_dir):
     assert "\n" not in str(e.value)
     _refuse_unplugged_inputs(model, lambda node: False, optional_inputs=False)  # inlined bodies take it
     _refuse_unplugged_inputs(model, lambda node: True, optional_inputs=True)  # the RTX plugin takes it
+
+
+QDP_CREATORS = {
+    ("SlidingWindowAttention", "1", "gemma4"),
+    ("SlidingWindowAttentionBlocks", "1", "gemma4"),
+}
+
+
+def test_full_tensorrt_gives_block_id_nodes_the_8_input_plugin(export_dir):
+    """What engines/prepare.py does on full TensorRT with the QDPs registered (qdp.register_qdp): every attention
+    node of a 26B/31B image export carries block_ids and is renamed, so no node is refused and each finds a
+    creator; without the 8-input QDP, or on TensorRT-RTX, nothing is renamed."""
+    full, rtx = TrtFlavour("tensorrt", "10.x", module=None), TrtFlavour("tensorrt_rtx", "1.x", module=None)
+    model = _decoder(export_dir)
+    attention = [n for n in model.graph if n.domain == "gemma4"]
+    assert attention and all(len(n.inputs) == 8 for n in attention)
+    assert (
+        _block_attention(model, QDP_CREATORS - {("SlidingWindowAttentionBlocks", "1", "gemma4")}, full) == 0
+    )
+    assert _block_attention(model, QDP_CREATORS, rtx) == 0
+    assert {n.op_type for n in attention} == {"SlidingWindowAttention"}
+    assert _block_attention(model, QDP_CREATORS, full) == len(attention)
+    assert {n.op_type for n in attention} == {"SlidingWindowAttentionBlocks"}
+    assert all(len(n.inputs) == 8 for n in attention)  # only the op type changes
+    _refuse_unplugged_inputs(model, plugin_lookup(QDP_CREATORS), optional_inputs=False)  # nothing dropped
+    assert all(plugin_lookup(QDP_CREATORS)(n) for n in attention)
 
 
 PLUGIN_BUILD = textwrap.dedent(

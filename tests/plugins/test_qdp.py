@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from gemma4_compile.errors import BackendUnavailable
+from gemma4_compile.ops.attention import SLIDING_WINDOW_ATTENTION_BLOCKS as ATTENTION_BLOCKS
 from gemma4_compile.passes import SplitMoE, run_on_proto
 from gemma4_compile.plugins import moe_stages, qdp
 from gemma4_compile.plugins.registration import ATTENTION, MOE, PluginError
@@ -130,6 +131,40 @@ def test_attention_kernel_compiles_to_ptx_on_cpu(tmp_path, monkeypatch, blocks):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize(
+    ("blocks", "window"), [(False, 4), (True, 4), (True, 0)], ids=["7", "8_sliding", "8_full"]
+)
+def test_attention_aot_impls_launch_their_kernel(tmp_path, monkeypatch, blocks, window):
+    """Both attention QDPs' aot_impl body (`_attention_result`) with stand-ins for the few `tensorrt.plugin`
+    classes it builds its answer from: the 8-input plugin launches `attn_fwd_blocks` (block ids read on sliding
+    layers only), the 7-input one `attn_fwd`, with one int32 per scalar and the PTX's entry."""
+    from types import SimpleNamespace
+
+    from gemma4_compile.targets import resolve_target
+
+    monkeypatch.setattr(qdp, "AOT_CACHE", tmp_path)
+    trtp = SimpleNamespace(
+        KernelLaunchParams=SimpleNamespace,
+        SymInt32=int,
+        SymIntExprs=SimpleNamespace(from_tuple=tuple),
+    )
+    desc = lambda *shape: SimpleNamespace(shape_expr=shape, dtype=SimpleNamespace(name="HALF"))  # noqa: E731
+    q, k, past_k = desc(1, 4, 3, 16), desc(1, 2, 3, 16), desc(1, 2, 4, 16)
+    window_attr, scale = np.array([window], np.int32), np.array([1.0], np.float32)
+    entry, ptx, params, scalars = qdp._attention_result(
+        trtp, q, k, past_k, window_attr, scale, ("sm90", None), blocks
+    )
+    kernel = qdp.attention_kernel(blocks)
+    assert kernel == ("attn_fwd_blocks" if blocks else "attn_fwd") and f".entry {entry}(" in ptx
+    constexprs, warps, _ = qdp.attention_config(
+        16, 2, "fp16", 1.0, resolve_target("sm90"), blocks, window > 0
+    )
+    dims = qdp.attention_dims(q.shape_expr, k.shape_expr, past_k.shape_expr, window)
+    grid, want = qdp.launch_values(kernel, dims, constexprs)
+    assert (params.grid_x, params.grid_y, params.grid_z) == grid and params.block_x == 32 * warps
+    assert list(scalars) == want
+
+
 def test_a_kernel_that_reads_its_scratch_pointer_is_refused():
     from types import SimpleNamespace
 
@@ -185,7 +220,7 @@ def _decorated() -> dict[tuple[str, str], ast.FunctionDef]:
     return found
 
 
-SPEC_NAMES = {"ATTENTION": ATTENTION}  # the MoE stages' functions are generated: test_moe_stages.py
+SPEC_NAMES = {"ATTENTION": ATTENTION, "ATTENTION_BLOCKS": ATTENTION_BLOCKS}  # MoE stages: test_moe_stages.py
 
 
 def test_every_op_has_register_autotune_and_aot_impl():
@@ -198,7 +233,9 @@ def test_every_op_has_register_autotune_and_aot_impl():
 def test_decorated_signatures_follow_the_spec(name):
     spec, fns = SPEC_NAMES[name], _decorated()
     fields = [f.name for f in spec.fields]
-    plugin_inputs = [p.name for p in spec.plugin_inputs()]  # the 7-input form (the QDP has no block_ids yet)
+    plugin_inputs = [
+        p.name for p in spec.plugin_inputs()
+    ]  # 7 inputs; the blocks plugin's block_ids is required
     args = lambda fn: [a.arg for a in fn.args.args]  # noqa: E731
     assert args(fns[("register", name)]) == [*plugin_inputs, *fields]
     assert args(fns[("autotune", name)]) == [*plugin_inputs, "outputs"]

@@ -6,6 +6,8 @@ optional `block_ids`, sliding layers let each image run attend both ways inside 
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..contract import ACTIVATIONS, LENGTHS, PLUGIN_ATTRS, Attr, OpContract, Param
 
 SLIDING_WINDOW_ATTENTION = OpContract(
@@ -34,4 +36,15 @@ SLIDING_WINDOW_ATTENTION = OpContract(
         *PLUGIN_ATTRS,
     ),
     output_like=(0, 3, 4),
+)
+
+# Full TensorRT's AOT plugin for the 8-input form: a quickly deployable plugin's signature fixes its input count,
+# so the engine builder gives nodes that carry block_ids this op type when the plugin is registered
+# (passes/block_attention.py). Same semantics; never in an export.
+SLIDING_WINDOW_ATTENTION_BLOCKS = dataclasses.replace(
+    SLIDING_WINDOW_ATTENTION,
+    op_type="SlidingWindowAttentionBlocks",
+    doc="SlidingWindowAttention with its block_ids input (full TensorRT's 8-input plugin; engine build only).",
+    inputs=(*SLIDING_WINDOW_ATTENTION.inputs[:-1], Param("block_ids", "I", "[B,S]")),
+    exported=False,
 )
