@@ -26,8 +26,11 @@ def test_impossible_quant_is_refused_in_one_line(make_checkpoint, tmp_path, caps
     assert not out.exists()
 
 
-@pytest.mark.parametrize("fmt,dtype", [("int4", "fp32"), ("nvfp4", "fp16")])
-def test_inspect_quant_sizes_are_the_bytes_the_export_writes(make_checkpoint, make_quant_export, fmt, dtype):
+# --quant-keep embed: the tied table stays float for the embed graph while the LM head gets its int8 copy
+@pytest.mark.parametrize(
+    "fmt,dtype,keep", [("int4", "fp32", ()), ("nvfp4", "fp16", ()), ("int8", "fp32", ("embed",))]
+)
+def test_inspect_quant_sizes_are_the_bytes_the_export_writes(make_quant_export, fmt, dtype, keep):
     """`inspect --quant` predicts, before any work, the bytes each role gets in weights.data: codes + scales of
     the quantized ones (the decoder's MatMul weights, the embed graph's int8 tables), the float ones as is."""
     from quant_support import written_by_role
@@ -36,10 +39,13 @@ def test_inspect_quant_sizes_are_the_bytes_the_export_writes(make_checkpoint, ma
     from gemma4_compile.quant.formats import QuantRequest
     from gemma4_compile.quant.sizes import plan_sizes
 
-    plan = plan_sizes(get_preset("tiny-e2b"), QuantRequest(fmt), dtype)
+    plan = plan_sizes(get_preset("tiny-e2b"), QuantRequest(fmt, keep=keep), dtype)
     predicted = {r.role: r.after for r in plan.rows if r.after}
-    assert predicted == written_by_role(make_quant_export("tiny-e2b", fmt, dtype=dtype))
+    assert predicted == written_by_role(make_quant_export("tiny-e2b", fmt, keep=keep, dtype=dtype))
     assert {"attn_q", "lm_head", "embed", "ple_table", "ple_proj"} <= set(predicted)
+    embed = next(r for r in plan.rows if r.role == "embed")
+    kept = (embed.format, embed.after) == (dtype, embed.before)
+    assert kept == bool(keep)
 
 
 def test_inspect_quant_prints_a_row_per_role(make_checkpoint, capsys):
