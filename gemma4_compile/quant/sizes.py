@@ -114,7 +114,7 @@ def plan_sizes(
     """The per-role sizes of exporting `spec` (or the checkpoint `checkpoint`) at `dtype` with `request`, or
     None when the export would quantize nothing. Refuses in one line what export refuses, in the same order
     (ExportError / CheckpointError); a pre-quantized checkpoint implies its own int4 layout."""
-    from ..model.weights import (
+    from ..model.weights import (  # torch; and model.weights imports this package
         CheckpointReader,
         PackedEntry,
         checkpoint_quant,
@@ -133,7 +133,7 @@ def plan_sizes(
         quant = plan_quant(request, sorted(shapes), dtype)
         return SizePlan(quant, dtype, role_sizes(shapes, quant, dtype))
     request = import_request(request, imported)
-    entries = resolve_text_weights(CheckpointReader(checkpoint), spec, imported)  # headers only
+    entries = resolve_text_weights(CheckpointReader(checkpoint), spec, imported)  # no weight is read
     shapes = {name: tuple(e.shape) for name, e in entries.items()}  # a packed weight's is its float (N, K)
     packed = {name for name, e in entries.items() if isinstance(e, PackedEntry)}
     quant = plan_imported(request, sorted(shapes), packed, dtype, imported.source)
