@@ -133,7 +133,9 @@ def plan_sizes(
         quant = plan_quant(request, sorted(shapes), dtype)
         return SizePlan(quant, dtype, role_sizes(shapes, quant, dtype))
     request = import_request(request, imported)
-    entries = resolve_text_weights(CheckpointReader(checkpoint), spec, imported)  # no weight is read
+    entries = resolve_text_weights(
+        CheckpointReader(checkpoint), spec, imported
+    )  # headers and weight_shape only
     shapes = {name: tuple(e.shape) for name, e in entries.items()}  # a packed weight's is its float (N, K)
     packed = {name for name, e in entries.items() if isinstance(e, PackedEntry)}
     quant = plan_imported(request, sorted(shapes), packed, dtype, imported.source)
