@@ -202,44 +202,38 @@ def _quant_request(
 )
 @quant_options
 def inspect(path: Path | None, preset: str | None, dtype: str, **quant: Any) -> None:
-    """Show the spec and per-layer plan of a checkpoint, an export (export.json) or a preset; with --quant, what
-    each weight role would weigh in that export, before any work."""
+    """Show the spec and per-layer plan of a checkpoint, an export (export.json) or a preset; with --quant, or for
+    a pre-quantized checkpoint, what each weight role would weigh in that export, before any work."""
     from .export.manifest import MANIFEST, ExportManifest
     from .model.config import Gemma4Spec
+    from .quant.sizes import plan_sizes
 
+    manifest, checkpoint = None, None
     if preset:
         spec = PRESETS[preset]
     elif path is None:
         raise UsageError("give a checkpoint or export directory, or --preset")
     elif (path / MANIFEST).is_file():
         manifest = ExportManifest.load(path)
-        _print_export(manifest)
         spec = manifest.spec
     else:
-        spec = Gemma4Spec.from_pretrained(path)
+        spec, checkpoint = Gemma4Spec.from_pretrained(path), path
+    plan = plan_sizes(spec, _quant_request(**quant), dtype, checkpoint)  # refusals before any output
+    if manifest is not None:
+        _print_export(manifest)
     _print_spec(spec)
-    request = _quant_request(**quant)
-    if request.enabled:
-        _print_quant_sizes(spec, request, dtype)
+    if plan is not None:
+        _print_quant_sizes(plan)
 
 
-def _print_quant_sizes(spec, request, dtype: str) -> None:
-    from .export.exporter import check_quant
-    from .model.weights import expected_shapes
-    from .quant.formats import plan_quant
-    from .quant.sizes import role_sizes
-
-    check_quant(request, spec)
-    shapes = expected_shapes(spec)  # builds the model on the meta device: once
-    quant = plan_quant(request, sorted(shapes), dtype)
-    rows = role_sizes(shapes, quant, dtype)
-    table = Table(title=f"--quant {request.format} at {dtype} ({quant.graph}, min sm{quant.min_sm or 75})")
-    for col in ("role", "format", "tensors", "params", f"{dtype} MiB", "exported MiB"):
+def _print_quant_sizes(plan) -> None:
+    table = Table(title=plan.title)
+    for col in ("role", "format", "tensors", "params", f"{plan.dtype} MiB", "exported MiB"):
         table.add_column(col, justify="right")
-    for r in rows:
+    for r in plan.rows:
         table.add_row(r.role, r.format, str(r.tensors), f"{r.params:,}", _mib(r.before), _mib(r.after))
-    before, after = sum(r.before for r in rows), sum(r.after for r in rows)
-    params = sum(r.params for r in rows if r.role != "lm_head")  # the tied embedding counts once
+    before, after = sum(r.before for r in plan.rows), sum(r.after for r in plan.rows)
+    params = sum(r.params for r in plan.rows if r.role != "lm_head")  # the tied embedding counts once
     table.add_row("total", "", "", f"{params:,}", _mib(before), _mib(after))
     out.print(table)
 

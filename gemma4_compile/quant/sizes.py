@@ -1,12 +1,33 @@
 """What `--quant` does to the bytes, per role, before any work: `inspect --quant` prints it, and the weight
-writer lays out codes and scales with the same arithmetic (quantized_nbytes)."""
+writer lays out codes and scales with the same arithmetic (quantized_nbytes). A pre-quantized checkpoint
+(quant/imported.py) is planned as its export keeps it: its packed weights int4 at its group size, the rest float."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .formats import BITS, EMBED_ROWS, GRAPH_NBITS, LM_HEAD, ROLES, QuantSpec, role_of
+from ..errors import ExportError
+from .formats import (
+    BITS,
+    EMBED_ROWS,
+    GRAPH_NBITS,
+    IMPORTED,
+    LM_HEAD,
+    ROLES,
+    QuantRequest,
+    QuantSpec,
+    plan_imported,
+    plan_quant,
+    quant_refusal,
+    role_of,
+)
+from .imported import import_request
+
+if TYPE_CHECKING:
+    from ..model.config import Gemma4Spec
 
 _DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -68,3 +89,54 @@ def _add(acc: dict[str, list[int]], role: str, shape: tuple[int, ...], width: in
     params = math.prod(shape)
     for i, v in enumerate((1, params, width * params, after)):
         row[i] += v
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """What an export at `dtype` would quantize (`quant`) and what each role would weigh (`rows`)."""
+
+    quant: QuantSpec
+    dtype: str
+    rows: list[RoleSize]
+
+    @property
+    def title(self) -> str:
+        q = self.quant
+        form = f"at {self.dtype} ({q.graph}, min sm{q.min_sm or 75})"
+        if q.method == IMPORTED:
+            return f"method imported: int4 as stored ({q.source}), group size {q.block_size}, {form}"
+        return f"--quant {q.format} {form}"
+
+
+def plan_sizes(
+    spec: Gemma4Spec, request: QuantRequest, dtype: str, checkpoint: str | Path | None = None
+) -> SizePlan | None:
+    """The per-role sizes of exporting `spec` (or the checkpoint `checkpoint`) at `dtype` with `request`, or
+    None when the export would quantize nothing. Refuses in one line what export refuses, in the same order
+    (ExportError / CheckpointError); a pre-quantized checkpoint implies its own int4 layout."""
+    from ..model.weights import (  # torch; and model.weights imports this package
+        CheckpointReader,
+        PackedEntry,
+        checkpoint_quant,
+        expected_shapes,
+        resolve_text_weights,
+    )
+
+    refusal = quant_refusal(request)
+    if refusal:
+        raise ExportError(refusal)
+    imported = checkpoint_quant(checkpoint) if checkpoint is not None else None
+    if imported is None:
+        if not request.enabled:
+            return None
+        shapes = expected_shapes(spec)  # builds the model on the meta device: once
+        quant = plan_quant(request, sorted(shapes), dtype)
+        return SizePlan(quant, dtype, role_sizes(shapes, quant, dtype))
+    request = import_request(request, imported)
+    entries = resolve_text_weights(
+        CheckpointReader(checkpoint), spec, imported
+    )  # headers and weight_shape only
+    shapes = {name: tuple(e.shape) for name, e in entries.items()}  # a packed weight's is its float (N, K)
+    packed = {name for name, e in entries.items() if isinstance(e, PackedEntry)}
+    quant = plan_imported(request, sorted(shapes), packed, dtype, imported.source)
+    return SizePlan(quant, dtype, role_sizes(shapes, quant, dtype))

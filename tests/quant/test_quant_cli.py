@@ -26,27 +26,26 @@ def test_impossible_quant_is_refused_in_one_line(make_checkpoint, tmp_path, caps
     assert not out.exists()
 
 
-@pytest.mark.parametrize("fmt,dtype", [("int4", "fp32"), ("nvfp4", "fp16")])
-def test_inspect_quant_sizes_are_the_bytes_the_export_writes(make_checkpoint, make_quant_export, fmt, dtype):
-    """`inspect --quant` predicts, before any work, the codes + scales each quantized role gets in weights.data."""
-    import onnx_ir as ir
+# --quant-keep embed: the tied table stays float for the embed graph while the LM head gets its int8 copy
+@pytest.mark.parametrize(
+    "fmt,dtype,keep", [("int4", "fp32", ()), ("nvfp4", "fp16", ()), ("int8", "fp32", ("embed",))]
+)
+def test_inspect_quant_sizes_are_the_bytes_the_export_writes(make_quant_export, fmt, dtype, keep):
+    """`inspect --quant` predicts, before any work, the bytes each role gets in weights.data: codes + scales of
+    the quantized ones (the decoder's MatMul weights, the embed graph's int8 tables), the float ones as is."""
+    from quant_support import written_by_role
 
     from gemma4_compile.model.presets import get_preset
-    from gemma4_compile.model.weights import expected_shapes
-    from gemma4_compile.quant.formats import QuantRequest, plan_quant
-    from gemma4_compile.quant.sizes import role_sizes
+    from gemma4_compile.quant.formats import QuantRequest
+    from gemma4_compile.quant.sizes import plan_sizes
 
-    shapes = expected_shapes(get_preset("tiny-e2b"))
-    quant = plan_quant(QuantRequest(fmt), sorted(shapes), dtype)
-    predicted = sum(r.after for r in role_sizes(shapes, quant, dtype) if r.format in ("int4", "int8", fmt))
-    export = make_quant_export("tiny-e2b", fmt, dtype=dtype)
-    written = sum(  # the decoder's MatMul weights and the embed graph's int8 tables
-        v.const_value.nbytes
-        for graph in ("decoder", "embed")
-        for v in ir.load(export / f"{graph}.onnx").graph.initializers.values()
-        if isinstance(v.const_value, ir.ExternalTensor) and v.name.endswith(("_Q4", "_Q8", "_scales"))
-    )
-    assert predicted == written > 0
+    plan = plan_sizes(get_preset("tiny-e2b"), QuantRequest(fmt, keep=keep), dtype)
+    predicted = {r.role: r.after for r in plan.rows if r.after}
+    assert predicted == written_by_role(make_quant_export("tiny-e2b", fmt, keep=keep, dtype=dtype))
+    assert {"attn_q", "lm_head", "embed", "ple_table", "ple_proj"} <= set(predicted)
+    embed = next(r for r in plan.rows if r.role == "embed")
+    kept = (embed.format, embed.after) == (dtype, embed.before)
+    assert kept == bool(keep)
 
 
 def test_inspect_quant_prints_a_row_per_role(make_checkpoint, capsys):

@@ -202,3 +202,47 @@ def test_ort_runs_the_tensorrt_form_and_matches_the_fake_quant_reference(
 def test_swapped_int4_nibbles_fail_the_gate_in_the_tensorrt_form(make_quant_export, corrupt):
     out = corrupt(make_quant_export("tiny-e2b", "int4", dtype="fp16"), onnx.TensorProto.INT4, swap_nibbles)
     assert not validate(out, steps=STEPS, write=False).passed
+
+
+def _overrides(fmt: str, *roles: str) -> tuple[tuple[str, str], ...]:
+    return tuple((role, fmt) for role in roles)
+
+
+ATTN, MLP = ("attn_q", "attn_k", "attn_v", "attn_o"), ("mlp_gate", "mlp_up", "mlp_down")
+# The gate on the presets the per-format tests above leave out, tiny-e4b (E4B's layer plan) and tiny-26b-a4b
+# (MoE; its int4 b32 experts are tested above): each of {int4 b32, int4 b128, int8, fp8} is in one of their
+# exports through --quant-override (and the LM head, int8 by default). One export per block size and graph form,
+# not one per format: the exports are what costs time here.
+MIXED = [
+    ("tiny-e4b", QuantRequest("int4", 32, overrides=_overrides("int8", *MLP)), {("int4", 32), ("int8", 32)}),
+    (
+        "tiny-e4b",
+        QuantRequest("fp8", 128, overrides=_overrides("int4", *ATTN)),
+        {("fp8", 128), ("int4", 128), ("int8", 128)},
+    ),
+    (
+        "tiny-26b-a4b",
+        QuantRequest("fp8", 128, overrides=(*_overrides("int8", *MLP), ("moe_experts", "int4"))),
+        {("fp8", 128), ("int8", 128), ("int4", 128)},
+    ),
+]
+
+
+@pytest.mark.slow  # an export and a validation each
+@pytest.mark.parametrize("preset,request_,formats", MIXED, ids=["e4b-b32", "e4b-b128", "26b-b128"])
+def test_every_format_passes_the_gate_on_e4b_and_the_moe_preset(
+    make_checkpoint, tmp_path, preset, request_, formats
+):
+    from gemma4_compile.export import export_checkpoint
+    from gemma4_compile.quant.formats import role_of
+
+    out = tmp_path / "export"
+    export_checkpoint(make_checkpoint(preset), out, max_seq_len=128, quant=request_)
+    quant = ExportManifest.load(out).quant
+    matmuls = {
+        (f, quant.block_of(f)) for n, f in quant.tensors.items() if role_of(n) not in ("embed", "ple_table")
+    }
+    assert matmuls == formats
+    assert preset != "tiny-26b-a4b" or quant.roles["moe_experts"] == "int4"
+    report = validate(out, steps=STEPS, write=False)
+    assert report.passed, report.failure_message()

@@ -17,15 +17,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from quant_support import written_by_role
 from safetensors.torch import load_file, save_file
 
 from gemma4_compile.cli import main
 from gemma4_compile.errors import EXIT_ERROR
 from gemma4_compile.export import ExportManifest, export_checkpoint
+from gemma4_compile.model.config import Gemma4Spec
 from gemma4_compile.model.presets import PRESETS
 from gemma4_compile.quant.encode import encode_rows
-from gemma4_compile.quant.formats import LINEAR_ROLES, role_of
+from gemma4_compile.quant.formats import LINEAR_ROLES, QuantRequest, role_of
 from gemma4_compile.quant.imported import unpack_int4
+from gemma4_compile.quant.sizes import plan_sizes
 from gemma4_compile.validate.validate import validate
 
 PREFIX = "model.language_model."
@@ -204,6 +207,34 @@ def test_validate_passes_against_the_checkpoints_own_weights(imported, preset, g
     assert max(max(c.lengths) for c in report.cases) > 2 * window  # prompts longer than the sliding window
 
 
+@pytest.mark.slow  # shares the exports above
+@pytest.mark.parametrize("preset,group,dtype", CASES)
+def test_inspect_predicts_the_imported_layout_and_the_bytes_the_export_writes(
+    packed, imported, preset, group, dtype
+):
+    """`inspect CKPT` reads only config.json and the safetensors headers: the quantization record it plans is
+    the one the export writes, and each role's bytes are those laid out in weights.data."""
+    ckpt = packed(preset, group)[0]
+    plan = plan_sizes(Gemma4Spec.from_pretrained(ckpt), QuantRequest(), dtype, ckpt)
+    out = imported(preset, group, dtype)
+    assert plan.quant.to_dict() == ExportManifest.load(out).quant.to_dict()
+    predicted = {r.role: r.after for r in plan.rows if r.after}
+    assert predicted == written_by_role(out)
+    assert {"attn_q", "mlp_down", "embed"} <= set(predicted)
+
+
+def test_inspect_prints_the_imported_layout(packed, capsys):
+    """No --quant needed: the checkpoint's own int4 layout, its source, group size and per-role formats."""
+    assert main(["inspect", str(packed("tiny-e2b", 32)[0]), "--dtype", "fp16"]) == 0
+    text = capsys.readouterr().out
+    flat = " ".join(text.split())
+    assert "method imported: int4 as stored (compressed-tensors pack-quantized), group size 32" in flat
+    assert "at fp16 (DequantizeLinear, min sm75)" in flat
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 5}
+    assert all("int4" in rows[r] for r in LINEAR_ROLES), rows
+    assert all("fp16" in rows[r] for r in ("lm_head", "embed", "ple_table", "ple_proj")), rows
+
+
 @pytest.mark.slow
 def test_a_nibble_order_bug_in_the_reference_loader_fails_validation(packed, imported, monkeypatch):
     """The torch model's loader reading the high nibble first: the export is right, the reference is not."""
@@ -290,19 +321,36 @@ REFUSALS = [
     ({}, ["--quant", "int8"], "--quant int8 would re-round it"),
     ({}, ["--quant", "int4", "--block-size", "64"], "--block-size 64 would re-round it"),
     ({}, ["--quant", "int4", "--quant-method", "mse"], "--quant-method do not apply"),
+    (
+        {},
+        ["--quant", "int4", "--quant-override", "lm_head=int4"],
+        "--quant-override and --quant-method do not",
+    ),
+    ({}, ["--quant-keep", "attn_q"], "--quant-keep, --quant-override"),
 ]
 
 
+def _refused(verb: str, ckpt: Path, args: list[str], tmp_path: Path, capsys) -> str:
+    """Run `export` / `inspect` on `ckpt`: exit 1, nothing written or printed but one line on stderr."""
+    out = tmp_path / "out"
+    argv = [verb, str(ckpt), *(["-o", str(out)] if verb == "export" else []), *args]
+    assert main(argv) == EXIT_ERROR
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and not captured.out and not out.exists(), (lines, captured.out)
+    return lines[0]
+
+
+@pytest.mark.parametrize("verb", ["export", "inspect"])
 @pytest.mark.parametrize("config,args,message", REFUSALS)
-def test_what_cannot_be_imported_is_refused_in_one_line(packed, tmp_path, capsys, config, args, message):
+def test_what_cannot_be_imported_is_refused_in_one_line(
+    packed, tmp_path, capsys, verb, config, args, message
+):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(packed("tiny-e2b", 32)[0], ckpt)
     _edit_config(ckpt, **config)
-    out = tmp_path / "out"
-    assert main(["export", str(ckpt), "-o", str(out), *args]) == EXIT_ERROR
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "pack-quantized" in lines[0], lines
-    assert not out.exists()
+    line = _refused(verb, ckpt, args, tmp_path, capsys)
+    assert message in line and "pack-quantized" in line, line
 
 
 def _bad_shape(t: dict) -> None:
@@ -317,12 +365,12 @@ def _zero_point(t: dict) -> None:
     "change,message",
     [(_bad_shape, "weight_packed is I32"), (_zero_point, "holds zero points")],
 )
-def test_packed_tensors_that_disagree_are_refused_in_one_line(packed, tmp_path, capsys, change, message):
+@pytest.mark.parametrize("verb", ["export", "inspect"])
+def test_packed_tensors_that_disagree_are_refused_in_one_line(
+    packed, tmp_path, capsys, verb, change, message
+):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(packed("tiny-e2b", 32)[0], ckpt)
     _edit_tensors(ckpt, change)
-    out = tmp_path / "out"
-    assert main(["export", str(ckpt), "-o", str(out)]) == EXIT_ERROR
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "pack-quantized" in lines[0], lines
-    assert not out.exists()
+    line = _refused(verb, ckpt, [], tmp_path, capsys)
+    assert message in line and "pack-quantized" in line, line
