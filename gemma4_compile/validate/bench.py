@@ -562,10 +562,12 @@ def bench(
     for name in compare:
         if name not in factories:
             factories[name] = lambda name=name: _optional(make_runner, name, export_dir, ckpt, precision)
-    sides = {n: _media_factory(n, ckpt, manifest, precision) for n in compare} if manifest.multimodal else {}
-    report = bench_runners(
-        factories, spec, config, precision, manifest.max_seq_len, required=backends, media_sides=sides
-    )
+    # the media inputs come from the export itself, so the references get rows even beside a backend without
+    # the export's encoders
+    config = config or BenchConfig()
+    media = media_inputs(manifest, config)
+    sides = {n: _media_factory(n, ckpt, manifest, precision) for n in compare} if media else {}
+    report = bench_runners(factories, spec, config, precision, manifest.max_seq_len, backends, sides, media)
     summaries = report.backends
     if memory:
         probe = ProbeRequest("", str(export_dir), str(ckpt) if ckpt else None, precision, target, 1, 1, 0)

@@ -99,3 +99,22 @@ def test_media_rows_reach_the_reports(report, tmp_path):
     rows = r.to_dict()["rows"]
     assert any(x["phase"] == "audio" and x["ms_per_audio_s"] > 0 for x in rows)
     assert "media prompt TTFT" in r.summary()
+
+
+def test_the_backend_side_imports_no_torch(media_references):
+    """The backend's media rows (encoders and TTFT) in a fresh interpreter: torch and transformers stay out."""
+    import subprocess
+    import sys
+
+    _, out, _, _ = media_references("tiny-e2b")
+    code = f"""
+import sys
+from gemma4_compile.runners.ort import OrtRunner
+from gemma4_compile.validate.bench import BenchConfig, bench_runners
+runner = OrtRunner({str(out)!r}, threads=1)
+config = BenchConfig((4,), (1,), 1, 1, image_budgets=(70,), audio_seconds=(0.5,), ttft_text_tokens=8)
+rows = bench_runners({{"ort": runner}}, runner.spec, config).rows
+print(sorted({{r.phase for r in rows}}), "torch" in sys.modules, "transformers" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "['audio', 'decode', 'prefill', 'ttft', 'vision'] False False"
