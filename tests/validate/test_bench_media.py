@@ -18,19 +18,13 @@ CONFIG = BenchConfig(
 
 
 @pytest.fixture(scope="module")
-def report(media_references):
+def report(make_vision_export):
+    """`bench` as the CLI runs it: onnxruntime, then torch and transformers, each with its media side."""
     from gemma4_compile.export.manifest import ExportManifest
-    from gemma4_compile.runners.ort import OrtRunner
-    from gemma4_compile.validate.bench_media import HFMedia, TorchMedia
+    from gemma4_compile.validate import bench
 
-    ckpt, out, hf, _ = media_references("tiny-e2b")
-    manifest = ExportManifest.load(out)
-    sides = {
-        "torch": lambda: TorchMedia.load(ckpt, "fp32", audio=True),
-        "hf": lambda: HFMedia(hf, manifest.multimodal),  # the validation tests' model, loaded once
-    }
-    runners = {"ort": lambda: OrtRunner(out, threads=1)}
-    return manifest, bench_runners(runners, manifest.spec, CONFIG, media_sides=sides)
+    _, out = make_vision_export("tiny-e2b")
+    return ExportManifest.load(out), bench(out, config=CONFIG, memory=False, write=False)
 
 
 def _expected_counts(manifest) -> tuple[dict[int, int], dict[float, int]]:
@@ -101,12 +95,12 @@ def test_media_rows_reach_the_reports(report, tmp_path):
     assert "media prompt TTFT" in r.summary()
 
 
-def test_the_backend_side_imports_no_torch(media_references):
+def test_the_backend_side_imports_no_torch(make_vision_export):
     """The backend's media rows (encoders and TTFT) in a fresh interpreter: torch and transformers stay out."""
     import subprocess
     import sys
 
-    _, out, _, _ = media_references("tiny-e2b")
+    _, out = make_vision_export("tiny-e2b")
     code = f"""
 import sys
 from gemma4_compile.runners.ort import OrtRunner
@@ -117,4 +111,26 @@ rows = bench_runners({{"ort": runner}}, runner.spec, config).rows
 print(sorted({{r.phase for r in rows}}), "torch" in sys.modules, "transformers" in sys.modules)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip().splitlines()[-1] == "['audio', 'decode', 'prefill', 'ttft', 'vision'] False False"
+    assert (
+        done.stdout.strip().splitlines()[-1] == "['audio', 'decode', 'prefill', 'ttft', 'vision'] False False"
+    )
+
+
+def test_a_reference_side_that_cannot_load_is_named_in_the_report(make_vision_export, tmp_path):
+    from gemma4_compile.errors import BackendUnavailable
+    from gemma4_compile.runners.ort import OrtRunner
+    from gemma4_compile.validate.report import latency_markdown
+
+    def unavailable():
+        raise BackendUnavailable("hf: transformers is not installed")
+
+    _, out = make_vision_export("tiny-e2b")
+    runner = OrtRunner(out, threads=1)
+    config = BenchConfig((4,), (1,), 1, 1, image_budgets=(70,), audio_seconds=(0.5,), ttft_text_tokens=8)
+    r = bench_runners({"ort": runner}, runner.spec, config, media_sides={"hf": unavailable})
+    assert [(s.backend, s.media_error) for s in r.backends] == [
+        ("ort", None),
+        ("hf", "hf: transformers is not installed"),
+    ]
+    assert {x.backend for x in r.rows} == {"ort"} and all(x.vs_hf is None for x in r.rows)
+    assert "no media rows: hf: transformers is not installed" in latency_markdown(r)
