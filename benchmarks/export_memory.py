@@ -1,6 +1,6 @@
 """Peak memory of the two streaming stages on a full-size checkpoint, with and without the towers.
 
-    python benchmarks/export_memory.py [--preset e2b] [--workdir /tmp/g4mem] [--keep]
+    python benchmarks/export_memory.py [--preset e2b] [--workdir /tmp/g4mem] [--keep] [--checkpoint CKPT]
 
 1. `gemma4-compile init-random --preset e2b` (bf16, the released layout: text + vision + audio towers, ~10 GB):
    must stay under 2 GiB RSS.
@@ -8,6 +8,7 @@
    `--modalities text` (embed + decoder), `text,vision` (+ vision.onnx) and every tower it has (+ audio.onnx on
    E2B/E4B). Each must stay under 1 GiB RSS: the tower weights stream as the text weights do.
 3. a plain copy of the checkpoint (`cp -r`), for scale.
+`--checkpoint` exports an existing bf16 checkpoint instead of step 1 (it is never deleted).
 Each step runs as its own process under /usr/bin/time -v: its "Maximum resident set size" is the kernel's RSS
 high-water mark (VmHWM) of that process. Each export is deleted once measured, so the disk holds the checkpoint
 and one export at a time. Prints a table and a JSON line.
@@ -80,16 +81,20 @@ def main() -> None:
     ap.add_argument("--preset", default="e2b")
     ap.add_argument("--workdir", default="/tmp/g4mem")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint (exports are always deleted)")
+    ap.add_argument("--checkpoint", type=Path, help="export this checkpoint instead of writing one")
     args = ap.parse_args()
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    ckpt, out, copy = work / "ckpt", work / "export", work / "copy"
+    ckpt, out, copy = args.checkpoint or work / "ckpt", work / "export", work / "copy"
     rows, payload = [], {"benchmark": "export_memory", "preset": args.preset, "exports": {}}
     try:
-        wall, rss = run([*CLI, "init-random", "--preset", args.preset, "-o", str(ckpt), "--dtype", "bf16"])
-        rows.append(["init-random (bf16, with towers)", wall, rss, du(ckpt), ""])
-        payload["init_random"] = {"seconds": wall, "peak_rss_mib": rss, "gib": du(ckpt)}
+        if args.checkpoint is None:
+            wall, rss = run(
+                [*CLI, "init-random", "--preset", args.preset, "-o", str(ckpt), "--dtype", "bf16"]
+            )
+            rows.append(["init-random (bf16, with towers)", wall, rss, du(ckpt), ""])
+            payload["init_random"] = {"seconds": wall, "peak_rss_mib": rss, "gib": du(ckpt)}
         for modalities in graph_sets(ckpt):
             row, payload["exports"][modalities] = export_row(ckpt, out, modalities)
             rows.append(row)
