@@ -31,6 +31,16 @@ def residual_clip(spec: AudioSpec, dtype: torch.dtype) -> float:
     return min(spec.gradient_clipping, torch.finfo(dtype).max)
 
 
+def conv_forward(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    """`conv(x)` in the weight's dtype, except bf16: computed in fp32, then cast back, since ONNX Conv takes no
+    bfloat16 before opset 22 (the graphs are opset 20, so a bf16 Conv fails the checker)."""
+    w = conv.weight
+    if w.dtype != torch.bfloat16:
+        return conv(x.to(w.dtype))
+    bias = None if conv.bias is None else conv.bias.float()
+    return conv._conv_forward(x.float(), w.float(), bias).to(w.dtype)
+
+
 class SubSampleLayer(nn.Module):
     """Zero the padding frames -> Conv2d 3x3 stride 2 -> LayerNorm over channels (no bias) -> ReLU."""
 
@@ -41,7 +51,7 @@ class SubSampleLayer(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         x = x * mask[:, None, :, None]  # [B, C, T, F]
-        x = self.conv(x.to(self.conv.weight.dtype))  # [B, C', ceil(T/2), ceil(F/2)]
+        x = conv_forward(self.conv, x)  # [B, C', ceil(T/2), ceil(F/2)]
         x = F.relu(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
         # a subsampled frame is valid iff its centre input frame is: mask[:, ::2], written as a gather of the
         # conv's own output length, so torch.export need not prove ceil(T/2) == (T + 1) // 2 (a guard)
@@ -198,7 +208,7 @@ class AudioLightConv1d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = F.glu(self.linear_start(self.pre_layer_norm(x)), dim=-1)  # [B, T, D]
         h = F.pad(h.transpose(1, 2), (self.depthwise_conv1d.kernel_size[0] - 1, 0))  # causal: pad the past
-        h = self.depthwise_conv1d(h).transpose(1, 2)
+        h = conv_forward(self.depthwise_conv1d, h).transpose(1, 2)
         c = residual_clip(self.spec, h.dtype)
         return self.linear_end(F.silu(self.conv_norm(torch.clamp(h, -c, c)))) + x
 

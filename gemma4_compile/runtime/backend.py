@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable
+from ..memory import map_large_allocations
 
 BACKENDS = ("ort", "trt")
 PROVIDERS = ("cpu", "cuda")
@@ -27,19 +28,11 @@ def ort_providers(provider: str) -> list[str]:
 
 
 LOW_MEMORY_PREFILL = 8  # prompt tokens per call with low_memory: the [8, 262144] fp32 logits of E2B are 8 MiB
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 def return_freed_memory() -> None:
-    """Make glibc map allocations above 64 KiB and unmap them on free, instead of keeping freed activation
-    buffers in its heap (and disable its growing threshold). Linux/glibc only; elsewhere nothing happens."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.util.find_library("c")
-    mallopt = getattr(ctypes.CDLL(libc), "mallopt", None) if libc else None
-    if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, 64 << 10)
+    """Freed activation buffers above 64 KiB go back to the system instead of staying in glibc's heap."""
+    map_large_allocations(64 << 10)
 
 
 def _ort_options(low_memory: bool) -> Any:

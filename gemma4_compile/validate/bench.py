@@ -4,6 +4,12 @@ Prefill latency by prompt length (= time to first token), decode-step latency p5
 (below, at and past the sliding window), tokens/s at batch 1 and 8, and memory. Timing goes through
 `BaseRunner.start/step`, so every backend is timed on exactly the same calls. Benchmarks write rows; they
 never assert (budgets belong in validation).
+
+Exports with towers add media rows: each encoder on one image per soft-token budget and one clip per length
+(the same preprocessed arrays for every side), and the time to first token of one image(+audio)+text prompt
+from the decoded image and the waveform (preprocessing + encoders + embed + prefill). A backend times them
+here; the references (our torch towers, transformers' Gemma4ForConditionalGeneration) are sides built from
+bench_media.py, the only module of this pair that imports torch.
 """
 
 from __future__ import annotations
@@ -22,13 +28,18 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailable, Gemma4CompileError
+from ..export.manifest import ExportManifest, MultimodalSpec
 from ..model.config import Gemma4Spec
 from ..runners.base import BaseRunner
+from ..runtime.errors import RuntimeInputError
 from .cases import FIRST_ID
 from .memory import ProbeRequest, own_process_memory
 from .report import jsonable, write_reports
 
 RunnerFactory = Callable[[], BaseRunner]
+# a media side: encode_images(pixels, positions) / encode_audio(features, mask) -> (soft tokens, counts [N]),
+# and optionally first_token(MediaPrompt) -> the prompt's first generated id (its TTFT row)
+MediaFactory = Callable[[], Any]
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,9 @@ class BenchConfig:
     seed: int = 0
     image_budgets: tuple[int, ...] = (70, 280)  # vision.onnx: one image per soft-token budget
     audio_seconds: tuple[float, ...] = (1.0, 10.0)  # audio.onnx: one clip per length
+    ttft_budget: int = 70  # the multimodal TTFT prompt: one image at this budget,
+    ttft_audio_seconds: float = 1.0  # one clip this long (exports with audio),
+    ttft_text_tokens: int = 32  # and this many text tokens after them
 
     def contexts(self, spec: Gemma4Spec, max_len: int) -> tuple[int, ...]:
         W = spec.sliding_window
@@ -51,21 +65,38 @@ class BenchConfig:
         return tuple(sorted({min(c, room) for c in lengths if c >= 1}))
 
 
+MEDIA_PHASES = ("vision", "audio", "ttft")
+
+
 @dataclass(frozen=True)
 class LatencyRow:
     backend: str
-    # "prefill" (latency of the prompt = time to first token), "decode" (one token per row), or an encoder:
-    # "vision" (one image) / "audio" (one clip)
+    # "prefill" (latency of the prompt = time to first token), "decode" (one token per row), an encoder:
+    # "vision" (one image) / "audio" (one clip), or "ttft" (a media prompt from its image and waveform)
     phase: str
     batch: int
-    context: int  # prompt length (prefill), tokens already cached (decode), soft tokens made (encoders)
+    # prompt length (prefill, ttft), tokens already cached (decode), soft tokens the side made (encoders)
+    context: int
     samples: int
     p50_ms: float
     p90_ms: float
     p99_ms: float
     mean_ms: float
-    tokens_per_s: float  # prefill and encoders: batch * context / mean; decode: batch / mean
+    tokens_per_s: float  # prefill, ttft and encoders: batch * context / mean; decode: batch / mean
     vs_torch: float | None = None  # p50 / torch eager p50 on the same row (< 1: faster than torch)
+    vs_hf: float | None = None  # p50 / transformers eager p50 on the same row
+    budget: int | None = None  # vision, ttft: the image's soft-token budget
+    audio_s: float | None = None  # audio, ttft: seconds of audio
+    first_token: int | None = None  # ttft: the id generated (the sides should agree in fp32)
+
+    @property
+    def media(self) -> bool:
+        return self.phase in MEDIA_PHASES
+
+    @property
+    def ms_per_audio_s(self) -> float | None:
+        """audio rows: p50 per second of audio."""
+        return self.p50_ms / self.audio_s if self.phase == "audio" and self.audio_s else None
 
 
 @dataclass(frozen=True)
@@ -79,6 +110,7 @@ class BackendSummary:
     peak_rss_mb: float | None = None  # its lifetime peak, running the largest (batch, context) timed here
     memory_note: str | None = None
     engine_target: str | None = None  # the engine a trt backend executed
+    media_error: str | None = None  # why its media rows are missing (a reference side that could not load)
 
 
 @dataclass(frozen=True)
@@ -90,6 +122,7 @@ class LatencyReport:
     backends: list[BackendSummary]
     environment: dict[str, Any] = field(default_factory=dict)
     export_dir: str | None = None
+    media_note: str | None = None  # why an export with towers has no multimodal TTFT rows
 
     def row(self, backend: str, phase: str, batch: int, context: int) -> LatencyRow | None:
         return next(
@@ -118,16 +151,25 @@ class LatencyReport:
                 continue
             pre = [r for r in self.rows if r.backend == s.backend and r.phase == "prefill" and r.batch == 1]
             dec = [r for r in self.rows if r.backend == s.backend and r.phase == "decode" and r.batch == 1]
+            line = []
             if pre and dec:
                 p, d = max(pre, key=lambda r: r.context), max(dec, key=lambda r: r.context)
-                parts.append(
-                    f"{s.backend}: TTFT {p.p50_ms:.2f} ms ({p.context} tokens), decode p50 {d.p50_ms:.2f} ms "
+                line.append(
+                    f"TTFT {p.p50_ms:.2f} ms ({p.context} tokens), decode p50 {d.p50_ms:.2f} ms "
                     f"at context {d.context} ({d.tokens_per_s:.0f} tok/s)"
                 )
+            media = next((r for r in self.rows if r.backend == s.backend and r.phase == "ttft"), None)
+            if media:
+                line.append(f"media prompt TTFT {media.p50_ms:.2f} ms ({media.context} tokens)")
+            if line:
+                parts.append(f"{s.backend}: " + ", ".join(line))
         return "\n".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return jsonable(asdict(self))
+        d = asdict(self)
+        for row, r in zip(d["rows"], self.rows):
+            row["ms_per_audio_s"] = r.ms_per_audio_s
+        return jsonable(d)
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
@@ -216,55 +258,173 @@ def time_runner(
     return rows
 
 
-def _timed(call: Callable[[], object], config: BenchConfig) -> list[float]:
-    samples = []
+def _timed(call: Callable[[], object], config: BenchConfig) -> tuple[list[float], object]:
+    """Latencies of `call` after the warm-up, and its last result."""
+    samples, out = [], None
     for rep in range(config.warmup + config.prefill_repeats):
         t0 = time.perf_counter()
-        call()
+        out = call()
         if rep >= config.warmup:
             samples.append(time.perf_counter() - t0)
-    return samples
+    return samples, out
 
 
-def time_encoders(runner: BaseRunner, config: BenchConfig) -> list[LatencyRow]:
-    """vision.onnx / audio.onnx latency of a runner that runs them (the onnxruntime one): one random image per
-    budget, one tone per clip length, preprocessing outside the timed call; context = the soft tokens made."""
-    manifest = getattr(runner, "manifest", None)
-    mm = getattr(manifest, "multimodal", None)
-    if mm is None or not hasattr(runner, "encode_images"):
-        return []
+# ----- media: encoders and the multimodal time to first token -----------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderInput:
+    """One item's preprocessed arrays, as every side's encoder takes them: (pixels, positions) of one image
+    or (features, mask) of one clip."""
+
+    arrays: tuple[np.ndarray, np.ndarray]
+    budget: int | None = None  # images
+    seconds: float | None = None  # clips
+
+
+@dataclass(frozen=True)
+class MediaPrompt:
+    """The TTFT prompt: ids with one image run (and one audio run) made from our preprocessing's counts, and
+    the decoded image and waveform each side preprocesses itself inside the timed call."""
+
+    ids: np.ndarray  # [1, S]
+    image: Any  # PIL image
+    budget: int
+    wave: np.ndarray | None  # 16 kHz float32; None: an export without audio
+    mm: MultimodalSpec
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class MediaInputs:
+    images: list[EncoderInput]
+    clips: list[EncoderInput]
+    prompt: MediaPrompt | None
+    note: str | None = None  # why there is no TTFT prompt
+
+
+def _tone(seconds: float) -> np.ndarray:
+    from ..model.audio_preprocess import SAMPLE_RATE
+
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+
+
+def media_inputs(manifest: ExportManifest, config: BenchConfig) -> MediaInputs | None:
+    """The encoder inputs (one random 768x1024 image per budget, one tone per clip length) and the TTFT prompt
+    of an export with towers; None without. Numpy and Pillow only."""
+    mm = manifest.multimodal
+    if mm is None:
+        return None
+    from PIL import Image
+
+    from ..model.audio_preprocess import SAMPLE_RATE, audio_features, batch_features
     from ..model.vision_preprocess import batch_patches, image_patches
 
-    rows = []
     rng = np.random.default_rng(config.seed)
-    if "vision" in manifest.graphs:
-        from PIL import Image
-
-        image = Image.fromarray(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8))
-        for budget in config.image_budgets:
-            patches = image_patches(image, mm.vision, budget)
-            feeds = batch_patches([patches])
-            samples = _timed(lambda feeds=feeds: runner.encode_images(*feeds), config)
-            rows.append(_row(runner.name, "vision", 1, patches.soft_tokens, samples))
+    image = Image.fromarray(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8))
+    images = [
+        EncoderInput(batch_patches([image_patches(image, mm.vision, b)]), budget=b)
+        for b in config.image_budgets
+    ]
+    clips = []
     if "audio" in manifest.graphs:
-        from ..model.audio_preprocess import SAMPLE_RATE, audio_features, batch_features
-
         for seconds in config.audio_seconds:
-            t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-            clip = audio_features((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), SAMPLE_RATE)
-            feeds = batch_features([clip])
-            samples = _timed(lambda feeds=feeds: runner.encode_audio(*feeds), config)
-            rows.append(_row(runner.name, "audio", 1, clip.soft_tokens, samples))
+            features = batch_features([audio_features(_tone(seconds), SAMPLE_RATE)])
+            clips.append(EncoderInput(features, seconds=seconds))
+    prompt, note = _media_prompt(manifest, image, config, rng)
+    return MediaInputs(images, clips, prompt, note)
+
+
+def _media_prompt(
+    manifest: ExportManifest, image: Any, config: BenchConfig, rng: np.random.Generator
+) -> tuple[MediaPrompt | None, str | None]:
+    """bos, 5 text ids, the image run, 5 text ids, the audio run (with audio), `ttft_text_tokens` text ids."""
+    from ..model.audio_preprocess import SAMPLE_RATE, audio_features
+    from ..model.vision_preprocess import image_patches
+    from ..runtime.audio import audio_run
+    from ..runtime.images import image_run, image_support, join_runs
+
+    spec = manifest.spec
+    try:
+        mm = image_support(manifest)
+    except RuntimeInputError as e:
+        return None, str(e)
+    runs = [image_run(image_patches(image, mm.vision, config.ttft_budget).soft_tokens, mm)]
+    wave = seconds = None
+    if mm.audio is not None and "audio" in manifest.graphs:
+        seconds = config.ttft_audio_seconds
+        wave = _tone(seconds)
+        runs.append(audio_run(audio_features(wave, SAMPLE_RATE).soft_tokens, mm.audio))
+    lengths = [5] * len(runs) + [config.ttft_text_tokens]  # text before each run, and after the last
+    text = [rng.integers(FIRST_ID, spec.vocab_size, n).tolist() for n in lengths]
+    ids = [spec.bos_token_id, *join_runs(text, runs)]
+    if len(ids) + 1 > manifest.max_seq_len:
+        return None, f"the media prompt's {len(ids)} tokens + 1 exceed max_seq_len {manifest.max_seq_len}"
+    return MediaPrompt(np.asarray([ids], np.int64), image, config.ttft_budget, wave, mm, seconds), None
+
+
+class RunnerMedia:
+    """A backend as a media side: its own encoders, and the runtime's prompt path (runtime/images.py,
+    runtime/generate.py) for the TTFT, so the row times what `generate --image` runs."""
+
+    def __init__(self, runner: BaseRunner):
+        self.runner = runner
+        self.encode_images = runner.encode_images  # type: ignore[attr-defined]
+        self.encode_audio = runner.encode_audio  # type: ignore[attr-defined]
+
+    def first_token(self, prompt: MediaPrompt) -> int:
+        from ..model.audio_preprocess import SAMPLE_RATE, audio_features, batch_features
+        from ..model.vision_preprocess import batch_patches
+        from ..runtime.generate import generate
+        from ..runtime.images import image_patches, soft_token_rows
+
+        patches = image_patches([prompt.image], prompt.mm, prompt.budget)
+        image_rows = soft_token_rows(*self.encode_images(*batch_patches(patches)))
+        audio_rows = None
+        if prompt.wave is not None:
+            clip = audio_features(prompt.wave, SAMPLE_RATE)
+            audio_rows = soft_token_rows(*self.encode_audio(*batch_features([clip])))
+        ids = prompt.ids[0].tolist()
+        return generate(self.runner, ids, 1, image_embeds=image_rows, audio_embeds=audio_rows).tokens[0]
+
+
+def runner_media(runner: BaseRunner) -> RunnerMedia | None:
+    """The runner as a media side, if it runs the export's encoders (the onnxruntime one)."""
+    takes = getattr(runner, "manifest", None) is not None and hasattr(runner, "encode_images")
+    return RunnerMedia(runner) if takes and runner.image_refusal is None else None
+
+
+def time_media(side: Any, media: MediaInputs, config: BenchConfig) -> list[LatencyRow]:
+    """Encoder rows (context: the soft tokens the side made) and the TTFT row of one media side."""
+    rows = []
+    for item in media.images:
+        samples, (_, counts) = _timed(lambda a=item.arrays: side.encode_images(*a), config)
+        rows.append(replace(_row("", "vision", 1, int(np.sum(counts)), samples), budget=item.budget))
+    for item in media.clips:
+        samples, (_, counts) = _timed(lambda a=item.arrays: side.encode_audio(*a), config)
+        rows.append(replace(_row("", "audio", 1, int(np.sum(counts)), samples), audio_s=item.seconds))
+    prompt = media.prompt
+    if prompt is not None and hasattr(side, "first_token"):
+        samples, token = _timed(lambda: side.first_token(prompt), config)
+        row = _row("", "ttft", 1, prompt.ids.shape[1], samples)
+        rows.append(replace(row, budget=prompt.budget, audio_s=prompt.seconds, first_token=int(token)))
     return rows
 
 
 def _with_ratios(rows: list[LatencyRow]) -> list[LatencyRow]:
-    base = {(r.phase, r.batch, r.context): r.p50_ms for r in rows if r.backend == "torch"}
-    out = []
-    for r in rows:
-        ref = base.get((r.phase, r.batch, r.context))
-        out.append(LatencyRow(**{**asdict(r), "vs_torch": r.p50_ms / ref if ref else None}))
-    return out
+    """Each row's p50 over torch eager's and transformers eager's on the same (phase, batch, context)."""
+
+    def base(name: str) -> dict[tuple, float]:
+        return {(r.phase, r.batch, r.context): r.p50_ms for r in rows if r.backend == name}
+
+    torch, hf = base("torch"), base("hf")
+
+    def ratio(r: LatencyRow, ref: dict[tuple, float]) -> float | None:
+        p50 = ref.get((r.phase, r.batch, r.context))
+        return r.p50_ms / p50 if p50 else None
+
+    return [replace(r, vs_torch=ratio(r, torch), vs_hf=ratio(r, hf)) for r in rows]
 
 
 def environment() -> dict[str, Any]:
@@ -289,40 +449,85 @@ def bench_runners(
     precision: str = "fp32",
     max_len: int | None = None,
     required: Collection[str] = (),
+    media_sides: Mapping[str, MediaFactory] = {},
+    media: MediaInputs | None = None,
 ) -> LatencyReport:
     """Time each runner in turn, built just before its turn (a factory) so memory is attributed to it.
 
     A factory that raises BackendUnavailable leaves a summary with the reason and no rows, except for a
-    `required` runner, whose error is raised at once (before slower runners are timed).
+    `required` runner, whose error is raised at once (before slower runners are timed). A runner that runs
+    the export's encoders also gets media rows (inputs: `media`, else made from its export); `media_sides`
+    (by backend name: torch, hf) are reference sides timed on the same inputs after that name's runner is
+    gone, so the two models never share the process's memory.
     """
     config = config or BenchConfig()
     contexts = config.contexts(spec, max_len or spec.max_position_embeddings)
     rows: list[LatencyRow] = []
-    summaries: list[BackendSummary] = []
-    for name, item in runners.items():
-        gc.collect()
-        meter = _Meter()
-        t0 = time.perf_counter()
-        try:
-            runner = item() if callable(item) and not isinstance(item, BaseRunner) else item
-        except BackendUnavailable as e:
-            if name in required:
-                raise
-            summaries.append(BackendSummary(name, None, None, error=str(e)))
-            continue
-        load_s = time.perf_counter() - t0 if runner is not item else None
-        meter.sample()
-        timed = time_runner(runner, spec, config, contexts, meter) + time_encoders(runner, config)
-        rows += [LatencyRow(**{**asdict(r), "backend": name}) for r in timed]
-        own = getattr(runner, "peak_memory_bytes", None)  # a runner that knows its own device memory wins
-        device_mb = own() / 2**20 if callable(own) else meter.device_peak
-        summaries.append(
-            BackendSummary(
-                name, load_s, device_mb, memory_note="not measured", engine_target=runner.engine_target
-            )
-        )
-        del runner
-    return LatencyReport(spec.sliding_window, precision, config, _with_ratios(rows), summaries, environment())
+    summaries: dict[str, BackendSummary] = {}
+    for name in dict.fromkeys([*runners, *media_sides]):
+        if name in runners:
+            turn = _runner_turn(name, runners[name], spec, config, contexts, media, name in required)
+            timed, summaries[name], media = turn
+            if timed is None:
+                continue
+            rows += timed
+        if name in media_sides and media is not None:
+            timed, error = _media_turn(name, media_sides[name], media, config)
+            rows += timed
+            if error:
+                summary = summaries.get(name, BackendSummary(name, None, None))
+                summaries[name] = replace(summary, media_error=error)
+    report = LatencyReport(spec.sliding_window, precision, config, _with_ratios(rows), [], environment())
+    return replace(report, backends=list(summaries.values()), media_note=media.note if media else None)
+
+
+def _runner_turn(
+    name: str,
+    item: BaseRunner | RunnerFactory,
+    spec: Gemma4Spec,
+    config: BenchConfig,
+    contexts: tuple[int, ...],
+    media: MediaInputs | None,
+    required: bool,
+) -> tuple[list[LatencyRow] | None, BackendSummary, MediaInputs | None]:
+    """One runner's rows (None: it could not be built, and is not `required`; the summary says why) and the
+    media inputs, made from its export if none were given."""
+    gc.collect()
+    meter = _Meter()
+    t0 = time.perf_counter()
+    try:
+        runner = item() if callable(item) and not isinstance(item, BaseRunner) else item
+    except BackendUnavailable as e:
+        if required:
+            raise
+        return None, BackendSummary(name, None, None, error=str(e)), media
+    load_s = time.perf_counter() - t0 if runner is not item else None
+    meter.sample()
+    timed = time_runner(runner, spec, config, contexts, meter)
+    side = runner_media(runner)
+    if side is not None:
+        media = media or media_inputs(runner.manifest, config)  # type: ignore[attr-defined]
+        timed += time_media(side, media, config) if media else []
+    own = getattr(runner, "peak_memory_bytes", None)  # a runner that knows its own device memory wins
+    device_mb = own() / 2**20 if callable(own) else meter.device_peak
+    summary = BackendSummary(
+        name, load_s, device_mb, memory_note="not measured", engine_target=runner.engine_target
+    )
+    return [replace(r, backend=name) for r in timed], summary, media
+
+
+def _media_turn(
+    name: str, factory: MediaFactory, media: MediaInputs, config: BenchConfig
+) -> tuple[list[LatencyRow], str | None]:
+    """A reference side's media rows, or none and why it could not be built."""
+    gc.collect()
+    try:
+        side = factory()
+    except BackendUnavailable as e:
+        return [], str(e)
+    rows = [replace(r, backend=name) for r in time_media(side, media, config)]
+    del side
+    return rows, None
 
 
 def bench(
@@ -357,7 +562,12 @@ def bench(
     for name in compare:
         if name not in factories:
             factories[name] = lambda name=name: _optional(make_runner, name, export_dir, ckpt, precision)
-    report = bench_runners(factories, spec, config, precision, manifest.max_seq_len, required=backends)
+    # the media inputs come from the export itself, so the references get rows even beside a backend without
+    # the export's encoders
+    config = config or BenchConfig()
+    media = media_inputs(manifest, config)
+    sides = {n: _media_factory(n, ckpt, manifest, precision) for n in compare} if media else {}
+    report = bench_runners(factories, spec, config, precision, manifest.max_seq_len, backends, sides, media)
     summaries = report.backends
     if memory:
         probe = ProbeRequest("", str(export_dir), str(ckpt) if ckpt else None, precision, target, 1, 1, 0)
@@ -372,7 +582,9 @@ def _with_memory(summary: BackendSummary, report: LatencyReport, probe: ProbeReq
     """The backend's own-process memory at the largest batch and context it was timed at."""
     if summary.error:
         return summary
-    rows = [r for r in report.rows if r.backend == summary.backend]
+    rows = [r for r in report.rows if r.backend == summary.backend and not r.media]
+    if not rows:
+        return summary
     batch, context = max(r.batch for r in rows), max(r.context for r in rows)
     steps = report.config.decode_steps
     got = own_process_memory(
@@ -382,6 +594,24 @@ def _with_memory(summary: BackendSummary, report: LatencyReport, probe: ProbeReq
         return replace(summary, memory_note=got)
     note = f"own process, batch {batch}, {context}-token prompt + {steps} decode steps"
     return replace(summary, base_rss_mb=got.base_mb, peak_rss_mb=got.peak_mb, memory_note=note)
+
+
+def _media_factory(name: str, ckpt: Path | None, manifest: ExportManifest, precision: str) -> MediaFactory:
+    """A reference media side by name, loaded when its turn comes; errors become BackendUnavailable."""
+
+    def make() -> Any:
+        if ckpt is None:
+            raise BackendUnavailable(f"{name}: its media rows need the source checkpoint (--checkpoint)")
+        try:
+            from .bench_media import media_side
+
+            return media_side(name, ckpt, manifest, precision)
+        except ImportError as e:
+            raise BackendUnavailable(f"{name}: media side not available ({e})") from None
+        except Gemma4CompileError as e:
+            raise BackendUnavailable(f"{name}: {e}") from None
+
+    return make
 
 
 def _optional(make: Callable[..., BaseRunner], name: str, *args: Any) -> BaseRunner:

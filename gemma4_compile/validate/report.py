@@ -403,7 +403,9 @@ def latency_markdown(r: LatencyReport) -> str:
             _mb(s.base_rss_mb),
             _mb(s.peak_rss_mb),
             _g(s.device_peak_mb),
-            s.error or s.memory_note or "",
+            "; ".join(
+                filter(None, [s.error or s.memory_note, s.media_error and f"no media rows: {s.media_error}"])
+            ),
         ]
         for s in r.backends
     ]
@@ -427,23 +429,79 @@ def latency_markdown(r: LatencyReport) -> str:
             f"{x.p99_ms:.3f}",
             f"{x.tokens_per_s:.1f}",
             _g(x.vs_torch),
+            _g(x.vs_hf),
         ]
         for x in r.rows
+        if not x.media
     ]
-    lines += _table(
-        ["backend", "phase", "batch", "context", "p50 ms", "p90 ms", "p99 ms", "tokens/s", "× torch"], rows
-    )
+    header = [
+        "backend",
+        "phase",
+        "batch",
+        "context",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "tokens/s",
+        "× torch",
+        "× hf",
+    ]
+    lines += _table(header, rows)
     lines += [
         "",
         "Prefill p50 at batch 1 is the time to first token; decode rows are labelled by the context",
-        "at which their steps start. `× torch` is this row's p50 / torch eager's p50 on the same row",
-        "(below 1: faster than torch eager). `vision` / `audio` rows time one image / one clip through the",
-        "exported encoder (preprocessing excluded); their context is the soft tokens it makes.",
+        "at which their steps start. `× torch` / `× hf` is this row's p50 over torch eager's / transformers",
+        "eager's p50 on the same row (below 1: faster).",
         "",
+        *_media_rows(r),
+    ]
+    lines += [
         f"![decode latency by context length]({LATENCY_PLOT})",
         "",
     ]
     return "\n".join(lines)
+
+
+def _media_rows(r: LatencyReport) -> list[str]:
+    """The encoder and multimodal-TTFT rows, when the export has towers."""
+    media = [x for x in r.rows if x.media]
+    if not media:
+        return []
+    rows = [
+        [
+            x.backend,
+            x.phase,
+            "–" if x.budget is None else str(x.budget),
+            _g(x.audio_s),
+            str(x.context),
+            f"{x.p50_ms:.3f}",
+            f"{x.p90_ms:.3f}",
+            _g(x.ms_per_audio_s),
+            f"{x.tokens_per_s:.1f}",
+            _g(x.vs_torch),
+            _g(x.vs_hf),
+            "–" if x.first_token is None else str(x.first_token),
+        ]
+        for x in media
+    ]
+    header = [
+        "backend", "phase", "budget", "audio s", "tokens", "p50 ms", "p90 ms", "ms per audio s", "tokens/s",
+        "× torch", "× hf", "first token",
+    ]  # fmt: skip
+    return [
+        "## Media",
+        "",
+        *_table(header, rows),
+        "",
+        "`vision` rows time one image through the tower at each soft-token budget and `audio` rows one clip",
+        "(`ms per audio s`: p50 per second of audio); every side gets the same preprocessed arrays",
+        "(preprocessing excluded) and `tokens` is the soft tokens it made. `ttft` times one image(+audio)+text",
+        "prompt from the decoded image and waveform to the first token: preprocessing, encoders, embed and",
+        "prefill (transformers: its processor, then `generate` of one token); `tokens` is the prompt length.",
+        "Our torch text model merges no soft tokens, so torch has no `ttft` row.",
+        *([f"No `ttft` rows: {r.media_note}."] if r.media_note else []),
+        "",
+    ]
 
 
 def summary_markdown(

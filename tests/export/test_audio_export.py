@@ -193,3 +193,19 @@ def test_impossible_modalities_are_refused_in_one_line(exported, tmp_path, capsy
 def test_modalities_text_leaves_the_towers_out(exported, tmp_path):
     m = export_checkpoint(exported[0], tmp_path / "out", max_seq_len=16, modalities=["text"]).manifest
     assert list(m.graphs) == ["embed", "decoder"] and m.multimodal is None
+
+
+def test_bf16_graph_runs_its_convs_in_fp32(tmp_path):
+    """ONNX Conv takes no bfloat16 before opset 22 (the graphs are opset 20): a bf16 audio graph passes the
+    full checker (the export runs it) with every Conv computed in fp32 between casts."""
+    from gemma4_compile.export import export_spec
+
+    export_spec(TEXT, tmp_path / "bf16", dtype="bf16", audio=AUDIO)
+    graph = onnx.load(str(tmp_path / "bf16" / "audio.onnx"), load_external_data=False)
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in onnx.shape_inference.infer_shapes(graph).graph.value_info
+    }
+    convs = [n for n in graph.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 2 + AUDIO.num_hidden_layers
+    assert {types[n.input[0]] for n in convs} == {onnx.TensorProto.FLOAT}

@@ -1,4 +1,5 @@
-"""bench on an export with vision.onnx and audio.onnx: encoder rows next to prefill and decode."""
+"""bench on an export with vision.onnx and audio.onnx: encoder and multimodal TTFT rows next to prefill and
+decode, from the runner's own export when no media inputs are given."""
 
 from __future__ import annotations
 
@@ -32,4 +33,4 @@ def test_bench_times_the_encoders_by_the_soft_tokens_they_make(make_vision_expor
     for seconds in (0.5, 2.0):
         soft = audio_features(np.zeros(int(seconds * 16000), np.float32) + 0.1, 16000).soft_tokens
         assert rows[("audio", soft)].samples == 2
-    assert {r.phase for r in report.rows} == {"prefill", "decode", "vision", "audio"}
+    assert {r.phase for r in report.rows} == {"prefill", "decode", "vision", "audio", "ttft"}
