@@ -85,6 +85,7 @@ def test_capability_reports_every_custom_node_inlined(fresh_export):
         assert node["trt_layer_type"] not in ("PLUGIN_V3", "PLUGIN_V2") and "note" not in node
     edits = {"renamed": {}, "folded_constants": 0, "split_moe": 0, "aot": 0, "static_moe_body": False}
     edits["fp32_nodes"] = 1  # the fp32 logits of the fp16 graph
+    edits["block_attention"] = 0  # no block_ids (and RTX's plugin would take them anyway)
     assert report["graph_edits"] == edits
     assert art.manifest.capability == {"inlined": 3}
 

@@ -159,7 +159,8 @@ def test_registry_parts_resolve_and_match_the_contract():
 
 def test_unknown_op_is_one_line_error_never_another_kernel():
     with pytest.raises(
-        UnknownOpError, match=r"^no gemma4 op named 'Softcap'; known: SlidingWindowAttention, MoE, "
+        UnknownOpError,
+        match=r"^no gemma4 op named 'Softcap'; known: SlidingWindowAttention, SlidingWindowAttentionBlocks, MoE, ",
     ):
         ops.entry("Softcap")
     with pytest.raises(UnknownOpError, match="no gemma4 op named 'Softcap'"):
@@ -176,7 +177,8 @@ def test_unknown_op_is_one_line_error_never_another_kernel():
 
 def test_plugins_come_from_the_registry():
     assert [s.op_type for s in rtx.specs()] == ["SlidingWindowAttention", "MoE"]
-    assert qdp.plugin_ids() == ["gemma4::SlidingWindowAttention", *(s.plugin_id for s in ms.STAGES)]
+    attention = ["gemma4::SlidingWindowAttention", "gemma4::SlidingWindowAttentionBlocks"]  # 7 and 8 inputs
+    assert qdp.plugin_ids() == [*attention, *(s.plugin_id for s in ms.STAGES)]
     assert [s.kernel for s in ms.STAGES] == [ops.entry(s.op_type).aot_kernel for s in ms.STAGES]
 
 
