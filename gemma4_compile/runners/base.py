@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailable, RunnerError
-from ..export.manifest import AUDIO_EMBEDS, IMAGE_EMBEDS
+from ..export.manifest import AUDIO_EMBEDS, DECODER, EMBED, IMAGE_EMBEDS, MM_BLOCK_IDS
 
 
 @dataclass
@@ -96,6 +96,22 @@ class BaseRunner(abc.ABC):
 
     def __init__(self) -> None:
         self.last_latency_s = 0.0
+
+    def _use_placeholders(self, export: Any) -> None:
+        """From export.json (an ExportManifest): the placeholder ids the embed graph merges, whether the decoder
+        takes `mm_block_ids`, and the refusal of image prompts a 26B/31B export without it needs."""
+        embed_inputs = {t.name for t in export.graphs[EMBED].inputs}
+        self.takes_block_ids = MM_BLOCK_IDS in {t.name for t in export.graphs[DECODER].inputs}
+        mm = export.multimodal
+        if AUDIO_EMBEDS in embed_inputs and mm is not None and mm.audio is not None:
+            self.audio_token_id = mm.audio.audio
+        if IMAGE_EMBEDS in embed_inputs and mm is not None:
+            self.image_token_id = mm.tokens.image
+            if mm.bidirectional_image_blocks and not self.takes_block_ids:  # never the wrong mask
+                self.image_refusal = (
+                    f"{self.name}: this export's decoder has no mm_block_ids input, which image runs on 26B/31B "
+                    "need; re-export it with this version"
+                )
 
     # ----- backend primitives -------------------------------------------------------------------
     @abc.abstractmethod

@@ -87,17 +87,7 @@ class OrtRunner(BaseRunner):
         self._no_rows = {
             n: empty_rows(embed_inputs[n]) for n in (IMAGE_EMBEDS, AUDIO_EMBEDS) if n in embed_inputs
         }
-        mm = self.manifest.multimodal
-        if AUDIO_EMBEDS in self._no_rows and mm is not None and mm.audio is not None:
-            self.audio_token_id = mm.audio.audio
-        self.takes_block_ids = MM_BLOCK_IDS in {t.name for t in decoder.inputs}
-        if IMAGE_EMBEDS in self._no_rows and mm is not None:
-            self.image_token_id = mm.tokens.image
-            if mm.bidirectional_image_blocks and not self.takes_block_ids:  # never the wrong mask
-                self.image_refusal = (
-                    "ort: this export's decoder has no mm_block_ids input, which image runs on 26B/31B need; "
-                    "re-export it with this version"
-                )
+        self._use_placeholders(self.manifest)
         self._read_rows, self.rows = read_rows, None  # the placeholders above are what rows.py keeps
         self.sessions = {role: self._session(ort, role, options, providers) for role in self.manifest.graphs}
         # host buffers bound in place suit the CPU provider; debug exports have outputs the binding leaves out

@@ -321,20 +321,10 @@ class TrtRunner(BaseRunner):
         self.dtype = DType.parse(export.dtype).numpy
         self.inputs = [t.name for t in export.graphs[DECODER].inputs]
         self.outputs = [t.name for t in export.graphs[DECODER].outputs]
-        self.takes_block_ids = MM_BLOCK_IDS in self.inputs
         embed_inputs = {t.name: t for t in export.graphs[EMBED].inputs}
         soft = [embed_inputs[n] for n in (IMAGE_EMBEDS, AUDIO_EMBEDS) if n in embed_inputs]
         self.embed = EmbedGraph(export.graph_path(EMBED), soft)
-        mm = export.multimodal
-        if IMAGE_EMBEDS in embed_inputs and mm is not None:
-            self.image_token_id = mm.tokens.image
-            if mm.bidirectional_image_blocks and not self.takes_block_ids:  # never the wrong mask
-                self.image_refusal = (
-                    "trt: this export's decoder has no mm_block_ids input, which image runs on 26B/31B need; "
-                    "re-export it with this version"
-                )
-        if AUDIO_EMBEDS in embed_inputs and mm is not None and mm.audio is not None:
-            self.audio_token_id = mm.audio.audio
+        self._use_placeholders(export)
 
     def _context(self, engine: Any, index: int) -> Any:
         context = engine.create_execution_context()
