@@ -37,6 +37,7 @@ from ..passes import (
     LOWERINGS,
     DequantizeRows,
     DequantizeWeights,
+    QuantizeExperts,
     QuantizeMatMuls,
     export_cleanup,
     run_on_proto,
@@ -355,8 +356,7 @@ def _export_into(
         weights = quantized_weights(
             traced[DECODER], graph_names[DECODER], placed, tmp, quant.accuracy_level, act.torch
         )
-        encode = QuantizeMatMuls if quant.graph == GRAPH_NBITS else DequantizeWeights
-        traced[DECODER] = run_passes(traced[DECODER], [encode(weights)])
+        traced[DECODER] = run_passes(traced[DECODER], _quant_passes(quant, weights))
         rows = quantized_weights(traced[EMBED], graph_names[EMBED], placed, tmp, 0, act.torch)
         if rows:
             traced[EMBED] = run_passes(traced[EMBED], [DequantizeRows(rows)])
@@ -525,6 +525,16 @@ def _audio_dims(merged: bool) -> dict[str, str]:
 def _meta_entries(state: dict[str, torch.Tensor], used: set[str]) -> dict[str, TensorEntry]:
     """Shapes only, for graph-only exports of models too large for this machine."""
     return {n: TensorEntry(n, Path(DATA_FILE), 0, 0, state[n].dtype, tuple(state[n].shape)) for n in used}
+
+
+def _quant_passes(quant: QuantSpec, weights: dict) -> list:
+    """The decoder's quantized-weight encoding: DequantizeLinear for TensorRT; for onnxruntime, MatMulNBits per
+    linear and per expert (the MoE nodes of quantized experts become If-per-expert, passes/moe_nbits.py)."""
+    if quant.graph != GRAPH_NBITS:
+        return [DequantizeWeights(weights)]
+    experts = {n: w for n, w in weights.items() if w.b.shape.rank() == 4}
+    linears = {n: w for n, w in weights.items() if n not in experts}
+    return [QuantizeExperts(experts), QuantizeMatMuls(linears)]
 
 
 def _custom_nodes(decoder_path: Path, spec: Gemma4Spec) -> list[dict]:

@@ -319,11 +319,13 @@ def quantized_weights(
             out[init_name] = _dq_weight(init_name, q, out_dir, dtype)
             continue
         blob = q.block_size * q.bits // 8
-        out[init_name] = NBitsWeight(
-            _external(init_name, f"Q{q.bits}", q.codes, ir.DataType.UINT8, (q.n, q.blocks, blob), out_dir),
-            _external(init_name, "scales", q.scales, ir.DataType.FLOAT, (q.n, q.blocks), out_dir),
+        out[init_name] = NBitsWeight(  # MoE experts: [E, N, ...], a MatMulNBits weight per expert
+            _external(
+                init_name, f"Q{q.bits}", q.codes, ir.DataType.UINT8, (*q.lead, q.blocks, blob), out_dir
+            ),
+            _external(init_name, "scales", q.scales, ir.DataType.FLOAT, (*q.lead, q.blocks), out_dir),
             k=q.k,
-            n=q.n,
+            n=q.lead[-1],
             bits=q.bits,
             block_size=q.block_size,
             accuracy_level=accuracy_level,

@@ -8,9 +8,10 @@ linear (docs/export-format.md, "Quantization", the role table); norms, the route
 (tiny, and quantizing them costs far more accuracy than it saves bytes). The token embedding and the PLE table
 are gathers, not MatMuls: they take int8 rows (one scale per block of each row, ROW_FORMATS), which the embed graph
 gathers and dequantizes row by row (passes/quantize_gather.py) and which onnxruntime reads from the data file by
-row (runners/rows.py), so the 4.4 GiB PLE table of E2B is never loaded whole. MoE experts take `--quant` per expert: their [E, N, K] tensors are blocked along K like
-any weight and dequantized by one DequantizeLinear (axis 2) before the MoE op reads them, so an export that
-quantizes them takes the DequantizeLinear form (MatMulNBits is a 2-D GEMM).
+row (runners/rows.py), so the 4.4 GiB PLE table of E2B is never loaded whole. MoE experts take `--quant` per expert:
+their [E, N, K] tensors are blocked along K like any weight. The TensorRT form dequantizes them with one
+DequantizeLinear (axis 2) before the MoE op; the onnxruntime form runs each expert's two MatMulNBits in an
+`If` of its own (passes/moe_nbits.py), reading views of the same stacked codes.
 
 fp8 and nvfp4 are TensorRT formats (DequantizeLinear of FLOAT8E4M3FN / FLOAT4E2M1 codes, quant/floats.py): an
 export that uses them takes the DequantizeLinear form whatever its dtype, and its engines need the SM that has
@@ -49,10 +50,10 @@ ROW_ROLES, ROW_FORMATS = ("embed", "ple_table"), ("int8",)  # gathered tables: i
 GRAPH_NBITS, GRAPH_DQ = "com.microsoft.MatMulNBits", "DequantizeLinear"
 
 
-def graph_form(dtype: str, formats: set[str] | frozenset[str] = frozenset(), experts: bool = False) -> str:
-    """MatMulNBits for fp32 exports whose quantized weights are all integer 2-D linears; DequantizeLinear
-    otherwise (float formats, half precision, or quantized MoE experts)."""
-    nbits = dtype == "fp32" and set(formats) <= set(INT_FORMATS) and not experts
+def graph_form(dtype: str, formats: set[str] | frozenset[str] = frozenset()) -> str:
+    """MatMulNBits for fp32 exports whose quantized weights are all integer; DequantizeLinear otherwise (float
+    formats, half precision)."""
+    nbits = dtype == "fp32" and set(formats) <= set(INT_FORMATS)
     return GRAPH_NBITS if nbits else GRAPH_DQ
 
 
@@ -275,14 +276,13 @@ def plan_quant(request: QuantRequest, names: list[str], dtype: str) -> QuantSpec
     if roles.get("embed") in BITS:  # the tied embedding's second copy, gathered by the embed graph
         tensors[EMBED_ROWS] = roles["embed"]
     formats = {f for n, f in tensors.items() if role_of(n) not in ROW_ROLES}  # the decoder's MatMul weights
-    experts = any(role_of(n) == "moe_experts" for n in tensors)
     return QuantSpec(
         request.format,
         _block_size(request, set(tensors.values())),
         roles,
         accuracy_level=request.accuracy_level,
         tensors=tensors,
-        graph=graph_form(dtype, formats, experts),
+        graph=graph_form(dtype, formats),
         method=request.method,
     )
 

@@ -13,8 +13,8 @@ import pytest
 
 @pytest.fixture
 def corrupt(reseal, tmp_path):
-    """corrupt(export, data_type, fn, suffix="", graph="decoder") -> a copy of `export` whose `graph` initializers
-    of ONNX `data_type` (named ...suffix) have their bytes in weights.data replaced by fn(uint8 bytes), resealed
+    """corrupt(export, data_type, fn, suffix="", graph="decoder", contains="") -> a copy of `export` whose `graph`
+    initializers of ONNX `data_type` (named ...contains...suffix) have their bytes in weights.data replaced by fn(uint8 bytes), resealed
     as a buggy exporter would have recorded them: the integrity check passes and only the numbers can tell."""
 
     def make(
@@ -23,6 +23,7 @@ def corrupt(reseal, tmp_path):
         fn: Callable[[np.ndarray], np.ndarray],
         suffix: str = "",
         graph: str = "decoder",
+        contains: str = "",
     ) -> Path:
         out = tmp_path / f"broken-{export.name}"
         shutil.copytree(export, out)
@@ -30,7 +31,7 @@ def corrupt(reseal, tmp_path):
         hit = 0
         with open(out / "weights.data", "r+b") as f:
             for init in proto.graph.initializer:
-                if init.data_type != data_type or not init.name.endswith(suffix):
+                if init.data_type != data_type or not init.name.endswith(suffix) or contains not in init.name:
                     continue
                 where = {e.key: e.value for e in init.external_data}
                 f.seek(int(where["offset"]))

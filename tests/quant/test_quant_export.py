@@ -4,6 +4,7 @@ the default cases: prompts up to 3W + 3 with decode past the sliding window)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -67,32 +68,56 @@ def test_graph_only_layout_matches_the_written_one(tmp_path):
     assert data[q.scales.offset : q.scales.offset + q.scales.length] == scales.tobytes()
 
 
-def test_moe_experts_are_quantized_per_expert_and_match_the_fake_quant_reference(make_quant_export, corrupt):
-    """The 26B-like preset: every expert tensor is INT4 codes [E, N, K] dequantized along K (not left in 32
-    bits), the export matches the fake-quant reference at fp32 tolerances, and swapped nibbles in the expert
-    codes alone fail it."""
+def test_moe_experts_run_as_one_matmulnbits_pair_per_expert_and_match_the_fake_quant_reference(
+    make_quant_export, corrupt
+):
+    """The 26B-like preset on onnxruntime: no MoE node is left; each expert of each MoE layer is an `If` holding its
+    own two MatMulNBits, reading views of the stacked codes (no float expert left, no byte written twice); the
+    export matches the fake-quant reference at fp32 tolerances, and swapped nibbles in the expert codes alone fail
+    it."""
     import onnx_ir as ir
 
     out = make_quant_export("tiny-26b-a4b", "int4")
-    quant = ExportManifest.load(out).quant
-    assert quant.graph == "DequantizeLinear" and quant.roles["moe_experts"] == "int4"
+    manifest = ExportManifest.load(out)
+    quant, spec = manifest.quant, manifest.spec
+    assert quant.graph == "com.microsoft.MatMulNBits" and quant.roles["moe_experts"] == "int4"
     model = ir.load(out / "decoder.onnx")
-    experts = {n: v for n, v in model.graph.initializers.items() if ".experts." in n}
-    spec = ExportManifest.load(out).spec
     moe_layers = sum(p.moe for p in spec.layers)
-    codes = [v for v in experts.values() if v.dtype == ir.DataType.INT4]
-    assert len(codes) == 2 * moe_layers and all(v.shape.rank() == 3 for v in codes)
-    assert not [n for n, v in experts.items() if v.dtype == ir.DataType.FLOAT and not n.endswith("_scales")]
-    axes = {
-        n.attributes["axis"].as_int()
-        for n in model.graph
-        if n.op_type == "DequantizeLinear" and ".experts." in n.inputs[0].name
-    }
-    assert axes == {2}
+    assert not [n for n in model.graph if n.op_type == "MoE"]
+    assert not [c for c in manifest.custom_nodes if c["op_type"] == "MoE"]
+    ifs = [n for n in model.graph if n.op_type == "If"]
+    assert len(ifs) == moe_layers * spec.num_experts
+    matmuls = [m for n in ifs for m in n.attributes["then_branch"].as_graph() if m.op_type == "MatMulNBits"]
+    assert len(matmuls) == 2 * len(ifs)
+    experts = {n: v for n, v in model.graph.initializers.items() if ".experts." in n}
+    codes = [v for n, v in experts.items() if n.endswith("_Q4")]
+    assert len(codes) == 2 * moe_layers * spec.num_experts and all(v.shape.rank() == 3 for v in codes)
+    assert len(experts) == 2 * len(codes)  # codes and scales, nothing float
+    spans = sorted((v.const_value.offset, v.const_value.length) for v in codes)
+    assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(spans))  # views that never overlap
     report = validate(out, steps=STEPS, write=False)
     assert report.passed, report.failure_message()
-    broken = corrupt(out, onnx.TensorProto.INT4, swap_nibbles, "experts.down_proj_Q4")
+    broken = corrupt(out, onnx.TensorProto.UINT8, swap_nibbles, "_Q4", contains="experts.down_proj")
     assert not validate(broken, steps=STEPS, write=False).passed
+
+
+def test_moe_experts_take_the_dequantize_form_for_tensorrt_and_match_the_fake_quant_reference(
+    make_quant_export,
+):
+    """fp8 experts (a TensorRT format, run by onnxruntime too): codes [E, N, K] dequantized along K by one
+    DequantizeLinear before the MoE node, which stays."""
+    import onnx_ir as ir
+
+    out = make_quant_export("tiny-26b-a4b", "fp8")
+    spec = ExportManifest.load(out).spec
+    model = ir.load(out / "decoder.onnx")
+    dq = [n for n in model.graph if n.op_type == "DequantizeLinear" and ".experts." in n.inputs[0].name]
+    assert len(dq) == 2 * sum(p.moe for p in spec.layers)
+    assert {n.attributes["axis"].as_int() for n in dq} == {2}
+    assert all(n.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN and n.inputs[0].shape.rank() == 3 for n in dq)
+    assert len([n for n in model.graph if n.op_type == "MoE"]) == len(dq) // 2
+    report = validate(out, steps=STEPS, write=False)
+    assert report.passed, report.failure_message()
 
 
 @pytest.mark.parametrize("preset", ["tiny-e2b", "tiny-31b"])

@@ -1,0 +1,206 @@
+"""QuantizeExperts: a `gemma4::MoE` node whose experts are quantized becomes onnxruntime's form of the same math,
+one `If` per expert holding that expert's two `com.microsoft.MatMulNBits` (fp32 exports, onnxruntime only).
+
+Why not MatMulNBits inside the MoE function's Loop: onnxruntime prepacks a MatMulNBits weight only when it is a
+constant initializer at most one subgraph level away. An expert picked by index (`Gather(codes, e)`) is not
+constant, and its MatMulNBits falls back to dequantizing the whole matrix per call (~30x slower than the
+prepacked GEMV, measured on onnxruntime 1.31); nested Ifs (a tree over the expert id) lose the prepacking too.
+So each expert e is a top-level `If(some token picked e)` whose branch reads its own codes and scales, stored as
+views (offsets) into the stacked [E, N, blocks, blob] tensor the weight writer wrote: no byte is duplicated.
+
+Semantics are BODY's (ops/moe/body.py): softmax over all E experts, top-k, renormalize, x per_expert_scale, then
+per picked expert in ascending id order GELU-tanh(gate) * up, down, weighted, scatter-added into an fp32
+accumulator. A step runs the branches of the experts some token picked; the others cost one `If` each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import ExportError
+from .quantize_matmul import MS_DOMAIN, NBitsWeight, WeightRewrite
+
+__all__ = ["QuantizeExperts"]
+
+GATE_UP, DOWN = 3, 4  # gemma4::MoE inputs (ops/moe CONTRACT)
+
+
+class QuantizeExperts(WeightRewrite):
+    """`weights`: expert initializer name ([E, N, K] float) -> its MatMulNBits form with leading dims (E, N).
+    Every `gemma4::MoE` node reading them is rewritten; both of a node's expert tensors must be quantized."""
+
+    def requires(self, model: ir.Model) -> None:
+        for name in self.weights:
+            for use in self.initializer(model, name).uses():
+                if use.node.op_type != "MoE" or use.idx not in (GATE_UP, DOWN):
+                    raise ir.passes.PreconditionError(
+                        f"quantized experts '{name}' feed {use.node.op_type} ({use.node.name}); only MoE reads them"
+                    )
+                other = use.node.inputs[DOWN if use.idx == GATE_UP else GATE_UP]
+                if other is None or other.name not in self.weights:
+                    raise ExportError(
+                        f"MoE node {use.node.name}: gate_up and down experts must both be quantized for onnxruntime"
+                    )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        self.replaced = 0
+        nodes = [n for n in graph if n.op_type == "MoE" and n.inputs[GATE_UP].name in self.weights]
+        for node in nodes:
+            gate_up, down = (self.weights[node.inputs[i].name] for i in (GATE_UP, DOWN))
+            _expand(graph, node, _Experts(graph, gate_up), _Experts(graph, down))
+            self.replaced += 1
+        for name in self.weights:
+            graph.initializers.pop(name)
+        if self.replaced:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return ir.passes.PassResult(model, modified=self.replaced > 0)
+
+    def ensures(self, model: ir.Model) -> None:
+        left = [n.name for n in model.graph if n.op_type == "MoE" and n.inputs[GATE_UP].name in self.weights]
+        if left:
+            raise ir.passes.PostconditionError(f"MoE nodes left with quantized experts: {left}")
+
+
+class _Experts:
+    """One stacked expert weight as E per-expert (codes, scales) initializers and the MatMulNBits attributes."""
+
+    def __init__(self, graph: ir.Graph, q: NBitsWeight) -> None:
+        self.count = q.b.shape[0]
+        self.codes = [_register(graph, _view(q.b, e, self.count)) for e in range(self.count)]
+        self.scales = [_register(graph, _view(q.scales, e, self.count)) for e in range(self.count)]
+        self.attributes = {
+            "K": q.k,
+            "N": q.n,
+            "bits": q.bits,
+            "block_size": q.block_size,
+            "accuracy_level": q.accuracy_level,
+        }
+
+    def matmul(self, x: ir.Value, e: int) -> ir.Node:
+        return ir.node(
+            "MatMulNBits", [x, self.codes[e], self.scales[e]], attributes=self.attributes, domain=MS_DOMAIN
+        )
+
+
+def _view(t: ir.TensorProtocol, e: int, count: int) -> ir.ExternalTensor:
+    """Expert e of a stacked external tensor: the same file, its e-th equal slice of the bytes."""
+    if not isinstance(t, ir.ExternalTensor) or t.length % count:
+        raise ExportError(f"quantized experts '{t.name}' are not a stacked external tensor")
+    step = t.length // count
+    stem, _, suffix = t.name.rpartition("_")
+    return ir.ExternalTensor(
+        t.location,
+        t.offset + e * step,
+        step,
+        t.dtype,
+        shape=ir.Shape(t.shape[1:]),
+        name=f"{stem}.{e}_{suffix}",
+        base_dir=t.base_dir,
+    )
+
+
+def _register(graph: ir.Graph, t: ir.TensorProtocol) -> ir.Value:
+    value = ir.Value(name=t.name, shape=t.shape, type=ir.TensorType(t.dtype), const_value=t)
+    graph.register_initializer(value)
+    return value
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A small initializer shared by every MoE node (created once)."""
+    if name not in graph.initializers:
+        _register(graph, ir.tensor(array, name=name))
+    return graph.initializers[name]
+
+
+def _expand(graph: ir.Graph, moe: ir.Node, gate_up: _Experts, down: _Experts) -> None:
+    x, logits, per_expert_scale = moe.inputs[:3]
+    count, top_k = gate_up.count, moe.attributes["top_k"].as_int()
+    c = _Consts(graph, count, top_k)
+    nodes: list[ir.Node] = []
+
+    def add(op: str, inputs, attributes=None, num_outputs: int = 1) -> ir.Value | tuple[ir.Value, ...]:
+        node = ir.node(op, inputs, attributes=attributes or {}, num_outputs=num_outputs)
+        nodes.append(node)
+        return node.outputs[0] if num_outputs == 1 else tuple(node.outputs)
+
+    probs = add("Softmax", [logits], {"axis": -1})
+    w0, idx = add("TopK", [probs, c.k], {"axis": -1}, num_outputs=2)
+    w1 = add("Div", [w0, add("ReduceSum", [w0, c.last], {"keepdims": 1})])
+    weights = add("Mul", [w1, add("Gather", [per_expert_scale, idx])])
+    picked = add("ReduceMax", [add("OneHot", [idx, c.depth, c.off_on]), c.axes01], {"keepdims": 0})
+    hits = add("Split", [add("Cast", [picked], {"to": ir.DataType.BOOL})], {"num_outputs": count}, count)
+    acc = add("ConstantOfShape", [add("Shape", [x])], {"value": ir.tensor(np.zeros(1, np.float32))})
+    for e in range(count):
+        keep = ir.node("Identity", [acc])
+        branches = {
+            "then_branch": _expert_branch(e, x, idx, weights, acc, gate_up, down, c),
+            "else_branch": ir.Graph([], keep.outputs, nodes=[keep], name=f"skip{e}"),
+        }
+        acc = add("If", [hits[e]], branches)
+    _name_nodes(moe, nodes)
+    graph.insert_before(moe, nodes)
+    old = moe.outputs[0]
+    acc.shape, acc.type = old.shape, old.type
+    ir.convenience.replace_all_uses_with(old, acc, replace_graph_outputs=True)
+    name = old.name
+    graph.remove(moe, safe=True)
+    acc.name = name
+
+
+class _Consts:
+    """The constants the expansion reads (outer-scope initializers of the branches)."""
+
+    def __init__(self, graph: ir.Graph, count: int, top_k: int) -> None:
+        i64 = np.int64
+        self.k = _constant(graph, f"moe_nbits_top{top_k}", np.array([top_k], i64))
+        self.last = _constant(graph, "moe_nbits_last", np.array([-1], i64))
+        self.axes01 = _constant(graph, "moe_nbits_axes01", np.array([0, 1], i64))
+        self.axis1 = _constant(graph, "moe_nbits_axis1", np.array([1], i64))
+        self.depth = _constant(graph, f"moe_nbits_depth{count}", np.array(count, i64))
+        self.off_on = _constant(graph, "moe_nbits_off_on", np.array([0, 1], np.float32))
+        self.first = _constant(graph, "moe_nbits_first", np.array(0, i64))
+        self.ids = [_constant(graph, f"moe_nbits_e{e}", np.array(e, i64)) for e in range(count)]
+
+
+def _expert_branch(e: int, x, idx, weights, acc, gate_up: _Experts, down: _Experts, c: _Consts) -> ir.Graph:
+    """acc + expert e's weighted rows for the tokens that picked it (BODY's loop body with e fixed)."""
+    nodes: list[ir.Node] = []
+
+    def add(node: ir.Node) -> ir.Value | tuple[ir.Value, ...]:
+        nodes.append(node)
+        return node.outputs[0] if len(node.outputs) == 1 else tuple(node.outputs)
+
+    pairs = add(ir.node("NonZero", [add(ir.node("Equal", [idx, c.ids[e]]))]))
+    tok = add(ir.node("Gather", [pairs, c.first], attributes={"axis": 0}))
+    h = add(gate_up.matmul(add(ir.node("Gather", [x, tok], attributes={"axis": 0})), e))
+    gate, up = add(ir.node("Split", [h], attributes={"axis": -1, "num_outputs": 2}, num_outputs=2))
+    act = add(ir.node("Gelu", [gate], attributes={"approximate": "tanh"}))
+    y = add(down.matmul(add(ir.node("Mul", [act, up])), e))
+    pair_weights = add(
+        ir.node("GatherND", [weights, add(ir.node("Transpose", [pairs], attributes={"perm": [1, 0]}))])
+    )
+    rows = add(ir.node("Mul", [y, add(ir.node("Unsqueeze", [pair_weights, c.axis1]))]))
+    tok1 = add(ir.node("Unsqueeze", [tok, c.axis1]))
+    out = add(ir.node("ScatterND", [acc, tok1, rows], attributes={"reduction": "add"}))
+    return ir.Graph([], [out], nodes=nodes, name=f"expert{e}")
+
+
+def _name_nodes(moe: ir.Node, nodes: list[ir.Node]) -> None:
+    """Node and value names under the MoE node's, so the expansion of each layer reads as that layer's."""
+    base = moe.name or "moe"
+    for i, node in enumerate(nodes):
+        node.name = f"{base}/{node.op_type}_{i}"
+        for j, out in enumerate(node.outputs):
+            out.name = f"{base}/{node.op_type}_{i}_{j}"
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                _name_subgraph(node.name, attr.as_graph())
+
+
+def _name_subgraph(base: str, graph: ir.Graph) -> None:
+    for i, node in enumerate(graph):
+        node.name = f"{base}/{graph.name or 'branch'}/{node.op_type}_{i}"
+        for j, out in enumerate(node.outputs):
+            out.name = f"{node.name}_{j}"
