@@ -189,7 +189,7 @@ def _expert_branch(e: int, x, idx, weights, acc, gate_up: _Experts, down: _Exper
 
 def _name_nodes(moe: ir.Node, nodes: list[ir.Node]) -> None:
     """Node and value names under the MoE node's, so the expansion of each layer reads as that layer's."""
-    base = moe.name or "moe"
+    base = moe.name or f"moe_{moe.outputs[0].name}"
     for i, node in enumerate(nodes):
         node.name = f"{base}/{node.op_type}_{i}"
         for j, out in enumerate(node.outputs):

@@ -1,5 +1,5 @@
-"""The per-expert MoE bodies (`BODY`, and `BODY_STATIC` for TensorRT inlining) against the previous per-token
-gather body and the torch reference, run by onnxruntime, in fp32 and fp16, including experts no token picks;
+"""The MoE bodies (`BODY_SPLIT`, the export's: one token by `BODY_GATHER`'s per-token gather, more by `BODY`'s
+per-expert loop; and `BODY_STATIC` for TensorRT inlining) against the per-token gather body and the torch reference, run by onnxruntime, in fp32 and fp16, including experts no token picks;
 `BODY` runs only the experts some token picked (counted in onnxruntime's profile), and a tiny MoE export keeps
 transformers' greedy tokens."""
 
@@ -65,7 +65,7 @@ def _run(text: str, tensors, K: int, dtype=np.float32) -> np.ndarray:
     ("T", "H", "I", "E", "K"),
     [(1, 16, 8, 8, 1), (9, 16, 8, 8, 2), (40, 32, 16, 16, 4), (3, 16, 8, 128, 8)],  # last: most experts idle
 )
-@pytest.mark.parametrize("text", ["BODY", "BODY_STATIC"])
+@pytest.mark.parametrize("text", ["BODY", "BODY_STATIC", "BODY_SPLIT"])
 def test_loop_body_equals_gather_body_and_torch(T, H, I, E, K, text):  # noqa: E741
     tensors = _inputs(T, H, I, E, K)
     new, old = _run(getattr(body, text), tensors, K), _run(body.BODY_GATHER, tensors, K)
@@ -89,7 +89,7 @@ def test_a_wrong_top_k_is_detected():
 
 def test_loop_body_has_no_per_token_weight_gather():
     """The scaling property in the graph: weights are gathered by a scalar expert id, never by [T, K] ids."""
-    fn = body.function()
+    fn = body.function(body.BODY)
     loop = next(n for n in fn.node if n.op_type == "Loop")
     inner = loop.attribute[0].g
     weight_gathers = [n for n in inner.node if n.op_type == "Gather" and n.input[0] in ("gate_up", "down")]
@@ -110,8 +110,8 @@ def test_static_body_has_no_data_dependent_shapes():
     assert not any(n.op_type == "Unique" for n in body.function(body.BODY_STATIC).node)
 
 
-def _expert_gemms(text: str, tensors, K: int, tmp_path: Path) -> int:
-    """Gemm kernels onnxruntime ran for one call of the body (each expert run is two: gate_up, down)."""
+def _kernels(text: str, tensors, K: int, tmp_path: Path) -> dict[str, int]:
+    """op type -> kernels onnxruntime ran for one call of the body."""
     feeds = {n: t.numpy() for n, t in zip(NAMES, tensors)}
     options = ort.SessionOptions()
     options.enable_profiling = True
@@ -121,7 +121,8 @@ def _expert_gemms(text: str, tensors, K: int, tmp_path: Path) -> int:
     )
     sess.run(None, feeds)
     events = json.loads(Path(sess.end_profiling()).read_text())
-    return sum(e.get("cat") == "Node" and e["args"].get("op_name") == "Gemm" for e in events)
+    ops_run = [e["args"].get("op_name") for e in events if e.get("cat") == "Node" and "op_name" in e["args"]]
+    return {op: ops_run.count(op) for op in set(ops_run)}
 
 
 @pytest.mark.parametrize(("T", "K"), [(1, 2), (1, 4), (2, 1)])
@@ -130,8 +131,17 @@ def test_a_decode_step_runs_only_the_routed_experts(T, K, tmp_path):
     tensors = _inputs(T, 16, 8, 16, K)
     hit = len(torch.unique(ops.route(tensors[1], tensors[2], K)[1]))
     assert hit <= T * K < 16
-    assert _expert_gemms(body.BODY, tensors, K, tmp_path) == 2 * hit
-    assert _expert_gemms(body.BODY_STATIC, tensors, K, tmp_path) == 2 * 16  # the count can tell them apart
+    assert _kernels(body.BODY, tensors, K, tmp_path).get("Gemm") == 2 * hit
+    assert (
+        _kernels(body.BODY_STATIC, tensors, K, tmp_path).get("Gemm") == 2 * 16
+    )  # the count tells them apart
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_the_export_body_gathers_one_tokens_experts_and_loops_over_more(T, tmp_path):
+    """BODY_SPLIT: one token runs no Loop (its K experts in one batched MatMul pair); two tokens run the loop."""
+    ran = _kernels(body.BODY_SPLIT, _inputs(T, 16, 8, 16, 2), 2, tmp_path)
+    assert ("Loop" in ran) == (T > 1) and ("MatMul" in ran) == (T == 1)
 
 
 @pytest.mark.slow  # the tiny MoE export (shared with other tests in a full run) is most of its ~80 s

@@ -120,8 +120,18 @@ def test_moe_experts_take_the_dequantize_form_for_tensorrt_and_match_the_fake_qu
     assert report.passed, report.failure_message()
 
 
-@pytest.mark.parametrize("preset", ["tiny-e2b", "tiny-31b"])
-@pytest.mark.parametrize("fmt,block", [("int4", 32), ("int4", 128), ("int8", 32)])
+@pytest.mark.parametrize(
+    "preset,fmt,block",
+    [
+        *(
+            (p, f, b)
+            for p in ("tiny-e2b", "tiny-31b")
+            for f, b in (("int4", 32), ("int4", 128), ("int8", 32))
+        ),
+        ("tiny-26b-a4b", "int4", 128),  # int4 b32 in the expert test above
+        ("tiny-26b-a4b", "int8", 32),  # 8-bit MatMulNBits per expert
+    ],
+)
 def test_ort_matches_the_fake_quant_reference_at_fp32_tolerances(make_quant_export, preset, fmt, block):
     report = validate(make_quant_export(preset, fmt, block), steps=STEPS, write=False)
     assert report.passed, report.failure_message()

@@ -3,9 +3,9 @@
 Semantics: `gemma4_compile.model.ops.moe`. `BODY` loops over the experts that some token picked (`Unique` of
 the routed ids), so a step reads only those experts' weights and its matmuls touch only the routed tokens: a
 one-token decode step runs top_k experts, not all E (issue #18; benchmarks/cpu_vs_llamacpp.py). Scratch is
-independent of the token count. `BODY_GATHER`, an earlier body, gathered the chosen experts' weights per
-token (T*K*2I*H scratch, ~0.2 GB per token at 26B-A4B size); it stays for the equality test and
-benchmarks/moe_body.py. `BODY_STATIC` is the loop over all E experts without data-dependent shapes, which the
+independent of the token count. `BODY_GATHER`, an earlier body, gathers the chosen experts' weights per
+token (T*K*2I*H scratch, ~0.2 GB per token at 26B-A4B size): the fastest form for exactly one token, a loss
+beyond. `BODY_SPLIT`, the export's, is `BODY_GATHER` for one token and `BODY` otherwise. `BODY_STATIC` is the loop over all E experts without data-dependent shapes, which the
 engine builder inlines for TensorRT (engines/prepare.py); the TensorRT plugin does the real grouped GEMM.
 """
 
@@ -161,8 +161,42 @@ BODY_STATIC = (
 )
 
 
-def function(body: str = BODY) -> onnx.FunctionProto:
-    """The function proto; `body=BODY_GATHER` gives the previous per-token gather body (tests, benchmark)."""
+def _split_body() -> str:
+    """One token (a batch-1 decode step): BODY_GATHER's single gather of the K picked experts and one batched
+    GEMV; more tokens: BODY's loop over the distinct picked experts. Both accumulate in fp32; only the order of
+    the K terms differs (routing order vs ascending expert id)."""
+    routing_end = "  w = Mul (w1, pes)\n"
+    head = BODY[: BODY.index(routing_end) + len(routing_end)]
+    for name in ("ax2", "ax3"):  # the gather branch's extra axes
+        head = head.replace(
+            "  last = ", f"  {name} = Constant <value_ints: ints = [{name[-1]}]> ()\n  last = ", 1
+        )
+    head = head.replace("  last = ", "  ax13 = Constant <value_ints: ints = [1, 3]> ()\n  last = ", 1)
+    gather = BODY_GATHER[
+        BODY_GATHER.index(routing_end) + len(routing_end) : BODY_GATHER.index("  y = CastLike")
+    ]
+    loop = BODY[BODY.index(routing_end) + len(routing_end) : BODY.index("  y = CastLike")]
+    indent = lambda text: "".join(f"  {line}\n" for line in text.rstrip("\n").split("\n"))  # noqa: E731
+    return (
+        head
+        + "  T1 = Shape <start = 0, end = 1> (x)\n  n_tok = Squeeze (T1, ax0)\n  single = Equal (n_tok, one)\n"
+        + "  y32 = If (single) <then_branch = one_token () => (float[T,H] y_gather) {\n"
+        + indent(gather.replace("y32 = ", "y_gather = "))
+        + "  }, else_branch = tokens () => (float[T,H] y_loop) {\n"
+        + indent(loop)
+        + "    y_loop = Identity (acc)\n  }>\n  y = CastLike (y32, x)\n}\n"
+    )
+
+
+# The export's body: what onnxruntime runs (TensorRT inlines BODY_STATIC, engines/prepare.py). A one-token step
+# reads its K experts with one Gather and runs them as one batched GEMV: 22 % less time than BODY's loop on the
+# mid MoE config's 12 layers (benchmarks/moe_decode.py, cold weights); BODY's loop stays for more tokens, where
+# per-token gathers cost T*K expert copies (1.9x BODY at 4 tokens).
+BODY_SPLIT = _split_body()
+
+
+def function(body: str = BODY_SPLIT) -> onnx.FunctionProto:
+    """The function proto of a body text (`BODY_SPLIT`, the export's, by default)."""
     return onnx.parser.parse_function(body)
 
 
