@@ -30,7 +30,7 @@ from ..memory import map_large_allocations
 from ..model.weights import PackedEntry, TensorEntry, check_finite
 from ..passes.quantize_matmul import DQWeight, NBitsWeight
 from ..quant.encode import encode_rows, global_scale
-from ..quant.formats import BITS, GRAPH_NBITS, IMPORTED, QuantSpec
+from ..quant.formats import BITS, GRAPH_NBITS, IMPORTED, QuantSpec, splits_int8
 from ..quant.imported import blocked, unpack_int4
 from ..quant.rtn import num_blocks, pack_matmulnbits, pack_signed
 from ..quant.sizes import quantized_nbytes
@@ -66,6 +66,7 @@ class QuantPlaced:
     global_scale: float | None = None  # nvfp4: the tensor-wide scale (in the export dtype)
     method: str = "rtn"  # the integer formats' scale rule (quant/rtn.py)
     lead: tuple[int, ...] = ()  # the tensor's dims before K: (N,) or, for MoE experts, (E, N)
+    split: bool = False  # 8-bit MatMulNBits codes as two 4-bit rows each (formats.splits_int8)
 
     @property
     def blocks(self) -> int:
@@ -133,7 +134,7 @@ def _write_quantized(src: TensorEntry, dst, q: QuantPlaced, spill) -> int:
     of codes written."""
     written = 0
     for w in _read_rows(src, _chunk_rows(src)):
-        data, s = encode_rows(q.fmt, w, q.block_size, q.graph, q.global_scale, q.method)
+        data, s = encode_rows(q.fmt, w, q.block_size, q.graph, q.global_scale, q.method, q.split)
         dst.write(data)
         written += len(data)
         spill.write(torch.from_numpy(s).to(q.scale_dtype).view(torch.uint8).numpy().tobytes())
@@ -197,7 +198,10 @@ def _quant_layout(
     if fmt == "nvfp4":
         g = global_scale(_absmax(entry), DType.parse(dtype).value) if read else 1.0
     lead = tuple(entry.shape[:-1])
-    return QuantPlaced(codes, scales, bits, block_size, n, k, graph, scale_dtype, fmt, g, quant.method, lead)
+    split = splits_int8(graph, fmt, quant.accuracy_level)
+    return QuantPlaced(
+        codes, scales, bits, block_size, n, k, graph, scale_dtype, fmt, g, quant.method, lead, split
+    )
 
 
 def write_weight_file(
@@ -318,17 +322,22 @@ def quantized_weights(
         if q.graph != GRAPH_NBITS:
             out[init_name] = _dq_weight(init_name, q, out_dir, dtype)
             continue
-        blob = q.block_size * q.bits // 8
-        out[init_name] = NBitsWeight(  # MoE experts: [E, N, ...], a MatMulNBits weight per expert
-            _external(
-                init_name, f"Q{q.bits}", q.codes, ir.DataType.UINT8, (*q.lead, q.blocks, blob), out_dir
-            ),
+        rows = (
+            *q.lead,
+            q.blocks,
+            q.block_size * q.bits // 8,
+        )  # MoE experts: [E, N, ...], one weight per expert
+        if q.split:  # two 4-bit rows per row
+            rows = (*q.lead[:-1], 2 * q.lead[-1], q.blocks, q.block_size // 2)
+        out[init_name] = NBitsWeight(
+            _external(init_name, f"Q{q.bits}", q.codes, ir.DataType.UINT8, rows, out_dir),
             _external(init_name, "scales", q.scales, ir.DataType.FLOAT, (*q.lead, q.blocks), out_dir),
             k=q.k,
             n=q.lead[-1],
             bits=q.bits,
             block_size=q.block_size,
             accuracy_level=accuracy_level,
+            split=q.split,
         )
     return out
 

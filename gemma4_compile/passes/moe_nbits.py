@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import ExportError
-from .quantize_matmul import MS_DOMAIN, NBitsWeight, WeightRewrite
+from .quantize_matmul import MS_DOMAIN, NBitsWeight, WeightRewrite, nbits_matmul
 
 __all__ = ["QuantizeExperts"]
 
@@ -64,24 +64,16 @@ class QuantizeExperts(WeightRewrite):
 
 
 class _Experts:
-    """One stacked expert weight as E per-expert (codes, scales) initializers and the MatMulNBits attributes."""
+    """One stacked expert weight as E per-expert (codes, scales) initializers."""
 
     def __init__(self, graph: ir.Graph, q: NBitsWeight) -> None:
-        self.count = q.b.shape[0]
+        self.q, self.count = q, q.b.shape[0]
         self.codes = [_register(graph, _view(q.b, e, self.count)) for e in range(self.count)]
         self.scales = [_register(graph, _view(q.scales, e, self.count)) for e in range(self.count)]
-        self.attributes = {
-            "K": q.k,
-            "N": q.n,
-            "bits": q.bits,
-            "block_size": q.block_size,
-            "accuracy_level": q.accuracy_level,
-        }
 
-    def matmul(self, x: ir.Value, e: int) -> ir.Node:
-        return ir.node(
-            "MatMulNBits", [x, self.codes[e], self.scales[e]], attributes=self.attributes, domain=MS_DOMAIN
-        )
+    def matmul(self, x: ir.Value, e: int) -> list[ir.Node]:
+        """Expert e's x @ W.T ([tokens, K] x): its MatMulNBits (or the split 8-bit form's nodes), result last."""
+        return nbits_matmul(x, self.codes[e], self.scales[e], self.q, rank=2)
 
 
 def _view(t: ir.TensorProtocol, e: int, count: int) -> ir.ExternalTensor:
@@ -168,9 +160,10 @@ def _expert_branch(e: int, x, idx, weights, acc, gate_up: _Experts, down: _Exper
     """acc + expert e's weighted rows for the tokens that picked it (BODY's loop body with e fixed)."""
     nodes: list[ir.Node] = []
 
-    def add(node: ir.Node) -> ir.Value | tuple[ir.Value, ...]:
-        nodes.append(node)
-        return node.outputs[0] if len(node.outputs) == 1 else tuple(node.outputs)
+    def add(node: ir.Node | list[ir.Node]) -> ir.Value | tuple[ir.Value, ...]:
+        nodes.extend(node if isinstance(node, list) else [node])
+        last = nodes[-1]
+        return last.outputs[0] if len(last.outputs) == 1 else tuple(last.outputs)
 
     pairs = add(ir.node("NonZero", [add(ir.node("Equal", [idx, c.ids[e]]))]))
     tok = add(ir.node("Gather", [pairs, c.first], attributes={"axis": 0}))

@@ -8,7 +8,7 @@ import numpy as np
 
 from .floats import nvfp4_global_scale, pack_fp4, quantize_fp8_rows, quantize_nvfp4_rows
 from .formats import BITS, GRAPH_NBITS
-from .rtn import pack_matmulnbits, pack_signed, quantize_rows
+from .rtn import pack_matmulnbits, pack_matmulnbits_split, pack_signed, quantize_rows
 
 _NUMPY = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
 
@@ -35,17 +35,24 @@ def _codes(
 
 
 def encode_rows(
-    fmt: str, w: np.ndarray, block_size: int, graph: str, g: float | None = None, method: str = "rtn"
+    fmt: str,
+    w: np.ndarray,
+    block_size: int,
+    graph: str,
+    g: float | None = None,
+    method: str = "rtn",
+    split: bool = False,
 ) -> tuple[bytes, np.ndarray]:
     """w float32 [N, K] -> (the packed codes as stored, scales float32 [N, blocks]); `g`: nvfp4's global scale
-    (its scales are E4M3 values, exact in float32); `method`: the integer formats' scale rule (rtn.py)."""
+    (its scales are E4M3 values, exact in float32); `method`: the integer formats' scale rule (rtn.py); `split`:
+    8-bit MatMulNBits codes as two 4-bit rows each (formats.py `splits_int8`)."""
     codes, scales = _codes(fmt, w, block_size, graph, g, method)
     if fmt == "fp8":
         packed = codes.view(np.uint8)
     elif fmt == "nvfp4":
         packed = pack_fp4(codes)
     elif graph == GRAPH_NBITS:
-        packed = pack_matmulnbits(codes, BITS[fmt])
+        packed = pack_matmulnbits_split(codes) if split else pack_matmulnbits(codes, BITS[fmt])
     else:
         packed = pack_signed(codes, BITS[fmt])
     return packed.tobytes(), scales.astype(np.float32)

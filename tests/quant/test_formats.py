@@ -18,6 +18,7 @@ from gemma4_compile.quant.formats import (
     plan_quant,
     quant_refusal,
     role_of,
+    splits_int8,
 )
 
 
@@ -102,3 +103,10 @@ def test_overrides_give_a_role_its_own_format():
             parse_override(bad)
     with pytest.raises(ExportError, match="both kept"):
         plan_quant(QuantRequest("int4", keep=("lm_head",), overrides=(("lm_head", "int4"),)), names, "fp32")
+
+
+def test_only_onnxruntime_8bit_weights_at_fp32_activations_are_split():
+    assert splits_int8(GRAPH_NBITS, "int8", 0) and splits_int8(GRAPH_NBITS, "int8", 1)
+    assert not splits_int8(GRAPH_NBITS, "int8", 4)  # onnxruntime's int8-activation kernel handles 8 bits
+    assert not splits_int8(GRAPH_NBITS, "int4", 0) and not splits_int8(GRAPH_DQ, "int8", 0)
+    assert not splits_int8(GRAPH_DQ, "fp8", 0)

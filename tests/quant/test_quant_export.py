@@ -37,8 +37,10 @@ def test_every_quantized_tensor_is_one_matmulnbits_and_no_float_copy_is_left(
     assert json.loads((out / "export.json").read_text()) == m.to_json()  # the quantization record round-trips
     nodes, proto = _nbits_nodes(out)
     assert len(nodes) == len(m.quant.tensors) - len(m.quant.row_tables)  # the tables are the embed graph's
-    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nodes)
-    assert bits.count(8) == 1 and bits.count(4) == len(nodes) - 1  # the LM head is int8
+    assert {next(a.i for a in n.attribute if a.name == "bits") for n in nodes} == {4}
+    # the int8 LM head at accuracy level 0: one 4-bit MatMulNBits over two rows per vocabulary row, zero points 8/0
+    (head,) = [n for n in nodes if len(n.input) == 4]
+    assert next(a.i for a in head.attribute if a.name == "N") == 2 * m.spec.vocab_size
     inits = {i.name for i in proto.graph.initializer}
     assert not any(n.endswith("proj.weight") and "self_attn" in n for n in inits)  # no float q/k/v/o left
     assert "model.embed_tokens.weight" not in inits  # the decoder's LM head is the quantized copy
@@ -173,6 +175,20 @@ def test_quality_gate_fails_only_when_asked(make_quant_export):
     assert all(c.passed for c in report.cases) and not report.passed
     assert report.failure_message().startswith("quality gate: KL mean ")
     assert "\n" not in report.failure_message()
+
+
+def test_int8_at_level_0_runs_as_split_4bit_rows_and_swapped_nibbles_fail_the_gate(
+    make_quant_export, corrupt
+):
+    """An int8 export at accuracy level 0: every linear is one 4-bit MatMulNBits over split rows (with zero
+    points), no native 8-bit node (onnxruntime's is a dequantize-per-call fallback at level 0); it passed the gate
+    above, and swapping the two nibbles of every byte of the split codes fails it."""
+    out = make_quant_export("tiny-e2b", "int8")
+    nodes, _ = _nbits_nodes(out)
+    assert nodes and all(len(n.input) == 4 for n in nodes)
+    assert {next(a.i for a in n.attribute if a.name == "bits") for n in nodes} == {4}
+    broken = corrupt(out, onnx.TensorProto.UINT8, swap_nibbles, "_Q8")
+    assert not validate(broken, steps=STEPS, write=False).passed
 
 
 def test_swapped_nibbles_fail_the_gate(make_quant_export, corrupt):

@@ -9,6 +9,7 @@ from gemma4_compile.quant.rtn import (
     dequantize_rows,
     fake_quantize,
     pack_matmulnbits,
+    pack_matmulnbits_split,
     pack_signed,
     quantize_rows,
 )
@@ -47,6 +48,17 @@ def test_matmulnbits_packing_offsets_codes_and_puts_the_lower_k_in_the_low_nibbl
     codes = np.array([[[-8, 7, 0, -1]]], dtype=np.int8)
     np.testing.assert_array_equal(pack_matmulnbits(codes, 4), [[[0xF0, 0x78]]])  # u = q + 8
     np.testing.assert_array_equal(pack_matmulnbits(codes, 8), [[[120, 135, 128, 127]]])  # u = q + 128
+
+
+def test_split_8bit_codes_are_sixteen_times_the_high_row_plus_the_low_row():
+    """Every int8 code c (all 255 of them) as two MatMulNBits 4-bit rows: (high - 8) * 16 + (low - 0) == c."""
+    codes = np.arange(-127, 129, dtype=np.int16).clip(-127, 127).astype(np.int8).reshape(2, 4, 32)
+    packed = pack_matmulnbits_split(codes)
+    assert packed.shape == (4, 4, 16) and packed.dtype == np.uint8
+    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(4, 4, 32).astype(int)  # lower k low
+    high, low = nibbles[0::2], nibbles[1::2]
+    np.testing.assert_array_equal((high - 8) * 16 + low, codes)
+    assert low.min() >= 0 and high.max() <= 15
 
 
 @pytest.mark.parametrize("bits,flip", [(4, 0x88), (8, 0x80)])
