@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -845,8 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         click.exceptions.Abort
     ) as e:  # click turns Ctrl-C into Abort (after a blank line ending the ^C echo)
         if isinstance(e.__cause__, KeyboardInterrupt):
-            console.print("error: interrupted", markup=False)
-            return EXIT_INTERRUPTED
+            return _interrupted()
         console.print("error: aborted (end of input)", markup=False)
         return EXIT_ERROR
     except Gemma4CompileError as e:
@@ -863,8 +863,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"error: {where}{e.strerror or e}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_ERROR
     except KeyboardInterrupt:  # outputs are built beside their final path, so the previous ones are intact
-        console.print("error: interrupted", markup=False)
-        return EXIT_INTERRUPTED
+        return _interrupted()
     except Exception as e:  # an internal bug: still one line, the traceback only on request
         if debug:
             raise
@@ -875,6 +874,14 @@ def main(argv: list[str] | None = None) -> int:
             soft_wrap=True,
         )
         return EXIT_ERROR
+
+
+def _interrupted() -> int:
+    """One line and exit 130; a second Ctrl-C while the interpreter shuts down must not turn that into a death by
+    SIGINT (-2), which a CI run once saw after the line was printed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    console.print("error: interrupted", markup=False)
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
