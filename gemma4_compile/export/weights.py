@@ -322,12 +322,9 @@ def quantized_weights(
         if q.graph != GRAPH_NBITS:
             out[init_name] = _dq_weight(init_name, q, out_dir, dtype)
             continue
-        rows = (
-            *q.lead,
-            q.blocks,
-            q.block_size * q.bits // 8,
-        )  # MoE experts: [E, N, ...], one weight per expert
-        if q.split:  # two 4-bit rows per row
+        # MoE experts are [E, N, ...]: one MatMulNBits weight per expert; split 8 bits: two 4-bit rows per row
+        rows = (*q.lead, q.blocks, q.block_size * q.bits // 8)
+        if q.split:
             rows = (*q.lead[:-1], 2 * q.lead[-1], q.blocks, q.block_size // 2)
         out[init_name] = NBitsWeight(
             _external(init_name, f"Q{q.bits}", q.codes, ir.DataType.UINT8, rows, out_dir),

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import ExportError
-from .quantize_matmul import MS_DOMAIN, NBitsWeight, WeightRewrite, nbits_matmul
+from .quantize_matmul import MS_DOMAIN, NBitsWeight, WeightRewrite, nbits_matmul, nbits_operands
 
 __all__ = ["QuantizeExperts"]
 
@@ -64,16 +64,22 @@ class QuantizeExperts(WeightRewrite):
 
 
 class _Experts:
-    """One stacked expert weight as E per-expert (codes, scales) initializers."""
+    """One stacked expert weight as E per-expert (codes, scales) initializers and their MatMulNBits operands;
+    `prep`: the nodes computing those operands (a split 8-bit weight's; top level, where they fold)."""
 
     def __init__(self, graph: ir.Graph, q: NBitsWeight) -> None:
         self.q, self.count = q, q.b.shape[0]
-        self.codes = [_register(graph, _view(q.b, e, self.count)) for e in range(self.count)]
-        self.scales = [_register(graph, _view(q.scales, e, self.count)) for e in range(self.count)]
+        self.prep: list[ir.Node] = []
+        self.operands = []
+        for e in range(self.count):
+            codes, scales = (_register(graph, _view(t, e, self.count)) for t in (q.b, q.scales))
+            prep, operands = nbits_operands(codes, scales, q)
+            self.prep += prep
+            self.operands.append(operands)
 
     def matmul(self, x: ir.Value, e: int) -> list[ir.Node]:
         """Expert e's x @ W.T ([tokens, K] x): its MatMulNBits (or the split 8-bit form's nodes), result last."""
-        return nbits_matmul(x, self.codes[e], self.scales[e], self.q, rank=2)
+        return nbits_matmul(x, self.operands[e], self.q, rank=2)
 
 
 def _view(t: ir.TensorProtocol, e: int, count: int) -> ir.ExternalTensor:
@@ -110,7 +116,7 @@ def _expand(graph: ir.Graph, moe: ir.Node, gate_up: _Experts, down: _Experts) ->
     x, logits, per_expert_scale = moe.inputs[:3]
     count, top_k = gate_up.count, moe.attributes["top_k"].as_int()
     c = _Consts(graph, count, top_k)
-    nodes: list[ir.Node] = []
+    nodes: list[ir.Node] = [*gate_up.prep, *down.prep]
 
     def add(op: str, inputs, attributes=None, num_outputs: int = 1) -> ir.Value | tuple[ir.Value, ...]:
         node = ir.node(op, inputs, attributes=attributes or {}, num_outputs=num_outputs)

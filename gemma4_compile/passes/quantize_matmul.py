@@ -118,55 +118,57 @@ def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
     return value
 
 
-def nbits_matmul(x: ir.Value, b: ir.Value, scales: ir.Value, q: NBitsWeight, rank: int) -> list[ir.Node]:
-    """The nodes of x @ W.T for W in MatMulNBits form (x of `rank` dims); the last node's output is the result.
+def nbits_operands(b: ir.Value, scales: ir.Value, q: NBitsWeight) -> tuple[list[ir.Node], list[ir.Value]]:
+    """MatMulNBits' weight inputs for W (B, scales, and zero points when split) and the nodes computing them.
 
-    A split 8-bit weight (rtn.pack_matmulnbits_split) runs as one 4-bit MatMulNBits over 2N rows, the high rows
-    scaled by 16 s with zero point 8 and the low rows by s with zero point 0, whose row pairs are summed: 16 *
-    high + low is the 8-bit code, so the result is x @ (codes * s).T up to fp32 rounding. The scales and zero
-    points of the 2N rows are computed from constants only (onnxruntime folds them at session start)."""
+    A split 8-bit weight (rtn.pack_matmulnbits_split) is read as 2N 4-bit rows: the high rows scaled by 16 s with
+    zero point 8, the low rows by s with zero point 0. Those scales and zero points are computed from constants
+    only, so onnxruntime folds them at session start; the nodes belong where W is a constant (the top level)."""
+    if not q.split:
+        return [], [b, scales]
+    n, blocks = q.n, -(-q.k // q.block_size)
+    zp_bytes = -(-blocks // 2)
+    nodes: list[ir.Node] = []
+
+    def add(op: str, inputs: list[ir.Value], attributes: dict | None = None) -> ir.Value:
+        nodes.append(ir.node(op, inputs, attributes or {}))
+        return nodes[-1].outputs[0]
+
+    def const(array: np.ndarray) -> ir.Value:
+        return add("Constant", [], {"value": ir.tensor(array)})
+
+    axis1 = const(np.array([1], np.int64))
+    high = add("Unsqueeze", [add("Mul", [scales, const(np.array(16, np.float32))]), axis1])
+    stacked = add("Concat", [high, add("Unsqueeze", [scales, axis1])], {"axis": 1})  # [N, 2, blocks]
+    row_scales = add("Reshape", [stacked, const(np.array([2 * n, blocks], np.int64))])
+    pattern = const(np.array([[[0x88], [0x00]]], np.uint8))  # zero points 8 (high rows) and 0 (low rows)
+    zp = add("Expand", [pattern, const(np.array([n, 2, zp_bytes], np.int64))])
+    zp_rows = add("Reshape", [zp, const(np.array([2 * n, zp_bytes], np.int64))])
+    return nodes, [b, row_scales, zp_rows]
+
+
+def nbits_matmul(x: ir.Value, operands: list[ir.Value], q: NBitsWeight, rank: int) -> list[ir.Node]:
+    """The nodes of x @ W.T for W in MatMulNBits form (x of `rank` dims, `operands` from nbits_operands); the
+    last node's output is the result. A split 8-bit weight runs one 4-bit MatMulNBits over its 2N rows and sums
+    each row pair: 16 * high + low is the 8-bit code, so the result is x @ (codes * s).T up to fp32 rounding."""
     attributes = {"K": q.k, "block_size": q.block_size, "accuracy_level": q.accuracy_level}
     if not q.split:
         return [
-            ir.node("MatMulNBits", [x, b, scales], {**attributes, "N": q.n, "bits": q.bits}, domain=MS_DOMAIN)
+            ir.node("MatMulNBits", [x, *operands], {**attributes, "N": q.n, "bits": q.bits}, domain=MS_DOMAIN)
         ]
-    n, blocks = q.n, -(-q.k // q.block_size)
-    zp_bytes = -(-blocks // 2)
-
-    def const(array: np.ndarray) -> ir.Node:
-        return ir.node("Constant", [], {"value": ir.tensor(array)})
-
-    sixteen, axis1 = const(np.array(16, np.float32)), const(np.array([1], np.int64))
-    rows_shape = const(np.array([2 * n, blocks], np.int64))
-    high = ir.node("Mul", [scales, sixteen.outputs[0]])
-    pair = [ir.node("Unsqueeze", [v, axis1.outputs[0]]) for v in (high.outputs[0], scales)]
-    stacked = ir.node("Concat", [p.outputs[0] for p in pair], {"axis": 1})  # [N, 2, blocks]
-    row_scales = ir.node("Reshape", [stacked.outputs[0], rows_shape.outputs[0]])
-    pattern = const(np.array([[[0x88], [0x00]]], np.uint8))  # zero points 8 (high rows) and 0 (low rows)
-    zp_shape, zp_rows = (
-        const(np.array([n, 2, zp_bytes], np.int64)),
-        const(np.array([2 * n, zp_bytes], np.int64)),
+    both = ir.node("MatMulNBits", [x, *operands], {**attributes, "N": 2 * q.n, "bits": 4}, domain=MS_DOMAIN)
+    pairs_shape = ir.node(
+        "Constant", [], {"value": ir.tensor(np.array([0] * (rank - 1) + [q.n, 2], np.int64))}
     )
-    zp = ir.node("Expand", [pattern.outputs[0], zp_shape.outputs[0]])
-    zp2 = ir.node("Reshape", [zp.outputs[0], zp_rows.outputs[0]])
-    both = ir.node(
-        "MatMulNBits",
-        [x, b, row_scales.outputs[0], zp2.outputs[0]],
-        {**attributes, "N": 2 * n, "bits": 4},
-        domain=MS_DOMAIN,
-    )
-    pairs_shape = const(np.array([0] * (rank - 1) + [n, 2], np.int64))
     paired = ir.node("Reshape", [both.outputs[0], pairs_shape.outputs[0]])
-    last = const(np.array([-1], np.int64))
+    last = ir.node("Constant", [], {"value": ir.tensor(np.array([-1], np.int64))})
     total = ir.node("ReduceSum", [paired.outputs[0], last.outputs[0]], {"keepdims": 0})
-    return [
-        sixteen, axis1, rows_shape, high, *pair, stacked, row_scales, pattern, zp_shape, zp_rows, zp, zp2,
-        both, pairs_shape, paired, last, total,
-    ]  # fmt: skip
+    return [both, pairs_shape, paired, last, total]
 
 
 def _replace(graph: ir.Graph, matmul: ir.Node, b: ir.Value, scales: ir.Value, q: NBitsWeight) -> None:
-    nodes = nbits_matmul(matmul.inputs[0], b, scales, q, matmul.inputs[0].shape.rank())
+    prep, operands = nbits_operands(b, scales, q)
+    nodes = prep + nbits_matmul(matmul.inputs[0], operands, q, matmul.inputs[0].shape.rank())
     for i, node in enumerate(nodes):
         node.name = f"{matmul.name}_nbits_{i}" if matmul.name else None
     graph.insert_before(matmul, nodes)

@@ -61,7 +61,7 @@ def splits_int8(graph: str, fmt: str, accuracy_level: int) -> bool:
     """Whether an 8-bit MatMulNBits weight is stored as two 4-bit halves: onnxruntime (1.31) has no fp32-activation
     kernel for 8 bits and dequantizes the whole matrix per call (4.4 ms for an [8192, 512] LM head vs 0.17 ms at
     4 bits, benchmarks/RESULTS.md); with int8 activations (level 4) its 8-bit kernel is fast and is kept."""
-    return graph == GRAPH_NBITS and BITS.get(fmt) == 8 and fmt in INT_FORMATS and accuracy_level < 4
+    return graph == GRAPH_NBITS and fmt == "int8" and accuracy_level < 4
 
 
 # Every role a weight can have; `role_of` maps tensor names to them.

@@ -96,7 +96,7 @@ def pack_matmulnbits_split(codes: np.ndarray) -> np.ndarray:
     """Signed 8-bit codes [N, blocks, block] -> two 4-bit MatMulNBits rows per row, uint8 [2N, blocks, block / 2]:
     row 2n holds the high nibbles of c + 128 (read with zero point 8: floor(c / 16)), row 2n + 1 the low ones
     (zero point 0: c mod 16), so c = 16 * high + low (passes/quantize_matmul.py, `nbits_matmul`)."""
-    u = (codes.astype(np.int16) + 128).astype(np.uint8)
+    u = pack_matmulnbits(codes, 8)  # c + 128
     packed = pack_nibbles(np.stack([u >> 4, u & 0x0F], axis=1))  # [N, 2, blocks, block / 2]
     return packed.reshape(-1, *packed.shape[2:])
 
