@@ -6,7 +6,7 @@
 Passes: BlockAttention (block_attention.py), FoldConstants (fold_constants.py), RMSNormAsDiv (rms_norm_div.py), RenameShadowedOps
 (rename_shadowed.py), SplitMoE (split_moe.py), MarkAot (mark_aot.py), QuantizeMatMuls and DequantizeWeights
 (quantize_matmul.py), QuantizeExperts (moe_nbits.py), DequantizeRows (quantize_gather.py), ShareShapeReads and DropNoOpCasts (share_shapes.py:
-the onnxruntime runner's decoder rewrite, `shared_decoder`), and the lowerings in `LOWERINGS` (lowerings.py;
+the onnxruntime runner's decoder rewrite, `shared_decoder`, with FuseForOrt from ort_fusions.py), and the lowerings in `LOWERINGS` (lowerings.py;
 the gqa pass in lower_gqa.py).
 Importing this package imports no torch and no TensorRT, and nothing until a name is used (PEP 562), so the
 runners can read `passes.lowerings` without loading onnx-ir.
@@ -35,6 +35,7 @@ _WHERE = {  # public name -> the module defining it
     "RMSNormAsDiv": "rms_norm_div",
     "SplitMoE": "split_moe",
     "DropNoOpCasts": "share_shapes",
+    "FuseForOrt": "ort_fusions",
     "ShareShapeReads": "share_shapes",
     "shared_decoder": "share_shapes",
     "export_cleanup": "run",

@@ -31,7 +31,13 @@ from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnus
 
 from .fold_constants import STANDARD_DOMAINS
 
-__all__ = ["DropNoOpCasts", "ShareShapeReads", "inlined_with_shapes", "ort_decoder_passes", "shared_decoder"]
+__all__ = [
+    "DropNoOpCasts",
+    "ShareShapeReads",
+    "inlined_with_shapes",
+    "ort_decoder_passes",
+    "shared_decoder",
+]
 
 
 Factor = tuple[ir.Value, int]  # (graph input, axis)
@@ -174,10 +180,22 @@ def _is_no_op_cast(node: ir.Node) -> bool:
     return to is not None and ir.DataType(to) == x.dtype
 
 
-def ort_decoder_passes() -> list[ir.passes.PassBase]:
-    """On an inlined, shape-inferred graph: point Shape reads at the graph inputs, drop no-op casts, merge the
-    copies, drop what nothing reads."""
-    return [ShareShapeReads(), DropNoOpCasts(), CommonSubexpressionEliminationPass(), RemoveUnusedNodesPass()]
+def ort_decoder_passes(fuse: bool = True) -> list[ir.passes.PassBase]:
+    """On an inlined, shape-inferred graph: point Shape reads at the graph inputs, drop no-op casts, fuse
+    RMSNorms and rotary embeddings where `fuse` (ort_fusions.py: the only rewrite here that changes float
+    arithmetic, by an ulp), merge the copies, drop what nothing reads."""
+    fusions: list[ir.passes.PassBase] = []
+    if fuse:
+        from .ort_fusions import FuseForOrt  # onnxscript's rewriter: imported by the starts that fuse
+
+        fusions.append(FuseForOrt())
+    return [
+        ShareShapeReads(),
+        DropNoOpCasts(),
+        *fusions,
+        CommonSubexpressionEliminationPass(),
+        RemoveUnusedNodesPass(),
+    ]
 
 
 def inlined_with_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -187,11 +205,11 @@ def inlined_with_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(onnx.inliner.inline_local_functions(proto), data_prop=True)
 
 
-def shared_decoder(path: Path) -> bytes:
+def shared_decoder(path: Path, fuse: bool = True) -> bytes:
     """decoder.onnx at `path`, rewritten, serialized; its weights stay references into the export's data file
     (never read here), so the session needs the export folder for them."""
     from .run import run_passes
 
     proto = inlined_with_shapes(onnx.load(path, load_external_data=False))
-    model = run_passes(ir.serde.deserialize_model(proto), ort_decoder_passes())
+    model = run_passes(ir.serde.deserialize_model(proto), ort_decoder_passes(fuse))
     return ir.serde.serialize_model(model).SerializeToString()

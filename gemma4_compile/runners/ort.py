@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,17 @@ from .ort_cache import optimized_graph, with_data_folder
 from .rows import row_reader
 
 
-def _shared_decoder(path: Path) -> bytes:
-    # imported here: onnx-ir costs ~40 MB of RSS, paid only by a start that rewrites (no session-cache hit)
-    from ..passes.share_shapes import shared_decoder
+def _rewrite(fuse: bool) -> tuple[Callable[[Path], bytes], str]:
+    """The decoder rewrite and its cache tag. onnx-ir and onnxscript cost ~40 MB of RSS, paid only by a start
+    that rewrites (no session-cache hit): imported at the call."""
 
-    return shared_decoder(path)
+    def rewrite(path: Path) -> bytes:
+        from ..passes.share_shapes import shared_decoder
+
+        return shared_decoder(path, fuse)
+
+    # the tag keys saved sessions (ort_cache.py): change it whenever the rewrite changes what it writes
+    return rewrite, ("shared2-fused" if fuse else "shared2")
 
 
 class OrtRunner(BaseRunner):
@@ -48,6 +55,7 @@ class OrtRunner(BaseRunner):
         session_cache: str | Path | None = None,
         read_rows: bool = True,
         share_shapes: bool = True,
+        fuse: bool = True,
     ):
         """`options`: an onnxruntime SessionOptions to start from (profiling, logging); threads apply on top.
         `io_binding`: keep caches in reused bound buffers (ort_binding.py); False feeds numpy per call.
@@ -55,7 +63,9 @@ class OrtRunner(BaseRunner):
         `read_rows`: feed the embed graph's tables row by row from the data file (rows.py); False: let
         onnxruntime load them.
         `share_shapes`: give the decoder session its graph with the attention bodies inlined and their masks
-        and shape arithmetic computed once per call instead of once per layer (passes/share_shapes.py)."""
+        and shape arithmetic computed once per call instead of once per layer (passes/share_shapes.py).
+        `fuse`: in that rewrite, also run each RMSNorm and rotary embedding as one onnxruntime kernel
+        (passes/ort_fusions.py; the float results move by an ulp)."""
         super().__init__()
         try:
             import onnxruntime as ort
@@ -77,7 +87,7 @@ class OrtRunner(BaseRunner):
             options.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
         self._session_cache = Path(session_cache) if session_cache else None
-        self._share_shapes = share_shapes
+        self._rewrite = _rewrite(fuse) if share_shapes else None
         decoder = self.manifest.graphs[DECODER]
         self._act = self.manifest.activation_dtype.numpy
         self._outputs = [t.name for t in decoder.outputs]
@@ -109,9 +119,9 @@ class OrtRunner(BaseRunner):
                 if found is not None:
                     self.rows, graph = found
                     return ort.InferenceSession(graph, options, providers=providers)
-            rewrite = _shared_decoder if role == DECODER and self._share_shapes else None
+            rewrite, tag = self._rewrite if role == DECODER and self._rewrite else (None, "")
             if self._session_cache and role == DECODER:  # the graph whose optimization takes the time
-                path = optimized_graph(ort, self.manifest, role, providers, self._session_cache, rewrite)
+                path = optimized_graph(ort, self.manifest, role, providers, self._session_cache, rewrite, tag)
             elif rewrite is not None:  # every graph of an export shares its folder, so `options` may say it
                 data_folder = with_data_folder(options, path.parent)
                 return ort.InferenceSession(rewrite(path), data_folder, providers=providers)

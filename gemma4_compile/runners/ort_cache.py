@@ -32,12 +32,11 @@ def with_data_folder(options: Any, folder: Path) -> Any:
     return options
 
 
-def cache_key(
-    ort: Any, manifest: ExportManifest, role: str, providers: list[str], rewritten: bool = False
-) -> str:
+def cache_key(ort: Any, manifest: ExportManifest, role: str, providers: list[str], rewrite: str = "") -> str:
+    """`rewrite`: the tag of the runner's rewrite (share_shapes.rewrite_tag), empty for the graph as exported."""
     names = "+".join(p.removesuffix("ExecutionProvider").lower() for p in providers)
-    shared = "-shared" if rewritten else ""
-    return f"{manifest.graphs[role].sha256[:24]}-{role}{shared}-ort{ort.__version__}-{names}"
+    tag = f"-{rewrite}" if rewrite else ""
+    return f"{manifest.graphs[role].sha256[:24]}-{role}{tag}-ort{ort.__version__}-{names}"
 
 
 def optimized_graph(
@@ -47,10 +46,12 @@ def optimized_graph(
     providers: list[str],
     cache_dir: Path,
     rewrite: Callable[[Path], bytes] | None = None,
+    tag: str = "",
 ) -> Path:
     """The cached optimized graph of `role`, made now if missing; `rewrite` (graph path -> serialized graph
-    whose weights stay in the export folder) runs before onnxruntime's optimizers, and only on a miss."""
-    folder = Path(cache_dir) / cache_key(ort, manifest, role, providers, rewrite is not None)
+    whose weights stay in the export folder, named by `tag` in the key) runs before onnxruntime's optimizers,
+    and only on a miss."""
+    folder = Path(cache_dir) / cache_key(ort, manifest, role, providers, tag if rewrite else "")
     if (folder / GRAPH).is_file():
         return folder / GRAPH
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ values, and `pad` keeps slot `pad`. Other ids take the free slots 0, 1, ... in o
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,16 +39,16 @@ class RowTable:
     shape: tuple[int, ...]
     dtype: np.dtype
 
-    @property
+    @functools.cached_property
     def row_bytes(self) -> int:
         return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
     def read(self, fd: int, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` as [len(ids), ...], one pread each."""
         out = np.empty((len(ids), *self.shape[1:]), dtype=self.dtype)
-        flat = out.reshape(len(ids), -1).view(np.uint8)
+        flat, size = out.reshape(len(ids), -1).view(np.uint8), self.row_bytes
         for i, row in enumerate(ids.tolist()):
-            if os.preadv(fd, [flat[i]], self.offset + row * self.row_bytes) != self.row_bytes:
+            if os.preadv(fd, [flat[i]], self.offset + row * size) != size:
                 raise RunnerError(f"ort: {self.path.name} is shorter than table '{self.name}'")
         return out
 
@@ -73,22 +75,22 @@ class RowReader:
         return {"input_ids": ids, **{t.name: t.read(self._fds[t.path], source) for t in self.tables}}
 
     def renumber(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """-> (input_ids with every non-placeholder id replaced by its slot, the id whose row fills each slot)."""
-        gathered = ~np.isin(input_ids, self.placeholders)
-        bad = input_ids[gathered & ((input_ids < 0) | (input_ids >= self.vocab))]
-        if bad.size:
-            raise RunnerError(f"ort: token id {int(bad[0])} is outside the vocabulary (0..{self.vocab - 1})")
-        unique = np.unique(np.append(input_ids[gathered], self.pad))
-        others = unique[unique != self.pad]
-        free = np.arange(len(others) + len(self.placeholders) + 1, dtype=np.int64)
-        free = free[(free != self.pad) & ~np.isin(free, self.placeholders)][: len(others)]
-        slot_of = np.where(unique == self.pad, self.pad, 0)
-        slot_of[unique != self.pad] = free
-        source = np.full(max(int(free.max(initial=0)), self.pad) + 1, self.pad, dtype=np.int64)
-        source[slot_of] = unique
-        at = np.searchsorted(unique, input_ids).clip(max=len(unique) - 1)  # placeholders: any in-range index
-        renumbered = np.where(gathered, slot_of[at], input_ids)
-        return renumbered.astype(input_ids.dtype), source
+        """-> (input_ids with every non-placeholder id replaced by its slot, the id whose row fills each slot).
+        Plain Python: a decode step renumbers one id per row, where a dozen numpy calls cost more than the
+        step's embed graph."""
+        ids = input_ids.ravel().tolist()
+        placeholders = set(self.placeholders.tolist())
+        others = sorted({i for i in ids if i not in placeholders and i != self.pad})
+        if others and (others[0] < 0 or others[-1] >= self.vocab):
+            bad = others[0] if others[0] < 0 else others[-1]
+            raise RunnerError(f"ort: token id {bad} is outside the vocabulary (0..{self.vocab - 1})")
+        taken = placeholders | {self.pad}
+        free = (slot for slot in itertools.count() if slot not in taken)
+        slot_of = {self.pad: self.pad, **{i: next(free) for i in others}}
+        source = np.full(max(slot_of.values()) + 1, self.pad, dtype=np.int64)
+        source[list(slot_of.values())] = list(slot_of)
+        renumbered = [i if i in placeholders else slot_of[i] for i in ids]
+        return np.array(renumbered, dtype=input_ids.dtype).reshape(input_ids.shape), source
 
 
 def row_tables(model: onnx.ModelProto, base_dir: Path) -> list[RowTable]:

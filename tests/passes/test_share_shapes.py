@@ -34,7 +34,7 @@ def graphs(export):
     """(the decoder inlined as onnxruntime would inline it, the rewritten decoder), as protos."""
     path = ExportManifest.load(export).graph_path(DECODER)
     inlined = onnx.inliner.inline_local_functions(onnx.load(path, load_external_data=False))
-    return inlined, onnx.load_from_string(shared_decoder(path))
+    return inlined, onnx.load_from_string(shared_decoder(path, fuse=False))
 
 
 def test_mask_ops_exist_once_per_window_value_not_once_per_layer(export, graphs):
@@ -60,14 +60,16 @@ def test_weights_stay_external_references(graphs):
 
 @pytest.fixture(scope="module")
 def runners(make_export, tmp_path_factory):
-    """preset -> (plain, rewritten, rewritten through the session cache, the cache folder)."""
+    """preset -> (plain, rewritten, rewritten through the session cache, the cache folder, rewritten and
+    fused: the runner's default)."""
     made = {}
 
     def get(preset: str):
         if preset not in made:
             export, cache = make_export(preset), tmp_path_factory.mktemp("ort-cache")
-            plain = OrtRunner(export, share_shapes=False)
-            made[preset] = plain, OrtRunner(export), OrtRunner(export, session_cache=cache), cache
+            plain, shared = OrtRunner(export, share_shapes=False), OrtRunner(export, fuse=False)
+            cached = OrtRunner(export, session_cache=cache, fuse=False)
+            made[preset] = plain, shared, cached, cache, OrtRunner(export, session_cache=cache)
         return made[preset]
 
     return get
@@ -75,7 +77,7 @@ def runners(make_export, tmp_path_factory):
 
 @pytest.mark.parametrize("preset", ["tiny-e2b", "tiny-26b-a4b"])  # the MoE body has a Loop (its casts go too)
 def test_rewritten_sessions_decode_the_plain_graphs_logits_past_the_window(runners, preset):
-    plain, shared, cached, _ = runners(preset)
+    plain, shared, cached, _, fused = runners(preset)
     W = plain.spec.sliding_window
     ids = np.random.default_rng(7).integers(3, plain.spec.vocab_size, (2, 3 * W + 5))
     lengths = np.array([3 * W + 5, 2 * W + 1])  # both rings wrap; row 1 right-padded
@@ -85,15 +87,21 @@ def test_rewritten_sessions_decode_the_plain_graphs_logits_past_the_window(runne
         tokens, logits = runner.generate_with_logits(ids, steps, lengths)
         np.testing.assert_allclose(logits, want, rtol=0, atol=1e-6)  # only integer work is shared
         np.testing.assert_array_equal(tokens, want_tokens)
+    # the fused norms and rotations (ort_fusions.py) move float results by ulps: logits within the fp32 gate's
+    # own tolerance of the graph as exported, same tokens (validate checks them against PyTorch too)
+    tokens, logits = fused.generate_with_logits(ids, steps, lengths)
+    np.testing.assert_allclose(logits, want, rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(tokens, want_tokens)
 
 
 def test_session_cache_keeps_rewritten_and_plain_graphs_apart(export, runners):
-    _, _, _, cache = runners("tiny-e2b")
+    _, _, _, cache, _ = runners("tiny-e2b")
     OrtRunner(export, share_shapes=False, session_cache=cache)
-    entries = sorted(p.name for p in cache.iterdir())
-    assert len(entries) == 2 and sum("-shared-" in e for e in entries) == 1
+    entries = sorted(p.name for p in cache.iterdir())  # plain, rewritten, rewritten and fused
+    assert len(entries) == 3 and sum("-shared" in e for e in entries) == 2
+    assert sum("-fused-" in e for e in entries) == 1
     reused = OrtRunner(export, session_cache=cache)  # a second start loads the saved entry
-    assert len(list(cache.iterdir())) == 2 and reused.sessions[DECODER] is not None
+    assert len(list(cache.iterdir())) == 3 and reused.sessions[DECODER] is not None
 
 
 SMALL = """

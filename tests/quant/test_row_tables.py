@@ -36,6 +36,22 @@ def test_renumbering_keeps_placeholders_and_pad_and_packs_the_rest():
     ]  # slot 2 is never read
     with pytest.raises(RunnerError, match="token id 50 is outside the vocabulary"):
         _reader().renumber(np.array([[1, 50]]))
+    with pytest.raises(RunnerError, match="token id -1 is outside the vocabulary"):
+        _reader().renumber(np.array([[-1, 3]]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_renumbered_ids_read_the_rows_of_the_original_ids(seed):
+    """Any batch: each gathered id's slot holds its row, placeholders pass through, slots are packed."""
+    rng = np.random.default_rng(seed)
+    placeholders, pad = (48, 3), int(rng.choice([0, 1, 2, 5, 9]))
+    ids = rng.choice([*range(0, 45), 48, 3], size=(3, 17))
+    renumbered, source = _reader(placeholders, pad).renumber(ids)
+    kept = np.isin(ids, placeholders)
+    assert (renumbered[kept] == ids[kept]).all() and renumbered.shape == ids.shape
+    assert (source[renumbered[~kept]] == ids[~kept]).all() and source[pad] == pad
+    others = np.setdiff1d(ids[~kept], [pad])
+    assert len(source) <= max(pad + 1, len(others) + len(placeholders) + 1)
 
 
 def test_tables_are_int8_rows_fed_by_row_and_match_the_loaded_tables_exactly(make_quant_export):
