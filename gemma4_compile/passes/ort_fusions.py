@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-__all__ = ["FuseForOrt", "rules"]
+__all__ = ["FuseForOrt", "rule_sets"]
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -168,19 +168,24 @@ def _keeps_all(node: ir.Node) -> bool:
     return start == 0 and end == _INT64_MAX and step == 1
 
 
-def rules() -> pattern.RewriteRuleSet:
-    """The fusions in the order they must run: weighted norms before unit ones (a unit rule applied to a
-    weighted norm's division would leave a `Mul`)."""
-    return pattern.RewriteRuleSet([ScaledRmsNorm.rule(), UnitRmsNorm.rule(), Rotary.rule()], commute=True)
+def rule_sets() -> list[pattern.RewriteRuleSet]:
+    """The fusions, in the order they must run. The weighted norms go first, as a pass of their own: a rule set
+    tries its rules at each node in graph order, and the unit rule (anchored at the division) would otherwise
+    take each weighted norm's division before the weighted rule (anchored at the `Mul` after it) sees it,
+    leaving a norm and a `Mul`."""
+    return [
+        pattern.RewriteRuleSet([ScaledRmsNorm.rule()], commute=True),
+        pattern.RewriteRuleSet([UnitRmsNorm.rule(), Rotary.rule()], commute=True),
+    ]
 
 
 class FuseForOrt(ir.passes.InPlacePass):
-    """Apply `rules()`; `fused` after a run: the number of rewrites."""
+    """Apply `rule_sets()`; `fused` after a run: the number of rewrites."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fused = 0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.fused = rules().apply_to_model(model)
+        self.fused = sum(rules.apply_to_model(model) for rules in rule_sets())
         return ir.passes.PassResult(model, modified=self.fused > 0)

@@ -22,13 +22,21 @@ def test_every_norm_and_rotation_of_the_decoder_is_fused(make_export, preset):
     before = collections.Counter(
         n.op_type for n in onnx.load_from_string(shared_decoder(path, False)).graph.node
     )
-    after = collections.Counter(n.op_type for n in onnx.load_from_string(shared_decoder(path)).graph.node)
+    graph = onnx.load_from_string(shared_decoder(path)).graph
+    after = collections.Counter(n.op_type for n in graph.node)
     assert before["Sqrt"] > 0 and after["Sqrt"] == after["ReduceMean"] == 0  # each RMSNorm had one of each
     # 26B-A4B: the MLP's and the MoE's pre-norms share one division by the RMS; each becomes a kernel
     assert after["SimplifiedLayerNormalization"] >= before["Sqrt"]
     assert before["Neg"] > 0 and after["Neg"] == 0  # each rotate_half had one Neg
     assert after["RotaryEmbedding"] == before["Neg"]
     assert after["Cos"] == after["Sin"] == 2  # one table per layer type, shared by its layers
+    # a weighted norm is one kernel with its weight inside: no Mul by a weight after a norm
+    weights = {i.name for i in graph.initializer}
+    normed = {n.output[0] for n in graph.node if n.op_type == "SimplifiedLayerNormalization"}
+    scaled_after = [
+        n.name for n in graph.node if n.op_type == "Mul" and {*n.input} & normed and {*n.input} & weights
+    ]
+    assert not scaled_after
 
 
 ROPE = """
