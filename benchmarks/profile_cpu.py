@@ -1,7 +1,7 @@
 """Where the CPU time goes: one decode step and one long prefill of OrtRunner, per runner stage and per op type.
 
     python benchmarks/profile_cpu.py [--config e2b] [--prefill 512] [--steps 32] [--threads 2] [--export DIR]
-        [--no-share-shapes] [--ab]
+        [--no-share-shapes] [--no-fuse] [--ab [share_shapes|fuse]]
 
 Runner stages come from Python timers around the runner's own calls (argument checks, the embed session, the
 decoder session, and the rest of `step`: feeds, cache hand-off, outputs). The decoder session's time is split
@@ -10,7 +10,8 @@ that runner alone): `model_run` is graph execution, the remainder of its Python-
 and fetching outputs (cache copies included). Op types are summed from the profiler's kernel events, per
 decode step and per prefill, as a share of `model_run`. Prints a table and one JSON line.
 
-`--ab` instead compares the runner with and without its shared-shape rewrite (`share_shapes`) in one process:
+`--ab [share_shapes|fuse]` instead compares the runner with and without one option in one process (default: its
+shared-shape rewrite; `fuse`: the norm / rotary fusions inside that rewrite):
 blocks of `--steps` decode steps (and `--repeat` prefills) alternate between the two runners, each block timed,
 so load drifts on a shared machine hit both sides; it reports medians and the median of per-block ratios.
 """
@@ -159,20 +160,18 @@ def _by_op(events: list[dict], runs: list[dict]) -> dict:
     }
 
 
-def ab_share_shapes(export: Path, args: argparse.Namespace) -> dict:
-    """Interleaved blocks: ms per decode step and per prefill with share_shapes on and off, and their ratios."""
-    runners = {on: OrtRunner(export, threads=args.threads, share_shapes=on) for on in (True, False)}
-    blocks = min(
-        20, (runners[True].max_seq_len - DECODE_STEPS_PROMPT - 1) // args.steps
-    )  # one state per side
-    states = {on: _prompted_state(r, blocks * args.steps) for on, r in runners.items()}
+def ab_option(export: Path, args: argparse.Namespace) -> dict:
+    """Interleaved blocks: ms per decode step and per prefill with the runner option `args.ab` on and off, and
+    their ratios (everything else at the runner's defaults)."""
+    runners = {on: OrtRunner(export, threads=args.threads, **{args.ab: on}) for on in (True, False)}
     tok, one = np.array([[5]]), np.array([1])
 
     def decode(on: bool) -> Callable[[], object]:
-        return lambda: [runners[on].step(states[on], tok, one) for _ in range(args.steps)]
+        state = _prompted_state(runners[on], args.steps)  # a fresh state per block, prefilled untimed
+        return lambda: [runners[on].step(state, tok, one) for _ in range(args.steps)]
 
     phases = {
-        "decode": (blocks, decode, args.steps),
+        "decode": (args.blocks, decode, args.steps),
         "prefill": (2 * args.repeat, lambda on: _prefill_call(runners[on], args.prefill)[0], 1),
     }
     out = {}
@@ -181,12 +180,12 @@ def ab_share_shapes(export: Path, args: argparse.Namespace) -> dict:
         for block in range(n):
             for on in (True, False) if block % 2 else (False, True):
                 ms[on].append(1000 * _clock(work(on)) / calls)
-        shared, plain = np.array(ms[True]), np.array(ms[False])
+        on, off = np.array(ms[True]), np.array(ms[False])
         out[phase] = {
             "blocks": n,
-            "shared_ms": float(np.median(shared)),
-            "plain_ms": float(np.median(plain)),
-            "shared_over_plain": float(np.median(shared / plain)),  # median of per-block ratios
+            "on_ms": float(np.median(on)),
+            "off_ms": float(np.median(off)),
+            "on_over_off": float(np.median(on / off)),  # median of per-block ratios
         }
     return out
 
@@ -206,7 +205,11 @@ def export_for(args: argparse.Namespace, tmp: Path) -> Path:
 
 
 def _runner_flags(args: argparse.Namespace) -> dict:
-    return {"io_binding": not args.no_io_binding, "share_shapes": not args.no_share_shapes}
+    return {
+        "io_binding": not args.no_io_binding,
+        "share_shapes": not args.no_share_shapes,
+        "fuse": not args.no_fuse,
+    }
 
 
 def session_start_s(export: Path, args: argparse.Namespace) -> float:
@@ -220,6 +223,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--blocks", type=int, default=16, help="--ab: decode blocks per side")
     ap.add_argument("--top", type=int, default=12, help="op types shown per phase")
     ap.add_argument("--export", type=Path, help="profile this export instead of a fresh random one")
     ap.add_argument("--no-io-binding", action="store_true", help="the numpy-feed path (before the binding)")
@@ -229,13 +233,22 @@ def main() -> None:
         help="the decoder graph as exported (per-layer masks and shapes)",
     )
     ap.add_argument(
-        "--ab", action="store_true", help="interleaved share_shapes on / off instead of the profile"
+        "--no-fuse",
+        action="store_true",
+        help="the rewrite without its norm / rotary fusions (ort_fusions.py)",
+    )
+    ap.add_argument(
+        "--ab",
+        nargs="?",
+        const="share_shapes",
+        choices=["share_shapes", "fuse"],
+        help="interleaved blocks with this OrtRunner option on / off instead of the profile",
     )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         export = export_for(args, Path(tmp))
         if args.ab:
-            return _report_ab(args, ab_share_shapes(export, args))
+            return _report_ab(args, ab_option(export, args))
         start_s = session_start_s(export, args)
         runner = OrtRunner(export, threads=args.threads, **_runner_flags(args))
         runner.generate(np.array([[5, 6, 7]]), 2)  # warm-up
@@ -256,21 +269,13 @@ def main() -> None:
 
 def _report_ab(args: argparse.Namespace, result: dict) -> None:
     title = (
-        f"OrtRunner share_shapes on vs off, mid {args.config}, {args.threads} threads: interleaved blocks of "
+        f"OrtRunner {args.ab} on vs off, mid {args.config}, {args.threads} threads: interleaved blocks of "
         f"{args.steps} decode steps (context {DECODE_STEPS_PROMPT}+) and {args.prefill}-token prefills, ms per call"
     )
-    rows = [
-        [phase, r["blocks"], r["plain_ms"], r["shared_ms"], r["shared_over_plain"]]
-        for phase, r in result.items()
-    ]
-    columns = [
-        "phase",
-        "blocks per side",
-        "plain ms (median)",
-        "shared ms (median)",
-        "shared / plain (median)",
-    ]
-    report(title, columns, rows, {"benchmark": "profile_cpu_ab", "config": args.config, **result})
+    rows = [[phase, r["blocks"], r["off_ms"], r["on_ms"], r["on_over_off"]] for phase, r in result.items()]
+    columns = ["phase", "blocks per side", "off ms (median)", "on ms (median)", "on / off (median)"]
+    payload = {"benchmark": "profile_cpu_ab", "config": args.config, "option": args.ab, **result}
+    report(title, columns, rows, payload)
 
 
 def _rows(result: dict, top: int) -> list[list]:
