@@ -5,7 +5,7 @@ inlined attention body that onnxruntime's own optimizers leave as chains:
 
 - **RMSNorm without a scale** (the value norm, `v / sqrt(mean(v²) + eps)`): onnxruntime's
   SimplifiedLayerNormFusion wants a `Mul` by a scale after the division, so five kernels run per layer. The
-  weighted norms (which it already fuses) take the same rule, so the result never depends on which ran first.
+  weighted norms (which it already fuses) get a rule here too, so every norm is fused the same way.
 - **Rotary embedding** (`x·cos + rotate_half(x)·sin` on [B, N, S, H]): Slice, Slice, Neg, Concat, Mul, Mul, Add
   per query and per key. `com.microsoft.RotaryEmbedding` does it in one, reading cos / sin rows by position id.
   Its tables here are the model's own angles `f` [B, S, H/2] (positions x inv_freq) flattened to [B·S, H/2],
@@ -116,13 +116,8 @@ class Rotary(pattern.RewriteRuleClassBase):
         if not isinstance(head, int) or head % 2:
             return result.fail("the head size is unknown or odd", x)
         half = head // 2
-        halves = (_singleton(s1), _singleton(e1), _singleton(s2), _singleton(t1), _singleton(t2)) == (
-            0,
-            half,
-            half,
-            1,
-            1,
-        )
+        bounds = [_singleton(v) for v in (s1, e1, s2, t1, t2)]
+        halves = bounds == [0, half, half, 1, 1]
         if not (halves and (_singleton(e2) or 0) >= head and _last_axis(a1, x) and _last_axis(a2, x)):
             return result.fail("not the two halves of the last axis")
         if _half_angles(cos, sin, half) is None:

@@ -31,13 +31,7 @@ from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnus
 
 from .fold_constants import STANDARD_DOMAINS
 
-__all__ = [
-    "DropNoOpCasts",
-    "ShareShapeReads",
-    "inlined_with_shapes",
-    "ort_decoder_passes",
-    "shared_decoder",
-]
+__all__ = ["DropNoOpCasts", "ShareShapeReads", "inlined_with_shapes", "ort_decoder_passes", "shared_decoder"]
 
 
 Factor = tuple[ir.Value, int]  # (graph input, axis)

@@ -33,7 +33,7 @@ def with_data_folder(options: Any, folder: Path) -> Any:
 
 
 def cache_key(ort: Any, manifest: ExportManifest, role: str, providers: list[str], rewrite: str = "") -> str:
-    """`rewrite`: the tag of the runner's rewrite (share_shapes.rewrite_tag), empty for the graph as exported."""
+    """`rewrite`: the tag of the runner's rewrite (runners/ort.py `_rewrite`), empty for the graph as exported."""
     names = "+".join(p.removesuffix("ExecutionProvider").lower() for p in providers)
     tag = f"-{rewrite}" if rewrite else ""
     return f"{manifest.graphs[role].sha256[:24]}-{role}{tag}-ort{ort.__version__}-{names}"

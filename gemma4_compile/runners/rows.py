@@ -57,7 +57,7 @@ class RowReader:
     """Feeds an embed graph whose tables `tables` became inputs: `feeds(input_ids)` -> renumbered ids + rows."""
 
     def __init__(self, tables: list[RowTable], placeholders: tuple[int, ...], pad: int):
-        self.tables, self.placeholders, self.pad = tables, np.array(placeholders, dtype=np.int64), pad
+        self.tables, self.placeholders, self.pad = tables, frozenset(placeholders), pad
         self.vocab = min(t.shape[0] for t in tables)
         self._fds = {p: os.open(p, os.O_RDONLY) for p in {t.path for t in tables}}
 
@@ -78,8 +78,7 @@ class RowReader:
         """-> (input_ids with every non-placeholder id replaced by its slot, the id whose row fills each slot).
         Plain Python: a decode step renumbers one id per row, where a dozen numpy calls cost more than the
         step's embed graph."""
-        ids = input_ids.ravel().tolist()
-        placeholders = set(self.placeholders.tolist())
+        ids, placeholders = input_ids.ravel().tolist(), self.placeholders
         others = sorted({i for i in ids if i not in placeholders and i != self.pad})
         if others and (others[0] < 0 or others[-1] >= self.vocab):
             bad = others[0] if others[0] < 0 else others[-1]
