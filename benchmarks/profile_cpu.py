@@ -1,7 +1,7 @@
 """Where the CPU time goes: one decode step and one long prefill of OrtRunner, per runner stage and per op type.
 
     python benchmarks/profile_cpu.py [--config e2b] [--prefill 512] [--steps 32] [--threads 2] [--export DIR]
-        [--no-share-shapes] [--no-fuse] [--ab [share_shapes|fuse]]
+        [--no-share-shapes] [--no-fuse] [--no-decode-ring] [--ab [share_shapes|fuse|decode_ring]]
 
 Runner stages come from Python timers around the runner's own calls (argument checks, the embed session, the
 decoder session, and the rest of `step`: feeds, cache hand-off, outputs). The decoder session's time is split
@@ -10,8 +10,9 @@ that runner alone): `model_run` is graph execution, the remainder of its Python-
 and fetching outputs (cache copies included). Op types are summed from the profiler's kernel events, per
 decode step and per prefill, as a share of `model_run`. Prints a table and one JSON line.
 
-`--ab [share_shapes|fuse]` instead compares the runner with and without one option in one process (default: its
-shared-shape rewrite; `fuse`: the norm / rotary fusions inside that rewrite):
+`--ab [share_shapes|fuse|decode_ring]` instead compares the runner with and without one option in one process
+(default: its shared-shape rewrite; `fuse`: the norm / rotary fusions inside that rewrite; `decode_ring`: its
+one-token cache scatter):
 blocks of `--steps` decode steps (and `--repeat` prefills) alternate between the two runners, each block timed,
 so load drifts on a shared machine hit both sides; it reports medians and the median of per-block ratios.
 """
@@ -209,6 +210,7 @@ def _runner_flags(args: argparse.Namespace) -> dict:
         "io_binding": not args.no_io_binding,
         "share_shapes": not args.no_share_shapes,
         "fuse": not args.no_fuse,
+        "decode_ring": not args.no_decode_ring,
     }
 
 
@@ -238,10 +240,15 @@ def main() -> None:
         help="the rewrite without its norm / rotary fusions (ort_fusions.py)",
     )
     ap.add_argument(
+        "--no-decode-ring",
+        action="store_true",
+        help="the rewrite without its one-token cache scatter (ops/attention/body.py decode_ring)",
+    )
+    ap.add_argument(
         "--ab",
         nargs="?",
         const="share_shapes",
-        choices=["share_shapes", "fuse"],
+        choices=["share_shapes", "fuse", "decode_ring"],
         help="interleaved blocks with this OrtRunner option on / off instead of the profile",
     )
     args = ap.parse_args()

@@ -15,6 +15,9 @@ those of the plain graph. It relies on the graph inputs' dimension names being t
 onnxruntime itself does not check it, so a caller feeding mismatched caches to a rewritten session would get
 the first cache's length everywhere instead of an error.
 
+Before inlining, each attention body's ring update gets onnxruntime's one-token form (a row scattered into the
+cache copy instead of every slot rebuilt; the same values).
+
 The exported file keeps its function (TensorRT maps it to a plugin or inlines it); this runs on the graph that
 the onnxruntime runner hands its session (runners/ort.py), without the weights (they stay external).
 """
@@ -29,6 +32,8 @@ import onnx.inliner
 import onnx_ir as ir
 from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
 
+from ..ops.attention import body as attention
+from ..ops.onnx_domain import DOMAIN
 from .fold_constants import STANDARD_DOMAINS
 
 __all__ = ["DropNoOpCasts", "ShareShapeReads", "inlined_with_shapes", "ort_decoder_passes", "shared_decoder"]
@@ -199,11 +204,16 @@ def inlined_with_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(onnx.inliner.inline_local_functions(proto), data_prop=True)
 
 
-def shared_decoder(path: Path, fuse: bool = True) -> bytes:
+def shared_decoder(path: Path, fuse: bool = True, decode_ring: bool = True) -> bytes:
     """decoder.onnx at `path`, rewritten, serialized; its weights stay references into the export's data file
-    (never read here), so the session needs the export folder for them."""
+    (never read here), so the session needs the export folder for them. `decode_ring`: the attention bodies
+    first get onnxruntime's one-token ring update (ops/attention/body.py `decode_ring`; same values)."""
     from .run import run_passes
 
-    proto = inlined_with_shapes(onnx.load(path, load_external_data=False))
-    model = run_passes(ir.serde.deserialize_model(proto), ort_decoder_passes(fuse))
+    proto = onnx.load(path, load_external_data=False)
+    if decode_ring:
+        for i, function in enumerate(proto.functions):
+            if function.domain == DOMAIN and function.name == attention.OP_TYPE:
+                proto.functions[i].CopyFrom(attention.decode_ring(function))
+    model = run_passes(ir.serde.deserialize_model(inlined_with_shapes(proto)), ort_decoder_passes(fuse))
     return ir.serde.serialize_model(model).SerializeToString()

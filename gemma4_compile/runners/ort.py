@@ -27,17 +27,17 @@ from .ort_cache import optimized_graph, with_data_folder
 from .rows import row_reader
 
 
-def _rewrite(fuse: bool) -> tuple[Callable[[Path], bytes], str]:
+def _rewrite(fuse: bool, decode_ring: bool) -> tuple[Callable[[Path], bytes], str]:
     """The decoder rewrite and its cache tag. onnx-ir and onnxscript cost ~40 MB of RSS, paid only by a start
     that rewrites (no session-cache hit): imported at the call."""
 
     def rewrite(path: Path) -> bytes:
         from ..passes.share_shapes import shared_decoder
 
-        return shared_decoder(path, fuse)
+        return shared_decoder(path, fuse, decode_ring)
 
     # the tag keys saved sessions (ort_cache.py): change it whenever the rewrite changes what it writes
-    return rewrite, ("shared2-fused" if fuse else "shared2")
+    return rewrite, "shared3" + "-fused" * fuse + "-ring1" * decode_ring
 
 
 class OrtRunner(BaseRunner):
@@ -56,6 +56,7 @@ class OrtRunner(BaseRunner):
         read_rows: bool = True,
         share_shapes: bool = True,
         fuse: bool = True,
+        decode_ring: bool = True,
     ):
         """`options`: an onnxruntime SessionOptions to start from (profiling, logging); threads apply on top.
         `io_binding`: keep caches in reused bound buffers (ort_binding.py); False feeds numpy per call.
@@ -65,7 +66,9 @@ class OrtRunner(BaseRunner):
         `share_shapes`: give the decoder session its graph with the attention bodies inlined and their masks
         and shape arithmetic computed once per call instead of once per layer (passes/share_shapes.py).
         `fuse`: in that rewrite, also run each RMSNorm and rotary embedding as one onnxruntime kernel
-        (passes/ort_fusions.py; the float results move by an ulp)."""
+        (passes/ort_fusions.py; the float results move by an ulp).
+        `decode_ring`: in that rewrite, a one-token call writes its cache row with a scatter instead of
+        rebuilding every slot (ops/attention/body.py `decode_ring`; the same values)."""
         super().__init__()
         try:
             import onnxruntime as ort
@@ -87,7 +90,7 @@ class OrtRunner(BaseRunner):
             options.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
         self._session_cache = Path(session_cache) if session_cache else None
-        self._rewrite = _rewrite(fuse) if share_shapes else None
+        self._rewrite = _rewrite(fuse, decode_ring) if share_shapes else None
         decoder = self.manifest.graphs[DECODER]
         self._act = self.manifest.activation_dtype.numpy
         self._outputs = [t.name for t in decoder.outputs]

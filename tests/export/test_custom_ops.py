@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 
 from gemma4_compile.export.custom_ops import attention, moe
 from gemma4_compile.model import ops
+from gemma4_compile.ops.attention import body as attention_body
 from gemma4_compile.ops.onnx_domain import plugin_attributes
 
 
@@ -46,11 +47,18 @@ ATTENTION_CASES = [
     pytest.param(2, 4, 4, 1, 8, 32, 8, [13, 2], [1, 1], id="decode-wrapped-ring"),
     pytest.param(2, 8, 1, 6, 40, 32, 0, [0, 9], [6, 2], id="global-padded"),
     pytest.param(1, 4, 2, 1, 40, 32, 0, [33], [1], id="global-decode"),
+    pytest.param(3, 4, 2, 1, 8, 16, 8, [13, 2, 7], [1, 0, 1], id="decode-idle-row"),  # row 1 writes nothing
 ]
+# the export's body, and the one the onnxruntime runner swaps in (one-token calls scatter their cache row)
+BODIES = {
+    "export": attention.function,
+    "ort-decode-ring": lambda: attention_body.decode_ring(attention.function()),
+}
 
 
+@pytest.mark.parametrize("form", list(BODIES))
 @pytest.mark.parametrize("B,Hq,Hkv,S,C,D,W,past_len,seq_len", ATTENTION_CASES)
-def test_attention_body_matches_reference(B, Hq, Hkv, S, C, D, W, past_len, seq_len):
+def test_attention_body_matches_reference(form, B, Hq, Hkv, S, C, D, W, past_len, seq_len):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, h, S, D, generator=g) for h in (Hq, Hkv, Hkv))
     past_k, past_v = (torch.randn(B, Hkv, C, D, generator=g) for _ in range(2))
@@ -61,7 +69,7 @@ def test_attention_body_matches_reference(B, Hq, Hkv, S, C, D, W, past_len, seq_
         for n, t in zip(("q", "k", "v", "pk", "pv", "pl", "sl"), (q, k, v, past_k, past_v, pl, sl))
     }
     got = _run_single_node(
-        "SlidingWindowAttention", attention.function(), feeds, ["q", "pk", "pv"], window=W, scale=1.0
+        "SlidingWindowAttention", BODIES[form](), feeds, ["q", "pk", "pv"], window=W, scale=1.0
     )
     valid = (torch.arange(S)[None, :] < sl[:, None]).numpy()  # padded query rows are don't-care
     np.testing.assert_allclose(

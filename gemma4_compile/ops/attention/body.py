@@ -110,6 +110,34 @@ RING_UPDATE = """
   present_v = Where (take4, gv, past_v)
 """
 
+# onnxruntime's form of the same update, which the runner swaps in (`decode_ring`): a one-token call writes its
+# row into a copy of each cache with ScatterElements, instead of rebuilding every slot through a broadcast
+# GatherElements + Where, whose cost grows with the cache (benchmarks/RESULTS.md, 2026-12-04 third session).
+# A row with seq_len 0 writes its slot's old value back. More tokens per call take RING_UPDATE. The scatter
+# indices are computed outside the If, where the runner's rewrite shares them between layers.
+RING_UPDATE_DECODE = (
+    """
+  w_rows4 = Constant <value_ints: ints = [-1, 1, 1, 1]> ()
+  w_slot = Mod (past_len, C)
+  w_slot4 = Reshape (w_slot, w_rows4)
+  w_shape = Shape (k)
+  w_at = Expand (w_slot4, w_shape)
+  w_real = Greater (seq_len, zero)
+  w_real4 = Reshape (w_real, w_rows4)
+  w_single = Equal (S, one)
+  present_k, present_v = If (w_single) <then_branch = one_token () => (pk1, pv1) {
+    old_k = GatherElements <axis = 2> (past_k, w_at)
+    old_v = GatherElements <axis = 2> (past_v, w_at)
+    new_k = Where (w_real4, k, old_k)
+    new_v = Where (w_real4, v, old_v)
+    pk1 = ScatterElements <axis = 2> (past_k, w_at, new_k)
+    pv1 = ScatterElements <axis = 2> (past_v, w_at, new_v)
+  }, else_branch = tokens () => (pk2, pv2) {
+"""
+    + RING_UPDATE.replace("present_k =", "pk2 =").replace("present_v =", "pv2 =").replace("\n  ", "\n    ")
+    + "  }>\n"
+)
+
 
 # with block_ids: a new key of the query's own image block (>= 0) is seen too, on sliding layers only;
 # cached slots get -1 (they are all in the past, where causal already sees them)
@@ -137,18 +165,47 @@ def with_blocks(attend: str = ATTEND) -> str:
 
 
 def body(
-    attend: str = ATTEND, attrs: str = "window, scale", opsets: str = '"" : 20', block_ids: bool = False
+    attend: str = ATTEND,
+    attrs: str = "window, scale",
+    opsets: str = '"" : 20',
+    block_ids: bool = False,
+    ring: str = RING_UPDATE,
 ) -> str:
-    """The function text: prelude + an attention part + the ring update. `block_ids`: the 8-input form
+    """The function text: prelude + an attention part + a ring update. `block_ids`: the 8-input form
     (26B/31B exports with images); without it the body is the 7-input one, unchanged."""
     extra = ", block_ids" if block_ids else ""
     header = f'<domain: "gemma4", opset_import: [{opsets}]>\n' + SIGNATURE.format(attrs=attrs, extra=extra)
     attend = with_blocks(attend) if block_ids else attend
-    return header + "\n{" + PRELUDE + attend + RING_UPDATE + "}\n"
+    return header + "\n{" + PRELUDE + attend + ring + "}\n"
 
 
 def function(block_ids: bool = False) -> onnx.FunctionProto:
     return onnx.parser.parse_function(body(block_ids=block_ids))
+
+
+def _ring_nodes(ring: str) -> list[onnx.NodeProto]:
+    """The nodes of a ring-update part, parsed after the prelude it reads."""
+    nodes = onnx.parser.parse_function(body(attend="", ring=ring)).node
+    prelude = onnx.parser.parse_function(body(attend="", ring="")).node
+    return list(nodes[len(prelude) :])
+
+
+def decode_ring(function: onnx.FunctionProto) -> onnx.FunctionProto:
+    """`function` (any attention body built by `body`) with RING_UPDATE's nodes replaced by RING_UPDATE_DECODE's."""
+    made = {o for n in _ring_nodes(RING_UPDATE) for o in n.output}
+    kept = [n for n in function.node if not made.intersection(n.output)]
+    if len(function.node) - len(kept) != len(_ring_nodes(RING_UPDATE)):
+        raise ValueError(f"function {function.name}: its ring update is not RING_UPDATE")
+    taken = {o for n in kept for o in n.output}.intersection(
+        o for n in _ring_nodes(RING_UPDATE_DECODE) for o in n.output
+    )
+    if taken:
+        raise ValueError(f"function {function.name}: names {sorted(taken)} are taken")
+    out = onnx.FunctionProto()
+    out.CopyFrom(function)
+    del out.node[:]
+    out.node.extend(kept + _ring_nodes(RING_UPDATE_DECODE))
+    return out
 
 
 def translation():
