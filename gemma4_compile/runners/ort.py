@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,22 @@ def _rewrite(fuse: bool, decode_ring: bool) -> tuple[Callable[[Path], bytes], st
 
     # the tag keys saved sessions (ort_cache.py): change it whenever the rewrite changes what it writes
     return rewrite, "shared3" + "-fused" * fuse + "-ring1" * decode_ring
+
+
+@contextlib.contextmanager
+def _single_threaded(options: Any, on: bool) -> Iterator[None]:
+    """`options` with one intra-op thread while a session is created from them (they are copied at creation).
+    The embed graph only gathers rows: with a pool of its own, its worker spun on the second core while the
+    decoder ran, and a 2-thread batch-4 prefill took 1.2x as long (benchmarks/RESULTS.md)."""
+    if not on:
+        yield
+        return
+    keep = options.intra_op_num_threads
+    options.intra_op_num_threads = 1
+    try:
+        yield
+    finally:
+        options.intra_op_num_threads = keep
 
 
 class OrtRunner(BaseRunner):
@@ -102,7 +119,10 @@ class OrtRunner(BaseRunner):
         }
         self._use_placeholders(self.manifest)
         self._read_rows, self.rows = read_rows, None  # the placeholders above are what rows.py keeps
-        self.sessions = {role: self._session(ort, role, options, providers) for role in self.manifest.graphs}
+        self.sessions = {}
+        for role in self.manifest.graphs:
+            with _single_threaded(options, role == EMBED):
+                self.sessions[role] = self._session(ort, role, options, providers)
         # host buffers bound in place suit the CPU provider; debug exports have outputs the binding leaves out
         cpu_only = providers == ["CPUExecutionProvider"]
         bind = io_binding and cpu_only and not self.manifest.debug
