@@ -82,3 +82,14 @@ def test_session_cache_writes_the_optimized_decoder_once_and_computes_the_same_b
     want = plain.generate_with_logits(ids, 6)[1]
     for runner in (first, second):
         np.testing.assert_array_equal(runner.generate_with_logits(ids, 6)[1], want)
+
+
+def test_only_the_decoder_session_gets_the_threads(make_export):
+    """The embed graph gathers rows: a pool of its own spun against the decoder on a 2-core machine."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    runner = OrtRunner(make_export("tiny-e2b"), threads=2, options=options)
+    threads = {role: s.get_session_options().intra_op_num_threads for role, s in runner.sessions.items()}
+    assert threads == {"embed": 1, "decoder": 2}
+    assert options.intra_op_num_threads == 2  # the caller's options are left as they were
