@@ -15,7 +15,6 @@ values, and `pad` keeps slot `pad`. Other ids take the free slots 0, 1, ... in o
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +42,15 @@ class RowTable:
     def row_bytes(self) -> int:
         return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
-    def read(self, fd: int, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` as [len(ids), ...], one pread each."""
-        out = np.empty((len(ids), *self.shape[1:]), dtype=self.dtype)
-        flat, size = out.reshape(len(ids), -1).view(np.uint8), self.row_bytes
-        for i, row in enumerate(ids.tolist()):
-            if os.preadv(fd, [flat[i]], self.offset + row * size) != size:
+    def read(self, fd: int, ids: list[int]) -> np.ndarray:
+        """Rows `ids` as [len(ids), ...], one pread each (into a bytearray: no numpy call per row)."""
+        size = self.row_bytes
+        buf = bytearray(len(ids) * size)
+        view = memoryview(buf)
+        for i, row in enumerate(ids):
+            if os.preadv(fd, [view[i * size : (i + 1) * size]], self.offset + row * size) != size:
                 raise RunnerError(f"ort: {self.path.name} is shorter than table '{self.name}'")
-        return out
+        return np.frombuffer(buf, dtype=self.dtype).reshape(len(ids), *self.shape[1:])
 
 
 class RowReader:
@@ -74,20 +74,23 @@ class RowReader:
         ids, source = self.renumber(input_ids)
         return {"input_ids": ids, **{t.name: t.read(self._fds[t.path], source) for t in self.tables}}
 
-    def renumber(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def renumber(self, input_ids: np.ndarray) -> tuple[np.ndarray, list[int]]:
         """-> (input_ids with every non-placeholder id replaced by its slot, the id whose row fills each slot).
-        Plain Python: a decode step renumbers one id per row, where a dozen numpy calls cost more than the
-        step's embed graph."""
-        ids, placeholders = input_ids.ravel().tolist(), self.placeholders
-        others = sorted({i for i in ids if i not in placeholders and i != self.pad})
+        Plain Python and two numpy calls: a decode step renumbers one id per row, right after the decoder has
+        evicted the caches, where each numpy call costs several microseconds (benchmarks/RESULTS.md)."""
+        ids, placeholders, pad = input_ids.ravel().tolist(), self.placeholders, self.pad
+        others = sorted({i for i in ids if i not in placeholders and i != pad})
         if others and (others[0] < 0 or others[-1] >= self.vocab):
             bad = others[0] if others[0] < 0 else others[-1]
             raise RunnerError(f"ort: token id {bad} is outside the vocabulary (0..{self.vocab - 1})")
-        taken = placeholders | {self.pad}
-        free = (slot for slot in itertools.count() if slot not in taken)
-        slot_of = {self.pad: self.pad, **{i: next(free) for i in others}}
-        source = np.full(max(slot_of.values()) + 1, self.pad, dtype=np.int64)
-        source[list(slot_of.values())] = list(slot_of)
+        slot_of, slot = {pad: pad}, 0
+        for i in others:  # the free slots 0, 1, ... in order; pad and the placeholders keep theirs
+            while slot == pad or slot in placeholders:
+                slot += 1
+            slot_of[i], slot = slot, slot + 1
+        source = [pad] * (max(slot_of.values()) + 1)
+        for i, at in slot_of.items():
+            source[at] = i
         renumbered = [i if i in placeholders else slot_of[i] for i in ids]
         return np.array(renumbered, dtype=input_ids.dtype).reshape(input_ids.shape), source
 
