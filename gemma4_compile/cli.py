@@ -884,5 +884,18 @@ def _interrupted() -> int:
     return EXIT_INTERRUPTED
 
 
+def entry() -> None:
+    """The process entry (console script, `python -m`): main()'s code as the exit status. After Ctrl-C it leaves
+    with os._exit once the streams are flushed: even with SIGINT ignored, interpreter shutdown (torch's threads,
+    atexit) turned exit 130 into a death by SIGINT (-2) in two CI runs. Cleanup has run by then (main's
+    finally blocks); in-process callers of main() are unaffected."""
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
