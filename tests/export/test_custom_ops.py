@@ -11,7 +11,6 @@ from onnx import TensorProto, helper
 
 from gemma4_compile.export.custom_ops import attention, moe
 from gemma4_compile.model import ops
-from gemma4_compile.ops.attention import body as attention_body
 from gemma4_compile.ops.onnx_domain import plugin_attributes
 
 
@@ -52,7 +51,7 @@ ATTENTION_CASES = [
 # the export's body, and the one the onnxruntime runner swaps in (one-token calls scatter their cache row)
 BODIES = {
     "export": attention.function,
-    "ort-decode-ring": lambda: attention_body.decode_ring(attention.function()),
+    "ort-decode-ring": lambda: attention.decode_ring(attention.function()),
 }
 
 

@@ -7,6 +7,8 @@ onnxruntime runs it and TensorRT can inline it when no plugin is loaded.
 
 from __future__ import annotations
 
+import functools
+
 import onnx
 
 from ..onnx_domain import register_schema
@@ -183,28 +185,28 @@ def function(block_ids: bool = False) -> onnx.FunctionProto:
     return onnx.parser.parse_function(body(block_ids=block_ids))
 
 
-def _ring_nodes(ring: str) -> list[onnx.NodeProto]:
-    """The nodes of a ring-update part, parsed after the prelude it reads."""
+@functools.cache
+def _ring_nodes(ring: str) -> tuple[onnx.NodeProto, ...]:
+    """The nodes of a ring-update part, parsed after the prelude it reads (callers copy, never mutate)."""
     nodes = onnx.parser.parse_function(body(attend="", ring=ring)).node
     prelude = onnx.parser.parse_function(body(attend="", ring="")).node
-    return list(nodes[len(prelude) :])
+    return tuple(nodes[len(prelude) :])
 
 
 def decode_ring(function: onnx.FunctionProto) -> onnx.FunctionProto:
     """`function` (any attention body built by `body`) with RING_UPDATE's nodes replaced by RING_UPDATE_DECODE's."""
-    made = {o for n in _ring_nodes(RING_UPDATE) for o in n.output}
+    old, new = _ring_nodes(RING_UPDATE), _ring_nodes(RING_UPDATE_DECODE)
+    made = {o for n in old for o in n.output}
     kept = [n for n in function.node if not made.intersection(n.output)]
-    if len(function.node) - len(kept) != len(_ring_nodes(RING_UPDATE)):
+    if len(function.node) - len(kept) != len(old):
         raise ValueError(f"function {function.name}: its ring update is not RING_UPDATE")
-    taken = {o for n in kept for o in n.output}.intersection(
-        o for n in _ring_nodes(RING_UPDATE_DECODE) for o in n.output
-    )
+    taken = {o for n in kept for o in n.output}.intersection(o for n in new for o in n.output)
     if taken:
         raise ValueError(f"function {function.name}: names {sorted(taken)} are taken")
     out = onnx.FunctionProto()
     out.CopyFrom(function)
     del out.node[:]
-    out.node.extend(kept + _ring_nodes(RING_UPDATE_DECODE))
+    out.node.extend([*kept, *new])
     return out
 
 
