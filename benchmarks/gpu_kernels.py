@@ -13,7 +13,9 @@ Quantized MoE rows (int4 block 32, fp8 block 128: the export's defaults) run the
 the export's layout, checked against `ops.moe_reference` on the dequantized weights and timed against the float
 kernel on those weights in bf16 (the "base ms" column of those rows).
 
-Timings are medians of `triton.testing.do_bench`. FLOP/s count the useful work (visible query-key pairs for
+Timings are medians of `triton.testing.do_bench` ("ms": eager, each Python launch included) and of
+`do_bench_cudagraph` ("graph ms": the same launches replayed in a CUDA graph, the GPU time alone, which is what
+an engine's plugin costs: TensorRT launches from C++). Throughput columns use graph ms where there is one. FLOP/s count the useful work (visible query-key pairs for
 attention, 6 T K I H for MoE); GB/s count the bytes each op must move at least once (inputs read, outputs
 written; for MoE the weights of the experts that were hit). Ceilings are the H200 figures measured on this
 project's machines (~790 TFLOP/s dense bf16, ~4.3 TB/s copy). The last line is one JSON object.
@@ -29,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +46,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--dry-run", action="store_true", help="tiny shapes on the CPU interpreter (no GPU needed)"
     )
     p.add_argument("--only", choices=("attention", "moe"), help="run one family")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also time candidate tiles / split counts (graph ms), for the choosers",
+    )
     return p.parse_args(argv)
 
 
-ARGS = _parse(None) if __name__ == "__main__" else argparse.Namespace(dry_run=False, only=None)
+ARGS = _parse(None) if __name__ == "__main__" else argparse.Namespace(dry_run=False, only=None, sweep=False)
 if ARGS.dry_run:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
 
@@ -62,17 +70,23 @@ class Row:
     ok: bool | None = None
     max_err: float = float("nan")
     ms: float = float("nan")
+    graph_ms: float = float("nan")
     base_ms: float = float("nan")
     flops: float = 0.0
     bytes: float = 0.0
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def gpu_ms(self) -> float:
+        return self.graph_ms if self.graph_ms == self.graph_ms else self.ms
+
     def tflops(self) -> float:
-        return self.flops / self.ms / 1e9 if self.ms == self.ms and self.ms > 0 else float("nan")
+        ms = self.gpu_ms()
+        return self.flops / ms / 1e9 if ms == ms and ms > 0 else float("nan")
 
     def gbps(self) -> float:
-        return self.bytes / self.ms / 1e6 if self.ms == self.ms and self.ms > 0 else float("nan")
+        ms = self.gpu_ms()
+        return self.bytes / ms / 1e6 if ms == ms and ms > 0 else float("nan")
 
 
 # ----- timing --------------------------------------------------------------------------------------------
@@ -88,6 +102,16 @@ def bench(fn: Callable[[], object]) -> float:
     import triton
 
     return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def bench_graph(fn: Callable[[], object]) -> float:
+    """Median milliseconds of fn replayed in a CUDA graph; NaN on the interpreter (no graphs there)."""
+    if ARGS.dry_run:
+        return float("nan")
+    import triton
+
+    fn()  # compile outside the capture
+    return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
 
 
 # ----- attention -----------------------------------------------------------------------------------------
@@ -219,6 +243,7 @@ def attention_row(c: AttnCase, device: str, dtype: torch.dtype) -> Row:
     row.bytes = item * c.head_dim * (2 * c.heads * c.new + 2 * c.kv_heads * keys_read)  # q, out, k and v
     if c.new == 1:
         row.ms = bench(lambda: A.attention_decode(**inp))  # the attention itself; the cache write is below
+        row.graph_ms = bench_graph(lambda: A.attention_decode(**inp))
         row.extra["full_op_ms"] = bench(
             lambda: A.attention(**inp)
         )  # + copying the whole ring (functional op)
@@ -230,6 +255,7 @@ def attention_row(c: AttnCase, device: str, dtype: torch.dtype) -> Row:
         row.note = "decode = split + combine; full op adds a copy-mode ring of C slots"
     else:
         row.ms = bench(lambda: A.attention(**inp))  # one fused launch: attention + presents
+        row.graph_ms = bench_graph(lambda: A.attention(**inp))
         row.bytes += item * c.head_dim * 2 * c.kv_heads * c.slots  # writing both presents
         row.note = "one launch incl. ring presents"
         if c.blocks:  # what the image blocks cost over the causal launch on the same tensors
@@ -346,8 +372,10 @@ def moe_quant_row(c: MoeCase, device: str, dtype: torch.dtype) -> Row:
     )
     row.extra["experts_hit"] = hit
     row.ms = bench(lambda: M.moe(**inp, gate_up=gate_up, down=down))
+    row.graph_ms = bench_graph(lambda: M.moe(**inp, gate_up=gate_up, down=down))
     gu, dn = gu.to(dtype), dn.to(dtype)  # the float kernel on the same (dequantized) weights
     row.base_ms = bench(lambda: M.moe(**inp, gate_up=gu, down=dn))
+    row.extra["float_graph_ms"] = bench_graph(lambda: M.moe(**inp, gate_up=gu, down=dn))
     row.note = f"{hit} experts hit; base = float kernel on the dequantized weights"
     return row
 
@@ -374,9 +402,104 @@ def moe_row(c: MoeCase, device: str, dtype: torch.dtype) -> Row:
     row.bytes = item * (3 * hit * c.inter * c.hidden + 2 * c.tokens * c.hidden) + 4 * c.tokens * c.experts
     row.extra["experts_hit"] = hit
     row.ms = bench(lambda: M.moe(**inp))
+    row.graph_ms = bench_graph(lambda: M.moe(**inp))
     row.base_ms = bench(lambda: ops.moe_reference(**inp))
     row.note = f"{hit} experts hit"
     return row
+
+
+# ----- tile sweep (--sweep): what the tile choosers (moe.gemm_configs, attention.decode_splits) should pick ---
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): decode routes ~1 row per hit expert, prefill hundreds
+MOE_TILES = {
+    1: [(16, 32, 128, 4, 4), (16, 32, 64, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3), (16, 32, 128, 8, 4),
+        (16, 16, 64, 2, 4)],
+    4096: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 64, 64, 8, 4), (128, 32, 64, 4, 4), (128, 64, 128, 8, 3),
+           (256, 64, 64, 8, 3), (64, 128, 64, 8, 3)],
+}  # fmt: skip
+DECODE_SPLITS = (8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class SweepRow:
+    case: str
+    candidate: str
+    ms: float
+    ok: bool
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return bool(((got.float() - want.float()).abs() <= ATOL + RTOL * want.float().abs()).all())
+
+
+def _sweep_ms(fn: Callable[[], object]) -> float:
+    return bench(fn) if ARGS.dry_run else bench_graph(fn)
+
+
+def moe_sweep(device: str, dtype: torch.dtype) -> list[SweepRow]:
+    import triton
+
+    from gemma4_compile.plugins.kernels import moe as M
+
+    out = []
+    for tokens, tiles in MOE_TILES.items():
+        case = MoeCase(f"moe {tokens} tok", tokens, 2816, 128, 704, 8)
+        if ARGS.dry_run:
+            case = MoeCase(f"tiny moe {tokens} tok", min(tokens, 64), 64, 16, 32, 4)
+        for fmt, block in (("", 0), *QUANT_MOE):
+            c = replace(case, name=f"{case.name} {fmt or 'float'}", quant=fmt, block=block)
+            inp = moe_inputs(c, device, dtype, experts=not fmt)
+            if fmt:
+                g = torch.Generator(device=device).manual_seed(1)
+                inp["gate_up"] = quantized_experts((c.experts, 2 * c.inter, c.hidden), fmt, block, g, dtype)[
+                    0
+                ]
+                inp["down"] = quantized_experts((c.experts, c.hidden, c.inter), fmt, block, g, dtype)[0]
+            want = M.moe(**inp)
+            out.append(SweepRow(c.name, "default", _sweep_ms(partial(M.moe, **inp)), True))
+            for bm, bn, bk, w, st in tiles:
+                conf = triton.Config(
+                    {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st
+                )
+                if not M.keep_gemm(conf, min(c.hidden, c.inter), min(c.hidden, c.inter)):
+                    continue
+                try:
+                    ok = _close(M.moe(**inp, config=conf), want)
+                    ms = _sweep_ms(partial(M.moe, **inp, config=conf))
+                except Exception as e:  # a tile that does not compile here (shared memory): say so, go on
+                    ok, ms = False, float("nan")
+                    print(f"    {c.name} {bm}x{bn}x{bk}: {type(e).__name__}", flush=True)
+                out.append(SweepRow(c.name, f"{bm}x{bn}x{bk} w{w} s{st}", ms, ok))
+            print(f"  sweep {c.name}: done", flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return out
+
+
+def attention_sweep(device: str, dtype: torch.dtype) -> list[SweepRow]:
+    from gemma4_compile.plugins.kernels import attention as A
+
+    out = []
+    for c in (c for c in attention_cases(ARGS.dry_run) if c.new == 1):
+        inp = attention_inputs(c, device, dtype)
+        want = A.attention_decode(**inp)
+        out.append(SweepRow(c.name, "default splits", _sweep_ms(partial(A.attention_decode, **inp)), True))
+        for splits in DECODE_SPLITS:
+            ok = _close(A.attention_decode(**inp, num_splits=splits), want)
+            ms = _sweep_ms(partial(A.attention_decode, **inp, num_splits=splits))
+            out.append(SweepRow(c.name, f"{splits} splits", ms, ok))
+    return out
+
+
+def sweep_table(rows: list[SweepRow]) -> str:
+    lines = [f"{'sweep case':<26} {'candidate':<22} {'graph ms':>9} {'vs default':>10}  ok", "-" * 76]
+    default = {}
+    for r in rows:
+        default.setdefault(r.case, r.ms)
+        ratio = r.ms / default[r.case] if default[r.case] > 0 else float("nan")
+        lines.append(f"{r.case:<26} {r.candidate:<22} {r.ms:>9.4f} {ratio:>10.2f}  {r.ok}")
+    return "\n".join(lines)
 
 
 # ----- report --------------------------------------------------------------------------------------------
@@ -384,14 +507,14 @@ def moe_row(c: MoeCase, device: str, dtype: torch.dtype) -> Row:
 
 def table(rows: list[Row]) -> str:
     head = (
-        f"{'case':<26} {'shape':<44} {'ok':<5} {'max err':>8} {'ms':>9} {'base ms':>9} {'speedup':>7} "
+        f"{'case':<26} {'shape':<44} {'ok':<5} {'max err':>8} {'ms':>9} {'graph ms':>9} {'base ms':>9} {'speedup':>7} "
         f"{'TFLOP/s':>8} {'%peak':>6} {'GB/s':>7} {'%peak':>6}  note"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         speed = r.base_ms / r.ms if r.ms == r.ms and r.ms > 0 else float("nan")
         lines.append(
-            f"{r.name:<26} {r.shape:<44} {r.ok!s:<5} {r.max_err:>8.2e} {r.ms:>9.3f} {r.base_ms:>9.3f} "
+            f"{r.name:<26} {r.shape:<44} {r.ok!s:<5} {r.max_err:>8.2e} {r.ms:>9.3f} {r.graph_ms:>9.3f} {r.base_ms:>9.3f} "
             f"{speed:>7.2f} {r.tflops():>8.1f} {100 * r.tflops() / PEAK_TFLOPS:>6.1f} {r.gbps():>7.0f} "
             f"{100 * r.gbps() / PEAK_GBPS:>6.1f}  {r.note}"
         )
@@ -446,12 +569,20 @@ def main() -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
     print(table(rows))
+    sweep: list[SweepRow] = []
+    if ARGS.sweep:
+        if ARGS.only in (None, "attention"):
+            sweep += attention_sweep(device, dtype)
+        if ARGS.only in (None, "moe"):
+            sweep += moe_sweep(device, dtype)
+        print(sweep_table(sweep))
     summary = {
         "benchmark": "gpu_kernels",
         **env,
         "seconds": round(time.perf_counter() - t0, 1),
         "ceilings": {"tflops": PEAK_TFLOPS, "gbps": PEAK_GBPS},
-        "all_ok": all(r.ok for r in rows),
+        "all_ok": all(r.ok for r in rows) and all(r.ok for r in sweep),
+        "sweep": [vars(r) for r in sweep],
         "cases": [
             {
                 "name": r.name,
@@ -459,6 +590,7 @@ def main() -> int:
                 "ok": r.ok,
                 "max_err": r.max_err,
                 "ms": r.ms,
+                "graph_ms": r.graph_ms,
                 "baseline_ms": r.base_ms,
                 "tflops": r.tflops(),
                 "gbps": r.gbps(),

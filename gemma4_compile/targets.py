@@ -7,6 +7,7 @@ compute-capability tables; kernels and engine builds check their variants agains
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -60,6 +61,16 @@ GPU_NAMES: dict[str, str] = {gpu: t.name for t in TARGETS.values() for gpu in t.
 def target_for_sm(sm: int) -> GpuTarget | None:
     """89 -> the sm89 target; None if the table has no such SM."""
     return next((t for t in TARGETS.values() if t.sm == sm), None)
+
+
+@functools.cache
+def local_target() -> GpuTarget | None:
+    """`native_target()`, or None without a known local GPU; asked once per process (the kernels' torch wrappers
+    pick tiles on every call, and each driver query loads libcuda and calls cuInit)."""
+    try:
+        return native_target()
+    except Gemma4CompileError:
+        return None
 
 
 def resolve_target(name: str) -> GpuTarget:

@@ -231,6 +231,39 @@ def test_moe_wrapper_and_aot_pick_the_same_gemm_tile_at_gemma4_widths(target):
     assert tiny.kwargs["BLOCK_N"] <= 64
 
 
+@pytest.mark.parametrize("target", ["sm86", "sm90", "sm120"])
+@pytest.mark.parametrize("weight_format", ["float", "int4", "fp8"])
+def test_every_moe_gemm_tile_fits_its_targets_shared_memory(target, weight_format):
+    """gate_up stages (BM + 2 BN) x BK bf16 per pipeline stage: a tile over the target's shared memory would fail
+    to compile in a plugin build, not in this suite (the interpreter has no shared memory)."""
+    from gemma4_compile.plugins.kernels import moe as M
+
+    smem = resolve_target(target).max_shared_bytes
+    for rows in (1, 16, 64, 256):
+        for c in M.gemm_configs(rows, smem, weight_format):
+            bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            assert (bm + 2 * bn) * bk * 2 * c.num_stages <= smem, (rows, c)
+            assert bm <= 16 or rows > 16  # decode-shaped batches never get prefill tiles
+
+
+def test_decode_splits_fill_one_wave_and_no_more():
+    """One split program per SM (they hold most of its shared memory): splits x B x Hkv never exceeds the SMs,
+    never exceeds the cache's key tiles, and is at least 1 when the heads alone fill the GPU."""
+    from gemma4_compile.plugins.kernels.attention import decode_splits
+
+    assert decode_splits(1, 8, 1024, 64, 132) == 16  # 26B-A4B sliding layer on an H200: 128 programs
+    assert decode_splits(1, 2, 32768, 32, 132) == 66  # 26B-A4B global layer
+    for batch, kv_heads, slots, block_n in (
+        (1, 16, 1024, 64),
+        (4, 4, 32768, 32),
+        (1, 1, 64, 64),
+        (64, 16, 512, 64),
+    ):
+        splits = decode_splits(batch, kv_heads, slots, block_n, 132)
+        assert 1 <= splits <= -(-(slots + 1) // block_n)
+        assert splits * batch * kv_heads <= 132 or splits == 1
+
+
 # ----- docs and imports ---------------------------------------------------------------------------------
 
 

@@ -59,7 +59,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...errors import Gemma4CompileError
-from ...targets import GpuTarget, native_target
+from ...targets import GpuTarget, local_target
 
 LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = 2^(x log2 e)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256, 512)
@@ -562,25 +562,18 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _local_target() -> GpuTarget | None:
-    try:
-        return native_target()
-    except Gemma4CompileError:
-        return None
-
-
 def _fwd_config(head_dim: int, group: int) -> triton.Config:
     """The local GPU's tile (`fwd_tile`); under the interpreter the smallest (CPU time grows with tile count less
     than with tile size)."""
     if _interpreting() or not torch.cuda.is_available():
         return triton.Config({"BLOCK_M": max(16, triton.next_power_of_2(group)), "BLOCK_N": 16}, num_warps=4)
-    return fwd_tile(head_dim, group, _local_target())
+    return fwd_tile(head_dim, group, local_target())
 
 
 def _decode_config(head_dim: int) -> triton.Config:
     if _interpreting() or not torch.cuda.is_available():
         return triton.Config({"BLOCK_G": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
-    target = _local_target()
+    target = local_target()
     return decode_configs(head_dim, target.max_shared_bytes if target else 99 * 1024)[0]
 
 
@@ -591,8 +584,10 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_splits(batch: int, kv_heads: int, slots: int, block_n: int, sms: int) -> int:
-    """Enough splits for ~2 programs per SM, never more than the cache has key tiles."""
-    return max(1, min(math.ceil(2 * sms / max(batch * kv_heads, 1)), math.ceil((slots + 1) / block_n), 1024))
+    """As many splits as fill one wave (a split program's deep pipeline takes most of an SM's shared memory, so one
+    runs per SM), never more than the cache has key tiles. On an H200 (132 SMs) one wave beat the earlier two
+    programs per SM by 1.3-1.5x and a wave and a bit (136 programs) ran 1.3x slower than 128 (RESULTS.md)."""
+    return max(1, min(sms // max(batch * kv_heads, 1), math.ceil((slots + 1) / block_n), 1024))
 
 
 def attention_fwd(

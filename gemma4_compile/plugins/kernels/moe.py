@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ...errors import Gemma4CompileError
 from ...ops.moe import STAGE_KERNELS
-from ...targets import native_target
+from ...targets import local_target
 from ..shapes import cdiv
 
 BLOCK_P = 128  # routed pairs per sort program
@@ -177,19 +177,33 @@ def _tile_rows(
 
 
 # Tiles (BLOCK_M routed rows x BLOCK_N outputs x BLOCK_K reduction, warps, stages), one for both GEMMs (the
-# work list is cut in BLOCK_M row tiles). Decode-like batches route ~1 row to each expert: 16-row tiles, deep
-# pipeline, bandwidth-bound on the weights. Prefill routes hundreds: 64-row tiles. ptxas reports (bf16): no
-# spills for any of these on sm80..sm120; shared memory per stage is (BM + 2 BN) BK 2 B for gate_up.
+# work list is cut in BLOCK_M row tiles), picked from an H200 sweep (benchmarks/gpu_kernels.py --sweep, RESULTS.md).
+# Decode-like batches route ~1 row to each expert: 16-row tiles, 32 outputs wide so the few hit experts still
+# make enough programs (int4 0.57x the time of 64 wide, float and fp8 0.86-0.97x; int4 a further 0.89x with
+# 256-deep K tiles where they fit). Prefill routes hundreds: 128-row tiles where a Hopper-class part has the
+# shared memory ((BM + 2 BN) BK 2 B per stage for gate_up: float / fp8 0.84-0.89x of 64 rows), narrower and
+# with 8 warps for int4, whose in-loop nibble decode, not the MMA, is the cost (0.44x of the 64x128 tile);
+# 64-row tiles elsewhere. ptxas reports no spills for these on sm80..sm120.
 
 
-def gemm_configs(rows_per_expert: float, max_shared_bytes: int = 99 * 1024) -> list[triton.Config]:
-    """Tile candidates for `_moe_gate_up_kernel` / `_moe_down_kernel`, best first, for a target's shared memory."""
+def gemm_configs(
+    rows_per_expert: float, max_shared_bytes: int = 99 * 1024, weight_format: str = "float"
+) -> list[triton.Config]:
+    """Tile candidates for `_moe_gate_up_kernel` / `_moe_down_kernel`, best first, for a target's shared memory
+    and the experts' format (the AOT stage plugins take float experts)."""
+    big = max_shared_bytes >= 160 * 1024
     if rows_per_expert <= 16:
-        shapes = [(16, 64, 64, 4, 4)]
-    elif max_shared_bytes >= 160 * 1024:
-        shapes = [(64, 128, 64, 8, 3), (64, 64, 64, 4, 3)]
-    else:
+        shapes = [(16, 32, 128, 4, 4), (16, 32, 64, 4, 4)]
+        if big and weight_format == "int4":
+            shapes.insert(0, (16, 32, 256, 4, 3))
+    elif not big:
         shapes = [(64, 64, 64, 4, 3)]
+    elif rows_per_expert < 128:
+        shapes = [(64, 128, 64, 8, 3), (64, 64, 64, 4, 3)]
+    elif weight_format == "int4":
+        shapes = [(128, 64, 64, 8, 4), (64, 64, 64, 4, 3)]
+    else:
+        shapes = [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
             for m, n, k, w, st in shapes]  # fmt: skip
 
@@ -202,11 +216,14 @@ def keep_gemm(conf: triton.Config, out_features: int, reduction: int) -> bool:
     )
 
 
-def gemm_tile(rows_per_expert: float, max_shared_bytes: int, width: int | None = None) -> triton.Config:
+def gemm_tile(
+    rows_per_expert: float, max_shared_bytes: int, width: int | None = None, weight_format: str = "float"
+) -> triton.Config:
     """The one GEMM tile choice of the torch wrapper, `gemma4-compile kernels` and the stage plugins: the first
-    candidate for the routed rows and the target's shared memory, no wider than the problem when its width
-    (min(H, I)) is known; AOT variants are compiled before the width is, and Gemma 4's never prunes a tile."""
-    confs = gemm_configs(rows_per_expert, max_shared_bytes)
+    candidate for the routed rows, the target's shared memory and the experts' format, no wider than the problem
+    when its width (min(H, I)) is known; AOT variants are compiled before the width is, and Gemma 4's never
+    prunes a tile."""
+    confs = gemm_configs(rows_per_expert, max_shared_bytes, weight_format)
     if width is None:
         return confs[0]
     return next((c for c in confs if keep_gemm(c, width, width)), confs[-1])
@@ -236,8 +253,17 @@ def _weight_tile(
             q = tl.interleave((b << 4) >> 4, b >> 4).to(tl.float32)  # arithmetic shifts sign-extend
         else:  # fp8 E4M3
             q = tl.load(w_ptr + kk[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + (kk // QBLOCK)[None, :], mask=mask, other=0.0).to(tl.float32)
-        w = (q * s).to(OUT_DTYPE)
+        # one scale per row and QBLOCK codes, broadcast in registers: a [BLOCK_N, BLOCK_K] gather of scales
+        # cost more than the dot it fed (7.6x the float kernel at 4096 tokens on an H200, RESULTS.md)
+        if QBLOCK >= BLOCK_K:  # the tile lies in one block (k0 is a multiple of BLOCK_K, both powers of two)
+            s = tl.load(s_ptr + k0 // QBLOCK, mask=n_ok[:, None], other=0.0).to(tl.float32)
+            w = (q * s).to(OUT_DTYPE)
+        else:
+            kb_s = k0 // QBLOCK + tl.arange(0, BLOCK_K // QBLOCK)
+            nblocks = (reduction + QBLOCK - 1) // QBLOCK
+            s = tl.load(s_ptr + kb_s[None, :], mask=n_ok[:, None] & (kb_s < nblocks)[None, :], other=0.0)
+            q3 = tl.reshape(q, [q.shape[0], BLOCK_K // QBLOCK, QBLOCK])
+            w = tl.reshape(q3 * s.to(tl.float32)[:, :, None], [q.shape[0], BLOCK_K]).to(OUT_DTYPE)
     return w
 
 
@@ -472,14 +498,12 @@ def workspace(
     return {name: (shape(dims), kinds[kind]) for name, (shape, kind) in BUFFERS.items()}
 
 
-def _gemm_config(rows_per_expert: float, hidden: int, inter: int) -> triton.Config:
+def _gemm_config(rows_per_expert: float, hidden: int, inter: int, weight_format: str) -> triton.Config:
     if _interpreting() or not torch.cuda.is_available():
         return triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
-    try:
-        smem = native_target().max_shared_bytes
-    except Gemma4CompileError:
-        smem = 99 * 1024
-    return gemm_tile(rows_per_expert, smem, min(hidden, inter))
+    target = local_target()
+    smem = target.max_shared_bytes if target else 99 * 1024
+    return gemm_tile(rows_per_expert, smem, min(hidden, inter), weight_format)
 
 
 WEIGHT_FORMATS = ("int4", "fp8")  # quantized expert formats the GEMM kernels decode (QuantizedExperts)
@@ -675,7 +699,8 @@ def moe(
         return torch.empty_like(x)
     weights, ids = route(router_logits, per_expert_scale, top_k)
     n = T * top_k
-    conf = config or _gemm_config(n / min(E, n), H, two_i // 2)
+    fmt = gate_up.format if isinstance(gate_up, QuantizedExperts) else "float"
+    conf = config or _gemm_config(n / min(E, n), H, two_i // 2, fmt)
     sorted_pairs, pair_rows, expert_offsets, tile_offsets = sort_by_expert(ids, E, conf.kwargs["BLOCK_M"])
     h = grouped_gate_up(x, gate_up, sorted_pairs, expert_offsets, tile_offsets, top_k, conf)
     rows = grouped_down(h, down, sorted_pairs, weights, expert_offsets, tile_offsets, conf)
