@@ -3,7 +3,8 @@
     from gemma4_compile import passes
     model = passes.run_passes(model, passes.export_cleanup())   # what the exporter does after tracing
 
-Passes: BlockAttention (block_attention.py), FoldConstants (fold_constants.py), RMSNormAsDiv (rms_norm_div.py), RenameShadowedOps
+Passes: BlockAttention (block_attention.py), FoldConstants (fold_constants.py), FuseAttention (fuse_attention.py),
+RMSNormAsDiv (rms_norm_div.py), RenameShadowedOps
 (rename_shadowed.py), SplitMoE (split_moe.py), MarkAot (mark_aot.py), QuantizeMatMuls and DequantizeWeights
 (quantize_matmul.py), QuantizeExperts (moe_nbits.py), DequantizeRows (quantize_gather.py), ShareShapeReads and DropNoOpCasts (share_shapes.py:
 the onnxruntime runner's decoder rewrite, `shared_decoder`, with FuseForOrt from ort_fusions.py), and the lowerings in `LOWERINGS` (lowerings.py;
@@ -20,6 +21,7 @@ from typing import Any
 _WHERE = {  # public name -> the module defining it
     "BlockAttention": "block_attention",
     "FoldConstants": "fold_constants",
+    "FuseAttention": "fuse_attention",
     "LOWERINGS": "lowerings",
     "Lowering": "lowerings",
     "lowering_refusal": "lowerings",

@@ -94,6 +94,22 @@ def test_half_precision_towers_keep_their_fp32_islands(built, export_dir):
         assert art.manifest.graphs["vision"].fp32_layers > 0  # RoPE, pooling and norms in fp32
 
 
+def test_vision_attention_reaches_tensorrt_as_one_attention_layer_per_layer(built, export_dir):
+    """FuseAttention (engines/prepare.py): no generic softmax left in the vision network; the audio tower's
+    capped attention keeps its layers. capability.json records the count."""
+    rtx = load_trt("tensorrt_rtx")
+    kinds = rtx.module.LayerType
+    layers = VISION_PRESETS["tiny-e2b"].num_hidden_layers
+    for role, fused in (("vision", layers), ("audio", 0)):
+        parsed = network_from_onnx(ExportManifest.load(export_dir), rtx, role=role)
+        types = [parsed.network.get_layer(i).type for i in range(parsed.network.num_layers)]
+        assert parsed.edits.fused_attention == fused == types.count(kinds.ATTENTION_OUTPUT)
+        assert (kinds.SOFTMAX in types) == (fused == 0)
+    for art in built:
+        report = json.loads((art.dir / "vision.capability.json").read_text())
+        assert report["graph_edits"]["fused_attention"] == layers
+
+
 def test_a_network_that_lost_its_fp32_islands_is_refused(export_dir, tmp_path, monkeypatch):
     from gemma4_compile.engines import build
 

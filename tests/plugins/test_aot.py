@@ -167,7 +167,9 @@ def test_kernel_aot_compile_error_names_the_variant_and_the_cause(tmp_path):
 
 def test_kernel_aot_launch_checks_the_alignment_it_compiled_for(sm90):
     arts, _ = sm90
-    (entry,) = [e for e in arts.entries if e.kernel == "moe_gate_up" and e.constexprs["BLOCK_M"] > 16]  # prefill
+    (entry,) = [
+        e for e in arts.entries if e.kernel == "moe_gate_up" and e.constexprs["BLOCK_M"] > 16
+    ]  # prefill
     dims = M.launch_dims(7, 2816, 128, 704, 8)
     launch = aot.launch_params(entry, dims)
     assert launch.block == (entry.threads, 1, 1) and launch.shared_bytes == entry.shared_bytes
