@@ -15,7 +15,9 @@ kernel on those weights in bf16 (the "base ms" column of those rows).
 
 Timings are medians of `triton.testing.do_bench` ("ms": eager, each Python launch included) and of
 `do_bench_cudagraph` ("graph ms": the same launches replayed in a CUDA graph, the GPU time alone, which is what
-an engine's plugin costs: TensorRT launches from C++). Throughput columns use graph ms where there is one. FLOP/s count the useful work (visible query-key pairs for
+an engine's plugin costs: TensorRT launches from C++). Throughput columns use graph ms where there is one, and
+`speedup` compares graph with graph where the baseline can be captured too (SDPA can; the eager MoE reference
+cannot: it syncs with the host), else eager with eager. FLOP/s count the useful work (visible query-key pairs for
 attention, 6 T K I H for MoE); GB/s count the bytes each op must move at least once (inputs read, outputs
 written; for MoE the weights of the experts that were hit). Ceilings are the H200 figures measured on this
 project's machines (~790 TFLOP/s dense bf16, ~4.3 TB/s copy). The last line is one JSON object.
@@ -72,6 +74,7 @@ class Row:
     ms: float = float("nan")
     graph_ms: float = float("nan")
     base_ms: float = float("nan")
+    base_graph_ms: float = float("nan")  # the baseline in a CUDA graph, where it can be captured
     flops: float = 0.0
     bytes: float = 0.0
     note: str = ""
@@ -79,6 +82,12 @@ class Row:
 
     def gpu_ms(self) -> float:
         return self.graph_ms if self.graph_ms == self.graph_ms else self.ms
+
+    def speedup(self) -> float:
+        """Baseline over ours, graph against graph where both were captured, else eager against eager."""
+        if self.graph_ms == self.graph_ms and self.base_graph_ms == self.base_graph_ms:
+            return self.base_graph_ms / self.graph_ms
+        return self.base_ms / self.ms if self.ms == self.ms and self.ms > 0 else float("nan")
 
     def tflops(self) -> float:
         ms = self.gpu_ms()
@@ -262,7 +271,9 @@ def attention_row(c: AttnCase, device: str, dtype: torch.dtype) -> Row:
             causal = {k: v for k, v in inp.items() if k != "block_ids"}
             row.extra["causal_ms"] = bench(lambda: A.attention(**causal))
             row.note += f"; image blocks {list(c.blocks)}"
-    row.base_ms = bench(sdpa_baseline(inp))
+    baseline = sdpa_baseline(inp)
+    row.base_ms = bench(baseline)
+    row.base_graph_ms = bench_graph(baseline)
     return row
 
 
@@ -512,7 +523,7 @@ def table(rows: list[Row]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        speed = r.base_ms / r.ms if r.ms == r.ms and r.ms > 0 else float("nan")
+        speed = r.speedup()
         lines.append(
             f"{r.name:<26} {r.shape:<44} {r.ok!s:<5} {r.max_err:>8.2e} {r.ms:>9.3f} {r.graph_ms:>9.3f} {r.base_ms:>9.3f} "
             f"{speed:>7.2f} {r.tflops():>8.1f} {100 * r.tflops() / PEAK_TFLOPS:>6.1f} {r.gbps():>7.0f} "
@@ -592,6 +603,8 @@ def main() -> int:
                 "ms": r.ms,
                 "graph_ms": r.graph_ms,
                 "baseline_ms": r.base_ms,
+                "baseline_graph_ms": r.base_graph_ms,
+                "speedup": r.speedup(),
                 "tflops": r.tflops(),
                 "gbps": r.gbps(),
                 "note": r.note,

@@ -86,6 +86,7 @@ def test_capability_reports_every_custom_node_inlined(fresh_export):
     edits = {"renamed": {}, "folded_constants": 0, "split_moe": 0, "aot": 0, "static_moe_body": False}
     edits["fp32_nodes"] = 1  # the fp32 logits of the fp16 graph
     edits["block_attention"] = 0  # no block_ids (and RTX's plugin would take them anyway)
+    edits["fused_attention"] = 0  # the decoder's attention is the custom op, no standard-op chain
     assert report["graph_edits"] == edits
     assert art.manifest.capability == {"inlined": 3}
 
