@@ -8,10 +8,10 @@ ruff check .
 ruff format --check .
 # One worker per core, at most 4 (PYTEST_WORKERS overrides): most of the suite is single-threaded tracing and
 # building, and each worker holds its own tiny exports (~2 GiB). Whole files go to one worker, so a file's
-# module fixtures are made once.
+# module fixtures are made once. The 15 slowest tests are listed at the end, to keep CI's time in view.
 workers=${PYTEST_WORKERS:-$(python -c "import os; print(min(4, len(os.sched_getaffinity(0))))")}
 rc=0
-python -m pytest -q -ra -n "$workers" --dist loadfile "$@" || rc=$?
+python -m pytest -q -ra -n "$workers" --dist loadfile --durations=15 "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "error: pytest collected no tests" >&2
   exit 1
