@@ -586,7 +586,8 @@ def _num_sms(device: torch.device) -> int:
 def decode_splits(batch: int, kv_heads: int, slots: int, block_n: int, sms: int) -> int:
     """As many splits as fill one wave (a split program's deep pipeline takes most of an SM's shared memory, so one
     runs per SM), never more than the cache has key tiles. On an H200 (132 SMs) one wave beat the earlier two
-    programs per SM by 1.3-1.5x and a wave and a bit (136 programs) ran 1.3x slower than 128 (RESULTS.md)."""
+    programs per SM by 1.2-1.6x (26B-A4B and 31B, sliding and global layers), and a wave and a bit (136
+    programs) ran 1.3x slower than 128 (RESULTS.md)."""
     return max(1, min(sms // max(batch * kv_heads, 1), math.ceil((slots + 1) / block_n), 1024))
 
 
