@@ -4,7 +4,7 @@ vision.onnx writes each layer's attention as
 
     MatMul(q, Transpose(k, [0, 1, 3, 2])) -> [Cast fp32] -> Add(bias) -> Softmax(-1) -> [Cast] -> MatMul(., v)
 
-so that every backend runs it. TensorRT runs that as generic layers, and on an H200 the form is 7.2-12.7x
+so that every backend runs it. TensorRT runs that as generic layers, and on an H200 the form is 7.6-12.6x
 slower than a fused attention kernel at 280 soft tokens per image and above (benchmarks/RESULTS.md,
 `gpu_vision_attention.py`). TensorRT 10.14+ and TensorRT-RTX import opset-23 `Attention` as `IAttention`: a
 fused kernel where one exists for the dtype and head dim, and, with `TRT_decomposable=1`, those same generic
