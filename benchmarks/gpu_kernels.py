@@ -355,16 +355,25 @@ def quantized_experts(
     return QuantizedExperts(codes, scales, fmt, block), w
 
 
+def quantized_moe_inputs(
+    c: MoeCase, device: str, dtype: torch.dtype
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """`moe_inputs` with random QuantizedExperts of c.quant / c.block, and the fp32 gate_up and down they stand for."""
+    inp = moe_inputs(c, device, dtype, experts=False)
+    g = torch.Generator(device=device).manual_seed(1)
+    inp["gate_up"], gu = quantized_experts((c.experts, 2 * c.inter, c.hidden), c.quant, c.block, g, dtype)
+    inp["down"], dn = quantized_experts((c.experts, c.hidden, c.inter), c.quant, c.block, g, dtype)
+    return inp, gu, dn
+
+
 def moe_quant_row(c: MoeCase, device: str, dtype: torch.dtype) -> Row:
     """Quantized experts: the kernel vs the reference on the dequantized weights, timed against the float
     kernel on the same weights in the activation dtype."""
     from gemma4_compile.model import ops
     from gemma4_compile.plugins.kernels import moe as M
 
-    inp = moe_inputs(c, device, dtype, experts=False)
-    g = torch.Generator(device=device).manual_seed(1)
-    gate_up, gu = quantized_experts((c.experts, 2 * c.inter, c.hidden), c.quant, c.block, g, dtype)
-    down, dn = quantized_experts((c.experts, c.hidden, c.inter), c.quant, c.block, g, dtype)
+    inp, gu, dn = quantized_moe_inputs(c, device, dtype)
+    gate_up, down = inp.pop("gate_up"), inp.pop("down")
     row = Row(c.name, f"T{c.tokens} H{c.hidden} E{c.experts} I{c.inter} top{c.top_k} {c.quant} b{c.block}")
     y = M.moe(**inp, gate_up=gate_up, down=down)
     with torch.no_grad():
@@ -460,13 +469,7 @@ def moe_sweep(device: str, dtype: torch.dtype) -> list[SweepRow]:
             case = MoeCase(f"tiny moe {tokens} tok", min(tokens, 64), 64, 16, 32, 4)
         for fmt, block in (("", 0), *QUANT_MOE):
             c = replace(case, name=f"{case.name} {fmt or 'float'}", quant=fmt, block=block)
-            inp = moe_inputs(c, device, dtype, experts=not fmt)
-            if fmt:
-                g = torch.Generator(device=device).manual_seed(1)
-                inp["gate_up"] = quantized_experts((c.experts, 2 * c.inter, c.hidden), fmt, block, g, dtype)[
-                    0
-                ]
-                inp["down"] = quantized_experts((c.experts, c.hidden, c.inter), fmt, block, g, dtype)[0]
+            inp = quantized_moe_inputs(c, device, dtype)[0] if fmt else moe_inputs(c, device, dtype)
             want = M.moe(**inp)
             out.append(SweepRow(c.name, "default", _sweep_ms(partial(M.moe, **inp)), True))
             for bm, bn, bk, w, st in tiles:

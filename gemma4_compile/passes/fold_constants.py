@@ -24,6 +24,13 @@ logger = logging.getLogger(__name__)
 
 MAX_ELEMENTS = 1024  # shapes, axes and scalars; never activations or weights
 STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def is_standard(node: ir.Node | None, op_type: str) -> bool:
+    """`node` is the standard ONNX op `op_type` (not a custom op of that name)."""
+    return node is not None and node.domain in STANDARD_DOMAINS and node.op_type == op_type
+
+
 _NEVER = {"Constant", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"}
 
 

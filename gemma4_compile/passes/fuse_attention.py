@@ -26,16 +26,12 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from .fold_constants import STANDARD_DOMAINS
+from .fold_constants import is_standard
 
 __all__ = ["ATTENTION_OPSET", "FuseAttention"]
 
 ATTENTION_OPSET = 23  # ONNX Attention's first opset
 _K_TRANSPOSE = [0, 1, 3, 2]
-
-
-def _std(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.domain in STANDARD_DOMAINS and node.op_type == op_type
 
 
 def _only_use(value: ir.Value) -> ir.Node | None:
@@ -47,7 +43,7 @@ def _only_use(value: ir.Value) -> ir.Node | None:
 def _skip_cast(value: ir.Value) -> tuple[ir.Node | None, ir.Node | None]:
     """(producer of value, the Cast in between) looking through at most one Cast read only by the chain."""
     node = value.producer()
-    if _std(node, "Cast") and _only_use(node.outputs[0]) is not None:
+    if is_standard(node, "Cast") and _only_use(node.outputs[0]) is not None:
         return node.inputs[0].producer(), node
     return node, None
 
@@ -73,23 +69,23 @@ class _Chain:
 
 def _match(out: ir.Node) -> _Chain | None:
     """The attention chain ending at MatMul `out`, or None."""
-    if not _std(out, "MatMul"):
+    if not is_standard(out, "MatMul"):
         return None
     softmax, cast_p = _skip_cast(out.inputs[0])
-    if not _std(softmax, "Softmax") or _only_use(softmax.outputs[0]) is None:
+    if not is_standard(softmax, "Softmax") or _only_use(softmax.outputs[0]) is None:
         return None
     axis = softmax.attributes.get("axis")
     if axis is not None and axis.as_int() not in (-1, 3):
         return None
     add = softmax.inputs[0].producer()
-    if not _std(add, "Add") or _only_use(add.outputs[0]) is None:
+    if not is_standard(add, "Add") or _only_use(add.outputs[0]) is None:
         return None
     for i in (0, 1):
         scores, cast_s = _skip_cast(add.inputs[i])
-        if not _std(scores, "MatMul") or _only_use(scores.outputs[0]) is None:
+        if not is_standard(scores, "MatMul") or _only_use(scores.outputs[0]) is None:
             continue
         kt = scores.inputs[1].producer()
-        perm = kt.attributes.get("perm") if _std(kt, "Transpose") else None
+        perm = kt.attributes.get("perm") if is_standard(kt, "Transpose") else None
         if perm is None or list(perm.as_ints()) != _K_TRANSPOSE:
             continue
         q, k, v = scores.inputs[0], kt.inputs[0], out.inputs[1]

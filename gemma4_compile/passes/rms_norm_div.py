@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from .fold_constants import STANDARD_DOMAINS, constant_value
+from .fold_constants import constant_value, is_standard
 
 __all__ = ["RMSNormAsDiv"]
-
-
-def _std(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.domain in STANDARD_DOMAINS and node.op_type == op_type
 
 
 def _is_scalar(value: ir.Value, want: float) -> bool:
@@ -32,13 +28,16 @@ def _is_scalar(value: ir.Value, want: float) -> bool:
 
 def _rsqrt_mul(node: ir.Node) -> tuple[ir.Node, ir.Value] | None:
     """(the Mul, x) when `node` is Pow(Add(ReduceMean(..), eps), -0.5) read only by Mul(x, it)."""
-    if not (_std(node, "Pow") and _is_scalar(node.inputs[1], -0.5)):
+    if not (is_standard(node, "Pow") and _is_scalar(node.inputs[1], -0.5)):
         return None
     add = node.inputs[0].producer()
-    if not (_std(add, "Add") and any(_std(i.producer(), "ReduceMean") for i in add.inputs if i is not None)):
+    if not (
+        is_standard(add, "Add")
+        and any(is_standard(i.producer(), "ReduceMean") for i in add.inputs if i is not None)
+    ):
         return None
     uses = list(node.outputs[0].uses())
-    if len(uses) != 1 or not _std(uses[0].node, "Mul") or node.outputs[0].is_graph_output():
+    if len(uses) != 1 or not is_standard(uses[0].node, "Mul") or node.outputs[0].is_graph_output():
         return None
     mul = uses[0].node
     return mul, mul.inputs[1 - uses[0].idx]
