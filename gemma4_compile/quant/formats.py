@@ -109,6 +109,7 @@ class QuantSpec:
     tensors: dict[str, str] = field(default_factory=dict)  # checkpoint name -> format, for the quantized ones
     graph: str = GRAPH_NBITS  # the graph encoding (graph_form); scales are stored in the export dtype for DQ
     source: str | None = None  # method "imported": the checkpoint's format (quant/imported.py)
+    folded: dict[str, str] = field(default_factory=dict)  # experts' down weight -> the per_expert_scale in it
 
     @property
     def positive_scales(self) -> bool:
@@ -167,6 +168,7 @@ class QuantSpec:
             "roles": dict(self.roles),
             "tensors": dict(self.tensors),
             **({"source": self.source} if self.source else {}),
+            **({"folded": dict(self.folded)} if self.folded else {}),
         }
 
     @classmethod
@@ -181,6 +183,7 @@ class QuantSpec:
             tensors=dict(d.get("tensors", {})),
             graph=d.get("graph", GRAPH_NBITS),
             source=d.get("source"),
+            folded=dict(d.get("folded", {})),
         )
 
 
@@ -291,7 +294,26 @@ def plan_quant(request: QuantRequest, names: list[str], dtype: str) -> QuantSpec
         tensors=tensors,
         graph=graph_form(dtype, formats),
         method=request.method,
+        folded=expert_scale_folds(tensors, set(names)),
     )
+
+
+_EXPERTS_DOWN = re.compile(r"^(.*layers\.\d+\.)experts\.down_proj$")
+
+
+def expert_scale_folds(tensors: dict[str, str], names: set[str]) -> dict[str, str]:
+    """Quantized experts' down weight -> the router's per_expert_scale it absorbs.
+
+    The scale multiplies each expert's output, a linear function of its down weights, so it moves into them
+    before rounding and the graph reads ones. For the absmax-relative formats (int4, int8, fp8) the codes stay
+    what they were and only the stored scales carry the factor, rounded once as any scale is; the fake-quant
+    reference folds the same way (quant/reference.py)."""
+    folds = {}
+    for name in tensors:
+        m = _EXPERTS_DOWN.match(name)
+        if m and f"{m[1]}router.per_expert_scale" in names:
+            folds[name] = f"{m[1]}router.per_expert_scale"
+    return folds
 
 
 def describe_quantization(qc: Any) -> str:

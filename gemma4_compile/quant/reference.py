@@ -19,11 +19,18 @@ from .formats import EMBED_ROWS, GRAPH_NBITS, IMPORTED, LM_HEAD, QuantSpec
 from .imported import dequantize_imported
 
 
-def _dequantized(weight: torch.Tensor, name: str, quant: QuantSpec, dtype: str) -> torch.nn.Parameter:
+def _dequantized(
+    weight: torch.Tensor, name: str, quant: QuantSpec, dtype: str, expert_scale: torch.Tensor | None = None
+) -> torch.nn.Parameter:
     """codes x scales as the graph computes them: DequantizeLinear's scales are stored in the export dtype
-    `dtype`, so they are rounded to it first (a code times a half-precision scale then rounds once, as in DQ)."""
+    `dtype`, so they are rounded to it first (a code times a half-precision scale then rounds once, as in DQ).
+    `expert_scale` [E]: a per_expert_scale folded into experts' weights [E, N, K] in fp32 first, as the writer
+    does (QuantSpec.folded)."""
     fmt, graph = quant.format_of(name), quant.graph_of(name)
-    w = weight.detach().float().numpy()
+    w = weight.detach().float()
+    if expert_scale is not None:
+        w = w * expert_scale.detach().float()[:, None, None]
+    w = w.numpy()
     shape = w.shape
     w = w.reshape(-1, shape[-1])  # MoE experts [E, N, K]: E*N rows, blocked along K like any weight
     g = global_scale(float(abs(w).max(initial=0.0)), dtype) if fmt == "nvfp4" else None
@@ -62,7 +69,7 @@ def apply_fake_quant(model: torch.nn.Module, quant: QuantSpec, dtype: str) -> to
         module._parameters[attr] = (
             _imported(model, weight, name, quant, dtype)
             if quant.method == IMPORTED
-            else _dequantized(weight, name, quant, dtype)
+            else _dequantized(weight, name, quant, dtype, _take_expert_scale(model, quant.folded.get(name)))
         )
     if EMBED_ROWS in quant.tensors:
         model.embed_tokens._parameters["weight"] = _dequantized(table, EMBED_ROWS, quant, dtype)
@@ -71,6 +78,16 @@ def apply_fake_quant(model: torch.nn.Module, quant: QuantSpec, dtype: str) -> to
             model, _dequantized(table, LM_HEAD, quant, dtype) if LM_HEAD in quant.tensors else table
         )
     return model
+
+
+def _take_expert_scale(model: torch.nn.Module, name: str | None) -> torch.Tensor | None:
+    """The per_expert_scale `name` (None: none folded), set to ones in `model`: the export reads ones there."""
+    if name is None:
+        return None
+    router = model.get_submodule(name.rpartition(".")[0])
+    p = router.per_expert_scale.detach().clone()
+    router._parameters["per_expert_scale"] = torch.nn.Parameter(torch.ones_like(p), requires_grad=False)
+    return p
 
 
 def _fake_quant_lm_head(model: torch.nn.Module, head: torch.nn.Parameter) -> None:

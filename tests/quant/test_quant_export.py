@@ -70,6 +70,37 @@ def test_graph_only_layout_matches_the_written_one(tmp_path):
     assert data[q.scales.offset : q.scales.offset + q.scales.length] == scales.tobytes()
 
 
+@pytest.mark.parametrize("fmt", ["int4", "fp8"])
+def test_per_expert_scale_is_folded_into_the_down_weights_before_rounding(tmp_path, fmt):
+    """The writer multiplies each expert's down rows by its per_expert_scale (not a power of two, one negative)
+    and writes ones in its place: the codes are those of the unfolded weights and the scales carry |p|."""
+    from gemma4_compile.quant.encode import encode_rows
+
+    rng = np.random.default_rng(0)
+    E, H, I = 4, 8, 64  # noqa: E741
+    down = rng.standard_normal((E, H, I)).astype(np.float32)
+    p = np.array([0.7, 1.3, -0.45, 2.9], dtype=np.float32)
+    tensors = {"layers.0.experts.down_proj": down, "layers.0.router.per_expert_scale": p}
+    entries = {}
+    for name, t in tensors.items():
+        (tmp_path / name).write_bytes(t.tobytes())
+        entries[name] = TensorEntry(name, tmp_path / name, 0, t.nbytes, torch.float32, t.shape)
+    quant = plan_quant(QuantRequest(fmt, 32), sorted(entries), "fp32")
+    assert quant.folded == {"layers.0.experts.down_proj": "layers.0.router.per_expert_scale"}
+    (tmp_path / "out").mkdir()
+    written = write_weight_file(tmp_path / "out", entries, torch.float32, quant=quant)
+    data = (tmp_path / "out" / DATA_FILE).read_bytes()
+    ones = written["layers.0.router.per_expert_scale"]
+    assert data[ones.offset : ones.offset + ones.length] == np.ones(E, np.float32).tobytes()
+    q = written["layers.0.experts.down_proj"]
+    signed = down * np.sign(p)[:, None, None]  # a negative scale flips the codes' signs
+    codes, scales = encode_rows(fmt, signed.reshape(-1, I), 32, q.graph)
+    assert data[q.codes.offset : q.codes.offset + q.codes.length] == codes
+    stored = np.frombuffer(data[q.scales.offset : q.scales.offset + q.scales.length], np.float32)
+    expected = scales.reshape(E, H, -1) * np.abs(p)[:, None, None]
+    np.testing.assert_allclose(stored.reshape(E, H, -1), expected, rtol=1e-6)
+
+
 def test_moe_experts_run_as_one_matmulnbits_pair_per_expert_and_match_the_fake_quant_reference(
     make_quant_export, corrupt
 ):
@@ -97,6 +128,11 @@ def test_moe_experts_run_as_one_matmulnbits_pair_per_expert_and_match_the_fake_q
     assert len(experts) == 2 * len(codes)  # codes and scales, nothing float
     spans = sorted((v.const_value.offset, v.const_value.length) for v in codes)
     assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(spans))  # views that never overlap
+    assert (
+        len(quant.folded) == moe_layers
+    )  # per_expert_scale lives in the down codes' scales; the graph reads ones
+    scales = [v for n, v in model.graph.initializers.items() if n.endswith("per_expert_scale")]
+    assert len(scales) == moe_layers and all((v.const_value.numpy() == 1).all() for v in scales)
     report = validate(out, steps=STEPS, write=False)
     assert report.passed, report.failure_message()
     broken = corrupt(out, onnx.TensorProto.UINT8, swap_nibbles, "_Q4", contains="experts.down_proj")

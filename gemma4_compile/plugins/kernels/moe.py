@@ -27,11 +27,9 @@ run through the same two GEMM kernels: the constexpr WEIGHT_FORMAT ("float" | "i
 `_weight_tile` loads a [BLOCK_N, BLOCK_K] tile inside the K loop (decode codes, times their block scales in fp32,
 rounded once to the activations' dtype, then tl.dot accumulating in fp32); the float path loads exactly as before.
 
-per_expert_scale is not folded into the quantized weights: it multiplies the fp32 routing weight (route, one
-multiply per routed pair), and folding it into down's block scales would round scale x per_expert_scale to the
-scales' dtype (bf16/fp16 in an export: up to 2^-9 / 2^-12 relative per block) and reorder the fp32 products,
-exact only when every per_expert_scale is a power of two. It would save nothing measurable (T*K multiplies
-against T*K*I*H for the GEMM) and make the kernel's weights differ from the export's DequantizeLinear ones.
+per_expert_scale still multiplies the fp32 routing weight (route, one multiply per routed pair). A quantized
+export has already folded it into the down experts' block scales before rounding (quant/formats.py
+`expert_scale_folds`) and feeds ones here, so these kernels read exactly the DequantizeLinear graph's weights.
 
 The grouped GEMMs launch cdiv(T*K, BLOCK_M) + E row-tile programs, an upper bound of the true tile count that
 needs no device-to-host sync; programs past TileOffsets[E] exit at once. Kernel arguments are ordered inputs,
