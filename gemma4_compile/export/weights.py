@@ -124,39 +124,36 @@ def _chunk_rows(src: TensorEntry) -> int:
     return max(1, QUANT_CHUNK_BYTES // (src.shape[-1] * 4))
 
 
-def _scaled_rows(src: TensorEntry, row_scale: np.ndarray | None):
-    """fp32 row chunks of `src`, each row times its `row_scale` entry (a folded per_expert_scale) if given."""
+def _scaled_rows(src: TensorEntry, expert_scale: np.ndarray | None):
+    """fp32 row chunks of `src`; with `expert_scale` [E] (a folded per_expert_scale), experts [E, N, K] have
+    each row times its expert's factor."""
     start = 0
     for w in _read_rows(src, _chunk_rows(src)):
-        if row_scale is not None:
-            w = w * row_scale[start : start + len(w), None]
+        if expert_scale is not None:
+            w = w * expert_scale[np.arange(start, start + len(w)) // src.shape[1], None]
         start += len(w)
         yield w
 
 
-def _absmax(src: TensorEntry, row_scale: np.ndarray | None = None) -> float:
-    return max((float(np.abs(w).max(initial=0.0)) for w in _scaled_rows(src, row_scale)), default=0.0)
+def _absmax(src: TensorEntry, expert_scale: np.ndarray | None = None) -> float:
+    return max((float(np.abs(w).max(initial=0.0)) for w in _scaled_rows(src, expert_scale)), default=0.0)
 
 
-def _expert_row_scales(entries: dict[str, TensorEntry], quant: QuantSpec | None) -> dict[str, np.ndarray]:
-    """Experts' down weight [E, H, I] -> its E*H rows' factors: each expert's per_expert_scale (QuantSpec.folded)."""
+def _expert_scales(entries: dict[str, TensorEntry], quant: QuantSpec | None) -> dict[str, np.ndarray]:
+    """Experts' down weight -> the per_expert_scale [E] folded into it (QuantSpec.folded), read once."""
     if quant is None:
         return {}
-    out = {}
-    for down, scale in quant.folded.items():
-        (p,) = _read_rows(entries[scale], 1)
-        out[down] = np.repeat(p.reshape(-1), entries[down].shape[1])
-    return out
+    return {down: next(_read_rows(entries[scale], 1)).reshape(-1) for down, scale in quant.folded.items()}
 
 
 def _write_quantized(
-    src: TensorEntry, dst, q: QuantPlaced, spill, row_scale: np.ndarray | None = None
+    src: TensorEntry, dst, q: QuantPlaced, spill, expert_scale: np.ndarray | None = None
 ) -> int:
-    """Append the codes of `src` (rows times `row_scale`, if given) chunk by chunk, and its scales as stored to
+    """Append the codes of `src` (experts times `expert_scale`, if given) chunk by chunk, and its scales as stored to
     the file `spill` (E2B's PLE table has 147 MB of fp32 scales: held in memory they would be a third of the
     export's bound); returns the bytes of codes written."""
     written = 0
-    for w in _scaled_rows(src, row_scale):
+    for w in _scaled_rows(src, expert_scale):
         data, s = encode_rows(q.fmt, w, q.block_size, q.graph, q.global_scale, q.method, q.split)
         dst.write(data)
         written += len(data)
@@ -203,10 +200,10 @@ def _quant_layout(
     dtype: torch.dtype,
     offset: int,
     read: bool,
-    row_scale: np.ndarray | None = None,
+    expert_scale: np.ndarray | None = None,
 ) -> QuantPlaced:
     """Where the codes and scales of tensor `name` go when the codes start at `offset` (scales follow, aligned).
-    `read`: read the tensor (times `row_scale`) for nvfp4's global scale (a graph-only export stores 1.0)."""
+    `read`: read the tensor (times `expert_scale`) for nvfp4's global scale (a graph-only export stores 1.0)."""
     if len(entry.shape) not in (2, 3):
         raise ExportError(
             f"cannot quantize '{entry.key}': expected a 2-D weight or 3-D experts, got shape {list(entry.shape)}"
@@ -225,7 +222,7 @@ def _quant_layout(
     scales = Placed(end + (-end % ALIGN), scale_bytes)
     g = None
     if fmt == "nvfp4":
-        g = global_scale(_absmax(entry, row_scale), DType.parse(dtype).value) if read else 1.0
+        g = global_scale(_absmax(entry, expert_scale), DType.parse(dtype).value) if read else 1.0
     lead = tuple(entry.shape[:-1])
     split = splits_int8(graph, fmt, quant.accuracy_level)
     return QuantPlaced(
@@ -247,7 +244,7 @@ def write_weight_file(
         map_large_allocations(128 << 10)
     itemsize = torch.empty((), dtype=dtype).element_size()
     offset = 0
-    row_scales = _expert_row_scales(entries, quant) if write_data else {}
+    expert_scales = _expert_scales(entries, quant) if write_data else {}
     folded = set(quant.folded.values()) if quant is not None else set()
 
     def pad_to(target: int, dst) -> None:
@@ -262,14 +259,14 @@ def write_weight_file(
                 pad_to(start, dst)
                 fmt = quant.format_of(name) if quant is not None else None
                 if fmt is not None:
-                    row_scale = row_scales.get(name)
-                    q = _quant_layout(name, entry, quant, dtype, start, dst is not None, row_scale)
+                    expert_scale = expert_scales.get(name)
+                    q = _quant_layout(name, entry, quant, dtype, start, dst is not None, expert_scale)
                     if dst is not None:
                         with tempfile.TemporaryFile(dir=out_dir) as spill:
                             if isinstance(entry, PackedEntry):
                                 written = _write_imported(entry, dst, q, spill)
                             else:
-                                written = _write_quantized(entry, dst, q, spill, row_scale)
+                                written = _write_quantized(entry, dst, q, spill, expert_scale)
                             offset = start + written
                             pad_to(q.scales.offset, dst)
                             scales = spill.tell()
