@@ -16,7 +16,9 @@ ours variant `fp32-base` beside every fp32 cell, so before and after alternate w
 of row 0 are compared with transformers (fp32) or, for int4, with our PyTorch model on the same dequantized
 weights (the validate gate); llama.cpp's are reported as they are. `--plain` also times the same fp32 export
 with the runner's graph rewrite off (`OrtRunner(share_shapes=False)`) as `fp32-plain` beside every fp32 cell.
-Prints a table and one JSON line; exits 1 with one line when llama_cpp is not installed.
+Our rows' `kernels` in the JSON says which of our onnxruntime CPU kernels ran (runners/ort_kernels: build them
+first with `python -m gemma4_compile.runners.ort_kernels`) or why none did. Prints a table and one JSON line;
+exits 1 with one line when llama_cpp is not installed.
 
 On a CPU shared with other jobs, threads that spin at barriers collapse (llama.cpp's OpenMP threads: 2-thread
 decode 10-20x slower than 1 thread); llama.cpp runs with OMP_WAIT_POLICY=PASSIVE (`--omp-wait-policy`) and
@@ -77,7 +79,7 @@ def _ours(path: Path, batch: int, max_len: int, threads: int, spin: bool = True,
         seq = np.full(ids.shape[0], ids.shape[1], dtype=np.int64)
         return runner.step(holder["state"], ids, seq)[:, -1]
 
-    return reset, step
+    return reset, step, runner.kernels
 
 
 def _llama(path: Path, batch: int, max_len: int, threads: int, f32_cache: bool):
@@ -106,8 +108,11 @@ def worker(job: dict) -> dict:
     ids = np.load(job["ids"])[: job["batch"]]
     t0 = time.perf_counter()
     args = (Path(job["path"]), job["batch"], ids.shape[1] + job["steps"], job["threads"])
+    kernels = None  # ours: which of our onnxruntime CPU kernels ran (runners/ort_kernels), or why none
     if job["side"] == "ours":
-        reset, step = _ours(*args, spin=job.get("ort_spin", True), share_shapes=job["variant"] != PLAIN)
+        reset, step, kernels = _ours(
+            *args, spin=job.get("ort_spin", True), share_shapes=job["variant"] != PLAIN
+        )
     else:
         reset, step = _llama(*args, job["variant"] == "f32")
     load = time.perf_counter() - t0
@@ -115,7 +120,7 @@ def worker(job: dict) -> dict:
     # 64-token prefill after an 8-token warm-up took 1.27x the next one), thread pools
     greedy(reset, step, ids, 3)
     out = greedy(reset, step, ids, job["steps"])
-    return {**out, "load_s": load, "vmhwm_mib": _vmhwm_mib()}
+    return {**out, "load_s": load, "vmhwm_mib": _vmhwm_mib(), "kernels": kernels}
 
 
 def run_cell(cell: Cell, path: Path, ids_file: Path, args: argparse.Namespace) -> dict:
@@ -303,6 +308,7 @@ def rows_for(cfg: str, results: dict[Cell, dict], refs: dict, args: argparse.Nam
                 "load_s": r["load_s"],
                 "rss_mib": r["vmhwm_mib"],
                 "match": _match(r["tokens"][0], ref),
+                "kernels": r.get("kernels"),
             }
         )
     return _with_ratios(rows)

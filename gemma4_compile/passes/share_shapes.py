@@ -33,6 +33,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
 
 from ..ops.attention import body as attention
+from ..ops.moe import body as moe
 from ..ops.onnx_domain import DOMAIN
 from .fold_constants import STANDARD_DOMAINS
 
@@ -204,16 +205,26 @@ def inlined_with_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(onnx.inliner.inline_local_functions(proto), data_prop=True)
 
 
-def shared_decoder(path: Path, fuse: bool = True, decode_ring: bool = True) -> bytes:
+def shared_decoder(path: Path, fuse: bool = True, decode_ring: bool = True, moe_step: bool = False) -> bytes:
     """decoder.onnx at `path`, rewritten, serialized; its weights stay references into the export's data file
     (never read here), so the session needs the export folder for them. `decode_ring`: the attention bodies
-    first get onnxruntime's one-token ring update (ops/attention/body.py `decode_ring`; same values)."""
+    first get onnxruntime's one-token ring update (ops/attention/body.py `decode_ring`; same values).
+    `moe_step`: the MoE bodies' calls of up to 16 tokens run our `gemma4_ort::MoEStep` kernel (ops/moe/body.py
+    `step_kernel`), for a session that registers runners/ort_kernels' library."""
     from .run import run_passes
 
     proto = onnx.load(path, load_external_data=False)
-    if decode_ring:
-        for i, function in enumerate(proto.functions):
-            if function.domain == DOMAIN and function.name == attention.OP_TYPE:
-                proto.functions[i].CopyFrom(attention.decode_ring(function))
+    for i, function in enumerate(proto.functions):
+        if function.domain != DOMAIN:
+            continue
+        if decode_ring and function.name == attention.OP_TYPE:
+            proto.functions[i].CopyFrom(attention.decode_ring(function))
+        if moe_step and function.name == moe.OP_TYPE:
+            try:
+                proto.functions[i].CopyFrom(moe.step_kernel(function, moe.STEP_MAX_TOKENS))
+            except ValueError:  # an export from before BODY_SPLIT: its body runs as it is
+                continue
+            if all(o.domain != moe.KERNEL_DOMAIN for o in proto.opset_import):
+                proto.opset_import.append(onnx.helper.make_opsetid(moe.KERNEL_DOMAIN, 1))
     model = run_passes(ir.serde.deserialize_model(inlined_with_shapes(proto)), ort_decoder_passes(fuse))
     return ir.serde.serialize_model(model).SerializeToString()

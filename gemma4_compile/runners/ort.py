@@ -22,23 +22,47 @@ from ..export.manifest import (
     ExportManifest,
 )
 from ..passes.lowerings import lowering_refusal
+from ..quant.formats import GRAPH_NBITS
 from .base import BaseRunner, DecodeState, empty_rows, lengths_of
 from .ort_binding import BoundRunner, CacheBinding
 from .ort_cache import optimized_graph, with_data_folder
 from .rows import row_reader
 
 
-def _rewrite(fuse: bool, decode_ring: bool) -> tuple[Callable[[Path], bytes], str]:
+def _rewrite(fuse: bool, decode_ring: bool, moe_step: bool) -> tuple[Callable[[Path], bytes], str]:
     """The decoder rewrite and its cache tag. onnx-ir and onnxscript cost ~40 MB of RSS, paid only by a start
     that rewrites (no session-cache hit): imported at the call."""
 
     def rewrite(path: Path) -> bytes:
         from ..passes.share_shapes import shared_decoder
 
-        return shared_decoder(path, fuse, decode_ring)
+        return shared_decoder(path, fuse, decode_ring, moe_step)
 
     # the tag keys saved sessions (ort_cache.py): change it whenever the rewrite changes what it writes
-    return rewrite, "shared3" + "-fused" * fuse + "-ring1" * decode_ring
+    return rewrite, "shared3" + "-fused" * fuse + "-ring2" * decode_ring + "-moestep1" * moe_step
+
+
+def _runs_dequantized_copy(manifest: ExportManifest) -> bool:
+    """onnxruntime has no FP4 type: an nvfp4 export's decoder runs as a dequantized copy (ort_fp4.py), unrewritten."""
+    return manifest.quant is not None and "nvfp4" in manifest.quant.formats
+
+
+def _no_moe_step(manifest: ExportManifest) -> str | None:
+    """Why an export's decoder has no MoE node for MoEStep, or None when it has."""
+    quant = manifest.quant
+    if not manifest.spec.enable_moe_block:
+        return "no MoE"
+    if manifest.activation_dtype is not DType.FP32:
+        return "MoEStep is fp32"
+    if _runs_dequantized_copy(manifest):
+        return "an nvfp4 export runs as a dequantized copy"
+    if (
+        quant is not None
+        and quant.graph == GRAPH_NBITS
+        and quant.roles.get("moe_experts") in ("int4", "int8")
+    ):
+        return "its 4/8-bit experts run as MatMulNBits"
+    return None
 
 
 @contextlib.contextmanager
@@ -74,6 +98,7 @@ class OrtRunner(BaseRunner):
         share_shapes: bool = True,
         fuse: bool = True,
         decode_ring: bool = True,
+        kernels: bool = True,
     ):
         """`options`: an onnxruntime SessionOptions to start from (profiling, logging); threads apply on top.
         `io_binding`: keep caches in reused bound buffers (ort_binding.py); False feeds numpy per call.
@@ -85,7 +110,10 @@ class OrtRunner(BaseRunner):
         `fuse`: in that rewrite, also run each RMSNorm and rotary embedding as one onnxruntime kernel
         (passes/ort_fusions.py; the float results move by an ulp).
         `decode_ring`: in that rewrite, a one-token call writes its cache row with a scatter instead of
-        rebuilding every slot (ops/attention/body.py `decode_ring`; the same values)."""
+        rebuilding every slot (ops/attention/body.py `decode_ring`; the same values).
+        `kernels`: in that rewrite, an fp32 MoE export's calls of up to 16 tokens run our `gemma4_ort::MoEStep`
+        CPU kernel where its library is built (runners/ort_kernels; fp32 rounding order differs); `self.kernels`
+        names it, or says why it is not used."""
         super().__init__()
         try:
             import onnxruntime as ort
@@ -107,7 +135,15 @@ class OrtRunner(BaseRunner):
             options.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
         self._session_cache = Path(session_cache) if session_cache else None
-        self._rewrite = _rewrite(fuse, decode_ring) if share_shapes else None
+        cpu_only = providers == ["CPUExecutionProvider"]
+        self._libraries, self.kernels = self._kernel_libraries(kernels and share_shapes, cpu_only)
+        try:
+            for library in self._libraries:
+                options.register_custom_ops_library(str(library))
+        except Exception as e:  # onnxruntime's Fail: a library it cannot load; run the bodies instead
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self._libraries, self.kernels = (), f"unavailable: cannot load {library.name}: {reason}"
+        self._rewrite = _rewrite(fuse, decode_ring, bool(self._libraries)) if share_shapes else None
         decoder = self.manifest.graphs[DECODER]
         self._act = self.manifest.activation_dtype.numpy
         self._outputs = [t.name for t in decoder.outputs]
@@ -124,15 +160,28 @@ class OrtRunner(BaseRunner):
             with _single_threaded(options, role == EMBED):
                 self.sessions[role] = self._session(ort, role, options, providers)
         # host buffers bound in place suit the CPU provider; debug exports have outputs the binding leaves out
-        cpu_only = providers == ["CPUExecutionProvider"]
         bind = io_binding and cpu_only and not self.manifest.debug
         self._bound = BoundRunner(ort, self.sessions, self.manifest, self.rows) if bind else None
 
+    def _kernel_libraries(self, wanted: bool, cpu_only: bool) -> tuple[tuple[Path, ...], str]:
+        """(libraries to register, what `self.kernels` reports): MoEStep runs where the decoder keeps fp32
+        `gemma4::MoE` nodes with float experts, on the CPU provider alone."""
+        if not wanted:
+            return (), "off"
+        unused = "other providers" if not cpu_only else _no_moe_step(self.manifest)
+        if unused:
+            return (), f"none needed ({unused})"
+        from . import ort_kernels
+
+        try:
+            return (ort_kernels.library(),), "moe_step"
+        except ort_kernels.KernelsUnavailable as e:
+            return (), f"unavailable: {e}"
+
     def _session(self, ort, role: str, options, providers: list[str]):
         path = self.manifest.graph_path(role)
-        quant = self.manifest.quant
         try:
-            if quant is not None and "nvfp4" in quant.formats and role == DECODER:
+            if role == DECODER and _runs_dequantized_copy(self.manifest):
                 from .ort_fp4 import dequantized_copy  # onnx-ir: loaded only for the exports that need it
 
                 with dequantized_copy(path) as tmp:
@@ -144,7 +193,9 @@ class OrtRunner(BaseRunner):
                     return ort.InferenceSession(graph, options, providers=providers)
             rewrite, tag = self._rewrite if role == DECODER and self._rewrite else (None, "")
             if self._session_cache and role == DECODER:  # the graph whose optimization takes the time
-                path = optimized_graph(ort, self.manifest, role, providers, self._session_cache, rewrite, tag)
+                path = optimized_graph(
+                    ort, self.manifest, role, providers, self._session_cache, rewrite, tag, self._libraries
+                )
             elif rewrite is not None:  # every graph of an export shares its folder, so `options` may say it
                 data_folder = with_data_folder(options, path.parent)
                 return ort.InferenceSession(rewrite(path), data_folder, providers=providers)

@@ -47,10 +47,11 @@ def optimized_graph(
     cache_dir: Path,
     rewrite: Callable[[Path], bytes] | None = None,
     tag: str = "",
+    libraries: tuple[Path, ...] = (),
 ) -> Path:
     """The cached optimized graph of `role`, made now if missing; `rewrite` (graph path -> serialized graph
     whose weights stay in the export folder, named by `tag` in the key) runs before onnxruntime's optimizers,
-    and only on a miss."""
+    and only on a miss. `libraries`: custom-op libraries the rewritten graph needs (runners/ort_kernels)."""
     folder = Path(cache_dir) / cache_key(ort, manifest, role, providers, tag if rewrite else "")
     if (folder / GRAPH).is_file():
         return folder / GRAPH
@@ -58,6 +59,8 @@ def optimized_graph(
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
     try:
         path, options = manifest.graph_path(role), _save_options(ort, tmp)
+        for library in libraries:
+            options.register_custom_ops_library(str(library))
         if rewrite is None:
             ort.InferenceSession(str(path), options, providers=providers)
         else:

@@ -111,6 +111,9 @@ class BackendSummary:
     memory_note: str | None = None
     engine_target: str | None = None  # the engine a trt backend executed
     media_error: str | None = None  # why its media rows are missing (a reference side that could not load)
+    kernels: str | None = (
+        None  # the ort runner's own CPU kernels: which ran, or why none (runners/ort_kernels)
+    )
 
 
 @dataclass(frozen=True)
@@ -511,7 +514,12 @@ def _runner_turn(
     own = getattr(runner, "peak_memory_bytes", None)  # a runner that knows its own device memory wins
     device_mb = own() / 2**20 if callable(own) else meter.device_peak
     summary = BackendSummary(
-        name, load_s, device_mb, memory_note="not measured", engine_target=runner.engine_target
+        name,
+        load_s,
+        device_mb,
+        memory_note="not measured",
+        engine_target=runner.engine_target,
+        kernels=getattr(runner, "kernels", None),
     )
     return [replace(r, backend=name) for r in timed], summary, media
 

@@ -404,7 +404,14 @@ def latency_markdown(r: LatencyReport) -> str:
             _mb(s.peak_rss_mb),
             _g(s.device_peak_mb),
             "; ".join(
-                filter(None, [s.error or s.memory_note, s.media_error and f"no media rows: {s.media_error}"])
+                filter(
+                    None,
+                    [
+                        s.error or s.memory_note,
+                        s.media_error and f"no media rows: {s.media_error}",
+                        s.kernels and f"CPU kernels: {s.kernels}",
+                    ],
+                )
             ),
         ]
         for s in r.backends

@@ -47,6 +47,7 @@ ATTENTION_CASES = [
     pytest.param(2, 8, 1, 6, 40, 32, 0, [0, 9], [6, 2], id="global-padded"),
     pytest.param(1, 4, 2, 1, 40, 32, 0, [33], [1], id="global-decode"),
     pytest.param(3, 4, 2, 1, 8, 16, 8, [13, 2, 7], [1, 0, 1], id="decode-idle-row"),  # row 1 writes nothing
+    pytest.param(2, 4, 2, 1, 12, 16, 5, [20, 3], [1, 1], id="decode-ring-wider-than-window"),
 ]
 # the export's body, and the one the onnxruntime runner swaps in (one-token calls scatter their cache row)
 BODIES = {

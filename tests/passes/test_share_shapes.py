@@ -42,10 +42,13 @@ def test_mask_ops_exist_once_per_window_value_not_once_per_layer(export, graphs)
     manifest = ExportManifest.load(export)
     layers = manifest.spec.num_hidden_layers
     windows = len({p.window for p in manifest.spec.layers})  # sliding and global: two masks
+    head_layouts = len({p.num_kv_heads for p in manifest.spec.layers})
     before, after = _op_counts(inlined), _op_counts(shared)
     for op in MASK_OPS:
         assert before[op] >= layers, op  # the premise: one copy per layer when onnxruntime inlines
-        assert after[op] <= 2 * windows, op  # Range: keys and queries; the rest once per window
+        # Range: keys and queries per window, and the one-token scatter's batch and per-head-layout indices
+        bound = 2 * windows + 1 + head_layouts if op == "Range" else 2 * windows
+        assert after[op] <= bound, op
     assert after["Shape"] <= 4  # batch, sequence and the two cache lengths, each read once
     assert not shared.functions and sum(after.values()) < 0.6 * sum(before.values())
     assert all(n.domain in ("", "ai.onnx") for n in shared.graph.node)
@@ -61,14 +64,16 @@ def test_weights_stay_external_references(graphs):
 @pytest.fixture(scope="module")
 def runners(make_export, tmp_path_factory):
     """preset -> (plain, rewritten, rewritten through the session cache, the cache folder, rewritten and
-    fused: the runner's default)."""
+    fused: the runner's default). The rewritten ones leave out our MoE kernel, whose fp32 rounding order differs
+    (tests/export/test_ort_kernels.py); the default takes it where it is built."""
     made = {}
 
     def get(preset: str):
         if preset not in made:
             export, cache = make_export(preset), tmp_path_factory.mktemp("ort-cache")
-            plain, shared = OrtRunner(export, share_shapes=False), OrtRunner(export, fuse=False)
-            cached = OrtRunner(export, session_cache=cache, fuse=False)
+            plain = OrtRunner(export, share_shapes=False)
+            shared = OrtRunner(export, fuse=False, kernels=False)
+            cached = OrtRunner(export, session_cache=cache, fuse=False, kernels=False)
             made[preset] = plain, shared, cached, cache, OrtRunner(export, session_cache=cache)
         return made[preset]
 

@@ -82,6 +82,9 @@ def test_bench_export(tmp_path, make_export, make_checkpoint):
     assert all("own process, batch 1, 32-token prompt" in s.memory_note for s in memory.values())
     assert memory["ort"].peak_rss_mb < 0.8 * memory["torch"].peak_rss_mb, memory
     assert "peak RSS" in (tmp_path / "reports" / "summary.md").read_text()
+    # which of our own CPU kernels the ort runner used is part of its numbers (a dense export needs none)
+    assert memory["ort"].kernels == "none needed (no MoE)" and memory["torch"].kernels is None
+    assert "CPU kernels: none needed" in (tmp_path / "reports" / "latency.md").read_text()
 
 
 def test_hf_reference_keeps_the_torch_reports_and_stale_polygraphy_files_go(

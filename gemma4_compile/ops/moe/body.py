@@ -6,7 +6,9 @@ one-token decode step runs top_k experts, not all E (issue #18; benchmarks/cpu_v
 independent of the token count. `BODY_GATHER`, an earlier body, gathers the chosen experts' weights per
 token (T*K*2I*H scratch, ~0.2 GB per token at 26B-A4B size): the fastest form for exactly one token, a loss
 beyond. `BODY_SPLIT`, the export's, is `BODY_GATHER` for one token and `BODY` otherwise. `BODY_STATIC` is the loop over all E experts without data-dependent shapes, which the
-engine builder inlines for TensorRT (engines/prepare.py); the TensorRT plugin does the real grouped GEMM.
+engine builder inlines for TensorRT (engines/prepare.py); the TensorRT plugin does the real grouped GEMM. The onnxruntime runner
+swaps BODY_SPLIT's one-token branch for our CPU kernel where it is built (`step_kernel`: calls of up to 16 tokens,
+runners/ort_kernels); the exported file keeps the body.
 """
 
 from __future__ import annotations
@@ -193,6 +195,61 @@ def _split_body() -> str:
 # mid MoE config's 12 layers (benchmarks/moe_decode.py, cold weights); BODY's loop stays for more tokens, where
 # per-token gathers cost T*K expert copies (1.9x BODY at 4 tokens).
 BODY_SPLIT = _split_body()
+
+
+KERNEL_DOMAIN = "gemma4_ort"  # runners/ort_kernels: onnxruntime CPU kernels of our own
+
+
+# Calls of up to this many tokens take the kernel (decode steps at batch 1-16); more take BODY's loop, which reads
+# each routed expert once for all its tokens where the kernel reads it per token. Mid MoE config, 2 threads,
+# kernel / body: batch-4 decode 0.30, batch-16 0.81, a 32-token prefill 0.96, a 64-token one 1.29.
+STEP_MAX_TOKENS = 16
+# BODY's routing values, which the kernel computes itself
+ROUTING = ("probs", "w0", "idx", "wsum", "w1", "pes", "w")
+
+
+def step_kernel(function: onnx.FunctionProto, max_tokens: int = 1) -> onnx.FunctionProto:
+    """`function` (BODY_SPLIT's) with its one-token branch replaced by one `gemma4_ort::MoEStep` node (the same
+    semantics, its experts read in place: runners/ort_kernels), taken by calls of up to `max_tokens` tokens,
+    for onnxruntime sessions that load that library. The routing nodes move into the other branch, the only
+    one still reading them."""
+    out = onnx.FunctionProto()
+    out.CopyFrom(function)
+    split = next(
+        (n for n in out.node for a in n.attribute if a.name == "then_branch" and a.g.name == "one_token"),
+        None,
+    )
+    routing = [n for n in out.node if set(n.output) & set(ROUTING)]
+    if split is None or {o for n in routing for o in n.output} != set(ROUTING):
+        raise ValueError(f"function {function.name}: not BODY_SPLIT (no one-token branch or routing)")
+    branches = {a.name: a.g for a in split.attribute}
+    one_token, tokens = branches["then_branch"], branches["else_branch"]
+    step = onnx.helper.make_node(
+        "MoEStep",
+        ["x", "logits32", "pes32", "gate_up", "down"],
+        [one_token.output[0].name],
+        domain=KERNEL_DOMAIN,
+    )
+    step.attribute.add().CopyFrom(
+        onnx.AttributeProto(name="top_k", ref_attr_name="top_k", type=onnx.AttributeProto.INT)
+    )
+    del one_token.node[:]
+    one_token.node.append(step)
+    if max_tokens > 1:  # calls of up to max_tokens tokens take the kernel
+        limit = onnx.helper.make_node("Constant", [], ["step_max"], value_int=max_tokens)
+        few = onnx.helper.make_node("LessOrEqual", ["n_tok", "step_max"], ["step_few"])
+        split.input[0] = "step_few"
+        at = list(out.node).index(split)
+        out.node.insert(at, few)
+        out.node.insert(at, limit)
+    kept = [*tokens.node]
+    del tokens.node[:]
+    tokens.node.extend([*routing, *kept])
+    for node in routing:
+        out.node.remove(node)
+    if all(o.domain != KERNEL_DOMAIN for o in out.opset_import):
+        out.opset_import.append(onnx.helper.make_opsetid(KERNEL_DOMAIN, 1))
+    return out
 
 
 def function(body: str = BODY_SPLIT) -> onnx.FunctionProto:
