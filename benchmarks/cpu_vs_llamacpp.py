@@ -15,7 +15,8 @@ times `OLD_WORK/<config>/onnx-fp32` (written by an earlier version, e.g. before 
 ours variant `fp32-base` beside every fp32 cell, so before and after alternate within one run. Greedy tokens
 of row 0 are compared with transformers (fp32) or, for int4, with our PyTorch model on the same dequantized
 weights (the validate gate); llama.cpp's are reported as they are. `--plain` also times the same fp32 export
-with the runner's graph rewrite off (`OrtRunner(share_shapes=False)`) as `fp32-plain` beside every fp32 cell.
+with the runner's graph rewrite off (`OrtRunner(share_shapes=False)`) as `fp32-plain` beside every fp32 cell;
+`--no-kernels` times each of our variants also with `OrtRunner(kernels=False)` as `<variant>-nokern`.
 Our rows' `kernels` in the JSON says which of our onnxruntime CPU kernels ran (runners/ort_kernels: build them
 first with `python -m gemma4_compile.runners.ort_kernels`) or why none did. Prints a table and one JSON line;
 exits 1 with one line when llama_cpp is not installed.
@@ -61,7 +62,15 @@ def _vmhwm_mib() -> float:
     return int(line.split()[1]) / 1024
 
 
-def _ours(path: Path, batch: int, max_len: int, threads: int, spin: bool = True, share_shapes: bool = True):
+def _ours(
+    path: Path,
+    batch: int,
+    max_len: int,
+    threads: int,
+    spin: bool = True,
+    share_shapes: bool = True,
+    kernels: bool = True,
+):
     import onnxruntime as ort
 
     from gemma4_compile.runners.ort import OrtRunner
@@ -69,7 +78,7 @@ def _ours(path: Path, batch: int, max_len: int, threads: int, spin: bool = True,
     options = ort.SessionOptions()
     if not spin:  # onnxruntime's counterpart of OMP_WAIT_POLICY=PASSIVE
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    runner = OrtRunner(path, threads=threads, options=options, share_shapes=share_shapes)
+    runner = OrtRunner(path, threads=threads, options=options, share_shapes=share_shapes, kernels=kernels)
     holder = {}
 
     def reset() -> None:
@@ -111,7 +120,10 @@ def worker(job: dict) -> dict:
     kernels = None  # ours: which of our onnxruntime CPU kernels ran (runners/ort_kernels), or why none
     if job["side"] == "ours":
         reset, step, kernels = _ours(
-            *args, spin=job.get("ort_spin", True), share_shapes=job["variant"] != PLAIN
+            *args,
+            spin=job.get("ort_spin", True),
+            share_shapes=job["variant"] != PLAIN,
+            kernels=not job["variant"].endswith(NOKERN),
         )
     else:
         reset, step = _llama(*args, job["variant"] == "f32")
@@ -178,6 +190,8 @@ def prepare(name: str, work: Path, args: argparse.Namespace) -> dict[tuple[str, 
         paths["ours", BASE] = base if base.is_dir() else f"--baseline: no export at {base}"
     if args.plain and "fp32" in args.variants:
         paths["ours", PLAIN] = paths["ours", "fp32"]
+    if args.no_kernels:
+        paths.update({("ours", v + NOKERN): paths["ours", v] for v in args.variants})
     paths.update(_ggufs(ckpt, spec, root, args))
     return paths
 
@@ -228,6 +242,7 @@ VARIANTS = ["fp32", "int4", "int4-acc4"]  # ours, as --variants names them
 LLAMA_VARIANTS = ("f32", "f16", "q8_0", "q4_0")
 BASE = "fp32-base"  # --baseline's fp32 export
 PLAIN = "fp32-plain"  # --plain: the fp32 export without the runner's shared-shape rewrite
+NOKERN = "-nokern"  # --no-kernels: a variant's export with the runner's CPU kernels off
 PAIRS = {
     "fp32": "f32",
     "int4": "q4_0",
@@ -241,7 +256,7 @@ def cells(args: argparse.Namespace) -> list[Cell]:
     """Batch 1 at --threads for each variant (llama.cpp's: all, or the pairs of --variants), then the batch x
     threads grid at fp32 / f32; fp32-base (--baseline) goes beside every fp32 cell."""
     extra = [v for v, on in ((BASE, args.baseline), (PLAIN, args.plain)) if on and "fp32" in args.variants]
-    ours = [*args.variants, *extra]
+    ours = [v for v in args.variants for v in (v, v + NOKERN)[: 1 + args.no_kernels]] + extra
     fp32 = [v for v in ("fp32", BASE, PLAIN) if v in ours]
     llama = LLAMA_VARIANTS if args.variants == VARIANTS else dict.fromkeys(PAIRS[v] for v in args.variants)
     out = [Cell("ours", v, 1, args.threads) for v in ours] + [
@@ -320,7 +335,7 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
         (r["variant"], r["batch"], r["threads"]): r for r in rows if r["side"] == "llama" and "error" not in r
     }
     for r in rows:
-        other = llama.get((PAIRS.get(r["variant"]), r["batch"], r["threads"]))
+        other = llama.get((PAIRS.get(r["variant"].removesuffix(NOKERN)), r["batch"], r["threads"]))
         if r["side"] == "ours" and "error" not in r and other:
             r["vs"] = other["variant"]
             r["decode_ratio"] = r["decode_tps"] / other["decode_tps"]
@@ -356,6 +371,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--baseline", type=Path, help="an earlier --work folder: time its fp32 exports as fp32-base"
     )
     ap.add_argument("--plain", action="store_true", help="also time fp32 without the shared-shape rewrite")
+    ap.add_argument(
+        "--no-kernels", action="store_true", help="also time each variant with our CPU kernels off (-nokern)"
+    )
     ap.add_argument("--log", type=Path, help="append each run's result to this JSON-lines file as it ends")
     ap.add_argument(
         "--no-ort-spin",

@@ -203,3 +203,136 @@ def _name_subgraph(base: str, graph: ir.Graph) -> None:
         node.name = f"{base}/{graph.name or 'branch'}/{node.op_type}_{i}"
         for j, out in enumerate(node.outputs):
             out.name = f"{node.name}_{j}"
+
+
+class CollapseExperts(ir.passes.InPlacePass):
+    """The inverse of QuantizeExperts for onnxruntime sessions that load runners/ort_kernels: each chain of
+    per-expert Ifs whose experts are plain 4-bit MatMulNBits becomes one `gemma4_ort::MoENBits` node reading the
+    stacked codes and scales where the writer put them (one external view over the E per-expert views: no byte
+    is duplicated). Same routing and ascending-expert accumulation; the If chain's per-step cost (one If per
+    expert, ~14 nodes per picked one) goes. Chains of split 8-bit experts stay. `collapsed`: how many."""
+
+    def __init__(self, domain: str) -> None:
+        super().__init__()
+        self.domain = domain
+        self.collapsed = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        self.collapsed = 0
+        for chain in _chains(graph):
+            node = _kernel_node(graph, chain, self.domain)
+            if node is None:
+                continue
+            last = chain[-1].outputs[0]
+            graph.insert_before(chain[0], node)
+            node.outputs[0].shape, node.outputs[0].type = last.shape, last.type
+            ir.convenience.replace_all_uses_with(last, node.outputs[0], replace_graph_outputs=True)
+            name = last.name
+            for n in chain:  # the branches' reads of outer values go too, so what only they read is unused
+                for branch in (
+                    n.attributes["then_branch"].as_graph(),
+                    n.attributes["else_branch"].as_graph(),
+                ):
+                    for inner in branch:
+                        for i in range(len(inner.inputs)):
+                            inner.replace_input_with(i, None)
+            graph.remove(chain, safe=True)
+            node.outputs[0].name = name
+            self.collapsed += 1
+        if self.collapsed:
+            model.opset_imports.setdefault(self.domain, 1)
+        return ir.passes.PassResult(model, modified=self.collapsed > 0)
+
+
+def _then(node: ir.Node) -> ir.Graph:
+    return node.attributes["then_branch"].as_graph()
+
+
+def _chains(graph: ir.Graph) -> list[list[ir.Node]]:
+    """QuantizeExperts' If chains, each in expert order: If e's else branch passes on If e-1's output."""
+    ifs = {n.outputs[0]: n for n in graph if n.op_type == "If" and (_then(n).name or "").startswith("expert")}
+    following = {}
+    for node in ifs.values():
+        skip = node.attributes["else_branch"].as_graph()
+        if len(skip) == 1 and skip.node(0).op_type == "Identity" and skip.node(0).inputs[0] in ifs:
+            following[ifs[skip.node(0).inputs[0]]] = node
+    chains = []
+    for node in ifs.values():
+        if _then(node).name != "expert0":
+            continue
+        chain = [node]
+        while chain[-1] in following:
+            chain.append(following[chain[-1]])
+        if [_then(n).name for n in chain] == [f"expert{e}" for e in range(len(chain))]:
+            chains.append(chain)
+    return chains
+
+
+def _kernel_node(graph: ir.Graph, chain: list[ir.Node], domain: str) -> ir.Node | None:
+    """The MoENBits node for a chain, or None where its experts are not plain 4-bit codes in blocks of 32k."""
+    branches = [_then(n) for n in chain]
+    matmuls = [[n for n in b if n.op_type == "MatMulNBits"] for b in branches]  # gate_up's, then down's
+    if any(len(m) != 2 or any(len(n.inputs) != 3 for n in m) for m in matmuls):
+        return None
+    keys = ("bits", "block_size", "accuracy_level")
+    gate_up, down = ({k: n.attributes[k].as_int() for k in keys} for n in matmuls[0])
+    if any(gate_up[k] != down[k] for k in keys) or gate_up["bits"] != 4 or gate_up["block_size"] % 32:
+        return None
+    stacked = [_stacked(graph, [m[i].inputs[j] for m in matmuls]) for i in (0, 1) for j in (1, 2)]
+    routing = _routing(branches[0], matmuls[0][0])
+    if routing is None or None in stacked:
+        return None
+    x, logits, per_expert_scale, top_k = routing
+    attributes = {
+        "top_k": top_k,
+        "block_size": gate_up["block_size"],
+        "accuracy_level": gate_up["accuracy_level"],
+    }
+    return ir.node("MoENBits", [x, logits, per_expert_scale, *stacked], attributes, domain=domain)
+
+
+def _routing(branch: ir.Graph, gate_up: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, int] | None:
+    """(x, router logits, per_expert_scale, top_k) that an expert branch of _expand reads, or None."""
+    picked = gate_up.inputs[0].producer()  # Gather(x, tokens)
+    weights = next((n.inputs[0] for n in branch if n.op_type == "GatherND"), None)
+    equal = next((n for n in branch if n.op_type == "Equal"), None)
+    topk = equal.inputs[0].producer() if equal is not None else None
+    if picked is None or weights is None or topk is None or topk.op_type != "TopK":
+        return None
+    softmax = topk.inputs[0].producer()
+    gathers = [v.producer() for v in weights.producer().inputs if v.producer() is not None]
+    scale = next((n.inputs[0] for n in gathers if n.op_type == "Gather"), None)
+    k = topk.inputs[1].const_value
+    if softmax is None or softmax.op_type != "Softmax" or scale is None or k is None:
+        return None
+    return picked.inputs[0], softmax.inputs[0], scale, int(k.numpy().reshape(-1)[0])
+
+
+def _stacked(graph: ir.Graph, views: list[ir.Value]) -> ir.Value | None:
+    """One initializer over per-expert views (_view's) that lie back to back in one file, or None."""
+    tensors = [v.const_value for v in views]
+    first = tensors[0]
+    if not all(isinstance(t, ir.ExternalTensor) for t in tensors):
+        return None
+    step = first.length
+    if any(
+        (t.location, t.base_dir, t.offset, t.length, t.dtype)
+        != (first.location, first.base_dir, first.offset + e * step, step, first.dtype)
+        for e, t in enumerate(tensors)
+    ):
+        return None
+    stem, _, suffix = views[0].name.rpartition("_")
+    name = f"{stem.removesuffix('.0')}_{suffix}"
+    if name in graph.initializers:
+        name += ".stacked"
+    tensor = ir.ExternalTensor(
+        first.location,
+        first.offset,
+        step * len(views),
+        first.dtype,
+        shape=ir.Shape([len(views), *first.shape]),
+        name=name,
+        base_dir=first.base_dir,
+    )
+    return _register(graph, tensor)

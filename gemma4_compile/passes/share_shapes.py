@@ -210,7 +210,9 @@ def shared_decoder(path: Path, fuse: bool = True, decode_ring: bool = True, moe_
     (never read here), so the session needs the export folder for them. `decode_ring`: the attention bodies
     first get onnxruntime's one-token ring update (ops/attention/body.py `decode_ring`; same values).
     `moe_step`: the MoE bodies' calls of up to 16 tokens run our `gemma4_ort::MoEStep` kernel (ops/moe/body.py
-    `step_kernel`), for a session that registers runners/ort_kernels' library."""
+    `step_kernel`) and 4-bit experts' If chains become `gemma4_ort::MoENBits` (moe_nbits.py `CollapseExperts`),
+    for a session that registers runners/ort_kernels' library."""
+    from .moe_nbits import CollapseExperts
     from .run import run_passes
 
     proto = onnx.load(path, load_external_data=False)
@@ -226,5 +228,8 @@ def shared_decoder(path: Path, fuse: bool = True, decode_ring: bool = True, moe_
                 continue
             if all(o.domain != moe.KERNEL_DOMAIN for o in proto.opset_import):
                 proto.opset_import.append(onnx.helper.make_opsetid(moe.KERNEL_DOMAIN, 1))
-    model = run_passes(ir.serde.deserialize_model(inlined_with_shapes(proto)), ort_decoder_passes(fuse))
+    kernels = [CollapseExperts(moe.KERNEL_DOMAIN)] if moe_step else []
+    model = run_passes(
+        ir.serde.deserialize_model(inlined_with_shapes(proto)), [*kernels, *ort_decoder_passes(fuse)]
+    )
     return ir.serde.serialize_model(model).SerializeToString()

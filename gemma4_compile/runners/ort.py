@@ -39,7 +39,7 @@ def _rewrite(fuse: bool, decode_ring: bool, moe_step: bool) -> tuple[Callable[[P
         return shared_decoder(path, fuse, decode_ring, moe_step)
 
     # the tag keys saved sessions (ort_cache.py): change it whenever the rewrite changes what it writes
-    return rewrite, "shared3" + "-fused" * fuse + "-ring2" * decode_ring + "-moestep1" * moe_step
+    return rewrite, "shared3" + "-fused" * fuse + "-ring2" * decode_ring + "-moestep2" * moe_step
 
 
 def _runs_dequantized_copy(manifest: ExportManifest) -> bool:
@@ -47,22 +47,19 @@ def _runs_dequantized_copy(manifest: ExportManifest) -> bool:
     return manifest.quant is not None and "nvfp4" in manifest.quant.formats
 
 
-def _no_moe_step(manifest: ExportManifest) -> str | None:
-    """Why an export's decoder has no MoE node for MoEStep, or None when it has."""
+def _moe_kernel(manifest: ExportManifest) -> tuple[str | None, str]:
+    """(the runners/ort_kernels op an export's decoder MoE runs on, or None; why not)."""
     quant = manifest.quant
     if not manifest.spec.enable_moe_block:
-        return "no MoE"
+        return None, "no MoE"
     if manifest.activation_dtype is not DType.FP32:
-        return "MoEStep is fp32"
+        return None, "the kernels are fp32"
     if _runs_dequantized_copy(manifest):
-        return "an nvfp4 export runs as a dequantized copy"
-    if (
-        quant is not None
-        and quant.graph == GRAPH_NBITS
-        and quant.roles.get("moe_experts") in ("int4", "int8")
-    ):
-        return "its 4/8-bit experts run as MatMulNBits"
-    return None
+        return None, "an nvfp4 export runs as a dequantized copy"
+    experts = quant.roles.get("moe_experts") if quant is not None and quant.graph == GRAPH_NBITS else None
+    if experts == "int8":
+        return None, "its 8-bit experts run as MatMulNBits"
+    return ("moe_nbits" if experts == "int4" else "moe_step"), ""
 
 
 @contextlib.contextmanager
@@ -112,7 +109,8 @@ class OrtRunner(BaseRunner):
         `decode_ring`: in that rewrite, a one-token call writes its cache row with a scatter instead of
         rebuilding every slot (ops/attention/body.py `decode_ring`; the same values).
         `kernels`: in that rewrite, an fp32 MoE export's calls of up to 16 tokens run our `gemma4_ort::MoEStep`
-        CPU kernel where its library is built (runners/ort_kernels; fp32 rounding order differs); `self.kernels`
+        CPU kernel, and 4-bit experts run as `gemma4_ort::MoENBits`, where the library is built
+        (runners/ort_kernels; fp32 rounding order differs); `self.kernels`
         names it, or says why it is not used."""
         super().__init__()
         try:
@@ -164,17 +162,17 @@ class OrtRunner(BaseRunner):
         self._bound = BoundRunner(ort, self.sessions, self.manifest, self.rows) if bind else None
 
     def _kernel_libraries(self, wanted: bool, cpu_only: bool) -> tuple[tuple[Path, ...], str]:
-        """(libraries to register, what `self.kernels` reports): MoEStep runs where the decoder keeps fp32
-        `gemma4::MoE` nodes with float experts, on the CPU provider alone."""
+        """(libraries to register, what `self.kernels` reports: the MoE kernel, or why none), on the CPU
+        provider alone."""
         if not wanted:
             return (), "off"
-        unused = "other providers" if not cpu_only else _no_moe_step(self.manifest)
-        if unused:
+        kernel, unused = (None, "other providers") if not cpu_only else _moe_kernel(self.manifest)
+        if kernel is None:
             return (), f"none needed ({unused})"
         from . import ort_kernels
 
         try:
-            return (ort_kernels.library(),), "moe_step"
+            return (ort_kernels.library(),), kernel
         except ort_kernels.KernelsUnavailable as e:
             return (), f"unavailable: {e}"
 

@@ -144,20 +144,23 @@ def _all_nodes(graph: onnx.GraphProto):
                 yield from _all_nodes(a.g)
 
 
-def test_exports_without_float_moe_nodes_say_why_no_kernel_runs(make_export):
-    """The runner's report is about this export's graph: no MoE, or experts that run as MatMulNBits."""
+def test_the_runner_names_the_moe_kernel_of_each_export_or_why_none(make_export):
+    """The runner's report is about this export's graph: fp32 experts take MoEStep, 4-bit ones MoENBits; no MoE,
+    or 8-bit experts (MatMulNBits), take none."""
     import dataclasses
 
     from gemma4_compile.export.manifest import ExportManifest
     from gemma4_compile.quant.formats import QuantSpec
-    from gemma4_compile.runners.ort import _no_moe_step
+    from gemma4_compile.runners.ort import _moe_kernel
 
     manifest = ExportManifest.load(make_export("tiny-26b-a4b"))
-    assert _no_moe_step(manifest) is None
+    assert _moe_kernel(manifest) == ("moe_step", "")
     dense = dataclasses.replace(manifest, spec=dataclasses.replace(manifest.spec, enable_moe_block=False))
-    assert _no_moe_step(dense) == "no MoE"
+    assert _moe_kernel(dense) == (None, "no MoE")
     int4 = dataclasses.replace(manifest, quant=QuantSpec("int4", 32, {"moe_experts": "int4"}))
-    assert _no_moe_step(int4) == "its 4/8-bit experts run as MatMulNBits"
+    assert _moe_kernel(int4) == ("moe_nbits", "")
+    int8 = dataclasses.replace(manifest, quant=QuantSpec("int8", 32, {"moe_experts": "int8"}))
+    assert _moe_kernel(int8) == (None, "its 8-bit experts run as MatMulNBits")
 
 
 def test_a_library_onnxruntime_cannot_load_leaves_the_bodies(make_export, monkeypatch, tmp_path):

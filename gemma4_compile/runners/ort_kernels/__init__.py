@@ -33,7 +33,8 @@ from pathlib import Path
 
 __all__ = ["KernelsUnavailable", "build", "library"]
 
-SOURCE = Path(__file__).with_name("moe_step.cc")
+HERE = Path(__file__).parent
+SOURCES = sorted(HERE.glob("*.cc"))  # compiled together; with kernels.h, the cache key
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
 # Debian trixie's onnxruntime dev package: headers only (the library it depends on is not needed)
 HEADERS_DEB = (
@@ -127,18 +128,20 @@ def _cpu_flags() -> str:
         return ""
 
 
-def build(fetch: bool = False) -> Path:
-    """The built library (from the cache when its key matches), compiled now if needed."""
+def build(fetch: bool = False, extra_flags: tuple[str, ...] = ()) -> Path:
+    """The built library (from the cache when its key matches), compiled now if needed; `extra_flags` go to the
+    compiler too (tests build `-DGEMMA4_PORTABLE`, the code without AVX-512)."""
     try:
-        return _build(headers(fetch), _compiler())
+        return _build(headers(fetch), _compiler(), [*FLAGS, *extra_flags])
     except OSError as e:  # a compiler that does not run, an unwritable cache
         raise KernelsUnavailable(f"cannot build the kernels: {e}") from None
 
 
-def _build(include: Path, cxx: str) -> Path:
+def _build(include: Path, cxx: str, flags: list[str]) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), str(version).encode(), _cpu_flags().encode()):
+    sources = [p.read_bytes() for p in (*SOURCES, HERE / "kernels.h")]
+    for part in (*sources, " ".join(flags).encode(), str(version).encode(), _cpu_flags().encode()):
         key.update(part)
     for name in NEEDED:
         key.update((include / name).read_bytes())
@@ -147,12 +150,12 @@ def _build(include: Path, cxx: str) -> Path:
         return target
     tmp = Path(tempfile.mkdtemp(dir=_made(cache_dir()))) / target.name
     done = subprocess.run(
-        [cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(tmp)], capture_output=True, text=True
+        [cxx, *flags, f"-I{include}", *map(str, SOURCES), "-o", str(tmp)], capture_output=True, text=True
     )
     if done.returncode:
         shutil.rmtree(tmp.parent, ignore_errors=True)
         reason = (done.stderr.strip().splitlines() or ["no output"])[0]
-        raise KernelsUnavailable(f"building {SOURCE.name} failed: {reason}")
+        raise KernelsUnavailable(f"building the kernels failed: {reason}")
     tmp.rename(target)
     shutil.rmtree(tmp.parent, ignore_errors=True)
     return target

@@ -10,18 +10,11 @@
 // Attribute: top_k. Output: y [T, H]. Rows are split over onnxruntime's intra-op threads.
 
 #include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <memory>
-#include <mutex>
-#include <numeric>
 #include <vector>
 
-#define ORT_API_MANUAL_INIT
-#include "onnxruntime_cxx_api.h"
-#undef ORT_API_MANUAL_INIT
-#include "onnxruntime_lite_custom_op.h"
+#include "kernels.h"
 
+namespace gemma4_ort {
 namespace {
 
 constexpr int64_t kRowsPerTask = 32;
@@ -38,11 +31,6 @@ inline float Dot(const float* a, const float* b, int64_t n) {
   for (int j = 0; j < kLanes; ++j) sum += lanes[j];
   for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
-}
-
-inline float GeluTanh(float g) {
-  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
-  return 0.5f * g * (1.f + std::tanh(c * (g + 0.044715f * g * g * g)));
 }
 
 // For each picked expert k: out[k][r] = w_k[r, :] . v_k for the rows of a row-major [rows, cols] matrix per expert.
@@ -67,90 +55,57 @@ void RunGemv(Ort::KernelContext& ctx, Gemv& g) {
   ctx.ParallelFor(GemvTask, static_cast<size_t>(g.blocks_per_expert * g.w.size()), 0, &g);
 }
 
-struct MoEStep {
-  MoEStep(const OrtApi* api, const OrtKernelInfo* info) {
-    top_k_ = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("top_k");
-  }
-
-  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
-                      const Ort::Custom::Tensor<float>& router_logits,
-                      const Ort::Custom::Tensor<float>& per_expert_scale, const Ort::Custom::Tensor<float>& gate_up,
-                      const Ort::Custom::Tensor<float>& down, Ort::Custom::Tensor<float>& y) {
-    const auto& xs = x.Shape();
-    const auto& gs = gate_up.Shape();
-    const auto& ds = down.Shape();
-    if (xs.size() != 2 || gs.size() != 3 || ds.size() != 3) {
-      return Ort::Status("MoEStep: x must be [T, H], gate_up [E, 2I, H], down [E, H, I]", ORT_INVALID_ARGUMENT);
-    }
-    const int64_t T = xs[0], H = xs[1], E = gs[0], I2 = gs[1], I = I2 / 2;
-    if (gs[2] != H || ds[0] != E || ds[1] != H || ds[2] != I || I2 != 2 * I ||
-        router_logits.Shape() != std::vector<int64_t>{T, E} || per_expert_scale.NumberOfElement() != E ||
-        top_k_ < 1 || top_k_ > E) {
-      return Ort::Status("MoEStep: inconsistent shapes or top_k", ORT_INVALID_ARGUMENT);
-    }
-    Ort::KernelContext ctx(context);
-    const float* xd = x.Data();
-    const float* logits = router_logits.Data();
-    const float* pes = per_expert_scale.Data();
-    const float* gu = gate_up.Data();
-    const float* dn = down.Data();
-    float* out = y.Allocate({T, H});
-
-    const int64_t K = top_k_;
-    std::vector<float> probs(E), h(K * I2), act(K * I), rows(K * H), weight(K);
-    std::vector<int64_t> order(E);
-    Gemv up{std::vector<const float*>(K), std::vector<const float*>(K), std::vector<float*>(K), I2, H, 0};
-    Gemv back{std::vector<const float*>(K), std::vector<const float*>(K), std::vector<float*>(K), H, I, 0};
-    for (int64_t t = 0; t < T; ++t) {
-      const float* l = logits + t * E;
-      const float peak = *std::max_element(l, l + E);
-      float total = 0.f;
-      for (int64_t e = 0; e < E; ++e) total += probs[e] = std::exp(l[e] - peak);
-      for (int64_t e = 0; e < E; ++e) probs[e] /= total;
-      std::iota(order.begin(), order.end(), 0);
-      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return probs[a] > probs[b]; });
-      float picked = 0.f;
-      for (int64_t k = 0; k < K; ++k) picked += probs[order[k]];
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t e = order[k];
-        weight[k] = probs[e] / picked * pes[e];
-        up.w[k] = gu + e * I2 * H, up.v[k] = xd + t * H, up.out[k] = h.data() + k * I2;
-        back.w[k] = dn + e * H * I, back.v[k] = act.data() + k * I, back.out[k] = rows.data() + k * H;
-      }
-      RunGemv(ctx, up);
-      for (int64_t k = 0; k < K; ++k) {
-        const float* hk = h.data() + k * I2;
-        for (int64_t i = 0; i < I; ++i) act[k * I + i] = GeluTanh(hk[i]) * hk[I + i];
-      }
-      RunGemv(ctx, back);
-      float* yt = out + t * H;
-      std::fill(yt, yt + H, 0.f);
-      for (int64_t k = 0; k < K; ++k) {  // routing order, as the body's sum over K
-        for (int64_t j = 0; j < H; ++j) yt[j] += rows[k * H + j] * weight[k];
-      }
-    }
-    return Ort::Status{nullptr};
-  }
-
-  int64_t top_k_ = 1;
-};
-
 }  // namespace
 
-static const char* kDomain = "gemma4_ort";
-
-extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
-  // one domain for every session of the process (sessions may register from several threads)
-  static Ort::CustomOpDomain domain{kDomain};
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> op{
-      Ort::Custom::CreateLiteCustomOp<MoEStep>("MoEStep", "CPUExecutionProvider")};
-  static std::once_flag added;
-  try {
-    std::call_once(added, [] { domain.Add(op.get()); });
-    Ort::UnownedSessionOptions(options).Add(domain);
-  } catch (const Ort::Exception& e) {
-    return Ort::Status(e).release();
-  }
-  return nullptr;
+MoEStep::MoEStep(const OrtApi*, const OrtKernelInfo* info) {
+  top_k_ = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("top_k");
 }
+
+Ort::Status MoEStep::Compute(OrtKernelContext* context, const Floats& x, const Floats& router_logits,
+                             const Floats& per_expert_scale, const Floats& gate_up, const Floats& down, Floats& y) {
+  const auto& xs = x.Shape();
+  const auto& gs = gate_up.Shape();
+  const auto& ds = down.Shape();
+  if (xs.size() != 2 || gs.size() != 3 || ds.size() != 3) {
+    return Ort::Status("MoEStep: x must be [T, H], gate_up [E, 2I, H], down [E, H, I]", ORT_INVALID_ARGUMENT);
+  }
+  const int64_t T = xs[0], H = xs[1], E = gs[0], I2 = gs[1], I = I2 / 2;
+  if (gs[2] != H || ds[0] != E || ds[1] != H || ds[2] != I || I2 != 2 * I ||
+      router_logits.Shape() != std::vector<int64_t>{T, E} || per_expert_scale.NumberOfElement() != E ||
+      top_k_ < 1 || top_k_ > E) {
+    return Ort::Status("MoEStep: inconsistent shapes or top_k", ORT_INVALID_ARGUMENT);
+  }
+  Ort::KernelContext ctx(context);
+  const float* xd = x.Data();
+  const float* gu = gate_up.Data();
+  const float* dn = down.Data();
+  float* out = y.Allocate({T, H});
+
+  const int64_t K = top_k_;
+  Router router(E);
+  std::vector<float> h(K * I2), act(K * I), rows(K * H), weight(K);
+  std::vector<int64_t> experts(K);
+  Gemv up{std::vector<const float*>(K), std::vector<const float*>(K), std::vector<float*>(K), I2, H, 0};
+  Gemv back{std::vector<const float*>(K), std::vector<const float*>(K), std::vector<float*>(K), H, I, 0};
+  for (int64_t t = 0; t < T; ++t) {
+    router.Route(router_logits.Data() + t * E, per_expert_scale.Data(), K, experts.data(), weight.data());
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t e = experts[k];
+      up.w[k] = gu + e * I2 * H, up.v[k] = xd + t * H, up.out[k] = h.data() + k * I2;
+      back.w[k] = dn + e * H * I, back.v[k] = act.data() + k * I, back.out[k] = rows.data() + k * H;
+    }
+    RunGemv(ctx, up);
+    for (int64_t k = 0; k < K; ++k) {
+      Glu(h.data() + k * I2, h.data() + k * I2 + I, act.data() + k * I, I);
+    }
+    RunGemv(ctx, back);
+    float* yt = out + t * H;
+    std::fill(yt, yt + H, 0.f);
+    for (int64_t k = 0; k < K; ++k) {  // routing order, as the body's sum over K
+      for (int64_t j = 0; j < H; ++j) yt[j] += rows[k * H + j] * weight[k];
+    }
+  }
+  return Ort::Status{nullptr};
+}
+
+}  // namespace gemma4_ort
