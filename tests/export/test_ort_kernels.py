@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from kernel_support import built, kernel_session
 from onnx import TensorProto, helper
 
 from gemma4_compile.model import ops
@@ -26,10 +27,7 @@ NAMES = ("x", "r", "s", "gu", "dn")
 
 @pytest.fixture(scope="module")
 def library() -> Path:
-    try:
-        return ort_kernels.build(fetch=True)
-    except ort_kernels.KernelsUnavailable as e:
-        pytest.skip(f"onnxruntime CPU kernels unavailable: {e}")
+    return built()
 
 
 def _inputs(T, H, I, E, seed=5):  # noqa: E741
@@ -88,18 +86,7 @@ def test_a_wrong_top_k_is_detected(library):
 def test_inconsistent_shapes_are_refused(library):
     x, r, s, gu, dn = (t.numpy() for t in _inputs(2, 32, 16, 8))
     node = helper.make_node("MoEStep", list(NAMES), ["y"], domain=body.KERNEL_DOMAIN, top_k=2)
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in NAMES],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-    )
-    opsets = [helper.make_opsetid("", 20), helper.make_opsetid(body.KERNEL_DOMAIN, 1)]
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(library))
-    options.log_severity_level = 4
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess = kernel_session(library, node, dict.fromkeys(NAMES, TensorProto.FLOAT))
     with pytest.raises(Exception, match="MoEStep: inconsistent shapes"):
         sess.run(None, {"x": x, "r": r, "s": s, "gu": gu, "dn": dn[:, :, :8]})  # down's I halved
 

@@ -9,34 +9,26 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
+from kernel_support import built, kernel_session
 from onnx import TensorProto, helper
 
 from gemma4_compile.ops.moe import body
 from gemma4_compile.ops.moe.reference import moe_reference
-from gemma4_compile.runners import ort_kernels
 
 NAMES = ("x", "r", "s", "gu", "gu_scales", "dn", "dn_scales")
 
 
-def _built(*flags: str) -> Path:
-    try:
-        return ort_kernels.build(fetch=True, extra_flags=flags)
-    except ort_kernels.KernelsUnavailable as e:
-        pytest.skip(f"onnxruntime CPU kernels unavailable: {e}")
-
-
 @pytest.fixture(scope="module")
 def library() -> Path:
-    return _built()
+    return built()
 
 
 @pytest.fixture(scope="module")
 def portable() -> Path:
     """The same source without the AVX-512 paths (what a CPU without VNNI builds)."""
-    return _built("-DGEMMA4_PORTABLE")
+    return built("-DGEMMA4_PORTABLE")
 
 
 def _codes(E: int, N: int, K: int, B: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -64,19 +56,8 @@ def _run(library: Path, feeds: tuple, K: int, B: int, level: int) -> np.ndarray:
     node = helper.make_node(
         "MoENBits", list(NAMES), ["y"], domain=body.KERNEL_DOMAIN, top_k=K, block_size=B, accuracy_level=level
     )
-    types = [TensorProto.UINT8 if n in ("gu", "dn") else TensorProto.FLOAT for n in NAMES]
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info(n, t, None) for n, t in zip(NAMES, types)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-    )
-    opsets = [helper.make_opsetid("", 20), helper.make_opsetid(body.KERNEL_DOMAIN, 1)]
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(library))
-    options.log_severity_level = 4
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    types = {n: TensorProto.UINT8 if n in ("gu", "dn") else TensorProto.FLOAT for n in NAMES}
+    sess = kernel_session(library, node, types)
     return sess.run(None, dict(zip(NAMES, feeds)))[0]
 
 
