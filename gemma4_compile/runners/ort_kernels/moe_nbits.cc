@@ -30,6 +30,7 @@ constexpr int64_t kRowsPerTask = 32;  // rows of one expert a task computes
 constexpr int kTile = 4;              // vectors that share one unpacked block
 constexpr int kRowBlock = 2;          // rows that share one loaded vector
 constexpr int64_t kChunk = 256;       // tokens per pass over the experts
+constexpr int64_t kSerialGlu = 16384; // GLU elements below which one thread does them
 
 // Activation vectors in the order the codes unpack: within each run of 32 elements (a sub-block), the 16 even
 // ones, then the 16 odd ones (low nibbles, then high nibbles). `cols`: the length rounded up to whole blocks, the
@@ -145,7 +146,8 @@ void DotRows(const uint8_t* const* codes, const float* const* scales, const Acti
     return;
   }
   const int64_t blocks = cols / B;
-  const __m512i low = _mm512_set1_epi32(0x0F), eight = _mm512_set1_epi32(8);
+  // code -> code - 8 as a float: vpermps reads the low 4 bits of each index, so no mask is needed
+  const __m512 values = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
   __m512 acc[R][N];
   for (int r = 0; r < R; ++r)
     for (int n = 0; n < N; ++n) acc[r][n] = _mm512_setzero_ps();
@@ -161,8 +163,8 @@ void DotRows(const uint8_t* const* codes, const float* const* scales, const Acti
       }
       for (int r = 0; r < R; ++r) {
         const __m512i raw = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes[r] + sub / 2)));
-        const __m512 even = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(raw, low), eight));
-        const __m512 odd = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(raw, 4), eight));
+        const __m512 even = _mm512_permutexvar_ps(raw, values);
+        const __m512 odd = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 4), values);
         for (int n = 0; n < N; ++n) sum[r][n] = _mm512_fmadd_ps(odd, x1[n], _mm512_fmadd_ps(even, x0[n], sum[r][n]));
       }
     }
@@ -352,7 +354,11 @@ Ort::Status MoENBits::Compute(OrtKernelContext* context, const Floats& x, const 
     Run(ctx, up, s.hit);
     s.ain.Resize(P, I, B, int8);
     GluStage glu{s.h.data(), I, &s.ain, &s.act};
-    ctx.ParallelFor(GluTask, static_cast<size_t>(P), 0, &glu);
+    if (P * I < kSerialGlu) {  // a decode step's few rows: not worth waking the pool
+      for (int64_t p = 0; p < P; ++p) GluTask(&glu, static_cast<size_t>(p));
+    } else {
+      ctx.ParallelFor(GluTask, static_cast<size_t>(P), 0, &glu);
+    }
     back.out = s.rows.data();
     Run(ctx, back, s.hit);
     for (int64_t e : s.hit) {  // ascending expert id, as the chain of Ifs adds
