@@ -21,9 +21,11 @@ Our rows' `kernels` in the JSON says which of our onnxruntime CPU kernels ran (r
 first with `python -m gemma4_compile.runners.ort_kernels`) or why none did. Prints a table and one JSON line;
 exits 1 with one line when llama_cpp is not installed.
 
-On a CPU shared with other jobs, threads that spin at barriers collapse (llama.cpp's OpenMP threads: 2-thread
-decode 10-20x slower than 1 thread); llama.cpp runs with OMP_WAIT_POLICY=PASSIVE (`--omp-wait-policy`) and
-`--no-ort-spin` gives onnxruntime the same. On such a machine the 1-thread rows are the ones to trust.
+llama.cpp's OpenMP threads wait at its barriers as `--omp-wait-policy` says (OMP_WAIT_POLICY, default ACTIVE:
+spinning). On a CPU shared with other jobs, spinning threads collapse (2-thread decode 10-20x slower than 1
+thread): there PASSIVE, with `--no-ort-spin` for onnxruntime, is the fairer setting and the 1-thread rows are
+the ones to trust. On an idle machine PASSIVE is what collapses instead (mid MoE q4_0, 2 threads: 72 tok/s
+PASSIVE, 347 ACTIVE; benchmarks/RESULTS.md, seventh session).
 """
 
 from __future__ import annotations
@@ -381,7 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="onnxruntime threads wait without spinning",
     )
-    ap.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for llama.cpp's threads")
+    ap.add_argument("--omp-wait-policy", default="ACTIVE", help="OMP_WAIT_POLICY for llama.cpp's threads")
     ap.add_argument(
         "--work", type=Path, help="keep checkpoints, exports and GGUFs here (default: a temp dir)"
     )

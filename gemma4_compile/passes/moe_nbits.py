@@ -270,23 +270,25 @@ def _chains(graph: ir.Graph) -> list[list[ir.Node]]:
 
 
 def _kernel_node(graph: ir.Graph, chain: list[ir.Node], domain: str) -> ir.Node | None:
-    """The MoENBits node for a chain, or None where its experts are not plain 4-bit codes in blocks of 32k."""
+    """The MoENBits node for a chain, or None where its experts are not plain 4-bit codes in blocks of 32, 64, ..."""
     branches = [_then(n) for n in chain]
     matmuls = [[n for n in b if n.op_type == "MatMulNBits"] for b in branches]  # gate_up's, then down's
     if any(len(m) != 2 or any(len(n.inputs) != 3 for n in m) for m in matmuls):
         return None
     keys = ("bits", "block_size", "accuracy_level")
     gate_up, down = ({k: n.attributes[k].as_int() for k in keys} for n in matmuls[0])
-    if any(gate_up[k] != down[k] for k in keys) or gate_up["bits"] != 4 or gate_up["block_size"] % 32:
+    block = gate_up["block_size"]
+    if any(gate_up[k] != down[k] for k in keys) or gate_up["bits"] != 4 or block < 32 or block & (block - 1):
         return None
-    stacked = [_stacked(graph, [m[i].inputs[j] for m in matmuls]) for i in (0, 1) for j in (1, 2)]
     routing = _routing(branches[0], matmuls[0][0])
-    if routing is None or None in stacked:
+    views = [[m[i].inputs[j] for m in matmuls] for i in (0, 1) for j in (1, 2)]
+    if routing is None or not all(_contiguous(v) for v in views):
         return None
+    stacked = [_stacked(graph, v) for v in views]
     x, logits, per_expert_scale, top_k = routing
     attributes = {
         "top_k": top_k,
-        "block_size": gate_up["block_size"],
+        "block_size": block,
         "accuracy_level": gate_up["accuracy_level"],
     }
     return ir.node("MoENBits", [x, logits, per_expert_scale, *stacked], attributes, domain=domain)
@@ -309,19 +311,22 @@ def _routing(branch: ir.Graph, gate_up: ir.Node) -> tuple[ir.Value, ir.Value, ir
     return picked.inputs[0], softmax.inputs[0], scale, int(k.numpy().reshape(-1)[0])
 
 
-def _stacked(graph: ir.Graph, views: list[ir.Value]) -> ir.Value | None:
-    """One initializer over per-expert views (_view's) that lie back to back in one file, or None."""
+def _contiguous(views: list[ir.Value]) -> bool:
+    """Per-expert views (_view's) that lie back to back in one file, expert by expert."""
     tensors = [v.const_value for v in views]
-    first = tensors[0]
     if not all(isinstance(t, ir.ExternalTensor) for t in tensors):
-        return None
-    step = first.length
-    if any(
-        (t.location, t.base_dir, t.offset, t.length, t.dtype)
-        != (first.location, first.base_dir, first.offset + e * step, step, first.dtype)
+        return False
+    first, step = tensors[0], tensors[0].length
+    where = (first.location, first.base_dir, first.dtype, step)
+    return all(
+        (t.location, t.base_dir, t.dtype, t.length) == where and t.offset == first.offset + e * step
         for e, t in enumerate(tensors)
-    ):
-        return None
+    )
+
+
+def _stacked(graph: ir.Graph, views: list[ir.Value]) -> ir.Value:
+    """One initializer over contiguous per-expert views: [E, *view shape], the same bytes."""
+    first = views[0].const_value
     stem, _, suffix = views[0].name.rpartition("_")
     name = f"{stem.removesuffix('.0')}_{suffix}"
     if name in graph.initializers:
@@ -329,7 +334,7 @@ def _stacked(graph: ir.Graph, views: list[ir.Value]) -> ir.Value | None:
     tensor = ir.ExternalTensor(
         first.location,
         first.offset,
-        step * len(views),
+        first.length * len(views),
         first.dtype,
         shape=ir.Shape([len(views), *first.shape]),
         name=name,

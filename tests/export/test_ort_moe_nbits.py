@@ -170,3 +170,14 @@ def test_the_runner_collapses_the_expert_chain_with_the_same_tokens(
     got, want = (r.generate_with_logits(ids, 12, lengths) for r in (with_kernel, without))
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-4 if level == 0 else 2e-2)
+
+
+def test_split_8bit_experts_keep_their_chain(make_quant_export):
+    """int8 experts at level 0 are split 4-bit rows with zero points: not MoENBits' layout, so the chain stays."""
+    from gemma4_compile.passes.share_shapes import shared_decoder
+
+    export = make_quant_export("tiny-26b-a4b", "int8", 32)
+    graph = onnx.load_from_string(shared_decoder(export / "decoder.onnx", moe_step=True)).graph
+    branches = [a.g.name for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    assert not [n for n in graph.node if n.op_type == "MoENBits"]
+    assert "expert0" in branches

@@ -4,7 +4,7 @@
 // Inputs: x [T, H], router_logits [T, E], per_expert_scale [E] (fp32); gate_up codes [E, 2I, H/B, B/2] (uint8,
 // two codes a byte, the lower element in the low nibble, zero point 8) and scales [E, 2I, H/B]; down codes
 // [E, H, I/B, B/2] and scales [E, H, I/B], blocks rounded up (the last block's padding meets zero activations).
-// Attributes: top_k, block_size B (a multiple of 32), accuracy_level as
+// Attributes: top_k, block_size B (a power of two from 32), accuracy_level as
 // MatMulNBits': 0 multiplies fp32 activations by the codes' values (code - 8) * scale; 4 first rounds each
 // block of B activations to int8 (scale absmax / 127) and takes integer dot products (AVX-512 VNNI where
 // compiled in). Output: y [T, H].
@@ -28,30 +28,38 @@ namespace {
 constexpr int64_t kSub = 32;          // elements a 16-byte run of codes holds
 constexpr int64_t kRowsPerTask = 32;  // rows of one expert a task computes
 constexpr int kTile = 4;              // vectors that share one unpacked block
-constexpr int kRowBlock = 2;          // rows that share one loaded vector
+constexpr int kRowBlock = 4;          // rows that share one loaded vector (one token; tiles of more: 2)
 constexpr int64_t kChunk = 256;       // tokens per pass over the experts
 constexpr int64_t kSerialGlu = 16384; // GLU elements below which one thread does them
 
-// Activation vectors in the order the codes unpack: within each run of 32 elements (a sub-block), the 16 even
-// ones, then the 16 odd ones (low nibbles, then high nibbles). `cols`: the length rounded up to whole blocks, the
-// padding zero. Level 0 keeps them fp32. Level 4 holds int8 values, rounded per block of B (scale absmax / 127),
-// and per sub-block its block's scale and an int32x8 that starts its dot product at -8 * (sum of its values):
-// the codes' zero point, applied where the block's scale multiplies the integer sum.
+// Activation vectors in the order the codes unpack. Level 0 keeps them fp32, per run of 32 elements (a
+// sub-block) its 16 even elements, then its 16 odd ones (low nibbles, then high nibbles). Level 4 holds int8
+// values rounded per block of B (scale absmax / 127), per pair of sub-blocks (64 elements) the evens of the
+// first, the evens of the second, the odds of the first, the odds of the second: what 32 bytes of codes give
+// as (low nibbles, high nibbles); a lone last sub-block leaves its partner's places zero. Per sub-block also
+// its block's scale and -8 * (the sum of its values): the codes' zero point, folded in where the scales
+// multiply the integer sums. `cols`: the length rounded up to whole blocks, the padding zero.
 struct Activations {
-  int64_t length = 0, cols = 0, block = 0, subs = 0;
+  int64_t length = 0, cols = 0, block = 0, subs = 0, qcols = 0;
   bool int8 = false;
-  std::vector<float> f;
-  std::vector<int8_t> q;
-  std::vector<float> scale;   // [n, subs]
-  std::vector<int32_t> start; // [n, subs, 8]
+  std::vector<float> f;        // [n, cols]
+  std::vector<int8_t> q;       // [n, qcols]
+  std::vector<float> scale;    // [n, subs]
+  std::vector<float> zero_sum; // [n, subs]
 
   void Resize(int64_t n, int64_t len, int64_t b, bool quantized) {
     length = len, cols = (len + b - 1) / b * b, block = b, subs = cols / kSub, int8 = quantized;
+    qcols = (subs + 1) / 2 * 2 * kSub;
     if (int8) {
-      q.resize(n * cols), scale.resize(n * subs), start.assign(n * subs * 8, 0);
+      q.assign(n * qcols, 0), scale.resize(n * subs), zero_sum.resize(n * subs);
     } else {
       f.resize(n * cols);
     }
+  }
+
+  // where element i (0..31) of sub-block s of vector v goes in q
+  int64_t At(int64_t v, int64_t s, int64_t i) const {
+    return v * qcols + s / 2 * 2 * kSub + (i & 1) * kSub + (s & 1) * (kSub / 2) + i / 2;
   }
 
   void Set(int64_t v, const float* src) {
@@ -61,30 +69,51 @@ struct Activations {
       std::copy(src, src + length, padded.begin());
       src = padded.data();
     }
-    float permuted[kSub];
     for (int64_t b = 0; b < cols; b += block) {
       float amax = 0.f;
       for (int64_t i = b; i < b + block; ++i) amax = std::max(amax, std::fabs(src[i]));
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       for (int64_t sub = b; sub < b + block; sub += kSub) {
-        for (int64_t j = 0; j < kSub / 2; ++j) {
-          permuted[j] = src[sub + 2 * j], permuted[kSub / 2 + j] = src[sub + 2 * j + 1];
-        }
-        const int64_t at = v * cols + sub;
+        const int64_t s = sub / kSub;
         if (!int8) {
-          std::memcpy(f.data() + at, permuted, sizeof permuted);
+          float* out = f.data() + v * cols + sub;
+          for (int64_t j = 0; j < kSub / 2; ++j) out[j] = src[sub + 2 * j], out[kSub / 2 + j] = src[sub + 2 * j + 1];
           continue;
         }
         int32_t total = 0;
-        for (int64_t j = 0; j < kSub; ++j) {
-          const int8_t code = static_cast<int8_t>(std::nearbyint(permuted[j] * inv));
-          q[at + j] = code, total += code;
+        for (int64_t i = 0; i < kSub; ++i) {
+          const int8_t code = static_cast<int8_t>(std::nearbyint(src[sub + i] * inv));
+          q[At(v, s, i)] = code, total += code;
         }
-        scale[at / kSub] = amax / 127.f, start[at / kSub * 8] = -8 * total;
+        scale[v * subs + s] = amax / 127.f, zero_sum[v * subs + s] = -8.f * static_cast<float>(total);
       }
     }
   }
 };
+
+#ifdef GEMMA4_AVX512
+// out[r * N + n] = the sum of acc[r][n]'s lanes; four rows at a time share one transposing reduction.
+template <int R, int N>
+inline void Sums(const __m512 (&acc)[R][N], float* out) {
+  int r = 0;
+  for (; r + 4 <= R; r += 4) {
+    for (int n = 0; n < N; ++n) {
+      const __m512 a = acc[r][n], b = acc[r + 1][n], c = acc[r + 2][n], d = acc[r + 3][n];
+      const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+      const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+      // per 128-bit lane: partial sums of a, b, c, d
+      __m512 x = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+      x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0x4E));
+      x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0xB1));
+      alignas(16) float four[4];
+      _mm_store_ps(four, _mm512_castps512_ps128(x));
+      for (int i = 0; i < 4; ++i) out[(r + i) * N + n] = four[i];
+    }
+  }
+  for (; r < R; ++r)
+    for (int n = 0; n < N; ++n) out[r * N + n] = _mm512_reduce_add_ps(acc[r][n]);
+}
+#endif
 
 // out[r * N + n] = row r . activation vector vs[n] for R rows of `a.cols` codes (cols / B scales each) and N
 // vectors: each unpacked block serves N vectors, each loaded vector R rows.
@@ -93,56 +122,52 @@ void DotRows(const uint8_t* const* codes, const float* const* scales, const Acti
              float* out) {
   const int64_t cols = a.cols, B = a.block, per_block = B / kSub;
 #ifdef GEMMA4_AVX512
-  if (a.int8) {  // two sub-blocks a 512-bit register: lanes 0-7 the first's, 8-15 the second's
+  if (a.int8) {  // two sub-blocks a 512-bit register; int32 lanes 0-3 and 8-11 the first's, 4-7 and 12-15 the second's
     const int64_t subs = a.subs;
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
     __m512 acc[R][N], d[R][N];
     for (int r = 0; r < R; ++r)
       for (int n = 0; n < N; ++n) acc[r][n] = _mm512_setzero_ps();
     for (int64_t s0 = 0; s0 < subs; s0 += 16) {  // per sub-block: its scale product, 16 at a time
       const int64_t m = std::min<int64_t>(16, subs - s0);
       const __mmask16 valid = static_cast<__mmask16>((1u << m) - 1);
-      __m512 xs[N];
-      for (int n = 0; n < N; ++n) xs[n] = _mm512_maskz_loadu_ps(valid, a.scale.data() + vs[n] * subs + s0);
+      __m512 xs[N], zs[N];
+      for (int n = 0; n < N; ++n) {
+        xs[n] = _mm512_maskz_loadu_ps(valid, a.scale.data() + vs[n] * subs + s0);
+        zs[n] = _mm512_maskz_loadu_ps(valid, a.zero_sum.data() + vs[n] * subs + s0);
+      }
+      // lane j: the scale of sub-block s0 + j, whose block is (s0 + j) / per_block (per_block divides 16)
+      const __mmask16 blocks_valid = static_cast<__mmask16>((1u << ((m + per_block - 1) / per_block)) - 1);
+      const __m512i spread = _mm512_srlv_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32(__builtin_ctzll(per_block)));
       for (int r = 0; r < R; ++r) {
-        __m512 ws;
-        if (per_block == 1) {
-          ws = _mm512_maskz_loadu_ps(valid, scales[r] + s0);
-        } else {
-          alignas(64) float spread[16] = {};
-          for (int64_t j = 0; j < m; ++j) spread[j] = scales[r][(s0 + j) / per_block];
-          ws = _mm512_load_ps(spread);
+        const __m512 ws = _mm512_maskz_mov_ps(
+            valid, _mm512_permutexvar_ps(spread, _mm512_maskz_loadu_ps(blocks_valid, scales[r] + s0 / per_block)));
+        for (int n = 0; n < N; ++n) {
+          d[r][n] = _mm512_mul_ps(ws, xs[n]);
+          acc[r][n] = _mm512_fmadd_ps(d[r][n], zs[n], acc[r][n]);  // the zero point's share
         }
-        for (int n = 0; n < N; ++n) d[r][n] = _mm512_mul_ps(ws, xs[n]);
       }
       for (int64_t j = 0; j < m; j += 2) {
         const int64_t sub = s0 + j;
-        const bool pair = j + 1 < m;  // else the last sub-block alone, in the lower half
-        const __mmask16 used = pair ? 0xFFFF : 0x00FF;
         const __m512i lane = _mm512_add_epi32(halves, _mm512_set1_epi32(static_cast<int>(j)));
-        __m512i x[N], start[N];
-        for (int n = 0; n < N; ++n) {
-          const int64_t at = vs[n] * subs + sub;
-          x[n] = _mm512_maskz_loadu_epi32(used, a.q.data() + at * kSub);
-          start[n] = _mm512_maskz_loadu_epi32(used, a.start.data() + at * 8);
-        }
+        __m512i x[N];
+        for (int n = 0; n < N; ++n) x[n] = _mm512_loadu_si512(a.q.data() + vs[n] * a.qcols + sub * kSub);
         for (int r = 0; r < R; ++r) {
           const uint8_t* c = codes[r] + sub * 16;
-          const __m256i raw = pair ? _mm256_loadu_si256((const __m256i*)c)
-                                   : _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)c));
-          const __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-          const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // lo0 lo1 hi0 hi1
-          const __m512i w = _mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0));  // lo0 hi0 lo1 hi1
+          const __m256i raw = j + 1 < m ? _mm256_loadu_si256((const __m256i*)c)
+                                        : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)c));
+          const __m512i w = _mm512_and_si512(
+              _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), low);
           for (int n = 0; n < N; ++n) {
-            const __m512i dot = _mm512_dpbusd_epi32(start[n], w, x[n]);
+            const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x[n]);
             acc[r][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(lane, d[r][n]), acc[r][n]);
           }
         }
       }
     }
-    for (int r = 0; r < R; ++r)
-      for (int n = 0; n < N; ++n) out[r * N + n] = _mm512_reduce_add_ps(acc[r][n]);
+    Sums<R, N>(acc, out);
     return;
   }
   const int64_t blocks = cols / B;
@@ -171,26 +196,30 @@ void DotRows(const uint8_t* const* codes, const float* const* scales, const Acti
     for (int r = 0; r < R; ++r)
       for (int n = 0; n < N; ++n) acc[r][n] = _mm512_fmadd_ps(sum[r][n], _mm512_set1_ps(scales[r][b]), acc[r][n]);
   }
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < N; ++n) out[r * N + n] = _mm512_reduce_add_ps(acc[r][n]);
+  Sums<R, N>(acc, out);
 #else
   for (int r = 0; r < R; ++r) {
     for (int n = 0; n < N; ++n) {
       float acc = 0.f;
       for (int64_t sub = 0; sub < cols; sub += kSub) {
+        const int64_t s = sub / kSub, v = vs[n];
         const float w = scales[r][sub / B];
-        const int64_t at = vs[n] * cols + sub;
-        int32_t isum = a.int8 ? a.start[at / kSub * 8] : 0;
-        float fsum = 0.f;
-        for (int64_t j = 0; j < kSub / 2; ++j) {
-          const int32_t even = codes[r][sub / 2 + j] & 0x0F, odd = codes[r][sub / 2 + j] >> 4;
-          if (a.int8) {
-            isum += even * a.q[at + j] + odd * a.q[at + j + kSub / 2];
-          } else {
-            fsum += (even - 8) * a.f[at + j] + (odd - 8) * a.f[at + j + kSub / 2];
+        if (a.int8) {
+          int32_t isum = 0;
+          for (int64_t j = 0; j < kSub / 2; ++j) {
+            const uint8_t c = codes[r][sub / 2 + j];
+            isum += (c & 0x0F) * a.q[a.At(v, s, 2 * j)] + (c >> 4) * a.q[a.At(v, s, 2 * j + 1)];
           }
+          const float d = w * a.scale[v * a.subs + s];
+          acc += d * a.zero_sum[v * a.subs + s] + d * static_cast<float>(isum);
+        } else {
+          float fsum = 0.f;
+          for (int64_t j = 0; j < kSub / 2; ++j) {
+            const int32_t even = codes[r][sub / 2 + j] & 0x0F, odd = codes[r][sub / 2 + j] >> 4;
+            fsum += (even - 8) * a.f[v * cols + sub + j] + (odd - 8) * a.f[v * cols + sub + j + kSub / 2];
+          }
+          acc += fsum * w;
         }
-        acc += a.int8 ? isum * (w * a.scale[at / kSub]) : fsum * w;
       }
       out[r * N + n] = acc;
     }
@@ -231,8 +260,7 @@ void StageTask(void* data, size_t task) {
   float results[kRowBlock * kTile];
   const uint8_t* codes[kRowBlock];
   const float* scales[kRowBlock];
-  // one token's int8 rows run one at a time (measured faster: its accumulators stay in registers)
-  const int64_t block = s->in->int8 && pairs.size() == 1 ? 1 : kRowBlock;
+  const int64_t block = pairs.size() == 1 ? kRowBlock : 2;  // measured: more rows of a tile spill registers
   for (int64_t r0 = begin; r0 < end; r0 += block) {
     const int R = static_cast<int>(std::min<int64_t>(block, end - r0));
     for (int r = 0; r < R; ++r) {
@@ -244,6 +272,8 @@ void StageTask(void* data, size_t task) {
       for (int j = 0; j < n; ++j) vs[j] = (*s->vector_of)[pairs[i + j]];
       if (R == kRowBlock) {
         DotTile<kRowBlock>(n, codes, scales, *s->in, vs, results);
+      } else if (R == 2) {
+        DotTile<2>(n, codes, scales, *s->in, vs, results);
       } else {
         for (int r = 0; r < R; ++r) DotTile<1>(n, codes + r, scales + r, *s->in, vs, results + r * n);
       }
@@ -311,8 +341,8 @@ Ort::Status MoENBits::Compute(OrtKernelContext* context, const Floats& x, const 
   const auto& xs = x.Shape();
   const auto& gs = gate_up.Shape();
   const int64_t B = block_size_;
-  if (xs.size() != 2 || gs.size() != 4 || down.Shape().size() != 4 || B < kSub || B % kSub) {
-    return Ort::Status("MoENBits: x must be [T, H], codes [E, N, blocks, B/2], B a multiple of 32",
+  if (xs.size() != 2 || gs.size() != 4 || down.Shape().size() != 4 || B < kSub || (B & (B - 1))) {
+    return Ort::Status("MoENBits: x must be [T, H], codes [E, N, blocks, B/2], B a power of two from 32",
                        ORT_INVALID_ARGUMENT);
   }
   const int64_t T = xs[0], H = xs[1], E = gs[0], I2 = gs[1], I = I2 / 2, K = top_k_;
