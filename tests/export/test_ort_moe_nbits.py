@@ -91,7 +91,8 @@ def _moe_int8_activations(feeds: tuple, weights: tuple, K: int, B: int) -> np.nd
     return y
 
 
-CASES = [(1, 64, 32, 32), (5, 64, 32, 32), (300, 64, 32, 32), (7, 96, 64, 64)]  # T, H, I, B: 300 > one chunk
+CASES = [(1, 64, 32, 32), (5, 96, 32, 32), (300, 64, 32, 32), (7, 96, 64, 64), (3, 512, 256, 128)]
+# T, H, I, B: 300 tokens > one chunk; H=96 at B=32 leaves a lone last sub-block; B=128 spreads each scale
 
 
 @pytest.mark.parametrize("level", [0, 4])
@@ -143,7 +144,8 @@ def test_the_runner_collapses_the_expert_chain_with_the_same_tokens(
     library, make_checkpoint, tmp_path, level
 ):
     """tiny-26B-A4B int4: every MoE layer's If chain becomes one MoENBits node, and a ragged batch past the
-    sliding window gives the greedy tokens and logits of the same export run with the chain."""
+    sliding window gives the greedy tokens and logits of the same export run with the chain (at level 4, where
+    both round activations to int8, within 2 % of the logits' range, 0.1 % on average)."""
     from gemma4_compile.export import export_checkpoint
     from gemma4_compile.passes.share_shapes import shared_decoder
     from gemma4_compile.quant.formats import QuantRequest
@@ -169,7 +171,11 @@ def test_the_runner_collapses_the_expert_chain_with_the_same_tokens(
     lengths = np.array([3 * W + 3, W - 2])
     got, want = (r.generate_with_logits(ids, 12, lengths) for r in (with_kernel, without))
     np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-4 if level == 0 else 2e-2)
+    if level == 0:
+        np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-4)
+    else:  # int8 activations: a value an ulp from a rounding boundary may round the other way on each side
+        diff, scale = np.abs(got[1] - want[1]), np.abs(want[1]).max()
+        assert diff.mean() < 1e-3 * scale and diff.max() < 2e-2 * scale, (diff.mean(), diff.max(), scale)
 
 
 def test_split_8bit_experts_keep_their_chain(make_quant_export):
