@@ -6,7 +6,7 @@
 Passes: BlockAttention (block_attention.py), FoldConstants (fold_constants.py), FuseAttention (fuse_attention.py),
 RMSNormAsDiv (rms_norm_div.py), RenameShadowedOps
 (rename_shadowed.py), SplitMoE (split_moe.py), MarkAot (mark_aot.py), QuantizeMatMuls and DequantizeWeights
-(quantize_matmul.py), QuantizeExperts (moe_nbits.py), DequantizeRows (quantize_gather.py), ShareShapeReads and DropNoOpCasts (share_shapes.py:
+(quantize_matmul.py), QuantizeExperts and its runner-side inverse CollapseExperts (moe_nbits.py), DequantizeRows (quantize_gather.py), ShareShapeReads and DropNoOpCasts (share_shapes.py:
 the onnxruntime runner's decoder rewrite, `shared_decoder`, with FuseForOrt from ort_fusions.py), and the lowerings in `LOWERINGS` (lowerings.py;
 the gqa pass in lower_gqa.py).
 Importing this package imports no torch and no TensorRT, and nothing until a name is used (PEP 562), so the
@@ -33,6 +33,7 @@ _WHERE = {  # public name -> the module defining it
     "NBitsWeight": "quantize_matmul",
     "QuantizeMatMuls": "quantize_matmul",
     "QuantizeExperts": "moe_nbits",
+    "CollapseExperts": "moe_nbits",
     "RenameShadowedOps": "rename_shadowed",
     "RMSNormAsDiv": "rms_norm_div",
     "SplitMoE": "split_moe",

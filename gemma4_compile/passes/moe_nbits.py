@@ -11,6 +11,10 @@ views (offsets) into the stacked [E, N, blocks, blob] tensor the weight writer w
 Semantics are BODY's (ops/moe/body.py): softmax over all E experts, top-k, renormalize, x per_expert_scale, then
 per picked expert in ascending id order GELU-tanh(gate) * up, down, weighted, scatter-added into an fp32
 accumulator. A step runs the branches of the experts some token picked; the others cost one `If` each.
+
+CollapseExperts undoes it for the onnxruntime runner where our CPU kernels are loaded (runners/ort_kernels): a
+chain of 4-bit experts becomes one `gemma4_ort::MoENBits` node over the same bytes, the chain's per-step cost
+gone (decode 1.4-1.9x faster on the mid MoE config, benchmarks/RESULTS.md). The exported file keeps the chain.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import onnx_ir as ir
 from ..errors import ExportError
 from .quantize_matmul import MS_DOMAIN, NBitsWeight, WeightRewrite, nbits_matmul, nbits_operands
 
-__all__ = ["QuantizeExperts"]
+__all__ = ["CollapseExperts", "QuantizeExperts"]
 
 GATE_UP, DOWN = 3, 4  # gemma4::MoE inputs (ops/moe CONTRACT)
 
@@ -229,20 +233,22 @@ class CollapseExperts(ir.passes.InPlacePass):
             node.outputs[0].shape, node.outputs[0].type = last.shape, last.type
             ir.convenience.replace_all_uses_with(last, node.outputs[0], replace_graph_outputs=True)
             name = last.name
-            for n in chain:  # the branches' reads of outer values go too, so what only they read is unused
-                for branch in (
-                    n.attributes["then_branch"].as_graph(),
-                    n.attributes["else_branch"].as_graph(),
-                ):
-                    for inner in branch:
-                        for i in range(len(inner.inputs)):
-                            inner.replace_input_with(i, None)
+            for n in chain:
+                _detach_branches(n)
             graph.remove(chain, safe=True)
             node.outputs[0].name = name
             self.collapsed += 1
         if self.collapsed:
             model.opset_imports.setdefault(self.domain, 1)
         return ir.passes.PassResult(model, modified=self.collapsed > 0)
+
+
+def _detach_branches(node: ir.Node) -> None:
+    """Drop the reads of an If's branches, outer values included, so that what only they read becomes unused."""
+    for name in ("then_branch", "else_branch"):
+        for inner in node.attributes[name].as_graph():
+            for i in range(len(inner.inputs)):
+                inner.replace_input_with(i, None)
 
 
 def _then(node: ir.Node) -> ir.Graph:
