@@ -258,7 +258,8 @@ def cells(args: argparse.Namespace) -> list[Cell]:
     """Batch 1 at --threads for each variant (llama.cpp's: all, or the pairs of --variants), then the batch x
     threads grid at fp32 / f32; fp32-base (--baseline) goes beside every fp32 cell."""
     extra = [v for v, on in ((BASE, args.baseline), (PLAIN, args.plain)) if on and "fp32" in args.variants]
-    ours = [v for v in args.variants for v in (v, v + NOKERN)[: 1 + args.no_kernels]] + extra
+    suffixes = ("", NOKERN) if args.no_kernels else ("",)  # each variant beside its kernels-off twin
+    ours = [v + suffix for v in args.variants for suffix in suffixes] + extra
     fp32 = [v for v in ("fp32", BASE, PLAIN) if v in ours]
     llama = LLAMA_VARIANTS if args.variants == VARIANTS else dict.fromkeys(PAIRS[v] for v in args.variants)
     out = [Cell("ours", v, 1, args.threads) for v in ours] + [

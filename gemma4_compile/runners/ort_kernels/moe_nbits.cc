@@ -227,7 +227,7 @@ void DotRows(const uint8_t* const* codes, const float* const* scales, const Acti
 #endif
 }
 
-// DotRows for n (1..kTile) vectors, `rows` (1 or kRowBlock) rows.
+// DotRows of R rows for n (1..kTile) vectors.
 template <int R>
 void DotTile(int n, const uint8_t* const* codes, const float* const* scales, const Activations& a,
              const int64_t* vs, float* out) {
@@ -270,8 +270,8 @@ void StageTask(void* data, size_t task) {
     for (size_t i = 0; i < pairs.size(); i += kTile) {
       const int n = static_cast<int>(std::min<size_t>(kTile, pairs.size() - i));
       for (int j = 0; j < n; ++j) vs[j] = (*s->vector_of)[pairs[i + j]];
-      if (R == kRowBlock) {
-        DotTile<kRowBlock>(n, codes, scales, *s->in, vs, results);
+      if (R == kRowBlock) {  // one token (block is kRowBlock only then)
+        DotRows<kRowBlock, 1>(codes, scales, *s->in, vs, results);
       } else if (R == 2) {
         DotTile<2>(n, codes, scales, *s->in, vs, results);
       } else {
