@@ -6,6 +6,10 @@
    tokens at accuracy levels 0 and 4.
 2. One expert's GLU (H 512, I 768, one token) as MoENBits (E=1, K=1) against onnxruntime's MatMulNBits ->
    Split -> Gelu -> Mul -> MatMulNBits at the same level (MLAS's int4 GEMV), with their largest difference.
+3. A one-token call at the full 26B-A4B shapes (H 2816, I 704, top-8) over 32 experts (~120 MB of codes) with
+   new routing logits every call, so the picked experts come from DRAM as in a real decode step: the kernel
+   against the same source built with -DGEMMA4_NO_ROW_STREAMING (one token's 4-row tiles for every row length),
+   rounds of 64 calls alternating, median of rounds, and the picked experts' bytes per second.
 
 Prints a table (best of --repeat, microseconds per call) and one JSON line. Needs the kernel library
 (`python -m gemma4_compile.runners.ort_kernels`).
@@ -34,11 +38,13 @@ def _codes(rng, E: int, N: int, K: int) -> tuple[np.ndarray, np.ndarray]:
     return codes, rng.uniform(0.02, 0.08, (E, N, blocks)).astype(np.float32)
 
 
-def _session(nodes, weights: dict, opsets: list, threads: int, library: str) -> ort.InferenceSession:
+def _session(
+    nodes, weights: dict, opsets: list, threads: int, library: str, inputs: tuple[str, ...] = ("x",)
+) -> ort.InferenceSession:
     graph = helper.make_graph(
         nodes,
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(a, n) for n, a in weights.items()],
     )
@@ -49,12 +55,12 @@ def _session(nodes, weights: dict, opsets: list, threads: int, library: str) -> 
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _moe(rng, T: int, H: int, I: int, E: int, K: int, level: int, threads: int, library: str):  # noqa: E741
-    """A MoENBits session and its input x (routing logits fixed as initializers)."""
+def _moe(rng, T: int, H: int, I: int, E: int, K: int, level: int, threads: int, library: str, routed=False):  # noqa: E741
+    """A MoENBits session and its weights; the routing logits are fixed initializers, or (`routed`) an input."""
     gu, gu_s = _codes(rng, E, 2 * I, H)
     dn, dn_s = _codes(rng, E, H, I)
     weights = {
-        "r": (rng.standard_normal((T, E)) * 3).astype(np.float32),
+        **({} if routed else {"r": (rng.standard_normal((T, E)) * 3).astype(np.float32)}),
         "s": np.ones(E, np.float32),
         "gu": gu,
         "gu_scales": gu_s,
@@ -71,7 +77,8 @@ def _moe(rng, T: int, H: int, I: int, E: int, K: int, level: int, threads: int, 
         accuracy_level=level,
     )
     opsets = [("", 20), (body.KERNEL_DOMAIN, 1)]
-    return _session([node], weights, opsets, threads, library), weights
+    inputs = ("x", "r") if routed else ("x",)
+    return _session([node], weights, opsets, threads, library, inputs), weights
 
 
 def _matmulnbits_glu(weights: dict, H: int, I: int, level: int, threads: int, library: str):  # noqa: E741
@@ -109,6 +116,45 @@ def _time(session, feeds: dict, repeat: int) -> float:
     return best * 1e6
 
 
+FULL = {
+    "H": 2816,
+    "I": 704,
+    "E": 32,
+    "K": 8,
+}  # 26B-A4B's hidden and expert sizes, top-8; 32 of its 128 experts
+
+
+def cold_decode(rng, level: int, threads: int, rounds: int) -> dict:
+    """Section 3: us per one-token call, streaming rows vs 4-row tiles throughout, and GB/s of picked experts."""
+    H, I, E, K = FULL["H"], FULL["I"], FULL["E"], FULL["K"]  # noqa: E741
+    libraries = {
+        "streaming": str(ort_kernels.library()),
+        "tiles": str(ort_kernels.build(extra_flags=("-DGEMMA4_NO_ROW_STREAMING",))),
+    }
+    # the same weights in both sessions
+    sessions = {
+        k: _moe(np.random.default_rng(1), 1, H, I, E, K, level, threads, lib, True)[0]
+        for k, lib in libraries.items()
+    }
+    x = rng.standard_normal((1, H), dtype=np.float32)
+    feeds = [{"x": x, "r": (rng.standard_normal((1, E)) * 3).astype(np.float32)} for _ in range(64)]
+    outs = {k: s.run(None, feeds[0])[0] for k, s in sessions.items()}
+    us: dict[str, list[float]] = {k: [] for k in sessions}
+    for i in range(rounds):
+        for k in list(sessions)[:: 1 if i % 2 else -1]:  # alternating, so load drifts hit both
+            t0 = time.perf_counter()
+            for f in feeds:
+                sessions[k].run(None, f)
+            us[k].append((time.perf_counter() - t0) / len(feeds) * 1e6)
+    med = {k: float(np.median(v)) for k, v in us.items()}
+    picked = K * 3 * H * I * (0.5 + 4 / B)  # codes and scales of the K picked experts
+    return {
+        **{f"{k}_us": v for k, v in med.items()},
+        **{f"{k}_gb_s": picked / v / 1e3 for k, v in med.items()},
+        "max_rel_diff": float(np.abs(outs["streaming"] - outs["tiles"]).max() / np.abs(outs["tiles"]).max()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
@@ -136,8 +182,16 @@ def main() -> None:
             "matmulnbits_us": theirs_us,
             "max_rel_diff": diff,
         }
+    payload["cold_full_size"] = {}
+    for level in (0, 4):
+        cold = cold_decode(rng, level, args.threads, 2 * args.repeat + 2)
+        payload["cold_full_size"][f"level{level}"] = cold
+        ratio = f"{cold['tiles_us'] / cold['streaming_us']:.2f}"
+        rows.append(["full-size, cold, 1 token", level, cold["streaming_us"], "-", "-"])
+        rows.append(["  same, 4-row tiles throughout", level, cold["tiles_us"], "-", ratio])
     report(
-        f"MoENBits, {args.threads} thread(s), best of {args.repeat}: us per call (ratio > 1: ours faster)",
+        f"MoENBits, {args.threads} thread(s), best of {args.repeat} (full-size rows: median of rounds): us per call "
+        "(ratio > 1: ours faster; last rows: streaming rows over 4-row tiles)",
         ["call", "level", "MoENBits us", "MatMulNBits GLU us", "ratio"],
         rows,
         payload,

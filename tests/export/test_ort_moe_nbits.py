@@ -91,8 +91,16 @@ def _moe_int8_activations(feeds: tuple, weights: tuple, K: int, B: int) -> np.nd
     return y
 
 
-CASES = [(1, 64, 32, 32), (5, 96, 32, 32), (300, 64, 32, 32), (7, 96, 64, 64), (3, 512, 256, 128)]
-# T, H, I, B: 300 tokens > one chunk; H=96 at B=32 leaves a lone last sub-block; B=128 spreads each scale
+CASES = [
+    (1, 64, 32, 32),
+    (5, 96, 32, 32),
+    (300, 64, 32, 32),
+    (7, 96, 64, 64),
+    (3, 512, 256, 128),
+    (1, 1056, 48, 32),
+]
+# T, H, I, B: 300 tokens > one chunk; H=96 at B=32 leaves a lone last sub-block; B=128 spreads each scale; one
+# token with H=1056: gate_up rows of three 512-element chunks (the last a lone sub-block) stream one at a time
 
 
 @pytest.mark.parametrize("level", [0, 4])

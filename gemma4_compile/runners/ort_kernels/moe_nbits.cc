@@ -29,6 +29,12 @@ constexpr int64_t kSub = 32;          // elements a 16-byte run of codes holds
 constexpr int64_t kRowsPerTask = 32;  // rows of one expert a task computes
 constexpr int kTile = 4;              // vectors that share one unpacked block
 constexpr int kRowBlock = 4;          // rows that share one loaded vector (one token; tiles of more: 2)
+constexpr int64_t kChunkCols = 16 * kSub; // elements of a row one token's 4-row tiles read per pass
+#ifdef GEMMA4_NO_ROW_STREAMING              // benchmarks/moe_nbits_kernel.py's comparison: 4-row tiles throughout
+constexpr bool kStreamRows = false;
+#else
+constexpr bool kStreamRows = true;
+#endif
 constexpr int64_t kChunk = 256;       // tokens per pass over the experts
 constexpr int64_t kSerialGlu = 16384; // GLU elements below which one thread does them
 
@@ -260,7 +266,11 @@ void StageTask(void* data, size_t task) {
   float results[kRowBlock * kTile];
   const uint8_t* codes[kRowBlock];
   const float* scales[kRowBlock];
-  const int64_t block = pairs.size() == 1 ? kRowBlock : 2;  // measured: more rows of a tile spill registers
+  // tiles of more tokens: 2 rows (measured: more spill registers). One token: kRowBlock rows share each loaded
+  // vector, reading their codes a chunk (16 sub-blocks, DotRows) at a time; rows longer than one chunk stream
+  // one at a time, since rows alternating chunk by chunk defeat the prefetcher on cold experts (1.26-1.35x at
+  // H 1024-2816, one thread: benchmarks/moe_nbits_kernel.py, RESULTS.md)
+  const int64_t block = pairs.size() > 1 ? 2 : kStreamRows && s->cols > kChunkCols ? 1 : kRowBlock;
   for (int64_t r0 = begin; r0 < end; r0 += block) {
     const int R = static_cast<int>(std::min<int64_t>(block, end - r0));
     for (int r = 0; r < R; ++r) {
