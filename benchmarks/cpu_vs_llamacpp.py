@@ -90,7 +90,7 @@ def _ours(
         seq = np.full(ids.shape[0], ids.shape[1], dtype=np.int64)
         return runner.step(holder["state"], ids, seq)[:, -1]
 
-    return reset, step, runner.kernels
+    return reset, step, {"kernels": runner.kernels, "huge_pages": runner.huge_pages}
 
 
 def _llama(path: Path, batch: int, max_len: int, threads: int, f32_cache: bool):
@@ -119,9 +119,9 @@ def worker(job: dict) -> dict:
     ids = np.load(job["ids"])[: job["batch"]]
     t0 = time.perf_counter()
     args = (Path(job["path"]), job["batch"], ids.shape[1] + job["steps"], job["threads"])
-    kernels = None  # ours: which of our onnxruntime CPU kernels ran (runners/ort_kernels), or why none
+    runner = {}  # ours: which of our onnxruntime CPU kernels ran, how much is on huge pages (or why not)
     if job["side"] == "ours":
-        reset, step, kernels = _ours(
+        reset, step, runner = _ours(
             *args,
             spin=job.get("ort_spin", True),
             share_shapes=job["variant"] != PLAIN,
@@ -134,7 +134,7 @@ def worker(job: dict) -> dict:
     # 64-token prefill after an 8-token warm-up took 1.27x the next one), thread pools
     greedy(reset, step, ids, 3)
     out = greedy(reset, step, ids, job["steps"])
-    return {**out, "load_s": load, "vmhwm_mib": _vmhwm_mib(), "kernels": kernels}
+    return {**out, "load_s": load, "vmhwm_mib": _vmhwm_mib(), **runner}
 
 
 def run_cell(cell: Cell, path: Path, ids_file: Path, args: argparse.Namespace) -> dict:
@@ -327,6 +327,7 @@ def rows_for(cfg: str, results: dict[Cell, dict], refs: dict, args: argparse.Nam
                 "rss_mib": r["vmhwm_mib"],
                 "match": _match(r["tokens"][0], ref),
                 "kernels": r.get("kernels"),
+                "huge_pages": r.get("huge_pages"),
             }
         )
     return _with_ratios(rows)

@@ -24,6 +24,7 @@ from ..export.manifest import (
 from ..passes.lowerings import lowering_refusal
 from ..quant.formats import GRAPH_NBITS
 from .base import BaseRunner, DecodeState, empty_rows, lengths_of
+from .huge_pages import HugePages
 from .ort_binding import BoundRunner, CacheBinding
 from .ort_cache import optimized_graph, with_data_folder
 from .rows import row_reader
@@ -96,6 +97,7 @@ class OrtRunner(BaseRunner):
         fuse: bool = True,
         decode_ring: bool = True,
         kernels: bool = True,
+        huge_pages: bool = True,
     ):
         """`options`: an onnxruntime SessionOptions to start from (profiling, logging); threads apply on top.
         `io_binding`: keep caches in reused bound buffers (ort_binding.py); False feeds numpy per call.
@@ -111,7 +113,9 @@ class OrtRunner(BaseRunner):
         `kernels`: in that rewrite, an fp32 MoE export's calls of up to 16 tokens run our `gemma4_ort::MoEStep`
         CPU kernel, and 4-bit experts run as `gemma4_ort::MoENBits`, where the library is built
         (runners/ort_kernels; fp32 rounding order differs); `self.kernels`
-        names it, or says why it is not used."""
+        names it, or says why it is not used.
+        `huge_pages`: put the memory the sessions allocate (weights, prepacked copies) on transparent huge pages
+        where Linux allows it (huge_pages.py; the same values); `self.huge_pages` says how much, or why not."""
         super().__init__()
         try:
             import onnxruntime as ort
@@ -153,10 +157,12 @@ class OrtRunner(BaseRunner):
         }
         self._use_placeholders(self.manifest)
         self._read_rows, self.rows = read_rows, None  # the placeholders above are what rows.py keeps
+        pages = HugePages() if huge_pages else None
         self.sessions = {}
         for role in self.manifest.graphs:
             with _single_threaded(options, role == EMBED):
                 self.sessions[role] = self._session(ort, role, options, providers)
+        self.huge_pages = str(pages.apply()) if pages else "off"
         # host buffers bound in place suit the CPU provider; debug exports have outputs the binding leaves out
         bind = io_binding and cpu_only and not self.manifest.debug
         self._bound = BoundRunner(ort, self.sessions, self.manifest, self.rows) if bind else None

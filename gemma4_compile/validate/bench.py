@@ -114,6 +114,9 @@ class BackendSummary:
     kernels: str | None = (
         None  # the ort runner's own CPU kernels: which ran, or why none (runners/ort_kernels)
     )
+    huge_pages: str | None = (
+        None  # the ort runner's weights on transparent huge pages, or why not (huge_pages.py)
+    )
 
 
 @dataclass(frozen=True)
@@ -520,6 +523,7 @@ def _runner_turn(
         memory_note="not measured",
         engine_target=runner.engine_target,
         kernels=getattr(runner, "kernels", None),
+        huge_pages=getattr(runner, "huge_pages", None),
     )
     return [replace(r, backend=name) for r in timed], summary, media
 

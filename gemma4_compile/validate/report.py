@@ -410,6 +410,7 @@ def latency_markdown(r: LatencyReport) -> str:
                         s.error or s.memory_note,
                         s.media_error and f"no media rows: {s.media_error}",
                         s.kernels and f"CPU kernels: {s.kernels}",
+                        s.huge_pages and f"huge pages: {s.huge_pages}",
                     ],
                 )
             ),

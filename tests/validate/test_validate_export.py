@@ -85,6 +85,7 @@ def test_bench_export(tmp_path, make_export, make_checkpoint):
     # which of our own CPU kernels the ort runner used is part of its numbers (a dense export needs none)
     assert memory["ort"].kernels == "none needed (no MoE)" and memory["torch"].kernels is None
     assert "CPU kernels: none needed" in (tmp_path / "reports" / "latency.md").read_text()
+    assert memory["ort"].huge_pages and memory["torch"].huge_pages is None  # how much, or why not
 
 
 def test_hf_reference_keeps_the_torch_reports_and_stale_polygraphy_files_go(
