@@ -63,6 +63,35 @@ def _moe_kernel(manifest: ExportManifest) -> tuple[str | None, str]:
     return ("moe_nbits" if experts == "int4" else "moe_step"), ""
 
 
+# ops that read the stacked experts as they are (ours, and the fp32 body's per-expert Gather): no prepacked copy
+_READ_IN_PLACE = {"MoEStep", "MoENBits", "Gather"}
+
+
+def _expert_weights(model: Any) -> list:
+    """The external initializers of 3 or more dims that only ops of _READ_IN_PLACE read (the stacked experts)."""
+    import onnx
+
+    readers: dict[str, set[str]] = {}
+
+    def walk(graph) -> None:
+        for node in graph.node:
+            for name in node.input:
+                readers.setdefault(name, set()).add(node.op_type)
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+
+    walk(model.graph)
+    return [
+        t
+        for t in model.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        and len(t.dims) >= 3
+        and readers.get(t.name)
+        and readers[t.name] <= _READ_IN_PLACE
+    ]
+
+
 @contextlib.contextmanager
 def _single_threaded(options: Any, on: bool) -> Iterator[None]:
     """`options` with one intra-op thread while a session is created from them (they are copied at creation).
@@ -115,7 +144,8 @@ class OrtRunner(BaseRunner):
         (runners/ort_kernels; fp32 rounding order differs); `self.kernels`
         names it, or says why it is not used.
         `huge_pages`: put the memory the sessions allocate (weights, prepacked copies) on transparent huge pages
-        where Linux allows it (huge_pages.py; the same values); `self.huge_pages` says how much, or why not."""
+        where Linux allows it (huge_pages.py; the same values); `self.huge_pages` says how much, or why not. An
+        MoE export's experts are then read into arrays of the runner's, added to `options` as initializers."""
         super().__init__()
         try:
             import onnxruntime as ort
@@ -157,9 +187,11 @@ class OrtRunner(BaseRunner):
         }
         self._use_placeholders(self.manifest)
         self._read_rows, self.rows = read_rows, None  # the placeholders above are what rows.py keeps
-        pages = HugePages() if huge_pages else None
+        pages, self._huge_pages = (HugePages() if huge_pages else None), huge_pages
+        self._in_memory: dict[str, Any] = {}  # weights read into our memory for onnxruntime to use in place
         self.sessions = {}
-        for role in self.manifest.graphs:
+        # the decoder last: the weights it takes from our memory are added to the shared `options`
+        for role in sorted(self.manifest.graphs, key=lambda r: r == DECODER):
             with _single_threaded(options, role == EMBED):
                 self.sessions[role] = self._session(ort, role, options, providers)
         self.huge_pages = str(pages.apply()) if pages else "off"
@@ -201,12 +233,36 @@ class OrtRunner(BaseRunner):
                     ort, self.manifest, role, providers, self._session_cache, rewrite, tag, self._libraries
                 )
             elif rewrite is not None:  # every graph of an export shares its folder, so `options` may say it
+                graph = rewrite(path)
+                if self._huge_pages:
+                    self._read_experts(ort, graph, path.parent, options)
                 data_folder = with_data_folder(options, path.parent)
-                return ort.InferenceSession(rewrite(path), data_folder, providers=providers)
+                return ort.InferenceSession(graph, data_folder, providers=providers)
             return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime's Fail / InvalidGraph / NoSuchFile...: a file it cannot load
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RunnerError(f"ort: cannot load {path}: {reason}") from None
+
+    def _read_experts(self, ort, graph: bytes, folder: Path, options) -> None:
+        """The MoE experts of a rewritten decoder graph, read into arrays of ours that onnxruntime uses in place
+        (`add_initializer`), so that huge_pages.py can back them with huge pages: left to onnxruntime, a weight it
+        does not prepack stays a private mapping of the weights file, which MADV_COLLAPSE refuses (MoE decode
+        0.94x with them in memory, benchmarks/RESULTS.md eighth session)."""
+        import onnx
+
+        for tensor in _expert_weights(onnx.load_from_string(graph)):
+            where = {e.key: e.value for e in tensor.external_data}
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            data = np.fromfile(
+                folder / where["location"],
+                dtype=np.uint8,
+                count=int(where["length"]),
+                offset=int(where.get("offset", 0)),
+            )
+            array = data.view(dtype).reshape(tuple(tensor.dims))
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            self._in_memory[tensor.name] = (array, value)  # both must outlive the session
+            options.add_initializer(tensor.name, value)
 
     def encode_images(self, pixel_values: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """vision.onnx: patches [N, P, 3p²] and positions [N, P, 2] -> soft tokens [N, P/9, E], real counts [N]."""

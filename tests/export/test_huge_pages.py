@@ -58,13 +58,16 @@ def test_new_memory_is_advised_and_collapsed_where_the_kernel_allows():
     del block
 
 
-def test_the_runner_reports_them_and_computes_the_same(make_export):
+@pytest.mark.parametrize("preset", ["tiny-e2b", "tiny-26b-a4b"])
+def test_the_runner_reports_them_and_computes_the_same(make_export, preset):
+    """The MoE export's experts are read into the runner's memory (so they can go on huge pages) only when on."""
     from gemma4_compile.runners.ort import OrtRunner
 
-    export = make_export("tiny-e2b")
+    export = make_export(preset)
     on, off = OrtRunner(export, huge_pages=True), OrtRunner(export, huge_pages=False)
-    assert off.huge_pages == "off"
+    assert off.huge_pages == "off" and not off._in_memory
     assert "MiB on 2 MiB pages" in on.huge_pages or on.huge_pages.startswith("off: "), on.huge_pages
+    assert bool(on._in_memory) == (preset == "tiny-26b-a4b") and all(".experts." in n for n in on._in_memory)
     W = on.spec.sliding_window
     ids = np.random.default_rng(3).integers(3, on.spec.vocab_size, (2, W + 5))
     lengths = np.array([W + 5, W - 3])
