@@ -145,7 +145,8 @@ class OrtRunner(BaseRunner):
         names it, or says why it is not used.
         `huge_pages`: put the memory the sessions allocate (weights, prepacked copies) on transparent huge pages
         where Linux allows it (huge_pages.py; the same values); `self.huge_pages` says how much, or why not. An
-        MoE export's experts are then read into arrays of the runner's, added to `options` as initializers."""
+        MoE export's experts are then read into arrays of the runner's, added to `options` as initializers
+        (not with `session_cache`, whose graph has its own weights file)."""
         super().__init__()
         try:
             import onnxruntime as ort
