@@ -3,8 +3,9 @@
 A decode step streams every weight from DRAM once; on 4 KiB pages that is a TLB miss every 4 KiB. Kernels set
 transparent huge pages to `madvise` by default, and onnxruntime never asks, so its weight buffers (initializers,
 prepacked copies) stay on small pages. `HugePages` remembers the anonymous mappings of the process before the
-sessions are made; `apply` advises the ones made since (MADV_HUGEPAGE) and collapses them into 2 MiB pages now
-(MADV_COLLAPSE, Linux 6.1+; elsewhere the kernel's khugepaged does it over time). Decode steps of the mid configs
+sessions are made; `apply` advises the ones made since (MADV_HUGEPAGE) and collapses up to COLLAPSE_BUDGET of them
+into 2 MiB pages now (MADV_COLLAPSE, Linux 6.1+; the rest, or everything on older kernels, the kernel's khugepaged
+collapses over time). Decode steps of the mid configs
 got 7-16 % faster (benchmarks/RESULTS.md, eighth session). Nothing changes where the kernel or the platform
 says no: `apply` returns the reason.
 """
@@ -17,12 +18,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HugePages", "Outcome", "anonymous_ranges", "new_ranges", "unavailable"]
+__all__ = ["HugePages", "Outcome", "anonymous_ranges", "available_memory", "new_ranges", "unavailable"]
 
 PAGE = 2 << 20  # x86-64 and arm64 transparent huge page
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
 MAPS = Path("/proc/self/maps")
+MEMINFO = Path("/proc/meminfo")
 ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# bytes collapsed at load; the rest is only advised (new faults get huge pages, khugepaged collapses the rest over
+# time): MADV_COLLAPSE copies at ~0.4 GB/s here, so a 31B-sized model would otherwise add tens of seconds to a start
+COLLAPSE_BUDGET = 1 << 30
 
 Range = tuple[int, int]  # [start, end) in bytes
 
@@ -39,6 +44,15 @@ class Outcome:
             return f"off: {self.reason}"
         mib = 1 << 20
         return f"{self.collapsed // mib} of {self.advised // mib} MiB on 2 MiB pages ({self.seconds:.2f} s)"
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        line = next(x for x in MEMINFO.read_text().splitlines() if x.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024
 
 
 def anonymous_ranges(maps: str) -> list[Range]:
@@ -98,8 +112,9 @@ class HugePages:
             if madvise(lo, hi - lo, MADV_HUGEPAGE) != 0:
                 continue
             advised += hi - lo
-            # synchronous; an older kernel (EINVAL) or a busy range leaves it to khugepaged
-            collapsed += hi - lo if madvise(lo, hi - lo, MADV_COLLAPSE) == 0 else 0
+            # synchronous, within the budget; an older kernel (EINVAL) or a busy range leaves it to khugepaged
+            if collapsed + hi - lo <= COLLAPSE_BUDGET and madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
+                collapsed += hi - lo
         if not advised:
             return Outcome(reason="no new anonymous mapping of 2 MiB or more")
         return Outcome(advised, collapsed, time.perf_counter() - t0)

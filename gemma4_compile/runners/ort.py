@@ -24,7 +24,7 @@ from ..export.manifest import (
 from ..passes.lowerings import lowering_refusal
 from ..quant.formats import GRAPH_NBITS
 from .base import BaseRunner, DecodeState, empty_rows, lengths_of
-from .huge_pages import HugePages
+from .huge_pages import HugePages, available_memory
 from .ort_binding import BoundRunner, CacheBinding
 from .ort_cache import optimized_graph, with_data_folder
 from .rows import row_reader
@@ -248,19 +248,23 @@ class OrtRunner(BaseRunner):
         """The MoE experts of a rewritten decoder graph, read into arrays of ours that onnxruntime uses in place
         (`add_initializer`), so that huge_pages.py can back them with huge pages: left to onnxruntime, a weight it
         does not prepack stays a private mapping of the weights file, which MADV_COLLAPSE refuses (MoE decode
-        0.94x with them in memory, benchmarks/RESULTS.md eighth session)."""
+        0.94x with them in memory, benchmarks/RESULTS.md eighth session). Only experts that take at most half the
+        available memory: file pages can be dropped under pressure, our copies cannot."""
         import onnx
 
-        for tensor in _expert_weights(onnx.load_from_string(graph)):
+        experts = [
+            (t, onnx.helper.tensor_dtype_to_np_dtype(t.data_type), int(np.prod(t.dims)))
+            for t in _expert_weights(onnx.load_from_string(graph))
+        ]
+        available = available_memory()
+        if available is None or 2 * sum(dtype.itemsize * n for _, dtype, n in experts) > available:
+            return  # file pages the kernel may drop under pressure: an MoE larger than RAM still runs
+        for tensor, dtype, n in experts:
             where = {e.key: e.value for e in tensor.external_data}
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            data = np.fromfile(
-                folder / where["location"],
-                dtype=np.uint8,
-                count=int(where["length"]),
-                offset=int(where.get("offset", 0)),
+            at = folder / where["location"]
+            array = np.fromfile(at, dtype=dtype, count=n, offset=int(where.get("offset", 0))).reshape(
+                tensor.dims
             )
-            array = data.view(dtype).reshape(tuple(tensor.dims))
             value = ort.OrtValue.ortvalue_from_numpy(array)
             self._in_memory[tensor.name] = (array, value)  # both must outlive the session
             options.add_initializer(tensor.name, value)

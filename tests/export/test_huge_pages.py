@@ -58,9 +58,21 @@ def test_new_memory_is_advised_and_collapsed_where_the_kernel_allows():
     del block
 
 
+def test_beyond_the_budget_memory_is_only_advised(monkeypatch):
+    if huge_pages.unavailable():
+        pytest.skip(f"no transparent huge pages here: {huge_pages.unavailable()}")
+    monkeypatch.setattr(huge_pages, "COLLAPSE_BUDGET", 0)
+    pages = HugePages()
+    block = np.ones(24 << 20, dtype=np.uint8)
+    done = pages.apply()
+    assert done.advised >= 16 << 20 and done.collapsed == 0, done
+    del block
+
+
 @pytest.mark.parametrize("preset", ["tiny-e2b", "tiny-26b-a4b"])
-def test_the_runner_reports_them_and_computes_the_same(make_export, preset):
+def test_the_runner_reports_them_and_computes_the_same(make_export, preset, monkeypatch):
     """The MoE export's experts are read into the runner's memory (so they can go on huge pages) only when on."""
+    from gemma4_compile.runners import ort as ort_runner
     from gemma4_compile.runners.ort import OrtRunner
 
     export = make_export(preset)
@@ -68,6 +80,9 @@ def test_the_runner_reports_them_and_computes_the_same(make_export, preset):
     assert off.huge_pages == "off" and not off._in_memory
     assert "MiB on 2 MiB pages" in on.huge_pages or on.huge_pages.startswith("off: "), on.huge_pages
     assert bool(on._in_memory) == (preset == "tiny-26b-a4b") and all(".experts." in n for n in on._in_memory)
+    if preset == "tiny-26b-a4b":  # experts that would take over half the available memory stay file pages
+        monkeypatch.setattr(ort_runner, "available_memory", lambda: 1 << 10)
+        assert not OrtRunner(export, huge_pages=True)._in_memory
     W = on.spec.sliding_window
     ids = np.random.default_rng(3).integers(3, on.spec.vocab_size, (2, W + 5))
     lengths = np.array([W + 5, W - 3])
