@@ -5,9 +5,8 @@ transparent huge pages to `madvise` by default, and onnxruntime never asks, so i
 prepacked copies) stay on small pages. `HugePages` remembers the anonymous mappings of the process before the
 sessions are made; `apply` advises the ones made since (MADV_HUGEPAGE) and collapses up to COLLAPSE_BUDGET of them
 into 2 MiB pages now (MADV_COLLAPSE, Linux 6.1+; the rest, or everything on older kernels, the kernel's khugepaged
-collapses over time). Decode steps of the mid configs
-got 7-16 % faster (benchmarks/RESULTS.md, eighth session). Nothing changes where the kernel or the platform
-says no: `apply` returns the reason.
+collapses over time). Decode steps of the mid configs got 7-16 % faster (benchmarks/RESULTS.md, eighth session).
+Nothing changes where the kernel or the platform says no: `apply` returns the reason.
 """
 
 from __future__ import annotations
