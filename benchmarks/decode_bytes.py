@@ -29,6 +29,7 @@ from common import report
 from onnx import helper
 
 from gemma4_compile.passes.share_shapes import shared_decoder
+from gemma4_compile.runners.ort import all_nodes
 
 PAIRS = {"fp32": "f32", "int4": "q4_0", "int4-acc4": "q4_0"}  # cpu_vs_llamacpp.py's
 MIB = 2**20
@@ -53,26 +54,11 @@ def _nbytes(t: onnx.TensorProto) -> int:
 def _classify(node: onnx.NodeProto, name: str) -> str:
     if node.op_type == "MatMulNBits":
         return "lm_head" if "embed_tokens" in name or name.startswith("lm_head") else "linear (nbits)"
-    if node.op_type in ("MoENBits", "MoE", "MoEStep"):
-        return "experts"
     return "lm_head" if "embed_tokens" in name else "linear (float)"
 
 
-def _nodes(graph: onnx.GraphProto):
-    """Every node, subgraphs' too (an inlined MoE body holds MoEStep in an If branch)."""
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(a.g)
-
-
-FOLDED = (
-    "Transpose",
-    "Reshape",
-    "Cast",
-    "Identity",
-)  # what onnxruntime folds into a constant at session start
+# what onnxruntime folds into a constant at session start
+FOLDED = ("Transpose", "Reshape", "Cast", "Identity")
 
 
 def ours(export: Path) -> dict[str, float]:
@@ -87,7 +73,7 @@ def ours(export: Path) -> dict[str, float]:
         return name if name in inits else None
 
     out: dict[str, float] = defaultdict(float)
-    for node in _nodes(model.graph):
+    for node in all_nodes(model.graph):  # an inlined MoE body holds MoEStep in an If branch
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         weights = [w for w in map(weight, node.input) if w]
         if node.op_type == "MatMulNBits" and weights:

@@ -67,21 +67,23 @@ def _moe_kernel(manifest: ExportManifest) -> tuple[str | None, str]:
 _READ_IN_PLACE = {"MoEStep", "MoENBits", "Gather"}
 
 
+def all_nodes(graph: Any) -> Iterator[Any]:
+    """Every node of an onnx GraphProto, its subgraphs' too (If branches, Loop bodies), parents first."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == a.GRAPH:
+                yield from all_nodes(a.g)
+
+
 def _expert_weights(model: Any) -> list:
     """The external initializers of 3 or more dims that only ops of _READ_IN_PLACE read (the stacked experts)."""
     import onnx
 
     readers: dict[str, set[str]] = {}
-
-    def walk(graph) -> None:
-        for node in graph.node:
-            for name in node.input:
-                readers.setdefault(name, set()).add(node.op_type)
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-
-    walk(model.graph)
+    for node in all_nodes(model.graph):
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
     return [
         t
         for t in model.graph.initializer

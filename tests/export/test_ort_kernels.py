@@ -21,6 +21,7 @@ from gemma4_compile.model import ops
 from gemma4_compile.ops.moe import body
 from gemma4_compile.ops.onnx_domain import plugin_attributes
 from gemma4_compile.runners import ort_kernels
+from gemma4_compile.runners.ort import all_nodes
 
 NAMES = ("x", "r", "s", "gu", "dn")
 
@@ -101,7 +102,7 @@ def test_the_runner_uses_the_kernel_with_the_same_tokens(library, make_export):
     with_kernel, without = OrtRunner(export, kernels=True), OrtRunner(export, kernels=False)
     assert with_kernel.kernels == "moe_step" and without.kernels == "off"
     graph = onnx.load_from_string(shared_decoder(with_kernel.manifest.graph_path("decoder"), moe_step=True))
-    assert any(n.op_type == "MoEStep" for n in _all_nodes(graph.graph))
+    assert any(n.op_type == "MoEStep" for n in all_nodes(graph.graph))
     W = with_kernel.spec.sliding_window
     ids = np.random.default_rng(11).integers(3, with_kernel.spec.vocab_size, (2, 3 * W + 3))
     lengths = np.array([3 * W + 3, W - 2])
@@ -121,14 +122,6 @@ def test_the_runner_runs_without_the_library(make_export, monkeypatch):
     assert runner.kernels == "unavailable: no C++ compiler (test)"
     state = runner.start(1, 8)
     assert np.isfinite(runner.step(state, np.array([[5, 6, 7]]), np.array([3]))).all()
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(a.g)
 
 
 def test_the_runner_names_the_moe_kernel_of_each_export_or_why_none(make_export):
