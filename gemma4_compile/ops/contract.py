@@ -24,6 +24,7 @@ DOMAIN = "gemma4"
 DOMAIN_VERSION = 1
 PLUGIN_NAMESPACE = "gemma4"
 PLUGIN_VERSION = "1"
+KERNEL_DOMAIN = "gemma4_ort"  # runners/ort_kernels: onnxruntime CPU kernels of our own, for its runner only
 
 AttrKind = Literal["int", "float", "string"]
 _PLUGIN_FIELD_DTYPE = {"int": "int32", "float": "float32"}  # what the ONNX parser narrows INT/FLOAT to

@@ -6,11 +6,12 @@ import onnx
 import onnxscript
 from onnx.defs import OpSchema
 
-from .contract import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from .contract import DOMAIN, DOMAIN_VERSION, KERNEL_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 __all__ = [
     "DOMAIN",
     "DOMAIN_VERSION",
+    "KERNEL_DOMAIN",
     "PLUGIN_NAMESPACE",
     "PLUGIN_VERSION",
     "plugin_attributes",

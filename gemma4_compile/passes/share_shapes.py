@@ -180,20 +180,27 @@ def _is_no_op_cast(node: ir.Node) -> bool:
     return to is not None and ir.DataType(to) == x.dtype
 
 
-def ort_decoder_passes(fuse: bool = True) -> list[ir.passes.PassBase]:
+def ort_decoder_passes(fuse: bool = True, attention_kernel: bool = False) -> list[ir.passes.PassBase]:
     """On an inlined, shape-inferred graph: point Shape reads at the graph inputs, drop no-op casts, fuse
     RMSNorms and rotary embeddings where `fuse` (ort_fusions.py: the only rewrite here that changes float
-    arithmetic, by an ulp), merge the copies, drop what nothing reads."""
+    arithmetic, by an ulp), merge the copies, move each attention kernel's head norms and rotations into it where
+    `fuse` and `attention_kernel` (ort_attention.py), drop what nothing reads."""
     fusions: list[ir.passes.PassBase] = []
+    into_kernel: list[ir.passes.PassBase] = []
     if fuse:
         from .ort_fusions import FuseForOrt  # onnxscript's rewriter: imported by the starts that fuse
 
         fusions.append(FuseForOrt())
+        if attention_kernel:
+            from .ort_attention import FuseAttentionInputs
+
+            into_kernel.append(FuseAttentionInputs())
     return [
         ShareShapeReads(),
         DropNoOpCasts(),
         *fusions,
         CommonSubexpressionEliminationPass(),
+        *into_kernel,
         RemoveUnusedNodesPass(),
     ]
 
@@ -205,13 +212,26 @@ def inlined_with_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(onnx.inliner.inline_local_functions(proto), data_prop=True)
 
 
-def shared_decoder(path: Path, fuse: bool = True, decode_ring: bool = True, moe_step: bool = False) -> bytes:
+def _import_kernel_domain(proto: onnx.ModelProto) -> None:
+    if all(o.domain != moe.KERNEL_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(moe.KERNEL_DOMAIN, 1))
+
+
+def shared_decoder(
+    path: Path,
+    fuse: bool = True,
+    decode_ring: bool = True,
+    moe_step: bool = False,
+    attention_kernel: bool = False,
+) -> bytes:
     """decoder.onnx at `path`, rewritten, serialized; its weights stay references into the export's data file
     (never read here), so the session needs the export folder for them. `decode_ring`: the attention bodies
     first get onnxruntime's one-token ring update (ops/attention/body.py `decode_ring`; same values).
     `moe_step`: the MoE bodies' calls of up to 16 tokens run our `gemma4_ort::MoEStep` kernel (ops/moe/body.py
     `step_kernel`) and 4-bit experts' If chains become `gemma4_ort::MoENBits` (moe_nbits.py `CollapseExperts`),
-    for a session that registers runners/ort_kernels' library."""
+    for a session that registers runners/ort_kernels' library. `attention_kernel`: each layer's attention runs as
+    one `gemma4_ort::SlidingWindowAttention` node of that library (ops/attention/body.py `kernel_nodes`), with
+    `fuse` a `gemma4_ort::NormRopeAttention` that also norms and rotates the heads (ort_attention.py)."""
     from .moe_nbits import CollapseExperts
     from .run import run_passes
 
@@ -226,10 +246,12 @@ def shared_decoder(path: Path, fuse: bool = True, decode_ring: bool = True, moe_
                 proto.functions[i].CopyFrom(moe.step_kernel(function, moe.STEP_MAX_TOKENS))
             except ValueError:  # an export from before BODY_SPLIT: its body runs as it is
                 continue
-            if all(o.domain != moe.KERNEL_DOMAIN for o in proto.opset_import):
-                proto.opset_import.append(onnx.helper.make_opsetid(moe.KERNEL_DOMAIN, 1))
+            _import_kernel_domain(proto)
+    if attention_kernel and attention.kernel_nodes(proto.graph):
+        _import_kernel_domain(proto)
     kernels = [CollapseExperts(moe.KERNEL_DOMAIN)] if moe_step else []
     model = run_passes(
-        ir.serde.deserialize_model(inlined_with_shapes(proto)), [*kernels, *ort_decoder_passes(fuse)]
+        ir.serde.deserialize_model(inlined_with_shapes(proto)),
+        [*kernels, *ort_decoder_passes(fuse, attention_kernel)],
     )
     return ir.serde.serialize_model(model).SerializeToString()

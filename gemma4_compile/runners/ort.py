@@ -30,17 +30,20 @@ from .ort_cache import optimized_graph, with_data_folder
 from .rows import row_reader
 
 
-def _rewrite(fuse: bool, decode_ring: bool, moe_step: bool) -> tuple[Callable[[Path], bytes], str]:
+def _rewrite(
+    fuse: bool, decode_ring: bool, moe_step: bool, attention: bool
+) -> tuple[Callable[[Path], bytes], str]:
     """The decoder rewrite and its cache tag. onnx-ir and onnxscript cost ~40 MB of RSS, paid only by a start
     that rewrites (no session-cache hit): imported at the call."""
 
     def rewrite(path: Path) -> bytes:
         from ..passes.share_shapes import shared_decoder
 
-        return shared_decoder(path, fuse, decode_ring, moe_step)
+        return shared_decoder(path, fuse, decode_ring, moe_step, attention)
 
     # the tag keys saved sessions (ort_cache.py): change it whenever the rewrite changes what it writes
-    return rewrite, "shared3" + "-fused" * fuse + "-ring2" * decode_ring + "-moestep2" * moe_step
+    tag = "shared3" + "-fused" * fuse + "-ring2" * decode_ring + "-moestep2" * moe_step + "-attn2" * attention
+    return rewrite, tag
 
 
 def _runs_dequantized_copy(manifest: ExportManifest) -> bool:
@@ -48,15 +51,21 @@ def _runs_dequantized_copy(manifest: ExportManifest) -> bool:
     return manifest.quant is not None and "nvfp4" in manifest.quant.formats
 
 
+def _kernels(manifest: ExportManifest) -> tuple[list[str], str]:
+    """(the runners/ort_kernels ops an export's decoder runs on: `attention` and its MoE kernel; why none)."""
+    if manifest.activation_dtype is not DType.FP32:
+        return [], "the kernels are fp32"
+    if _runs_dequantized_copy(manifest):
+        return [], "an nvfp4 export runs as a dequantized copy"
+    moe, _ = _moe_kernel(manifest)
+    return ["attention", *([moe] if moe else [])], ""
+
+
 def _moe_kernel(manifest: ExportManifest) -> tuple[str | None, str]:
-    """(the runners/ort_kernels op an export's decoder MoE runs on, or None; why not)."""
+    """(the runners/ort_kernels op a fp32 export's decoder MoE runs on, or None; why not)."""
     quant = manifest.quant
     if not manifest.spec.enable_moe_block:
         return None, "no MoE"
-    if manifest.activation_dtype is not DType.FP32:
-        return None, "the kernels are fp32"
-    if _runs_dequantized_copy(manifest):
-        return None, "an nvfp4 export runs as a dequantized copy"
     experts = quant.roles.get("moe_experts") if quant is not None and quant.graph == GRAPH_NBITS else None
     if experts == "int8":
         return None, "its 8-bit experts run as MatMulNBits"
@@ -141,10 +150,10 @@ class OrtRunner(BaseRunner):
         (passes/ort_fusions.py; the float results move by an ulp).
         `decode_ring`: in that rewrite, a one-token call writes its cache row with a scatter instead of
         rebuilding every slot (ops/attention/body.py `decode_ring`; the same values).
-        `kernels`: in that rewrite, an fp32 MoE export's calls of up to 16 tokens run our `gemma4_ort::MoEStep`
-        CPU kernel, and 4-bit experts run as `gemma4_ort::MoENBits`, where the library is built
-        (runners/ort_kernels; fp32 rounding order differs); `self.kernels`
-        names it, or says why it is not used.
+        `kernels`: in that rewrite, a fp32 export's attention runs as our `gemma4_ort::SlidingWindowAttention`
+        CPU kernel, an MoE export's calls of up to 16 tokens as `gemma4_ort::MoEStep`, and 4-bit experts as
+        `gemma4_ort::MoENBits`, where the library is built (runners/ort_kernels; fp32 rounding order differs);
+        `self.kernels` names them ("attention+moe_step"), or says why none is used.
         `huge_pages`: put the memory the sessions allocate (weights, prepacked copies) on transparent huge pages
         where Linux allows it (huge_pages.py; the same values); `self.huge_pages` says how much, or why not. An
         MoE export's experts are then read into arrays of the runner's, added to `options` as initializers
@@ -178,7 +187,9 @@ class OrtRunner(BaseRunner):
         except Exception as e:  # onnxruntime's Fail: a library it cannot load; run the bodies instead
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             self._libraries, self.kernels = (), f"unavailable: cannot load {library.name}: {reason}"
-        self._rewrite = _rewrite(fuse, decode_ring, bool(self._libraries)) if share_shapes else None
+        ran = set(self.kernels.split("+")) if self._libraries else set()
+        moe_step = bool(ran & {"moe_step", "moe_nbits"})
+        self._rewrite = _rewrite(fuse, decode_ring, moe_step, "attention" in ran) if share_shapes else None
         decoder = self.manifest.graphs[DECODER]
         self._act = self.manifest.activation_dtype.numpy
         self._outputs = [t.name for t in decoder.outputs]
@@ -203,17 +214,17 @@ class OrtRunner(BaseRunner):
         self._bound = BoundRunner(ort, self.sessions, self.manifest, self.rows) if bind else None
 
     def _kernel_libraries(self, wanted: bool, cpu_only: bool) -> tuple[tuple[Path, ...], str]:
-        """(libraries to register, what `self.kernels` reports: the MoE kernel, or why none), on the CPU
-        provider alone."""
+        """(libraries to register, what `self.kernels` reports: the kernels joined by "+", or why none), on the
+        CPU provider alone."""
         if not wanted:
             return (), "off"
-        kernel, unused = (None, "other providers") if not cpu_only else _moe_kernel(self.manifest)
-        if kernel is None:
+        kernels, unused = ([], "other providers") if not cpu_only else _kernels(self.manifest)
+        if not kernels:
             return (), f"none needed ({unused})"
         from . import ort_kernels
 
         try:
-            return (ort_kernels.library(),), kernel
+            return (ort_kernels.library(),), "+".join(kernels)
         except ort_kernels.KernelsUnavailable as e:
             return (), f"unavailable: {e}"
 

@@ -82,9 +82,12 @@ def test_bench_export(tmp_path, make_export, make_checkpoint):
     assert all("own process, batch 1, 32-token prompt" in s.memory_note for s in memory.values())
     assert memory["ort"].peak_rss_mb < 0.8 * memory["torch"].peak_rss_mb, memory
     assert "peak RSS" in (tmp_path / "reports" / "summary.md").read_text()
-    # which of our own CPU kernels the ort runner used is part of its numbers (a dense export needs none)
-    assert memory["ort"].kernels == "none needed (no MoE)" and memory["torch"].kernels is None
-    assert "CPU kernels: none needed" in (tmp_path / "reports" / "latency.md").read_text()
+    # which of our own CPU kernels the ort runner used is part of its numbers (a dense fp32 export: attention),
+    # or why none ran where the library is not built
+    kernels = memory["ort"].kernels
+    assert kernels == "attention" or kernels.startswith("unavailable:"), kernels
+    assert memory["torch"].kernels is None
+    assert f"CPU kernels: {kernels}" in (tmp_path / "reports" / "latency.md").read_text()
     assert memory["ort"].huge_pages and memory["torch"].huge_pages is None  # how much, or why not
 
 

@@ -11,7 +11,7 @@ import functools
 
 import onnx
 
-from ..onnx_domain import register_schema
+from ..onnx_domain import DOMAIN, KERNEL_DOMAIN, register_schema
 from . import SLIDING_WINDOW_ATTENTION
 
 CONTRACT = SLIDING_WINDOW_ATTENTION
@@ -221,6 +221,25 @@ def decode_ring(function: onnx.FunctionProto) -> onnx.FunctionProto:
     del out.node[:]
     out.node.extend([*kept, *new])
     return out
+
+
+def kernel_nodes(graph: onnx.GraphProto) -> int:
+    """The graph's calls of this op become `gemma4_ort::SlidingWindowAttention` nodes (runners/ort_kernels
+    attention.cc: the body's semantics in one fp32 CPU kernel), for onnxruntime sessions that load that library;
+    a call whose caches nothing reads (a KV-sharing layer) leaves them out. Returns how many were swapped."""
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    swapped = 0
+    for node in graph.node:
+        if node.domain != DOMAIN or node.op_type != OP_TYPE:
+            continue
+        node.domain = KERNEL_DOMAIN
+        kept = [a for a in node.attribute if a.name in ("window", "scale")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        if not read.intersection(node.output[1:]):
+            del node.output[1:]
+        swapped += 1
+    return swapped
 
 
 def translation():

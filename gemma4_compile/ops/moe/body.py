@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..onnx_domain import register_schema
+from ..onnx_domain import KERNEL_DOMAIN, register_schema
 from . import MOE
 
 CONTRACT = MOE
@@ -195,9 +195,6 @@ def _split_body() -> str:
 # mid MoE config's 12 layers (benchmarks/moe_decode.py, cold weights); BODY's loop stays for more tokens, where
 # per-token gathers cost T*K expert copies (1.9x BODY at 4 tokens).
 BODY_SPLIT = _split_body()
-
-
-KERNEL_DOMAIN = "gemma4_ort"  # runners/ort_kernels: onnxruntime CPU kernels of our own
 
 
 # Calls of up to this many tokens take the kernel (decode steps at batch 1-16); more take BODY's loop, which reads

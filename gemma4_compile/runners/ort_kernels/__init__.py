@@ -1,5 +1,8 @@
 """onnxruntime CPU kernels of our own: a custom-op library built from this folder's C++ on first use.
 
+`gemma4_ort::SlidingWindowAttention` (attention.cc) is the export's attention op in one fp32 node: the runner's
+rewrite swaps it for every layer's call of the function body (ops/attention/body.py `kernel_nodes`), whose ~20
+nodes per layer were a third of an int4 decode step (issue #18; benchmarks/RESULTS.md, ninth session).
 `gemma4_ort::MoEStep` (moe_step.cc; the domain is ops/moe/body.py `KERNEL_DOMAIN`) runs the routed experts of
 an MoE call of a few tokens reading each picked expert's rows in place, where the function body gathers the K
 experts' weights into a copy first (issue #18; benchmarks/RESULTS.md, sixth session). The onnxruntime runner

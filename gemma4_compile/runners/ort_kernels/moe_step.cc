@@ -18,20 +18,6 @@ namespace gemma4_ort {
 namespace {
 
 constexpr int64_t kRowsPerTask = 32;
-constexpr int kLanes = 16;
-
-// Dot product with kLanes independent partial sums: vectorizes without reassociating one sum.
-inline float Dot(const float* a, const float* b, int64_t n) {
-  float lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
-  }
-  float sum = 0.f;
-  for (int j = 0; j < kLanes; ++j) sum += lanes[j];
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
 
 // For each picked expert k: out[k][r] = w_k[r, :] . v_k for the rows of a row-major [rows, cols] matrix per expert.
 // One ParallelFor covers all K experts' rows, so a layer synchronizes the threads twice, not 2K times.

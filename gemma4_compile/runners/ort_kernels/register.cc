@@ -28,6 +28,8 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
     std::call_once(added, [] {
       domain.Add(Cpu<gemma4_ort::MoEStep>("MoEStep"));
       domain.Add(Cpu<gemma4_ort::MoENBits>("MoENBits"));
+      domain.Add(Cpu<gemma4_ort::SlidingWindowAttention>("SlidingWindowAttention"));
+      domain.Add(Cpu<gemma4_ort::NormRopeAttention>("NormRopeAttention"));
     });
     Ort::UnownedSessionOptions(options).Add(domain);
   } catch (const Ort::Exception& e) {
