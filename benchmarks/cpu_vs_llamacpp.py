@@ -17,6 +17,9 @@ of row 0 are compared with transformers (fp32) or, for int4, with our PyTorch mo
 weights (the validate gate); llama.cpp's are reported as they are. `--plain` also times the same fp32 export
 with the runner's graph rewrite off (`OrtRunner(share_shapes=False)`) as `fp32-plain` beside every fp32 cell;
 `--no-kernels` times each of our variants also with `OrtRunner(kernels=False)` as `<variant>-nokern`.
+`--variants ... int4-acc4-ple4` adds the precision q4_0 has on E2B: int4-acc4 with the PLE projections at 4 bits
+(`--quant-override ple_proj=int4`; ours keep them fp32 by default); its greedy tokens are compared with int4's
+reference.
 Our rows' `kernels` in the JSON says which of our onnxruntime CPU kernels ran (runners/ort_kernels: build them
 first with `python -m gemma4_compile.runners.ort_kernels`) or why none did. Prints a table and one JSON line;
 exits 1 with one line when llama_cpp is not installed.
@@ -178,6 +181,8 @@ def prepare(name: str, work: Path, args: argparse.Namespace) -> dict[tuple[str, 
         "fp32": None,
         "int4": QuantRequest("int4", 32),
         "int4-acc4": QuantRequest("int4", 32, accuracy_level=4),
+        # q4_0's precision on E2B: its PLE projections at 4 bits too (ours keep them fp32 by default)
+        PLE4: QuantRequest("int4", 32, accuracy_level=4, overrides=(("ple_proj", "int4"),)),
     }
     paths: dict[tuple[str, str], Path | str] = {}
     for variant, quant in exports.items():
@@ -240,7 +245,10 @@ def reference_tokens(name: str, work: Path, ids: np.ndarray, steps: int) -> dict
 
 
 # ----- the comparison ------------------------------------------------------------------------------
-VARIANTS = ["fp32", "int4", "int4-acc4"]  # ours, as --variants names them
+VARIANTS = ["fp32", "int4", "int4-acc4"]  # ours, as --variants names them (the default set)
+PLE4 = (
+    "int4-acc4-ple4"  # opt-in: int4-acc4 with the PLE projections at 4 bits, as q4_0 stores them (E2B only)
+)
 LLAMA_VARIANTS = ("f32", "f16", "q8_0", "q4_0")
 BASE = "fp32-base"  # --baseline's fp32 export
 PLAIN = "fp32-plain"  # --plain: the fp32 export without the runner's shared-shape rewrite
@@ -249,6 +257,7 @@ PAIRS = {
     "fp32": "f32",
     "int4": "q4_0",
     "int4-acc4": "q4_0",
+    PLE4: "q4_0",
     BASE: "f32",
     PLAIN: "f32",
 }  # ours -> llama.cpp, same precision
@@ -370,7 +379,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--thread-list", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, help="our variants to time")
+    ap.add_argument(
+        "--variants", nargs="+", default=VARIANTS, choices=[*VARIANTS, PLE4], help="our variants to time"
+    )
     ap.add_argument(
         "--baseline", type=Path, help="an earlier --work folder: time its fp32 exports as fp32-base"
     )

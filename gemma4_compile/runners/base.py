@@ -40,6 +40,15 @@ class DecodeState:
         return int(self.past_len.shape[0])
 
 
+def _bounds(a: np.ndarray) -> tuple[int, int]:
+    """(min, max) of an int array, (0, 0) when empty. A decode step's few ids go through Python's min / max: each
+    numpy call costs microseconds of a step (benchmarks/RESULTS.md, ninth session)."""
+    if a.size > 1024:
+        return int(a.min()), int(a.max())
+    values = a.ravel().tolist()
+    return (min(values), max(values)) if values else (0, 0)
+
+
 def lengths_of(input_ids: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
     """Per-row real lengths of a right-padded [B, S] batch (all S when not given)."""
     B, S = input_ids.shape
@@ -148,13 +157,17 @@ class BaseRunner(abc.ABC):
             raise RunnerError(
                 f"{self.name}: input_ids must be [{state.batch}, S], got {list(input_ids.shape)}"
             )
-        if seq_len.shape != (state.batch,) or seq_len.min() < 0 or seq_len.max() > input_ids.shape[1]:
+        lengths = seq_len.tolist() if seq_len.shape == (state.batch,) else [-1]
+        if min(lengths) < 0 or max(lengths) > input_ids.shape[1]:
             raise RunnerError(
                 f"{self.name}: seq_len must be {state.batch} values in [0, {input_ids.shape[1]}]"
             )
-        if int((state.past_len + input_ids.shape[1]).max()) > state.max_len:
+        if max(state.past_len.tolist()) + input_ids.shape[1] > state.max_len:
             raise RunnerError(f"{self.name}: sequence exceeds the cache length {state.max_len}")
         vocab = getattr(self.spec, "vocab_size", None)
+        low, high = _bounds(input_ids)
+        if not vocab or (low >= 0 and high < vocab):
+            return input_ids, seq_len  # every id a token: no placeholder to look for
         bad = (input_ids < 0) | (input_ids >= (vocab or np.iinfo(np.int64).max))
         for placeholder in self._placeholders().values():
             bad &= input_ids != placeholder
