@@ -7,6 +7,14 @@ bytes through Python or numpy, and no binding is rebuilt per step (rebuilding ~3
 than the copies it saved: benchmarks/RESULTS.md, 2026-12-03). The small inputs (ids, lengths) are numpy
 buffers that the bound OrtValues share; the embed graph writes its outputs straight into the decoder's inputs.
 
+With our attention kernel (runners/ort_kernels attention.cc; `in_place`), a one-token call reads and writes the
+same set: the kernel attends before it writes and then writes only the new rows, where A -> B copied every cache
+once per layer (1.6 MB per step on the mid dense config). A KV-sharing layer reads its source layer's cache after
+that layer wrote its row: one token lands in slot past_len mod C, which the slot positions of that call (computed
+from past_len) read as position past_len - C, outside a sliding window of C = W keys and negative (empty) in a
+global cache of C = max_len, so the row is invisible there, as the old one was. A call of several tokens overwrites
+slots that a query of the same call would see, so it keeps the two sets.
+
 `state.caches` stays a dict of numpy arrays (the set the next call reads), so code that slices or concatenates
 rows of a state (runtime/batching.py) keeps working: a cache dict the binding does not own is adopted as a new
 set A on the next call.
@@ -47,6 +55,7 @@ class _Call:
     logits: np.ndarray
     embed: Any  # onnxruntime IOBinding
     decoder: tuple[Any, Any]
+    in_place: bool  # the decoder writes the caches it reads
 
 
 @dataclass
@@ -79,10 +88,17 @@ class BoundRunner:
     """Runs embed + decoder through reused IO bindings; one per OrtRunner."""
 
     def __init__(
-        self, ort: Any, sessions: dict[str, Any], manifest: ExportManifest, rows: RowReader | None = None
+        self,
+        ort: Any,
+        sessions: dict[str, Any],
+        manifest: ExportManifest,
+        rows: RowReader | None = None,
+        in_place: bool = False,
     ):
-        """`rows`: the embed graph's tables are fed per call, read by row (rows.py)."""
+        """`rows`: the embed graph's tables are fed per call, read by row (rows.py). `in_place`: one-token calls
+        write the caches they read (only for a decoder whose attention is our kernel: module docstring)."""
         self.ort, self.sessions, self.manifest, self.rows = ort, sessions, manifest, rows
+        self.in_place = in_place
         self.embed_spec, self.decoder_spec = manifest.graphs[EMBED], manifest.graphs[DECODER]
         self.present_of = {p: q for c in manifest.caches for p, q in zip(c.past, c.present)}
 
@@ -102,7 +118,7 @@ class BoundRunner:
         np.copyto(call.inputs["seq_len"], seq_len)
         self.sessions[EMBED].run_with_iobinding(call.embed)
         self.sessions[DECODER].run_with_iobinding(call.decoder[binding.parity])
-        return call.logits.copy(), binding.flip()
+        return call.logits.copy(), dict(binding.current) if call.in_place else binding.flip()
 
     def _call(self, binding: CacheBinding, batch: int, seq: int) -> _Call:
         value = self.ort.OrtValue.ortvalue_from_numpy
@@ -121,16 +137,19 @@ class BoundRunner:
             small[MM_BLOCK_IDS] = np.full((batch, seq), -1, np.int64)
         logits = _buffer(next(t for t in self.decoder_spec.outputs if t.name == "logits"), batch, seq)
         feeds = {**shared, **{n: value(a) for n, a in small.items()}}
-        decoder = tuple(self._decoder_io(feeds, value(logits), binding, p) for p in (0, 1))
-        return _Call({"input_ids": ids, **small}, logits, embed, decoder)
+        in_place = self.in_place and seq == 1
+        decoder = tuple(self._decoder_io(feeds, value(logits), binding, p, in_place) for p in (0, 1))
+        return _Call({"input_ids": ids, **small}, logits, embed, decoder, in_place)
 
-    def _decoder_io(self, feeds: dict[str, Any], logits: Any, binding: CacheBinding, parity: int) -> Any:
+    def _decoder_io(
+        self, feeds: dict[str, Any], logits: Any, binding: CacheBinding, parity: int, in_place: bool
+    ) -> Any:
         value = self.ort.OrtValue.ortvalue_from_numpy
         io = self.sessions[DECODER].io_binding()
         for name, v in feeds.items():
             io.bind_ortvalue_input(name, v)
         io.bind_ortvalue_output("logits", logits)
-        past, present = binding.sets[parity], binding.sets[parity ^ 1]
+        past, present = binding.sets[parity], binding.sets[parity if in_place else parity ^ 1]
         for name, buf in past.items():
             io.bind_ortvalue_input(name, value(buf))
             io.bind_ortvalue_output(self.present_of[name], value(present[name]))

@@ -178,3 +178,17 @@ def test_the_runner_picks_the_kernels_of_each_export(make_export):
     dense = dataclasses.replace(moe, spec=dataclasses.replace(moe.spec, enable_moe_block=False))
     assert _kernels(dense) == (["attention"], "")
     assert _kernels(dataclasses.replace(moe, dtype=DType.FP16.value)) == ([], "the kernels are fp32")
+
+
+def test_one_token_steps_write_the_caches_they_read(make_export):
+    """With the kernel, a one-token call binds each cache as input and output (runners/ort_binding.py): no set
+    flip, no copy; the tokens above stay those of the bodies, which always flip."""
+    from gemma4_compile.runners.ort import OrtRunner
+
+    runner, bodies = OrtRunner(make_export("tiny-e2b")), OrtRunner(make_export("tiny-e2b"), kernels=False)
+    for r, in_place in ((runner, True), (bodies, False)):
+        state = r.start(1, 40)
+        r.step(state, np.array([[5] * 20]), np.array([20]))  # a prompt: two sets, as before
+        before = dict(state.caches)
+        r.step(state, np.array([[7]]), np.array([1]))
+        assert all((state.caches[k] is v) == in_place for k, v in before.items())

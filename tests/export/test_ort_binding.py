@@ -39,8 +39,11 @@ def test_bound_decode_is_bitwise_the_numpy_path_and_the_reference_tokens(
     np.testing.assert_array_equal(tokens[:1], torch_tokens)
 
 
-def test_decode_steps_reuse_two_cache_sets_and_their_bindings(runners):
-    _, bound = runners("tiny-e2b")
+@pytest.mark.parametrize("kernels", [False, True])
+def test_decode_steps_reuse_their_cache_sets_and_bindings(runners, make_export, kernels):
+    """Bodies: two sets taking turns. Our attention kernel: one-token steps write the set they read."""
+    bound = runners("tiny-e2b")[1] if kernels else OrtRunner(make_export("tiny-e2b"), kernels=False)
+    assert bound._bound.in_place == kernels or bound.kernels.startswith("unavailable")
     state = bound.start(1, 40)
     bound.step(state, np.array([[5, 6, 7]]), np.array([3]))
     seen, bindings = [], state.extra["io"]
@@ -49,7 +52,9 @@ def test_decode_steps_reuse_two_cache_sets_and_their_bindings(runners):
         seen.append({id(v) for v in state.caches.values()})
     # built once per call length (3 and 1) and reused: the state keeps the same bindings
     assert state.extra["io"] is bindings and len(bindings.calls) == 2
-    assert seen[0] == seen[2] == seen[4] and seen[1] == seen[3] == seen[5] and not seen[0] & seen[1]
+    assert seen[0] == seen[2] == seen[4] and seen[1] == seen[3] == seen[5]
+    assert (seen[0] == seen[1]) == bound._bound.in_place  # one set, or two that never share a buffer
+    assert bound._bound.in_place or not seen[0] & seen[1]
 
 
 def test_caches_sliced_by_the_caller_are_adopted(runners):

@@ -189,9 +189,10 @@ void AttendTask(void* data, size_t task) {
 }
 
 // present = past with the valid new tokens written: slot j takes the latest position == j (mod C), if it is new,
-// so the last min(seq_len, C) new tokens land at their position mod C.
+// so the last min(seq_len, C) new tokens land at their position mod C. The runner may bind present to past's own
+// buffer for one-token calls (runners/ort_binding.py): the attention above has read it by then.
 void RingUpdate(const Problem& p, const float* past, const float* fresh, float* present) {
-  std::memcpy(present, past, sizeof(float) * p.B * p.Hkv * p.C * p.D);
+  if (present != past) std::memcpy(present, past, sizeof(float) * p.B * p.Hkv * p.C * p.D);  // else bound in place
   for (int64_t b = 0; b < p.B; ++b) {
     const int64_t valid = std::min<int64_t>(p.seq_len[b], p.S);
     for (int64_t t = std::max<int64_t>(0, valid - p.C); t < valid; ++t) {
