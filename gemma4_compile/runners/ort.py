@@ -211,7 +211,7 @@ class OrtRunner(BaseRunner):
         self.huge_pages = str(pages.apply()) if pages else "off"
         # host buffers bound in place suit the CPU provider; debug exports have outputs the binding leaves out
         bind = io_binding and cpu_only and not self.manifest.debug
-        in_place = "attention" in self.kernels.split("+") and bool(self._libraries)
+        in_place = "attention" in ran  # one-token calls may write the caches they read (ort_binding.py)
         self._bound = BoundRunner(ort, self.sessions, self.manifest, self.rows, in_place) if bind else None
 
     def _kernel_libraries(self, wanted: bool, cpu_only: bool) -> tuple[tuple[Path, ...], str]:
